@@ -1,0 +1,47 @@
+"""loraq: LoRA and QLoRA fine-tuning in pure PyTorch.
+
+Public names only; see the README for a tour.
+"""
+
+from .config import LoraConfig
+from .decompose import DecompositionReport, decompose
+from .layers.lora import LoRALayer, ModulesToSave
+from .model import (
+    active_adapter,
+    adapter_names,
+    adapter_state_dict,
+    apply,
+    config_of,
+    delete_adapter,
+    disable_adapters,
+    merge,
+    set_adapter,
+    trainable_parameters,
+    unload,
+    unmerge,
+)
+from .summary import Summary, summary
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DecompositionReport",
+    "LoRALayer",
+    "LoraConfig",
+    "ModulesToSave",
+    "Summary",
+    "active_adapter",
+    "adapter_names",
+    "adapter_state_dict",
+    "apply",
+    "config_of",
+    "decompose",
+    "delete_adapter",
+    "disable_adapters",
+    "merge",
+    "set_adapter",
+    "summary",
+    "trainable_parameters",
+    "unload",
+    "unmerge",
+]

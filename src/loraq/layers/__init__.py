@@ -1,0 +1,1 @@
+"""Adapter layers (LoRA wrappers, fused autograd functions) and quantized base layers."""

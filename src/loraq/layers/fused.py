@@ -1,0 +1,134 @@
+"""One autograd function for a LoRA-adapted linear map.
+
+``y = x W^T + b + scaling * (drop(x) A^T) B^T`` as one node in the graph. Compared with composing
+``nn.Linear`` modules (PEFT's approach) it:
+
+- folds the scale and the add into ``addmm`` (no separate scale / add passes over the output);
+- keeps ``x`` (already alive as the previous op's output) and the small ``x A^T`` for backward,
+  plus a 1-byte mask when dropout is on, instead of a full dropped-out copy of ``x``;
+- computes the input gradient of base and adapter in one ``addmm``;
+- never computes a weight gradient for the frozen base.
+
+The base weight is either a tensor or a zero-argument callable (a quantized base dequantizes on
+demand, in forward and again in backward, so no dense copy outlives the call). When the base
+output is computed elsewhere, pass it as ``base_out`` and ``weight=None``: the function then only
+adds the adapter term.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+WeightSource = torch.Tensor | Callable[[], torch.Tensor] | None
+
+
+def _dropout_mask(x: torch.Tensor, p: float) -> torch.Tensor:
+    # uint8 keeps the saved mask at a quarter of a float copy of x.
+    return torch.empty(x.shape, dtype=torch.uint8, device=x.device).bernoulli_(1.0 - p)
+
+
+class _LoraLinearFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, base_out, weight, bias, lora_a, lora_b, scaling, dropout_p):
+        in_features = x.shape[-1]
+        x2 = x.reshape(-1, in_features)
+        mask = None
+        if dropout_p > 0.0:
+            mask = _dropout_mask(x2, dropout_p)
+            x_drop = x2 * mask * (1.0 / (1.0 - dropout_p))
+        else:
+            x_drop = x2
+        lora_dtype = lora_a.dtype
+        hidden = torch.mm(x_drop.to(lora_dtype), lora_a.t())
+        if base_out is None:
+            w = weight() if callable(weight) else weight
+            if bias is not None:
+                out = torch.addmm(bias.to(w.dtype), x2.to(w.dtype), w.t())
+            else:
+                out = torch.mm(x2.to(w.dtype), w.t())
+        else:
+            out = base_out.reshape(-1, base_out.shape[-1]).clone()
+        if out.dtype == lora_dtype:
+            out.addmm_(hidden, lora_b.t(), alpha=scaling)
+        else:
+            out.add_(torch.mm(hidden, lora_b.t()).mul_(scaling).to(out.dtype))
+        ctx.scaling = scaling
+        ctx.dropout_p = dropout_p
+        ctx.weight_fn = weight if callable(weight) else None
+        ctx.has_base_out = base_out is not None
+        ctx.x_dtype = x.dtype
+        saved_w = weight if isinstance(weight, torch.Tensor) else None
+        ctx.save_for_backward(x2, hidden, mask, lora_a, lora_b, saved_w)
+        ctx.bias_grad = bias is not None and bias.requires_grad
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x2, hidden, mask, lora_a, lora_b, saved_w = ctx.saved_tensors
+        s, p = ctx.scaling, ctx.dropout_p
+        g2 = grad_out.reshape(-1, grad_out.shape[-1])
+        g_lora = g2.to(lora_a.dtype)
+        need_x, need_base, _, need_bias, need_a, need_b = ctx.needs_input_grad[:6]
+
+        grad_x = grad_base = grad_bias = grad_a = grad_b = None
+        # gradient at the adapter's hidden layer, with the scale folded in once
+        g_hidden = torch.mm(g_lora, lora_b).mul_(s)
+        if need_b:
+            grad_b = torch.mm(g_lora.t(), hidden).mul_(s)
+        if need_a:
+            x_drop = x2.to(lora_a.dtype)
+            if mask is not None:
+                x_drop = x_drop * mask * (1.0 / (1.0 - p))
+            grad_a = torch.mm(g_hidden.t(), x_drop)
+        if need_x:
+            lora_gx = torch.mm(g_hidden, lora_a)
+            if mask is not None:
+                lora_gx.mul_(mask).mul_(1.0 / (1.0 - p))
+            if not ctx.has_base_out:
+                w = ctx.weight_fn() if ctx.weight_fn is not None else saved_w
+                if lora_gx.dtype == w.dtype:
+                    grad_x = torch.addmm(lora_gx, g2.to(w.dtype), w)
+                else:
+                    grad_x = torch.mm(g2.to(w.dtype), w).to(lora_gx.dtype).add_(lora_gx)
+            else:
+                grad_x = lora_gx
+            grad_x = grad_x.to(ctx.x_dtype).view(*grad_out.shape[:-1], x2.shape[-1])
+        if need_base:
+            grad_base = grad_out
+        if need_bias:
+            grad_bias = g2.sum(0)
+        return grad_x, grad_base, None, grad_bias, grad_a, grad_b, None, None
+
+
+def lora_linear(
+    x: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: float,
+    *,
+    weight: WeightSource = None,
+    bias: torch.Tensor | None = None,
+    base_out: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """``x W^T + b + scaling * B A drop(x)`` (or ``base_out + scaling * B A drop(x)``).
+
+    Args:
+        x: input of shape ``(..., in_features)``.
+        lora_a: ``(r, in_features)``; lora_b: ``(out_features, r)``.
+        scaling: the adapter scale (``alpha / r``).
+        weight: the frozen base weight ``(out, in)``, or a callable returning it (re-called in
+            backward), or ``None`` when ``base_out`` is given. It never gets a gradient.
+        bias: base bias (gets a gradient if it requires one).
+        base_out: a precomputed base output to add the adapter term to.
+        dropout_p: dropout on the adapter input (pass 0 in eval mode).
+    """
+    if (weight is None) == (base_out is None):
+        raise ValueError("lora_linear needs exactly one of `weight` and `base_out`")
+    if isinstance(weight, torch.Tensor) and weight.requires_grad:
+        raise ValueError("lora_linear treats the base weight as frozen, but it requires grad")
+    return _LoraLinearFunction.apply(
+        x, base_out, weight, bias, lora_a, lora_b, float(scaling), float(dropout_p)
+    )

