@@ -5,7 +5,18 @@ Public names only; see the README for a tour.
 
 from .config import LoraConfig
 from .decompose import DecompositionReport, decompose
+from .io import (
+    FormatError,
+    export_merged,
+    format_inspection,
+    inspect_path,
+    load_adapter,
+    load_quantized,
+    save_adapter,
+    save_quantized,
+)
 from .layers.lora import LoRALayer, ModulesToSave
+from .layers.qlora import QLoRALayer
 from .model import (
     active_adapter,
     adapter_names,
@@ -25,10 +36,19 @@ from .summary import Summary, summary
 __version__ = "0.1.0"
 
 __all__ = [
+    "FormatError",
+    "export_merged",
+    "format_inspection",
+    "inspect_path",
+    "load_adapter",
+    "load_quantized",
+    "save_adapter",
+    "save_quantized",
     "DecompositionReport",
     "LoRALayer",
     "LoraConfig",
     "ModulesToSave",
+    "QLoRALayer",
     "Summary",
     "active_adapter",
     "adapter_names",

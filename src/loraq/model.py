@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import warnings
 from collections.abc import Iterator
 
 import torch
@@ -263,9 +264,24 @@ def delete_adapter(model: nn.Module, name: str) -> None:
 
 
 def merge(model: nn.Module) -> nn.Module:
-    """Fold the active adapter into the base weights (outputs unchanged up to rounding)."""
+    """Fold the active adapter into the base weights (outputs unchanged up to rounding).
+
+    On a quantized base the merged weight is re-quantized, which is lossy: the largest absolute
+    weight change this caused is stored in ``model.loraq_merge_error`` and reported in a warning.
+    """
+    worst = 0.0
+    quantized = False
     for _, layer in lora_layers(model):
-        layer.merge()
+        worst = max(worst, layer.merge())
+        quantized = quantized or is_quantized_linear(layer.base_layer)
+    if quantized:
+        model.loraq_merge_error = worst
+        warnings.warn(
+            f"merged adapters into a quantized base: re-quantization changed weights by up to {worst:.3g} "
+            "(use loraq.unload(model, dense=True) for an exact dense merge)",
+            UserWarning,
+            stacklevel=2,
+        )
     return model
 
 
@@ -276,12 +292,20 @@ def unmerge(model: nn.Module) -> nn.Module:
     return model
 
 
-def unload(model: nn.Module, merge_adapters: bool = True) -> nn.Module:
+def unload(model: nn.Module, merge_adapters: bool = True, dense: bool = False) -> nn.Module:
     """Remove all wrappers, returning the plain model (with the active adapter merged by default).
 
     ``modules_to_save`` are replaced by the active adapter's trained copy. A quantized base stays
-    quantized; use ``loraq.dequantize_model`` (or ``export_merged``) for a dense model.
+    quantized (merging re-quantizes) unless ``dense=True``: then every quantized layer is
+    dequantized first and the adapters merge exactly into dense weights.
     """
+    if dense:
+        from .quantize_model import dequantize_model
+
+        for _, layer in lora_layers(model):
+            if is_quantized_linear(layer.base_layer):
+                layer.unmerge()
+        dequantize_model(model)
     for name, layer in list(lora_layers(model)):
         if merge_adapters:
             layer.merge()

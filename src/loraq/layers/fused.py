@@ -62,7 +62,9 @@ class _LoraLinearFunction(torch.autograd.Function):
         saved_w = weight if isinstance(weight, torch.Tensor) else None
         ctx.save_for_backward(x2, hidden, mask, lora_a, lora_b, saved_w)
         ctx.bias_grad = bias is not None and bias.requires_grad
-        return out.view(*x.shape[:-1], out.shape[-1])
+        out = out.view(*x.shape[:-1], out.shape[-1])
+        # A quantized base computes in its compute dtype but answers in the input's (as bnb does).
+        return out if base_out is not None else out.to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):

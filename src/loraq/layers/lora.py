@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .adapter_quant import fake_quantize
 from .fused import lora_linear
 
 _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -109,6 +110,8 @@ class LoRALayer(nn.Module):
         self.lora_alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
         self.use_dora: dict[str, bool] = {}
+        # adapters whose weights live on a k-bit grid in the forward pass (adapter_quant.py)
+        self.adapter_bits: dict[str, int] = {}
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self.adapters_disabled = False
@@ -154,7 +157,7 @@ class LoRALayer(nn.Module):
     def _base_dtype_device(self) -> tuple[torch.dtype, torch.device]:
         base = self.base_layer
         if is_quantized_linear(base):
-            return base.compute_dtype, base.dequantize_weight().device
+            return base.compute_dtype, base.qweight.device
         return base.weight.dtype, base.weight.device
 
     def _adapter_dtype(self) -> torch.dtype:
@@ -191,10 +194,22 @@ class LoRALayer(nn.Module):
         with torch.no_grad():
             w.copy_(new.to(w.dtype))
 
-    def _a_b_matrices(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def _a_b_params(self, name: str) -> tuple[nn.Parameter, nn.Parameter]:
         if self.kind == "embedding":
             return self.lora_embedding_A[name], self.lora_embedding_B[name]
-        return self.lora_A[name].weight.flatten(1), self.lora_B[name].weight.flatten(1)
+        return self.lora_A[name].weight, self.lora_B[name].weight
+
+    def adapter_weights(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """A and B as the forward pass uses them (on their k-bit grid if ``adapter_bits`` is set)."""
+        a, b = self._a_b_params(name)
+        bits = self.adapter_bits.get(name)
+        if bits is None:
+            return a, b
+        return fake_quantize(a, bits), fake_quantize(b, bits)
+
+    def _a_b_matrices(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        a, b = self.adapter_weights(name)
+        return a.flatten(1), b.flatten(1)
 
     def delta_matrix(self, name: str) -> torch.Tensor:
         """``scaling * B @ A`` for adapter ``name``, in the orientation of :meth:`base_matrix`."""
@@ -263,7 +278,6 @@ class LoRALayer(nn.Module):
             self.lora_magnitude_vector[name] = nn.Parameter(norm.clone())
 
     def _init_adapter(self, name: str, init: str) -> None:
-        a, b = self._a_b_matrices(name)
         with torch.no_grad():
             if self.kind == "embedding" and init != "pissa":
                 # PEFT's embedding init is the transpose of the linear one: A = 0, B ~ N(0, 1).
@@ -297,7 +311,7 @@ class LoRALayer(nn.Module):
         root = (sv[:r] / s).sqrt()
         a = root[:, None] * vh[:r]
         b = u[:, :r] * root[None, :]
-        a_param, b_param = self._a_b_matrices(name)
+        a_param, b_param = self._a_b_params(name)
         a_param.copy_(a.reshape(a_param.shape).to(a_param.dtype))
         b_param.copy_(b.reshape(b_param.shape).to(b_param.dtype))
         self._write_base_matrix(work - s * (b @ a))
@@ -320,6 +334,7 @@ class LoRALayer(nn.Module):
                 del store[name]
         for table in (self.r, self.lora_alpha, self.scaling, self.use_dora):
             del table[name]
+        self.adapter_bits.pop(name, None)
         self.active_adapters = [a for a in self.active_adapters if a != name]
 
     def adapter_parameters(self, name: str) -> list[nn.Parameter]:
@@ -340,19 +355,24 @@ class LoRALayer(nn.Module):
 
     def _branch(self, name: str, x: torch.Tensor) -> torch.Tensor:
         """``B(A(x))`` without scale, for conv and embedding kinds."""
+        a, b = self.adapter_weights(name)
         if self.kind == "embedding":
             base = self.base_layer
             hidden = F.embedding(
                 x,
-                self.lora_embedding_A[name].t(),
+                a.t(),
                 base.padding_idx,
                 base.max_norm,
                 base.norm_type,
                 base.scale_grad_by_freq,
                 base.sparse,
             )
-            return hidden @ self.lora_embedding_B[name].t()
-        return self.lora_B[name](self.lora_A[name](x))
+            return hidden @ b.t()
+        if self.kind == "conv":
+            return self.lora_B[name]._conv_forward(
+                self.lora_A[name]._conv_forward(x, a, None), b, None
+            )
+        return F.linear(F.linear(x, a), b)
 
     def _base_without_bias(self, x: torch.Tensor) -> torch.Tensor:
         w = self.base_matrix()
@@ -378,38 +398,32 @@ class LoRALayer(nn.Module):
             return self.base_layer(x, *args, **kwargs)
 
         first = active[0]
-        base = self.base_layer
-        fusable = (
-            (type(base) is nn.Linear or self.kind == "conv1d_gpt2")
-            and not base.weight.requires_grad
-            and not self.use_dora[first]
-            and x.dtype == base.weight.dtype == self.lora_A[first].weight.dtype
-            and not args
-            and not kwargs
-        )
-        if fusable:
+        fused_base = None if (args or kwargs or self.use_dora[first]) else self._fusable_base(x)
+        if fused_base is not None:
+            weight, bias = fused_base
+            a, b = self.adapter_weights(first)
             result = lora_linear(
                 x,
-                self.lora_A[first].weight,
-                self.lora_B[first].weight,
+                a,
+                b,
                 self.scaling[first],
-                weight=base.weight if self.kind == "linear" else base.weight.t(),
-                bias=base.bias,
+                weight=weight,
+                bias=bias,
                 dropout_p=self._dropout_p(first),
             )
             active = active[1:]
         else:
-            result = base(x, *args, **kwargs)
+            result = self.base_layer(x, *args, **kwargs)
 
         for name in active:
             if self.use_dora[name]:
                 result = self._add_dora(name, x, result)
             elif self.kind in ("linear", "conv1d_gpt2"):
-                a = self.lora_A[name].weight
+                a, b = self.adapter_weights(name)
                 result = lora_linear(
                     x.to(a.dtype),
                     a,
-                    self.lora_B[name].weight,
+                    b,
                     self.scaling[name],
                     base_out=result,
                     dropout_p=self._dropout_p(name),
@@ -423,6 +437,18 @@ class LoRALayer(nn.Module):
                 delta = self._branch(name, x_in) * self.scaling[name]
                 result = result + delta.to(result.dtype)
         return result
+
+    def _fusable_base(self, x: torch.Tensor):
+        """``(weight or weight-callable, bias)`` when base and adapter can run as one fused op."""
+        base = self.base_layer
+        if is_quantized_linear(base):
+            return base.dequantize_weight, base.bias
+        if type(base) is not nn.Linear and self.kind != "conv1d_gpt2":
+            return None
+        weight = base.weight
+        if weight.requires_grad or x.dtype != weight.dtype or x.dtype != self._adapter_dtype():
+            return None
+        return (weight if self.kind == "linear" else weight.t()), base.bias
 
     def _add_dora(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         # DoRA: W' = m * (W + sBA) / ||W + sBA||_row, the norm detached (paper §4.3), written as a
@@ -442,24 +468,24 @@ class LoRALayer(nn.Module):
                 base_nb = base_nb - self._channel_view(bias.to(dtype), base_nb.ndim)
         else:
             base_nb = self._base_without_bias(x_drop)
-        lora_out = self._branch_linear_or_conv(name, x_drop)
+        lora_out = self._branch(name, x_drop)
         scale = self._channel_view(mag_scale, base_nb.ndim)
         extra = (scale - 1) * base_nb + scale * lora_out * s
         return result + extra.to(result.dtype)
 
-    def _branch_linear_or_conv(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        if self.kind == "conv":
-            return self._branch(name, x)
-        return F.linear(F.linear(x, self.lora_A[name].weight), self.lora_B[name].weight)
-
     # ------------------------------------------------------------------ merge / unmerge
-    def merge(self, names: list[str] | None = None) -> None:
-        """Fold the given (default: active) adapters into the base weight."""
+    def merge(self, names: list[str] | None = None) -> float:
+        """Fold the given (default: active) adapters into the base weight.
+
+        Returns the largest absolute change the base's re-quantization made to the merged
+        weight (0.0 for a dense base, where the merge is exact up to float rounding).
+        """
         names = [
             n
             for n in (names or self.active_adapters)
             if n in self.r and n not in self.merged_adapters
         ]
+        requant_error = 0.0
         for name in names:
             w = self.base_matrix()
             work_dtype = torch.float64 if w.dtype == torch.float64 else torch.float32
@@ -473,7 +499,12 @@ class LoRALayer(nn.Module):
                     * (self.lora_magnitude_vector[name].detach().to(work_dtype) / norm)[:, None]
                 )
             self._write_base_matrix(merged)
+            if is_quantized_linear(self.base_layer):
+                requant_error = max(
+                    requant_error, float((self.base_matrix().to(work_dtype) - merged).abs().max())
+                )
             self.merged_adapters.append(name)
+        return requant_error
 
     def unmerge(self) -> None:
         """Undo :meth:`merge` (last merged first)."""

@@ -1,0 +1,386 @@
+"""Adapters in PEFT's file layout, both ways: ``save_adapter`` and ``load_adapter``.
+
+A folder holds ``adapter_config.json`` (see :mod:`loraq.io.peft_config`) and
+``adapter_model.safetensors``. Tensor keys are the in-memory names with the adapter name removed
+and ``base_model.model.`` in front, exactly as PEFT 0.21 writes them:
+
+==========================================  ==========================================
+in memory (loraq and PEFT)                  on disk
+==========================================  ==========================================
+``<m>.lora_A.<adapter>.weight``             ``base_model.model.<m>.lora_A.weight``
+``<m>.lora_embedding_A.<adapter>``          ``base_model.model.<m>.lora_embedding_A``
+``<m>.lora_magnitude_vector.<adapter>``     ``base_model.model.<m>.lora_magnitude_vector``
+``<m>.modules_to_save.<adapter>.<p>``       ``base_model.model.<m>.<p>``
+``<m>.base_layer.bias`` (bias != "none")    ``base_model.model.<m>.base_layer.bias``
+==========================================  ==========================================
+
+Adapters trained with ``adapter_bits=k`` may instead be stored as integer codes (see
+:mod:`loraq.io.adapter_codes`) in ``adapter_model.codes.safetensors``; PEFT cannot read those, and
+the different file name makes it fail loudly instead of loading random weights.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import LoraConfig
+from ..layers.lora import LoRALayer, ModulesToSave
+from ..model import CONFIGS_ATTR, adapter_names, apply, delete_adapter
+from . import adapter_codes
+from .peft_config import ADAPTER_BITS_FIELD, lora_config_from_peft, peft_config_dict
+from .safe import (
+    PICKLE_SUFFIXES,
+    FormatError,
+    atomic_save_safetensors,
+    atomic_write_json,
+    read_json,
+    read_safetensors,
+    refuse_pickle,
+    staged_folder,
+    weights_file,
+)
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+CODES_WEIGHTS_NAME = "adapter_model.codes.safetensors"
+#: Key prefix PEFT puts before the base model's module paths.
+PREFIX = "base_model.model."
+
+
+# ---------------------------------------------------------------------------------- tensors
+def _wrappers(model: nn.Module) -> tuple[dict[str, LoRALayer], dict[str, ModulesToSave]]:
+    layers: dict[str, LoRALayer] = {}
+    saved: dict[str, ModulesToSave] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, LoRALayer):
+            layers[name] = module
+        elif isinstance(module, ModulesToSave):
+            saved[name] = module
+    return layers, saved
+
+
+def adapter_tensors(
+    model: nn.Module, adapter: str, *, save_embedding_layers: bool | None = None
+) -> dict[str, torch.Tensor]:
+    """Adapter ``adapter``'s tensors under their on-disk keys (``base_model.model.`` prefix).
+
+    Args:
+        save_embedding_layers: also store the base weight of adapted embeddings
+            (``<m>.base_layer.weight``); None does what PEFT's ``"auto"`` does: yes whenever an
+            embedding carries this adapter.
+    """
+    config: LoraConfig = getattr(model, CONFIGS_ATTR)[adapter]
+    layers, saved = _wrappers(model)
+    out: dict[str, torch.Tensor] = {}
+    for name, layer in layers.items():
+        if adapter not in layer.r:
+            continue
+        if layer.kind == "embedding":
+            out[f"{name}.lora_embedding_A"] = layer.lora_embedding_A[adapter]
+            out[f"{name}.lora_embedding_B"] = layer.lora_embedding_B[adapter]
+            if save_embedding_layers is not False and isinstance(layer.base_layer, nn.Embedding):
+                out[f"{name}.base_layer.weight"] = layer.base_layer.weight
+        else:
+            out[f"{name}.lora_A.weight"] = layer.lora_A[adapter].weight
+            out[f"{name}.lora_B.weight"] = layer.lora_B[adapter].weight
+        if layer.use_dora.get(adapter):
+            out[f"{name}.lora_magnitude_vector"] = layer.lora_magnitude_vector[adapter]
+        if config.bias == "lora_only" and layer.bias is not None:
+            out[f"{name}.base_layer.bias"] = layer.bias
+    for name, wrapper in saved.items():
+        if adapter in wrapper.modules_to_save:
+            for key, tensor in wrapper.modules_to_save[adapter].state_dict().items():
+                out[f"{name}.{key}"] = tensor
+    if config.bias == "all":
+        # Every bias trains under bias="all" (PEFT saves every key containing "bias"); biases of
+        # modules_to_save are already stored with their module.
+        inside_saved = tuple(f"{n}." for n in saved)
+        for key, param in model.named_parameters():
+            if key.endswith("bias") and not key.startswith(inside_saved):
+                out[key] = param
+    return {PREFIX + key: t.detach() for key, t in sorted(out.items())}
+
+
+def _model_key(key: str, adapter: str, saved: dict[str, ModulesToSave]) -> str:
+    """The in-memory name (adapter ``adapter``) for an on-disk key without the prefix."""
+    match = re.fullmatch(r"(.+)\.(lora_A|lora_B)\.weight", key)
+    if match:
+        return f"{match[1]}.{match[2]}.{adapter}.weight"
+    match = re.fullmatch(
+        r"(.+)\.(lora_embedding_A|lora_embedding_B|lora_magnitude_vector)(\.weight)?", key
+    )
+    if match:  # older PEFT wrote the DoRA magnitude with a ".weight" suffix
+        return f"{match[1]}.{match[2]}.{adapter}"
+    for name in saved:
+        if key.startswith(name + "."):
+            rest = key[len(name) + 1 :]
+            # PEFT's bias="all" files also hold "<m>.modules_to_save.<p>" (the trained copy
+            # again) and "<m>.original_module.<p>" (the frozen original's bias).
+            if rest.startswith("original_module."):
+                return key
+            rest = rest.removeprefix("modules_to_save.")
+            return f"{name}.modules_to_save.{adapter}.{rest}"
+    return key
+
+
+def expected_keys(model: nn.Module, adapter: str) -> set[str]:
+    """In-memory names of the tensors a file must provide for adapter ``adapter``."""
+    layers, saved = _wrappers(model)
+    keys: set[str] = set()
+    for name, layer in layers.items():
+        if adapter not in layer.r:
+            continue
+        if layer.kind == "embedding":
+            keys |= {f"{name}.lora_embedding_A.{adapter}", f"{name}.lora_embedding_B.{adapter}"}
+        else:
+            keys |= {f"{name}.lora_A.{adapter}.weight", f"{name}.lora_B.{adapter}.weight"}
+        if layer.use_dora.get(adapter):
+            keys.add(f"{name}.lora_magnitude_vector.{adapter}")
+    for name, wrapper in saved.items():
+        if adapter in wrapper.modules_to_save:
+            for key in wrapper.modules_to_save[adapter].state_dict():
+                keys.add(f"{name}.modules_to_save.{adapter}.{key}")
+    return keys
+
+
+def load_adapter_tensors(
+    model: nn.Module, adapter: str, tensors: dict[str, torch.Tensor], source: str
+) -> None:
+    """Copy on-disk ``tensors`` into adapter ``adapter`` of ``model``; strict about keys/shapes.
+
+    Raises :class:`FormatError` listing missing and unexpected keys, or naming a key whose shape
+    differs from the model's (both shapes given).
+    """
+    _, saved = _wrappers(model)
+    state = model.state_dict(keep_vars=True)
+    mapped: dict[str, tuple[str, torch.Tensor]] = {}
+    unexpected: list[str] = []
+    for key, tensor in tensors.items():
+        if not key.startswith(PREFIX):
+            unexpected.append(key)
+            continue
+        name = _model_key(key[len(PREFIX) :], adapter, saved)
+        if name in state:
+            mapped[name] = (key, tensor)
+        else:
+            unexpected.append(key)
+    missing = sorted(expected_keys(model, adapter) - set(mapped))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing keys {[PREFIX + _disk_key(k, adapter) for k in missing]}")
+        if unexpected:
+            parts.append(f"unexpected keys {sorted(unexpected)}")
+        raise FormatError(f"{source} does not fit the model: " + "; ".join(parts))
+    for name, (key, tensor) in mapped.items():
+        target = state[name]
+        if tuple(target.shape) != tuple(tensor.shape):
+            raise FormatError(
+                f"{source}: tensor {key!r} has shape {tuple(tensor.shape)} but the model "
+                f"expects {tuple(target.shape)}"
+            )
+    with torch.no_grad():
+        for name, (_, tensor) in mapped.items():
+            state[name].copy_(tensor.to(state[name].dtype))
+
+
+def _disk_key(name: str, adapter: str) -> str:
+    # Inverse of _model_key for the names expected_keys produces (used in error messages).
+    return name.replace(f".modules_to_save.{adapter}.", ".").replace(f".{adapter}", "")
+
+
+# ---------------------------------------------------------------------------------- folders
+def _model_card(config: dict) -> str:
+    base = config.get("base_model_name_or_path") or ""
+    return (
+        "---\n"
+        f"base_model: {base!r}\n"
+        "library_name: peft\n"
+        "tags:\n- loraq\n- lora\n"
+        "---\n\n"
+        "# LoRA adapter\n\n"
+        f"Saved by loraq in the PEFT {config['peft_version']} layout: rank {config['r']}, "
+        f"alpha {config['lora_alpha']}, targets {config['target_modules']!r}.\n\n"
+        "Load with `loraq.load_adapter(model, path)` or "
+        "`peft.PeftModel.from_pretrained(model, path)`.\n"
+    )
+
+
+def _write_one(
+    folder: Path,
+    model: nn.Module,
+    adapter: str,
+    *,
+    dequantize: bool,
+    save_embedding_layers: bool | None,
+    write_card: bool,
+) -> None:
+    config: LoraConfig = getattr(model, CONFIGS_ATTR)[adapter]
+    data = peft_config_dict(model, adapter, config)
+    tensors = adapter_tensors(model, adapter, save_embedding_layers=save_embedding_layers)
+    folder.mkdir(parents=True, exist_ok=True)
+    if config.adapter_bits is not None and not dequantize:
+        tensors = adapter_codes.encode(tensors, config.adapter_bits)
+        data[ADAPTER_BITS_FIELD] = config.adapter_bits
+        atomic_save_safetensors(folder / CODES_WEIGHTS_NAME, tensors)
+    else:
+        if config.adapter_bits is not None:
+            tensors = adapter_codes.fake_quantize(tensors, config.adapter_bits)
+        atomic_save_safetensors(folder / WEIGHTS_NAME, tensors)
+    atomic_write_json(folder / CONFIG_NAME, data)
+    if write_card:
+        (folder / "README.md").write_text(_model_card(data), encoding="utf-8")
+
+
+def save_adapter(
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    adapter_name: str | None = None,
+    *,
+    dequantize: bool = False,
+    save_embedding_layers: bool | None = None,
+) -> Path:
+    """Write adapters in PEFT 0.21's layout; returns the folder.
+
+    ``adapter_config.json`` (all 41 PEFT fields, sorted, ``indent=2``), ``adapter_model.safetensors``
+    (metadata ``{"format": "pt"}``) and a short ``README.md`` (kept if one exists). The folder is
+    staged next to ``path`` and moved into place, so a failure leaves nothing half-written.
+
+    Args:
+        model: a model prepared with :func:`loraq.apply` (or :func:`load_adapter`).
+        path: output folder (created; other files in it are left alone).
+        adapter_name: save only this adapter, at ``path``. None saves every adapter as PEFT
+            does: ``"default"`` (or the first adapter if none has that name) at ``path``, each
+            other one in ``path/<name>/``.
+        dequantize: for adapters trained with ``adapter_bits``, write plain float weights (on
+            the k-bit grid) that PEFT reads, instead of integer codes + scales.
+        save_embedding_layers: see :func:`adapter_tensors`.
+    """
+    names = adapter_names(model)
+    if not names:
+        raise ValueError("save_adapter: the model has no loraq adapters (use loraq.apply first)")
+    if adapter_name is not None:
+        if adapter_name not in names:
+            raise ValueError(f"save_adapter: no adapter {adapter_name!r}; adapters: {names}")
+        layout = {adapter_name: ""}
+    else:
+        root = "default" if "default" in names else names[0]
+        layout = {n: ("" if n == root else n) for n in names}
+    with staged_folder(path) as staging:
+        for name, sub in layout.items():
+            _write_one(
+                staging / sub,
+                model,
+                name,
+                dequantize=dequantize,
+                save_embedding_layers=save_embedding_layers,
+                write_card=not (Path(path) / sub / "README.md").exists(),  # keep the user's card
+            )
+    for name, sub in layout.items():
+        # A weights file of the other kind from an earlier save would be stale: PEFT would read
+        # an old adapter_model.safetensors next to a new codes file.
+        codes = getattr(model, CONFIGS_ATTR)[name].adapter_bits is not None and not dequantize
+        stale = WEIGHTS_NAME if codes else CODES_WEIGHTS_NAME
+        (Path(path) / sub / stale).unlink(missing_ok=True)
+    return Path(path)
+
+
+def _adapter_folder(path: Path, adapter_name: str) -> Path:
+    if path.is_file():
+        if path.suffix in PICKLE_SUFFIXES:
+            refuse_pickle(path)
+        raise FormatError(f"{path} is a file; load_adapter expects the adapter's folder")
+    if not path.is_dir():
+        raise FileNotFoundError(f"adapter folder {path} does not exist")
+    if (path / adapter_name / CONFIG_NAME).is_file():
+        return path / adapter_name  # PEFT's sub-folder for a non-default adapter
+    if (path / CONFIG_NAME).is_file():
+        return path
+    raise FormatError(f"{path} has no {CONFIG_NAME}")
+
+
+def read_adapter(
+    path: str | os.PathLike[str], adapter_name: str = "default"
+) -> tuple[LoraConfig, dict[str, torch.Tensor], Path]:
+    """Read and check an adapter folder without touching a model: ``(config, tensors, weights file)``.
+
+    Tensors are float, whatever the file stored (integer codes are decoded).
+    """
+    folder = _adapter_folder(Path(path), adapter_name)
+    config_file = folder / CONFIG_NAME
+    config, bits = lora_config_from_peft(read_json(config_file), source=str(config_file))
+    if bits is not None:
+        weights = weights_file(folder, CODES_WEIGHTS_NAME)
+        tensors, _ = read_safetensors(weights)
+        tensors = adapter_codes.decode(tensors, bits, source=str(weights))
+    else:
+        weights = weights_file(folder, WEIGHTS_NAME)
+        tensors, _ = read_safetensors(weights)
+    return config, tensors, weights
+
+
+def _drop_absent_saved_modules(model: nn.Module, config: LoraConfig) -> LoraConfig:
+    # PEFT's SEQ_CLS configs list both "classifier" and "score" and ignore whichever the model
+    # lacks; loraq.apply would reject the missing one.
+    if not config.modules_to_save:
+        return config
+    names = [n for n, _ in model.named_modules() if n]
+    present = [
+        s for s in config.modules_to_save if any(n == s or n.endswith("." + s) for n in names)
+    ]
+    return config.replace(modules_to_save=present or None)
+
+
+#: ``LoraConfig`` fields a PEFT file cannot carry, which ``load_adapter`` accepts as keywords.
+BASE_OPTIONS = (
+    "quant",
+    "double_quant",
+    "blocksize",
+    "compute_dtype",
+    "quant_skip",
+    "quant_embeddings",
+)
+
+
+def load_adapter(
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    adapter_name: str = "default",
+    **base_options: Any,
+) -> nn.Module:
+    """Load an adapter folder written by loraq or PEFT onto ``model``; returns ``model``.
+
+    ``model`` may be a plain model (adapters are added with :func:`loraq.apply`) or one that
+    already has adapters (this one is added next to them). The loaded adapter becomes active.
+    ``path`` is the folder with ``adapter_config.json``; when ``path/<adapter_name>/`` holds one
+    (PEFT's layout for a non-default adapter, as :func:`save_adapter` writes), that one is read.
+
+    ``base_options`` are the loraq settings for the frozen base that a PEFT file does not record
+    (:data:`BASE_OPTIONS`): ``load_adapter(dense_model, path, quant="nf4")`` rebuilds the NF4 base
+    a QLoRA adapter was trained on (quantization is deterministic, so the bytes are the same).
+    A base that is quantized already (:func:`loraq.load_quantized`) needs no options.
+
+    Raises :class:`loraq.io.FormatError` (a ``ValueError``) for pickle files, unknown or
+    unsupported config fields, corrupt safetensors, missing/unexpected keys and wrong shapes.
+    """
+    unknown = sorted(set(base_options) - set(BASE_OPTIONS))
+    if unknown:
+        raise TypeError(
+            f"load_adapter() got unexpected option(s) {unknown}; allowed: {list(BASE_OPTIONS)} "
+            "(the adapter's own settings come from adapter_config.json)"
+        )
+    config, tensors, weights = read_adapter(path, adapter_name)
+    config = _drop_absent_saved_modules(model, config.replace(**base_options))
+    apply(model, config, adapter_name)
+    try:
+        load_adapter_tensors(model, adapter_name, tensors, source=str(weights))
+    except Exception:
+        delete_adapter(model, adapter_name)  # leave no half-loaded adapter behind
+        raise
+    return model

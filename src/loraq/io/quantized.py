@@ -1,0 +1,376 @@
+"""4-/8-bit base checkpoints in the transformers + bitsandbytes layout, written and read as bytes.
+
+``save_quantized`` writes ``config.json`` (the model's config plus ``quantization_config``) and
+``model.safetensors``. A 4-bit (NF4/FP4) Linear base uses exactly the keys and bytes that
+``bnb.nn.Linear4bit`` / transformers save (``weight``, ``weight.absmax``, ``weight.quant_map``,
+``weight.nested_absmax``, ``weight.nested_quant_map``, ``weight.quant_state.bitsandbytes__nf4``)
+and ``quantization_config`` is the one transformers writes for ``load_in_4bit=True``, so
+``AutoModelForCausalLM.from_pretrained(path)`` with bitsandbytes installed loads it. loraq's
+8-bit blockwise layers and 4-bit embeddings have no bitsandbytes/transformers equivalent; such a
+checkpoint records ``"quant_method": "loraq"``, which transformers refuses instead of misreading.
+
+``load_quantized`` rebuilds the model from ``config.json`` and puts each stored record into a
+loraq ``Linear4bit`` / ``Linear8bit`` / ``Embedding4bit`` without re-quantizing: the codes and
+scales keep their exact bytes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..layers.lora import LoRALayer, ModulesToSave, is_gpt2_conv1d
+from ..model import output_head_names
+from .checkpoints import copy_tokenizer_files, source_folder
+from .safe import (
+    FormatError,
+    atomic_save_safetensors,
+    atomic_write_json,
+    model_weight_files,
+    read_json,
+    read_safetensors,
+    staged_folder,
+)
+
+_WRAPPER_PARTS = {"base_layer", "original_module"}
+_ADAPTER_PARTS = (
+    "lora_A",
+    "lora_B",
+    "lora_embedding_A",
+    "lora_embedding_B",
+    "lora_magnitude_vector",
+    "lora_dropout",
+    "modules_to_save",
+)
+_STATE_SUFFIX = ".weight.quant_state."
+
+
+def _quantized_layers():
+    # Imported lazily: loraq.layers.quantized belongs to the quantization work and pulls in the
+    # quantization kernels, which plain adapter I/O does not need.
+    from ..layers.quantized import Embedding4bit, Linear4bit, Linear8bit
+
+    return Linear4bit, Linear8bit, Embedding4bit
+
+
+# ---------------------------------------------------------------------------------- saving
+def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The frozen base's tensors under the plain model's names: LoRA tensors and trained copies
+    of ``modules_to_save`` are left out, wrapper segments (``base_layer``, ``original_module``)
+    removed. Quantized layers contribute bitsandbytes' keys."""
+    wrappers = {n for n, m in model.named_modules() if isinstance(m, (LoRALayer, ModulesToSave))}
+    out: dict[str, torch.Tensor] = {}
+    for key, tensor in model.state_dict().items():
+        parts = key.split(".")
+        kept: list[str] = []
+        skip = False
+        for i, part in enumerate(parts):
+            owner = ".".join(parts[:i])
+            if owner in wrappers and (part in _ADAPTER_PARTS):
+                skip = True
+                break
+            if owner in wrappers and part in _WRAPPER_PARTS:
+                continue
+            kept.append(part)
+        if not skip:
+            out[".".join(kept)] = tensor
+    return out
+
+
+def _quantized_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """``{plain name: quantized layer}`` with LoRA wrapper segments removed."""
+    linear4, linear8, emb4 = _quantized_layers()
+    found = {}
+    for name, module in model.named_modules():
+        if isinstance(module, (linear4, linear8, emb4)):
+            found[name.replace(".base_layer", "").replace(".original_module", "")] = module
+    return found
+
+
+def _dense_linear_names(model: nn.Module) -> set[str]:
+    names = set()
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) or is_gpt2_conv1d(module):
+            parts = name.split(".")
+            if any(p in _ADAPTER_PARTS for p in parts):
+                continue  # LoRA matrices and trained copies are not part of the base
+            names.add(name.replace(".base_layer", "").replace(".original_module", ""))
+    return names
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def quantization_config(model: nn.Module) -> dict[str, Any]:
+    """The ``quantization_config`` for ``config.json``: transformers' bitsandbytes 4-bit form when
+    every quantized layer is a 4-bit Linear, loraq's own form otherwise."""
+    linear4, linear8, emb4 = _quantized_layers()
+    layers = _quantized_modules(model)
+    if not layers:
+        raise ValueError(
+            "save_quantized: the model has no quantized layers; use LoraConfig(quant='nf4') or "
+            "export_merged / save_pretrained for a dense model"
+        )
+    records = [m.qweight for m in layers.values()]
+    quant_types = sorted({r.quant_type for r in records})
+    compute = sorted({_dtype_name(m.compute_dtype) for m in layers.values()})
+    double = any(getattr(r, "double_quant", False) for r in records)
+    if all(isinstance(m, linear4) for m in layers.values()) and len(quant_types) == 1:
+        dense = _dense_linear_names(model)
+        heads = {n.replace(".base_layer", "") for n in output_head_names(model)}
+        return {
+            "_load_in_4bit": True,
+            "_load_in_8bit": False,
+            "bnb_4bit_compute_dtype": compute[0] if len(compute) == 1 else "float32",
+            "bnb_4bit_quant_storage": "uint8",
+            "bnb_4bit_quant_type": quant_types[0],
+            "bnb_4bit_use_double_quant": double,
+            "llm_int8_enable_fp32_cpu_offload": False,
+            "llm_int8_has_fp16_weight": False,
+            # null = transformers' default (keep the output head dense); otherwise the exact set.
+            "llm_int8_skip_modules": None if dense == heads else sorted(dense),
+            "llm_int8_threshold": 6.0,
+            "load_in_4bit": True,
+            "load_in_8bit": False,
+            "quant_method": "bitsandbytes",
+        }
+    return {
+        "quant_method": "loraq",
+        "quant_types": quant_types,
+        "double_quant": double,
+        "compute_dtype": compute[0] if len(compute) == 1 else "float32",
+        "quantized_embeddings": any(isinstance(m, emb4) for m in layers.values()),
+        "linear8bit": any(isinstance(m, linear8) for m in layers.values()),
+    }
+
+
+def save_quantized(model: nn.Module, path: str | os.PathLike[str]) -> Path:
+    """Write the quantized base of ``model`` (adapters excluded) in transformers' layout.
+
+    The folder gets ``model.safetensors`` (bitsandbytes keys for 4-bit layers, metadata
+    ``{"format": "pt"}``), ``config.json`` with ``quantization_config`` (for a transformers model;
+    a plain module gets a ``config.json`` holding only that), ``generation_config.json`` when the
+    model has one, and the tokenizer files of the base's folder. Save adapters separately with
+    :func:`loraq.save_adapter`; note that a PiSSA-initialised base is the residual weight.
+    """
+    qconfig = quantization_config(model)
+    tensors = base_state_dict(model)
+    # As transformers does, store a tied weight once (under its source's name).
+    tied = getattr(model, "all_tied_weights_keys", None) or {}
+    for target, source in tied.items():
+        if target in tensors and source in tensors:
+            del tensors[target]
+    config = getattr(model, "config", None)
+    data: dict[str, Any] = {}
+    if config is not None and hasattr(config, "to_dict"):
+        data = config.to_dict()
+        # As transformers' save_pretrained: record the class and the dense tensors' dtype.
+        if not data.get("architectures") and hasattr(model, "save_pretrained"):
+            data["architectures"] = [type(model).__name__]
+        floats = [t.dtype for t in tensors.values() if t.is_floating_point() and t.ndim > 1]
+        if floats:
+            data["dtype"] = _dtype_name(max(set(floats), key=floats.count))
+    data["quantization_config"] = qconfig
+    source = source_folder(model)
+    with staged_folder(path) as staging:
+        atomic_save_safetensors(staging / "model.safetensors", tensors)
+        generation = getattr(model, "generation_config", None)
+        if generation is not None and hasattr(generation, "save_pretrained"):
+            with contextlib.suppress(Exception):  # optional extra; never fail the save for it
+                generation.save_pretrained(staging)
+        if source is not None:
+            copy_tokenizer_files(source, staging)
+        atomic_write_json(staging / "config.json", data)
+    return Path(path)
+
+
+# ---------------------------------------------------------------------------------- loading
+def _build_model(folder: Path, data: dict[str, Any], model_class: Any) -> nn.Module:
+    """The dense skeleton: a transformers class (concrete or Auto*) built from ``config.json``,
+    or ``model_class()`` for a plain factory."""
+    is_hf = (
+        model_class is None
+        or hasattr(model_class, "from_config")
+        or hasattr(model_class, "_from_config")
+    )
+    if not is_hf:
+        return model_class()
+    import transformers
+    from transformers import AutoConfig
+
+    if model_class is None:
+        archs = data.get("architectures") or []
+        model_class = getattr(transformers, archs[0], None) if archs else None
+        if model_class is None:
+            raise FormatError(
+                f"{folder / 'config.json'}: field 'architectures' ({archs}) names no "
+                "transformers class; pass model_class= (e.g. AutoModelForCausalLM)"
+            )
+    config = AutoConfig.from_pretrained(str(folder))
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")  # the model is built dense, then swapped
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # older transformers
+        no_init_weights = contextlib.nullcontext
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    kwargs = {"dtype": dtype} if isinstance(dtype, torch.dtype) else {}
+    with no_init_weights():  # every weight is loaded from the file next
+        if hasattr(model_class, "_from_config"):  # a concrete PreTrainedModel class
+            return model_class._from_config(config, **kwargs)
+        return model_class.from_config(config, **kwargs)  # an Auto* class
+
+
+def _state_keys(tensors: dict[str, torch.Tensor]) -> dict[str, str]:
+    """``{module name: quant type}`` from the ``weight.quant_state.<lib>__<type>`` keys."""
+    found = {}
+    for key in tensors:
+        if _STATE_SUFFIX in key:
+            module, _, tail = key.partition(_STATE_SUFFIX)
+            found[module] = tail
+    return found
+
+
+def _swap_in(model: nn.Module, name: str, layer: nn.Module) -> None:
+    parent_name, _, leaf = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, leaf, layer)
+
+
+def _quantized_layer(
+    name: str, kind: str, module: nn.Module, tensors: dict, compute_dtype: torch.dtype, source: str
+) -> nn.Module:
+    from ..quant.qtensor import QuantizedTensor, QuantizedTensor8
+
+    linear4, linear8, emb4 = _quantized_layers()
+    prefix = name + "."
+    try:
+        record = (
+            QuantizedTensor8.from_state_dict(tensors, prefix)
+            if kind.startswith("loraq__")
+            else QuantizedTensor.from_state_dict(tensors, prefix)
+        )
+    except ValueError as err:
+        raise FormatError(f"{source}: {err}") from None
+    if isinstance(module, nn.Embedding):
+        expected = tuple(module.weight.shape)
+    elif is_gpt2_conv1d(module):
+        expected = tuple(module.weight.shape[::-1])  # Conv1D stores (in, out)
+    elif isinstance(module, nn.Linear):
+        expected = (module.out_features, module.in_features)
+    else:
+        raise FormatError(
+            f"{source}: {prefix}weight is quantized but {name} is a {type(module).__name__}, "
+            "not a Linear, Conv1D or Embedding"
+        )
+    if tuple(record.shape) != expected:
+        raise FormatError(
+            f"{source}: tensor {prefix + 'weight'!r} has shape {tuple(record.shape)} but the "
+            f"model expects {expected}"
+        )
+    if isinstance(module, nn.Embedding):
+        return emb4(record, module.padding_idx, compute_dtype)
+    bias = tensors.get(prefix + "bias")
+    cls = linear8 if kind.startswith("loraq__") else linear4
+    return cls(record, bias, compute_dtype)
+
+
+def load_quantized(
+    path: str | os.PathLike[str], model_class: type | Callable[[], nn.Module] | None = None
+) -> nn.Module:
+    """Load a checkpoint written by :func:`save_quantized` or by transformers + bitsandbytes.
+
+    The model is built from ``config.json`` (class: ``model_class`` or ``architectures[0]``;
+    for a plain module pass a zero-argument factory), each quantized weight becomes a loraq
+    ``Linear4bit`` / ``Linear8bit`` / ``Embedding4bit`` holding the stored bytes unchanged, and
+    the dense tensors are loaded as stored. Returns the model in eval mode with every parameter
+    frozen, ready for :func:`loraq.apply` or :func:`loraq.load_adapter`.
+
+    Peak memory is about that of the dense model in its config dtype, since the skeleton is
+    allocated before the quantized layers replace its Linear modules.
+
+    Raises:
+        FormatError: pickle-only folder, no ``quantization_config``, corrupt files, a record
+            whose shape does not fit the model (key and both shapes), missing/unexpected keys.
+    """
+    folder = Path(path)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"checkpoint folder {folder} does not exist")
+    files = model_weight_files(folder)
+    config_file = folder / "config.json"
+    data = read_json(config_file)
+    qconfig = data.get("quantization_config")
+    if not isinstance(qconfig, dict) or qconfig.get("quant_method") not in (
+        "bitsandbytes",
+        "loraq",
+    ):
+        raise FormatError(
+            f"{config_file}: field 'quantization_config' is missing or not a bitsandbytes/loraq "
+            "config; load a dense checkpoint with transformers' from_pretrained"
+        )
+    if qconfig.get("load_in_8bit"):
+        raise FormatError(
+            f"{config_file}: quantization_config has load_in_8bit (LLM.int8); loraq reads 4-bit "
+            "bitsandbytes checkpoints and its own 8-bit blockwise format only"
+        )
+    compute_name = (
+        qconfig.get("bnb_4bit_compute_dtype") or qconfig.get("compute_dtype") or "float32"
+    )
+    compute_dtype = getattr(torch, str(compute_name), None)
+    if not isinstance(compute_dtype, torch.dtype):
+        raise FormatError(f"{config_file}: unknown compute dtype {compute_name!r}")
+
+    tensors: dict[str, torch.Tensor] = {}
+    origin: dict[str, Path] = {}
+    for file in files:
+        part, _ = read_safetensors(file)
+        tensors.update(part)
+        origin.update(dict.fromkeys(part, file))
+    model = _build_model(folder, data, model_class)
+    for name, kind in _state_keys(tensors).items():
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise FormatError(
+                f"{origin[name + _STATE_SUFFIX + kind]}: quantized weight {name}.weight has no "
+                "module of that name in the model"
+            ) from None
+        source = str(origin[name + _STATE_SUFFIX + kind])
+        _swap_in(model, name, _quantized_layer(name, kind, module, tensors, compute_dtype, source))
+    _load_dense(model, tensors, files)
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def _load_dense(model: nn.Module, tensors: dict[str, torch.Tensor], files: list[Path]) -> None:
+    # Quantized layers were built from their keys already; load_state_dict re-reads them as the
+    # same bytes (and checks them), then everything else is assigned as stored.
+    result = model.load_state_dict(tensors, strict=False, assign=True)
+    missing = set(result.missing_keys)
+    tie = getattr(model, "tie_weights", None)
+    if callable(tie):
+        # assign=True replaced tied parameters one by one; re-tie them (and fill the keys
+        # transformers leaves out for tied weights, e.g. lm_head.weight).
+        try:
+            tie(missing_keys=missing)
+        except TypeError:
+            tie()
+    if result.unexpected_keys or missing:
+        parts = []
+        if missing:
+            parts.append(f"missing keys {sorted(missing)}")
+        if result.unexpected_keys:
+            parts.append(f"unexpected keys {sorted(result.unexpected_keys)}")
+        raise FormatError(
+            f"{', '.join(map(str, files))} does not fit the model: " + "; ".join(parts)
+        )

@@ -1,0 +1,257 @@
+"""Reading and writing files safely: safetensors only, clear errors, nothing half-written.
+
+Two rules hold for every file loraq reads or writes:
+
+* Weights are read only through safetensors. Pickle files (``.bin``, ``.pt``, ...) can run code
+  when loaded, so they are refused with a message that says how to convert them; they are never
+  unpickled, not even with ``weights_only=True``.
+* A write either completes or leaves the old files alone: each file goes to a temporary name in
+  the same folder and is moved into place with ``os.replace`` (atomic on POSIX and Windows). A
+  folder of several files is staged whole in a sibling folder first (:func:`staged_folder`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import shutil
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any, NoReturn
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+#: File name endings of pickle-based checkpoints, which loraq refuses to open.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+
+class FormatError(ValueError):
+    """A file or folder loraq cannot read; the message names the file and what is wrong."""
+
+
+# ---------------------------------------------------------------------------------- reading
+def refuse_pickle(path: str | os.PathLike[str]) -> NoReturn:
+    """Raise :class:`FormatError` for a pickle checkpoint, explaining how to convert it."""
+    path = Path(path)
+    target = path.with_suffix(".safetensors")
+    raise FormatError(
+        f"{path} is a pickle file; loraq reads weights only from .safetensors files because "
+        "unpickling can run arbitrary code, so it never opens this file. If you trust it, convert "
+        "it once with:\n"
+        f'  python -c "import torch; from safetensors.torch import save_file; '
+        f"save_file(torch.load('{path}', weights_only=True), '{target}', "
+        "metadata={'format': 'pt'})\""
+    )
+
+
+def read_json(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Parse a JSON object from ``path``; errors name the file and the position."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise FormatError(f"{path} does not exist") from None
+    except UnicodeDecodeError as err:
+        raise FormatError(f"{path} is not UTF-8 text ({err})") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise FormatError(f"{path} is not valid JSON: {err}") from None
+    if not isinstance(data, dict):
+        raise FormatError(f"{path} must hold a JSON object, found {type(data).__name__}")
+    return data
+
+
+@contextlib.contextmanager
+def _open_safetensors(path: Path) -> Iterator[Any]:
+    if path.suffix in PICKLE_SUFFIXES:
+        refuse_pickle(path)
+    if not path.is_file():
+        raise FormatError(f"{path} does not exist")
+    try:
+        handle = safe_open(str(path), framework="pt")
+    except Exception as err:  # safetensors raises its own SafetensorError; name the file
+        raise FormatError(
+            f"{path} is not a readable safetensors file (truncated or corrupt?): {err}"
+        ) from None
+    with handle as f:
+        yield f
+
+
+def read_safetensors(
+    path: str | os.PathLike[str],
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """All tensors of a safetensors file and its metadata; a corrupt file's error names it."""
+    path = Path(path)
+    with _open_safetensors(path) as f:
+        try:
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+        except Exception as err:
+            raise FormatError(
+                f"{path} is not a readable safetensors file (truncated or corrupt?): {err}"
+            ) from None
+        return tensors, dict(f.metadata() or {})
+
+
+def read_safetensors_header(
+    path: str | os.PathLike[str],
+) -> tuple[dict[str, tuple[str, tuple[int, ...]]], dict[str, str]]:
+    """``{key: (dtype, shape)}`` and metadata of a safetensors file, without reading the data."""
+    path = Path(path)
+    with _open_safetensors(path) as f:
+        info = {}
+        for key in f.keys():
+            sl = f.get_slice(key)
+            info[key] = (sl.get_dtype(), tuple(sl.get_shape()))
+        return info, dict(f.metadata() or {})
+
+
+def weights_file(folder: str | os.PathLike[str], name: str) -> Path:
+    """``folder/name`` (a ``.safetensors`` file); refuses a folder that holds only pickles."""
+    folder = Path(folder)
+    path = folder / name
+    if path.is_file():
+        return path
+    stem = name.removesuffix(".safetensors")
+    stems = (stem, "pytorch_model") if stem == "model" else (stem,)
+    for candidate in stems:
+        for suffix in PICKLE_SUFFIXES:
+            if (folder / (candidate + suffix)).is_file():
+                refuse_pickle(folder / (candidate + suffix))
+    raise FormatError(f"{folder} has no {name}")
+
+
+# ---------------------------------------------------------------------------------- writing
+def _temp_sibling(path: Path) -> Path:
+    return path.with_name(f"{path.name}.tmp-{secrets.token_hex(4)}")
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temporary file and ``os.replace``."""
+    path = Path(path)
+    tmp = _temp_sibling(path)
+    try:
+        with open(tmp, "xb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
+    """Write UTF-8 ``text`` to ``path`` atomically."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike[str], data: Mapping[str, Any]) -> None:
+    """Write ``data`` as JSON (``indent=2``, sorted keys, trailing newline) atomically."""
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def _unshare(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # safetensors refuses tensors that share memory (tied weights, views); copy the repeats.
+    seen: set[tuple[int, int]] = set()
+    out: dict[str, torch.Tensor] = {}
+    for key, tensor in tensors.items():
+        t = tensor.detach()
+        if t.device.type != "cpu":
+            t = t.cpu()
+        t = t.contiguous()
+        span = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+        if t.numel() and span in seen:
+            t = t.clone()
+        elif t.numel():
+            seen.add(span)
+        out[key] = t
+    return out
+
+
+def atomic_save_safetensors(
+    path: str | os.PathLike[str],
+    tensors: Mapping[str, torch.Tensor],
+    metadata: Mapping[str, str] | None = None,
+) -> None:
+    """Save ``tensors`` as safetensors (metadata ``{"format": "pt"}`` by default) atomically."""
+    path = Path(path)
+    meta = {"format": "pt", **(metadata or {})}
+    tmp = _temp_sibling(path)
+    try:
+        save_file(_unshare(tensors), str(tmp), metadata=meta)
+        _fsync_file(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _publish(staging: Path, target: Path) -> None:
+    if not target.exists():
+        with contextlib.suppress(OSError):
+            os.replace(staging, target)  # one atomic rename of the whole folder
+            return
+    # The target exists (and may hold other files we must keep): move file by file. Each move is
+    # atomic; config files go last so a reader never sees a new config with old weights.
+    files = sorted(
+        (p for p in staging.rglob("*") if p.is_file()),
+        key=lambda p: (p.name.endswith("config.json"), str(p)),
+    )
+    for src in files:
+        dst = target / src.relative_to(staging)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(src, dst)
+
+
+@contextlib.contextmanager
+def staged_folder(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield an empty sibling folder ``<path>.tmp-XXXX`` to write into; publish it on success.
+
+    On normal exit the staged files replace those at ``path`` (the whole folder is renamed when
+    ``path`` does not exist yet; otherwise each file is moved with ``os.replace``, leaving other
+    files in ``path`` alone). On an exception the staging folder is removed and ``path`` is
+    untouched.
+    """
+    target = Path(path)
+    if target.exists() and not target.is_dir():
+        raise FileExistsError(f"{target} exists and is not a folder")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = _temp_sibling(target)
+    staging.mkdir()  # honours the umask, unlike tempfile.mkdtemp's 0o700
+    try:
+        yield staging
+        _publish(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def model_weight_files(folder: str | os.PathLike[str]) -> list[Path]:
+    """The safetensors files of a transformers model folder (one file, or the shards listed in
+    ``model.safetensors.index.json``); refuses a folder that holds only pickles."""
+    folder = Path(folder)
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise FormatError(f"{index} has no 'weight_map' object")
+        files = sorted({str(v) for v in weight_map.values()})
+        for name in files:
+            if Path(name).name != name:
+                raise FormatError(f"{index} names a shard outside the folder: {name!r}")
+            if not (folder / name).is_file():
+                raise FormatError(f"{index} lists {name}, which is missing from {folder}")
+        return [folder / name for name in files]
+    if (folder / "model.safetensors").is_file():
+        return [folder / "model.safetensors"]
+    shards = sorted(folder.glob("pytorch_model-*.bin"))
+    if shards:
+        refuse_pickle(shards[0])
+    return [weights_file(folder, "model.safetensors")]  # raises: pickle only, or nothing

@@ -1,0 +1,556 @@
+"""Blockwise 4-bit (NF4/FP4) and 8-bit (dynamic map) quantization, byte-compatible with bitsandbytes.
+
+The rules (``reference/formats.md`` §2, §3, §9):
+
+* Flatten row-major; block ``b`` is flat elements ``[b*B, (b+1)*B)``, so blocks ignore rows. A
+  partial last block gets its own absmax.
+* ``absmax`` is the float32 max of ``|x|`` per block, whatever the input dtype.
+* Scale with the reciprocal, ``s = x * (1 / absmax)`` (absmax clamped to 1e-38 first, so an
+  all-zero block scales to 0 and gets the code of 0).
+* The code is the bucket of ``s`` between decision bounds of the sorted table; a value exactly on
+  a bound goes to the LOWER entry. 4-bit uses bitsandbytes' float32 midpoints ``(a + b) / 2``;
+  8-bit uses midpoints rounded down to float32, which makes every code exactly nearest.
+* 4-bit codes are packed two per byte, the even flat index in the HIGH nibble; an odd count is
+  padded with the code of 0.0. ``packed`` has shape ``((n + 1) // 2, 1)``, dtype uint8.
+* Dequantization is ``code[q] * absmax[i // B]`` in float32, cast once to the target dtype.
+* Double quantization: ``offset = absmax.mean()``; ``absmax - offset`` is 8-bit quantized with
+  the dynamic map in blocks of 256; ``absmax_hat = code8[q] * nested_absmax + offset`` (two
+  float32 roundings, no fused multiply-add).
+
+Performance notes. The work is done in cache-sized chunks of whole blocks with scratch buffers
+allocated once per call: fresh multi-megabyte temporaries cost more in page faults than the
+arithmetic. Nearest-code search uses a uniform grid over [-1, 1] whose cells map straight to a
+code; the few cells within one cell of a decision bound are marked ambiguous and only those
+elements go through an exact ``bucketize`` (see :class:`_CodeSearch`). Dequantization gathers
+both nibbles of a byte at once from a 256-entry table of float32 pairs.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+from .codebooks import QUANT_TYPES_4BIT, code_4bit, dynamic_map
+from .qtensor import NESTED_BLOCKSIZE, VALID_BLOCKSIZES, QuantizedTensor, QuantizedTensor8
+
+__all__ = [
+    "VALID_BLOCKSIZES",
+    "block_absmax",
+    "dequantize_4bit",
+    "dequantize_4bit_elements",
+    "dequantize_4bit_range",
+    "dequantize_8bit",
+    "dequantize_8bit_range",
+    "pack_nibbles",
+    "quantize_4bit",
+    "quantize_8bit",
+    "unpack_nibbles",
+]
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Elements per chunk (4 MiB of float32): big enough that the ~10 parallel regions per chunk stay
+# few (each costs a thread hand-off, dear on a busy 2-core machine), small enough that a chunk
+# and its temporaries stay in the last-level cache and scratch buffers stay small.
+_CHUNK = 1 << 20
+# Grid cells per unit of the scaled range [-1, 1]; the grid table has 2 * _GRID + 1 cells.
+_GRID = 1 << 15
+# Smallest absmax used for the reciprocal, as bitsandbytes (its reciprocal is still finite).
+_MIN_ABSMAX = 1e-38
+# Blocks with a smaller absmax skip the grid: _GRID / absmax could overflow float32.
+_TINY_ABSMAX = 1e-30
+# Width of the sub-blocks scanned for ambiguous codes (an int16 amin over 64 is 4x faster than
+# over 32; wider makes the second, per-element scan longer).
+_SUB = 64
+
+
+# --------------------------------------------------------------------------------------------
+# Input checks
+# --------------------------------------------------------------------------------------------
+def _check_input(t: torch.Tensor, blocksize: int) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"expected a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in _FLOAT_DTYPES:
+        raise ValueError(
+            f"cannot quantize a tensor of dtype {t.dtype}: expected float32, float16 or bfloat16"
+        )
+    if t.numel() == 0:
+        raise ValueError(f"cannot quantize an empty tensor (shape {tuple(t.shape)})")
+    if blocksize not in VALID_BLOCKSIZES:
+        raise ValueError(f"unsupported blocksize {blocksize!r}: expected one of {VALID_BLOCKSIZES}")
+
+
+def _check_finite(absmax: torch.Tensor) -> None:
+    # NaN and Inf propagate into the block absmax, so checking it is free compared with a
+    # separate pass over the input (and must happen before NaN reaches an index conversion).
+    if not bool(torch.isfinite(absmax).all()):
+        raise ValueError("cannot quantize a tensor with NaN or Inf values")
+
+
+def _resolve_dtype(dtype: torch.dtype | None, default: torch.dtype) -> torch.dtype:
+    dtype = default if dtype is None else dtype
+    if not dtype.is_floating_point:
+        raise ValueError(f"dequantization needs a floating-point dtype, got {dtype}")
+    return dtype
+
+
+# --------------------------------------------------------------------------------------------
+# Nearest-code search
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _CodeSearch:
+    """How to find the code of a scaled value ``s`` in [-1, 1] for one code book.
+
+    ``bounds`` are the sorted decision bounds (a value equal to a bound goes to the lower
+    entry), ``order`` maps a sorted position to a code index (None when the table is sorted).
+    ``grid[c]`` is the code of every ``s`` whose cell ``floor((s + 1) * _GRID)`` is ``c``, or -1
+    when a bound lies in cell ``c`` or in a neighbouring cell. Computing the cell in float32 can
+    be off by one near a cell edge, so a cell marked unambiguous is one whose neighbours hold no
+    bound either: the code it stores is then right for any value that can land in it.
+    """
+
+    bounds: torch.Tensor
+    order: torch.Tensor | None
+    grid: torch.Tensor
+    zero_code: int  # the code of 0.0, which pads an odd count of 4-bit codes
+
+    @staticmethod
+    def build(bounds: torch.Tensor, order: torch.Tensor | None) -> _CodeSearch:
+        """Precompute the grid for ``bounds`` (sorted float32) and ``order`` (see class doc)."""
+        lower = torch.arange(2 * _GRID + 1, dtype=torch.float64) / _GRID - 1  # cell lower edges
+        width = 1.0 / _GRID
+        b = bounds.double()
+        # A cell [lower, lower + w) is ambiguous if a bound lies in [lower - w, lower + 2w].
+        first = torch.searchsorted(b, lower - width, right=False)
+        last = torch.searchsorted(b, lower + 2 * width, right=True)
+        position = torch.searchsorted(b, lower)  # number of bounds below the cell
+        codes = position if order is None else order[position]
+        grid = torch.where(last > first, -1, codes).to(torch.int16)
+        zero = int(torch.bucketize(torch.zeros(()), bounds))
+        return _CodeSearch(bounds, order, grid, zero if order is None else int(order[zero]))
+
+    def exact(self, s: torch.Tensor) -> torch.Tensor:
+        """Code index (int64) of each float32 value by bucketing against ``bounds``."""
+        position = torch.bucketize(s, self.bounds.to(s.device))
+        return position if self.order is None else self.order.to(s.device)[position]
+
+
+@functools.cache
+def _search_4bit(quant_type: str) -> _CodeSearch:
+    code = code_4bit(quant_type)
+    order = torch.argsort(code, stable=True)
+    sorted_code = code[order]
+    # bitsandbytes' bounds: float32 midpoints (identical to the CUDA thresholds). FP4 holds 0.0
+    # twice (indices 0 and 8); the stable sort puts index 0 first, as bitsandbytes' CPU path.
+    bounds = (sorted_code[:-1] + sorted_code[1:]) / 2
+    is_sorted = torch.equal(order, torch.arange(code.numel()))
+    return _CodeSearch.build(bounds, None if is_sorted else order)
+
+
+@functools.cache
+def _search_dynamic() -> _CodeSearch:
+    code = dynamic_map()  # sorted ascending
+    exact_mid = (code[:-1].double() + code[1:].double()) / 2  # exact in float64
+    bounds = exact_mid.float()
+    # Round down where float32 rounded up: then "s > bound" holds exactly when s is past the
+    # true midpoint, so the chosen code is the exactly nearest one (ties to the lower index).
+    too_high = bounds.double() > exact_mid
+    bounds[too_high] = torch.nextafter(bounds[too_high], torch.tensor(-math.inf))
+    return _CodeSearch.build(bounds, None)
+
+
+# --------------------------------------------------------------------------------------------
+# Blockwise scaling and coding
+# --------------------------------------------------------------------------------------------
+def _fix_ambiguous(
+    codes: torch.Tensor, x: torch.Tensor, recip: torch.Tensor, blocksize: int, search: _CodeSearch
+) -> None:
+    """Replace the -1 marks of ambiguous grid cells with exact codes, in place.
+
+    About 0.1% of elements are marked. A per-sub-block minimum finds the sub-blocks holding
+    marks far faster than a compare-and-nonzero pass over every element.
+    """
+    sub = math.gcd(codes.numel(), _SUB)  # 64 except in a short last chunk of 32-blocks
+    rows = (codes.view(-1, sub).amin(dim=1) < 0).nonzero().squeeze(1)
+    if not rows.numel():
+        return
+    row, col = (codes.view(-1, sub)[rows] < 0).nonzero(as_tuple=True)
+    pos = rows[row] * sub + col
+    codes[pos] = search.exact(x[pos] * recip[pos // blocksize]).to(torch.int16)
+
+
+def _iter_block_codes(
+    flat: torch.Tensor,
+    blocksize: int,
+    search: _CodeSearch,
+    absmax_out: torch.Tensor,
+    *,
+    divide_tail: bool,
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """Yield ``(start, codes)`` for consecutive runs of ``flat``, writing each block's absmax.
+
+    ``codes`` is an int16 view into a scratch buffer that is overwritten by the next chunk;
+    consumers must copy it out before resuming the iterator. Full blocks come in chunks of
+    whole blocks, then the partial last block, if any.
+
+    ``divide_tail`` scales the partial last block by division instead of the reciprocal, which
+    is what bitsandbytes' CPU ``quantize_4bit`` does for that block (its CUDA kernel multiplies).
+    """
+    n = flat.numel()
+    n_full = n // blocksize * blocksize
+    chunk = max(min(_CHUNK, n_full) // blocksize, 1) * blocksize
+    device = flat.device
+    grid = search.grid.to(device)
+    offset = torch.tensor(float(_GRID), device=device)
+    if n_full:
+        upcast = torch.empty(chunk, dtype=torch.float32, device=device)
+        work = torch.empty(chunk, dtype=torch.float32, device=device)
+        index = torch.empty(chunk, dtype=torch.int32, device=device)
+        codes = torch.empty(chunk, dtype=torch.int16, device=device)
+    for start in range(0, n_full, chunk):
+        stop = min(start + chunk, n_full)
+        m = stop - start
+        x = flat[start:stop]
+        if x.dtype != torch.float32:  # exact upcast once, so every pass below is float32
+            x = upcast[:m].copy_(x)
+        # abs + amax: an order of magnitude faster than aminmax over a short inner dimension.
+        amax = torch.abs(x, out=work[:m]).view(-1, blocksize).amax(dim=1)
+        _check_finite(amax)
+        absmax_out[start // blocksize : stop // blocksize] = amax
+        tiny = amax < _TINY_ABSMAX
+        recip = amax.clamp_(min=_MIN_ABSMAX).reciprocal_()  # s = x * (1 / absmax), as bnb
+        # Grid cell floor((s + 1) * G), computed as x * (G / absmax) + G in one pass. It can
+        # differ from the cell of the rounded float32 s by one, which the grid tolerates.
+        # Where G / absmax could overflow, the scale is 0 (cell G) and exact codes follow.
+        scale = (recip * _GRID).masked_fill_(tiny, 0.0)
+        cell = torch.addcmul(
+            offset, x.view(-1, blocksize), scale[:, None], out=work[:m].view(-1, blocksize)
+        )
+        index[:m].copy_(cell.view(-1))  # float -> int truncation is a floor here (cell >= 0)
+        c = torch.index_select(grid, 0, index[:m], out=codes[:m])
+        _fix_ambiguous(c, x, recip, blocksize, search)
+        if bool(tiny.any()):
+            blocks = tiny.nonzero().squeeze(1)
+            s = x.view(-1, blocksize)[blocks] * recip[blocks, None]
+            c.view(-1, blocksize)[blocks] = search.exact(s).to(torch.int16)
+        yield start, c
+    if n_full < n:
+        tail = flat[n_full:].float()
+        amax = tail.abs().max()
+        _check_finite(amax)
+        absmax_out[-1] = amax
+        clamped = amax.clamp(min=_MIN_ABSMAX)
+        s = tail / clamped if divide_tail else tail * clamped.reciprocal()
+        yield n_full, search.exact(s).to(torch.int16)
+
+
+def _n_blocks(n: int, blocksize: int) -> int:
+    return -(-n // blocksize)
+
+
+# --------------------------------------------------------------------------------------------
+# Packing
+# --------------------------------------------------------------------------------------------
+def _pack_into(codes: torch.Tensor, out: torch.Tensor) -> None:
+    # byte = (even << 4) | odd; codes < 16, so the add never carries into the other nibble.
+    torch.add(codes[1::2], codes[0::2], alpha=16, out=out)
+
+
+def pack_nibbles(codes: torch.Tensor, pad_code: int = 7) -> torch.Tensor:
+    """Pack 4-bit codes (values 0..15, any integer dtype) two per byte, bitsandbytes' layout.
+
+    The code of even flat index ``2i`` goes to the high nibble of byte ``i``; an odd count is
+    padded with ``pad_code`` (7, NF4's zero, by default). Returns uint8 of shape
+    ``((n + 1) // 2, 1)``.
+    """
+    flat = codes.reshape(-1).to(torch.int16)
+    if flat.numel() % 2:
+        flat = torch.cat([flat, flat.new_tensor([pad_code])])
+    out = torch.empty(flat.numel() // 2, dtype=torch.uint8, device=flat.device)
+    _pack_into(flat, out)
+    return out.unsqueeze(1)
+
+
+def unpack_nibbles(packed: torch.Tensor, n: int | None = None) -> torch.Tensor:
+    """Inverse of :func:`pack_nibbles`: uint8 codes of shape ``(n,)`` (default: all nibbles)."""
+    flat = packed.reshape(-1).view(torch.uint8)
+    codes = torch.stack([flat >> 4, flat & 0xF], dim=1).reshape(-1)
+    return codes if n is None else codes[:n]
+
+
+# --------------------------------------------------------------------------------------------
+# Quantize
+# --------------------------------------------------------------------------------------------
+def _absmax_and_codes_4bit(
+    flat: torch.Tensor, blocksize: int, quant_type: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    n = flat.numel()
+    search = _search_4bit(quant_type)
+    absmax = torch.empty(_n_blocks(n, blocksize), dtype=torch.float32, device=flat.device)
+    packed = torch.empty((n + 1) // 2, dtype=torch.uint8, device=flat.device)
+    for start, codes in _iter_block_codes(flat, blocksize, search, absmax, divide_tail=True):
+        if codes.numel() % 2:  # only the very last run can be odd
+            codes = torch.cat([codes, codes.new_tensor([search.zero_code])])
+        _pack_into(codes, packed[start // 2 : start // 2 + codes.numel() // 2])
+    return packed.unsqueeze(1), absmax
+
+
+def _quantize_8bit_flat(flat: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    n = flat.numel()
+    absmax = torch.empty(_n_blocks(n, blocksize), dtype=torch.float32, device=flat.device)
+    out = torch.empty(n, dtype=torch.uint8, device=flat.device)
+    search = _search_dynamic()
+    for start, codes in _iter_block_codes(flat, blocksize, search, absmax, divide_tail=False):
+        out[start : start + codes.numel()] = codes
+    return out, absmax
+
+
+@torch.no_grad()
+def quantize_4bit(
+    t: torch.Tensor,
+    blocksize: int = 64,
+    quant_type: str = "nf4",
+    double_quant: bool = False,
+) -> QuantizedTensor:
+    """Quantize ``t`` blockwise to 4 bits, byte-identical to bitsandbytes' ``quantize_4bit``.
+
+    Args:
+        t: float32, float16 or bfloat16 tensor of any shape (not empty, all values finite).
+        blocksize: elements per block, one of :data:`VALID_BLOCKSIZES`.
+        quant_type: ``"nf4"`` (QLoRA's NormalFloat) or ``"fp4"``.
+        double_quant: also quantize the block absmax values to 8 bits (bitsandbytes'
+            ``compress_statistics=True``), 4.127 instead of 4.5 bits per parameter at blocksize 64.
+
+    Returns:
+        A :class:`QuantizedTensor` whose ``packed`` and (for ``double_quant=False``) ``absmax``
+        equal bitsandbytes' output. With double quantization the 8-bit absmax codes are exactly
+        nearest; bitsandbytes' CPU kernel differs from that in a few entries.
+
+    Raises:
+        ValueError: for a non-float dtype, an empty tensor, NaN/Inf values, an unsupported
+            blocksize or an unknown quant_type.
+    """
+    _check_input(t, blocksize)
+    if quant_type not in QUANT_TYPES_4BIT:
+        raise ValueError(f"unknown quant_type {quant_type!r}: expected one of {QUANT_TYPES_4BIT}")
+    packed, absmax = _absmax_and_codes_4bit(t.detach().reshape(-1), blocksize, quant_type)
+    fields = dict(
+        packed=packed,
+        shape=t.shape,
+        dtype=t.dtype,
+        blocksize=blocksize,
+        quant_type=quant_type,
+        # Each record owns its code books: in-place edits cannot reach the shared constants, and
+        # a state dict of many layers holds no shared tensors (which safetensors refuses).
+        code=code_4bit(quant_type).to(t.device, copy=True),
+    )
+    if not double_quant:
+        return QuantizedTensor(absmax=absmax, **fields)
+    offset = absmax.mean()
+    codes, nested_absmax = _quantize_8bit_flat(absmax - offset, NESTED_BLOCKSIZE)
+    return QuantizedTensor(
+        absmax_codes=codes,
+        nested_absmax=nested_absmax,
+        nested_code=dynamic_map().to(t.device, copy=True),
+        offset=offset,
+        nested_blocksize=NESTED_BLOCKSIZE,
+        **fields,
+    )
+
+
+@torch.no_grad()
+def quantize_8bit(t: torch.Tensor, blocksize: int = 256) -> QuantizedTensor8:
+    """Quantize ``t`` blockwise to 8 bits with the dynamic map (bitsandbytes' ``quantize_blockwise``).
+
+    Codes are the exactly nearest map entry to ``x * (1 / absmax)`` (ties to the lower index),
+    the rule of bitsandbytes' CUDA kernel; its CPU kernel differs in about 0.15% of entries.
+    The code book and the float32 absmax equal bitsandbytes'. Same errors as :func:`quantize_4bit`.
+    """
+    _check_input(t, blocksize)
+    codes, absmax = _quantize_8bit_flat(t.detach().reshape(-1), blocksize)
+    return QuantizedTensor8(
+        codes=codes.view(t.shape),
+        absmax=absmax,
+        code=dynamic_map().to(t.device, copy=True),
+        blocksize=blocksize,
+        dtype=t.dtype,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Dequantize
+# --------------------------------------------------------------------------------------------
+# gather(lo, hi, dest) -> float32 code values of flat elements lo..hi. When ``dest`` (a float32
+# slice of the output) is given and suitable, the values are written straight into it, which
+# saves a pass through a scratch buffer.
+Gather = Callable[[int, int, "torch.Tensor | None"], torch.Tensor]
+
+
+def _scale_into(
+    values: torch.Tensor, absmax: torch.Tensor, blocksize: int, start: int, out: torch.Tensor
+) -> None:
+    """``out = values * absmax[block]`` for flat positions ``start..``; float32 product, one cast.
+
+    ``values`` may be ``out`` itself (float32 output); the multiply is then in place.
+    """
+    m = values.numel()
+    n_full = m // blocksize * blocksize
+    first = start // blocksize
+    if n_full:
+        v = values[:n_full].view(-1, blocksize)
+        scales = absmax[first : first + n_full // blocksize, None]
+        if out.dtype == torch.float32:
+            torch.mul(v, scales, out=out[:n_full].view(-1, blocksize))
+        else:
+            # Multiply in place in float32, then one rounding on the copy (a mixed-dtype
+            # ``mul(out=bf16)`` takes a slow non-vectorised path on CPU).
+            out[:n_full].view(-1, blocksize).copy_(v.mul_(scales))
+    if n_full < m:
+        out[n_full:].copy_(values[n_full:] * absmax[first + n_full // blocksize])
+
+
+def _dequantize_runs(
+    gather: Gather, absmax: torch.Tensor, blocksize: int, start: int, stop: int, out: torch.Tensor
+) -> torch.Tensor:
+    """Fill ``out`` (1-D, ``stop - start`` elements) chunk by chunk; ``start`` is block-aligned."""
+    chunk = max(_CHUNK // blocksize, 1) * blocksize
+    direct = out.dtype == torch.float32
+    for lo in range(start, stop, chunk):
+        hi = min(lo + chunk, stop)
+        dest = out[lo - start : hi - start]
+        values = gather(lo, hi, dest if direct else None)
+        _scale_into(values, absmax, blocksize, lo, dest)
+    return out
+
+
+def _pair_table(code: torch.Tensor) -> torch.Tensor:
+    """256 int64 entries; entry ``b`` holds the float32 pair ``(code[b >> 4], code[b & 15])``."""
+    byte = torch.arange(256, device=code.device)
+    pairs = torch.stack([code[byte >> 4], code[byte & 0xF]], dim=1).float().contiguous()
+    return pairs.view(torch.int64).view(-1)
+
+
+def _nibble_gather(packed: torch.Tensor, code: torch.Tensor) -> Gather:
+    """Gather for packed nibbles (``lo`` even): one int64 lookup yields both codes of a byte."""
+    flat = packed.reshape(-1).view(torch.uint8)
+    table = _pair_table(code)
+    n_bytes = min(_CHUNK // 2 + 1, flat.numel())
+    index = torch.empty(n_bytes, dtype=torch.int32, device=flat.device)
+    scratch = torch.empty(n_bytes, dtype=torch.int64, device=flat.device)
+
+    def gather(lo: int, hi: int, dest: torch.Tensor | None) -> torch.Tensor:
+        b0, b1 = lo // 2, (hi + 1) // 2
+        idx = index[: b1 - b0]
+        idx.copy_(flat[b0:b1])
+        # Writing pairs into dest needs a whole number of 8-byte-aligned pairs.
+        if dest is not None and (hi - lo) % 2 == 0 and dest.data_ptr() % 8 == 0:
+            torch.index_select(table, 0, idx, out=dest.view(torch.int64))
+            return dest
+        got = torch.index_select(table, 0, idx, out=scratch[: b1 - b0])
+        return got.view(torch.float32)[: hi - lo]
+
+    return gather
+
+
+def _byte_gather(codes: torch.Tensor, code: torch.Tensor) -> Gather:
+    """Gather for one code per byte: ``code[codes[lo:hi]]``."""
+    flat = codes.reshape(-1)
+    table = code.float()
+    n = min(_CHUNK, flat.numel())
+    index = torch.empty(n, dtype=torch.int32, device=flat.device)
+    scratch = torch.empty(n, dtype=torch.float32, device=flat.device)
+
+    def gather(lo: int, hi: int, dest: torch.Tensor | None) -> torch.Tensor:
+        idx = index[: hi - lo]
+        idx.copy_(flat[lo:hi])
+        return torch.index_select(table, 0, idx, out=scratch[: hi - lo] if dest is None else dest)
+
+    return gather
+
+
+def block_absmax(q: QuantizedTensor) -> torch.Tensor:
+    """The float32 per-block absmax of ``q``, dequantizing it first under double quantization."""
+    if not q.double_quant:
+        return q.absmax
+    n = q.absmax_codes.numel()
+    out = torch.empty(n, dtype=torch.float32, device=q.absmax_codes.device)
+    gather = _byte_gather(q.absmax_codes, q.nested_code)
+    _dequantize_runs(gather, q.nested_absmax, q.nested_blocksize, 0, n, out)
+    return out.add_(q.offset)  # a separate rounding, as bitsandbytes (not an FMA)
+
+
+def dequantize_4bit_range(
+    q: QuantizedTensor,
+    start: int,
+    stop: int,
+    out: torch.Tensor,
+    absmax: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Dequantize flat elements ``[start, stop)`` of ``q`` into the 1-D tensor ``out``.
+
+    ``start`` must be a multiple of the blocksize. ``absmax`` may pass a precomputed
+    :func:`block_absmax` so that callers working tile by tile dequantize the scales only once.
+    """
+    if start % q.blocksize:
+        raise ValueError(f"start {start} is not a multiple of the blocksize {q.blocksize}")
+    absmax = block_absmax(q) if absmax is None else absmax
+    gather = _nibble_gather(q.packed, q.code)
+    return _dequantize_runs(gather, absmax, q.blocksize, start, stop, out)
+
+
+def dequantize_8bit_range(
+    q: QuantizedTensor8,
+    start: int,
+    stop: int,
+    out: torch.Tensor,
+    absmax: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """8-bit counterpart of :func:`dequantize_4bit_range` (``absmax`` is accepted for symmetry)."""
+    if start % q.blocksize:
+        raise ValueError(f"start {start} is not a multiple of the blocksize {q.blocksize}")
+    gather = _byte_gather(q.codes, q.code)
+    absmax = q.absmax if absmax is None else absmax
+    return _dequantize_runs(gather, absmax, q.blocksize, start, stop, out)
+
+
+@torch.no_grad()
+def dequantize_4bit_elements(
+    q: QuantizedTensor, index: torch.Tensor, dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """Dequantize only the flat elements ``index`` (int64, any shape) of ``q``.
+
+    Bit-identical to ``dequantize_4bit(q, dtype).reshape(-1)[index]`` without materialising the
+    dense tensor; used by embedding lookups, which need a few rows of a large table.
+    """
+    dtype = _resolve_dtype(dtype, q.dtype)
+    flat = q.packed.reshape(-1).view(torch.uint8)
+    byte = flat[index >> 1].to(torch.int64)
+    # Even flat indices sit in the high nibble.
+    nibble = torch.where((index & 1).bool(), byte & 0xF, byte >> 4)
+    absmax = block_absmax(q)
+    return (q.code[nibble] * absmax[index // q.blocksize]).to(dtype)
+
+
+@torch.no_grad()
+def dequantize_4bit(q: QuantizedTensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Dense tensor of ``q``: ``code[nibble] * absmax`` in float32, cast once to ``dtype``.
+
+    ``dtype`` defaults to the dtype the tensor had before quantization. The result has the
+    original shape and is bit-identical to that definition applied to bitsandbytes' state.
+    """
+    dtype = _resolve_dtype(dtype, q.dtype)
+    n = q.numel
+    out = torch.empty(n, dtype=dtype, device=q.packed.device)
+    return dequantize_4bit_range(q, 0, n, out).view(q.shape)
+
+
+@torch.no_grad()
+def dequantize_8bit(q: QuantizedTensor8, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Dense tensor of an 8-bit record: ``code[byte] * absmax`` in float32, cast once to ``dtype``."""
+    dtype = _resolve_dtype(dtype, q.dtype)
+    n = q.codes.numel()
+    out = torch.empty(n, dtype=dtype, device=q.codes.device)
+    return dequantize_8bit_range(q, 0, n, out).view(q.shape)

@@ -1,0 +1,153 @@
+"""Quantize a model's frozen base (QLoRA) and turn it back into dense layers."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .config import LoraConfig
+from .layers.lora import LoRALayer, ModulesToSave, is_gpt2_conv1d, is_quantized_linear, layer_kind
+from .layers.quantized import Embedding4bit, Linear4bit, Linear8bit
+from .model import _candidate_modules, _set_submodule, name_matches, output_head_names
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def compute_dtype_of(config: LoraConfig) -> torch.dtype:
+    """The torch dtype named by ``config.compute_dtype``."""
+    return _DTYPES[config.compute_dtype]
+
+
+def _as_linear(module: nn.Module) -> nn.Linear:
+    """A GPT-2 ``Conv1D`` (weight in x out) as the equivalent ``nn.Linear``."""
+    if not is_gpt2_conv1d(module):
+        return module
+    weight = module.weight
+    linear = nn.Linear(
+        weight.shape[0],
+        weight.shape[1],
+        bias=module.bias is not None,
+        device=weight.device,
+        dtype=weight.dtype,
+    )
+    with torch.no_grad():
+        linear.weight.copy_(weight.t())
+        if module.bias is not None:
+            linear.bias.copy_(module.bias)
+    return linear
+
+
+@torch.no_grad()
+def quantize_model(
+    model: nn.Module, config: LoraConfig, adapted: list[str] | None = None
+) -> list[str]:
+    """Replace the frozen Linear layers of ``model`` by quantized ones, in place.
+
+    Every ``nn.Linear`` / GPT-2 ``Conv1D`` is quantized (as ``load_in_4bit`` does), except the
+    output head, ``modules_to_save`` and ``config.quant_skip``. With ``config.quant_embeddings``,
+    ``nn.Embedding`` tables that get no adapter are stored in NF4 too. Returns the quantized names.
+    """
+    if config.quant is None:
+        raise ValueError("quantize_model() needs LoraConfig.quant set to 'nf4', 'fp4' or 'int8'")
+    heads = output_head_names(model)
+    skip = list(config.quant_skip or []) + list(config.modules_to_save or [])
+    adapted = set(adapted or [])
+    dtype = compute_dtype_of(config)
+    done: list[str] = []
+    for name, module in list(_candidate_modules(model)):
+        if (
+            not name
+            or isinstance(module, (LoRALayer, ModulesToSave))
+            or name in heads
+            or name_matches(name, skip)
+        ):
+            continue
+        if isinstance(module, nn.Linear) or is_gpt2_conv1d(module):
+            linear = _as_linear(module)
+            if config.quant == "int8":
+                new = Linear8bit.from_linear(
+                    linear, blocksize=config.blocksize, compute_dtype=dtype
+                )
+            else:
+                new = Linear4bit.from_linear(
+                    linear,
+                    quant_type=config.quant,
+                    blocksize=config.blocksize,
+                    double_quant=config.double_quant,
+                    compute_dtype=dtype,
+                )
+        elif config.quant_embeddings and type(module) is nn.Embedding and name not in adapted:
+            new = Embedding4bit.from_embedding(
+                module,
+                quant_type="nf4" if config.quant == "int8" else config.quant,
+                blocksize=config.blocksize,
+                double_quant=config.double_quant,
+            )
+        else:
+            continue
+        if is_gpt2_conv1d(module):
+            new.loraq_source = "Conv1D"  # so dequantize_model can restore transformers' layout
+        _set_submodule(model, name, new)
+        done.append(name)
+    return done
+
+
+@torch.no_grad()
+def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+    """Replace every quantized layer by a dense ``nn.Linear`` / ``nn.Embedding``, in place.
+
+    ``dtype`` defaults to each layer's original dtype. Adapter wrappers are kept (their base
+    becomes dense); use ``loraq.unload`` to remove them.
+    """
+    for name, module in list(model.named_modules()):
+        if is_quantized_linear(module):
+            weight = module.dequantize_weight(dtype or module.qweight.dtype)
+            if getattr(module, "loraq_source", None) == "Conv1D":
+                new = _dense_conv1d(weight, module.bias)
+                new.requires_grad_(False)
+                _replace(model, name, new)
+                continue
+            new = nn.Linear(
+                module.in_features,
+                module.out_features,
+                bias=module.bias is not None,
+                device=weight.device,
+                dtype=weight.dtype,
+            )
+            new.weight.copy_(weight)
+            if module.bias is not None:
+                new.bias.copy_(module.bias)
+        elif isinstance(module, Embedding4bit):
+            weight = module.dequantize_weight(dtype or module.qweight.dtype)
+            new = nn.Embedding(
+                module.num_embeddings,
+                module.embedding_dim,
+                padding_idx=module.padding_idx,
+                device=weight.device,
+                dtype=weight.dtype,
+            )
+            new.weight.copy_(weight)
+        else:
+            continue
+        new.requires_grad_(False)
+        _replace(model, name, new)
+    return model
+
+
+def _dense_conv1d(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
+    from transformers.pytorch_utils import Conv1D
+
+    out_features, in_features = weight.shape
+    layer = Conv1D(out_features, in_features).to(device=weight.device, dtype=weight.dtype)
+    layer.weight.data.copy_(weight.t())
+    if bias is not None:
+        layer.bias.data.copy_(bias)
+    return layer
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    _set_submodule(model, name, new)
+    parent_name, _, leaf = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    if isinstance(parent, LoRALayer) and leaf == "base_layer":
+        parent.kind = layer_kind(new)  # a Conv1D base merges in its own orientation
