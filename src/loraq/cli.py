@@ -1,0 +1,326 @@
+"""The ``loraq`` command line: a thin layer over the library.
+
+    loraq train [CONFIG.yaml] [--key value ...]     fine-tune (no CONFIG: the built-in default)
+    loraq eval --adapter DIR --data FILE             loss/perplexity or accuracy on a file
+    loraq generate --adapter DIR "prompt"            greedy or sampled continuation
+    loraq merge --adapter DIR --out DIR              adapter + base -> dense HF model folder
+    loraq inspect PATH [--json]                      what an adapter / 4-bit checkpoint holds
+
+Each subcommand is one entry of :data:`SUBCOMMANDS` (help text, an ``add_arguments`` function
+and a ``run`` function returning the exit code); add a command with :func:`register`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from loraq.train.config import describe_keys  # noqa: E402  (light: dataclasses and yaml)
+
+EXIT_OK, EXIT_ERROR, EXIT_INTERRUPTED = 0, 2, 130
+
+
+@dataclass
+class Subcommand:
+    """One ``loraq <name>`` command.
+
+    Attributes:
+        help: one line for ``loraq --help``.
+        add_arguments: adds the command's options to its argparse parser.
+        run: does the work; returns the process exit code.
+        passthrough: extra ``--key value`` words are collected in ``args.overrides`` instead of
+            being argparse errors (``train`` uses this for config overrides).
+        description: longer text for ``loraq <name> --help`` (defaults to ``help``).
+    """
+
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+    passthrough: bool = False
+    description: str = ""
+
+
+#: All subcommands by name. Planned: ``compare``, ``quantize`` (added by
+#: :func:`register` from their own modules, or as entries here).
+SUBCOMMANDS: dict[str, Subcommand] = {}
+
+
+def register(name: str, command: Subcommand) -> None:
+    """Add (or replace) the subcommand ``loraq <name>``."""
+    SUBCOMMANDS[name] = command
+
+
+class CliError(Exception):
+    """A user error to report in one line (exit code 2), without a traceback."""
+
+
+# ----------------------------------------------------------------------------- shared helpers
+DENSE_BASE_HELP = (
+    "load a QLoRA adapter over the float base weights instead of the quantized base it was "
+    "trained with"
+)
+
+
+def _load_for_inference(args: argparse.Namespace, task: str | None):
+    """(model, tokenizer, run config or None) for eval/generate/merge."""
+    from loraq.train.loop import load_trained
+
+    return load_trained(
+        model_path=args.model, adapter=args.adapter, task=task, dense_base=args.dense_base
+    )
+
+
+# ----------------------------------------------------------------------------- train
+TRAIN_HELP = """\
+Fine-tune a local Hugging Face model with LoRA or QLoRA.
+
+  loraq train                          the built-in default: QLoRA (NF4, double quant) on
+                                       all-MiniLM-L6-v2, sentiment classification, ~1 min on CPU
+  loraq train my.yaml                  a config file (sections: model, data, lora, training)
+  loraq train my.yaml --lora.r 16 --lr 1e-3 --training.max_steps 200
+  loraq train my.yaml --resume         continue from the newest checkpoint in output_dir
+
+Overrides: --section.key VALUE or --key VALUE when the key name is unique (--r, --lr, --epochs),
+also --key=VALUE. Values are YAML (16, 1e-3, true, null, [q_proj,v_proj]); a flag without a value
+means true. Unknown keys are errors that suggest the nearest valid key. Without CONFIG the
+overrides apply to the built-in default (examples/default.yaml).
+
+Writes to training.output_dir: adapter/ (PEFT layout), config.yaml (resolved), metrics.jsonl,
+loss.png and checkpoints/step-N/ (every training.save_every steps and on Ctrl-C). Ctrl-C once:
+checkpoint and stop (exit code 130); twice: abort.
+
+Keys, with the values used when a config file leaves them out:
+"""
+
+
+def _train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", nargs="?", help="YAML config file (default: the built-in one)")
+
+
+def _train(args: argparse.Namespace) -> int:
+    from loraq.train.config import load_config
+    from loraq.train.loop import train
+
+    cfg = load_config(args.config, args.overrides)
+    result = train(cfg)
+    return EXIT_INTERRUPTED if result.interrupted else EXIT_OK
+
+
+# ----------------------------------------------------------------------------- eval
+def _eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--adapter", help="adapter folder (e.g. runs/default/adapter)")
+    p.add_argument("--model", help="base model folder or pkg:NAME (default: the adapter's)")
+    p.add_argument("--data", required=True, help="data file (.jsonl, .csv, .tsv, .txt)")
+    p.add_argument(
+        "--task", choices=["causal-lm", "seq-cls"], help="default: the adapter's, else causal-lm"
+    )
+    p.add_argument("--labels", help="seq-cls label names in class order, comma separated")
+    p.add_argument("--text-column", help="seq-cls text column (default: the run's, or 'text')")
+    p.add_argument("--label-column", help="seq-cls label column (default: the run's or 'label')")
+    p.add_argument("--max-length", type=int, help="tokens per example (default: the run's)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    p.add_argument("--dense-base", action="store_true", help=DENSE_BASE_HELP)
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from loraq.train.config import from_flat
+    from loraq.train.data import infer_labels, pad_id_of, read_records, tokenize_records
+    from loraq.train.loop import evaluate, format_metrics
+
+    if not args.adapter and not args.model:
+        raise CliError("loraq eval needs --adapter DIR or --model PATH")
+    model, tokenizer, run = _load_for_inference(args, args.task)
+    task = args.task or (run.model.task if run else "causal-lm")
+    flat = {"model.path": args.model or (run.model.path if run else ""), "model.task": task}
+    if run is not None:
+        flat.update({f"data.{k}": v for k, v in vars(run.data).items()})
+    flat["data.train"] = args.data
+    flat["data.eval"] = args.data
+    for key, value in (
+        ("data.text_column", args.text_column),
+        ("data.label_column", args.label_column),
+        ("data.max_length", args.max_length),
+    ):
+        if value is not None:
+            flat[key] = value
+    if args.labels:
+        flat["data.labels"] = [s.strip() for s in args.labels.split(",")]
+    flat["data.packing"] = False
+    cfg = from_flat(flat)
+    records = read_records(args.data, cfg.data.format)
+    labels = None
+    if task == "seq-cls":
+        labels = cfg.data.labels or infer_labels(records, cfg.data.label_column, args.data)
+        id2label = getattr(model.config, "id2label", None) or {}
+        if len(id2label) and len(id2label) != len(labels):
+            raise CliError(
+                f"the model has {len(id2label)} labels but {args.data} has {len(labels)}: "
+                "pass --labels"
+            )
+    examples = tokenize_records(records, cfg, tokenizer, labels, args.data)
+    scores = evaluate(model, examples, task, args.batch_size, pad_id_of(tokenizer))
+    if args.json:
+        print(json.dumps({"examples": len(examples), **scores}))
+    else:
+        print(f"{args.data}: {len(examples)} examples  {format_metrics(scores)}")
+    return EXIT_OK
+
+
+# ----------------------------------------------------------------------------- generate
+def _generate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("prompt", help="the text to continue")
+    p.add_argument("--adapter", help="adapter folder (e.g. runs/x/adapter)")
+    p.add_argument("--model", help="base model folder or pkg:NAME (default: the adapter's)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=None, help="sample from the k likeliest tokens")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold")
+    p.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
+    p.add_argument("--dense-base", action="store_true", help=DENSE_BASE_HELP)
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from loraq.train.generate import generate
+
+    if not args.adapter and not args.model:
+        raise CliError("loraq generate needs --adapter DIR or --model PATH")
+    model, tokenizer, run = _load_for_inference(args, "causal-lm")
+    text = generate(
+        model,
+        tokenizer,
+        args.prompt,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+    )
+    print(text)
+    return EXIT_OK
+
+
+# ----------------------------------------------------------------------------- merge
+def _merge_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--adapter", required=True, help="adapter folder")
+    p.add_argument("--model", help="base model folder or pkg:NAME (default: the adapter's)")
+    p.add_argument("--task", choices=["causal-lm", "seq-cls"], help="default: the adapter's")
+    p.add_argument("--out", required=True, help="folder for the merged dense model")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dense-base", action="store_true", help=DENSE_BASE_HELP)
+
+
+def _merge(args: argparse.Namespace) -> int:
+    import loraq
+    from loraq.train.loop import quiet_transformers
+
+    model, tokenizer, _ = _load_for_inference(args, args.task)
+    with quiet_transformers():
+        loraq.export_merged(model, args.out, dtype=args.dtype)
+    tokenizer.save_pretrained(args.out)
+    print(f"merged model written to {args.out}")
+    return EXIT_OK
+
+
+# ----------------------------------------------------------------------------- inspect
+def _inspect_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("path", help="adapter folder, model/4-bit checkpoint folder or .safetensors")
+    p.add_argument("--json", action="store_true", help="print the facts as JSON")
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from loraq.io.inspect import format_inspection, inspect_path
+    from loraq.io.safe import FormatError
+
+    try:
+        info = inspect_path(args.path)
+    except FormatError as err:
+        raise CliError(str(err)) from None
+    print(json.dumps(info, indent=2) if args.json else format_inspection(info))
+    return EXIT_OK
+
+
+register(
+    "train",
+    Subcommand(
+        "fine-tune with LoRA/QLoRA from a config",
+        _train_args,
+        _train,
+        passthrough=True,
+        description=TRAIN_HELP + describe_keys(),
+    ),
+)
+register("eval", Subcommand("loss/perplexity or accuracy on a data file", _eval_args, _eval))
+register("generate", Subcommand("continue a prompt with a causal LM", _generate_args, _generate))
+register(
+    "merge", Subcommand("fold an adapter into its base; save a dense model", _merge_args, _merge)
+)
+register(
+    "inspect",
+    Subcommand("what an adapter or (4-bit) checkpoint folder holds", _inspect_args, _inspect),
+)
+
+
+# ----------------------------------------------------------------------------- main
+def build_parser() -> argparse.ArgumentParser:
+    """The top-level parser with one subparser per :data:`SUBCOMMANDS` entry."""
+    parser = argparse.ArgumentParser(
+        prog="loraq", description="LoRA and QLoRA fine-tuning in pure PyTorch."
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, command in SUBCOMMANDS.items():
+        p = sub.add_parser(
+            name,
+            help=command.help,
+            description=command.description or command.help,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        command.add_arguments(p)
+    return parser
+
+
+def _split_passthrough(words: list[str]) -> tuple[list[str], list[str]]:
+    """Split ``[CONFIG] --key value ...`` into argparse words and override words."""
+    head, rest = [], list(words)
+    if rest and not rest[0].startswith("-"):
+        head.append(rest.pop(0))
+    head += [w for w in rest if w in ("-h", "--help")]
+    return head, [w for w in rest if w not in ("-h", "--help")]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``loraq`` with ``argv`` (default: ``sys.argv[1:]``); return the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    overrides: list[str] = []
+    if argv and argv[0] in SUBCOMMANDS and SUBCOMMANDS[argv[0]].passthrough:
+        head, overrides = _split_passthrough(argv[1:])
+        argv = [argv[0], *head]
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help or a usage error: argparse already printed
+        return int(exc.code or 0)
+    if args.command is None:
+        parser.print_help()
+        return EXIT_ERROR
+    args.overrides = overrides
+    from loraq.train.config import ConfigError
+
+    try:
+        return SUBCOMMANDS[args.command].run(args)
+    except (CliError, ConfigError, FileNotFoundError) as err:
+        print(f"loraq {args.command}: error: {err}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print(f"loraq {args.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,59 @@
+"""``loraq.train``: fine-tune a local Hugging Face model with LoRA/QLoRA from a config.
+
+    from loraq.train import load_config, train
+    cfg = load_config("examples/default.yaml", ["--training.max_steps", "50"])
+    result = train(cfg)          # writes adapter/, config.yaml, metrics.jsonl, loss.png
+    print(result.eval_after)
+
+The pieces compose on their own: :mod:`.config` (dataclasses, YAML, overrides), :mod:`.data`
+(files to batches), :mod:`.loop` (model loading, optimizer, schedule, eval, the loop),
+:mod:`.checkpoint` (atomic, resumable checkpoints), :mod:`.metrics` (metrics.jsonl, loss.png)
+and :mod:`.generate` (greedy / sampled decoding).
+"""
+
+from loraq.train.checkpoint import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
+from loraq.train.config import (
+    ConfigError,
+    DataConfig,
+    ModelConfig,
+    TrainConfig,
+    TrainingConfig,
+    default_config_path,
+    load_config,
+    parse_overrides,
+)
+from loraq.train.generate import generate, generate_ids, sample_next
+from loraq.train.loop import (
+    TrainResult,
+    evaluate,
+    load_model,
+    load_tokenizer,
+    make_optimizer,
+    make_scheduler,
+    train,
+)
+
+__all__ = [
+    "ConfigError",
+    "DataConfig",
+    "ModelConfig",
+    "TrainConfig",
+    "TrainResult",
+    "TrainState",
+    "TrainingConfig",
+    "default_config_path",
+    "evaluate",
+    "generate",
+    "generate_ids",
+    "latest_checkpoint",
+    "load_checkpoint",
+    "load_config",
+    "load_model",
+    "load_tokenizer",
+    "make_optimizer",
+    "make_scheduler",
+    "parse_overrides",
+    "sample_next",
+    "save_checkpoint",
+    "train",
+]
