@@ -12,6 +12,7 @@ from torch import nn
 
 from .config import LoraConfig
 from .layers.lora import (
+    ADAPTER_STORES,
     SUPPORTED_TYPES,
     LoRALayer,
     ModulesToSave,
@@ -337,20 +338,10 @@ def adapter_state_dict(model: nn.Module, name: str | None = None) -> dict[str, t
     for key, tensor in model.state_dict().items():
         parts = key.split(".")
         for i, part in enumerate(parts[:-1] if not key.endswith(token) else parts):
-            if part == name and i > 0 and parts[i - 1] in _ADAPTER_STORES:
+            if part == name and i > 0 and parts[i - 1] in (*ADAPTER_STORES, "modules_to_save"):
                 out[key] = tensor
                 break
     return out
-
-
-_ADAPTER_STORES = (
-    "lora_A",
-    "lora_B",
-    "lora_embedding_A",
-    "lora_embedding_B",
-    "lora_magnitude_vector",
-    "modules_to_save",
-)
 
 
 def config_of(model: nn.Module, name: str | None = None) -> LoraConfig:

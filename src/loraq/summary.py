@@ -6,15 +6,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from .layers.lora import LoRALayer, ModulesToSave, is_quantized_linear
-
-_ADAPTER_STORES = (
-    "lora_A",
-    "lora_B",
-    "lora_embedding_A",
-    "lora_embedding_B",
-    "lora_magnitude_vector",
-)
+from .layers.lora import ADAPTER_STORES, LoRALayer, ModulesToSave, is_quantized_linear
 
 
 @dataclass
@@ -67,7 +59,7 @@ def _part_of(name: str, owner_kinds: dict[str, str]) -> str:
         prefix = ".".join(parts[:i])
         if prefix in owner_kinds:
             kind = owner_kinds[prefix]
-            if kind == "lora" and i < len(parts) and parts[i] in _ADAPTER_STORES:
+            if kind == "lora" and i < len(parts) and parts[i] in ADAPTER_STORES:
                 return "adapters"
             if kind == "saved":
                 return "modules_to_save"

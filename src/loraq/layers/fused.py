@@ -34,14 +34,16 @@ class _LoraLinearFunction(torch.autograd.Function):
     def forward(ctx, x, base_out, weight, bias, lora_a, lora_b, scaling, dropout_p):
         in_features = x.shape[-1]
         x2 = x.reshape(-1, in_features)
+        lora_dtype = lora_a.dtype
         mask = None
         if dropout_p > 0.0:
+            # One temporary for x * mask; the 1/(1-p) rescale goes on the small (N, r) result.
             mask = _dropout_mask(x2, dropout_p)
-            x_drop = x2 * mask * (1.0 / (1.0 - dropout_p))
+            hidden = torch.mm(torch.mul(x2, mask).to(lora_dtype), lora_a.t()).mul_(
+                1.0 / (1.0 - dropout_p)
+            )
         else:
-            x_drop = x2
-        lora_dtype = lora_a.dtype
-        hidden = torch.mm(x_drop.to(lora_dtype), lora_a.t())
+            hidden = torch.mm(x2.to(lora_dtype), lora_a.t())
         if base_out is None:
             w = weight() if callable(weight) else weight
             if bias is not None:
@@ -92,10 +94,12 @@ class _LoraLinearFunction(torch.autograd.Function):
             # (h^T g)^T: MKL is several times faster with the long dimension inside.
             grad_b = torch.mm(hidden.t(), g_lora).t().mul_(s)
         if need_a:
-            x_drop = x2.to(lora_a.dtype)
-            if mask is not None:
-                x_drop = x_drop * mask * (1.0 / (1.0 - p))
-            grad_a = torch.mm(g_hidden.t(), x_drop)
+            if mask is None:
+                grad_a = torch.mm(g_hidden.t(), x2.to(lora_a.dtype))
+            else:
+                grad_a = torch.mm(g_hidden.t(), torch.mul(x2, mask).to(lora_a.dtype)).mul_(
+                    1.0 / (1.0 - p)
+                )
         if need_x:
             lora_gx = torch.mm(g_hidden, lora_a)
             if mask is not None:

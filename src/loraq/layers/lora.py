@@ -32,6 +32,14 @@ from .adapter_quant import fake_quantize
 from .fused import lora_linear
 
 _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+#: Attribute names under which ``LoRALayer`` keeps per-adapter tensors (PEFT's names).
+ADAPTER_STORES = (
+    "lora_A",
+    "lora_B",
+    "lora_embedding_A",
+    "lora_embedding_B",
+    "lora_magnitude_vector",
+)
 SUPPORTED_TYPES = "nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d, transformers Conv1D"
 
 
