@@ -4,8 +4,8 @@ Run (emulating the 2-core CI machine):
 
     taskset -c 0,1 python benchmarks/quant.py --threads 2
 
-What is timed, interleaved round by round so that background load hits every contender alike;
-each figure is the median over rounds (the minimum is printed too):
+What is timed, interleaved round by round in a shuffled order so that background load hits every
+contender alike; each figure is the median over rounds (the minimum is printed too):
 
 * quantize / dequantize a 4096x4096 weight, NF4 with double quantization, float32 and bfloat16
   input, loraq vs ``bitsandbytes.functional.quantize_4bit`` / ``dequantize_4bit``;
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
 import statistics
 import time
 from collections.abc import Callable
@@ -39,12 +40,16 @@ from loraq.quant import dequantize_4bit, quantize_4bit  # noqa: E402
 
 
 def interleaved(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, list[float]]:
-    """Seconds per call of each function, one call of each per round (after one warm-up)."""
+    """Seconds per call of each function, one call of each per round in a shuffled order (after
+    one warm-up), so that neither background load nor what ran just before favours anyone."""
     for fn in fns.values():
         fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
+    order = list(fns.items())
+    rng = random.Random(0)
     for _ in range(rounds):
-        for name, fn in fns.items():
+        rng.shuffle(order)
+        for name, fn in order:
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)

@@ -218,13 +218,11 @@ class QuantizedTensor:
 
         return dequantize_4bit(self, dtype)
 
-    def dequantize_range(
-        self, start: int, stop: int, out: torch.Tensor, absmax: torch.Tensor | None = None
-    ) -> torch.Tensor:
+    def dequantize_range(self, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
         """Dequantize flat elements ``[start, stop)`` into ``out``; see ``dequantize_4bit_range``."""
         from .blockwise import dequantize_4bit_range
 
-        return dequantize_4bit_range(self, start, stop, out, absmax)
+        return dequantize_4bit_range(self, start, stop, out)
 
     def to(self, device: torch.device | str) -> QuantizedTensor:
         """A copy with every tensor moved to ``device`` (dtypes never change)."""
@@ -389,23 +387,17 @@ class QuantizedTensor8:
         """The tensor-valued fields by name."""
         return {name: getattr(self, name) for name in self.TENSOR_FIELDS}
 
-    def block_absmax(self) -> torch.Tensor:
-        """Float32 per-block scales."""
-        return self.absmax
-
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Dense tensor in ``dtype`` (default: the original dtype); see :func:`dequantize_8bit`."""
         from .blockwise import dequantize_8bit
 
         return dequantize_8bit(self, dtype)
 
-    def dequantize_range(
-        self, start: int, stop: int, out: torch.Tensor, absmax: torch.Tensor | None = None
-    ) -> torch.Tensor:
+    def dequantize_range(self, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
         """Dequantize flat elements ``[start, stop)`` into ``out``; see ``dequantize_8bit_range``."""
         from .blockwise import dequantize_8bit_range
 
-        return dequantize_8bit_range(self, start, stop, out, absmax)
+        return dequantize_8bit_range(self, start, stop, out)
 
     def to(self, device: torch.device | str) -> QuantizedTensor8:
         """A copy with every tensor moved to ``device`` (dtypes never change)."""
