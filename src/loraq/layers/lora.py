@@ -450,7 +450,8 @@ class LoRALayer(nn.Module):
         """``(weight or weight-callable, bias)`` when base and adapter can run as one fused op."""
         base = self.base_layer
         if is_quantized_linear(base):
-            return base.dequantize_weight, base.bias
+            # dequantized on demand in forward and again in backward; no dense copy is kept
+            return getattr(base, "matmul_weight", base.dequantize_weight), base.bias
         if type(base) is not nn.Linear and self.kind != "conv1d_gpt2":
             return None
         weight = base.weight

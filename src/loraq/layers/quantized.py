@@ -219,6 +219,11 @@ class _QuantizedLinear(_QuantizedModule):
         """The dense ``(out_features, in_features)`` weight in ``dtype`` (default: ``compute_dtype``)."""
         return self.qweight.dequantize(self.compute_dtype if dtype is None else dtype)
 
+    def matmul_weight(self) -> torch.Tensor:
+        """The dense weight in ``compute_dtype`` for one matmul, in this thread's shared scratch
+        buffer on CPU: valid only until the next quantized layer dequantizes (see ``_dense_weight``)."""
+        return _dense_weight(self.qweight, self.compute_dtype)
+
     def _quantize(self, weight: torch.Tensor) -> Record:
         raise NotImplementedError
 
