@@ -5,6 +5,7 @@
     loraq generate --adapter DIR "prompt"            greedy or sampled continuation
     loraq merge --adapter DIR --out DIR              adapter + base -> dense HF model folder
     loraq inspect PATH [--json]                      what an adapter / 4-bit checkpoint holds
+    loraq compare [CONFIG.yaml] [--methods ...]      full vs LoRA vs QLoRA: memory, speed, quality
 
 Each subcommand is one entry of :data:`SUBCOMMANDS` (help text, an ``add_arguments`` function
 and a ``run`` function returning the exit code); add a command with :func:`register`.
@@ -46,8 +47,8 @@ class Subcommand:
     description: str = ""
 
 
-#: All subcommands by name. Planned: ``compare``, ``quantize`` (added by
-#: :func:`register` from their own modules, or as entries here).
+#: All subcommands by name. Planned: ``quantize`` (added by :func:`register` from its own
+#: module, or as an entry here).
 SUBCOMMANDS: dict[str, Subcommand] = {}
 
 
@@ -264,6 +265,20 @@ register(
 register(
     "inspect",
     Subcommand("what an adapter or (4-bit) checkpoint folder holds", _inspect_args, _inspect),
+)
+
+# compare lives in its own module (light at import: torch loads only when it runs).
+from loraq.compare import COMPARE_HELP, add_arguments, run_cli  # noqa: E402
+
+register(
+    "compare",
+    Subcommand(
+        "full fine-tuning vs LoRA vs QLoRA: params, memory, speed, quality",
+        add_arguments,
+        run_cli,
+        passthrough=True,
+        description=COMPARE_HELP,
+    ),
 )
 
 

@@ -378,6 +378,10 @@ class TrainResult:
     peak_gpu_bytes: int = 0
     wall_time_s: float = 0.0
     checkpoint: Path | None = None
+    # Per optimizer step of this session: seconds (forward, backward, clip, optimizer; not eval
+    # or checkpoints) and non-pad tokens. ``loraq compare`` takes medians and throughput here.
+    step_times: list[float] = field(default_factory=list)
+    step_tokens: list[int] = field(default_factory=list)
 
     def summary(self) -> str:
         """The human-readable end-of-run summary."""
@@ -648,7 +652,10 @@ def _train(cfg: TrainConfig, on_step, log) -> TrainResult:
                 state.epoch, state.batch_in_epoch = epoch, next_index
                 state.tokens += tick_tokens
 
-                tokens_per_s = tick_tokens / max(time.time() - tick, 1e-9)
+                elapsed = max(time.time() - tick, 1e-9)
+                tokens_per_s = tick_tokens / elapsed
+                result.step_times.append(elapsed)
+                result.step_tokens.append(tick_tokens)
                 result.losses.append(step_loss)
                 smooth_loss = (
                     step_loss if smooth_loss is None else 0.9 * smooth_loss + 0.1 * step_loss
