@@ -15,6 +15,7 @@ from typing import Any
 
 from safetensors import safe_open
 
+from .adapter_codes import PACKED_MAX_BITS
 from .peft_config import ADAPTER_BITS_FIELD, lora_config_from_peft
 from .peft_format import CODES_WEIGHTS_NAME, CONFIG_NAME, PREFIX, WEIGHTS_NAME
 from .safe import (
@@ -65,6 +66,17 @@ def _adapter_folders(root: Path) -> list[tuple[str, Path]]:
     return found
 
 
+def _packed_count(file: Path, key: str, shape: tuple[int, ...]) -> int:
+    """Codes in a packed (<= 4-bit) ``.codes`` tensor: two per byte along dim 1, less the
+    padding (nibble 0) that an odd width leaves in the low nibbles of the last column."""
+    if len(shape) < 2 or not math.prod(shape):
+        return 2 * math.prod(shape)
+    with safe_open(str(file), framework="pt") as f:
+        last = f.get_slice(key)[:, shape[1] - 1 : shape[1]]
+    padded = bool(((last & 0x0F) == 0).all())
+    return 2 * math.prod(shape) - (math.prod(shape) // shape[1] if padded else 0)
+
+
 def inspect_adapter(folder: Path, name: str = "default") -> dict[str, Any]:
     """Facts about one adapter folder: config summary, modules, parameters and bytes."""
     raw = read_json(folder / CONFIG_NAME)
@@ -77,6 +89,8 @@ def inspect_adapter(folder: Path, name: str = "default") -> dict[str, Any]:
         dtypes[dtype] = dtypes.get(dtype, 0) + numel
         if key.endswith(".scale") and bits:
             continue  # scales of k-bit codes are not parameters of their own
+        if bits and bits <= PACKED_MAX_BITS and key.endswith(".codes") and dtype == "U8":
+            numel = _packed_count(weights, key, tuple(shape))
         params += numel
         match = _ADAPTER_MODULE.fullmatch(key.removeprefix(PREFIX))
         if match:

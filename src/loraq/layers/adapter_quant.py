@@ -2,8 +2,9 @@
 
 The forward pass sees ``q * scale`` with ``q`` an integer in ``[-(2^(k-1)-1), 2^(k-1)-1]`` and
 ``scale = max|row| / (2^(k-1)-1)``; the backward pass treats the rounding as the identity, so the
-float "shadow" weights keep training. Saved adapters need only the integer codes and one scale
-per row: about 32/k times smaller than float32.
+float "shadow" weights keep training. Saved adapters need only the integer codes (packed two per
+byte for k <= 4) and one float32 scale per row: a 4-bit adapter file is about 0.2x its float32
+size at r = 8 (the rank-wide rows of B pay a scale per 8 codes), an 8-bit one about 0.33x.
 """
 
 from __future__ import annotations

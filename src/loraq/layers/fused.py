@@ -29,6 +29,32 @@ def _dropout_mask(x: torch.Tensor, p: float) -> torch.Tensor:
     return torch.empty(x.shape, dtype=torch.uint8, device=x.device).bernoulli_(1.0 - p)
 
 
+def _use_merged_weight(
+    n_rows: int, weight: torch.Tensor, lora_dtype: torch.dtype, dropout_p: float
+) -> bool:
+    """Whether to run ``x (W + sBA)^T`` instead of ``x W^T + s (x A^T) B^T``.
+
+    Equal up to rounding, but the merged form skips a pass over the (N, out) output in forward
+    and two passes over the (N, in) input gradient in backward, at the price of building the
+    (out, in) merged weight: a win once the batch has more rows than about ``out*in/(out+2in)``.
+    Dropout feeds the adapter a different input than the base, so it needs the split form.
+    """
+    if dropout_p > 0.0 or weight.dtype != lora_dtype:
+        return False
+    out_f, in_f = weight.shape
+    return n_rows * (out_f + 2 * in_f) > 2 * out_f * in_f
+
+
+def _merged_weight(
+    weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float
+) -> torch.Tensor:
+    # B = 0 (a fresh adapter) gives W + 0 exactly, so a fresh wrap stays bit-identical; keeping
+    # W's memory layout (GPT-2's Conv1D passes W as a transposed view) keeps the BLAS call too.
+    if not weight.is_contiguous() and weight.t().is_contiguous():
+        return torch.addmm(weight.t(), lora_a.t(), lora_b.t(), alpha=scaling).t()
+    return torch.addmm(weight, lora_b, lora_a, alpha=scaling)
+
+
 class _LoraLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, base_out, weight, bias, lora_a, lora_b, scaling, dropout_p):
@@ -44,18 +70,25 @@ class _LoraLinearFunction(torch.autograd.Function):
             )
         else:
             hidden = torch.mm(x2.to(lora_dtype), lora_a.t())
+        merged = False
         if base_out is None:
             w = weight() if callable(weight) else weight
+            merged = _use_merged_weight(x2.shape[0], w, lora_dtype, dropout_p)
+            if merged:
+                w = _merged_weight(w, lora_a, lora_b, scaling)
             if bias is not None:
                 out = torch.addmm(bias.to(w.dtype), x2.to(w.dtype), w.t())
             else:
                 out = torch.mm(x2.to(w.dtype), w.t())
         else:
             out = base_out.reshape(-1, base_out.shape[-1]).clone()
-        if out.dtype == lora_dtype:
+        if merged:
+            pass  # the adapter is already inside w
+        elif out.dtype == lora_dtype:
             out.addmm_(hidden, lora_b.t(), alpha=scaling)
         else:
             out.add_(torch.mm(hidden, lora_b.t()).mul_(scaling).to(out.dtype))
+        ctx.merged = merged
         ctx.scaling = scaling
         ctx.dropout_p = dropout_p
         ctx.weight_fn = weight if callable(weight) else None
@@ -80,6 +113,8 @@ class _LoraLinearFunction(torch.autograd.Function):
         w = None
         if need_x and not ctx.has_base_out:
             w = ctx.weight_fn() if ctx.weight_fn is not None else saved_w
+            if ctx.merged:
+                w = _merged_weight(w, lora_a, lora_b, s)
         if w is not None and w.dtype == lora_b.dtype:
             # One pass over the large output gradient gives both g @ W and g @ B.
             in_features = w.shape[1]
@@ -100,7 +135,10 @@ class _LoraLinearFunction(torch.autograd.Function):
                 grad_a = torch.mm(g_hidden.t(), torch.mul(x2, mask).to(lora_a.dtype)).mul_(
                     1.0 / (1.0 - p)
                 )
-        if need_x:
+        if need_x and ctx.merged:
+            # g @ (W + sBA) already holds the adapter's input gradient
+            grad_x = grad_x.to(ctx.x_dtype).reshape(*grad_out.shape[:-1], x2.shape[-1])
+        elif need_x:
             lora_gx = torch.mm(g_hidden, lora_a)
             if mask is not None:
                 lora_gx.mul_(mask).mul_(1.0 / (1.0 - p))
