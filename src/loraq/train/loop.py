@@ -32,6 +32,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from loraq.io.peft_format import BASE_OPTIONS
 from loraq.train import checkpoint as ckpt
 from loraq.train.config import ConfigError, TrainConfig, TrainingConfig, save_config
 from loraq.train.data import (
@@ -728,17 +729,6 @@ def read_run_config(folder: str | Path) -> TrainConfig | None:
     return from_dict(yaml.safe_load(path.read_text(encoding="utf-8")) or {})
 
 
-#: LoraConfig fields that describe the quantized base (not stored in PEFT's adapter_config).
-QUANT_FIELDS = (
-    "quant",
-    "double_quant",
-    "blocksize",
-    "compute_dtype",
-    "quant_skip",
-    "quant_embeddings",
-)
-
-
 def attach_adapter(
     model: nn.Module, adapter: str | Path, run: TrainConfig | None, dense_base: bool = False
 ) -> nn.Module:
@@ -749,7 +739,7 @@ def attach_adapter(
     from loraq.io import read_adapter
     from loraq.io.peft_format import load_adapter_tensors
 
-    quant = {k: run.lora[k] for k in QUANT_FIELDS if k in run.lora} if run is not None else {}
+    quant = {k: run.lora[k] for k in BASE_OPTIONS if k in run.lora} if run is not None else {}
     if dense_base or not quant.get("quant"):
         return loraq.load_adapter(model, adapter)
     config, tensors, weights = read_adapter(adapter)
