@@ -254,3 +254,30 @@ def test_unsupported_layers_are_named() -> None:
         loraq.LoRALayer(nn.Linear(4, 4), rank=0)
     with pytest.raises(ValueError, match="pissa"):
         loraq.LoRALayer(nn.Linear(4, 3), rank=5, init="pissa")
+
+
+@pytest.mark.parametrize("rows", [1, 64], ids=["split-form", "merged-weight-form"])
+@pytest.mark.parametrize("transposed", [False, True], ids=["linear", "conv1d-layout"])
+def test_fused_paths_match_dense_reference(rows: int, transposed: bool) -> None:
+    from loraq.layers.fused import _use_merged_weight
+
+    torch.manual_seed(1)
+    w = torch.randn(12, 16, dtype=torch.float64)
+    weight = w.t().contiguous().t() if transposed else w  # GPT-2 passes W as a transposed view
+    assert _use_merged_weight(rows, weight, torch.float64, 0.0) == (rows == 64)
+    x = torch.randn(rows, 16, dtype=torch.float64, requires_grad=True)
+    a = torch.randn(3, 16, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(12, 3, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(12, dtype=torch.float64, requires_grad=True)
+    out = lora_linear(x, a, b, 0.7, weight=weight, bias=bias)
+    ref = x @ (w + 0.7 * b @ a).t() + bias
+    torch.testing.assert_close(out, ref)
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, (x, a, b, bias), g)
+    want = torch.autograd.grad(ref, (x, a, b, bias), g)
+    for u, v in zip(got, want):
+        torch.testing.assert_close(u, v)
+    # a fresh adapter (B = 0) leaves the base output bit-identical on both paths
+    zero = torch.zeros_like(b)
+    base = torch.addmm(bias, x, weight.t())
+    assert torch.equal(lora_linear(x, a, zero, 0.7, weight=weight, bias=bias), base)
