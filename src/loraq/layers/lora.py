@@ -20,8 +20,8 @@ Parameter names follow PEFT (``lora_A.<adapter>.weight``, ``lora_embedding_A.<ad
 
 from __future__ import annotations
 
+import copy
 import math
-import warnings
 from typing import Any
 
 import torch
@@ -548,8 +548,6 @@ class ModulesToSave(nn.Module):
 
     def add_adapter(self, name: str) -> None:
         """Add a trainable copy of the original module for adapter ``name``."""
-        import copy
-
         if name in self.modules_to_save:
             raise ValueError(f"adapter {name!r} already has a copy of this module")
         clone = copy.deepcopy(self.original_module)
@@ -577,8 +575,3 @@ class ModulesToSave(nn.Module):
                 )
                 return getattr(target, name)
             raise
-
-
-def warn_once(message: str) -> None:
-    """Emit a ``UserWarning`` (thin wrapper, so callers share one stacklevel)."""
-    warnings.warn(message, UserWarning, stacklevel=3)
