@@ -90,16 +90,14 @@ def peak_rss_child(method: str, dropout: float) -> None:
 
 
 def vm_hwm_mb() -> float:
-    """This process's peak RSS. ``ru_maxrss`` would carry the parent's peak across fork+exec,
-    so read the kernel's high-water mark of our own address space instead."""
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """This process's peak RSS in MB. ``ru_maxrss`` would carry the parent's peak across
+    fork+exec, so prefer the kernel's high-water mark of our own address space (VmHWM)."""
+    from loraq.compare import read_proc_status
+
+    peak = read_proc_status("VmHWM")
+    if peak is None:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return peak / 2**20
 
 
 def peak_rss(method: str, dropout: float, threads: int) -> float:
