@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -92,12 +91,10 @@ def peak_rss_child(method: str, dropout: float) -> None:
 def vm_hwm_mb() -> float:
     """This process's peak RSS in MB. ``ru_maxrss`` would carry the parent's peak across
     fork+exec, so prefer the kernel's high-water mark of our own address space (VmHWM)."""
-    from loraq.compare import read_proc_status
+    from loraq.probes import peak_rss_bytes, read_proc_status
 
     peak = read_proc_status("VmHWM")
-    if peak is None:
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return peak / 2**20
+    return (peak if peak is not None else peak_rss_bytes()) / 2**20
 
 
 def peak_rss(method: str, dropout: float, threads: int) -> float:

@@ -22,10 +22,10 @@ from loraq.compare import (
     parse_ranks,
     plan_runs,
     run_config,
-    split_options,
     warmup_steps_of,
     write_outputs,
 )
+from loraq.cli import split_compare_options as split_options
 from loraq.train.config import load_config
 from test_train_support import make_tiny_bert, write_config, write_sentiment_tsv
 

@@ -6,9 +6,11 @@
     print(result.eval_after)
 
 The pieces compose on their own: :mod:`.config` (dataclasses, YAML, overrides), :mod:`.data`
-(files to batches), :mod:`.loop` (model loading, optimizer, schedule, eval, the loop),
-:mod:`.checkpoint` (atomic, resumable checkpoints), :mod:`.metrics` (metrics.jsonl, loss.png)
-and :mod:`.generate` (greedy / sampled decoding).
+(files to batches), :mod:`.modeling` (load a model, make it trainable), :mod:`.optim` (AdamW,
+schedule), :mod:`.evaluation` (eval metrics), :mod:`.loop` (the recipe: setup, step, eval,
+finish), :mod:`.checkpoint` (atomic, resumable checkpoints), :mod:`.metrics` (metrics.jsonl,
+loss.png), :mod:`.outputs` (the saved adapter or model), :mod:`.inference` (load what a run
+trained) and :mod:`.generate` (greedy / sampled decoding).
 """
 
 from loraq.train.checkpoint import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
@@ -22,16 +24,13 @@ from loraq.train.config import (
     load_config,
     parse_overrides,
 )
+from loraq.train.evaluation import evaluate
 from loraq.train.generate import generate, generate_ids, sample_next
-from loraq.train.loop import (
-    TrainResult,
-    evaluate,
-    load_model,
-    load_tokenizer,
-    make_optimizer,
-    make_scheduler,
-    train,
-)
+from loraq.train.inference import load_trained
+from loraq.train.loop import train
+from loraq.train.modeling import load_model, load_tokenizer
+from loraq.train.optim import make_optimizer, make_scheduler
+from loraq.train.result import TrainResult
 
 __all__ = [
     "ConfigError",
@@ -49,6 +48,7 @@ __all__ = [
     "load_checkpoint",
     "load_config",
     "load_model",
+    "load_trained",
     "load_tokenizer",
     "make_optimizer",
     "make_scheduler",

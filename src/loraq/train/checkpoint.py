@@ -3,14 +3,17 @@
 A checkpoint is a folder ``<output_dir>/checkpoints/step-000120/`` holding
 
 * ``trainable.safetensors`` — every parameter with ``requires_grad`` (adapters, saved heads),
-* ``optimizer.pt`` / ``scheduler.pt`` — their ``state_dict()`` (``torch.save``),
-* ``rng.pt`` — Python, NumPy and torch (and CUDA) random states,
-* ``state.json`` — the step, the data position (epoch and next batch within it) and the best
-  eval metric so far.
+* ``resume_state.json`` + ``resume_state.safetensors`` — the optimizer's and the scheduler's
+  ``state_dict()`` and the Python, NumPy and torch (and CUDA) random states: the structure and
+  plain values as JSON, the tensors (AdamW's moments, the torch RNG state) as safetensors
+  (:mod:`loraq.io.tensor_tree`),
+* ``state.json`` — the step, the data position (epoch and next batch within it), the best eval
+  metric so far and the torch thread count the run used.
 
-The folder is first written under a temporary name in the same parent and then renamed into
-place, so a crash never leaves a half-written checkpoint that looks complete. Everything is read
-back with ``torch.load(..., weights_only=True)``.
+No file is pickled: everything is read back through JSON and safetensors, so loading a
+checkpoint cannot run code. The folder is first written under a temporary name in the same
+parent and then renamed into place, so a crash (even ``kill -9``) never leaves a half-written
+checkpoint that looks complete; the newest complete one stays usable.
 """
 
 from __future__ import annotations
@@ -19,15 +22,24 @@ import json
 import os
 import random
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
+
+from loraq.io.safe import FormatError, read_safetensors
+from loraq.io.tensor_tree import load_tree, save_tree
+
+if TYPE_CHECKING:
+    from loraq.train.config import TrainConfig, TrainingConfig
 
 PREFIX = "step-"
+#: The optimizer, scheduler and RNG states: structure (JSON) and tensors (safetensors).
+RESUME_JSON, RESUME_TENSORS = "resume_state.json", "resume_state.safetensors"
 
 
 @dataclass
@@ -41,6 +53,8 @@ class TrainState:
         best_metric: best eval value so far (None before any eval).
         best_step: step at which ``best_metric`` was measured.
         tokens: non-padding tokens seen in training so far.
+        num_threads: torch CPU threads the run used (None in checkpoints of older versions); a
+            resumed run reuses it so its float sums match an uninterrupted run's.
     """
 
     step: int = 0
@@ -49,10 +63,11 @@ class TrainState:
     best_metric: float | None = None
     best_step: int | None = None
     tokens: int = 0
+    num_threads: int | None = None
 
 
 def rng_state() -> dict[str, Any]:
-    """Python, NumPy and torch random states in a ``weights_only``-loadable form."""
+    """Python, NumPy and torch random states as plain values and tensors (no NumPy objects)."""
     py = random.getstate()
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     state = {
@@ -106,9 +121,12 @@ def save_checkpoint(
         shutil.rmtree(tmp)
     tmp.mkdir()
     save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    torch.save(rng_state(), tmp / "rng.pt")
+    resume = {
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "rng": rng_state(),
+    }
+    save_tree(resume, tmp / RESUME_JSON, tmp / RESUME_TENSORS)
     (tmp / "state.json").write_text(json.dumps(asdict(state), indent=2), encoding="utf-8")
     if final.exists():  # a checkpoint of the same step from an earlier run: replace it
         old = folder / f".old-{final.name}-{os.getpid()}"
@@ -157,7 +175,14 @@ def load_checkpoint(
     path = Path(path)
     if not (path / "state.json").is_file():
         raise FileNotFoundError(f"'{path}' is not a loraq checkpoint folder (no state.json)")
-    saved = load_file(str(path / "trainable.safetensors"))
+    if not (path / RESUME_JSON).is_file():
+        old = " (its .pt files are pickles, which loraq no longer reads)"
+        raise FormatError(
+            f"checkpoint '{path}' has no {RESUME_JSON}"
+            + (old if (path / "optimizer.pt").exists() else "")
+            + "; start afresh without --resume"
+        )
+    saved, _ = read_safetensors(path / "trainable.safetensors")
     params = dict(model.named_parameters())
     expected = {n for n, p in params.items() if p.requires_grad}
     if set(saved) != expected:
@@ -176,8 +201,69 @@ def load_checkpoint(
     with torch.no_grad():
         for name, tensor in saved.items():
             params[name].copy_(tensor)
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    resume = load_tree(path / RESUME_JSON, path / RESUME_TENSORS)
+    optimizer.load_state_dict(resume["optimizer"])
+    scheduler.load_state_dict(resume["scheduler"])
     if restore_rng:
-        set_rng_state(torch.load(path / "rng.pt", weights_only=True))
-    return TrainState(**json.loads((path / "state.json").read_text(encoding="utf-8")))
+        set_rng_state(resume["rng"])
+    return read_state(path)
+
+
+def read_state(path: str | Path) -> TrainState:
+    """The :class:`TrainState` of a checkpoint folder (its ``state.json``)."""
+    data = json.loads((Path(path) / "state.json").read_text(encoding="utf-8"))
+    return TrainState(**{k: v for k, v in data.items() if k in TrainState.__dataclass_fields__})
+
+
+def recorded_threads(path: str | Path | None) -> int | None:
+    """The thread count a checkpoint recorded; None without one (or for an older checkpoint)."""
+    if path is None or not (Path(path) / "state.json").is_file():
+        return None
+    return read_state(path).num_threads
+
+
+# ----------------------------------------------------------------------------- resuming
+def checkpoint_to_resume(t: TrainingConfig, folder: str | Path) -> Path | None:
+    """The checkpoint ``training.resume`` asks for in ``folder`` (the run's ``checkpoints/``):
+    the newest for ``true``, the given path for a string; None to start afresh. Changes
+    nothing on disk."""
+    if t.resume is True:
+        return latest_checkpoint(folder)
+    if isinstance(t.resume, str):
+        return Path(t.resume)
+    return None
+
+
+def remove_stale_checkpoints(
+    t: TrainingConfig, folder: str | Path, log: Callable[[str], None] = print
+) -> None:
+    """Starting afresh: remove old checkpoints in ``folder`` so they cannot mix with the new
+    run's (and say so)."""
+    found = list_checkpoints(folder)
+    if t.resume is True:
+        log(f"resume: no checkpoint in {folder}; starting from scratch")
+    if found:
+        log(
+            f"starting afresh: removing {len(found)} old checkpoint(s) in {folder} "
+            "(pass --resume to continue from them instead)"
+        )
+        for old in found:
+            shutil.rmtree(old)
+
+
+def warn_if_config_changed(
+    previous: Path, cfg: TrainConfig, log: Callable[[str], None] = print
+) -> None:
+    """Warn when the model, data or lora settings differ from the run's saved config."""
+    import yaml
+
+    old = yaml.safe_load(previous.read_text(encoding="utf-8")) or {}
+    new = cfg.to_dict()
+    changed = [
+        f"{s}.{k}"
+        for s in ("model", "data", "lora")
+        for k in set(old.get(s) or {}) | set(new.get(s) or {})
+        if (old.get(s) or {}).get(k) != (new.get(s) or {}).get(k)
+    ]
+    if changed:
+        log(f"warning: resuming with changed settings: {', '.join(sorted(changed))}")

@@ -125,7 +125,8 @@ class TrainingConfig:
             from that checkpoint folder; ``false`` starts afresh.
         device: ``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda`` or ``cuda:N``.
         num_threads: torch CPU threads (None: the CPUs this process may run on, less those
-            busy with other work per the 1-minute load average; at least 1).
+            busy with other work per the 1-minute load average; at least 1; a resumed run
+            reuses the count its checkpoint recorded).
         progress: show the tqdm progress bar.
     """
 

@@ -1,0 +1,102 @@
+"""Loading what a run trained, for eval, generate and merge.
+
+:func:`load_trained` finds the base model, task and labels from the run's saved config and
+loads the adapter over the same (quantized) base it was trained on; :func:`attach_adapter` is
+:func:`loraq.load_adapter` with the run's base options (all or nothing: a failed load leaves no
+adapter behind).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from loraq.io.peft_format import BASE_OPTIONS
+from loraq.train.config import ConfigError, TrainConfig
+from loraq.train.modeling import (
+    load_model,
+    load_tokenizer,
+    quiet_transformers,
+    resolve_device,
+    resolve_model_path,
+)
+from loraq.train.outputs import read_run_config
+
+
+def attach_adapter(
+    model: nn.Module, adapter: str | Path, run: TrainConfig | None, dense_base: bool = False
+) -> nn.Module:
+    """Load ``adapter`` onto ``model`` with :func:`loraq.load_adapter`. When the run trained it
+    over a quantized base (QLoRA) the base is quantized the same way first (the run's
+    :data:`~loraq.io.peft_format.BASE_OPTIONS`), so eval sees what training saw; ``dense_base``
+    skips that and uses the float base instead."""
+    import loraq
+
+    options = {k: run.lora[k] for k in BASE_OPTIONS if k in run.lora} if run is not None else {}
+    if dense_base or not options.get("quant"):
+        options = {}
+    return loraq.load_adapter(model, adapter, **options)
+
+
+def load_trained(
+    model_path: str | None = None,
+    adapter: str | Path | None = None,
+    task: str | None = None,
+    dense_base: bool = False,
+    device: str = "auto",
+) -> tuple[nn.Module, Any, TrainConfig | None]:
+    """Load a model for eval/generate/merge: ``(model, tokenizer, run config or None)``.
+
+    ``adapter`` is an adapter folder (PEFT layout; a loraq run also leaves its config there, so
+    the base model, task and labels are found without being named) or a full model folder
+    written by ``method: full``. Without ``adapter`` the plain ``model_path`` model is loaded.
+    A QLoRA adapter is loaded over the same quantized base it was trained with, unless
+    ``dense_base``. The model is moved to ``device`` (see :func:`resolve_device`).
+    """
+    run = None
+    is_full = False
+    if adapter is not None:
+        adapter = Path(adapter)
+        if not adapter.is_dir():
+            raise ConfigError(f"adapter folder '{adapter}' does not exist")
+        run = read_run_config(adapter)
+        is_full = (adapter / "config.json").is_file() and not (
+            adapter / "adapter_config.json"
+        ).is_file()
+        if not is_full and not (adapter / "adapter_config.json").is_file():
+            raise ConfigError(f"'{adapter}' holds no adapter_config.json: not an adapter folder")
+        if is_full:
+            model_path = str(adapter)
+        elif model_path is None:
+            model_path = run.model.path if run else None
+            if model_path is None:
+                peft = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8"))
+                model_path = peft.get("base_model_name_or_path")
+        if task is None and run is not None:
+            task = run.model.task
+        elif task is not None and run is not None and task != run.model.task:
+            raise ConfigError(f"'{adapter}' was trained for task {run.model.task}, not {task}")
+    if not model_path:
+        raise ConfigError("no base model: pass --model (the adapter does not name its base)")
+    task = task or "causal-lm"
+    tokenizer = load_tokenizer(model_path)
+    labels = run.data.labels if run is not None and task == "seq-cls" else None
+    if task == "seq-cls" and not labels:
+        from transformers import AutoConfig
+
+        with quiet_transformers():
+            hf_config = AutoConfig.from_pretrained(str(resolve_model_path(model_path)))
+        labels = [hf_config.id2label[i] for i in sorted(hf_config.id2label)]
+    from loraq.train.data import pad_id_of
+
+    model, _ = load_model(model_path, task, labels, pad_id_of(tokenizer))
+    if adapter is not None and not is_full:
+        try:
+            model = attach_adapter(model, adapter, run, dense_base)
+        except ValueError as err:  # loraq.io.FormatError and LoraConfig errors
+            raise ConfigError(f"cannot load adapter '{adapter}' onto {model_path}: {err}") from None
+    model.to(resolve_device(device)).eval()
+    return model, tokenizer, run
