@@ -85,3 +85,65 @@ class SmallCNN(torch.nn.Module):
 def cnn_inputs(batch: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
     """Inputs for :class:`SmallCNN`."""
     return torch.randint(0, 20, (batch, 7)), torch.randn(batch, 1, 9, 9)
+
+
+# ============================================================================ saved tiny runs
+# Tiny models saved as Hugging Face folders and the run configs over them, shared by the
+# train / cli / compare tests (the builders themselves live in test_train_support.py).
+def pattern_config(root, llama, lora: dict | None = None, **training):
+    """A causal-lm config over ``llama`` learning one fixed pattern (16 records), run folder
+    ``root/run``; ``training`` entries override the defaults."""
+    from test_train_support import write_config, write_pattern_jsonl
+
+    data = write_pattern_jsonl(root / "pattern.jsonl", n=16)
+    body = {
+        "model": {"path": str(llama), "task": "causal-lm"},
+        "data": {"train": str(data), "eval": str(data), "max_length": 32},
+        "lora": lora or {"r": 8, "alpha": 16},
+        "training": {
+            "batch_size": 4,
+            "lr": 1e-2,
+            "warmup_steps": 3,
+            "output_dir": str(root / "run"),
+            "progress": False,
+            **training,
+        },
+    }
+    return write_config(root / "config.yaml", body)
+
+
+def sentiment_config(root, bert, lora: dict | None = None, **training):
+    """A seq-cls config over ``bert`` on 64 trivially separable sentences, run folder
+    ``root/run``; ``training`` entries override the defaults."""
+    from test_train_support import write_config, write_sentiment_tsv
+
+    data = write_sentiment_tsv(root / "s.tsv", n=64)
+    body = {
+        "model": {"path": str(bert), "task": "seq-cls"},
+        "data": {"train": str(data), "eval": str(data), "max_length": 16},
+        "lora": lora or {"r": 4, "alpha": 8},
+        "training": {
+            "batch_size": 16,
+            "lr": 1e-2,
+            "output_dir": str(root / "run"),
+            "progress": False,
+            **training,
+        },
+    }
+    return write_config(root / "c.yaml", body)
+
+
+@pytest.fixture(scope="session")
+def llama_dir(tmp_path_factory):
+    """A 2-layer random-weight Llama with a character tokenizer, saved once per session."""
+    from test_train_support import make_tiny_llama
+
+    return make_tiny_llama(tmp_path_factory.mktemp("models") / "llama")
+
+
+@pytest.fixture(scope="session")
+def bert_dir(tmp_path_factory):
+    """A 2-layer random-weight BERT (no classifier) with a character tokenizer, saved once."""
+    from test_train_support import make_tiny_bert
+
+    return make_tiny_bert(tmp_path_factory.mktemp("models") / "bert")

@@ -8,31 +8,17 @@ from pathlib import Path
 
 import pytest
 
+from conftest import pattern_config, sentiment_config
 from loraq import cli
-from test_train_support import (
-    make_tiny_bert,
-    make_tiny_llama,
-    write_config,
-    write_pattern_jsonl,
-    write_sentiment_tsv,
-)
+from test_train_support import write_config
 
 
 @pytest.fixture(scope="module")
-def llama_run(tmp_path_factory):
+def llama_run(tmp_path_factory, llama_dir):
     """A tiny Llama trained through `loraq train` on a repeated pattern."""
     tmp = tmp_path_factory.mktemp("cli")
-    llama = make_tiny_llama(tmp / "llama")
-    data = write_pattern_jsonl(tmp / "pattern.jsonl", n=16)
-    config = write_config(
-        tmp / "config.yaml",
-        {
-            "model": {"path": str(llama), "task": "causal-lm"},
-            "data": {"train": str(data), "eval": str(data), "max_length": 32},
-            "lora": {"r": 8, "alpha": 16},
-            "training": {"batch_size": 4, "lr": 1e-2, "warmup_steps": 3, "progress": False},
-        },
-    )
+    (tmp / "llama").symlink_to(llama_dir, target_is_directory=True)
+    config = pattern_config(tmp, tmp / "llama")
     code = cli.main(
         ["train", str(config), "--max_steps", "40", "--training.output_dir", str(tmp / "run")]
     )
@@ -113,24 +99,9 @@ def test_merge_gives_a_dense_model_that_generates_the_same(llama_run, capsys):
     assert capsys.readouterr().out.strip().endswith("xyzxyz")
 
 
-def test_seq_cls_train_then_eval(tmp_path, capsys):
-    bert = make_tiny_bert(tmp_path / "bert")
-    data = write_sentiment_tsv(tmp_path / "s.tsv", n=64)
-    config = write_config(
-        tmp_path / "c.yaml",
-        {
-            "model": {"path": str(bert), "task": "seq-cls"},
-            "data": {"train": str(data), "eval": str(data), "max_length": 16},
-            "lora": {"r": 4, "alpha": 8},
-            "training": {
-                "max_steps": 30,
-                "batch_size": 16,
-                "lr": 1e-2,
-                "output_dir": str(tmp_path / "run"),
-                "progress": False,
-            },
-        },
-    )
+def test_seq_cls_train_then_eval(tmp_path, capsys, bert_dir):
+    config = sentiment_config(tmp_path, bert_dir, max_steps=30)
+    data = tmp_path / "s.tsv"
     assert cli.main(["train", str(config)]) == 0
     out = capsys.readouterr().out
     assert "eval before training: loss" in out and "accuracy" in out

@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 from safetensors import safe_open
 
+from conftest import sentiment_config
 from loraq import cli
+from loraq.cli import split_compare_options as split_options
 from loraq.compare import (
     FULL_LR_FACTOR,
     METHODS,
@@ -25,34 +27,24 @@ from loraq.compare import (
     warmup_steps_of,
     write_outputs,
 )
-from loraq.cli import split_compare_options as split_options
 from loraq.train.config import load_config
-from test_train_support import make_tiny_bert, write_config, write_sentiment_tsv
 
 STEPS = 4
 COMPARED = ("full", "lora", "qlora", "qlora-a4")
 
 
-def tiny_config(root: Path) -> Path:
+def tiny_config(root: Path, bert: Path) -> Path:
     """A seq-cls config over a tiny random BERT; its lora section asks for QLoRA (as the
     built-in default does), which compare must override per method."""
-    bert = make_tiny_bert(root / "bert")
-    data = write_sentiment_tsv(root / "s.tsv", n=64)
-    body = {
-        "model": {"path": str(bert), "task": "seq-cls"},
-        "data": {"train": str(data), "eval": str(data), "max_length": 16},
-        "lora": {"r": 8, "alpha": 16, "quant": "nf4"},
-        "training": {"batch_size": 16, "lr": 1e-2, "num_threads": 1},
-    }
-    return write_config(root / "c.yaml", body)
+    return sentiment_config(root, bert, {"r": 8, "alpha": 16, "quant": "nf4"}, num_threads=1)
 
 
 @pytest.fixture(scope="module")
-def compared(tmp_path_factory) -> dict:
+def compared(tmp_path_factory, bert_dir) -> dict:
     """One ``loraq compare`` of four methods (four worker processes), shared by the tests."""
     root = tmp_path_factory.mktemp("compare")
     out = root / "out"
-    argv = ["compare", str(tiny_config(root)), "--methods", ",".join(COMPARED)]
+    argv = ["compare", str(tiny_config(root, bert_dir)), "--methods", ",".join(COMPARED)]
     argv += ["--steps", str(STEPS), f"--out={out}"]
     stdout, stderr = io.StringIO(), io.StringIO()
     with redirect_stdout(stdout), redirect_stderr(stderr):
@@ -207,8 +199,8 @@ def test_rank_sweep_plan():
     assert [r.slug for r in runs] == ["full", "lora-r4", "lora-r16", "qlora-a4-r4", "qlora-a4-r16"]
 
 
-def test_methods_override_the_configs_quantization(tmp_path):
-    cfg = load_config(tiny_config(tmp_path))  # asks for an NF4 base
+def test_methods_override_the_configs_quantization(tmp_path, bert_dir):
+    cfg = load_config(tiny_config(tmp_path, bert_dir))  # asks for an NF4 base
     lora = run_config(cfg, Run("lora", 4), tmp_path / "a", threads=3, full_lr=None)
     assert lora.lora["quant"] is None and lora.lora["r"] == 4 and not lora.lora["use_dora"]
     assert lora.training.num_threads == 3 and lora.training.eval_every is None
@@ -225,10 +217,10 @@ def test_warmup_rule():
     assert [warmup_steps_of(n) for n in (1, 2, 9, 20, 100)] == [0, 1, 1, 4, 10]
 
 
-def test_a_failing_run_is_reported_and_the_rest_kept(tmp_path, capsys):
+def test_a_failing_run_is_reported_and_the_rest_kept(tmp_path, capsys, bert_dir):
     # An adapter target that matches no module: the worker fails inside loraq.apply.
     out = tmp_path / "out"
-    argv = ["compare", str(tiny_config(tmp_path)), "--methods", "lora", "--steps", "2"]
+    argv = ["compare", str(tiny_config(tmp_path, bert_dir)), "--methods", "lora", "--steps", "2"]
     argv += ["--out", str(out), "--lora.targets", "[no_such_module]"]
     assert cli.main(argv) == 2
     captured = capsys.readouterr()
@@ -262,3 +254,15 @@ def test_gpu_report_shows_device_memory(tmp_path):
     assert "| loss ↓ | Δ vs start |" in table and "10.0 ms (1.00×)" in table
     assert "Measured on NVIDIA H200" in paths["md"].read_text(encoding="utf-8")
     assert paths["png"].read_bytes()[:4] == b"\x89PNG"
+
+
+def test_state_column_says_it_is_computed(compared):
+    # weights+grads+AdamW is frozen + 4 x trained, not a measurement: the table and the
+    # column notes must say so.
+    header = compared["stdout"].splitlines()[0]
+    assert "| weights+grads+AdamW (computed) |" in header
+    md = (compared["out"] / "compare.md").read_text(encoding="utf-8")
+    assert "*weights+grads+AdamW (computed)*: frozen + 4 x trained, computed" in md
+    assert "not measured" in md
+    for r in compared["runs"].values():
+        assert r["state_bytes"] == r["frozen_bytes"] + 4 * r["trained_bytes"]

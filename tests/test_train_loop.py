@@ -15,52 +15,31 @@ import pytest
 import torch
 import yaml
 
+from conftest import pattern_config, sentiment_config
 from loraq.train import checkpoint as ckpt
 from loraq.train.config import ConfigError, load_config
 from loraq.train.generate import generate, sample_next
 from loraq.train.inference import load_trained
 from loraq.train.loop import train
-from loraq.train.optim import lr_factor
 from loraq.train.metrics import read_metrics
-from test_train_support import (
-    make_tiny_bert,
-    make_tiny_llama,
-    write_config,
-    write_pattern_jsonl,
-    write_sentiment_tsv,
-)
+from loraq.train.optim import lr_factor
 
 QUIET = {"log": lambda s: None}
 
 
 @pytest.fixture(scope="module")
-def llama(tmp_path_factory) -> Path:
-    return make_tiny_llama(tmp_path_factory.mktemp("models") / "llama")
+def llama(llama_dir) -> Path:
+    return llama_dir
 
 
 @pytest.fixture(scope="module")
-def bert(tmp_path_factory) -> Path:
-    return make_tiny_bert(tmp_path_factory.mktemp("models") / "bert")
+def bert(bert_dir) -> Path:
+    return bert_dir
 
 
 def llama_config(tmp_path: Path, llama: Path, **training) -> Path:
-    data = write_pattern_jsonl(tmp_path / "pattern.jsonl", n=16)
-    body = {
-        "model": {"path": str(llama), "task": "causal-lm"},
-        "data": {"train": str(data), "eval": str(data), "max_length": 32},
-        "lora": {"r": 8, "alpha": 16, "dropout": 0.1},
-        "training": {
-            "max_steps": 30,
-            "batch_size": 4,
-            "lr": 1e-2,
-            "warmup_steps": 3,
-            "output_dir": str(tmp_path / "run"),
-            "progress": False,
-            "num_threads": 1,
-            **training,
-        },
-    }
-    return write_config(tmp_path / "config.yaml", body)
+    lora = {"r": 8, "alpha": 16, "dropout": 0.1}
+    return pattern_config(tmp_path, llama, lora, **{"max_steps": 30, "num_threads": 1, **training})
 
 
 def test_lr_schedule_shapes():
@@ -220,21 +199,8 @@ def test_checkpoint_files_atomic_and_pruned(tmp_path, llama):
 
 
 def test_seq_cls_head_trains_and_accuracy_rises(tmp_path, bert):
-    data = write_sentiment_tsv(tmp_path / "s.tsv", n=64)
-    body = {
-        "model": {"path": str(bert), "task": "seq-cls"},
-        "data": {"train": str(data), "eval": str(data), "max_length": 16},
-        "lora": {"r": 4, "alpha": 8},
-        "training": {
-            "max_steps": 30,
-            "batch_size": 16,
-            "lr": 1e-2,
-            "output_dir": str(tmp_path / "run"),
-            "progress": False,
-            "num_threads": 1,
-        },
-    }
-    result = train(load_config(write_config(tmp_path / "c.yaml", body)), **QUIET)
+    path = sentiment_config(tmp_path, bert, max_steps=30, num_threads=1)
+    result = train(load_config(path), **QUIET)
     assert result.eval_after["eval_accuracy"] >= 0.95 > result.eval_before["eval_accuracy"]
     assert result.best_metric == result.eval_after["eval_accuracy"]
     resolved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())

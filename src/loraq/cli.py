@@ -180,6 +180,8 @@ def _eval(args: argparse.Namespace) -> int:
             )
     examples = tokenize_records(records, cfg, tokenizer, labels, args.data)
     scores = evaluate(model, examples, task, args.batch_size, pad_id_of(tokenizer))
+    if not scores:
+        raise CliError(f"{args.data}: no labelled tokens to score ({len(examples)} examples)")
     if args.json:
         print(json.dumps({"examples": len(examples), **scores}))
     else:

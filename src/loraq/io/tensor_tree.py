@@ -42,6 +42,8 @@ def encode_tree(tree: Any, tensors: dict[str, torch.Tensor], path: str = "") -> 
     """``tree`` as JSON-ready values; its tensors go into ``tensors`` under their path."""
     if isinstance(tree, torch.Tensor):
         key = path or "."
+        if key in tensors:  # two paths that read the same ("a/b" and "a" -> "b")
+            key = f"{key}#{len(tensors)}"
         tensors[key] = tree
         return {"__tensor__": key}
     if isinstance(tree, bool) or tree is None or isinstance(tree, (int, str)):
@@ -49,18 +51,25 @@ def encode_tree(tree: Any, tensors: dict[str, torch.Tensor], path: str = "") -> 
     if isinstance(tree, float):
         return tree if math.isfinite(tree) else {"__float__": repr(tree)}
     if isinstance(tree, (list, tuple)):
-        items = [encode_tree(v, tensors, f"{path}/{i}") for i, v in enumerate(tree)]
+        items = [encode_tree(v, tensors, _join(path, i)) for i, v in enumerate(tree)]
         return {"__tuple__": items} if isinstance(tree, tuple) else items
     if isinstance(tree, dict):
         if all(isinstance(k, str) and k not in _TAGS for k in tree):
-            return {k: encode_tree(v, tensors, f"{path}/{k}") for k, v in tree.items()}
+            return {k: encode_tree(v, tensors, _join(path, k)) for k, v in tree.items()}
         return {
             "__items__": [
-                [encode_tree(k, tensors, f"{path}/key{i}"), encode_tree(v, tensors, f"{path}/{k}")]
+                [
+                    encode_tree(k, tensors, _join(path, f"key{i}")),
+                    encode_tree(v, tensors, _join(path, k)),
+                ]
                 for i, (k, v) in enumerate(tree.items())
             ]
         }
     raise TypeError(f"cannot store {type(tree).__name__} at '{path or '.'}' (no pickle)")
+
+
+def _join(path: str, key: object) -> str:
+    return f"{path}/{key}" if path else str(key)
 
 
 def decode_tree(data: Any, tensors: dict[str, torch.Tensor], source: str = "tree") -> Any:

@@ -137,7 +137,10 @@ def save_checkpoint(
         os.replace(tmp, final)
     if keep:
         for stale in list_checkpoints(folder)[:-keep]:
-            shutil.rmtree(stale, ignore_errors=True)
+            # Renamed first (atomic), so a crash mid-delete leaves no partial step-N folder.
+            doomed = folder / f".old-{stale.name}-{os.getpid()}"
+            os.replace(stale, doomed)
+            shutil.rmtree(doomed, ignore_errors=True)
     return final
 
 

@@ -18,7 +18,8 @@ def evaluate(
     """Eval metrics over ``examples``.
 
     ``seq-cls``: ``eval_loss`` (mean cross-entropy) and ``eval_accuracy``. ``causal-lm``:
-    ``eval_loss`` (mean over all labelled tokens) and ``eval_perplexity``.
+    ``eval_loss`` (mean over all labelled tokens) and ``eval_perplexity``. Returns ``{}`` when
+    there is nothing to score (no examples, or no labelled token): callers must say so.
     """
     was_training = model.training
     model.eval()

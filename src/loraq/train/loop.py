@@ -65,8 +65,9 @@ from loraq.train.optim import make_optimizer, make_scheduler, total_steps_of
 from loraq.train.outputs import save_trained
 from loraq.train.result import TrainResult
 
-#: What metrics.jsonl and the log say when an eval set has no labelled token to score.
-NO_EVAL_TOKENS = "no labelled tokens in the eval set (prompts cut by max_length?): no eval metric"
+#: What metrics.jsonl and the log say when the eval set (asked for by ``data.eval`` or
+#: ``data.eval_split``) has no labelled token to score: an empty file, say.
+NO_EVAL_TOKENS = "the eval set has no labelled tokens (no examples?): no eval metric"
 
 
 # ----------------------------------------------------------------------------- Ctrl-C
@@ -318,6 +319,11 @@ def evaluate_session(session: Session, step: int) -> dict[str, float]:
     return scores
 
 
+def wants_eval(cfg: TrainConfig) -> bool:
+    """True when the config asks for an eval set (``data.eval`` or ``data.eval_split``)."""
+    return bool(cfg.data.eval) or cfg.data.eval_split > 0
+
+
 # ----------------------------------------------------------------------------- checkpoints
 def save_session_checkpoint(session: Session) -> Path | None:
     """Write a resumable checkpoint of the session now (nothing off the main process)."""
@@ -388,7 +394,9 @@ def train(
 def run_steps(session: Session, on_step: Callable[[int, float], None] | None = None) -> None:
     """Eval before, the steps (with their evals, checkpoints and Ctrl-C), eval after."""
     t, state, result = session.cfg.training, session.state, session.result
-    total, has_eval = result.total_steps, bool(session.data.eval)
+    # An eval set that was asked for is evaluated even when empty, so the log and metrics.jsonl
+    # say that there is no metric rather than leave it out silently.
+    total, has_eval = result.total_steps, bool(session.data.eval or wants_eval(session.cfg))
     if t.eval_before and has_eval and session.resumed_from is None:
         result.eval_before = evaluate_session(session, 0)
         if result.eval_before:
