@@ -3,8 +3,10 @@
 Public names only; see the README for a tour.
 """
 
+from .adapter_rows import adapter_rows
 from .config import LoraConfig
 from .decompose import DecompositionReport, decompose
+from .generation import SamplingParams, generate
 from .io import (
     FormatError,
     export_merged,
@@ -45,6 +47,9 @@ __all__ = [
     "save_adapter",
     "save_quantized",
     "DecompositionReport",
+    "SamplingParams",
+    "adapter_rows",
+    "generate",
     "LoRALayer",
     "LoraConfig",
     "ModulesToSave",

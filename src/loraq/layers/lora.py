@@ -30,6 +30,7 @@ from torch import nn
 
 from .adapter_quant import fake_quantize
 from .fused import lora_linear
+from .mixed import mixed_forward
 
 _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 #: Attribute names under which ``LoRALayer`` keeps per-adapter tensors (PEFT's names).
@@ -396,7 +397,13 @@ class LoRALayer(nn.Module):
         return v
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """Base output plus the scaled output of every active, unmerged adapter."""
+        """Base output plus the scaled output of every active, unmerged adapter.
+
+        Inside :func:`loraq.adapter_rows` each batch row uses its own adapter instead (mixed.py).
+        """
+        row_adapters = self.__dict__.get("row_adapters")
+        if row_adapters is not None and not self.adapters_disabled:
+            return mixed_forward(self, row_adapters, x, *args, **kwargs)
         if self.adapters_disabled:
             if self.merged_adapters:
                 self.unmerge()

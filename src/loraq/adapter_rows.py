@@ -1,0 +1,60 @@
+"""Per-row adapters for any forward pass: ``with loraq.adapter_rows(model, names): model(x)``.
+
+Inside the context every LoRA layer of ``model`` computes row ``i`` of its input with adapter
+``names[i]`` (``None``: the bare base), all rows in one pass (see :mod:`loraq.layers.mixed`).
+Works for inference and training: each adapter's gradient comes from its own rows only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+
+from torch import nn
+
+from .layers.mixed import RowAdapters
+from .model import adapter_names, config_of, lora_layers
+
+
+def validate_row_names(model: nn.Module, names: Sequence[str | None]) -> list[str | None]:
+    """``names`` as a list, checked against the model's adapters (a clear error otherwise)."""
+    if isinstance(names, str) or not isinstance(names, Sequence):
+        raise TypeError(
+            f"adapter_names must be a list with one adapter name (or None) per row, got {names!r}"
+        )
+    known = adapter_names(model)
+    for i, name in enumerate(names):
+        if name is None:
+            continue
+        if not isinstance(name, str):
+            raise TypeError(f"adapter_names[{i}] must be a string or None, got {name!r}")
+        if name not in known:
+            raise ValueError(
+                f"adapter_names[{i}]={name!r} is not an adapter of the model; adapters: {known}"
+            )
+        if config_of(model, name).modules_to_save:
+            raise ValueError(
+                f"adapter {name!r} has modules_to_save; mixed-adapter batches support LoRA "
+                "layers only (run that adapter in its own batch)"
+            )
+    return list(names)
+
+
+@contextlib.contextmanager
+def adapter_rows(model: nn.Module, names: Sequence[str | None]) -> Iterator[RowAdapters]:
+    """Context manager: row ``i`` of every batch passed to ``model`` uses adapter ``names[i]``.
+
+    The batch dimension (dim 0 of each adapted layer's input) must have ``len(names)`` rows.
+    ``None`` rows see the base model. Contexts do not nest on the same model.
+    """
+    plan = RowAdapters.from_names(validate_row_names(model, names))
+    layers = [layer for _, layer in lora_layers(model)]
+    if any(layer.__dict__.get("row_adapters") is not None for layer in layers):
+        raise RuntimeError("adapter_rows() is already active on this model; contexts do not nest")
+    for layer in layers:
+        layer.__dict__["row_adapters"] = plan
+    try:
+        yield plan
+    finally:
+        for layer in layers:
+            layer.__dict__["row_adapters"] = None

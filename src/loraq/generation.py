@@ -1,0 +1,344 @@
+"""Batched generation over many adapters at once: ``loraq.generate`` and the decode batch under it.
+
+A :class:`DecodeBatch` holds running sequences, each with its own adapter, sampling settings and
+random generator, sharing one key/value cache (transformers' ``DynamicCache``) in which rows are
+left-padded to a common length:
+
+==========  =================================================================================
+operation   what happens
+==========  =================================================================================
+add         new prompts are prefilled together (mixed adapters, left padding); their caches
+            are padded on the left to the running length and stacked under the running rows
+step        one decode step for every row: last token in, next token out (per-row sampling)
+remove      finished rows leave (rows dropped from the cache, all-padding columns trimmed)
+==========  =================================================================================
+
+This is continuous batching: the serving engine calls ``add`` between steps as requests arrive.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .adapter_rows import adapter_rows, validate_row_names
+from .sampling import sample_next
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one sequence is continued.
+
+    ``temperature <= 0`` is greedy. ``seed`` makes sampling reproducible per sequence: a row
+    sampled in a batch draws exactly what it would draw alone. Generation stops at any of
+    ``stop_token_ids`` (not included in the output) or after ``max_new_tokens``.
+    """
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise ValueError(
+                f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}"
+            )
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
+        if self.top_k is not None and self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k!r}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+
+
+@dataclass(eq=False)
+class SequenceState:
+    """One prompt being continued: its adapter, settings, generated ids and why it stopped."""
+
+    prompt_ids: list[int]
+    adapter: str | None = None
+    params: SamplingParams = field(default_factory=SamplingParams)
+    generated: list[int] = field(default_factory=list)
+    finish_reason: str | None = None  # "stop" or "length" once finished
+    generator: torch.Generator | None = None
+
+    def accept(self, token: int) -> None:
+        """Record the next token and decide whether the sequence is finished."""
+        if token in self.params.stop_token_ids:
+            self.finish_reason = "stop"
+            return
+        self.generated.append(token)
+        if len(self.generated) >= self.params.max_new_tokens:
+            self.finish_reason = "length"
+
+    @property
+    def finished(self) -> bool:
+        """True once a stop token or the token limit was reached (or :meth:`stop` was called)."""
+        return self.finish_reason is not None
+
+    def stop(self, reason: str = "stop") -> None:
+        """Finish the sequence now (e.g. a stop string appeared in its text)."""
+        self.finish_reason = reason
+
+
+def _cache_arg(model: nn.Module) -> str:
+    # transformers >= 5.2x calls the key/value cache `cache`; older versions `past_key_values`.
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
+        mask[i, width - len(row) :] = 1
+    return ids, mask
+
+
+def _pad_left(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    missing = width - t.shape[dim]
+    if missing == 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = missing
+    return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+
+class DecodeBatch:
+    """Running sequences sharing one left-padded key/value cache (see the module table)."""
+
+    def __init__(self, model: nn.Module, pad_token_id: int = 0) -> None:
+        self.model = model
+        self.pad_token_id = pad_token_id
+        self.sequences: list[SequenceState] = []
+        self._cache = None
+        self._mask: torch.Tensor | None = None  # (rows, cache length), 1 = real token
+        self._last: torch.Tensor | None = None  # (rows,) the token to feed next
+        self._next_pos: torch.Tensor | None = None  # (rows,) its position id
+        self._cache_arg = _cache_arg(model)
+        self._device = next(model.parameters()).device
+
+    def __len__(self) -> int:
+        return len(self.sequences)
+
+    def _forward(self, adapters, ids, mask, positions, cache):
+        with adapter_rows(self.model, adapters):
+            out = self.model(
+                input_ids=ids.to(self._device),
+                attention_mask=mask.to(self._device),
+                position_ids=positions.to(self._device),
+                use_cache=True,
+                logits_to_keep=1,
+                **{self._cache_arg: cache},
+            )
+        new_cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+        return out.logits[:, -1, :].float(), new_cache
+
+    def _sample(self, logits: torch.Tensor, seqs: list[SequenceState]) -> list[int]:
+        tokens = logits.argmax(dim=-1).tolist()
+        for i, seq in enumerate(seqs):
+            p = seq.params
+            if p.temperature > 0:
+                pick = sample_next(
+                    logits[i : i + 1], p.temperature, p.top_k, p.top_p, seq.generator
+                )
+                tokens[i] = int(pick[0])
+        for seq, token in zip(seqs, tokens):
+            seq.accept(token)
+        return tokens
+
+    @torch.no_grad()
+    def add(self, seqs: list[SequenceState]) -> None:
+        """Prefill ``seqs`` (all in one pass) and let them join the running batch."""
+        if not seqs:
+            return
+        for seq in seqs:
+            if seq.generator is None and seq.params.seed is not None:
+                seq.generator = torch.Generator(self._device).manual_seed(seq.params.seed)
+        ids, mask = _left_pad([s.prompt_ids for s in seqs], self.pad_token_id)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        from transformers import DynamicCache
+
+        logits, cache = self._forward(
+            [s.adapter for s in seqs], ids, mask, positions, DynamicCache()
+        )
+        tokens = self._sample(logits, seqs)
+        last = torch.tensor(tokens, dtype=torch.long)
+        next_pos = mask.sum(-1)
+        if self._cache is None:
+            self._cache, self._mask, self._last, self._next_pos = cache, mask, last, next_pos
+        else:
+            self._join(cache, mask, last, next_pos)
+        self.sequences.extend(seqs)
+
+    def _join(self, cache, mask, last, next_pos) -> None:
+        width = max(self._mask.shape[1], mask.shape[1])
+        for old, new in zip(self._cache.layers, cache.layers):
+            old.keys = torch.cat([_pad_left(old.keys, width, 2), _pad_left(new.keys, width, 2)])
+            old.values = torch.cat(
+                [_pad_left(old.values, width, 2), _pad_left(new.values, width, 2)]
+            )
+        self._mask = torch.cat([_pad_left(self._mask, width, 1), _pad_left(mask, width, 1)])
+        self._last = torch.cat([self._last, last])
+        self._next_pos = torch.cat([self._next_pos, next_pos])
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """One decode step: every running sequence gets its next token."""
+        if not self.sequences:
+            return
+        mask = torch.cat([self._mask, torch.ones(len(self), 1, dtype=torch.long)], dim=1)
+        logits, self._cache = self._forward(
+            [s.adapter for s in self.sequences],
+            self._last[:, None],
+            mask,
+            self._next_pos[:, None],
+            self._cache,
+        )
+        self._mask = mask
+        self._next_pos = self._next_pos + 1
+        self._last = torch.tensor(self._sample(logits, self.sequences), dtype=torch.long)
+
+    def remove(self, seqs: Sequence[SequenceState]) -> None:
+        """Drop ``seqs`` from the batch (finished or abandoned) and trim all-padding columns."""
+        gone = {id(s) for s in seqs}
+        keep = [i for i, s in enumerate(self.sequences) if id(s) not in gone]
+        if len(keep) == len(self.sequences):
+            return
+        self.sequences = [self.sequences[i] for i in keep]
+        if not keep:
+            self._cache = self._mask = self._last = self._next_pos = None
+            return
+        rows = torch.tensor(keep, dtype=torch.long)
+        mask = self._mask[rows]
+        start = int((mask.sum(0) > 0).nonzero()[0])  # first column some row still uses
+        self._mask = mask[:, start:]
+        device_rows = rows.to(self._device)
+        for layer in self._cache.layers:
+            layer.keys = layer.keys[device_rows, :, start:]
+            layer.values = layer.values[device_rows, :, start:]
+        self._last = self._last[rows]
+        self._next_pos = self._next_pos[rows]
+
+    def finished(self) -> list[SequenceState]:
+        """The sequences that have finished (still in the batch until :meth:`remove`)."""
+        return [s for s in self.sequences if s.finished]
+
+
+def run_to_completion(
+    model: nn.Module,
+    seqs: list[SequenceState],
+    *,
+    max_batch: int = 64,
+    pad_token_id: int = 0,
+    on_token: Callable[[SequenceState], None] | None = None,
+) -> list[SequenceState]:
+    """Generate every sequence to its end, at most ``max_batch`` at a time (continuous batching).
+
+    ``on_token(seq)`` is called after each new token of ``seq`` and may call ``seq.stop()``.
+    """
+    if max_batch < 1:
+        raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+    pending = list(seqs)
+    batch = DecodeBatch(model, pad_token_id)
+    was_training = model.training
+    model.eval()
+    try:
+        while pending or len(batch):
+            room = max_batch - len(batch)
+            if room > 0 and pending:
+                joining, pending = pending[:room], pending[room:]
+                batch.add(joining)
+                _notify(joining, on_token)
+            else:
+                batch.step()
+                _notify(batch.sequences, on_token)
+            batch.remove(batch.finished())
+    finally:
+        model.train(was_training)
+    return seqs
+
+
+def _notify(seqs: list[SequenceState], on_token) -> None:
+    if on_token is None:
+        return
+    for seq in seqs:
+        if seq.generated and seq.finish_reason != "stop":
+            on_token(seq)
+
+
+def truncate_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
+    """``text`` cut before the first occurrence of any stop string, and whether one occurred."""
+    cut = min((i for i in (text.find(s) for s in stops if s) if i >= 0), default=-1)
+    return (text, False) if cut < 0 else (text[:cut], True)
+
+
+def _per_row(value, n: int, what: str) -> list:
+    if isinstance(value, (list, tuple)):
+        if len(value) != n:
+            raise ValueError(f"{what} has {len(value)} entries but there are {n} prompts")
+        return list(value)
+    return [value] * n
+
+
+def generate(
+    model: nn.Module,
+    tokenizer,
+    prompts: Sequence[str],
+    adapter_names: Sequence[str | None] | None = None,
+    *,
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | Sequence[int | None] | None = None,
+    stop: Sequence[str] | None = None,
+    max_batch: int = 64,
+) -> list[str]:
+    """Continue every prompt, each with its own adapter, in shared batches; returns the new texts.
+
+    Args:
+        prompts: the texts to continue (tokenized with the tokenizer's special tokens).
+        adapter_names: one adapter name (or None for the base) per prompt; default: the model's
+            active adapter (or the base when it has none) for every prompt.
+        temperature, top_k, top_p: sampling (greedy when temperature is 0).
+        seed: one seed for every row, or a list with one per row (None: unseeded).
+        stop: strings that end a row's generation (cut from its text), besides the EOS token.
+        max_batch: most rows decoded together; further prompts join as rows finish.
+    """
+    if isinstance(prompts, str):
+        raise TypeError("prompts must be a list of strings; wrap a single prompt in a list")
+    n = len(prompts)
+    if adapter_names is None:
+        from .model import active_adapter
+
+        adapter_names = [active_adapter(model)] * n
+    names = validate_row_names(model, adapter_names)
+    if len(names) != n:
+        raise ValueError(f"adapter_names has {len(names)} entries but there are {n} prompts")
+    seeds = _per_row(seed, n, "seed")
+    stops = list(stop or [])
+    eos = tokenizer.eos_token_id
+    seqs = []
+    for prompt, name, row_seed in zip(prompts, names, seeds):
+        params = SamplingParams(
+            max_new_tokens, temperature, top_k, top_p, row_seed, () if eos is None else (eos,)
+        )
+        seqs.append(SequenceState(list(tokenizer(prompt)["input_ids"]), name, params))
+
+    def check_stop(seq: SequenceState) -> None:
+        if stops and truncate_at_stop(tokenizer.decode(seq.generated), stops)[1]:
+            seq.stop()
+
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or 0)
+    run_to_completion(model, seqs, max_batch=max_batch, pad_token_id=pad, on_token=check_stop)
+    texts = [tokenizer.decode(s.generated, skip_special_tokens=True) for s in seqs]
+    return [truncate_at_stop(t, stops)[0] for t in texts]

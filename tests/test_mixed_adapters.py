@@ -1,0 +1,202 @@
+"""Mixed-adapter batches: every row equals its adapter run alone, in inference and in training."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import loraq
+from conftest import tiny_gpt2, tiny_llama
+from loraq.layers.mixed import RowAdapters
+from loraq.layers.qlora import QLoRALayer
+from tiny_lm import randomize_adapters, single_thread  # noqa: F401
+
+
+def _layer_with_adapters(base: nn.Module) -> loraq.LoRALayer:
+    layer = loraq.LoRALayer(base, rank=4, alpha=8, adapter_name="a")
+    layer.add_adapter("b", 8, 4.0)
+    if layer.kind != "embedding":
+        layer.add_adapter("d", 2, 2.0, use_dora=True)
+        layer.add_adapter("k", 4, 4.0)
+        layer.adapter_bits["k"] = 4
+    randomize_adapters(layer)
+    return layer.eval()
+
+
+def _alone(layer: loraq.LoRALayer, name: str | None, x: torch.Tensor) -> torch.Tensor:
+    layer.active_adapters = [] if name is None else [name]
+    return layer(x)
+
+
+BASES = {
+    "linear": (lambda: nn.Linear(16, 12), lambda n: torch.randn(n, 3, 16)),
+    "linear_2d": (lambda: nn.Linear(16, 12), lambda n: torch.randn(n, 16)),
+    "nf4": (
+        lambda: QLoRALayer(nn.Linear(64, 24), rank=None).base_layer,
+        lambda n: torch.randn(n, 2, 64),
+    ),
+    "embedding": (
+        lambda: nn.Embedding(30, 10, padding_idx=0),
+        lambda n: torch.randint(0, 30, (n, 5)),
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", list(BASES))
+def test_mixed_rows_equal_each_adapter_alone(kind):
+    make_base, make_x = BASES[kind]
+    layer = _layer_with_adapters(make_base())
+    names = [n for n in layer.r]
+    rows = names + [None] + names[::-1]
+    x = make_x(len(rows))
+    with torch.no_grad():
+        layer.__dict__["row_adapters"] = RowAdapters.from_names(rows)
+        mixed = layer(x)
+        layer.__dict__["row_adapters"] = None
+        for i, name in enumerate(rows):
+            expected = _alone(layer, name, x[i : i + 1])
+            torch.testing.assert_close(mixed[i : i + 1], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_mixed_model_logits_equal_each_adapter_alone_llama_and_gpt2():
+    for build in (tiny_llama, tiny_gpt2):
+        model = build()
+        loraq.apply(model, loraq.LoraConfig(r=4, alpha=8, targets="all-linear"), "a")
+        loraq.apply(model, loraq.LoraConfig(r=8, alpha=8, targets="all-linear", use_dora=True), "b")
+        loraq.apply(model, loraq.LoraConfig(r=2, targets="all-linear", adapter_bits=4), "c")
+        randomize_adapters(model)
+        names = ["a", "b", None, "c", "b"]
+        ids = torch.randint(0, 64, (len(names), 7))
+        with torch.no_grad(), loraq.adapter_rows(model, names):
+            mixed = model(ids).logits
+        with torch.no_grad():
+            for i, name in enumerate(names):
+                if name is None:
+                    with loraq.disable_adapters(model):
+                        expected = model(ids[i : i + 1]).logits
+                else:
+                    loraq.set_adapter(model, name)
+                    expected = model(ids[i : i + 1]).logits
+                torch.testing.assert_close(mixed[i : i + 1], expected, rtol=1e-4, atol=1e-4)
+
+
+def test_mixed_training_gives_each_adapter_only_its_rows_gradients():
+    torch.manual_seed(1)
+    model = tiny_llama().train()
+    loraq.apply(model, loraq.LoraConfig(r=4, alpha=8, targets="all-linear", quant="nf4"), "a")
+    loraq.apply(model, loraq.LoraConfig(r=2, alpha=4, targets=["q_proj", "v_proj"]), "b")
+    loraq.apply(model, loraq.LoraConfig(r=4, targets="all-linear", use_dora=True), "d")
+    randomize_adapters(model)
+    names = ["a", "b", "a", "d", None, "b"]
+    ids = torch.randint(0, 64, (len(names), 6))
+    params = {
+        n: [p for k, p in model.named_parameters() if "lora_" in k and n in k.split(".")]
+        for n in "abd"
+    }
+    for group in params.values():
+        for p in group:
+            p.requires_grad_(True)
+    with loraq.adapter_rows(model, names):
+        out = model(ids, labels=ids)
+    # the model's loss is a mean over rows; per-row sums make rows independent
+    logits = out.logits[:, :-1]
+    per_token = nn.functional.cross_entropy(
+        logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="none"
+    )
+    per_token.sum().backward()
+    mixed = {n: [p.grad.clone() for p in group] for n, group in params.items()}
+    for name, group in params.items():
+        model.zero_grad()
+        loraq.set_adapter(model, name)
+        rows = [i for i, r in enumerate(names) if r == name]
+        logits = model(ids[rows]).logits[:, :-1]
+        loss = nn.functional.cross_entropy(
+            logits.flatten(0, 1), ids[rows][:, 1:].flatten(), reduction="sum"
+        )
+        loss.backward()
+        for p, g in zip(group, mixed[name]):
+            assert p.grad is not None and p.grad.abs().sum() > 0
+            torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_mixed_forward_matches_peft_adapter_names(tmp_path):
+    peft = pytest.importorskip("peft")
+    base = tiny_llama()
+    reference = copy.deepcopy(base)
+    loraq.apply(
+        base, loraq.LoraConfig(r=4, alpha=8, targets=["q_proj", "v_proj", "down_proj"]), "x"
+    )
+    loraq.apply(base, loraq.LoraConfig(r=8, alpha=16, targets="all-linear"), "y")
+    randomize_adapters(base)
+    for name in ("x", "y"):
+        loraq.save_adapter(base, tmp_path / name, adapter_name=name)
+    peft_model = peft.PeftModel.from_pretrained(reference, tmp_path / "x", adapter_name="x")
+    peft_model.load_adapter(tmp_path / "y", adapter_name="y")
+    names = ["x", "y", None, "y"]
+    ids = torch.randint(0, 64, (len(names), 6))
+    with torch.no_grad(), loraq.adapter_rows(base, names):
+        ours = base(ids).logits
+    with torch.no_grad():
+        theirs = peft_model(
+            input_ids=ids, adapter_names=["__base__" if n is None else n for n in names]
+        ).logits
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+def test_mixed_batch_bad_input_names_the_problem():
+    model = tiny_llama()
+    loraq.apply(model, loraq.LoraConfig(r=4, targets="all-linear"), "a")
+    with pytest.raises(ValueError, match="'zz' is not an adapter of the model"):
+        with loraq.adapter_rows(model, ["a", "zz"]):
+            pass
+    with pytest.raises(TypeError, match="one adapter name"):
+        with loraq.adapter_rows(model, "a"):
+            pass
+    with pytest.raises(ValueError, match="input has 3 rows .* 2 adapter names"):
+        with loraq.adapter_rows(model, ["a", None]):
+            model(torch.randint(0, 64, (3, 4)))
+    with pytest.raises(RuntimeError, match="do not nest"):
+        with loraq.adapter_rows(model, ["a"]), loraq.adapter_rows(model, ["a"]):
+            pass
+    loraq.merge(model)
+    with pytest.raises(RuntimeError, match="unmerge"):
+        with loraq.adapter_rows(model, ["a"]):
+            model(torch.randint(0, 64, (1, 4)))
+    conv = loraq.LoRALayer(nn.Conv1d(3, 4, 3), rank=2)
+    conv.__dict__["row_adapters"] = RowAdapters.from_names(["default"])
+    with pytest.raises(TypeError, match="convolution"):
+        conv(torch.randn(1, 3, 8))
+    saved = tiny_llama()
+    loraq.apply(
+        saved, loraq.LoraConfig(r=4, targets="all-linear", modules_to_save=["lm_head"]), "m"
+    )
+    with pytest.raises(ValueError, match="modules_to_save"):
+        with loraq.adapter_rows(saved, ["m"]):
+            pass
+
+
+def test_mixed_training_refuses_dora_with_dropout():
+    model = tiny_llama().train()
+    loraq.apply(model, loraq.LoraConfig(r=4, targets=["q_proj"], use_dora=True, dropout=0.1), "d")
+    with pytest.raises(ValueError, match="DoRA adapter 'd' with dropout"):
+        with loraq.adapter_rows(model, ["d"]):
+            model(torch.randint(0, 64, (1, 4)))
+
+
+def test_mixed_dropout_keeps_rows_independent():
+    torch.manual_seed(3)
+    layer = loraq.LoRALayer(nn.Linear(8, 8), rank=2, dropout=0.5, adapter_name="a").train()
+    layer.add_adapter("b", 2, 2.0)
+    randomize_adapters(layer)
+    x = torch.randn(4, 8)
+    layer.__dict__["row_adapters"] = RowAdapters.from_names(["a", "b", "b", None])
+    out = layer(x)
+    base = layer.base_layer(x)
+    # row 3 has no adapter; b has no dropout so rows 1 and 2 are deterministic
+    torch.testing.assert_close(out[3], base[3])
+    layer.__dict__["row_adapters"] = None
+    layer.active_adapters = ["b"]
+    torch.testing.assert_close(out[1:3], layer(x[1:3]), rtol=1e-5, atol=1e-6)
