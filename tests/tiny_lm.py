@@ -37,7 +37,7 @@ def byte_tokenizer(chat_template: str | None = CHAT_TEMPLATE):
     return fast
 
 
-def tiny_causal_lm(layers: int = 2, hidden: int = 32, seed: int = 0):
+def tiny_causal_lm(layers: int = 2, hidden: int = 32, seed: int = 0, max_positions: int = 128):
     """A random-weight Llama over the byte tokenizer's 259 ids (vocab padded to 260)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -49,7 +49,7 @@ def tiny_causal_lm(layers: int = 2, hidden: int = 32, seed: int = 0):
         num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=128,
+        max_position_embeddings=max_positions,
         tie_word_embeddings=False,
         bos_token_id=256,
         eos_token_id=257,
@@ -58,9 +58,11 @@ def tiny_causal_lm(layers: int = 2, hidden: int = 32, seed: int = 0):
     return LlamaForCausalLM(cfg).eval()
 
 
-def save_tiny_folder(path: Path, chat_template: str | None = CHAT_TEMPLATE) -> Path:
+def save_tiny_folder(
+    path: Path, chat_template: str | None = CHAT_TEMPLATE, max_positions: int = 128
+) -> Path:
     """Write the tiny model and its tokenizer as a transformers folder; returns ``path``."""
-    tiny_causal_lm().save_pretrained(path)
+    tiny_causal_lm(max_positions=max_positions).save_pretrained(path)
     byte_tokenizer(chat_template).save_pretrained(path)
     return path
 

@@ -6,6 +6,7 @@
     loraq merge --adapter DIR --out DIR              adapter + base -> dense HF model folder
     loraq inspect PATH [--json]                      what an adapter / 4-bit checkpoint holds
     loraq compare [CONFIG.yaml] [--methods ...]      full vs LoRA vs QLoRA: memory, speed, quality
+    loraq serve --base DIR [--adapter NAME=DIR ...]  many adapters behind an OpenAI-compatible API
 
 Each subcommand is one entry of :data:`SUBCOMMANDS` (help text, an ``add_arguments`` function
 and a ``run`` function returning the exit code); add a command with :func:`register`.
@@ -417,6 +418,36 @@ register(
         _compare,
         passthrough=True,
         description=COMPARE_HELP,
+    ),
+)
+
+
+# ----------------------------------------------------------------------------- serve
+def _serve_args(p: argparse.ArgumentParser) -> None:
+    from loraq.serve.command import add_arguments
+
+    add_arguments(p)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from loraq.serve.command import run
+
+    return run(args)
+
+
+def _serve_help() -> str:
+    from loraq.serve.command import SERVE_HELP
+
+    return SERVE_HELP
+
+
+register(
+    "serve",
+    Subcommand(
+        help="serve a base and many adapters over an OpenAI-compatible HTTP API",
+        add_arguments=_serve_args,
+        run=_serve,
+        description=_serve_help(),
     ),
 )
 

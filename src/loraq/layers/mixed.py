@@ -22,7 +22,7 @@ k-bit adapters enter through their fake-quantized weights, as in a single-adapte
 Convolutions are refused (a per-row kernel needs a grouped convolution per adapter).
 
 The stacked tensors are cached on the layer while gradients are off (serving): the cache key holds
-each tensor's identity and in-place version counter, so an edited or replaced adapter re-stacks.
+the adapter tensors and their in-place version counters, so an edited or replaced adapter re-stacks.
 """
 
 from __future__ import annotations
@@ -116,11 +116,19 @@ def _stack(layer: Any, plan: RowAdapters, present: list[str], device: torch.devi
 
 
 def _cache_key(layer: Any, plan: RowAdapters, present: list[str]) -> tuple:
-    parts: list[Any] = [plan.slots]
-    for name in present:
-        for tensor in layer.adapter_parameters(name):
-            parts.append((id(tensor), tensor._version))
-    return tuple(parts)
+    # The key holds the tensors themselves (compared by identity), so a deleted adapter's
+    # tensors stay alive while cached and a new one can never reuse their id().
+    tensors = [t for name in present for t in layer.adapter_parameters(name)]
+    return plan.slots, tensors, [t._version for t in tensors]
+
+
+def _same_key(old: tuple, new: tuple) -> bool:
+    return (
+        old[0] == new[0]
+        and len(old[1]) == len(new[1])
+        and all(a is b for a, b in zip(old[1], new[1]))
+        and old[2] == new[2]
+    )
 
 
 def _stacked(layer: Any, plan: RowAdapters, present: list[str], device: torch.device):
@@ -128,7 +136,7 @@ def _stacked(layer: Any, plan: RowAdapters, present: list[str], device: torch.de
         return _stack(layer, plan, present, device)
     key = _cache_key(layer, plan, present)
     cached = layer.__dict__.get(_CACHE_ATTR)
-    if cached is None or cached[0] != key:
+    if cached is None or not _same_key(cached[0], key):
         cached = (key, _stack(layer, plan, present, device))
         layer.__dict__[_CACHE_ATTR] = cached
     return cached[1]

@@ -1,0 +1,273 @@
+"""The serving engine: one thread running a :class:`~loraq.generation.DecodeBatch` forever.
+
+Each turn of the loop either admits waiting requests (prefilling them together, whatever their
+adapters) or runs one decode step for every running row; then it hands each row's new text to
+its request and drops finished or abandoned rows. Requests wait in a bounded queue: a full
+queue is the HTTP layer's 429. An exception while prefilling a group is retried request by
+request, so only the request that caused it fails; the engine keeps serving the rest.
+"""
+
+from __future__ import annotations
+
+import itertools
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..generation import DecodeBatch, SamplingParams, SequenceState, truncate_at_stop
+from .metrics import ServerMetrics
+from .registry import AdapterRegistry, ServeError
+
+_ids = itertools.count()
+
+
+@dataclass(eq=False)
+class Request:
+    """One sequence to generate, and where its events go.
+
+    ``emit`` receives dicts: ``{"type": "text", "text": delta}`` as text becomes final,
+    then ``{"type": "done", "finish_reason": ..., "prompt_tokens": n, "completion_tokens": m}``
+    or ``{"type": "error", "status": code, "message": ...}``. It is called from the engine thread.
+    """
+
+    prompt_ids: list[int]
+    adapter: str | None
+    params: SamplingParams
+    emit: Callable[[dict[str, Any]], None]
+    stops: tuple[str, ...] = ()
+    id: int = field(default_factory=lambda: next(_ids))
+    created: float = field(default_factory=time.perf_counter)
+    cancelled: bool = False
+    seq: SequenceState | None = None
+    sent: int = 0  # characters of text already emitted
+    sent_tokens: int = 0  # tokens already turned into text
+    last_token_at: float | None = None
+
+    def cancel(self) -> None:
+        """Abandon the request (client gone): its row leaves the batch at the next step."""
+        self.cancelled = True
+
+
+def _held_back(text: str, stops: tuple[str, ...]) -> int:
+    """Characters at the end of ``text`` that may still become a stop string or a split char."""
+    hold = 0
+    for stop in stops:
+        for k in range(min(len(stop) - 1, len(text)), 0, -1):
+            if text.endswith(stop[:k]):
+                hold = max(hold, k)
+                break
+    while hold < len(text) and text[len(text) - hold - 1] == "\ufffd":
+        hold += 1  # an incomplete UTF-8 sequence decodes as U+FFFD until its last byte arrives
+    return hold
+
+
+class Engine:
+    """Continuous batching over a model with per-row adapters (see the module doc)."""
+
+    def __init__(
+        self,
+        registry: AdapterRegistry,
+        tokenizer,
+        *,
+        max_batch: int = 32,
+        max_queue: int = 256,
+        metrics: ServerMetrics | None = None,
+    ) -> None:
+        if max_batch < 1 or max_queue < 1:
+            raise ValueError(f"max_batch and max_queue must be >= 1, got {max_batch}, {max_queue}")
+        self.registry = registry
+        self.tokenizer = tokenizer
+        self.max_batch = max_batch
+        self.metrics = metrics or ServerMetrics()
+        self._queue: queue.Queue[Request] = queue.Queue(maxsize=max_queue)
+        self._waiting: list[Request] = []  # admitted from the queue, adapter slot not yet free
+        self._running: dict[int, Request] = {}
+        pad = tokenizer.pad_token_id
+        pad = tokenizer.eos_token_id if pad is None else pad
+        self._batch = DecodeBatch(registry.model, 0 if pad is None else pad)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="loraq-engine", daemon=True)
+
+    # ------------------------------------------------------------------ public
+    def start(self) -> None:
+        """Start the engine thread."""
+        self.registry.model.eval()
+        self._thread.start()
+
+    def submit(self, request: Request) -> None:
+        """Queue ``request``; a full queue raises a 429 :class:`ServeError` with Retry-After."""
+        if self._stop.is_set():
+            raise ServeError(503, "the server is shutting down")
+        try:
+            self._queue.put_nowait(request)
+        except queue.Full:
+            raise ServeError(
+                429, "the request queue is full; retry shortly", headers={"Retry-After": "1"}
+            ) from None
+        self.metrics.queue_depth.set(self._queue.qsize())
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Finish every queued and running request, then stop the thread."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        """True while the engine thread runs."""
+        return self._thread.is_alive()
+
+    # ------------------------------------------------------------------ loop
+    def _loop(self) -> None:
+        while True:
+            idle = not self._running and not self._waiting
+            if idle and self._stop.is_set() and self._queue.empty():
+                return
+            joining = self._admit(block=idle)
+            try:
+                with self.registry.model_lock:
+                    if joining:
+                        self._prefill(joining)
+                    elif self._running:
+                        self._decode()
+            except Exception as err:  # a failed decode step fails the rows it ran
+                for req in list(self._running.values()):
+                    self._fail(req, 500, f"generation failed: {type(err).__name__}: {err}")
+            self._deliver()
+
+    def _admit(self, block: bool) -> list[Request]:
+        candidates, self._waiting = self._waiting, []
+        room = self.max_batch - len(self._running)
+        while len(candidates) < room:
+            try:
+                timeout = 0.05 if block and not candidates else None
+                req = self._queue.get(timeout=timeout) if timeout else self._queue.get_nowait()
+            except queue.Empty:
+                break
+            candidates.append(req)
+        self.metrics.queue_depth.set(self._queue.qsize() + len(self._waiting))
+        joining = []
+        for req in candidates:
+            if req.cancelled:
+                self._finish_metrics(req, "cancelled")
+                continue
+            try:
+                held = self.registry.acquire(req.adapter)
+            except ServeError as err:
+                self._reply_error(req, err.status, err.message)
+                continue
+            if held and len(joining) < room:
+                joining.append(req)
+            else:
+                if held:
+                    self.registry.release(req.adapter)
+                self._waiting.append(req)
+        return joining
+
+    def _prefill(self, joining: list[Request]) -> None:
+        for req in joining:
+            req.seq = SequenceState(list(req.prompt_ids), req.adapter, req.params)
+        groups = [joining]
+        try:
+            self._batch.add([r.seq for r in joining])
+        except Exception:
+            groups = [[r] for r in joining]  # find the one that fails; serve the others
+            for req in joining:
+                try:
+                    self._batch.add([req.seq])
+                except Exception as err:
+                    self._reply_error(req, 500, f"prefill failed: {type(err).__name__}: {err}")
+                    self.registry.release(req.adapter)
+                    req.seq = None
+        for group in groups:
+            for req in group:
+                if req.seq is not None:
+                    self._running[req.id] = req
+                    self.metrics.prompt_tokens.inc(len(req.prompt_ids))
+        self.metrics.batch_size.observe(len(joining))
+
+    def _decode(self) -> None:
+        self._batch.step()
+        self.metrics.batch_size.observe(len(self._batch))
+
+    # ------------------------------------------------------------------ results
+    def _deliver(self) -> None:
+        now = time.perf_counter()
+        done = []
+        for req in list(self._running.values()):
+            seq = req.seq
+            if req.cancelled:
+                seq.stop("cancelled")
+            elif len(seq.generated) > req.sent_tokens:
+                self._on_token(req, now)
+            if seq.finished:
+                done.append(req)
+        if done:
+            self._batch.remove([r.seq for r in done])
+            for req in done:
+                self._finish(req)
+        self.metrics.running.set(len(self._running))
+        self.metrics.adapters.set(len(self.registry.resident()))
+
+    def _on_token(self, req: Request, now: float) -> None:
+        seq = req.seq
+        if req.last_token_at is None:
+            self.metrics.ttft.observe(now - req.created)
+        else:
+            self.metrics.inter_token.observe(now - req.last_token_at)
+        req.last_token_at = now
+        req.sent_tokens = len(seq.generated)
+        self.metrics.generated_tokens.inc()
+        text = self.tokenizer.decode(seq.generated, skip_special_tokens=True)
+        cut, hit = truncate_at_stop(text, req.stops)
+        if hit:
+            seq.stop("stop")
+            end = len(cut)
+        elif seq.finished:
+            end = len(text)
+        else:
+            end = len(text) - _held_back(text, req.stops)
+        if end > req.sent:
+            req.emit({"type": "text", "text": text[req.sent : end]})
+            req.sent = end
+
+    def _finish(self, req: Request) -> None:
+        self._running.pop(req.id, None)
+        self.registry.release(req.adapter)
+        seq = req.seq
+        if seq.finish_reason == "cancelled":
+            self._finish_metrics(req, "cancelled")
+            return
+        if seq.finish_reason == "stop" and req.sent < self._final_length(req):
+            text = self.tokenizer.decode(seq.generated, skip_special_tokens=True)
+            req.emit({"type": "text", "text": text[req.sent : self._final_length(req)]})
+        req.emit(
+            {
+                "type": "done",
+                "finish_reason": seq.finish_reason,
+                "prompt_tokens": len(req.prompt_ids),
+                "completion_tokens": len(seq.generated),
+            }
+        )
+        self._finish_metrics(req, "ok")
+
+    def _final_length(self, req: Request) -> int:
+        text = self.tokenizer.decode(req.seq.generated, skip_special_tokens=True)
+        return len(truncate_at_stop(text, req.stops)[0])
+
+    def _fail(self, req: Request, status: int, message: str) -> None:
+        self._running.pop(req.id, None)
+        if req.seq is not None:
+            self._batch.remove([req.seq])
+        self.registry.release(req.adapter)
+        self._reply_error(req, status, message)
+
+    def _reply_error(self, req: Request, status: int, message: str) -> None:
+        req.emit({"type": "error", "status": status, "message": message})
+        self._finish_metrics(req, "error")
+
+    def _finish_metrics(self, req: Request, outcome: str) -> None:
+        self.metrics.requests.inc(outcome=outcome)

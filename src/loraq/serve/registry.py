@@ -1,0 +1,258 @@
+"""Adapters known to the server, by name: where they live, which are in memory, who uses them.
+
+- Known adapters come from ``--adapter NAME=PATH`` (trusted: the operator typed them), from the
+  sub-folders of ``--adapter-dir`` that hold an ``adapter_config.json``, and from run-time
+  ``POST /v1/adapters`` requests, whose paths must stay under ``--adapter-dir``.
+- At most ``max_resident`` adapters are loaded into the model at once; loading another evicts
+  the least recently used one that no running request holds (it is reloaded on next use).
+- Every model mutation happens under ``model_lock``, which the engine also holds for each step.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from torch import nn
+
+from ..io.peft_format import load_adapter
+from ..model import adapter_names, delete_adapter
+
+#: Allowed adapter names: they become model ids in the API and module keys in the model.
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+
+
+class ServeError(Exception):
+    """An error answered to the client: HTTP status, message, offending field and headers."""
+
+    def __init__(
+        self, status: int, message: str, param: str | None = None, headers: dict | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.headers = headers or {}
+
+
+def check_name(name: object, field: str = "name") -> str:
+    """``name`` if it is a valid adapter name, else a 400 naming ``field``."""
+    if not isinstance(name, str) or not NAME_PATTERN.match(name):
+        raise ServeError(
+            400,
+            f"{field} must be 1-64 characters of letters, digits, '_' or '-', got {name!r}",
+            field,
+        )
+    return name
+
+
+def resolve_under(root: Path, relative: object, field: str = "path") -> Path:
+    """The adapter folder ``root/relative``, refused unless it (and every file in it) stays in ``root``.
+
+    Absolute paths, ``..`` components and symlinks that lead outside ``root`` are refused; the
+    folder must hold safetensors weights and no pickle files.
+    """
+    if not isinstance(relative, str) or not relative.strip():
+        raise ServeError(
+            400, f"{field} must be a non-empty string relative to --adapter-dir", field
+        )
+    rel = PurePosixPath(relative.replace("\\", "/"))
+    if rel.is_absolute() or ".." in rel.parts or relative.startswith("~"):
+        raise ServeError(
+            400, f"{field} {relative!r} must be relative to --adapter-dir, without '..'", field
+        )
+    base = root.resolve()
+    folder = (base / rel).resolve()
+    if not folder.is_relative_to(base):
+        raise ServeError(400, f"{field} {relative!r} leads outside --adapter-dir", field)
+    if not folder.is_dir():
+        raise ServeError(
+            404, f"{field} {relative!r}: no such adapter folder under --adapter-dir", field
+        )
+    for entry in folder.rglob("*"):
+        if not entry.resolve().is_relative_to(base):
+            raise ServeError(
+                400, f"{field} {relative!r}: {entry.name} links outside --adapter-dir", field
+            )
+        if entry.suffix in _PICKLE_SUFFIXES:
+            raise ServeError(
+                400,
+                f"{field} {relative!r}: {entry.name} is a pickle file; only safetensors is loaded",
+                field,
+            )
+    if not any(folder.rglob("*.safetensors")):
+        raise ServeError(400, f"{field} {relative!r} holds no .safetensors adapter weights", field)
+    return folder
+
+
+@dataclass
+class AdapterEntry:
+    """One known adapter: its folder and how many running requests hold it."""
+
+    path: Path
+    in_use: int = 0
+    unloading: bool = False
+
+
+class AdapterRegistry:
+    """Known adapters, the LRU of resident ones, and per-adapter use counts (see module doc)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        base_name: str = "base",
+        adapter_dir: Path | None = None,
+        max_resident: int = 64,
+    ) -> None:
+        if max_resident < 1:
+            raise ValueError(f"--max-adapters must be >= 1, got {max_resident}")
+        self.model = model
+        self.base_name = base_name
+        self.adapter_dir = None if adapter_dir is None else Path(adapter_dir).resolve()
+        self.max_resident = max_resident
+        self.model_lock = threading.RLock()
+        self._entries: dict[str, AdapterEntry] = {}
+        self._resident: OrderedDict[str, None] = OrderedDict()
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------ known adapters
+    def add(self, name: str, path: Path) -> None:
+        """Register adapter ``name`` at ``path`` (loaded on first use)."""
+        check_name(name)
+        if name == self.base_name:
+            raise ServeError(409, f"adapter name {name!r} is the base model's name", "name")
+        with self._lock:
+            if name in self._entries:
+                raise ServeError(409, f"an adapter named {name!r} already exists", "name")
+            self._entries[name] = AdapterEntry(Path(path))
+
+    def add_from_dir(self) -> list[str]:
+        """Register every sub-folder of ``adapter_dir`` holding an ``adapter_config.json``."""
+        if self.adapter_dir is None:
+            return []
+        added = []
+        for folder in sorted(self.adapter_dir.iterdir()):
+            if (folder / "adapter_config.json").is_file() and NAME_PATTERN.match(folder.name):
+                resolve_under(self.adapter_dir, folder.name)
+                self.add(folder.name, folder)
+                added.append(folder.name)
+        return added
+
+    def add_runtime(self, name: object, relative: object) -> str:
+        """``POST /v1/adapters``: register and load ``name`` from ``adapter_dir/relative``."""
+        name = check_name(name)
+        if self.adapter_dir is None:
+            raise ServeError(
+                403, "run-time adapter loading needs the server started with --adapter-dir"
+            )
+        folder = resolve_under(self.adapter_dir, relative)
+        self.add(name, folder)
+        try:
+            self.acquire(name)
+            self.release(name)
+        except Exception:
+            with self._lock:
+                self._entries.pop(name, None)
+            raise
+        return name
+
+    def names(self) -> list[str]:
+        """Known adapter names (resident or not), in registration order."""
+        with self._lock:
+            return [n for n, e in self._entries.items() if not e.unloading]
+
+    def is_known(self, name: str) -> bool:
+        """True if ``name`` is a known adapter not being unloaded."""
+        entry = self._entries.get(name)
+        return entry is not None and not entry.unloading
+
+    def resident(self) -> list[str]:
+        """Names of adapters loaded in the model, least recently used first."""
+        return list(self._resident)
+
+    # ------------------------------------------------------------------ use counts and LRU
+    def acquire(self, name: str | None) -> bool:
+        """Hold adapter ``name`` for one request, loading it if needed.
+
+        Returns False (and holds nothing) when every resident slot is held by running requests,
+        so the caller should retry later. Raises :class:`ServeError` for unknown adapters and
+        for adapters whose files fail to load.
+        """
+        if name is None:
+            return True
+        with self._lock:
+            entry = self._entries.get(name)
+            if entry is None or entry.unloading:
+                raise ServeError(404, f"model {name!r} does not exist", "model")
+        with self.model_lock:
+            if name not in self._resident:
+                if not self._make_room():
+                    return False
+                self._load(name, entry.path)
+            self._resident.move_to_end(name)
+            with self._lock:
+                entry.in_use += 1
+        return True
+
+    def release(self, name: str | None) -> None:
+        """Give back one hold taken by :meth:`acquire`."""
+        if name is None:
+            return
+        with self._lock:
+            entry = self._entries.get(name)
+            if entry is not None:
+                entry.in_use -= 1
+
+    def in_use(self, name: str) -> int:
+        """Running requests holding ``name``."""
+        entry = self._entries.get(name)
+        return 0 if entry is None else entry.in_use
+
+    def _make_room(self) -> bool:
+        while len(self._resident) >= self.max_resident:
+            idle = [n for n in self._resident if self._entries[n].in_use == 0]
+            if not idle:
+                return False
+            self._unload_from_model(idle[0])
+        return True
+
+    def _load(self, name: str, path: Path) -> None:
+        try:
+            load_adapter(self.model, path, adapter_name=name)
+        except Exception as err:
+            raise ServeError(
+                500, f"adapter {name!r} failed to load from {path.name}: {err}"
+            ) from err
+        self._resident[name] = None
+
+    def _unload_from_model(self, name: str) -> None:
+        if name in adapter_names(self.model):
+            delete_adapter(self.model, name)
+        self._resident.pop(name, None)
+
+    def begin_unload(self, name: str) -> AdapterEntry:
+        """Mark ``name`` as leaving: new requests for it get 404 from now on."""
+        with self._lock:
+            entry = self._entries.get(name)
+            if entry is None or entry.unloading:
+                raise ServeError(404, f"adapter {name!r} does not exist", "name")
+            entry.unloading = True
+            return entry
+
+    def cancel_unload(self, name: str) -> None:
+        """Undo :meth:`begin_unload` (the unload was refused)."""
+        with self._lock:
+            if name in self._entries:
+                self._entries[name].unloading = False
+
+    def finish_unload(self, name: str) -> None:
+        """Forget ``name`` and free its memory (its requests have finished)."""
+        with self.model_lock:
+            self._unload_from_model(name)
+        with self._lock:
+            self._entries.pop(name, None)

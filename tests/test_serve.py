@@ -1,0 +1,397 @@
+"""``loraq serve`` as users meet it: a real server process on 127.0.0.1, real HTTP clients."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import loraq
+from tiny_lm import byte_tokenizer, randomize_adapters, save_tiny_folder, single_thread  # noqa: F401
+
+httpx = pytest.importorskip("httpx")
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+
+KEY = "test-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+ADAPTERS = {
+    "alpha": (4, "all-linear"),
+    "beta": (8, ["q_proj", "v_proj"]),
+    "gamma": (2, "all-linear"),
+}
+PROMPTS = ["Once upon a time", "The fox", "hello", "zz", "Abc def"]
+MAX_POSITIONS = 2048
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _write_adapters(base: Path, root: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    for i, (name, (r, targets)) in enumerate(ADAPTERS.items()):
+        model = AutoModelForCausalLM.from_pretrained(base)
+        loraq.apply(model, loraq.LoraConfig(r=r, alpha=2 * r, targets=targets), name)
+        torch.manual_seed(10 + i)
+        randomize_adapters(model, 0.5)
+        loraq.save_adapter(model, root / name, adapter_name=name)
+
+
+class Server:
+    """A ``loraq serve`` subprocess; always killed by the fixture that starts it."""
+
+    def __init__(self, args: list[str], tmp: Path) -> None:
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "LORAQ_API_KEY": ""}
+        self.log = open(tmp / f"server-{self.port}.log", "w+")
+        cmd = [
+            sys.executable,
+            "-m",
+            "loraq.cli",
+            "serve",
+            "--port",
+            str(self.port),
+            "--threads",
+            "1",
+        ]
+        self.proc = subprocess.Popen(cmd + args, stdout=self.log, stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + 300  # a loaded CI machine imports torch slowly
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited early:\n{self.output()}")
+            try:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        output = self.output()
+        self.kill()
+        raise RuntimeError(f"server did not become healthy:\n{output}")
+
+    def output(self) -> str:
+        self.log.seek(0)
+        return self.log.read()[-4000:]
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(30)
+        if not self.log.closed:
+            self.log.close()
+
+    def client(self, **kw) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=60, **kw)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("serve")
+    base = save_tiny_folder(tmp / "base", max_positions=MAX_POSITIONS)
+    plain = save_tiny_folder(tmp / "plain", chat_template=None)
+    adapters = tmp / "adapters"
+    _write_adapters(base, adapters)
+    return tmp, base, plain, adapters
+
+
+@pytest.fixture(scope="module")
+def server(files):
+    tmp, base, _, adapters = files
+    (tmp / "outside").mkdir()
+    srv = Server(
+        [
+            "--base",
+            str(base),
+            "--adapter-dir",
+            str(adapters),
+            "--api-key",
+            KEY,
+            "--max-adapters",
+            "2",
+            "--max-tokens-cap",
+            "1800",
+            "--max-batch",
+            "16",
+        ],
+        tmp,
+    )
+    try:
+        yield srv
+    finally:
+        srv.kill()
+
+
+@pytest.fixture(scope="module")
+def expected(files):
+    """Each adapter's own greedy continuation of each prompt, computed in this process."""
+    from transformers import AutoModelForCausalLM
+
+    _, base, _, adapters = files
+    model = AutoModelForCausalLM.from_pretrained(base)
+    for name in ADAPTERS:
+        loraq.load_adapter(model, adapters / name, adapter_name=name)
+    tok = byte_tokenizer()
+    out = {}
+    for name in [*ADAPTERS, None]:
+        texts = loraq.generate(model, tok, PROMPTS, [name] * len(PROMPTS), max_new_tokens=12)
+        out[name or "base"] = dict(zip(PROMPTS, texts))
+    return out
+
+
+def _complete(client, model, prompt, **kw):
+    body = {"model": model, "prompt": prompt, "max_tokens": 12, "temperature": 0, **kw}
+    return client.post("/v1/completions", json=body, headers=AUTH)
+
+
+def test_auth_models_and_health(server):
+    with server.client() as c:
+        assert c.get("/health").json() == {"status": "ok"}
+        assert c.get("/v1/models").status_code == 401
+        bad = c.get("/v1/models", headers={"Authorization": "Bearer nope"})
+        assert bad.status_code == 401 and "API key" in bad.json()["error"]["message"]
+        models = c.get("/v1/models", headers=AUTH).json()["data"]
+    ids = {m["id"]: m for m in models}
+    assert set(ids) == {"base", *ADAPTERS}
+    assert ids["alpha"]["parent"] == "base" and "parent" not in ids["base"]
+
+
+def test_concurrent_mixed_requests_equal_each_adapter_alone(server, expected):
+    jobs = [(m, p) for m in [*ADAPTERS, "base"] for p in PROMPTS]
+    deadline = time.monotonic() + 60
+    with server.client() as c, cf.ThreadPoolExecutor(8) as pool:
+        replies = list(pool.map(lambda job: _complete(c, *job), jobs))
+        assert time.monotonic() < deadline
+    for (model, prompt), reply in zip(jobs, replies):
+        assert reply.status_code == 200, reply.text
+        choice = reply.json()["choices"][0]
+        assert choice["text"] == expected[model][prompt], (model, prompt)
+    # 3 adapters through 2 resident slots: the LRU evicted and reloaded, nothing was lost
+    with server.client() as c:
+        metrics = c.get("/metrics", headers=AUTH).text
+    assert "loraq_resident_adapters 2" in metrics
+    assert "loraq_time_to_first_token_seconds_count" in metrics
+
+
+def test_openai_client_streaming_and_not(server, expected):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=60)
+    prompt = PROMPTS[0]
+    full = client.completions.create(model="beta", prompt=prompt, max_tokens=12, temperature=0)
+    assert full.choices[0].text == expected["beta"][prompt]
+    assert full.usage.completion_tokens == 12
+    chunks = list(
+        client.completions.create(
+            model="gamma", prompt=prompt, max_tokens=12, temperature=0, stream=True
+        )
+    )
+    assert "".join(ch.choices[0].text for ch in chunks) == expected["gamma"][prompt]
+    assert chunks[-1].choices[0].finish_reason == "length"
+    messages = [{"role": "user", "content": "hi"}]
+    chat = client.chat.completions.create(
+        model="alpha", messages=messages, max_tokens=8, temperature=0
+    )
+    streamed = client.chat.completions.create(
+        model="alpha", messages=messages, max_tokens=8, temperature=0, stream=True
+    )
+    text = "".join(ch.choices[0].delta.content or "" for ch in streamed if ch.choices)
+    assert text == chat.choices[0].message.content and chat.usage.completion_tokens == 8
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="nope", prompt="x", max_tokens=2)
+
+
+def test_sampling_seed_and_stop(server, expected):
+    with server.client() as c:
+        kw = {"temperature": 0.8, "top_k": 50, "top_p": 0.9, "seed": 7, "max_tokens": 16}
+        a = _complete(c, "alpha", "hello", **kw).json()["choices"][0]["text"]
+        assert _complete(c, "alpha", "hello", **kw).json()["choices"][0]["text"] == a
+        whole = expected["alpha"]["hello"]
+        stop = whole[4:6]
+        cut = _complete(c, "alpha", "hello", stop=[stop]).json()["choices"][0]
+        assert cut["text"] == whole[: whole.find(stop)] and cut["finish_reason"] == "stop"
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "needle"),
+    [
+        ("{not json", 400, "malformed JSON"),
+        ({"model": "alpha", "prompt": 5}, 400, "prompt"),
+        ({"model": "alpha", "prompt": "x", "max_tokens": "9"}, 400, "max_tokens"),
+        ({"model": "alpha", "prompt": "x", "temperature": "hot"}, 400, "temperature"),
+        ({"model": "alpha", "prompt": "x", "max_tokens": 5000}, 400, "max_tokens"),
+        ({"model": "alpha", "prompt": "x" * 3000}, 400, "context length"),
+        ({"model": "alpha", "prompt": "x", "stream": "yes"}, 400, "stream"),
+        ({"model": "nope", "prompt": "x"}, 404, "does not exist"),
+        ({"prompt": "x"}, 400, "model"),
+    ],
+)
+def test_bad_requests_name_the_field(server, body, status, needle):
+    with server.client() as c:
+        data = body if isinstance(body, str) else json.dumps(body)
+        r = c.post(
+            "/v1/completions", content=data, headers={**AUTH, "Content-Type": "application/json"}
+        )
+    assert r.status_code == status, r.text
+    assert needle in r.json()["error"]["message"]
+
+
+def test_runtime_adapter_paths_are_confined(server, files):
+    tmp, _, _, adapters = files
+    outside = tmp / "outside" / "evil"
+    if not outside.exists():
+        import shutil
+
+        shutil.copytree(adapters / "alpha", outside)
+        (adapters / "link_out").symlink_to(outside, target_is_directory=True)
+        pickled = adapters / "pickled"
+        shutil.copytree(adapters / "alpha", pickled)
+        (pickled / "adapter_model.bin").write_bytes(b"not really a pickle")
+    with server.client() as c:
+        for path, needle in [
+            ("../outside/evil", "'..'"),
+            (str(outside), "relative"),
+            ("link_out", "outside --adapter-dir"),
+            ("pickled", "pickle"),
+            ("missing", "no such adapter folder"),
+        ]:
+            r = c.post("/v1/adapters", json={"name": "x1", "path": path}, headers=AUTH)
+            assert r.status_code in (400, 404) and needle in r.json()["error"]["message"], r.text
+        r = c.post("/v1/adapters", json={"name": "bad.name", "path": "alpha"}, headers=AUTH)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "name"
+        r = c.post("/v1/adapters", json={"name": "alpha2", "path": "alpha"}, headers=AUTH)
+        assert r.status_code == 201 and r.json()["parent"] == "base"
+        assert _complete(c, "alpha2", "hello").status_code == 200
+        assert c.delete("/v1/adapters/alpha2", headers=AUTH).status_code == 200
+        assert _complete(c, "alpha2", "hello").status_code == 404
+        assert c.delete("/v1/adapters/alpha2", headers=AUTH).status_code == 404
+
+
+def _stream_lines(server, model: str, max_tokens: int, first_only: bool = False) -> list[str]:
+    body = {
+        "model": model,
+        "prompt": "Once",
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+    }
+    lines = []
+    with server.client() as c, c.stream("POST", "/v1/completions", json=body, headers=AUTH) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line:
+                lines.append(line)
+                if first_only:
+                    break
+    return lines
+
+
+def _metric(server, name: str) -> float:
+    with server.client() as c:
+        text = c.get("/metrics", headers=AUTH).text
+    values = [float(line.split()[-1]) for line in text.splitlines() if line.startswith(name)]
+    return sum(values)
+
+
+def test_disconnect_frees_the_slot_and_unload_waits(server):
+    before = _metric(server, 'loraq_requests_total{outcome="cancelled"}')
+    _stream_lines(server, "alpha", 1500, first_only=True)  # hang up after the first chunk
+    deadline = time.monotonic() + 15
+    while _metric(server, 'loraq_requests_total{outcome="cancelled"}') <= before:
+        assert time.monotonic() < deadline, "the abandoned stream kept its slot"
+        time.sleep(0.1)
+    assert _metric(server, "loraq_running_sequences") == 0
+    # unloading an adapter with a request in flight: 409 with force=false, else wait for it
+    with cf.ThreadPoolExecutor(1) as pool, server.client() as c:
+        running = pool.submit(_stream_lines, server, "gamma", 200)
+        deadline = time.monotonic() + 15
+        while _metric(server, "loraq_running_sequences") < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        assert c.delete("/v1/adapters/gamma?force=false", headers=AUTH).status_code == 409
+        assert c.delete("/v1/adapters/gamma", headers=AUTH).status_code == 200
+        lines = running.result(timeout=60)
+    assert lines[-1] == "data: [DONE]"
+    assert json.loads(lines[-2][6:])["choices"][0]["finish_reason"] == "length"
+
+
+def test_one_failing_request_does_not_stop_the_others(server, files):
+    _, _, _, adapters = files
+    broken = adapters / "broken"
+    broken.mkdir(exist_ok=True)
+    for f in (adapters / "alpha").iterdir():
+        (broken / f.name).write_bytes(f.read_bytes())
+    (broken / "adapter_model.safetensors").write_bytes(b"garbage")
+    with server.client() as c:
+        assert (
+            c.post(
+                "/v1/adapters", json={"name": "broken", "path": "broken"}, headers=AUTH
+            ).status_code
+            == 500
+        )
+        with cf.ThreadPoolExecutor(4) as pool:
+            good = [pool.submit(_complete, c, "beta", p) for p in PROMPTS]
+            assert all(f.result().status_code == 200 for f in good)
+        assert c.get("/health").status_code == 200
+
+
+@pytest.mark.slow  # a second server process: over a minute of start-up on a loaded machine
+def test_limits_queue_full_chat_without_template_and_sigterm_drain(files):
+    tmp, _, plain, _ = files
+    srv = Server(["--base", str(plain), "--max-batch", "1", "--max-queue", "1"], tmp)
+    try:
+        with srv.client() as c:
+            r = c.post(
+                "/v1/chat/completions",
+                json={"model": "base", "messages": [{"role": "user", "content": "hi"}]},
+            )
+            assert r.status_code == 400 and "chat template" in r.json()["error"]["message"]
+            body = {"model": "base", "prompt": "x", "max_tokens": 100, "temperature": 0}
+            with cf.ThreadPoolExecutor(6) as pool:
+                codes = [
+                    f.result()
+                    for f in [
+                        pool.submit(lambda: c.post("/v1/completions", json=body)) for _ in range(6)
+                    ]
+                ]
+            statuses = sorted(r.status_code for r in codes)
+            assert 429 in statuses and 200 in statuses
+            assert all(r.headers.get("retry-after") == "1" for r in codes if r.status_code == 429)
+        # SIGTERM while a stream is running: it completes, then the process exits cleanly
+        with cf.ThreadPoolExecutor(1) as pool:
+            running = pool.submit(_stream_lines, srv, "base", 100)
+            deadline = time.monotonic() + 15
+            while _metric(srv, "loraq_running_sequences") < 1:
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+            srv.proc.send_signal(signal.SIGTERM)
+            lines = running.result(timeout=60)
+        assert lines[-1] == "data: [DONE]"
+        # uvicorn re-raises the signal after its graceful shutdown, as supervisors expect
+        assert srv.proc.wait(30) in (0, -signal.SIGTERM)
+        assert "Traceback" not in srv.output()
+    finally:
+        srv.kill()
+
+
+def test_serve_command_line_errors(tmp_path, capsys):
+    from loraq.cli import main
+
+    assert main(["serve", "--base", str(tmp_path)]) == 2
+    assert "expected a transformers folder with config.json" in capsys.readouterr().err
+    assert main(["serve", "--base", str(tmp_path), "--adapter", "oops"]) == 2
+    assert "NAME=PATH" in capsys.readouterr().err
+    assert main(["serve", "--base", str(tmp_path), "--adapter-dir", str(tmp_path / "no")]) == 2
+    assert "is not a folder" in capsys.readouterr().err
