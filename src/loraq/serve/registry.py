@@ -93,7 +93,7 @@ def resolve_under(root: Path, relative: object, field: str = "path") -> Path:
 class AdapterEntry:
     """One known adapter: its folder and how many running requests hold it."""
 
-    path: Path
+    path: Path | None  # None: applied in code, cannot be reloaded, never evicted
     in_use: int = 0
     unloading: bool = False
 
@@ -130,6 +130,15 @@ class AdapterRegistry:
             if name in self._entries:
                 raise ServeError(409, f"an adapter named {name!r} already exists", "name")
             self._entries[name] = AdapterEntry(Path(path))
+
+    def add_resident(self, name: str) -> None:
+        """Register adapter ``name`` that is already in the model (library use: no folder, so
+        it is never evicted)."""
+        if name not in adapter_names(self.model):
+            raise ValueError(f"the model has no adapter {name!r}")
+        with self._lock:
+            self._entries[name] = AdapterEntry(path=None)
+            self._resident[name] = None
 
     def add_from_dir(self) -> list[str]:
         """Register every sub-folder of ``adapter_dir`` holding an ``adapter_config.json``."""
@@ -215,7 +224,11 @@ class AdapterRegistry:
 
     def _make_room(self) -> bool:
         while len(self._resident) >= self.max_resident:
-            idle = [n for n in self._resident if self._entries[n].in_use == 0]
+            idle = [
+                n
+                for n in self._resident
+                if self._entries[n].in_use == 0 and self._entries[n].path is not None
+            ]
             if not idle:
                 return False
             self._unload_from_model(idle[0])

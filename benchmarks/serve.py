@@ -1,0 +1,345 @@
+"""Serving many adapters: ratios measured side by side in one process.
+
+    python benchmarks/serve.py [--clients 64] [--tokens 32] [--repeats 3]
+
+Model: stories260K (llama2.c checkpoint from ../shared/models/stories260K, converted in memory)
+or, when absent, a random Llama of the same shape. Every adapter is rank 8 on all linear layers.
+
+1. layer op: one mixed-adapter forward of a batch spread over 1/8/64 adapters vs the same batch
+   on one adapter (the plain fused path), and vs running the rows adapter by adapter (segments).
+2. engine (continuous batching, the engine ``loraq serve`` runs, without HTTP): N concurrent
+   requests on 1 adapter vs spread over 8 and 64 adapters: tokens/s, p50/p99 time to first
+   token and inter-token latency.
+3. against PEFT's mixed batch ``generate(adapter_names=...)`` on the same prompts, and against
+   serving one request at a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import struct
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import loraq
+from loraq.generation import SamplingParams, SequenceState, run_to_completion
+from loraq.layers.mixed import RowAdapters
+
+STORIES = Path(__file__).resolve().parents[2] / "shared" / "models" / "stories260K"
+
+
+# ---------------------------------------------------------------------------------- model
+def load_stories260k(folder: Path):
+    """The llama2.c stories260K checkpoint as a transformers LlamaForCausalLM (see SOURCE.md)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    raw = (folder / "stories260K.bin").read_bytes()
+    dim, hidden, layers, heads, kv_heads, vocab, seq_len = struct.unpack("<7i", raw[:28])
+    data = torch.frombuffer(bytearray(raw[28:]), dtype=torch.float32)
+    kv_dim = dim * kv_heads // heads
+    head = dim // heads
+    offset = 0
+
+    def take(*shape):
+        nonlocal offset
+        n = 1
+        for s in shape:
+            n *= s
+        out = data[offset : offset + n].view(*shape).clone()
+        offset += n
+        return out
+
+    def halves(w, n_heads):  # interleaved rotary pairs -> transformers' half-split order
+        w = w.view(n_heads, head, -1)
+        return torch.cat([w[:, 0::2], w[:, 1::2]], dim=1).reshape(n_heads * head, -1)
+
+    emb = take(abs(vocab), dim)
+    att_norm, wq = take(layers, dim), take(layers, dim, dim)
+    wk, wv = take(layers, kv_dim, dim), take(layers, kv_dim, dim)
+    wo, ffn_norm = take(layers, dim, dim), take(layers, dim)
+    w1, w2, w3 = take(layers, hidden, dim), take(layers, dim, hidden), take(layers, hidden, dim)
+    final_norm = take(dim)
+    cfg = LlamaConfig(
+        vocab_size=abs(vocab), hidden_size=dim, intermediate_size=hidden, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=seq_len,
+        rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=True,
+        bos_token_id=1, eos_token_id=2,
+    )  # fmt: skip
+    model = LlamaForCausalLM(cfg)
+    sd = {"model.embed_tokens.weight": emb, "model.norm.weight": final_norm}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        sd |= {
+            p + "input_layernorm.weight": att_norm[i],
+            p + "post_attention_layernorm.weight": ffn_norm[i],
+            p + "self_attn.q_proj.weight": halves(wq[i], heads),
+            p + "self_attn.k_proj.weight": halves(wk[i], kv_heads),
+            p + "self_attn.v_proj.weight": wv[i],
+            p + "self_attn.o_proj.weight": wo[i],
+            p + "mlp.gate_proj.weight": w1[i],
+            p + "mlp.down_proj.weight": w2[i],
+            p + "mlp.up_proj.weight": w3[i],
+        }
+    model.load_state_dict(sd, strict=False)
+    model.tie_weights()
+    return model.eval()
+
+
+def base_model():
+    """(model, description): stories260K if present, else a random Llama of its shape."""
+    if (STORIES / "stories260K.bin").is_file():
+        return load_stories260k(STORIES), "stories260K"
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        vocab_size=512, hidden_size=64, intermediate_size=172, num_hidden_layers=5,
+        num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=512,
+    )  # fmt: skip
+    return LlamaForCausalLM(cfg).eval(), "random Llama, stories260K shape"
+
+
+def with_adapters(model: nn.Module, count: int, rank: int = 8) -> nn.Module:
+    """``model`` with ``count`` random rank-``rank`` adapters a0..a{count-1} on all linears."""
+    for i in range(count):
+        loraq.apply(model, loraq.LoraConfig(r=rank, alpha=2 * rank, targets="all-linear"), f"a{i}")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.02)
+    return model
+
+
+# ---------------------------------------------------------------------------------- timing
+def median_time(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def interleaved(fns: dict, repeats: int) -> dict[str, float]:
+    """Median seconds per function, the functions run in turn within each repeat."""
+    times = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+# ---------------------------------------------------------------------------------- 1. layer op
+def bench_layer(rows: int, tokens: int, repeats: int) -> None:
+    print(f"\n## layer op: Linear 576x576, rank 8, {rows} rows x {tokens} tokens, no grad")
+    layer = loraq.LoRALayer(nn.Linear(576, 576), rank=8, adapter_name="a0")
+    for i in range(1, 64):
+        layer.add_adapter(f"a{i}", 8, 16.0)
+    layer.eval()
+    x = torch.randn(rows, tokens, 576)
+
+    def mixed(n):
+        plan = RowAdapters.from_names([f"a{i % n}" for i in range(rows)])
+
+        def run():
+            layer.__dict__["row_adapters"] = plan
+            layer(x)
+            layer.__dict__["row_adapters"] = None
+
+        return run
+
+    def segments(n):
+        def run():
+            for i in range(n):
+                layer.active_adapters = [f"a{i}"]
+                layer(x[i::n])
+
+        return run
+
+    def single():
+        layer.active_adapters = ["a0"]
+        layer(x)
+
+    with torch.no_grad():
+        fns = {"single adapter": single}
+        for n in (1, 8, 64):
+            fns[f"mixed {n}"] = mixed(n)
+            fns[f"segments {n}"] = segments(n)
+        for fn in fns.values():
+            fn()
+        t = interleaved(fns, repeats)
+    for k, v in t.items():
+        print(f"  {k:<16} {v * 1e3:8.2f} ms   {v / t['single adapter']:.2f}x single")
+
+
+# ---------------------------------------------------------------------------------- 2. engine
+def bench_engine(model, clients: int, tokens: int, spread: int, prompts) -> dict:
+    from loraq.serve.engine import Engine, Request
+    from loraq.serve.registry import AdapterRegistry
+
+    class _Tok:  # the benchmark feeds token ids: one character of text per token
+        pad_token_id, eos_token_id = 0, None
+
+        def decode(self, ids, skip_special_tokens=True):
+            return "x" * len(ids)
+
+    registry = AdapterRegistry(model, max_resident=64)
+    for i in range(64):
+        registry.add_resident(f"a{i}")
+    engine = Engine(registry, _Tok(), max_batch=clients, max_queue=clients)
+    stamps: dict[int, list[float]] = {i: [] for i in range(clients)}
+    done: list[int] = []
+
+    def recorder(i):
+        def emit(event):
+            stamps[i].append(time.perf_counter())
+            if event["type"] != "text":
+                done.append(i)
+
+        return emit
+
+    reqs = [
+        Request(prompts[i], f"a{i % spread}", SamplingParams(max_new_tokens=tokens), recorder(i))
+        for i in range(clients)
+    ]
+    start = time.perf_counter()
+    engine.start()
+    for r in reqs:
+        r.created = time.perf_counter()
+        engine.submit(r)
+    while len(done) < clients:
+        time.sleep(0.001)
+    wall = time.perf_counter() - start
+    engine.stop()
+    ttft = [stamps[i][0] - reqs[i].created for i in range(clients)]
+    itl = [b - a for s in stamps.values() for a, b in zip(s[:-2], s[1:-1])]
+    return {"tok/s": clients * tokens / wall, "ttft": ttft, "itl": itl}
+
+
+# ---------------------------------------------------------------------------------- 3. PEFT
+def bench_vs_peft(model_fn, clients: int, tokens: int, prompts, repeats: int) -> None:
+    import copy
+
+    try:
+        import peft
+    except ImportError:
+        print("  (peft not installed: skipped)")
+        return
+    base = model_fn()
+    ours = with_adapters(copy.deepcopy(base), 8)
+    ref = copy.deepcopy(base)
+    import shutil
+    import tempfile
+
+    tmp = Path(tempfile.mkdtemp())
+    try:
+        for i in range(8):
+            loraq.save_adapter(ours, tmp / f"a{i}", adapter_name=f"a{i}")
+        peft_model = peft.PeftModel.from_pretrained(ref, tmp / "a0", adapter_name="a0")
+        for i in range(1, 8):
+            peft_model.load_adapter(tmp / f"a{i}", adapter_name=f"a{i}")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    peft_model.eval()
+    names = [f"a{i % 8}" for i in range(clients)]
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros(clients, width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p) :] = torch.tensor(p)
+        mask[i, width - len(p) :] = 1
+
+    def run_peft():
+        with torch.no_grad():
+            peft_model.generate(
+                input_ids=ids, attention_mask=mask, adapter_names=names,
+                max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, pad_token_id=0,
+            )  # fmt: skip
+
+    def run_ours():
+        seqs = [
+            SequenceState(p, n, SamplingParams(max_new_tokens=tokens))
+            for p, n in zip(prompts, names)
+        ]
+        run_to_completion(ours, seqs, max_batch=clients)
+
+    def run_one_at_a_time():
+        for p, n in zip(prompts[:8], names[:8]):  # 8 requests, scaled to the batch below
+            run_to_completion(ours, [SequenceState(p, n, SamplingParams(max_new_tokens=tokens))])
+
+    run_peft(), run_ours()
+    t = interleaved({"peft": run_peft, "loraq": run_ours, "one": run_one_at_a_time}, repeats)
+    one = t["one"] * clients / 8
+    n_tok = clients * tokens
+    print(f"  PEFT generate(adapter_names=)  {n_tok / t['peft']:8.0f} tok/s")
+    print(
+        f"  loraq mixed batch              {n_tok / t['loraq']:8.0f} tok/s   {t['peft'] / t['loraq']:.2f}x PEFT"
+    )
+    print(
+        f"  loraq one request at a time    {n_tok / one:8.0f} tok/s   batch is {one / t['loraq']:.2f}x faster"
+    )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--clients", type=int, default=64)
+    parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    _, what = base_model()
+    print(f"# loraq serving benchmark: {what}, {args.clients} clients x {args.tokens} tokens, "
+          f"{args.threads} threads, medians of {args.repeats}")  # fmt: skip
+    bench_layer(args.clients, 1, args.repeats * 5)
+    bench_layer(8, 128, args.repeats * 3)
+
+    print(f"\n## engine (continuous batching), {args.clients} concurrent requests")
+    vocab = 512
+    g = torch.Generator().manual_seed(0)
+    prompts = [
+        [1]
+        + torch.randint(
+            3, vocab, (int(torch.randint(4, 24, (1,), generator=g)),), generator=g
+        ).tolist()
+        for _ in range(args.clients)
+    ]
+    model = with_adapters(base_model()[0], 64)
+    results: dict[int, list[dict]] = {1: [], 8: [], 64: []}
+    for _ in range(args.repeats):
+        for spread in results:
+            results[spread].append(bench_engine(model, args.clients, args.tokens, spread, prompts))
+    one = statistics.median(r["tok/s"] for r in results[1])
+    for spread, runs in results.items():
+        tps = statistics.median(r["tok/s"] for r in runs)
+        ttft = [v for r in runs for v in r["ttft"]]
+        itl = [v for r in runs for v in r["itl"]]
+        print(
+            f"  {spread:>2} adapter(s): {tps:8.0f} tok/s ({tps / one:.2f}x one adapter)  "
+            f"TTFT p50 {pct(ttft, 0.5) * 1e3:6.1f} ms p99 {pct(ttft, 0.99) * 1e3:6.1f} ms  "
+            f"ITL p50 {pct(itl, 0.5) * 1e3:5.1f} ms p99 {pct(itl, 0.99) * 1e3:5.1f} ms"
+        )
+
+    print(f"\n## vs PEFT mixed batch and one-at-a-time ({args.clients} prompts over 8 adapters)")
+    bench_vs_peft(lambda: base_model()[0], args.clients, args.tokens, prompts, args.repeats)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
