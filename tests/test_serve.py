@@ -395,3 +395,23 @@ def test_serve_command_line_errors(tmp_path, capsys):
     assert "NAME=PATH" in capsys.readouterr().err
     assert main(["serve", "--base", str(tmp_path), "--adapter-dir", str(tmp_path / "no")]) == 2
     assert "is not a folder" in capsys.readouterr().err
+
+
+def test_adapter_dir_scan_skips_unsafe_folders(files, tmp_path):
+    import shutil
+
+    from loraq.serve.registry import AdapterRegistry
+
+    _, base, _, adapters = files
+    root = tmp_path / "dir"
+    shutil.copytree(adapters / "alpha", root / "good")
+    shutil.copytree(adapters / "alpha", root / "pickled")
+    (root / "pickled" / "adapter_model.bin").write_bytes(b"x")
+    shutil.copytree(adapters / "alpha", tmp_path / "elsewhere")
+    (root / "escape").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    shutil.copytree(adapters / "alpha", root / "bad.name")
+    registry = AdapterRegistry(torch.nn.Linear(1, 1), adapter_dir=root)
+    added, skipped = registry.add_from_dir()
+    assert added == ["good"]
+    assert len(skipped) == 3
+    assert any("pickle" in m for m in skipped) and any("outside" in m for m in skipped)

@@ -134,6 +134,7 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
 
     @app.exception_handler(ServeError)
     async def _serve_error(_request: Request, err: ServeError):
+        engine.metrics.requests.inc(outcome="rejected")
         return _error_response(err)
 
     @app.middleware("http")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
 SERVE_HELP = """\
@@ -89,7 +90,8 @@ def build_app(args: argparse.Namespace):
     try:
         for name, path in pairs:
             registry.add(name, path)
-        registry.add_from_dir()
+        for message in registry.add_from_dir()[1]:
+            print(f"loraq serve: skipped an adapter folder: {message}", file=sys.stderr)
         for name, _ in pairs[: args.max_adapters]:  # load the named ones now: fail fast
             registry.acquire(name)
             registry.release(name)

@@ -122,7 +122,10 @@ class ServerMetrics:
     """Every metric ``loraq serve`` exposes at ``GET /metrics``."""
 
     def __init__(self) -> None:
-        self.requests = Counter("loraq_requests_total", "HTTP generation requests by outcome.")
+        self.requests = Counter(
+            "loraq_requests_total",
+            "Requests by outcome: ok, error, cancelled, rejected (4xx before generating).",
+        )
         self.prompt_tokens = Counter("loraq_prompt_tokens_total", "Prompt tokens prefilled.")
         self.generated_tokens = Counter("loraq_generated_tokens_total", "Tokens generated.")
         self.queue_depth = Gauge("loraq_queue_depth", "Requests waiting to join the batch.")

@@ -140,17 +140,26 @@ class AdapterRegistry:
             self._entries[name] = AdapterEntry(path=None)
             self._resident[name] = None
 
-    def add_from_dir(self) -> list[str]:
-        """Register every sub-folder of ``adapter_dir`` holding an ``adapter_config.json``."""
+    def add_from_dir(self) -> tuple[list[str], list[str]]:
+        """Register every sub-folder of ``adapter_dir`` holding an ``adapter_config.json``.
+
+        Returns the names added and, for folders refused by the path rules (see
+        :func:`resolve_under`), one message each; a bad folder does not stop the others.
+        """
         if self.adapter_dir is None:
-            return []
-        added = []
+            return [], []
+        added, skipped = [], []
         for folder in sorted(self.adapter_dir.iterdir()):
-            if (folder / "adapter_config.json").is_file() and NAME_PATTERN.match(folder.name):
-                resolve_under(self.adapter_dir, folder.name)
-                self.add(folder.name, folder)
-                added.append(folder.name)
-        return added
+            if not (folder / "adapter_config.json").is_file():
+                continue
+            try:
+                check_name(folder.name, "adapter folder name")
+                self.add(folder.name, resolve_under(self.adapter_dir, folder.name))
+            except ServeError as err:
+                skipped.append(err.message)
+                continue
+            added.append(folder.name)
+        return added, skipped
 
     def add_runtime(self, name: object, relative: object) -> str:
         """``POST /v1/adapters``: register and load ``name`` from ``adapter_dir/relative``."""
