@@ -117,3 +117,25 @@ def test_generate_bad_input(setup):
         loraq.generate(model, tok, ["x"], max_new_tokens=0)
     with pytest.raises(ValueError, match="top_p"):
         loraq.generate(model, tok, ["x"], temperature=1.0, top_p=0.0)
+
+
+def test_stories260k_batched_rows_match_run_c_and_each_adapter_alone():
+    from stories260k import RUN_C_GREEDY, STORIES, decode_tokens, load_stories260k
+
+    if not (STORIES / "stories260K.bin").is_file():
+        pytest.skip("stories260K not found at ../shared/models/stories260K")
+    model = load_stories260k(STORIES)
+    for i, r in enumerate((4, 8)):
+        loraq.apply(model, loraq.LoraConfig(r=r, alpha=r, targets="all-linear"), f"s{i}")
+    torch.manual_seed(4)
+    randomize_adapters(model, 0.5)
+    names = [None, "s0", "s1", "s0", None]
+    prompts = [[1], [1], [1, 403, 261], [1, 403], [1, 403, 261]]
+    seqs = [SequenceState(p, n, SamplingParams(max_new_tokens=20)) for p, n in zip(prompts, names)]
+    loraq.generation.run_to_completion(model, seqs)
+    assert decode_tokens(STORIES, seqs[0].generated).strip().startswith(RUN_C_GREEDY[:60])
+    for seq in seqs[1:]:
+        alone = SequenceState(list(seq.prompt_ids), seq.adapter, seq.params)
+        loraq.generation.run_to_completion(model, [alone])
+        assert alone.generated == seq.generated
+    assert seqs[1].generated != seqs[0].generated  # the adapter changes the story
