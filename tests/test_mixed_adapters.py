@@ -89,12 +89,13 @@ def test_mixed_training_gives_each_adapter_only_its_rows_gradients():
     loraq.apply(model, loraq.LoraConfig(r=4, alpha=8, targets="all-linear", quant="nf4"), "a")
     loraq.apply(model, loraq.LoraConfig(r=2, alpha=4, targets=["q_proj", "v_proj"]), "b")
     loraq.apply(model, loraq.LoraConfig(r=4, targets="all-linear", use_dora=True), "d")
+    loraq.apply(model, loraq.LoraConfig(r=2, targets="all-linear", adapter_bits=4), "k")
     randomize_adapters(model)
-    names = ["a", "b", "a", "d", None, "b"]
+    names = ["a", "b", "a", "d", None, "b", "k"]
     ids = torch.randint(0, 64, (len(names), 6))
     params = {
         n: [p for k, p in model.named_parameters() if "lora_" in k and n in k.split(".")]
-        for n in "abd"
+        for n in "abdk"
     }
     for group in params.values():
         for p in group:
