@@ -10,6 +10,7 @@ from torch import nn
 
 import loraq
 from conftest import tiny_gpt2, tiny_llama
+from loraq.layers import mixed as mixed_op
 from loraq.layers.mixed import RowAdapters
 from loraq.layers.qlora import QLoRALayer
 from tiny_lm import randomize_adapters, single_thread  # noqa: F401
@@ -45,8 +46,10 @@ BASES = {
 }
 
 
+@pytest.mark.parametrize("strategy", ["gather", "concat"])
 @pytest.mark.parametrize("kind", list(BASES))
-def test_mixed_rows_equal_each_adapter_alone(kind):
+def test_mixed_rows_equal_each_adapter_alone(kind, strategy, monkeypatch):
+    monkeypatch.setattr(mixed_op, "STRATEGY", strategy)
     make_base, make_x = BASES[kind]
     layer = _layer_with_adapters(make_base())
     names = [n for n in layer.r]
@@ -201,3 +204,25 @@ def test_mixed_dropout_keeps_rows_independent():
     layer.__dict__["row_adapters"] = None
     layer.active_adapters = ["b"]
     torch.testing.assert_close(out[1:3], layer(x[1:3]), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("strategy", ["gather", "concat"])
+def test_layer_gradients_per_adapter_both_forms(strategy, monkeypatch):
+    monkeypatch.setattr(mixed_op, "STRATEGY", strategy)
+    layer = loraq.LoRALayer(nn.Linear(12, 10), rank=2, adapter_name="a").train()
+    layer.add_adapter("b", 6, 3.0)
+    layer.add_adapter("d", 3, 3.0, use_dora=True)
+    randomize_adapters(layer)
+    names = ["b", "a", None, "d", "b", "a"]
+    x = torch.randn(len(names), 4, 12)
+    layer.__dict__["row_adapters"] = RowAdapters.from_names(names)
+    (layer(x) ** 2).sum().backward()
+    layer.__dict__["row_adapters"] = None
+    mixed_grads = {n: [p.grad.clone() for p in layer.adapter_parameters(n)] for n in "abd"}
+    for name in "abd":
+        layer.zero_grad()
+        layer.active_adapters = [name]
+        rows = [i for i, n in enumerate(names) if n == name]
+        (layer(x[rows]) ** 2).sum().backward()
+        for p, g in zip(layer.adapter_parameters(name), mixed_grads[name]):
+            torch.testing.assert_close(g, p.grad, rtol=1e-5, atol=1e-5)

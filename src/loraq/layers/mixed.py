@@ -12,6 +12,7 @@ stack          ``A_s (slots, r_max, in)``, ``B_s (slots, out, r_max)``: each ada
                zero-padded to the largest rank, its scale folded into B; slot 0 is all zeros
 select         ``A_s[row_slot]``, ``B_s[row_slot]``: one slice per row (an index, not a copy loop)
 two thin bmm   ``delta = (x A_row^T) B_row^T`` of shape ``(R, T, out)``, added to the base output
+               (or, when it is cheaper, :func:`use_concat`: all slots side by side and a mask)
 DoRA           a per-slot column scale ``m / ||W + sBA||`` (1 for plain adapters and the base)
                turns the sum into ``scale * (base + delta)`` row by row
 =============  ==================================================================================
@@ -169,6 +170,37 @@ def _embedding_hidden(layer: Any, x: torch.Tensor, a_s: torch.Tensor, row_slot: 
     return hidden
 
 
+#: "auto" picks per call (:func:`use_concat`); "gather" or "concat" force one form (tests, benchmarks).
+STRATEGY = "auto"
+# A copied weight element costs about this many multiply-adds (memory-bound small copies).
+_COPY_COST = 8
+
+
+def use_concat(rows: int, tokens_per_row: int, slots: int) -> bool:
+    """Whether the concatenated form beats the per-row gather for this batch.
+
+    gather: each row copies its adapter's A and B (``rows * r * (in+out)`` elements) and then
+    multiplies only them (``tokens * r * (in+out)``). concat: every token multiplies all slots'
+    A and B stacked side by side (``tokens * slots * r * (in+out)``), then a mask keeps each
+    row's own slot: no copy, but work grows with the number of adapters. Decoding (one token per
+    row) over a few adapters favours concat; long prompts or many adapters favour gather.
+    """
+    if STRATEGY != "auto":
+        return STRATEGY == "concat"
+    tokens = rows * tokens_per_row
+    return tokens * slots <= tokens + _COPY_COST * rows
+
+
+def _concat_delta(x_in: torch.Tensor, a_s: torch.Tensor, b_s: torch.Tensor, row_slot: torch.Tensor):
+    """``(R, T, out)`` adapter outputs via all slots side by side and a per-row slot mask."""
+    slots, r_max, in_f = a_s.shape
+    hidden = torch.matmul(x_in, a_s.reshape(slots * r_max, in_f).t())  # (R, T, slots*r)
+    column_slot = torch.arange(slots, device=x_in.device).repeat_interleave(r_max)
+    own = (column_slot[None, :] == row_slot[:, None]).to(hidden.dtype)  # (R, slots*r)
+    hidden = hidden * own[:, None, :]
+    return torch.matmul(hidden, b_s.permute(0, 2, 1).reshape(slots * r_max, -1))
+
+
 def mixed_forward(
     layer: Any, plan: RowAdapters, x: torch.Tensor, *args: Any, **kwargs: Any
 ) -> torch.Tensor:
@@ -189,10 +221,15 @@ def mixed_forward(
     dtype = a_s.dtype
     if layer.kind == "embedding":
         hidden = _embedding_hidden(layer, x, a_s, row_slot).reshape(rows, -1, a_s.shape[1])
+        delta = torch.bmm(hidden, b_s[row_slot].transpose(1, 2))
     else:
         x_in = _row_dropout(layer, plan, x.to(dtype), row_slot).reshape(rows, -1, x.shape[-1])
-        hidden = torch.bmm(x_in, a_s[row_slot].transpose(1, 2))
-    delta = torch.bmm(hidden, b_s[row_slot].transpose(1, 2)).reshape(result.shape)
+        if use_concat(rows, x_in.shape[1], a_s.shape[0]):
+            delta = _concat_delta(x_in, a_s, b_s, row_slot)
+        else:
+            hidden = torch.bmm(x_in, a_s[row_slot].transpose(1, 2))
+            delta = torch.bmm(hidden, b_s[row_slot].transpose(1, 2))
+    delta = delta.reshape(result.shape)
     if dora is None:
         return result + delta.to(result.dtype)
     # DoRA rows: scale * (base without bias + delta) + bias; plain rows have scale 1.
