@@ -74,6 +74,36 @@ def test_resume_reuses_the_recorded_thread_count(tmp_path, llama, monkeypatch):
     assert fresh.num_threads == 1
 
 
+# ----------------------------------------------------------------------------- the seams
+def test_recipe_seams_compose(tmp_path, llama):
+    """setup / train_step / evaluate_session / finish, driven by hand as a recipe of one's own
+    would (a distributed one wraps the model in setup and steps through the wrapper)."""
+
+    class Counting(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.calls = inner, 0
+
+        def forward(self, **batch):
+            self.calls += 1
+            return self.inner(**batch)
+
+    cfg = load_config(small_config(tmp_path, llama, max_steps=2, num_threads=1, grad_accum=2))
+    session = loop.setup(cfg, log=lambda s: None, wrap_model=Counting)
+    assert session.wrapped.inner is session.model and session.stepping_model is session.wrapped
+    stats = [loop.train_step(session) for _ in range(2)]
+    assert session.wrapped.calls == 4 and session.state.step == 2  # 2 micro-batches per step
+    assert all(s.loss > 0 and s.tokens > 0 for s in stats)
+    scores = loop.evaluate_session(session, 2)
+    assert scores["eval_loss"] > 0 and session.state.best_step == 2
+    assert loop.save_session_checkpoint(session).name == "step-000002"
+    session.metrics.close()
+    result = loop.finish(session, started=0.0)
+    assert result.steps == 2 and (tmp_path / "run" / "adapter" / "adapter_config.json").is_file()
+    quiet = loop.setup(cfg, log=lambda s: None, main_process=False)
+    assert quiet.metrics is None and loop.save_session_checkpoint(quiet) is None
+
+
 # ----------------------------------------------------------------------------- empty eval
 def test_eval_without_labelled_tokens_says_so(tmp_path, llama):
     # An eval file was named but holds no example: nothing to score, and the run says so.

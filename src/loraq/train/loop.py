@@ -15,8 +15,10 @@ The seams, for a recipe of your own (a distributed one, say):
 * :func:`setup` builds a :class:`Session`: everything the steps need (model, optimizer,
   scheduler, the micro-batch stream, the :class:`~loraq.train.checkpoint.TrainState`, the
   metrics writer, the thread count). ``wrap_model`` is called on the trainable model before the
-  optimizer is built (where a DDP / FSDP wrapper goes); ``main_process=False`` makes a session
-  that writes nothing (no metrics, config, checkpoints or outputs), for ranks other than 0.
+  optimizer is built (where a DDP / FSDP wrapper goes): :func:`train_step` runs the wrapper
+  (``session.wrapped``), while evaluation, checkpoints and outputs use the plain model
+  (``session.model``). ``main_process=False`` makes a session that writes nothing (no metrics,
+  config, checkpoints or outputs), for ranks other than 0.
 * :func:`train_step` does one optimizer step over ``training.grad_accum`` micro-batches from
   ``session.stream`` and returns its :class:`StepStats`; it touches nothing but the model,
   optimizer, scheduler, stream and ``session.state``.
@@ -124,6 +126,12 @@ class Session:
     resumed_from: Path | None = None
     log: Callable[[str], None] = print
     main_process: bool = True
+    wrapped: nn.Module | None = None
+
+    @property
+    def stepping_model(self) -> nn.Module:
+        """The model that training steps run: the ``wrap_model`` wrapper, or the model."""
+        return self.wrapped if self.wrapped is not None else self.model
 
     @property
     def checkpoints(self) -> Path:
@@ -188,11 +196,10 @@ def setup(
         f"model: {type(model).__name__} ({_method_text(cfg)}) on {device}  "
         f"trainable {sizes['trainable']:,} / {sizes['total']:,} params"
     )
-    if wrap_model is not None:
-        model = wrap_model(model)
+    wrapped = wrap_model(model) if wrap_model is not None else None
 
     total_steps = total_steps_of(t, len(data.train))
-    optimizer = make_optimizer(model, t)
+    optimizer = make_optimizer(wrapped if wrapped is not None else model, t)
     scheduler = make_scheduler(optimizer, t, total_steps)
 
     state, resumed_from = _resume(cfg, out, model, optimizer, scheduler, log, main_process)
@@ -208,7 +215,7 @@ def setup(
     result.metric, result.num_threads = main_metric(cfg.model.task)[0], threads
     return Session(
         cfg, out, device, tokenizer, data, model, optimizer, scheduler, state, stream, metrics,
-        result, sizes, resumed_from, log, main_process,
+        result, sizes, resumed_from, log, main_process, wrapped,
     )  # fmt: skip
 
 
@@ -250,7 +257,7 @@ def train_step(session: Session) -> StepStats:
 
     Raises ``FloatingPointError`` when the loss is not finite (nothing is updated then).
     """
-    t, state, model = session.cfg.training, session.state, session.model
+    t, state, model = session.cfg.training, session.state, session.stepping_model
     tick = time.time()
     loss_sum, tokens = 0.0, 0
     for _ in range(t.grad_accum):

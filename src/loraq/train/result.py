@@ -29,6 +29,7 @@ class TrainResult:
     peak_rss_bytes: int = 0
     peak_gpu_bytes: int = 0
     wall_time_s: float = 0.0
+    # Torch CPU threads the run used (recorded in its checkpoints; a resumed run reuses it).
     num_threads: int = 0
     checkpoint: Path | None = None
     # Per optimizer step of this session: seconds (forward, backward, clip, optimizer; not eval
