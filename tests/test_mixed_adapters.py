@@ -226,3 +226,31 @@ def test_layer_gradients_per_adapter_both_forms(strategy, monkeypatch):
         (layer(x[rows]) ** 2).sum().backward()
         for p, g in zip(layer.adapter_parameters(name), mixed_grads[name]):
             torch.testing.assert_close(g, p.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_stacked_weights_cache_follows_edits_and_replacements():
+    layer = loraq.LoRALayer(nn.Linear(8, 8), rank=2, adapter_name="a").eval()
+    layer.add_adapter("b", 2, 2.0)
+    randomize_adapters(layer)
+    x = torch.randn(2, 8)
+    plan = RowAdapters.from_names(["a", "b"])
+
+    def mixed_out():
+        layer.__dict__["row_adapters"] = plan
+        try:
+            return layer(x)
+        finally:
+            layer.__dict__["row_adapters"] = None
+
+    with torch.no_grad():
+        first = mixed_out()
+        layer.lora_B["b"].weight.mul_(2.0)  # in place: the version counter moves
+        layer.active_adapters = ["b"]
+        torch.testing.assert_close(mixed_out()[1:], layer(x[1:]))
+        layer.delete_adapter("a")  # replaced under the same name
+        layer.add_adapter("a", 2, 2.0)
+        randomize_adapters(layer)
+        layer.active_adapters = ["a"]
+        out = mixed_out()
+        torch.testing.assert_close(out[:1], layer(x[:1]))
+        assert not torch.allclose(out[:1], first[:1])

@@ -116,10 +116,17 @@ def _stack(layer: Any, plan: RowAdapters, present: list[str], device: torch.devi
     return torch.stack(a_rows), torch.stack(b_rows), stacked_dora
 
 
+def _adapter_tensors(layer: Any, name: str) -> tuple[torch.Tensor, ...]:
+    a, b = layer._a_b_params(name)
+    if layer.use_dora[name]:
+        return a, b, layer.lora_magnitude_vector[name]
+    return a, b
+
+
 def _cache_key(layer: Any, plan: RowAdapters, present: list[str]) -> tuple:
     # The key holds the tensors themselves (compared by identity), so a deleted adapter's
     # tensors stay alive while cached and a new one can never reuse their id().
-    tensors = [t for name in present for t in layer.adapter_parameters(name)]
+    tensors = [t for name in present for t in _adapter_tensors(layer, name)]
     return plan.slots, tensors, [t._version for t in tensors]
 
 
