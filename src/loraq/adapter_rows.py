@@ -12,8 +12,14 @@ from collections.abc import Iterator, Sequence
 
 from torch import nn
 
+from .layers.lora import LoRALayer
 from .layers.mixed import RowAdapters
 from .model import adapter_names, config_of, lora_layers
+
+
+def lora_layer_list(model: nn.Module) -> list[LoRALayer]:
+    """Every LoRA layer of ``model`` (a walk over its modules)."""
+    return [layer for _, layer in lora_layers(model)]
 
 
 def validate_row_names(model: nn.Module, names: Sequence[str | None]) -> list[str | None]:
@@ -23,8 +29,9 @@ def validate_row_names(model: nn.Module, names: Sequence[str | None]) -> list[st
             f"adapter_names must be a list with one adapter name (or None) per row, got {names!r}"
         )
     known = adapter_names(model)
+    checked: set[str] = set()
     for i, name in enumerate(names):
-        if name is None:
+        if name is None or name in checked:
             continue
         if not isinstance(name, str):
             raise TypeError(f"adapter_names[{i}] must be a string or None, got {name!r}")
@@ -32,6 +39,7 @@ def validate_row_names(model: nn.Module, names: Sequence[str | None]) -> list[st
             raise ValueError(
                 f"adapter_names[{i}]={name!r} is not an adapter of the model; adapters: {known}"
             )
+        checked.add(name)
         if config_of(model, name).modules_to_save:
             raise ValueError(
                 f"adapter {name!r} has modules_to_save; mixed-adapter batches support LoRA "
@@ -41,14 +49,18 @@ def validate_row_names(model: nn.Module, names: Sequence[str | None]) -> list[st
 
 
 @contextlib.contextmanager
-def adapter_rows(model: nn.Module, names: Sequence[str | None]) -> Iterator[RowAdapters]:
+def adapter_rows(
+    model: nn.Module, names: Sequence[str | None], layers: list[LoRALayer] | None = None
+) -> Iterator[RowAdapters]:
     """Context manager: row ``i`` of every batch passed to ``model`` uses adapter ``names[i]``.
 
     The batch dimension (dim 0 of each adapted layer's input) must have ``len(names)`` rows.
-    ``None`` rows see the base model. Contexts do not nest on the same model.
+    ``None`` rows see the base model. Contexts do not nest on the same model. ``layers`` may
+    pass the model's LoRA layers (:func:`lora_layer_list`) to skip walking the module tree, as a
+    decode loop does while the set of adapters stays the same.
     """
     plan = RowAdapters.from_names(validate_row_names(model, names))
-    layers = [layer for _, layer in lora_layers(model)]
+    layers = lora_layer_list(model) if layers is None else layers
     if any(layer.__dict__.get("row_adapters") is not None for layer in layers):
         raise RuntimeError("adapter_rows() is already active on this model; contexts do not nest")
     for layer in layers:

@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .adapter_rows import adapter_rows, validate_row_names
+from .adapter_rows import adapter_rows, lora_layer_list, validate_row_names
+from .model import adapter_names
 from .sampling import sample_next
 
 
@@ -125,12 +126,21 @@ class DecodeBatch:
         self._next_pos: torch.Tensor | None = None  # (rows,) its position id
         self._cache_arg = _cache_arg(model)
         self._device = next(model.parameters()).device
+        self._layer_cache: tuple | None = None
 
     def __len__(self) -> int:
         return len(self.sequences)
 
+    def _layers(self) -> list:
+        # Wrappers appear only when an adapter is added, so the walk over the module tree is
+        # redone only when the model's adapter names change.
+        key = tuple(adapter_names(self.model))
+        if self._layer_cache is None or self._layer_cache[0] != key:
+            self._layer_cache = (key, lora_layer_list(self.model))
+        return self._layer_cache[1]
+
     def _forward(self, adapters, ids, mask, positions, cache):
-        with adapter_rows(self.model, adapters):
+        with adapter_rows(self.model, adapters, self._layers()):
             out = self.model(
                 input_ids=ids.to(self._device),
                 attention_mask=mask.to(self._device),

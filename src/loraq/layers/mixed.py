@@ -28,7 +28,7 @@ the adapter tensors and their in-place version counters, so an edited or replace
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -48,6 +48,8 @@ class RowAdapters:
 
     slots: tuple[str | None, ...]
     row_slot: torch.Tensor
+    # per-plan derived tensors (row masks of the concatenated form), built on first use
+    _derived: dict = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def from_names(cls, names: list[str | None] | tuple[str | None, ...]) -> RowAdapters:
@@ -59,6 +61,15 @@ class RowAdapters:
                 slots.append(name)
             index.append(slots.index(name))
         return cls(tuple(slots), torch.tensor(index, dtype=torch.long))
+
+    def slot_mask(self, r_max: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """``(rows, slots * r_max)``: 1 where a column of the concatenated form is the row's."""
+        key = (r_max, device, dtype)
+        if key not in self._derived:
+            column_slot = torch.arange(len(self.slots), device=device).repeat_interleave(r_max)
+            row_slot = self.row_slot.to(device)
+            self._derived[key] = (column_slot[None, :] == row_slot[:, None]).to(dtype)
+        return self._derived[key]
 
     @property
     def rows(self) -> int:
@@ -113,7 +124,10 @@ def _stack(layer: Any, plan: RowAdapters, present: list[str], device: torch.devi
         else:
             dora.append(torch.ones(out_f, dtype=dtype, device=device))
     stacked_dora = torch.stack(dora) if any_dora else None
-    return torch.stack(a_rows), torch.stack(b_rows), stacked_dora
+    a_s, b_s = torch.stack(a_rows), torch.stack(b_rows)
+    # B of every slot side by side, (slots * r_max, out), for the concatenated form
+    b_cat = b_s.permute(0, 2, 1).reshape(len(plan.slots) * r_max, out_f)
+    return a_s, b_s, stacked_dora, b_cat
 
 
 def _adapter_tensors(layer: Any, name: str) -> tuple[torch.Tensor, ...]:
@@ -198,14 +212,11 @@ def use_concat(rows: int, tokens_per_row: int, slots: int) -> bool:
     return tokens * slots <= tokens + _COPY_COST * rows
 
 
-def _concat_delta(x_in: torch.Tensor, a_s: torch.Tensor, b_s: torch.Tensor, row_slot: torch.Tensor):
-    """``(R, T, out)`` adapter outputs via all slots side by side and a per-row slot mask."""
+def _concat_delta(x_in, a_s, b_cat, own) -> torch.Tensor:
+    """``(R, T, out)`` adapter outputs via all slots side by side and the per-row slot mask."""
     slots, r_max, in_f = a_s.shape
     hidden = torch.matmul(x_in, a_s.reshape(slots * r_max, in_f).t())  # (R, T, slots*r)
-    column_slot = torch.arange(slots, device=x_in.device).repeat_interleave(r_max)
-    own = (column_slot[None, :] == row_slot[:, None]).to(hidden.dtype)  # (R, slots*r)
-    hidden = hidden * own[:, None, :]
-    return torch.matmul(hidden, b_s.permute(0, 2, 1).reshape(slots * r_max, -1))
+    return torch.matmul(hidden * own[:, None, :], b_cat)
 
 
 def mixed_forward(
@@ -223,7 +234,7 @@ def mixed_forward(
     if not present:
         return result
     device = result.device
-    a_s, b_s, dora = _stacked(layer, plan, present, device)
+    a_s, b_s, dora, b_cat = _stacked(layer, plan, present, device)
     row_slot = plan.row_slot.to(device)
     dtype = a_s.dtype
     if layer.kind == "embedding":
@@ -232,7 +243,8 @@ def mixed_forward(
     else:
         x_in = _row_dropout(layer, plan, x.to(dtype), row_slot).reshape(rows, -1, x.shape[-1])
         if use_concat(rows, x_in.shape[1], a_s.shape[0]):
-            delta = _concat_delta(x_in, a_s, b_s, row_slot)
+            own = plan.slot_mask(a_s.shape[1], device, dtype)
+            delta = _concat_delta(x_in, a_s, b_cat, own)
         else:
             hidden = torch.bmm(x_in, a_s[row_slot].transpose(1, 2))
             delta = torch.bmm(hidden, b_s[row_slot].transpose(1, 2))
