@@ -50,16 +50,23 @@ def validate_row_names(model: nn.Module, names: Sequence[str | None]) -> list[st
 
 @contextlib.contextmanager
 def adapter_rows(
-    model: nn.Module, names: Sequence[str | None], layers: list[LoRALayer] | None = None
+    model: nn.Module,
+    names: Sequence[str | None] | RowAdapters,
+    layers: list[LoRALayer] | None = None,
 ) -> Iterator[RowAdapters]:
     """Context manager: row ``i`` of every batch passed to ``model`` uses adapter ``names[i]``.
 
     The batch dimension (dim 0 of each adapted layer's input) must have ``len(names)`` rows.
-    ``None`` rows see the base model. Contexts do not nest on the same model. ``layers`` may
+    ``None`` rows see the base model. Contexts do not nest on the same model. ``names`` may
+    also be a :class:`~loraq.layers.mixed.RowAdapters` plan reused across calls. ``layers`` may
     pass the model's LoRA layers (:func:`lora_layer_list`) to skip walking the module tree, as a
     decode loop does while the set of adapters stays the same.
     """
-    plan = RowAdapters.from_names(validate_row_names(model, names))
+    if isinstance(names, RowAdapters):  # a plan kept across calls keeps its derived tensors
+        plan = names
+        validate_row_names(model, list(plan.slots[1:]))
+    else:
+        plan = RowAdapters.from_names(validate_row_names(model, names))
     layers = lora_layer_list(model) if layers is None else layers
     if any(layer.__dict__.get("row_adapters") is not None for layer in layers):
         raise RuntimeError("adapter_rows() is already active on this model; contexts do not nest")

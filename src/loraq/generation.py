@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from .adapter_rows import adapter_rows, lora_layer_list, validate_row_names
+from .layers.mixed import RowAdapters
 from .model import adapter_names
 from .sampling import sample_next
 
@@ -127,6 +128,7 @@ class DecodeBatch:
         self._cache_arg = _cache_arg(model)
         self._device = next(model.parameters()).device
         self._layer_cache: tuple | None = None
+        self._plan_cache: tuple | None = None
 
     def __len__(self) -> int:
         return len(self.sequences)
@@ -139,8 +141,15 @@ class DecodeBatch:
             self._layer_cache = (key, lora_layer_list(self.model))
         return self._layer_cache[1]
 
+    def _plan(self, adapters: list[str | None]) -> RowAdapters:
+        # The running rows keep one plan from step to step (its per-plan tensors stay cached).
+        key = tuple(adapters)
+        if self._plan_cache is None or self._plan_cache[0] != key:
+            self._plan_cache = (key, RowAdapters.from_names(adapters))
+        return self._plan_cache[1]
+
     def _forward(self, adapters, ids, mask, positions, cache):
-        with adapter_rows(self.model, adapters, self._layers()):
+        with adapter_rows(self.model, self._plan(adapters), self._layers()):
             out = self.model(
                 input_ids=ids.to(self._device),
                 attention_mask=mask.to(self._device),
