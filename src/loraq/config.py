@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+from .patterns import unsafe_regex_reason
 
 #: Values accepted by ``LoraConfig.init``.
 INIT_METHODS = ("kaiming", "gaussian", "pissa")
@@ -93,10 +96,15 @@ class LoraConfig:
         if (
             isinstance(self.alpha, bool)
             or not isinstance(self.alpha, (int, float))
+            or not math.isfinite(self.alpha)
             or self.alpha <= 0
         ):
-            raise _bad("alpha", self.alpha, "a positive number")
-        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
+            raise _bad("alpha", self.alpha, "a finite positive number")
+        if (
+            isinstance(self.dropout, bool)
+            or not isinstance(self.dropout, (int, float))
+            or not 0.0 <= self.dropout < 1.0
+        ):
             raise _bad("dropout", self.dropout, "a probability in [0, 1)")
         self.targets = _check_names("targets", self.targets, allow_all_linear=True)
         if self.exclude is not None:
@@ -166,6 +174,11 @@ def _check_names(field_name: str, value: Any, *, allow_all_linear: bool) -> str 
             re.compile(value)
         except re.error as err:
             raise _bad(field_name, value, f"a valid regular expression ({err})") from None
+        problem = unsafe_regex_reason(value)
+        if problem is not None:
+            raise _bad(
+                field_name, value, f"a regular expression that matches in bounded time ({problem})"
+            )
         return value
     if isinstance(value, (list, tuple, set, frozenset)) and value:
         if all(isinstance(v, str) and v for v in value):

@@ -20,6 +20,7 @@ from .layers.lora import (
     is_quantized_linear,
     layer_kind,
 )
+from .transaction import model_transaction
 
 #: Attribute on the model holding ``{adapter_name: LoraConfig}``.
 CONFIGS_ATTR = "loraq_configs"
@@ -132,13 +133,23 @@ def _require_adapter(model: nn.Module, name: str) -> None:
 
 
 # ---------------------------------------------------------------------------------- apply
-def apply(model: nn.Module, config: LoraConfig, adapter_name: str = "default") -> nn.Module:
+def apply(
+    model: nn.Module,
+    config: LoraConfig,
+    adapter_name: str = "default",
+    *,
+    allow_large_rank: bool = False,
+) -> nn.Module:
     """Add LoRA adapters to ``model`` in place and return it.
 
     Each targeted module is wrapped in a :class:`LoRALayer` (the original stays inside, frozen);
     every other parameter is frozen except ``modules_to_save`` and the biases ``config.bias``
     names. When ``config.quant`` is set, the frozen base's Linear layers are quantized first.
     The new adapter becomes the active one (see :func:`set_adapter` to switch).
+
+    ``config.r`` may not exceed ``min(in, out)`` of a targeted layer (a larger rank adds
+    parameters, not expressiveness) unless ``allow_large_rank=True``. Everything is checked
+    before the model changes, and a call that raises leaves the model exactly as it was.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"apply() needs a torch.nn.Module, got {type(model).__name__}")
@@ -159,13 +170,33 @@ def apply(model: nn.Module, config: LoraConfig, adapter_name: str = "default") -
         )
 
     targets = find_targets(model, config)
+    saved = {name: _saved_module_matches(model, name) for name in config.modules_to_save or []}
+    _check_targets(model, config, targets, allow_large_rank)
+    protect = []
+    if config.init == "pissa":  # PiSSA rewrites the base weight in place
+        protect = [
+            t for n in targets for t in model.get_submodule(n).state_dict(keep_vars=True).values()
+        ]
+    with model_transaction(model, protect):
+        _apply_checked(model, config, adapter_name, targets, saved)
+    return model
+
+
+def _apply_checked(
+    model: nn.Module,
+    config: LoraConfig,
+    adapter_name: str,
+    targets: list[str],
+    saved: dict[str, list[str]],
+) -> None:
+    configs: dict[str, LoraConfig] = getattr(model, CONFIGS_ATTR, {})
     if config.quant is not None:
         from .quantize_model import quantize_model
 
         quantize_model(model, config, adapted=targets)
 
-    for name in config.modules_to_save or []:
-        _add_saved_module(model, name, adapter_name)
+    unique = dict.fromkeys(full for matches in saved.values() for full in matches)
+    _add_saved_module(model, list(unique), adapter_name)
 
     options = {"init": config.init, "use_rslora": config.use_rslora, "use_dora": config.use_dora}
     for name in targets:
@@ -185,15 +216,57 @@ def apply(model: nn.Module, config: LoraConfig, adapter_name: str = "default") -
     targets_by_adapter[adapter_name] = targets
     setattr(model, TARGETS_ATTR, targets_by_adapter)
     set_adapter(model, adapter_name)
-    return model
 
 
-def _add_saved_module(model: nn.Module, name: str, adapter_name: str) -> None:
+def _saved_module_matches(model: nn.Module, name: str) -> list[str]:
     matches = [n for n, m in _candidate_modules(model) if n and name_matches(n, [name])]
     if not matches:
         raise ValueError(
             f"LoraConfig.modules_to_save entry {name!r} matches no module in the model"
         )
+    return matches
+
+
+def _rank_limit(module: nn.Module) -> int:
+    """``min`` of the adapter matrix shape for ``module`` (rows of B, columns of A)."""
+    if isinstance(module, LoRALayer):
+        module = module.base_layer
+    if is_quantized_linear(module):
+        return min(module.in_features, module.out_features)
+    weight = module.weight
+    if isinstance(module, nn.Embedding):
+        return min(weight.shape)
+    return min(weight.shape[0], weight[0].numel()) if weight.dim() > 2 else min(weight.shape)
+
+
+def _check_targets(
+    model: nn.Module, config: LoraConfig, targets: list[str], allow_large_rank: bool
+) -> None:
+    """What adding the adapter would reject half-way, checked before the model changes."""
+    for name in targets:
+        module = model.get_submodule(name)
+        inner = module.base_layer if isinstance(module, LoRALayer) else module
+        limit = _rank_limit(inner)
+        if config.r > limit and (not allow_large_rank or config.init == "pissa"):
+            raise ValueError(
+                f"LoraConfig.r={config.r} is invalid for module {name!r}: expected at most "
+                f"min(in, out) = {limit} (a larger rank adds parameters but no expressiveness; "
+                "pass allow_large_rank=True to loraq.apply to allow it)"
+            )
+        if config.use_dora and layer_kind(inner) == "embedding":
+            raise ValueError(
+                f"LoraConfig.use_dora=True is invalid for module {name!r}: DoRA is not "
+                "supported for nn.Embedding layers; exclude it or target Linear/Conv layers"
+            )
+        if config.init == "pissa" and layer_kind(inner) == "conv":
+            if any(k != 1 for k in inner.kernel_size):
+                raise ValueError(
+                    f"LoraConfig.init='pissa' is invalid for module {name!r}: PiSSA on a "
+                    "convolution needs a 1x1 kernel"
+                )
+
+
+def _add_saved_module(model: nn.Module, matches: list[str], adapter_name: str) -> None:
     for full in matches:
         module = model.get_submodule(full)
         if not isinstance(module, ModulesToSave):
@@ -206,6 +279,14 @@ def set_adapter(model: nn.Module, name: str) -> None:
     """Make adapter ``name`` the active (and the only trainable) adapter."""
     _require_adapter(model, name)
     config: LoraConfig = getattr(model, CONFIGS_ATTR)[name]
+    merged = sorted({a for _, layer in lora_layers(model) for a in layer.merged_adapters})
+    if merged and merged != [name]:
+        # A merged adapter stays in the base weights whatever is active; switching without
+        # unmerging would compute base + old + new. PEFT unmerges here too.
+        warnings.warn(
+            f"set_adapter({name!r}): unmerging adapter(s) {merged} first", UserWarning, stacklevel=2
+        )
+        unmerge(model)
     for param in model.parameters():
         param.requires_grad_(False)
     for _, layer in lora_layers(model):

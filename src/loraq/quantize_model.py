@@ -9,6 +9,7 @@ from .config import LoraConfig
 from .layers.lora import LoRALayer, ModulesToSave, is_gpt2_conv1d, is_quantized_linear, layer_kind
 from .layers.quantized import Embedding4bit, Linear4bit, Linear8bit
 from .model import _candidate_modules, _set_submodule, name_matches, output_head_names
+from .transaction import model_transaction
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -53,7 +54,7 @@ def quantize_model(
     skip = list(config.quant_skip or []) + list(config.modules_to_save or [])
     adapted = set(adapted or [])
     dtype = compute_dtype_of(config)
-    done: list[str] = []
+    plan: list[tuple[str, nn.Module]] = []
     for name, module in list(_candidate_modules(model)):
         if (
             not name
@@ -62,6 +63,26 @@ def quantize_model(
             or name_matches(name, skip)
         ):
             continue
+        linear = isinstance(module, nn.Linear) or is_gpt2_conv1d(module)
+        table = config.quant_embeddings and type(module) is nn.Embedding and name not in adapted
+        if linear or table:
+            plan.append((name, module))
+    # Check every weight before changing anything, so a bad layer leaves the model untouched.
+    for name, module in plan:
+        if not bool(torch.isfinite(module.weight).all()):
+            raise ValueError(
+                f"cannot quantize {name}.weight: it holds NaN or Inf values (LoraConfig.quant="
+                f"{config.quant!r}); fix the weights or list {name!r} in LoraConfig.quant_skip"
+            )
+    with model_transaction(model):
+        return _quantize_planned(model, config, plan, dtype)
+
+
+def _quantize_planned(
+    model: nn.Module, config: LoraConfig, plan: list[tuple[str, nn.Module]], dtype: torch.dtype
+) -> list[str]:
+    done: list[str] = []
+    for name, module in plan:
         if isinstance(module, nn.Linear) or is_gpt2_conv1d(module):
             linear = _as_linear(module)
             if config.quant == "int8":
@@ -76,15 +97,13 @@ def quantize_model(
                     double_quant=config.double_quant,
                     compute_dtype=dtype,
                 )
-        elif config.quant_embeddings and type(module) is nn.Embedding and name not in adapted:
+        else:
             new = Embedding4bit.from_embedding(
                 module,
                 quant_type="nf4" if config.quant == "int8" else config.quant,
                 blocksize=config.blocksize,
                 double_quant=config.double_quant,
             )
-        else:
-            continue
         if is_gpt2_conv1d(module):
             new.loraq_source = "Conv1D"  # so dequantize_model can restore transformers' layout
         _set_submodule(model, name, new)

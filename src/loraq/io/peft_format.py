@@ -31,8 +31,10 @@ from torch import nn
 
 from ..config import LoraConfig
 from ..layers.lora import LoRALayer, ModulesToSave
-from ..model import CONFIGS_ATTR, adapter_names, apply, delete_adapter
+from ..model import CONFIGS_ATTR, adapter_names, apply, find_targets
+from ..transaction import model_transaction
 from . import adapter_codes
+from .adapter_check import check_adapter_shapes, check_finite
 from .peft_config import ADAPTER_BITS_FIELD, lora_config_from_peft, peft_config_dict
 from .safe import (
     PICKLE_SUFFIXES,
@@ -185,9 +187,11 @@ def load_adapter_tensors(
                 f"{source}: tensor {key!r} has shape {tuple(tensor.shape)} but the model "
                 f"expects {tuple(target.shape)}"
             )
+    # Convert everything first, so the in-place copies below cannot fail half-way.
+    ready = {name: tensor.to(state[name].dtype) for name, (_, tensor) in mapped.items()}
     with torch.no_grad():
-        for name, (_, tensor) in mapped.items():
-            state[name].copy_(tensor.to(state[name].dtype))
+        for name, tensor in ready.items():
+            state[name].copy_(tensor)
 
 
 def _disk_key(name: str, adapter: str) -> str:
@@ -322,6 +326,7 @@ def read_adapter(
     else:
         weights = weights_file(folder, WEIGHTS_NAME)
         tensors, _ = read_safetensors(weights)
+    check_finite(tensors, str(weights))
     return config, tensors, weights
 
 
@@ -377,10 +382,11 @@ def load_adapter(
         )
     config, tensors, weights = read_adapter(path, adapter_name)
     config = _drop_absent_saved_modules(model, config.replace(**base_options))
-    apply(model, config, adapter_name)
-    try:
+    # Check the file against its config and the model before allocating anything, then change
+    # the model as one transaction: a failure leaves it exactly as it was.
+    check_adapter_shapes(model, config, find_targets(model, config), tensors, PREFIX, str(weights))
+    with model_transaction(model):
+        # A PEFT file may hold a rank above min(in, out); its tensors are checked above.
+        apply(model, config, adapter_name, allow_large_rank=True)
         load_adapter_tensors(model, adapter_name, tensors, source=str(weights))
-    except Exception:
-        delete_adapter(model, adapter_name)  # leave no half-loaded adapter behind
-        raise
     return model

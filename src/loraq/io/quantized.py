@@ -203,17 +203,29 @@ def _build_model(folder: Path, data: dict[str, Any], model_class: Any) -> nn.Mod
     if not is_hf:
         return model_class()
     import transformers
-    from transformers import AutoConfig
+    from transformers import AutoConfig, PreTrainedModel
 
+    config_file = folder / "config.json"
     if model_class is None:
         archs = data.get("architectures") or []
-        model_class = getattr(transformers, archs[0], None) if archs else None
-        if model_class is None:
+        first = archs[0] if isinstance(archs, list) and archs else None
+        model_class = getattr(transformers, first, None) if isinstance(first, str) else None
+        if not (isinstance(model_class, type) and issubclass(model_class, PreTrainedModel)):
             raise FormatError(
-                f"{folder / 'config.json'}: field 'architectures' ({archs}) names no "
-                "transformers class; pass model_class= (e.g. AutoModelForCausalLM)"
+                f"{config_file}: field 'architectures' ({archs!r}) names no transformers model "
+                "class; pass model_class= (e.g. AutoModelForCausalLM)"
             )
-    config = AutoConfig.from_pretrained(str(folder))
+    try:
+        config = AutoConfig.from_pretrained(str(folder))
+    except (ValueError, KeyError, OSError, TypeError) as err:
+        raise FormatError(f"{config_file}: transformers cannot read this config: {err}") from None
+    wanted = getattr(model_class, "config_class", None)
+    if isinstance(wanted, type) and not isinstance(config, wanted):
+        raise FormatError(
+            f"{config_file}: field 'architectures' names {model_class.__name__}, which needs a "
+            f"{wanted.__name__}, but the config is a {type(config).__name__} (model_type "
+            f"{getattr(config, 'model_type', None)!r}); fix 'architectures' or pass model_class="
+        )
     if hasattr(config, "quantization_config"):
         delattr(config, "quantization_config")  # the model is built dense, then swapped
     try:

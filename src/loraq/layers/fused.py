@@ -176,6 +176,10 @@ def lora_linear(
     """
     if (weight is None) == (base_out is None):
         raise ValueError("lora_linear needs exactly one of `weight` and `base_out`")
+    if not x.is_floating_point():
+        raise TypeError(
+            f"lora_linear expects a floating-point input (as nn.Linear does), got {x.dtype}"
+        )
     if isinstance(weight, torch.Tensor) and weight.requires_grad:
         raise ValueError("lora_linear treats the base weight as frozen, but it requires grad")
     return _LoraLinearFunction.apply(

@@ -30,6 +30,7 @@ from torch import nn
 
 from .adapter_quant import fake_quantize
 from .fused import lora_linear
+from .merged_guard import guard_merged
 from .mixed import mixed_forward
 
 _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -410,7 +411,16 @@ class LoRALayer(nn.Module):
             return self.base_layer(x, *args, **kwargs)
         active = [n for n in self.active_adapters if n in self.r and n not in self.merged_adapters]
         if not active:
-            return self.base_layer(x, *args, **kwargs)
+            out = self.base_layer(x, *args, **kwargs)
+            if not self.merged_adapters:
+                return out
+            trainable = [
+                p
+                for n in self.merged_adapters
+                for p in self.adapter_parameters(n)
+                if p.requires_grad
+            ]
+            return guard_merged(out, self.merged_adapters, trainable)
 
         first = active[0]
         fused_base = None if (args or kwargs or self.use_dora[first]) else self._fusable_base(x)

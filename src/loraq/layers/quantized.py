@@ -209,6 +209,11 @@ class _QuantizedLinear(_QuantizedModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ W^T + b`` with W dequantized to ``compute_dtype``; output in ``x.dtype``."""
+        if not x.is_floating_point():
+            raise TypeError(
+                f"{type(self).__name__} expects a floating-point input (as nn.Linear does), got "
+                f"{x.dtype}"
+            )
         if x.shape[-1] != self.in_features:
             raise ValueError(
                 f"expected input with last dimension {self.in_features}, got {tuple(x.shape)}"

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
@@ -450,6 +451,11 @@ def _matches(value: Any, tp: Any) -> tuple[bool, Any]:
 def validate(cfg: TrainConfig) -> None:
     """Check ranges and combinations; raise :class:`ConfigError` naming the key."""
     m, d, t = cfg.model, cfg.data, cfg.training
+    for section in SECTIONS:
+        for f in dataclasses.fields(getattr(cfg, section)):
+            value = getattr(getattr(cfg, section), f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{section}.{f.name} must be a finite number, got {value}")
     if not m.path:
         raise ConfigError("model.path is required: a local model folder (or pkg:NAME)")
     if not d.train:

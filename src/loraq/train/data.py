@@ -17,6 +17,7 @@ The pieces, each usable on its own:
 from __future__ import annotations
 
 import csv
+import io
 import json
 import random
 from collections.abc import Iterator
@@ -83,13 +84,41 @@ def read_records(path: str | Path, format: str = "auto") -> list[dict[str, Any]]
             records.append(record)
         return records
     if fmt in ("csv", "tsv"):
-        reader = csv.DictReader(text.splitlines(), delimiter="," if fmt == "csv" else "\t")
-        if not reader.fieldnames:
-            raise ConfigError(f"'{path}' has no header row naming its columns")
-        return [dict(row) for row in reader]
+        return _read_table(path, text, fmt)
     if fmt == "text":
         return [{"text": line} for line in text.splitlines() if line.strip()]
     raise ConfigError(f"data.format '{fmt}' is not one of auto, jsonl, csv, tsv, text")
+
+
+def _read_table(path: Path, text: str, fmt: str) -> list[dict[str, Any]]:
+    """Rows of a CSV/TSV file with a header; a row with too few or too many fields is an error
+    naming its line. TSV is read without quote processing: a ``"`` is an ordinary character."""
+    if fmt == "csv":
+        reader = csv.reader(io.StringIO(text, newline=""))
+    else:
+        reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t", quoting=csv.QUOTE_NONE)
+    try:
+        header = next(reader, None)
+        if not header or not any(h.strip() for h in header):
+            raise ConfigError(f"'{path}' has no header row naming its columns")
+        duplicates = sorted({h for h in header if header.count(h) > 1})
+        if duplicates:
+            raise ConfigError(f"'{path}' line 1: the header names column(s) {duplicates} twice")
+        rows = []
+        for row in reader:
+            if not row or (len(row) == 1 and not row[0].strip()):
+                continue  # a blank line
+            if len(row) != len(header):
+                raise ConfigError(
+                    f"'{path}' line {reader.line_num}: row has {len(row)} field(s), the header "
+                    f"has {len(header)} ({', '.join(header)})"
+                )
+            rows.append(dict(zip(header, row)))
+        return rows
+    except csv.Error as err:
+        raise ConfigError(
+            f"'{path}' line {reader.line_num}: not valid {fmt.upper()} ({err})"
+        ) from None
 
 
 def _token_ids(tokenizer, text: str, special: bool) -> list[int]:
@@ -156,7 +185,9 @@ def seq_cls_example(
                 f"{where} has no label column '{label_column}' (columns: {sorted(record)}); "
                 "set data.label_column"
             )
-        label = str(record[label_column]).strip()
+        label = _label_text(record[label_column])
+        if not label:
+            raise ConfigError(f"{where} has no label (column '{label_column}' is empty or null)")
         if label2id is not None and label not in label2id:
             raise ConfigError(f"{where}: label {label!r} is not one of {sorted(label2id)}")
         example["label"] = label2id[label] if label2id is not None else int(label)
@@ -170,11 +201,23 @@ def infer_labels(records: list[dict[str, Any]], label_column: str, where: str) -
             f"{where} has no label column '{label_column}' (columns: {sorted(records[0])}); "
             "set data.label_column"
         )
-    names = {str(r.get(label_column, "")).strip() for r in records}
-    names.discard("")
+    names = set()
+    for i, record in enumerate(records):
+        name = _label_text(record.get(label_column))
+        if not name:
+            raise ConfigError(
+                f"{where} row {i + 1} has no label (column '{label_column}' is missing, empty "
+                "or null)"
+            )
+        names.add(name)
     if all(n.lstrip("-").isdigit() for n in names):
         return sorted(names, key=int)
     return sorted(names)
+
+
+def _label_text(value: Any) -> str:
+    """A label as its class name; '' for a missing or null label."""
+    return "" if value is None else str(value).strip()
 
 
 def pack(examples: list[dict[str, list[int]]], block_size: int) -> list[dict[str, list[int]]]:
@@ -235,6 +278,11 @@ def micro_batches(
     Starting at ``(start_epoch, start_batch)`` reproduces exactly the batches an uninterrupted
     stream would yield from that point on, which is what resuming needs.
     """
+    if not examples or batch_size <= 0:
+        raise ValueError(
+            f"micro_batches needs examples and a positive batch_size (got {len(examples)} "
+            f"examples, batch_size {batch_size}); an empty stream would never yield"
+        )
     n_batches = batches_per_epoch(len(examples), batch_size)
     epoch, index = start_epoch, start_batch
     while True:
@@ -248,6 +296,8 @@ def micro_batches(
 
 def eval_batches(examples: list[dict[str, Any]], batch_size: int, pad_id: int):
     """Batches over ``examples`` in file order (for evaluation)."""
+    if batch_size <= 0:
+        raise ValueError(f"eval batch size must be > 0, got {batch_size}")
     for i in range(0, len(examples), batch_size):
         yield collate(examples[i : i + batch_size], pad_id)
 
@@ -327,6 +377,12 @@ def load_datasets(cfg: TrainConfig, tokenizer) -> Datasets:
         held = set(order[:n_eval])
         eval_records = [r for i, r in enumerate(train_records) if i in held]
         train_records = [r for i, r in enumerate(train_records) if i not in held]
+        if not train_records:
+            raise ConfigError(
+                f"data.eval_split={d.eval_split} holds out all {n_eval} record(s) of "
+                f"data.train '{d.train}', leaving none to train on: add records, lower "
+                "data.eval_split or give data.eval"
+            )
     else:
         eval_records = []
     if d.max_eval_samples:
@@ -344,6 +400,8 @@ def load_datasets(cfg: TrainConfig, tokenizer) -> Datasets:
             )
 
     train = tokenize_records(train_records, cfg, tokenizer, labels, d.train, pack_blocks=d.packing)
+    if not train:
+        raise ConfigError(f"data.train '{d.train}' yields no training examples")
     evaluation = tokenize_records(eval_records, cfg, tokenizer, labels, d.eval or d.train)
     return Datasets(
         train=train,

@@ -1,0 +1,102 @@
+"""Check an adapter file against its config and the model before anything is allocated.
+
+``load_adapter`` builds the adapter from ``adapter_config.json`` (rank, targets) and then copies
+the file's tensors in. A file from someone else may disagree with its own config (``r: 1e9``
+next to rank-4 tensors) or hold NaN/Inf values; both are caught here, naming the tensor, before
+a single adapter weight exists. The expected shapes per layer kind:
+
+=====================  =========================================  ============================
+layer                  ``lora_A`` / ``lora_embedding_A``           ``lora_B`` / ``..._B``
+=====================  =========================================  ============================
+Linear (dense, 4/8-bit) ``(r, in)``                                ``(out, r)``
+GPT-2 Conv1D           ``(r, in)``  (weight is stored (in, out))  ``(out, r)``
+Conv1d/2d/3d           ``(r, in_channels, *kernel)``               ``(out_channels, r, 1, ...)``
+Embedding              ``(r, num_embeddings)``                     ``(embedding_dim, r)``
+=====================  =========================================  ============================
+
+DoRA adds ``lora_magnitude_vector`` of shape ``(out,)`` (``embedding_dim`` is never DoRA).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..config import LoraConfig
+from ..layers.lora import LoRALayer, is_gpt2_conv1d, is_quantized_linear, layer_kind
+from .safe import FormatError
+
+
+def check_finite(tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Raise :class:`FormatError` naming the first floating tensor that holds NaN or Inf."""
+    for key, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise FormatError(f"{source}: tensor {key!r} holds NaN or Inf values")
+
+
+def _dims(module: nn.Module) -> tuple[int, int, tuple[int, ...]]:
+    """``(in, out, kernel)`` of the adapter for ``module`` (kernel () unless a convolution)."""
+    if is_quantized_linear(module):
+        return module.in_features, module.out_features, ()
+    if is_gpt2_conv1d(module):
+        return module.weight.shape[0], module.weight.shape[1], ()
+    if isinstance(module, nn.Embedding):
+        return module.num_embeddings, module.embedding_dim, ()
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features, ()
+    return module.in_channels, module.out_channels, tuple(module.kernel_size)
+
+
+def expected_shapes(module: nn.Module, r: int, dora: bool) -> dict[str, tuple[int, ...]]:
+    """On-disk key suffixes (after the module's name) and the shapes the file must hold."""
+    if isinstance(module, LoRALayer):
+        module = module.base_layer
+    n_in, n_out, kernel = _dims(module)
+    if layer_kind(module) == "embedding":
+        return {"lora_embedding_A": (r, n_in), "lora_embedding_B": (n_out, r)}
+    shapes = {
+        "lora_A.weight": (r, n_in, *kernel),
+        "lora_B.weight": (n_out, r, *([1] * len(kernel))),
+    }
+    if dora:
+        shapes["lora_magnitude_vector"] = (n_out,)
+    return shapes
+
+
+def check_adapter_shapes(
+    model: nn.Module,
+    config: LoraConfig,
+    targets: list[str],
+    tensors: dict[str, torch.Tensor],
+    prefix: str,
+    source: str,
+) -> None:
+    """The adapter tensors in ``tensors`` have the config's rank and the layer's size, and at
+    least one targeted module has its tensors; raises :class:`FormatError` naming the key.
+
+    Keys that are merely missing or unexpected (with others present) are left to the strict
+    check after loading, which lists both kinds at once.
+    """
+    missing, found_any = [], False
+    for name in targets:
+        for suffix, shape in expected_shapes(
+            model.get_submodule(name), config.r, config.use_dora
+        ).items():
+            key = f"{prefix}{name}.{suffix}"
+            if key not in tensors and suffix == "lora_magnitude_vector":
+                key += ".weight"  # older PEFT releases
+            if key not in tensors:
+                missing.append(f"{prefix}{name}.{suffix}")
+                continue
+            found_any = True
+            found = tuple(tensors[key].shape)
+            if found != shape:
+                raise FormatError(
+                    f"{source}: tensor {key!r} has shape {found} but the model expects {shape} "
+                    f"(r={config.r} from the adapter config, layer {name!r})"
+                )
+    if missing and not found_any:
+        raise FormatError(
+            f"{source} does not fit the model: missing keys {missing[:10]}"
+            + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
+        )

@@ -1,0 +1,75 @@
+"""All or nothing: undo every change a failed call made to a model.
+
+``apply``, ``load_adapter`` and the like change a model in many small steps (quantize a layer,
+wrap it, add an adapter, load tensors). They validate what they can before the first change;
+:func:`model_transaction` covers what validation cannot foresee (a bad tensor found half-way,
+an out-of-memory error, a bug), so that a call that raises leaves the model exactly as it was.
+
+What is recorded when the transaction starts, and restored if the body raises:
+
+=====================================  ==================================================
+recorded                               covers
+=====================================  ==================================================
+each module's attributes (shallow)     submodules swapped or wrapped, parameters and
+                                       buffers added or replaced, adapter tables
+                                       (``r``, ``active_adapters``, ``loraq_configs`` ...)
+each parameter's ``requires_grad``     freezing and unfreezing
+copies of the ``protect`` tensors      tensors the body writes in place (PiSSA's residual)
+=====================================  ==================================================
+
+Modules and tensors created inside a failed transaction are dropped with it. Tensors that
+existed before and are written in place must be listed in ``protect``: recording every tensor
+would double the model's memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def _shallow(state: dict[str, Any]) -> dict[str, Any]:
+    return {k: (copy.copy(v) if isinstance(v, (dict, list, set)) else v) for k, v in state.items()}
+
+
+class ModelSnapshot:
+    """The restorable state of ``model`` at construction time (see the module docs)."""
+
+    def __init__(self, model: nn.Module, protect: Iterable[torch.Tensor] = ()) -> None:
+        self._modules = [(m, _shallow(m.__dict__)) for m in model.modules()]
+        self._flags = [(p, p.requires_grad) for p in model.parameters()]
+        seen: set[int] = set()
+        self._tensors = []
+        for t in protect:
+            if id(t) not in seen:
+                seen.add(id(t))
+                self._tensors.append((t, t.detach().clone()))
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Put the model back as it was when the snapshot was taken."""
+        for module, state in self._modules:
+            module.__dict__.clear()
+            module.__dict__.update(_shallow(state))
+        for param, flag in self._flags:
+            param.requires_grad_(flag)
+        for tensor, data in self._tensors:
+            tensor.copy_(data)
+
+
+@contextlib.contextmanager
+def model_transaction(
+    model: nn.Module, protect: Iterable[torch.Tensor] = ()
+) -> Iterator[ModelSnapshot]:
+    """Run the body; if it raises, restore ``model`` (and ``protect``) and re-raise."""
+    snapshot = ModelSnapshot(model, protect)
+    try:
+        yield snapshot
+    except BaseException:
+        snapshot.restore()
+        raise
