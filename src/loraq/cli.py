@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 from collections.abc import Callable
@@ -35,10 +36,13 @@ from loraq.compare.methods import (
     parse_methods,
     parse_ranks,
 )
+from loraq.errors import EXIT_ERROR, UserError, user_message
 from loraq.train.config import describe_keys
 from loraq.train.hub import hub_offline
 
-EXIT_OK, EXIT_ERROR, EXIT_INTERRUPTED = 0, 2, 130
+EXIT_OK, EXIT_INTERRUPTED = 0, 130
+#: Shows the full traceback of every error (also ``LORAQ_DEBUG=1``); accepted anywhere.
+DEBUG_FLAG = "--debug"
 
 
 @dataclass
@@ -71,8 +75,48 @@ def register(name: str, command: Subcommand) -> None:
     SUBCOMMANDS[name] = command
 
 
-class CliError(Exception):
+class CliError(UserError):
     """A user error to report in one line (exit code 2), without a traceback."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line ``loraq <command>: error: ...`` (exit code 2)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(EXIT_ERROR, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer > 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    """argparse type: a finite number >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not (value >= 0 and value != float("inf")):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+    return value
+
+
+def probability(text: str) -> float:
+    """argparse type: a number in (0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}")
+    return value
 
 
 # ----------------------------------------------------------------------------- shared helpers
@@ -138,8 +182,10 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--labels", help="seq-cls label names in class order, comma separated")
     p.add_argument("--text-column", help="seq-cls text column (default: the run's, or 'text')")
     p.add_argument("--label-column", help="seq-cls label column (default: the run's or 'label')")
-    p.add_argument("--max-length", type=int, help="tokens per example (default: the run's)")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument(
+        "--max-length", type=positive_int, help="tokens per example (default: the run's)"
+    )
+    p.add_argument("--batch-size", type=positive_int, default=32)
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
     p.add_argument("--dense-base", action="store_true", help=DENSE_BASE_HELP)
 
@@ -195,10 +241,14 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("prompt", help="the text to continue")
     p.add_argument("--adapter", help="adapter folder (e.g. runs/x/adapter)")
     p.add_argument("--model", help="base model folder or pkg:NAME (default: the adapter's)")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-k", type=int, default=None, help="sample from the k likeliest tokens")
-    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold")
+    p.add_argument("--max-new-tokens", type=positive_int, default=64)
+    p.add_argument(
+        "--temperature", type=non_negative_float, default=0.0, help="0 = greedy (default)"
+    )
+    p.add_argument(
+        "--top-k", type=positive_int, default=None, help="sample from the k likeliest tokens"
+    )
+    p.add_argument("--top-p", type=probability, default=None, help="nucleus sampling threshold")
     p.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
     p.add_argument("--dense-base", action="store_true", help=DENSE_BASE_HELP)
 
@@ -359,7 +409,7 @@ def _compare(args: argparse.Namespace) -> int:
     ranks = parse_ranks(own["ranks"]) if "ranks" in own else None
     steps: Any = own.get("steps", overrides.get("training.max_steps") or DEFAULT_STEPS)
     if isinstance(steps, str):
-        if not re.fullmatch(r"\+?\d+", steps.strip()):
+        if not re.fullmatch(r"\+?\d+", steps.strip()) or int(steps) <= 0:
             raise CompareError(f"--steps must be a positive integer, got {steps!r}")
         steps = int(steps)
     full_lr = None
@@ -367,7 +417,9 @@ def _compare(args: argparse.Namespace) -> int:
         try:
             full_lr = float(own["full_lr"])
         except ValueError:
-            raise CompareError(f"--full-lr must be a number, got {own['full_lr']!r}") from None
+            full_lr = float("nan")
+        if not 0 < full_lr < float("inf"):
+            raise CompareError(f"--full-lr must be a finite number > 0, got {own['full_lr']!r}")
     cfg = load_config(config, overrides)
     command = "loraq compare " + " ".join(
         [*([str(args.config)] if args.config else []), *(getattr(args, "overrides", []) or [])]
@@ -455,9 +507,12 @@ register(
 # ----------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with one subparser per :data:`SUBCOMMANDS` entry."""
-    parser = argparse.ArgumentParser(
-        prog="loraq", description="LoRA and QLoRA fine-tuning in pure PyTorch."
+    parser = OneLineParser(
+        prog="loraq",
+        description="LoRA and QLoRA fine-tuning in pure PyTorch.",
+        epilog=f"{DEBUG_FLAG} (anywhere on the line) shows the full traceback of an error.",
     )
+    parser.add_argument(DEBUG_FLAG, action="store_true", help="show tracebacks of errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, command in SUBCOMMANDS.items():
         p = sub.add_parser(
@@ -482,6 +537,8 @@ def _split_passthrough(words: list[str]) -> tuple[list[str], list[str]]:
 def main(argv: list[str] | None = None) -> int:
     """Run ``loraq`` with ``argv`` (default: ``sys.argv[1:]``); return the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = DEBUG_FLAG in argv or os.environ.get("LORAQ_DEBUG", "") not in ("", "0")
+    argv = [a for a in argv if a != DEBUG_FLAG]
     parser = build_parser()
     overrides: list[str] = []
     if argv and argv[0] in SUBCOMMANDS and SUBCOMMANDS[argv[0]].passthrough:
@@ -495,17 +552,18 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return EXIT_ERROR
     args.overrides = overrides
-    from loraq.train.config import ConfigError
-
     try:
         with hub_offline():  # loraq reads local folders only; restored when the command ends
             return SUBCOMMANDS[args.command].run(args)
-    except (CliError, ConfigError, FileNotFoundError) as err:
-        print(f"loraq {args.command}: error: {err}", file=sys.stderr)
-        return EXIT_ERROR
     except KeyboardInterrupt:
         print(f"loraq {args.command}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except Exception as err:
+        message = None if debug else user_message(err)
+        if message is None:
+            raise  # a bug in loraq (or --debug): keep the traceback
+        print(f"loraq {args.command}: error: {message}", file=sys.stderr)
+        return EXIT_ERROR
 
 
 if __name__ == "__main__":

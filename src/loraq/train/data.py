@@ -69,7 +69,12 @@ def read_records(path: str | Path, format: str = "auto") -> list[dict[str, Any]]
     if not path.is_file():
         raise ConfigError(f"data file '{path}' does not exist")
     fmt = detect_format(path) if format == "auto" else format
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            f"data file '{path}' is not UTF-8 text (byte {err.start}: {err.reason})"
+        ) from None
     if fmt == "jsonl":
         records = []
         for lineno, line in enumerate(text.splitlines(), 1):
