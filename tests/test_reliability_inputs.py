@@ -285,3 +285,18 @@ def test_load_quantized_with_a_wrong_architectures_entry(tmp_path: Path) -> None
         (folder / "config.json").write_text(json.dumps(config))
         with pytest.raises(FormatError, match=message):
             loraq.load_quantized(folder)
+
+
+@pytest.mark.parametrize("part", ["nested_absmax", "quant_map", "nested_quant_map"])
+def test_nan_in_quantization_state_names_the_tensor(tmp_path: Path, part: str) -> None:
+    model = tiny_llama()
+    loraq.apply(model, loraq.LoraConfig(r=4, targets=["q_proj"], quant="nf4"))
+    folder = loraq.save_quantized(model, tmp_path / "q")
+    path = folder / "model.safetensors"
+    tensors = load_file(str(path))
+    key = f"model.layers.0.mlp.up_proj.weight.{part}"
+    tensors[key] = tensors[key].clone()
+    tensors[key].view(-1)[0] = float("nan")
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    with pytest.raises(FormatError, match=rf"tensor '{key}' holds NaN or Inf"):
+        loraq.load_quantized(folder)

@@ -27,6 +27,7 @@ from torch import nn
 
 from ..layers.lora import LoRALayer, ModulesToSave, is_gpt2_conv1d
 from ..model import output_head_names
+from .adapter_check import check_finite
 from .checkpoints import copy_tokenizer_files, source_folder
 from .safe import (
     FormatError,
@@ -347,8 +348,12 @@ def load_quantized(
         part, _ = read_safetensors(file)
         tensors.update(part)
         origin.update(dict.fromkeys(part, file))
+    states = _state_keys(tensors)
+    for name in states:  # codes are integers; scales and code tables must be finite
+        state = {k: t for k, t in tensors.items() if k.startswith(name + ".weight")}
+        check_finite(state, str(origin[next(iter(state))]))
     model = _build_model(folder, data, model_class)
-    for name, kind in _state_keys(tensors).items():
+    for name, kind in states.items():
         try:
             module = model.get_submodule(name)
         except AttributeError:
