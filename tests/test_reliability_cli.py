@@ -69,7 +69,10 @@ CASES = {
         ["latin1.yaml", "UTF-8"],
     ),
     "unknown key": (lambda f: ["train", str(f["config"]), "--lora.rr", "4"], ["lora.rr"]),
-    "NaN alpha": (lambda f: ["train", str(f["config"]), "--lora.alpha", "nan"], ["LoraConfig.alpha", "nan"]),
+    "NaN alpha": (
+        lambda f: ["train", str(f["config"]), "--lora.alpha", "nan"],
+        ["LoraConfig.alpha", "nan"],
+    ),
     "infinite lr": (
         lambda f: ["train", str(f["config"]), "--lr", "inf"],
         ["training.lr", "finite"],

@@ -144,6 +144,8 @@ Fine-tune a local Hugging Face model with LoRA or QLoRA.
   loraq train my.yaml                  a config file (sections: model, data, lora, training)
   loraq train my.yaml --lora.r 16 --lr 1e-3 --training.max_steps 200
   loraq train my.yaml --resume         continue from the newest checkpoint in output_dir
+  loraq train my.yaml --overwrite      start afresh, deleting output_dir's old checkpoints
+                                       (without it, a run refuses to start over them)
 
 Overrides: --section.key VALUE or --key VALUE when the key name is unique (--r, --lr, --epochs),
 also --key=VALUE. Values are YAML (16, 1e-3, true, null, [q_proj,v_proj]); a flag without a value

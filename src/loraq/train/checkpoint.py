@@ -18,11 +18,14 @@ checkpoint that looks complete; the newest complete one stays usable.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import random
+import re
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -115,19 +118,11 @@ def save_checkpoint(
     """Write ``folder/step-NNNNNN`` atomically; prune to the newest ``keep``. Returns its path."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    remove_orphans(folder)
     final = folder / f"{PREFIX}{state.step:06d}"
     tmp = folder / f".tmp-{final.name}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
-    resume = {
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "rng": rng_state(),
-    }
-    save_tree(resume, tmp / RESUME_JSON, tmp / RESUME_TENSORS)
-    (tmp / "state.json").write_text(json.dumps(asdict(state), indent=2), encoding="utf-8")
+    with cleaned_up_on_failure(tmp, final):
+        _write_checkpoint(tmp, model, optimizer, scheduler, state)
     if final.exists():  # a checkpoint of the same step from an earlier run: replace it
         old = folder / f".old-{final.name}-{os.getpid()}"
         os.replace(final, old)
@@ -142,6 +137,80 @@ def save_checkpoint(
             os.replace(stale, doomed)
             shutil.rmtree(doomed, ignore_errors=True)
     return final
+
+
+def _write_checkpoint(
+    tmp: Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    state: TrainState,
+) -> None:
+    """Write the checkpoint's files into the fresh folder ``tmp``."""
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+    resume = {
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "rng": rng_state(),
+    }
+    save_tree(resume, tmp / RESUME_JSON, tmp / RESUME_TENSORS)
+    (tmp / "state.json").write_text(json.dumps(asdict(state), indent=2), encoding="utf-8")
+
+
+# ----------------------------------------------------------------------------- faults
+def is_disk_full(err: BaseException) -> bool:
+    """True when ``err`` (an OSError, or a writer's own error type) means the disk is full."""
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(err)
+    return "No space left on device" in text or "os error 28" in text
+
+
+@contextlib.contextmanager
+def cleaned_up_on_failure(tmp: Path, final: Path) -> Iterator[None]:
+    """Remove the half-written folder ``tmp`` if the body raises; a full disk is reported as
+    ``OSError(ENOSPC)`` naming ``final``, whatever the writer raised."""
+    try:
+        yield
+    except BaseException as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(err, Exception) and is_disk_full(err):
+            raise OSError(errno.ENOSPC, "no space left on device", str(final)) from err
+        raise
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # our own leftovers: this process is not writing them now
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. another user's process
+        return True
+    return True
+
+
+def remove_orphans(folder: str | Path) -> list[Path]:
+    """Remove what a process killed while writing into ``folder`` left; returns the removed.
+
+    ``.tmp-<name>-<pid>`` folders are half-written; ``.old-<name>-<pid>`` folders were being
+    replaced or deleted (possibly half-deleted). Neither is ever read, so both go; folders of a
+    process that is still running are left alone.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed: list[Path] = []
+    for path in folder.iterdir():
+        match = re.fullmatch(r"\.(tmp|old)-(.+)-(\d+)", path.name)
+        if match and path.is_dir() and not _pid_alive(int(match[3])):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
 
 
 def list_checkpoints(folder: str | Path) -> list[Path]:
@@ -246,12 +315,24 @@ def remove_stale_checkpoints(
     if t.resume is True:
         log(f"resume: no checkpoint in {folder}; starting from scratch")
     if found:
-        log(
-            f"starting afresh: removing {len(found)} old checkpoint(s) in {folder} "
-            "(pass --resume to continue from them instead)"
-        )
+        refuse_to_overwrite(t, folder)
+        log(f"starting afresh (--overwrite): removing {len(found)} old checkpoint(s) in {folder}")
         for old in found:
             shutil.rmtree(old)
+
+
+def refuse_to_overwrite(t: TrainingConfig, folder: str | Path) -> None:
+    """Raise ``ConfigError`` when starting afresh would delete checkpoints in ``folder`` that
+    ``training.overwrite`` does not allow to delete."""
+    from loraq.train.config import ConfigError
+
+    found = list_checkpoints(folder)
+    if found and t.resume is False and not t.overwrite:
+        raise ConfigError(
+            f"training.output_dir already holds {len(found)} checkpoint(s) of an earlier run "
+            f"(newest: {found[-1].name}) in {folder}: pass --resume to continue from them, or "
+            "--overwrite to delete them and start afresh"
+        )
 
 
 def warn_if_config_changed(

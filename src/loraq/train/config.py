@@ -124,6 +124,9 @@ class TrainingConfig:
         keep_checkpoints: keep only the newest N checkpoints.
         resume: ``true`` continues from the newest checkpoint in ``output_dir``; a path continues
             from that checkpoint folder; ``false`` starts afresh.
+        overwrite: starting afresh (``resume: false``) in an ``output_dir`` whose
+            ``checkpoints/`` already holds checkpoints deletes them; without ``overwrite`` the
+            run refuses to start, so an earlier run is never lost by accident.
         device: ``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda`` or ``cuda:N``.
         num_threads: torch CPU threads (None: the CPUs this process may run on, less those
             busy with other work per the 1-minute load average; at least 1; a resumed run
@@ -151,6 +154,7 @@ class TrainingConfig:
     save_every: int | None = None
     keep_checkpoints: int = 2
     resume: bool | str = False
+    overwrite: bool = False
     device: str = "auto"
     num_threads: int | None = None
     progress: bool = True

@@ -175,6 +175,9 @@ def setup(
     torch.set_num_threads(threads)
     if main_process:
         out.mkdir(parents=True, exist_ok=True)
+        for folder in (out, out / "checkpoints"):
+            ckpt.remove_orphans(folder)  # left by a run killed while writing
+        ckpt.refuse_to_overwrite(t, out / "checkpoints")  # now, not after loading the model
     seed_everything(t.seed)
 
     tokenizer = load_tokenizer(cfg.model.path)

@@ -15,7 +15,8 @@ from pathlib import Path
 
 from torch import nn
 
-from loraq.train.config import TrainConfig, save_config
+from loraq.train.checkpoint import cleaned_up_on_failure
+from loraq.train.config import ConfigError, TrainConfig, save_config
 from loraq.train.modeling import quiet_transformers
 
 #: File, inside a saved adapter folder, with the resolved config of the run that trained it.
@@ -39,15 +40,16 @@ def save_trained(model: nn.Module, cfg: TrainConfig, tokenizer, folder: Path) ->
     tmp = folder.with_name(f".tmp-{folder.name}-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
-    if cfg.training.method == "lora":
-        import loraq
+    with cleaned_up_on_failure(tmp, folder):  # nothing half-written; a full disk named
+        if cfg.training.method == "lora":
+            import loraq
 
-        loraq.save_adapter(model, tmp)
-    else:
-        with quiet_transformers():
-            model.save_pretrained(str(tmp))
-        tokenizer.save_pretrained(str(tmp))
-    save_config(cfg, tmp / RUN_CONFIG_NAME)
+            loraq.save_adapter(model, tmp)
+        else:
+            with quiet_transformers():
+                model.save_pretrained(str(tmp))
+            tokenizer.save_pretrained(str(tmp))
+        save_config(cfg, tmp / RUN_CONFIG_NAME)
     _replace_dir(tmp, folder)
     return folder
 
@@ -61,4 +63,8 @@ def read_run_config(folder: str | Path) -> TrainConfig | None:
 
     from loraq.train.config import from_dict
 
-    return from_dict(yaml.safe_load(path.read_text(encoding="utf-8")) or {})
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise ConfigError(f"'{path}' is not a readable run config: {err}") from None
+    return from_dict(raw)
