@@ -69,8 +69,8 @@ def test_resume_reuses_the_recorded_thread_count(tmp_path, llama, monkeypatch):
     assert set(seen.values()) == {2}
     final = ckpt.latest_checkpoint(tmp_path / "run" / "checkpoints")
     assert ckpt.read_state(final).num_threads == 2
-    # A fresh run (no resume) picks again.
-    fresh = loop.train(load_config(path), **QUIET)
+    # A fresh run (no resume; --overwrite since the old checkpoints are there) picks again.
+    fresh = loop.train(load_config(path, ["--overwrite"]), **QUIET)
     assert fresh.num_threads == 1
 
 
