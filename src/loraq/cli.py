@@ -547,11 +547,18 @@ def main(argv: list[str] | None = None) -> int:
         head, overrides = _split_passthrough(argv[1:])
         argv = [argv[0], *head]
     try:
-        args = parser.parse_args(argv)
+        args, unknown = parser.parse_known_args(argv)
     except SystemExit as exc:  # --help or a usage error: argparse already printed
         return int(exc.code or 0)
     if args.command is None:
         parser.print_help()
+        return EXIT_ERROR
+    if unknown:  # reported by the command's name, as its other usage errors are
+        prog = f"loraq {args.command}"
+        print(
+            f"{prog}: error: unrecognized arguments: {' '.join(unknown)} (see '{prog} --help')",
+            file=sys.stderr,
+        )
         return EXIT_ERROR
     args.overrides = overrides
     try:
