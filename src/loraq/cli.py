@@ -421,7 +421,9 @@ def _compare(args: argparse.Namespace) -> int:
         except ValueError:
             full_lr = float("nan")
         if not 0 < full_lr < float("inf"):
-            raise CompareError(f"--full-lr must be a finite number > 0, got {own['full_lr']!r}")
+            raise CompareError(
+                f"--full-lr must be a number, finite and > 0, got {own['full_lr']!r}"
+            )
     cfg = load_config(config, overrides)
     command = "loraq compare " + " ".join(
         [*([str(args.config)] if args.config else []), *(getattr(args, "overrides", []) or [])]
