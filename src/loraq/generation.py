@@ -269,7 +269,8 @@ def run_to_completion(
     pending = list(seqs)
     batch = DecodeBatch(model, pad_token_id)
     was_training = model.training
-    model.eval()
+    if was_training:  # eval() walks every module: skip it when there is nothing to switch
+        model.eval()
     try:
         while pending or len(batch):
             room = max_batch - len(batch)
@@ -282,7 +283,8 @@ def run_to_completion(
                 _notify(batch.sequences, on_token)
             batch.remove(batch.finished())
     finally:
-        model.train(was_training)
+        if was_training:
+            model.train()
     return seqs
 
 

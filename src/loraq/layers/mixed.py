@@ -130,17 +130,20 @@ def _stack(layer: Any, plan: RowAdapters, present: list[str], device: torch.devi
     return a_s, b_s, stacked_dora, b_cat
 
 
-def _adapter_tensors(layer: Any, name: str) -> tuple[torch.Tensor, ...]:
-    a, b = layer._a_b_params(name)
-    if layer.use_dora[name]:
-        return a, b, layer.lora_magnitude_vector[name]
-    return a, b
-
-
 def _cache_key(layer: Any, plan: RowAdapters, present: list[str]) -> tuple:
     # The key holds the tensors themselves (compared by identity), so a deleted adapter's
-    # tensors stay alive while cached and a new one can never reuse their id().
-    tensors = [t for name in present for t in _adapter_tensors(layer, name)]
+    # tensors stay alive while cached and a new one can never reuse their id(). Read straight
+    # from the module dicts: this runs for every layer at every decode step.
+    if layer.kind == "embedding":
+        tensors = [t for name in present for t in layer._a_b_params(name)]
+    else:
+        a_modules, b_modules = layer._modules["lora_A"]._modules, layer._modules["lora_B"]._modules
+        tensors = []
+        for name in present:
+            tensors.append(a_modules[name]._parameters["weight"])
+            tensors.append(b_modules[name]._parameters["weight"])
+    magnitudes = layer._modules["lora_magnitude_vector"]
+    tensors += [magnitudes[name] for name in present if layer.use_dora[name]]
     return plan.slots, tensors, [t._version for t in tensors]
 
 
