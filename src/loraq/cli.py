@@ -36,7 +36,7 @@ from loraq.compare.methods import (
     parse_methods,
     parse_ranks,
 )
-from loraq.errors import EXIT_ERROR, UserError, user_message
+from loraq.errors import EXIT_ERROR, CliError, user_message
 from loraq.train.config import describe_keys
 from loraq.train.hub import hub_offline
 
@@ -73,10 +73,6 @@ SUBCOMMANDS: dict[str, Subcommand] = {}
 def register(name: str, command: Subcommand) -> None:
     """Add (or replace) the subcommand ``loraq <name>``."""
     SUBCOMMANDS[name] = command
-
-
-class CliError(UserError):
-    """A user error to report in one line (exit code 2), without a traceback."""
 
 
 class OneLineParser(argparse.ArgumentParser):

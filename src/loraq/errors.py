@@ -32,6 +32,10 @@ class UserError(Exception):
     """An error to report in one line; raise it for user mistakes that are not ValueErrors."""
 
 
+class CliError(UserError):
+    """A user error found by a command-line layer, reported in one line (exit code 2)."""
+
+
 def _out_of_memory_types() -> tuple[type[BaseException], ...]:
     import torch
 
