@@ -142,6 +142,9 @@ Fine-tune a local Hugging Face model with LoRA or QLoRA.
   loraq train my.yaml --resume         continue from the newest checkpoint in output_dir
   loraq train my.yaml --overwrite      start afresh, deleting output_dir's old checkpoints
                                        (without it, a run refuses to start over them)
+  loraq train my.yaml --nproc 2        2 ranks on this machine (DDP; torchrun's launcher)
+  torchrun --nproc_per_node 8 -m loraq train my.yaml --training.distributed fsdp
+                                       8 ranks, FSDP2: base and adapters sharded
 
 Overrides: --section.key VALUE or --key VALUE when the key name is unique (--r, --lr, --epochs),
 also --key=VALUE. Values are YAML (16, 1e-3, true, null, [q_proj,v_proj]); a flag without a value
@@ -150,7 +153,8 @@ overrides apply to the built-in default (examples/default.yaml).
 
 Writes to training.output_dir: adapter/ (PEFT layout), config.yaml (resolved), metrics.jsonl,
 loss.png and checkpoints/step-N/ (every training.save_every steps and on Ctrl-C). Ctrl-C once:
-checkpoint and stop (exit code 130); twice: abort.
+checkpoint and stop (exit code 130); twice: abort. Under torchrun training.batch_size is per
+rank, rank 0 alone writes, and SIGINT/SIGTERM on any rank stops all ranks after one checkpoint.
 
 Keys, with the values used when a config file leaves them out:
 """
@@ -160,11 +164,35 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", nargs="?", help="YAML config file (default: the built-in one)")
 
 
+def _pop_int_option(words: list[str], flag: str) -> tuple[int | None, list[str]]:
+    """``--flag N`` or ``--flag=N`` taken out of ``words``: (N or None, the other words)."""
+    rest, value = [], None
+    it = iter(words)
+    for word in it:
+        if word == flag or word.startswith(flag + "="):
+            text = word.partition("=")[2] if "=" in word else next(it, "")
+            if not text.isdigit() or int(text) < 1:
+                raise CliError(f"{flag} needs a positive number of processes, got {text!r}")
+            value = int(text)
+        else:
+            rest.append(word)
+    return value, rest
+
+
 def _train(args: argparse.Namespace) -> int:
     from loraq.train.config import load_config
     from loraq.train.loop import train
 
-    cfg = load_config(args.config, args.overrides)
+    nproc, overrides = _pop_int_option(args.overrides, "--nproc")
+    if nproc is not None and "WORLD_SIZE" not in os.environ:
+        load_config(args.config, overrides)  # report config errors once, before any rank starts
+        from loraq.train.distributed import launch
+
+        failed = launch(nproc, ([args.config] if args.config else []) + overrides)
+        if not failed:
+            return EXIT_OK
+        return EXIT_INTERRUPTED if set(failed) == {EXIT_INTERRUPTED} else EXIT_ERROR
+    cfg = load_config(args.config, overrides)
     result = train(cfg)
     return EXIT_INTERRUPTED if result.interrupted else EXIT_OK
 

@@ -43,6 +43,9 @@ REUSE_SCRATCH = True
 _scratch = threading.local()
 # Prefix of the buffers that hold the record's tensors.
 _BUF = "weight_"
+#: Record fields with per-element data (codes, block scales): what FSDP may split across ranks.
+#: The others (code books, the double-quantization offset) are small constants kept whole.
+SHARDABLE_FIELDS = ("packed", "absmax", "absmax_codes", "nested_absmax", "codes")
 
 
 def _scratch_buffer(numel: int, dtype: torch.dtype) -> torch.Tensor:
@@ -108,9 +111,13 @@ class _QuantizedModule(nn.Module):
     _record_type: type = QuantizedTensor
 
     def _set_record(self, record: Record) -> None:
-        """Store ``record``: its tensors become buffers, the rest plain attributes."""
+        """Store ``record``: its tensors become buffers (or frozen parameters, see
+        :meth:`expose_for_sharding`), the rest plain attributes."""
         for name, tensor in record.tensors().items():
-            self.register_buffer(_BUF + name, tensor, persistent=False)
+            if _BUF + name in self._parameters:
+                self._parameters[_BUF + name] = nn.Parameter(tensor, requires_grad=False)
+            else:
+                self.register_buffer(_BUF + name, tensor, persistent=False)
         tensor_names = set(record.tensors())
         self._record_meta = {
             f.name: getattr(record, f.name)
@@ -118,10 +125,24 @@ class _QuantizedModule(nn.Module):
             if f.name not in tensor_names
         }
 
+    def expose_for_sharding(self) -> None:
+        """Hold the per-element record tensors (:data:`SHARDABLE_FIELDS`) as frozen parameters.
+
+        FSDP shards parameters, not buffers: after this, ``fully_shard`` splits the packed codes
+        and block scales across ranks and all-gathers them (as bytes) around each forward and
+        backward. The state dict is unchanged (bitsandbytes' keys, not these names).
+        """
+        for name in SHARDABLE_FIELDS:
+            tensor = self._buffers.get(_BUF + name)
+            if tensor is not None:
+                del self._buffers[_BUF + name]
+                self.register_parameter(_BUF + name, nn.Parameter(tensor, requires_grad=False))
+
     @property
     def qweight(self) -> Record:
         """The quantized weight record, built over this module's buffers (no copy)."""
-        tensors = {name: self._buffers[_BUF + name] for name in self._record_type.TENSOR_FIELDS}
+        held = {**self._buffers, **self._parameters}
+        tensors = {name: held[_BUF + name] for name in self._record_type.TENSOR_FIELDS}
         return self._record_type(**tensors, **self._record_meta)
 
     @property
@@ -132,15 +153,20 @@ class _QuantizedModule(nn.Module):
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> nn.Module:
         # nn.Module._apply would also cast float buffers (the float32 scales) on .to(dtype),
         # .half() or .bfloat16(): let it handle everything else, and only move ours.
-        names = [n for n in self._buffers if n.startswith(_BUF)]
-        held = {n: self._buffers.pop(n) for n in names}
+        held = {n: self._buffers.pop(n) for n in self._buffers.copy() if n.startswith(_BUF)}
+        params = {n: self._parameters.pop(n) for n in self._parameters.copy() if n.startswith(_BUF)}
         try:
             super()._apply(fn, recurse)
         finally:
-            anchor = next(t for t in held.values() if t is not None)
+            anchor = next(t for t in (*held.values(), *params.values()) if t is not None)
             device = fn(torch.empty(0, dtype=torch.uint8, device=anchor.device)).device
             for name, tensor in held.items():
                 self._buffers[name] = None if tensor is None else tensor.to(device)
+            for name, param in params.items():
+                moved = param.data.to(device)
+                if moved is not param.data:
+                    param = nn.Parameter(moved, requires_grad=False)
+                self._parameters[name] = param
         return self
 
     def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
@@ -148,6 +174,9 @@ class _QuantizedModule(nn.Module):
         weight_key = prefix + "weight"
         destination[weight_key] = entries.pop(weight_key)  # bitsandbytes' order: weight, bias, ...
         super()._save_to_state_dict(destination, prefix, keep_vars)
+        for name in self._parameters:  # record tensors exposed for sharding: saved as above
+            if name.startswith(_BUF):
+                destination.pop(prefix + name, None)
         destination.update(entries)
 
     def _load_from_state_dict(
@@ -166,6 +195,8 @@ class _QuantizedModule(nn.Module):
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
         unexpected_keys[:] = [k for k in unexpected_keys if k not in ours]
+        exposed = {prefix + n for n in self._parameters if n.startswith(_BUF)}
+        missing_keys[:] = [k for k in missing_keys if k not in exposed]
         if not ours:
             missing_keys.extend(self.qweight.to_state_dict(prefix))
             return

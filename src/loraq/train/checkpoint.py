@@ -6,7 +6,7 @@ A checkpoint is a folder ``<output_dir>/checkpoints/step-000120/`` holding
 * ``resume_state.json`` + ``resume_state.safetensors`` — the optimizer's and the scheduler's
   ``state_dict()`` and the Python, NumPy and torch (and CUDA) random states: the structure and
   plain values as JSON, the tensors (AdamW's moments, the torch RNG state) as safetensors
-  (:mod:`loraq.io.tensor_tree`),
+  (:mod:`loraq.io.tensor_tree`); under torchrun also every rank's random states (``rank_rng``),
 * ``state.json`` — the step, the data position (epoch and next batch within it), the best eval
   metric so far and the torch thread count the run used.
 
@@ -114,15 +114,19 @@ def save_checkpoint(
     scheduler: Any,
     state: TrainState,
     keep: int | None = None,
+    rank_rng: list[dict[str, Any]] | None = None,
 ) -> Path:
-    """Write ``folder/step-NNNNNN`` atomically; prune to the newest ``keep``. Returns its path."""
+    """Write ``folder/step-NNNNNN`` atomically; prune to the newest ``keep``. Returns its path.
+
+    ``rank_rng``: every rank's :func:`rng_state` (distributed runs), kept with the rest.
+    """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     remove_orphans(folder)
     final = folder / f"{PREFIX}{state.step:06d}"
     tmp = folder / f".tmp-{final.name}-{os.getpid()}"
     with cleaned_up_on_failure(tmp, final):
-        _write_checkpoint(tmp, model, optimizer, scheduler, state)
+        _write_checkpoint(tmp, model, optimizer, scheduler, state, rank_rng)
     if final.exists():  # a checkpoint of the same step from an earlier run: replace it
         old = folder / f".old-{final.name}-{os.getpid()}"
         os.replace(final, old)
@@ -145,6 +149,7 @@ def _write_checkpoint(
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
     state: TrainState,
+    rank_rng: list[dict[str, Any]] | None = None,
 ) -> None:
     """Write the checkpoint's files into the fresh folder ``tmp``."""
     if tmp.exists():
@@ -156,6 +161,8 @@ def _write_checkpoint(
         "scheduler": scheduler.state_dict(),
         "rng": rng_state(),
     }
+    if rank_rng is not None:
+        resume["rank_rng"] = rank_rng
     save_tree(resume, tmp / RESUME_JSON, tmp / RESUME_TENSORS)
     (tmp / "state.json").write_text(json.dumps(asdict(state), indent=2), encoding="utf-8")
 
@@ -279,6 +286,11 @@ def load_checkpoint(
     if restore_rng:
         set_rng_state(resume["rng"])
     return read_state(path)
+
+
+def read_rank_rng(path: str | Path) -> list[dict[str, Any]] | None:
+    """Every rank's random states saved with a checkpoint (None if it was not distributed)."""
+    return load_tree(Path(path) / RESUME_JSON, Path(path) / RESUME_TENSORS).get("rank_rng")
 
 
 def read_state(path: str | Path) -> TrainState:

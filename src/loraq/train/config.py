@@ -44,6 +44,7 @@ Task = Literal["causal-lm", "seq-cls"]
 Schedule = Literal["cosine", "linear", "constant"]
 DataFormat = Literal["auto", "jsonl", "csv", "tsv", "text"]
 Method = Literal["lora", "full"]
+Distributed = Literal["auto", "none", "ddp", "fsdp"]
 
 
 class ConfigError(ValueError):
@@ -132,6 +133,11 @@ class TrainingConfig:
             busy with other work per the 1-minute load average; at least 1; a resumed run
             reuses the count its checkpoint recorded).
         progress: show the tqdm progress bar.
+        distributed: under torchrun, ``ddp`` (each rank holds the whole model, adapter
+            gradients are all-reduced) or ``fsdp`` (FSDP2: the base, quantized or not, and the
+            adapters are sharded across ranks); ``auto`` is ``ddp`` under torchrun and ``none``
+            otherwise. ``batch_size`` is per rank (see :mod:`loraq.train.distributed`).
+        distributed_timeout: seconds a collective may wait for the other ranks before failing.
     """
 
     method: Method = "lora"
@@ -158,6 +164,8 @@ class TrainingConfig:
     device: str = "auto"
     num_threads: int | None = None
     progress: bool = True
+    distributed: Distributed = "auto"
+    distributed_timeout: float = 1800.0
 
 
 @dataclass
@@ -504,6 +512,10 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"training.warmup_ratio must be in [0, 1), got {t.warmup_ratio}")
     if t.weight_decay < 0:
         raise ConfigError(f"training.weight_decay must be >= 0, got {t.weight_decay}")
+    if t.distributed_timeout <= 0:
+        raise ConfigError(
+            f"training.distributed_timeout must be > 0 seconds, got {t.distributed_timeout}"
+        )
     if t.max_grad_norm is not None and t.max_grad_norm < 0:
         raise ConfigError(f"training.max_grad_norm must be >= 0 or null, got {t.max_grad_norm}")
     if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", t.device):

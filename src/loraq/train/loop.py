@@ -41,7 +41,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +52,7 @@ from tqdm.auto import tqdm
 
 from loraq.probes import auto_threads, peak_rss_bytes
 from loraq.train import checkpoint as ckpt
+from loraq.train import distributed
 from loraq.train.config import TrainConfig, save_config
 from loraq.train.data import Datasets, batches_per_epoch, load_datasets, micro_batches
 from loraq.train.evaluation import evaluate, format_metrics, main_metric
@@ -133,6 +134,8 @@ class Session:
         """The model that training steps run: the ``wrap_model`` wrapper, or the model."""
         return self.wrapped if self.wrapped is not None else self.model
 
+    dist: distributed.Dist = field(default_factory=distributed.Dist)
+
     @property
     def checkpoints(self) -> Path:
         """The folder of this run's checkpoints."""
@@ -158,7 +161,7 @@ def choose_threads(cfg: TrainConfig, log: Callable[[str], None] = print) -> int:
                 f"{recorded}: the resumed losses may differ from an uninterrupted run's"
             )
         return t.num_threads
-    return recorded or auto_threads()
+    return recorded or max(1, auto_threads() // distributed.ranks_on_this_machine())
 
 
 def setup(
@@ -166,9 +169,16 @@ def setup(
     log: Callable[[str], None] = print,
     wrap_model: Callable[[nn.Module], nn.Module] | None = None,
     main_process: bool = True,
+    dist: distributed.Dist | None = None,
 ) -> Session:
     """Data, model, optimizer, schedule, resumed state and metrics file of a run (see the module
-    docstring for ``wrap_model`` and ``main_process``). Sets torch's thread count."""
+    docstring for ``wrap_model`` and ``main_process``). Sets torch's thread count.
+
+    ``dist``: this rank's place in a torchrun job (:func:`loraq.train.distributed.setup`); the
+    model is wrapped in DDP / FSDP2, only rank 0 writes, the stream yields this rank's share.
+    """
+    dist = dist or distributed.Dist()
+    main_process = main_process and dist.is_main
     t = cfg.training
     out = Path(t.output_dir)
     threads = choose_threads(cfg, log)
@@ -200,25 +210,34 @@ def setup(
         f"trainable {sizes['trainable']:,} / {sizes['total']:,} params"
     )
     wrapped = wrap_model(model) if wrap_model is not None else None
+    if dist.enabled:  # DDP wraps; FSDP2 shards in place (then the model is its own wrapper)
+        log(f"distributed: {dist.strategy} over {dist.world_size} ranks")
+        wrapped = distributed.wrap(model if wrapped is None else wrapped, dist, device)
 
     total_steps = total_steps_of(t, len(data.train))
     optimizer = make_optimizer(wrapped if wrapped is not None else model, t)
     scheduler = make_scheduler(optimizer, t, total_steps)
 
-    state, resumed_from = _resume(cfg, out, model, optimizer, scheduler, log, main_process)
+    state, resumed_from = _resume(cfg, out, model, optimizer, scheduler, log, main_process, dist)
     state.num_threads = threads
     metrics = None
     if main_process:
         save_config(cfg, out / "config.yaml")
         metrics = MetricsWriter(out / "metrics.jsonl", state.step if resumed_from else None)
-    stream = micro_batches(
-        data.train, t.batch_size, t.seed, data.pad_id, state.epoch, state.batch_in_epoch
-    )
+    if dist.enabled:  # this rank's share of the batches of one process with N x batch_size
+        stream = distributed.rank_micro_batches(
+            data.train, t.batch_size, dist, t.seed, data.pad_id, cfg.model.task,
+            state.epoch, state.batch_in_epoch,
+        )  # fmt: skip
+    else:
+        stream = micro_batches(
+            data.train, t.batch_size, t.seed, data.pad_id, state.epoch, state.batch_in_epoch
+        )
     result = TrainResult(output_dir=out, steps=state.step, total_steps=total_steps)
     result.metric, result.num_threads = main_metric(cfg.model.task)[0], threads
     return Session(
         cfg, out, device, tokenizer, data, model, optimizer, scheduler, state, stream, metrics,
-        result, sizes, resumed_from, log, main_process, wrapped,
+        result, sizes, resumed_from, log, main_process, wrapped, dist,
     )  # fmt: skip
 
 
@@ -230,16 +249,21 @@ def _method_text(cfg: TrainConfig) -> str:
     return how
 
 
-def _resume(cfg, out, model, optimizer, scheduler, log, main_process):
-    """The checkpoint's state (and its path) when resuming; a fresh state otherwise."""
-    found = ckpt.checkpoint_to_resume(cfg.training, out / "checkpoints")
+def _resume(cfg, out, model, optimizer, scheduler, log, main_process, dist):
+    """The checkpoint's state (and its path) when resuming; a fresh state otherwise.
+    Distributed: rank 0 alone looks at the folder, reads the checkpoint and broadcasts it."""
+    found = ckpt.checkpoint_to_resume(cfg.training, out / "checkpoints") if dist.is_main else None
+    found = distributed.broadcast_object(found, dist)
     if found is None:
         if main_process:
             ckpt.remove_stale_checkpoints(cfg.training, out / "checkpoints", log)
         return ckpt.TrainState(), None
-    if (out / "config.yaml").is_file():
+    if main_process and (out / "config.yaml").is_file():
         ckpt.warn_if_config_changed(out / "config.yaml", cfg, tqdm.write)
-    state = ckpt.load_checkpoint(found, model, optimizer, scheduler)
+    if dist.enabled:
+        state = distributed.load_checkpoint(found, model, optimizer, scheduler, dist)
+    else:
+        state = ckpt.load_checkpoint(found, model, optimizer, scheduler)
     log(f"resumed from {found} at step {state.step}")
     return state, found
 
@@ -263,13 +287,21 @@ def train_step(session: Session) -> StepStats:
     t, state, model = session.cfg.training, session.state, session.stepping_model
     tick = time.time()
     loss_sum, tokens = 0.0, 0
-    for _ in range(t.grad_accum):
+    for micro in range(t.grad_accum):
+        if session.dist.enabled:
+            last = micro == t.grad_accum - 1
+            epoch, next_index, part, n = distributed.micro_step(session, last)
+            loss_sum, tokens = loss_sum + part, tokens + n
+            continue
         epoch, next_index, batch = next(session.stream)
         batch = {k: v.to(session.device) for k, v in batch.items()}
         loss = model(**batch).loss / t.grad_accum
         loss.backward()
         loss_sum += loss.item()
         tokens += int(batch["attention_mask"].sum().item())
+    if session.dist.enabled:  # the global batch's loss and tokens, the same on every rank
+        loss_sum, tokens = distributed.agree([loss_sum, tokens], session.dist)
+        tokens = int(tokens)
     if not math.isfinite(loss_sum):
         raise FloatingPointError(f"loss is {loss_sum} at step {state.step + 1}; lower training.lr?")
     if t.max_grad_norm:
@@ -292,7 +324,8 @@ def log_step(session: Session, stats: StepStats) -> None:
     result.step_tokens.append(stats.tokens)
     result.losses.append(stats.loss)
     if session.metrics is not None:
-        n_batches = batches_per_epoch(len(session.data.train), session.cfg.training.batch_size)
+        global_batch = session.cfg.training.batch_size * session.dist.world_size
+        n_batches = batches_per_epoch(len(session.data.train), global_batch)
         session.metrics.write(
             {
                 "step": state.step,
@@ -336,10 +369,18 @@ def wants_eval(cfg: TrainConfig) -> bool:
 
 # ----------------------------------------------------------------------------- checkpoints
 def save_session_checkpoint(session: Session) -> Path | None:
-    """Write a resumable checkpoint of the session now (nothing off the main process)."""
+    """Write a resumable checkpoint of the session now (nothing off the main process;
+    distributed: every rank must call it, rank 0 writes)."""
+    t = session.cfg.training
+    if session.dist.enabled:
+        path = distributed.save_checkpoint(
+            session.checkpoints, session.model, session.optimizer, session.scheduler,
+            session.state, t.keep_checkpoints, session.dist,
+        )  # fmt: skip
+        session.result.checkpoint = path or session.result.checkpoint
+        return path
     if not session.main_process:
         return None
-    t = session.cfg.training
     session.result.checkpoint = ckpt.save_checkpoint(
         session.checkpoints,
         session.model,
@@ -358,9 +399,11 @@ def finish(session: Session, started: float) -> TrainResult:
     The final eval has run already (see :func:`train`); ``started`` is the run's start time.
     """
     cfg, result, state, out = session.cfg, session.result, session.state, session.out
+    with distributed.full_trainable(session.model, session.dist):  # FSDP2: the whole adapter
+        if session.main_process:
+            folder = out / ("adapter" if cfg.training.method == "lora" else "model")
+            save_trained(session.model, cfg, session.tokenizer, folder)
     if session.main_process:
-        folder = out / ("adapter" if cfg.training.method == "lora" else "model")
-        save_trained(session.model, cfg, session.tokenizer, folder)
         plot_metrics(read_metrics(out / "metrics.jsonl"), out / "loss.png", title=out.name)
     result.steps = state.step
     result.best_metric, result.best_step = state.best_metric, state.best_step
@@ -389,8 +432,10 @@ def train(
     """
     started = time.time()
     threads = torch.get_num_threads()
+    t = cfg.training
+    dist, _ = distributed.setup(t.distributed, resolve_device(t.device), t.distributed_timeout)
     try:
-        session = setup(cfg, log)
+        session = setup(cfg, log if dist.is_main else _silent, dist=dist)
         try:
             run_steps(session, on_step)
         finally:
@@ -398,7 +443,12 @@ def train(
                 session.metrics.close()
         return finish(session, started)
     finally:
+        distributed.teardown(dist)
         torch.set_num_threads(threads)
+
+
+def _silent(line: str) -> None:
+    """The log of ranks other than 0."""
 
 
 def run_steps(session: Session, on_step: Callable[[int, float], None] | None = None) -> None:
@@ -412,12 +462,15 @@ def run_steps(session: Session, on_step: Callable[[int, float], None] | None = N
         if result.eval_before:
             session.log(f"eval before training: {format_metrics(result.eval_before)}")
     bar = tqdm(
-        total=total, initial=state.step, desc="train", unit="step", disable=not t.progress,
+        total=total, initial=state.step, desc="train", unit="step",
+        disable=not t.progress or not session.main_process,
         dynamic_ncols=True, file=sys.stderr,
     )  # fmt: skip
     smooth_loss = None
     try:
-        with GracefulInterrupt() as interrupt:
+        dist = session.dist  # distributed: SIGTERM too, and the ranks agree on when to stop
+        stopper = distributed.StopSignals(dist.rank) if dist.enabled else GracefulInterrupt()
+        with stopper as interrupt:
             while state.step < total:
                 stats = train_step(session)
                 log_step(session, stats)
@@ -441,7 +494,8 @@ def run_steps(session: Session, on_step: Callable[[int, float], None] | None = N
                     save_session_checkpoint(session)
                 if on_step is not None:
                     on_step(state.step, stats.loss)
-                if interrupt.requested and state.step < total:
+                stop = distributed.any_rank(interrupt.requested, dist)
+                if stop and state.step < total:
                     result.interrupted = True
                     if not saved:
                         save_session_checkpoint(session)

@@ -1,0 +1,405 @@
+"""loraq.train under torchrun: real ranks (2 CPU processes, gloo) on 127.0.0.1.
+
+Two ranks with batch b must follow the trajectory of one process with batch 2b (the global batch
+split deterministically, the loss normalised by the global item count); a SIGTERM on one rank
+stops both at the same step with one checkpoint, and resuming from it equals the uninterrupted
+run; a rank that raises brings the job down within a timeout instead of hanging it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+import loraq
+from loraq.io.tensor_tree import load_tree
+from loraq.train import checkpoint as ckpt
+from loraq.train import distributed, load_config, train
+from loraq.train.config import ConfigError
+from test_train_support import make_tiny_llama
+
+TESTS = Path(__file__).resolve().parent
+WORKER = TESTS / "dist_worker.py"
+#: Seconds a whole torchrun job may take before the test kills it and fails.
+JOB_TIMEOUT = 240
+STEPS = 4
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def job_env() -> dict[str, str]:
+    env = dict(os.environ)
+    src = str(Path(loraq.__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join([src, str(TESTS), env.get("PYTHONPATH", "")])
+    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")
+    return env
+
+
+def run_ranks(*args: str, nproc: int = 2, timeout: float = JOB_TIMEOUT):
+    """``torchrun --nproc_per_node nproc ARGS`` on 127.0.0.1; killed (and failed) on timeout."""
+    env = job_env()
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        "--master_addr=127.0.0.1",
+        f"--master_port={free_port()}",
+        "--monitor_interval=0.5",
+        *args,
+    ]
+    return run_job(cmd, env, timeout)
+
+
+def run_job(cmd: list[str], env: dict[str, str], timeout: float):
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"torchrun job hung for {timeout} s:\n{err.decode()[-3000:]}")
+    return proc.returncode, out.decode(), err.decode()
+
+
+def write_run_config(folder: Path, model: Path, batch_size: int, name: str, **training) -> Path:
+    # Prompts and completions of different lengths: ranks see different token counts, and 10
+    # examples in global batches of 4 end each epoch with 2, leaving rank 1 an empty share.
+    rows = [
+        {"prompt": "q" * (1 + i % 5) + ":", "completion": "ab" * (1 + (i * 7) % 6)}
+        for i in range(10)
+    ]
+    data = folder / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    body = {
+        "model": {"path": str(model), "task": "causal-lm"},
+        "data": {"train": str(data), "max_length": 32},
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "quant": "nf4"},
+        "training": {
+            "max_steps": STEPS,
+            "batch_size": batch_size,
+            "grad_accum": 2,
+            "lr": 1e-2,
+            "warmup_steps": 1,
+            "eval_before": False,
+            "save_every": 2,
+            "output_dir": str(folder / name),
+            "progress": False,
+            "num_threads": 1,
+            **training,
+        },
+    }
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(body), encoding="utf-8")
+    return path
+
+
+def losses(run: Path) -> dict[int, float]:
+    lines = (run / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    records = [json.loads(line) for line in lines]
+    return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+def adapter(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run / "adapter" / "adapter_model.safetensors"))
+
+
+def assert_same_run(got: Path, want: Path, tol: float, weight_tol: float | None = None) -> None:
+    """Same loss at every step (``tol``) and the same adapter (``weight_tol``, default ``tol``)."""
+    weight_tol = tol if weight_tol is None else weight_tol
+    got_losses, want_losses = losses(got), losses(want)
+    assert sorted(got_losses) == list(range(1, STEPS + 1))
+    for step, value in want_losses.items():
+        assert got_losses[step] == pytest.approx(value, rel=tol, abs=tol), step
+    got_w, want_w = adapter(got), adapter(want)
+    assert set(got_w) == set(want_w)
+    for key, tensor in want_w.items():
+        torch.testing.assert_close(got_w[key], tensor, rtol=weight_tol, atol=weight_tol, msg=key)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """The tiny Llama; one process with batch 4; ``torchrun -m loraq train`` 2 x batch 2."""
+    root = tmp_path_factory.mktemp("dist")
+    model = make_tiny_llama(root / "llama")
+    single = write_run_config(root, model, batch_size=4, name="single")
+    train(load_config(single), log=lambda s: None)
+    ddp = write_run_config(root, model, batch_size=2, name="ddp")
+    code, out, err = run_ranks("-m", "loraq", "train", str(ddp))
+    assert code == 0, err[-3000:]
+    return {
+        "root": root,
+        "model": model,
+        "single": root / "single",
+        "ddp": root / "ddp",
+        "out": out,
+    }
+
+
+def test_ddp_two_ranks_equal_one_process_with_twice_the_batch(runs):
+    assert_same_run(runs["ddp"], runs["single"], tol=1e-5)
+    # Rank 0 alone writes: one record per step, one summary, one config, both checkpoints.
+    assert runs["out"].count("loraq train summary") == 1
+    assert "distributed: ddp over 2 ranks" in runs["out"]
+    checkpoints = sorted(p.name for p in (runs["ddp"] / "checkpoints").iterdir())
+    assert checkpoints == ["step-000002", "step-000004"]
+    rngs = ckpt.read_rank_rng(runs["ddp"] / "checkpoints" / "step-000002")
+    assert len(rngs) == 2 and all("torch" in r for r in rngs)
+    assert (runs["ddp"] / "loss.png").is_file()
+
+
+def test_sigterm_on_one_rank_stops_all_and_resume_equals_uninterrupted(runs):
+    root = runs["root"]
+    config = write_run_config(root, runs["model"], batch_size=2, name="stopped")
+    code, out, err = run_ranks(
+        str(WORKER), str(config), "--fault", "sigterm", "--fault-rank", "1", "--fault-step", "1"
+    )
+    assert code == 0, err[-3000:]
+    # The signal arrived on rank 1 during step 1; both ranks agree to stop after that step.
+    assert "rank 0 stopped at step 1" in out and "rank 1 stopped at step 1" in out
+    assert "SIGTERM: saving a checkpoint" in out + err
+    run = root / "stopped"
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-000001"]
+    assert sorted(losses(run)) == [1]
+
+    # `loraq train --nproc 2` launches the ranks itself (torchrun's launcher, in-process).
+    cmd = [sys.executable, "-m", "loraq", "train", str(config), "--resume", "--nproc", "2"]
+    code, out, err = run_job(cmd, job_env(), JOB_TIMEOUT)
+    assert code == 0, err[-3000:]
+    assert "resumed from" in out
+    assert_same_run(run, runs["ddp"], tol=1e-6)
+
+
+def test_a_rank_that_raises_stops_every_rank(runs):
+    config = write_run_config(runs["root"], runs["model"], batch_size=2, name="crash")
+    code, out, err = run_ranks(
+        str(WORKER), str(config), "--fault", "raise", "--fault-rank", "1", "--fault-step", "1",
+        "--distributed_timeout", "60", timeout=150,
+    )  # fmt: skip
+    assert code != 0
+    assert "injected failure on rank 1 at step 1" in err
+    assert not (runs["root"] / "crash" / "adapter").exists()
+
+
+def test_strategy_needs_torchrun(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert distributed.resolve_strategy("auto", launched=False) == "none"
+    with pytest.raises(ConfigError, match="not started by torchrun"):
+        distributed.resolve_strategy("ddp", launched=False)
+    with pytest.raises(ConfigError, match="training.distributed must be one of"):
+        distributed.resolve_strategy("zero3", launched=False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="started several ranks"):
+        distributed.resolve_strategy("none", launched=True)
+    with pytest.raises(ConfigError, match="RANK='x' is not an integer"):
+        distributed.torchrun_env({"WORLD_SIZE": "2", "RANK": "x"})
+    with pytest.raises(ConfigError, match="outside WORLD_SIZE"):
+        distributed.torchrun_env({"WORLD_SIZE": "2", "RANK": "2"})
+
+
+def test_rank_shares_cover_the_global_batches_in_order():
+    examples = [{"input_ids": [i, i], "labels": [i, i]} for i in range(10)]
+    world = [distributed.Dist(rank=r, world_size=2, strategy="ddp") for r in range(2)]
+    streams = [distributed.rank_micro_batches(examples, 2, d, 0, 0, "causal-lm") for d in world]
+    from loraq.train.data import micro_batches
+
+    single = micro_batches(examples, 4, 0, 0)
+    for _ in range(6):  # two epochs of 3 global batches (4, 4, 2 examples)
+        _, index, full = next(single)
+        shares = [next(s) for s in streams]
+        real = [s[2]["input_ids"] for s in shares if s[4] == 1.0]
+        assert torch.equal(torch.cat(real), full["input_ids"])
+        assert all(s[1] == index for s in shares)
+        assert all(s[3] == full["input_ids"].shape[0] for s in shares)  # one target per example
+
+
+def base_bytes(out: str) -> dict[int, tuple[int, int]]:
+    """``rank R base bytes A -> B`` lines of the worker: {R: (A, B)}."""
+    found = re.findall(r"rank (\d+) base bytes (\d+) -> (\d+)", out)
+    return {int(r): (int(a), int(b)) for r, a, b in found}
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(runs):
+    config = write_run_config(
+        runs["root"], runs["model"], batch_size=2, name="fsdp", distributed="fsdp"
+    )
+    code, out, err = run_ranks(str(WORKER), str(config))
+    assert code == 0, err[-3000:]
+    return runs["root"] / "fsdp", out
+
+
+def test_fsdp_shards_the_nf4_base_and_equals_one_process(runs, fsdp_run):
+    run, out = fsdp_run
+    sizes = base_bytes(out)
+    assert sorted(sizes) == [0, 1]
+    whole = sizes[0][0]
+    assert whole > 0 and all(before == whole for before, _ in sizes.values())
+    assert sum(after for _, after in sizes.values()) == whole  # the shards partition the base
+    for _, after in sizes.values():
+        assert 0.45 < after / whole < 0.55
+    assert_same_run(run, runs["single"], tol=1e-5)
+    # The checkpoint has the single-process layout: whole tensors, as DDP's.
+    step = "checkpoints/step-000004"
+    got = load_tree(run / step / ckpt.RESUME_JSON, run / step / ckpt.RESUME_TENSORS)
+    want = load_tree(
+        runs["ddp"] / step / ckpt.RESUME_JSON, runs["ddp"] / step / ckpt.RESUME_TENSORS
+    )
+    got, want = got["optimizer"]["state"], want["optimizer"]["state"]
+    assert set(got) == set(want)
+    for i, entry in want.items():
+        torch.testing.assert_close(got[i]["exp_avg"], entry["exp_avg"], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_fsdp_sigterm_and_resume_equals_uninterrupted(runs, fsdp_run):
+    root = runs["root"]
+    config = write_run_config(
+        root, runs["model"], batch_size=2, name="fsdp-stopped", distributed="fsdp"
+    )
+    code, out, err = run_ranks(
+        str(WORKER), str(config), "--fault", "sigterm", "--fault-rank", "0", "--fault-step", "2"
+    )
+    assert code == 0, err[-3000:]
+    assert "rank 1 stopped at step 2" in out
+    code, out, err = run_ranks(str(WORKER), str(config), "--resume")
+    assert code == 0, err[-3000:]
+    assert_same_run(root / "fsdp-stopped", fsdp_run[0], tol=1e-6)
+
+
+def test_exposing_a_quantized_record_for_sharding_keeps_its_behaviour():
+    from loraq.layers.quantized import Linear4bit, Linear8bit
+
+    for make in (Linear4bit.from_linear, Linear8bit.from_linear):
+        layer = make(torch.nn.Linear(64, 32))
+        x = torch.randn(3, 64)
+        want_y, want_sd = layer(x), layer.state_dict()
+        layer.expose_for_sharding()
+        names = {n for n, p in layer.named_parameters() if n.startswith("weight_")}
+        assert names and not any(p.requires_grad for n, p in layer.named_parameters() if n in names)
+        assert torch.equal(layer(x), want_y)
+        got_sd = layer.state_dict()  # bitsandbytes' keys only, as before
+        assert list(got_sd) == list(want_sd)
+        assert all(torch.equal(got_sd[k], v) for k, v in want_sd.items())
+        layer.to(torch.bfloat16)  # codes and scales keep their dtypes
+        assert {p.dtype for n, p in layer.named_parameters() if n in names} <= {
+            torch.uint8,
+            torch.float32,
+        }
+        fresh = make(torch.nn.Linear(64, 32))
+        fresh.expose_for_sharding()
+        fresh.load_state_dict(want_sd)  # strict: the exposed names are not missing keys
+        assert torch.equal(fresh(x), want_y)
+
+
+STORIES = TESTS.parent.parent / "shared" / "models" / "stories260K"
+
+
+def llama2c_to_hf(source: Path, folder: Path) -> Path:
+    """Convert llama2.c's stories260K.bin to a transformers Llama folder (+ the char tokenizer:
+    the test trains on token ids, it does not need the model's own vocabulary)."""
+    import numpy as np
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig
+
+    from test_train_support import char_tokenizer
+
+    raw = (source / "stories260K.bin").read_bytes()
+    header = [int(v) for v in np.frombuffer(raw[:28], dtype="<i4")]
+    dim, hidden, layers, heads, kv_heads, vocab, seq = header
+    floats = torch.from_numpy(np.frombuffer(raw[28:], dtype="<f4").copy())
+    head = dim // heads
+    kv_dim = dim * kv_heads // heads
+    pos = 0
+
+    def take(*shape: int) -> torch.Tensor:
+        nonlocal pos
+        n = math.prod(shape)
+        out = floats[pos : pos + n].reshape(shape)
+        pos += n
+        return out
+
+    def half_split(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+        # interleaved rotary pairs -> transformers' halves: each head's even rows, then odd rows
+        return w.reshape(n_heads, head // 2, 2, -1).transpose(1, 2).reshape(w.shape)
+
+    embed = take(abs(vocab), dim)
+    parts = {
+        "attn_norm": take(layers, dim),
+        "q": take(layers, dim, dim),
+        "k": take(layers, kv_dim, dim),
+        "v": take(layers, kv_dim, dim),
+        "o": take(layers, dim, dim),
+        "ffn_norm": take(layers, dim),
+        "gate": take(layers, hidden, dim),
+        "down": take(layers, dim, hidden),
+        "up": take(layers, hidden, dim),
+    }
+    weights = {"model.embed_tokens.weight": embed, "model.norm.weight": take(dim)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        weights[p + "input_layernorm.weight"] = parts["attn_norm"][i]
+        weights[p + "post_attention_layernorm.weight"] = parts["ffn_norm"][i]
+        weights[p + "self_attn.q_proj.weight"] = half_split(parts["q"][i], heads)
+        weights[p + "self_attn.k_proj.weight"] = half_split(parts["k"][i], kv_heads)
+        weights[p + "self_attn.v_proj.weight"] = parts["v"][i]
+        weights[p + "self_attn.o_proj.weight"] = parts["o"][i]
+        for name in ("gate", "up", "down"):
+            weights[p + f"mlp.{name}_proj.weight"] = parts[name][i]
+    config = LlamaConfig(
+        vocab_size=abs(vocab),
+        hidden_size=dim,
+        intermediate_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=seq,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=vocab > 0,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    folder.mkdir(parents=True)
+    config.save_pretrained(str(folder))
+    save_file({k: v.contiguous() for k, v in weights.items()}, str(folder / "model.safetensors"))
+    char_tokenizer().save_pretrained(str(folder))
+    return folder
+
+
+@pytest.mark.skipif(not (STORIES / "stories260K.bin").is_file(), reason="stories260K absent")
+def test_fsdp_on_stories260k_equals_one_process_and_halves_the_base(tmp_path):
+    model = llama2c_to_hf(STORIES, tmp_path / "stories260K")
+    single = write_run_config(tmp_path, model, batch_size=4, name="single", save_every=None)
+    train(load_config(single), log=lambda s: None)
+    config = write_run_config(
+        tmp_path, model, batch_size=2, name="fsdp", distributed="fsdp", save_every=None
+    )
+    code, out, err = run_ranks(str(WORKER), str(config))
+    assert code == 0, err[-3000:]
+    sizes = base_bytes(out)
+    whole = sizes[0][0]
+    assert sum(after for _, after in sizes.values()) == whole
+    assert all(0.45 < after / whole < 0.55 for _, after in sizes.values())
+    # Adam divides by the root of each element's squared-gradient average, so float rounding in
+    # a near-zero gradient moves that element by up to lr-sized steps: a few of the thousands of
+    # weights differ by ~2e-5 while every loss agrees to 1e-5.
+    assert_same_run(tmp_path / "fsdp", tmp_path / "single", tol=1e-5, weight_tol=1e-4)
