@@ -9,7 +9,6 @@ run; a rank that raises brings the job down within a timeout instead of hanging 
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import signal
@@ -28,7 +27,8 @@ from loraq.io.tensor_tree import load_tree
 from loraq.train import checkpoint as ckpt
 from loraq.train import distributed, load_config, train
 from loraq.train.config import ConfigError
-from test_train_support import make_tiny_llama
+from stories260k import STORIES
+from test_train_support import char_tokenizer, make_tiny_llama
 
 TESTS = Path(__file__).resolve().parent
 WORKER = TESTS / "dist_worker.py"
@@ -310,84 +310,19 @@ def test_exposing_a_quantized_record_for_sharding_keeps_its_behaviour():
         assert torch.equal(fresh(x), want_y)
 
 
-STORIES = TESTS.parent.parent / "shared" / "models" / "stories260K"
+def stories_folder(folder: Path) -> Path:
+    """stories260K as a transformers folder (+ the char tokenizer: the test trains on token ids,
+    it does not need the model's own vocabulary)."""
+    from stories260k import load_stories260k
 
-
-def llama2c_to_hf(source: Path, folder: Path) -> Path:
-    """Convert llama2.c's stories260K.bin to a transformers Llama folder (+ the char tokenizer:
-    the test trains on token ids, it does not need the model's own vocabulary)."""
-    import numpy as np
-    from safetensors.torch import save_file
-    from transformers import LlamaConfig
-
-    from test_train_support import char_tokenizer
-
-    raw = (source / "stories260K.bin").read_bytes()
-    header = [int(v) for v in np.frombuffer(raw[:28], dtype="<i4")]
-    dim, hidden, layers, heads, kv_heads, vocab, seq = header
-    floats = torch.from_numpy(np.frombuffer(raw[28:], dtype="<f4").copy())
-    head = dim // heads
-    kv_dim = dim * kv_heads // heads
-    pos = 0
-
-    def take(*shape: int) -> torch.Tensor:
-        nonlocal pos
-        n = math.prod(shape)
-        out = floats[pos : pos + n].reshape(shape)
-        pos += n
-        return out
-
-    def half_split(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-        # interleaved rotary pairs -> transformers' halves: each head's even rows, then odd rows
-        return w.reshape(n_heads, head // 2, 2, -1).transpose(1, 2).reshape(w.shape)
-
-    embed = take(abs(vocab), dim)
-    parts = {
-        "attn_norm": take(layers, dim),
-        "q": take(layers, dim, dim),
-        "k": take(layers, kv_dim, dim),
-        "v": take(layers, kv_dim, dim),
-        "o": take(layers, dim, dim),
-        "ffn_norm": take(layers, dim),
-        "gate": take(layers, hidden, dim),
-        "down": take(layers, dim, hidden),
-        "up": take(layers, hidden, dim),
-    }
-    weights = {"model.embed_tokens.weight": embed, "model.norm.weight": take(dim)}
-    for i in range(layers):
-        p = f"model.layers.{i}."
-        weights[p + "input_layernorm.weight"] = parts["attn_norm"][i]
-        weights[p + "post_attention_layernorm.weight"] = parts["ffn_norm"][i]
-        weights[p + "self_attn.q_proj.weight"] = half_split(parts["q"][i], heads)
-        weights[p + "self_attn.k_proj.weight"] = half_split(parts["k"][i], kv_heads)
-        weights[p + "self_attn.v_proj.weight"] = parts["v"][i]
-        weights[p + "self_attn.o_proj.weight"] = parts["o"][i]
-        for name in ("gate", "up", "down"):
-            weights[p + f"mlp.{name}_proj.weight"] = parts[name][i]
-    config = LlamaConfig(
-        vocab_size=abs(vocab),
-        hidden_size=dim,
-        intermediate_size=hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
-        max_position_embeddings=seq,
-        rms_norm_eps=1e-5,
-        tie_word_embeddings=vocab > 0,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-    )
-    folder.mkdir(parents=True)
-    config.save_pretrained(str(folder))
-    save_file({k: v.contiguous() for k, v in weights.items()}, str(folder / "model.safetensors"))
+    load_stories260k(STORIES).save_pretrained(str(folder))
     char_tokenizer().save_pretrained(str(folder))
     return folder
 
 
 @pytest.mark.skipif(not (STORIES / "stories260K.bin").is_file(), reason="stories260K absent")
 def test_fsdp_on_stories260k_equals_one_process_and_halves_the_base(tmp_path):
-    model = llama2c_to_hf(STORIES, tmp_path / "stories260K")
+    model = stories_folder(tmp_path / "stories260K")
     single = write_run_config(tmp_path, model, batch_size=4, name="single", save_every=None)
     train(load_config(single), log=lambda s: None)
     config = write_run_config(
