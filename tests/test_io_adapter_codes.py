@@ -18,8 +18,9 @@ from torch import nn
 import loraq
 from conftest import SmallCNN, cnn_inputs, tiny_llama
 from loraq.io import FormatError, load_adapter, save_adapter
-from loraq.io.adapter_codes import from_codes, pack_codes, to_codes, unpack_codes
+from loraq.io.adapter_codes import pack_codes, unpack_codes
 from loraq.io.inspect import inspect_path
+from loraq.layers.adapter_quant import dequantize_codes, quantize_codes
 
 TOKENS = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(9))
 CODES_FILE = "adapter_model.codes.safetensors"
@@ -226,8 +227,8 @@ def test_grid_values_requantize_to_the_same_codes_and_scales() -> None:
         bits = 2 + trial % 7
         magnitude = 10.0 ** (torch.rand(1, generator=gen).item() * 8 - 5)
         weight = torch.randn(16, 33, generator=gen) * magnitude
-        codes, scale = to_codes(weight, bits)
-        again_codes, again_scale = to_codes(from_codes(codes, scale), bits)
+        codes, scale = quantize_codes(weight, bits)
+        again_codes, again_scale = quantize_codes(dequantize_codes(codes, scale), bits)
         assert torch.equal(again_codes, codes) and torch.equal(again_scale, scale)
 
 

@@ -24,7 +24,7 @@ from loraq.io import FormatError, load_adapter, save_adapter
 from loraq.io.checkpoints import export_merged
 from loraq.io.quantized import load_quantized, save_quantized
 from loraq.layers.quantized import Embedding4bit, Linear4bit, Linear8bit
-from loraq.model import output_head_names
+from loraq.targeting import output_head_names
 
 pytest.importorskip("bitsandbytes")
 TOKENS = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(5))
@@ -365,3 +365,57 @@ def test_load_with_auto_class(ours) -> None:
     model, path = ours
     loaded = load_quantized(path, model_class=AutoModelForCausalLM)
     assert torch.equal(_logits(loaded), _logits(model))
+
+
+class _Encoder(nn.Module):
+    """Module names with ``base_layers`` in them, which a substring strip would mangle."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = nn.Module()
+        self.encoder.base_layers = nn.ModuleList([nn.Linear(64, 64), nn.Linear(64, 64)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.encoder.base_layers:
+            x = layer(x)
+        return x
+
+
+def test_wrapper_segments_are_stripped_whole(tmp_path: Path) -> None:
+    config = loraq.LoraConfig(r=2, targets=["0"], quant="nf4", quant_skip=["base_layers.1"])
+    model = loraq.apply(_Encoder(), config)
+    assert isinstance(model.encoder.base_layers[0].base_layer, Linear4bit)
+    save_quantized(model, tmp_path)
+    qconfig = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    assert qconfig["llm_int8_skip_modules"] == ["encoder.base_layers.1"]
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert "encoder.base_layers.0.weight.absmax" in keys and "encoder.base_layers.1.weight" in keys
+    loaded = load_quantized(tmp_path, _Encoder)
+    x = torch.randn(3, 64)
+    with loraq.disable_adapters(model), torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+
+
+def test_gpt2_dense_unload_of_a_loaded_checkpoint_reloads_in_transformers(tmp_path: Path) -> None:
+    """save_quantized -> load_quantized -> unload(dense=True) -> save_pretrained -> from_pretrained:
+    the quantized layers remember they stand for Conv1D, so the dense model has Conv1D layers in
+    transformers' (in, out) layout and the reload (square attn.c_proj included) gives the same
+    logits."""
+    from transformers import GPT2LMHeadModel
+    from transformers.pytorch_utils import Conv1D
+
+    model = loraq.apply(tiny_gpt2(hidden=64), loraq.LoraConfig(r=4, quant="nf4"))
+    save_quantized(model, tmp_path / "q")
+    loaded = load_quantized(tmp_path / "q")
+    assert loaded.transformer.h[0].attn.c_proj.dense_layout == "conv1d"
+    loraq.apply(loaded, loraq.LoraConfig(r=4))
+    _randomize(loaded)
+    expected = _logits(loaded)
+    dense = loraq.unload(loaded, dense=True)
+    assert type(dense.transformer.h[0].attn.c_proj) is Conv1D
+    assert type(dense.transformer.h[0].mlp.c_fc) is Conv1D
+    assert (_logits(dense) - expected).abs().max() < 1e-5
+    dense.save_pretrained(tmp_path / "dense")
+    again = _quiet(GPT2LMHeadModel.from_pretrained, str(tmp_path / "dense"))
+    assert torch.equal(_logits(again), _logits(dense))

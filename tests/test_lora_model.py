@@ -10,7 +10,7 @@ from torch import nn
 
 import loraq
 from conftest import SmallCNN, cnn_inputs, minilm_path, tiny_bert_cls, tiny_gpt2, tiny_llama
-from loraq.model import find_targets
+from loraq.targeting import find_targets
 
 
 def _randomize(model: nn.Module, std: float = 0.05) -> None:
@@ -333,3 +333,30 @@ def test_apply_argument_errors() -> None:
         loraq.apply(
             model, loraq.LoraConfig(targets=["q_proj"], modules_to_save=["nope"]), adapter_name="x"
         )
+
+
+@pytest.mark.parametrize("bias", ["none", "lora_only", "all"])
+def test_what_trains_is_what_is_saved(bias: str, tmp_path) -> None:
+    from safetensors import safe_open
+
+    from loraq.io.peft_format import PREFIX, WEIGHTS_NAME
+    from loraq.naming import disk_key
+
+    model = tiny_bert_cls()
+    config = loraq.LoraConfig(
+        r=2, targets=["query", "value"], bias=bias, modules_to_save=["classifier"]
+    )
+    loraq.apply(model, config, adapter_name="one")
+    loraq.apply(model, config.replace(use_dora=True), adapter_name="two")
+    for name in ("one", "two"):
+        loraq.set_adapter(model, name)
+        trained = {n for n, p in model.named_parameters() if p.requires_grad}
+        state = loraq.adapter_state_dict(model, name)
+        params = dict(model.named_parameters())
+        assert trained == {k for k in state if k in params}
+        if bias != "none":
+            assert any(k.endswith("base_layer.bias") for k in trained)
+        folder = loraq.save_adapter(model, tmp_path / name, adapter_name=name)
+        with safe_open(str(folder / WEIGHTS_NAME), "pt") as f:
+            saved = set(f.keys())
+        assert saved == {PREFIX + disk_key(k, name) for k in state}

@@ -9,7 +9,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from .dtypes import FLOAT_DTYPE_NAMES
 from .patterns import unsafe_regex_reason
+from .quant.codebooks import VALID_BLOCKSIZES
 
 #: Values accepted by ``LoraConfig.init``.
 INIT_METHODS = ("kaiming", "gaussian", "pissa")
@@ -18,9 +20,14 @@ BIAS_MODES = ("none", "all", "lora_only")
 #: Values accepted by ``LoraConfig.quant``.
 QUANT_TYPES = (None, "nf4", "fp4", "int8")
 #: Values accepted by ``LoraConfig.compute_dtype``.
-COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
-#: Blocksizes bitsandbytes allows for 4-bit quantization.
-BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+COMPUTE_DTYPES = FLOAT_DTYPE_NAMES
+#: Blocksizes accepted for blockwise quantization (as bitsandbytes).
+BLOCKSIZES = VALID_BLOCKSIZES
+
+
+def adapter_scaling(alpha: float, r: int, use_rslora: bool = False) -> float:
+    """The factor applied to ``B @ A``: ``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA."""
+    return alpha / (math.sqrt(r) if use_rslora else r)
 
 
 def _bad(field_name: str, value: Any, expected: str) -> ValueError:
@@ -87,7 +94,7 @@ class LoraConfig:
     @property
     def scaling(self) -> float:
         """The factor applied to ``B @ A``: ``alpha / r`` or ``alpha / sqrt(r)`` with rsLoRA."""
-        return self.alpha / (self.r**0.5 if self.use_rslora else self.r)
+        return adapter_scaling(self.alpha, self.r, self.use_rslora)
 
     def validate(self) -> None:
         """Check every field; raise ``ValueError`` naming the first bad field and value."""

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .config import _check_names
-from .model import _candidate_modules, _set_submodule, name_matches
+from .targeting import candidate_modules, name_matches, set_submodule
 
 
 @dataclass
@@ -92,7 +92,7 @@ def decompose(
     targets = _check_names("targets", targets, allow_all_linear=True)
     chosen = [
         (name, module)
-        for name, module in _candidate_modules(model)
+        for name, module in candidate_modules(model)
         if name
         and type(module) is nn.Linear
         and (targets == "all-linear" or name_matches(name, targets))
@@ -121,7 +121,7 @@ def decompose(
             second.bias.copy_(linear.bias)
         first.weight.requires_grad_(weight.requires_grad)
         second.weight.requires_grad_(weight.requires_grad)
-        _set_submodule(model, name, nn.Sequential(first, second))
+        set_submodule(model, name, nn.Sequential(first, second))
         tail = s[k:].square().sum().sqrt()
         rel = float(tail / s.square().sum().sqrt().clamp_min(1e-300))
         before = weight.numel() + (0 if linear.bias is None else linear.bias.numel())

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import re
 import warnings
 from collections.abc import Iterator
 
@@ -11,101 +10,19 @@ import torch
 from torch import nn
 
 from .config import LoraConfig
-from .layers.lora import (
-    ADAPTER_STORES,
-    SUPPORTED_TYPES,
-    LoRALayer,
-    ModulesToSave,
-    is_gpt2_conv1d,
-    is_quantized_linear,
-    layer_kind,
-)
+from .layers.adapter_quant import enable_adapter_quant
+from .layers.kinds import layer_kind
+from .layers.lora import ADAPTER_STORES, LoRALayer, ModulesToSave
+from .layers.protocol import QuantizedBase
+from .naming import SAVED_STORE
+from .quantize_model import dequantize_model, quantize_model
+from .targeting import candidate_modules, find_targets, name_matches, set_submodule
 from .transaction import model_transaction
 
 #: Attribute on the model holding ``{adapter_name: LoraConfig}``.
 CONFIGS_ATTR = "loraq_configs"
 #: Attribute on the model holding ``{adapter_name: [full names of adapted modules]}``.
 TARGETS_ATTR = "loraq_targets"
-_HEAD_NAMES = ("lm_head", "classifier", "score")
-
-
-# ---------------------------------------------------------------------------------- matching
-def name_matches(name: str, patterns: str | list[str]) -> bool:
-    """PEFT's rule: a regex string must fullmatch ``name``; a list entry must equal ``name`` or be
-    a dotted suffix of it (``"q_proj"`` matches ``"model.layers.0.self_attn.q_proj"``)."""
-    if isinstance(patterns, str):
-        return re.fullmatch(patterns, name) is not None
-    return any(name == p or name.endswith("." + p) for p in patterns)
-
-
-def _is_linear_like(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or is_gpt2_conv1d(module) or is_quantized_linear(module)
-
-
-def output_head_names(model: nn.Module) -> set[str]:
-    """Names of output heads that ``"all-linear"`` leaves alone (as PEFT does)."""
-    names: set[str] = set()
-    get_out = getattr(model, "get_output_embeddings", None)
-    head = None
-    if callable(get_out):
-        with contextlib.suppress(Exception):
-            head = get_out()
-    for name, module in model.named_modules():
-        leaf = name.rsplit(".", 1)[-1]
-        if module is head or (
-            head is not None and isinstance(module, LoRALayer) and module.base_layer is head
-        ):
-            names.add(name)
-        elif leaf in _HEAD_NAMES and "." not in name:
-            names.add(name)
-    return names
-
-
-def _candidate_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """``(name, module)`` pairs that may receive adapters; the insides of wrappers are skipped."""
-    skip: list[str] = []
-    for name, module in model.named_modules():
-        if any(name.startswith(prefix) for prefix in skip):
-            continue
-        if isinstance(module, (LoRALayer, ModulesToSave)):
-            skip.append(name + ".")
-        yield name, module
-
-
-def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
-    """Full names of the modules ``config`` targets; raises if none match or a match is unsupported."""
-    heads = output_head_names(model) if config.targets == "all-linear" else set()
-    saved = config.modules_to_save or []
-    chosen: list[str] = []
-    for name, module in _candidate_modules(model):
-        if not name or isinstance(module, ModulesToSave) or name_matches(name, saved):
-            continue
-        inner = module.base_layer if isinstance(module, LoRALayer) else module
-        if config.targets == "all-linear":
-            hit = _is_linear_like(inner) and name not in heads
-        else:
-            hit = name_matches(name, config.targets)
-        if not hit or (config.exclude is not None and name_matches(name, config.exclude)):
-            continue
-        if layer_kind(inner) is None:
-            raise ValueError(
-                f"LoraConfig.targets matched module {name!r} of type {type(inner).__name__}, "
-                f"which cannot get an adapter; supported: {SUPPORTED_TYPES}"
-            )
-        chosen.append(name)
-    if not chosen:
-        examples = [n for n, m in _candidate_modules(model) if n and layer_kind(m) is not None][:12]
-        raise ValueError(
-            f"LoraConfig.targets={config.targets!r} matched no module. "
-            f"Some adaptable modules in this model: {examples}"
-        )
-    return chosen
-
-
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, leaf = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, leaf, module)
 
 
 # ---------------------------------------------------------------------------------- iteration
@@ -191,8 +108,6 @@ def _apply_checked(
 ) -> None:
     configs: dict[str, LoraConfig] = getattr(model, CONFIGS_ATTR, {})
     if config.quant is not None:
-        from .quantize_model import quantize_model
-
         quantize_model(model, config, adapted=targets)
 
     unique = dict.fromkeys(full for matches in saved.values() for full in matches)
@@ -203,11 +118,9 @@ def _apply_checked(
         module = model.get_submodule(name)
         if not isinstance(module, LoRALayer):
             module = LoRALayer(module)
-            _set_submodule(model, name, module)
+            set_submodule(model, name, module)
         module.add_adapter(adapter_name, config.r, config.alpha, config.dropout, **options)
         if config.adapter_bits is not None:
-            from .layers.adapter_quant import enable_adapter_quant
-
             enable_adapter_quant(module, adapter_name, config.adapter_bits)
 
     configs[adapter_name] = config
@@ -219,7 +132,7 @@ def _apply_checked(
 
 
 def _saved_module_matches(model: nn.Module, name: str) -> list[str]:
-    matches = [n for n, m in _candidate_modules(model) if n and name_matches(n, [name])]
+    matches = [n for n, m in candidate_modules(model) if n and name_matches(n, [name])]
     if not matches:
         raise ValueError(
             f"LoraConfig.modules_to_save entry {name!r} matches no module in the model"
@@ -231,7 +144,7 @@ def _rank_limit(module: nn.Module) -> int:
     """``min`` of the adapter matrix shape for ``module`` (rows of B, columns of A)."""
     if isinstance(module, LoRALayer):
         module = module.base_layer
-    if is_quantized_linear(module):
+    if isinstance(module, QuantizedBase):
         return min(module.in_features, module.out_features)
     weight = module.weight
     if isinstance(module, nn.Embedding):
@@ -253,17 +166,20 @@ def _check_targets(
                 f"min(in, out) = {limit} (a larger rank adds parameters but no expressiveness; "
                 "pass allow_large_rank=True to loraq.apply to allow it)"
             )
-        if config.use_dora and layer_kind(inner) == "embedding":
+        kind = layer_kind(inner)
+        if config.use_dora and not kind.supports_dora:
             raise ValueError(
                 f"LoraConfig.use_dora=True is invalid for module {name!r}: DoRA is not "
                 "supported for nn.Embedding layers; exclude it or target Linear/Conv layers"
             )
-        if config.init == "pissa" and layer_kind(inner) == "conv":
-            if any(k != 1 for k in inner.kernel_size):
+        if config.init == "pissa":
+            try:
+                kind.check_pissa(inner)
+            except ValueError:
                 raise ValueError(
                     f"LoraConfig.init='pissa' is invalid for module {name!r}: PiSSA on a "
                     "convolution needs a 1x1 kernel"
-                )
+                ) from None
 
 
 def _add_saved_module(model: nn.Module, matches: list[str], adapter_name: str) -> None:
@@ -271,14 +187,16 @@ def _add_saved_module(model: nn.Module, matches: list[str], adapter_name: str) -
         module = model.get_submodule(full)
         if not isinstance(module, ModulesToSave):
             module = ModulesToSave(module)
-            _set_submodule(model, full, module)
+            set_submodule(model, full, module)
         module.add_adapter(adapter_name)
 
 
 def set_adapter(model: nn.Module, name: str) -> None:
-    """Make adapter ``name`` the active (and the only trainable) adapter."""
+    """Make adapter ``name`` the active (and the only trainable) adapter.
+
+    What trains is exactly the parameters :func:`adapter_state_dict` returns for ``name``.
+    """
     _require_adapter(model, name)
-    config: LoraConfig = getattr(model, CONFIGS_ATTR)[name]
     merged = sorted({a for _, layer in lora_layers(model) for a in layer.merged_adapters})
     if merged and merged != [name]:
         # A merged adapter stays in the base weights whatever is active; switching without
@@ -291,19 +209,11 @@ def set_adapter(model: nn.Module, name: str) -> None:
         param.requires_grad_(False)
     for _, layer in lora_layers(model):
         layer.active_adapters = [name] if name in layer.r else []
-        for param in layer.adapter_parameters(name):
-            param.requires_grad_(True)
-        if config.bias == "lora_only" and name in layer.r and layer.bias is not None:
-            layer.bias.requires_grad_(True)
     for _, saved in _saved_modules(model):
         saved.active_adapter = name
-        if name in saved.modules_to_save:
-            for param in saved.modules_to_save[name].parameters():
-                param.requires_grad_(True)
-    if config.bias == "all":
-        for pname, param in model.named_parameters():
-            if pname.endswith("bias") and param.is_floating_point():
-                param.requires_grad_(True)
+    for tensor in _adapter_tensors(model, name).values():
+        if isinstance(tensor, nn.Parameter):
+            tensor.requires_grad_(True)
 
 
 def active_adapter(model: nn.Module) -> str | None:
@@ -355,7 +265,7 @@ def merge(model: nn.Module) -> nn.Module:
     quantized = False
     for _, layer in lora_layers(model):
         worst = max(worst, layer.merge())
-        quantized = quantized or is_quantized_linear(layer.base_layer)
+        quantized = quantized or layer.is_quantized
     if quantized:
         model.loraq_merge_error = worst
         warnings.warn(
@@ -382,16 +292,14 @@ def unload(model: nn.Module, merge_adapters: bool = True, dense: bool = False) -
     dequantized first and the adapters merge exactly into dense weights.
     """
     if dense:
-        from .quantize_model import dequantize_model
-
         for _, layer in lora_layers(model):
-            if is_quantized_linear(layer.base_layer):
+            if layer.is_quantized:
                 layer.unmerge()
         dequantize_model(model)
     for name, layer in list(lora_layers(model)):
         if merge_adapters:
             layer.merge()
-        _set_submodule(model, name, layer.base_layer)
+        set_submodule(model, name, layer.base_layer)
     for name, saved in list(_saved_modules(model)):
         active = saved.active_adapter
         keep = (
@@ -399,7 +307,7 @@ def unload(model: nn.Module, merge_adapters: bool = True, dense: bool = False) -
             if active in saved.modules_to_save
             else saved.original_module
         )
-        _set_submodule(model, name, keep)
+        set_submodule(model, name, keep)
     for attr in (CONFIGS_ATTR, TARGETS_ATTR):
         if hasattr(model, attr):
             delattr(model, attr)
@@ -408,21 +316,56 @@ def unload(model: nn.Module, merge_adapters: bool = True, dense: bool = False) -
     return model
 
 
+def _adapter_tensors(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
+    """Adapter ``name``'s tensors by model name, as the live parameters and buffers."""
+    config: LoraConfig = getattr(model, CONFIGS_ATTR)[name]
+    out: dict[str, torch.Tensor] = {}
+    saved = dict(_saved_modules(model))
+    for lname, layer in lora_layers(model):
+        if name not in layer.r:
+            continue
+        for store in ADAPTER_STORES:
+            held = getattr(layer, store)
+            if name not in held:
+                continue
+            entry = held[name]
+            if isinstance(entry, nn.Module):
+                for key, tensor in entry.state_dict(keep_vars=True).items():
+                    out[f"{lname}.{store}.{name}.{key}"] = tensor
+            else:
+                out[f"{lname}.{store}.{name}"] = entry
+        if config.bias == "lora_only" and layer.bias is not None:
+            out[f"{lname}.base_layer.bias"] = layer.bias
+    for sname, wrapper in saved.items():
+        if name in wrapper.modules_to_save:
+            copy = wrapper.modules_to_save[name]
+            for key, tensor in copy.state_dict(keep_vars=True).items():
+                out[f"{sname}.{SAVED_STORE}.{name}.{key}"] = tensor
+    if config.bias == "all":
+        # Every bias outside modules_to_save trains (those train, and save, with their module).
+        inside_saved = tuple(f"{n}." for n in saved)
+        for key, param in model.named_parameters():
+            if (
+                key.endswith("bias")
+                and param.is_floating_point()
+                and not key.startswith(inside_saved)
+            ):
+                out[key] = param
+    return out
+
+
 def adapter_state_dict(model: nn.Module, name: str | None = None) -> dict[str, torch.Tensor]:
-    """The tensors belonging to adapter ``name`` (default: active), keyed by their model names."""
+    """The tensors of adapter ``name`` (default: active), keyed by their names in ``model``.
+
+    Exactly what the adapter trains and what :func:`loraq.save_adapter` writes: its LoRA factors
+    (and DoRA magnitudes), its copies of ``modules_to_save`` (with their buffers), and the biases
+    ``config.bias`` trains (``"lora_only"``: those of adapted modules; ``"all"``: every bias).
+    """
     name = name or active_adapter(model)
     if name is None:
         raise ValueError("model has no adapters")
     _require_adapter(model, name)
-    out: dict[str, torch.Tensor] = {}
-    token = f".{name}"
-    for key, tensor in model.state_dict().items():
-        parts = key.split(".")
-        for i, part in enumerate(parts[:-1] if not key.endswith(token) else parts):
-            if part == name and i > 0 and parts[i - 1] in (*ADAPTER_STORES, "modules_to_save"):
-                out[key] = tensor
-                break
-    return out
+    return {key: tensor.detach() for key, tensor in _adapter_tensors(model, name).items()}
 
 
 def config_of(model: nn.Module, name: str | None = None) -> LoraConfig:

@@ -6,36 +6,18 @@ import torch
 from torch import nn
 
 from .config import LoraConfig
-from .layers.lora import LoRALayer, ModulesToSave, is_gpt2_conv1d, is_quantized_linear, layer_kind
+from .dtypes import float_dtype
+from .layers.kinds import is_gpt2_conv1d
+from .layers.lora import LoRALayer, ModulesToSave
+from .layers.protocol import LAYOUT_CONV1D, QuantizedBase
 from .layers.quantized import Embedding4bit, Linear4bit, Linear8bit
-from .model import _candidate_modules, _set_submodule, name_matches, output_head_names
+from .targeting import candidate_modules, name_matches, output_head_names, set_submodule
 from .transaction import model_transaction
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def compute_dtype_of(config: LoraConfig) -> torch.dtype:
     """The torch dtype named by ``config.compute_dtype``."""
-    return _DTYPES[config.compute_dtype]
-
-
-def _as_linear(module: nn.Module) -> nn.Linear:
-    """A GPT-2 ``Conv1D`` (weight in x out) as the equivalent ``nn.Linear``."""
-    if not is_gpt2_conv1d(module):
-        return module
-    weight = module.weight
-    linear = nn.Linear(
-        weight.shape[0],
-        weight.shape[1],
-        bias=module.bias is not None,
-        device=weight.device,
-        dtype=weight.dtype,
-    )
-    with torch.no_grad():
-        linear.weight.copy_(weight.t())
-        if module.bias is not None:
-            linear.bias.copy_(module.bias)
-    return linear
+    return float_dtype(config.compute_dtype, "LoraConfig.compute_dtype")
 
 
 @torch.no_grad()
@@ -55,7 +37,7 @@ def quantize_model(
     adapted = set(adapted or [])
     dtype = compute_dtype_of(config)
     plan: list[tuple[str, nn.Module]] = []
-    for name, module in list(_candidate_modules(model)):
+    for name, module in list(candidate_modules(model)):
         if (
             not name
             or isinstance(module, (LoRALayer, ModulesToSave))
@@ -84,14 +66,13 @@ def _quantize_planned(
     done: list[str] = []
     for name, module in plan:
         if isinstance(module, nn.Linear) or is_gpt2_conv1d(module):
-            linear = _as_linear(module)
             if config.quant == "int8":
                 new = Linear8bit.from_linear(
-                    linear, blocksize=config.blocksize, compute_dtype=dtype
+                    module, blocksize=config.blocksize, compute_dtype=dtype
                 )
             else:
                 new = Linear4bit.from_linear(
-                    linear,
+                    module,
                     quant_type=config.quant,
                     blocksize=config.blocksize,
                     double_quant=config.double_quant,
@@ -104,9 +85,7 @@ def _quantize_planned(
                 blocksize=config.blocksize,
                 double_quant=config.double_quant,
             )
-        if is_gpt2_conv1d(module):
-            new.loraq_source = "Conv1D"  # so dequantize_model can restore transformers' layout
-        _set_submodule(model, name, new)
+        set_submodule(model, name, new)
         done.append(name)
     return done
 
@@ -119,9 +98,9 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.M
     becomes dense); use ``loraq.unload`` to remove them.
     """
     for name, module in list(model.named_modules()):
-        if is_quantized_linear(module):
+        if isinstance(module, QuantizedBase):
             weight = module.dequantize_weight(dtype or module.qweight.dtype)
-            if getattr(module, "loraq_source", None) == "Conv1D":
+            if module.dense_layout == LAYOUT_CONV1D:
                 new = _dense_conv1d(weight, module.bias)
                 new.requires_grad_(False)
                 _replace(model, name, new)
@@ -165,8 +144,9 @@ def _dense_conv1d(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
 
 
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    _set_submodule(model, name, new)
     parent_name, _, leaf = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     if isinstance(parent, LoRALayer) and leaf == "base_layer":
-        parent.kind = layer_kind(new)  # a Conv1D base merges in its own orientation
+        parent.replace_base(new)  # a Conv1D base merges in its own orientation
+    else:
+        set_submodule(model, name, new)

@@ -6,7 +6,9 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from .layers.lora import ADAPTER_STORES, LoRALayer, ModulesToSave, is_quantized_linear
+from .layers.lora import LoRALayer, ModulesToSave
+from .layers.protocol import quantized_weight_of
+from .naming import ADAPTER_STORES
 
 
 @dataclass
@@ -74,7 +76,7 @@ def summary(model: nn.Module, show: bool = False) -> Summary:
             kinds[name] = "lora"
         elif isinstance(module, ModulesToSave):
             kinds[name] = "saved"
-        elif is_quantized_linear(module) or hasattr(module, "qweight"):
+        elif quantized_weight_of(module) is not None:
             kinds[name] = "quant"
     result = Summary(trainable_params=0, total_params=0)
     parts = {"adapters": 0, "modules_to_save": 0, "base_dense": 0, "base_quantized": 0}

@@ -23,7 +23,8 @@ import torch
 from torch import nn
 
 from ..config import LoraConfig
-from ..layers.lora import LoRALayer, is_gpt2_conv1d, is_quantized_linear, layer_kind
+from ..layers.kinds import layer_kind
+from ..layers.lora import LoRALayer
 from .safe import FormatError
 
 
@@ -36,15 +37,9 @@ def check_finite(tensors: dict[str, torch.Tensor], source: str) -> None:
 
 def _dims(module: nn.Module) -> tuple[int, int, tuple[int, ...]]:
     """``(in, out, kernel)`` of the adapter for ``module`` (kernel () unless a convolution)."""
-    if is_quantized_linear(module):
-        return module.in_features, module.out_features, ()
-    if is_gpt2_conv1d(module):
-        return module.weight.shape[0], module.weight.shape[1], ()
-    if isinstance(module, nn.Embedding):
-        return module.num_embeddings, module.embedding_dim, ()
-    if isinstance(module, nn.Linear):
-        return module.in_features, module.out_features, ()
-    return module.in_channels, module.out_channels, tuple(module.kernel_size)
+    n_in, n_out = layer_kind(module).in_out(module)
+    conv = isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d))
+    return n_in, n_out, tuple(module.kernel_size) if conv else ()
 
 
 def expected_shapes(module: nn.Module, r: int, dora: bool) -> dict[str, tuple[int, ...]]:
@@ -52,7 +47,7 @@ def expected_shapes(module: nn.Module, r: int, dora: bool) -> dict[str, tuple[in
     if isinstance(module, LoRALayer):
         module = module.base_layer
     n_in, n_out, kernel = _dims(module)
-    if layer_kind(module) == "embedding":
+    if isinstance(module, nn.Embedding):
         return {"lora_embedding_A": (r, n_in), "lora_embedding_B": (n_out, r)}
     shapes = {
         "lora_A.weight": (r, n_in, *kernel),

@@ -36,36 +36,14 @@ carries ``"loraq_adapter_bits": k``.
 
 from __future__ import annotations
 
-import re
-
 import torch
 
-from ..layers.adapter_quant import dequantize_codes, quantize_codes
+from ..layers.adapter_quant import dequantize_codes, grid_levels, quantize_codes
+from ..naming import is_factor_key
 from .safe import FormatError
-
-_QUANTIZED = re.compile(r".*\.(lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B)")
 
 #: Codes of at most this many bits are stored two per byte.
 PACKED_MAX_BITS = 4
-
-
-def is_quantized_key(key: str) -> bool:
-    """True for the adapter matrices that ``adapter_bits`` keeps on a k-bit grid."""
-    return _QUANTIZED.fullmatch(key) is not None
-
-
-def _qmax(bits: int) -> int:
-    return 2 ** (bits - 1) - 1
-
-
-def to_codes(weight: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(codes int8, scale float32 per row)``: the grid the forward pass uses (adapter_quant)."""
-    return quantize_codes(weight, bits)
-
-
-def from_codes(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """Float32 grid values ``codes * scale`` (what PEFT gets with ``dequantize=True``)."""
-    return dequantize_codes(codes, scale, torch.float32)
 
 
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -74,7 +52,7 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
         raise ValueError(f"only codes of 2..{PACKED_MAX_BITS} bits are packed, got {bits}")
     if codes.dtype != torch.int8 or codes.ndim < 2:
         raise ValueError(f"expected int8 codes of 2 or more dims, got {codes.dtype} {codes.shape}")
-    qmax = _qmax(bits)
+    qmax = grid_levels(bits)
     if codes.numel() and (int(codes.min()) < -qmax or int(codes.max()) > qmax):
         raise ValueError(f"codes outside the {bits}-bit grid ±{qmax}")
     nibbles = (codes.to(torch.int16) + (qmax + 1)).to(torch.uint8)
@@ -94,7 +72,7 @@ def unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
         raise ValueError(f"must be uint8 (two {bits}-bit codes per byte), found {packed.dtype}")
     if packed.ndim < 2:
         raise ValueError(f"must have 2 or more dims, found shape {tuple(packed.shape)}")
-    qmax = _qmax(bits)
+    qmax = grid_levels(bits)
     rows, half, *rest = packed.shape
     nibbles = torch.stack((packed >> 4, packed & 0x0F), dim=2).reshape(rows, 2 * half, *rest)
     width = 2 * half
@@ -116,35 +94,37 @@ def encode(tensors: dict[str, torch.Tensor], bits: int) -> dict[str, torch.Tenso
     """Replace each adapter matrix by its ``.codes`` (packed for ``bits <= 4``) and ``.scale``."""
     out: dict[str, torch.Tensor] = {}
     for key, tensor in tensors.items():
-        if is_quantized_key(key):
-            codes, out[key + ".scale"] = to_codes(tensor, bits)
+        if is_factor_key(key):
+            codes, out[key + ".scale"] = quantize_codes(tensor, bits)
             out[key + ".codes"] = pack_codes(codes, bits) if bits <= PACKED_MAX_BITS else codes
         else:
             out[key] = tensor
     return out
 
 
-def fake_quantize(tensors: dict[str, torch.Tensor], bits: int) -> dict[str, torch.Tensor]:
-    """The same tensors with each adapter matrix rounded to its k-bit grid (float32)."""
+def grid_values(tensors: dict[str, torch.Tensor], bits: int) -> dict[str, torch.Tensor]:
+    """The same tensors with each adapter factor replaced by its float32 k-bit grid values
+    (what PEFT reads when an adapter is saved with ``dequantize=True``)."""
     return {
-        k: from_codes(*to_codes(t, bits)) if is_quantized_key(k) else t for k, t in tensors.items()
+        k: dequantize_codes(*quantize_codes(t, bits)) if is_factor_key(k) else t
+        for k, t in tensors.items()
     }
 
 
 def decode(tensors: dict[str, torch.Tensor], bits: int, source: str) -> dict[str, torch.Tensor]:
     """Inverse of :func:`encode`; checks dtypes, shapes, the padding and the code range.
 
-    The weights are ``codes * scale``. For scales that :func:`to_codes` produced
+    The weights are ``codes * scale``. For scales that :func:`~loraq.layers.adapter_quant.quantize_codes` produced
     (``max|row| / levels`` in float32) the forward pass re-quantizes these to the very same codes
     and scales, so outputs and a second save are bit-identical (checked in the tests).
     """
     out: dict[str, torch.Tensor] = {}
-    qmax = _qmax(bits)
+    qmax = grid_levels(bits)
     for key, tensor in tensors.items():
-        if key.endswith(".scale") and is_quantized_key(key[: -len(".scale")]):
+        if key.endswith(".scale") and is_factor_key(key[: -len(".scale")]):
             continue
-        if not (key.endswith(".codes") and is_quantized_key(key[: -len(".codes")])):
-            if is_quantized_key(key):
+        if not (key.endswith(".codes") and is_factor_key(key[: -len(".codes")])):
+            if is_factor_key(key):
                 raise FormatError(f"{source}: {key!r} should be stored as .codes + .scale")
             out[key] = tensor
             continue
@@ -174,5 +154,5 @@ def decode(tensors: dict[str, torch.Tensor], bits: int, source: str) -> dict[str
                 f"{source}: {base + '.scale'!r} has shape {tuple(scale.shape)} but the "
                 f"codes need ({rows},)"
             )
-        out[base] = from_codes(codes, scale)
+        out[base] = dequantize_codes(codes, scale)
     return out

@@ -15,11 +15,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..dtypes import FLOAT_DTYPES
 from ..model import unload
+from ..quantize_model import dequantize_model
 from .safe import atomic_save_safetensors, staged_folder
 
 #: dtypes ``export_merged`` can write.
-EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+EXPORT_DTYPES = FLOAT_DTYPES
 #: Files a tokenizer may consist of; copied next to an export when the base came from a folder.
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -44,39 +46,6 @@ def _drop_quantization_config(model: nn.Module) -> None:
     for attr in ("is_quantized", "hf_quantizer", "quantization_method"):
         if attr in model.__dict__:
             delattr(model, attr)
-
-
-def _restore_conv1d(model: nn.Module) -> None:
-    """Turn dequantized GPT-2 ``Conv1D`` layers (quantized as Linear, so now ``nn.Linear`` with an
-    (out, in) weight) back into ``Conv1D`` with its (in, out) weight, as the checkpoint layout of
-    the model class expects; a meta-device skeleton of the class says which modules they are."""
-    config = getattr(model, "config", None)
-    if config is None:
-        return
-    try:
-        from transformers.pytorch_utils import Conv1D
-
-        with torch.device("meta"):
-            skeleton = type(model)(config)
-    except Exception:  # not a transformers model, or one that cannot be built from its config
-        return
-    for name, module in skeleton.named_modules():
-        if not isinstance(module, Conv1D):
-            continue
-        current = model.get_submodule(name)
-        if not isinstance(current, nn.Linear):
-            continue
-        conv = Conv1D(current.out_features, current.in_features).to(
-            device=current.weight.device, dtype=current.weight.dtype
-        )
-        with torch.no_grad():
-            conv.weight.copy_(current.weight.t())
-            if current.bias is not None:
-                conv.bias.copy_(current.bias)
-            else:
-                conv.bias.zero_()
-        parent_name, _, leaf = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, leaf, conv)
 
 
 def source_folder(model: nn.Module) -> Path | None:
@@ -116,16 +85,15 @@ def export_merged(model: nn.Module, path: str | os.PathLike[str], dtype: str = "
         raise ValueError(
             f"export_merged: dtype={dtype!r} is invalid; expected one of {list(EXPORT_DTYPES)}"
         )
-    from ..quantize_model import dequantize_model
-
     work = copy.deepcopy(model)
-    dequantize_model(work, torch.float32)  # a quantized base becomes dense before the merge
+    # A quantized base becomes dense before the merge, as the module the model class expects
+    # (a GPT-2 Conv1D stays a Conv1D: each quantized layer records its dense layout).
+    dequantize_model(work, torch.float32)
     # Merge in float32 even over a half-precision base, then round once to the export dtype.
     original_dtypes = {p.dtype for p in work.parameters() if p.is_floating_point()}
     if original_dtypes - {torch.float32}:
         work.float()
     work = unload(work, merge_adapters=True)
-    _restore_conv1d(work)
     work.to(EXPORT_DTYPES[dtype])
     _drop_quantization_config(work)
     source = source_folder(model)

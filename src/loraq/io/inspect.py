@@ -15,6 +15,8 @@ from typing import Any
 
 from safetensors import safe_open
 
+from ..config import adapter_scaling
+from ..naming import adapted_module_of
 from .adapter_codes import PACKED_MAX_BITS
 from .peft_config import ADAPTER_BITS_FIELD, lora_config_from_peft
 from .peft_format import CODES_WEIGHTS_NAME, CONFIG_NAME, PREFIX, WEIGHTS_NAME
@@ -46,9 +48,6 @@ _BYTES_PER = {
     "F8_E5M2": 1,
 }
 _QSTATE = re.compile(r"(.+)\.weight\.quant_state\.(bitsandbytes|loraq)__(\w+)")
-_ADAPTER_MODULE = re.compile(
-    r"(.+?)\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector)(\..*)?"
-)
 
 
 def _nbytes(dtype: str, shape: tuple[int, ...]) -> int:
@@ -92,9 +91,9 @@ def inspect_adapter(folder: Path, name: str = "default") -> dict[str, Any]:
         if bits and bits <= PACKED_MAX_BITS and key.endswith(".codes") and dtype == "U8":
             numel = _packed_count(weights, key, tuple(shape))
         params += numel
-        match = _ADAPTER_MODULE.fullmatch(key.removeprefix(PREFIX))
-        if match:
-            modules.add(match[1])
+        module = adapted_module_of(key.removeprefix(PREFIX))
+        if module is not None:
+            modules.add(module)
             lora_params += numel
     try:
         lora_config_from_peft(raw, source=str(folder / CONFIG_NAME))
@@ -104,7 +103,7 @@ def inspect_adapter(folder: Path, name: str = "default") -> dict[str, Any]:
     r, alpha = raw.get("r"), raw.get("lora_alpha")
     scaling = None
     if isinstance(r, int) and r > 0 and isinstance(alpha, (int, float)):
-        scaling = alpha / (math.sqrt(r) if raw.get("use_rslora") else r)
+        scaling = adapter_scaling(alpha, r, bool(raw.get("use_rslora")))
     return {
         "name": name,
         "path": str(folder),

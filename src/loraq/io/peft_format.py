@@ -22,7 +22,6 @@ the different file name makes it fail loudly instead of loading random weights.
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +30,9 @@ from torch import nn
 
 from ..config import LoraConfig
 from ..layers.lora import LoRALayer, ModulesToSave
-from ..model import CONFIGS_ATTR, adapter_names, apply, find_targets
+from ..model import CONFIGS_ATTR, adapter_names, adapter_state_dict, apply
+from ..naming import disk_key, memory_key
+from ..targeting import find_targets
 from ..transaction import model_transaction
 from . import adapter_codes
 from .adapter_check import check_adapter_shapes, check_finite
@@ -72,53 +73,29 @@ def adapter_tensors(
 ) -> dict[str, torch.Tensor]:
     """Adapter ``adapter``'s tensors under their on-disk keys (``base_model.model.`` prefix).
 
+    The tensors are :func:`loraq.adapter_state_dict`'s (what the adapter trains), plus the frozen
+    base weight of adapted embeddings when ``save_embedding_layers`` asks for it.
+
     Args:
         save_embedding_layers: also store the base weight of adapted embeddings
             (``<m>.base_layer.weight``); None does what PEFT's ``"auto"`` does: yes whenever an
             embedding carries this adapter.
     """
-    config: LoraConfig = getattr(model, CONFIGS_ATTR)[adapter]
-    layers, saved = _wrappers(model)
-    out: dict[str, torch.Tensor] = {}
-    for name, layer in layers.items():
-        if adapter not in layer.r:
-            continue
-        if layer.kind == "embedding":
-            out[f"{name}.lora_embedding_A"] = layer.lora_embedding_A[adapter]
-            out[f"{name}.lora_embedding_B"] = layer.lora_embedding_B[adapter]
-            if save_embedding_layers is not False and isinstance(layer.base_layer, nn.Embedding):
-                out[f"{name}.base_layer.weight"] = layer.base_layer.weight
-        else:
-            out[f"{name}.lora_A.weight"] = layer.lora_A[adapter].weight
-            out[f"{name}.lora_B.weight"] = layer.lora_B[adapter].weight
-        if layer.use_dora.get(adapter):
-            out[f"{name}.lora_magnitude_vector"] = layer.lora_magnitude_vector[adapter]
-        if config.bias == "lora_only" and layer.bias is not None:
-            out[f"{name}.base_layer.bias"] = layer.bias
-    for name, wrapper in saved.items():
-        if adapter in wrapper.modules_to_save:
-            for key, tensor in wrapper.modules_to_save[adapter].state_dict().items():
-                out[f"{name}.{key}"] = tensor
-    if config.bias == "all":
-        # Every bias trains under bias="all" (PEFT saves every key containing "bias"); biases of
-        # modules_to_save are already stored with their module.
-        inside_saved = tuple(f"{n}." for n in saved)
-        for key, param in model.named_parameters():
-            if key.endswith("bias") and not key.startswith(inside_saved):
-                out[key] = param
-    return {PREFIX + key: t.detach() for key, t in sorted(out.items())}
+    out = {disk_key(k, adapter): t for k, t in adapter_state_dict(model, adapter).items()}
+    if save_embedding_layers is not False:
+        layers, _ = _wrappers(model)
+        for name, layer in layers.items():
+            if adapter in layer.r and layer.kind == "embedding":
+                if isinstance(layer.base_layer, nn.Embedding):
+                    out[f"{name}.base_layer.weight"] = layer.base_layer.weight.detach()
+    return {PREFIX + key: t for key, t in sorted(out.items())}
 
 
 def _model_key(key: str, adapter: str, saved: dict[str, ModulesToSave]) -> str:
     """The in-memory name (adapter ``adapter``) for an on-disk key without the prefix."""
-    match = re.fullmatch(r"(.+)\.(lora_A|lora_B)\.weight", key)
-    if match:
-        return f"{match[1]}.{match[2]}.{adapter}.weight"
-    match = re.fullmatch(
-        r"(.+)\.(lora_embedding_A|lora_embedding_B|lora_magnitude_vector)(\.weight)?", key
-    )
-    if match:  # older PEFT wrote the DoRA magnitude with a ".weight" suffix
-        return f"{match[1]}.{match[2]}.{adapter}"
+    name = memory_key(key, adapter)
+    if name is not None:
+        return name
     for name in saved:
         if key.startswith(name + "."):
             rest = key[len(name) + 1 :]
@@ -176,7 +153,7 @@ def load_adapter_tensors(
     if missing or unexpected:
         parts = []
         if missing:
-            parts.append(f"missing keys {[PREFIX + _disk_key(k, adapter) for k in missing]}")
+            parts.append(f"missing keys {[PREFIX + disk_key(k, adapter) for k in missing]}")
         if unexpected:
             parts.append(f"unexpected keys {sorted(unexpected)}")
         raise FormatError(f"{source} does not fit the model: " + "; ".join(parts))
@@ -192,11 +169,6 @@ def load_adapter_tensors(
     with torch.no_grad():
         for name, tensor in ready.items():
             state[name].copy_(tensor)
-
-
-def _disk_key(name: str, adapter: str) -> str:
-    # Inverse of _model_key for the names expected_keys produces (used in error messages).
-    return name.replace(f".modules_to_save.{adapter}.", ".").replace(f".{adapter}", "")
 
 
 # ---------------------------------------------------------------------------------- folders
@@ -235,7 +207,7 @@ def _write_one(
         atomic_save_safetensors(folder / CODES_WEIGHTS_NAME, tensors)
     else:
         if config.adapter_bits is not None:
-            tensors = adapter_codes.fake_quantize(tensors, config.adapter_bits)
+            tensors = adapter_codes.grid_values(tensors, config.adapter_bits)
         atomic_save_safetensors(folder / WEIGHTS_NAME, tensors)
     atomic_write_json(folder / CONFIG_NAME, data)
     if write_card:

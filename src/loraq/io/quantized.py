@@ -25,8 +25,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..layers.lora import LoRALayer, ModulesToSave, is_gpt2_conv1d
-from ..model import output_head_names
+from ..dtypes import dtype_name, float_dtype
+from ..layers.kinds import is_gpt2_conv1d
+from ..layers.lora import LoRALayer, ModulesToSave
+from ..layers.protocol import LAYOUT_CONV1D, LAYOUT_LINEAR
+from ..layers.quantized import Embedding4bit, Linear4bit, Linear8bit
+from ..naming import ADAPTER_PARTS, WRAPPER_SEGMENTS, unwrapped_name
+from ..quant.qtensor import QuantizedTensor
+from ..quant.qtensor8 import QuantizedTensor8
+from ..targeting import output_head_names, set_submodule
 from .adapter_check import check_finite
 from .checkpoints import copy_tokenizer_files, source_folder
 from .safe import (
@@ -39,25 +46,7 @@ from .safe import (
     staged_folder,
 )
 
-_WRAPPER_PARTS = {"base_layer", "original_module"}
-_ADAPTER_PARTS = (
-    "lora_A",
-    "lora_B",
-    "lora_embedding_A",
-    "lora_embedding_B",
-    "lora_magnitude_vector",
-    "lora_dropout",
-    "modules_to_save",
-)
 _STATE_SUFFIX = ".weight.quant_state."
-
-
-def _quantized_layers():
-    # Imported lazily: loraq.layers.quantized belongs to the quantization work and pulls in the
-    # quantization kernels, which plain adapter I/O does not need.
-    from ..layers.quantized import Embedding4bit, Linear4bit, Linear8bit
-
-    return Linear4bit, Linear8bit, Embedding4bit
 
 
 # ---------------------------------------------------------------------------------- saving
@@ -73,10 +62,10 @@ def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         skip = False
         for i, part in enumerate(parts):
             owner = ".".join(parts[:i])
-            if owner in wrappers and (part in _ADAPTER_PARTS):
+            if owner in wrappers and (part in ADAPTER_PARTS):
                 skip = True
                 break
-            if owner in wrappers and part in _WRAPPER_PARTS:
+            if owner in wrappers and part in WRAPPER_SEGMENTS:
                 continue
             kept.append(part)
         if not skip:
@@ -86,11 +75,10 @@ def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def _quantized_modules(model: nn.Module) -> dict[str, nn.Module]:
     """``{plain name: quantized layer}`` with LoRA wrapper segments removed."""
-    linear4, linear8, emb4 = _quantized_layers()
     found = {}
     for name, module in model.named_modules():
-        if isinstance(module, (linear4, linear8, emb4)):
-            found[name.replace(".base_layer", "").replace(".original_module", "")] = module
+        if isinstance(module, (Linear4bit, Linear8bit, Embedding4bit)):
+            found[unwrapped_name(name)] = module
     return found
 
 
@@ -99,20 +87,15 @@ def _dense_linear_names(model: nn.Module) -> set[str]:
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear) or is_gpt2_conv1d(module):
             parts = name.split(".")
-            if any(p in _ADAPTER_PARTS for p in parts):
+            if any(p in ADAPTER_PARTS for p in parts):
                 continue  # LoRA matrices and trained copies are not part of the base
-            names.add(name.replace(".base_layer", "").replace(".original_module", ""))
+            names.add(unwrapped_name(name))
     return names
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 def quantization_config(model: nn.Module) -> dict[str, Any]:
     """The ``quantization_config`` for ``config.json``: transformers' bitsandbytes 4-bit form when
     every quantized layer is a 4-bit Linear, loraq's own form otherwise."""
-    linear4, linear8, emb4 = _quantized_layers()
     layers = _quantized_modules(model)
     if not layers:
         raise ValueError(
@@ -121,11 +104,11 @@ def quantization_config(model: nn.Module) -> dict[str, Any]:
         )
     records = [m.qweight for m in layers.values()]
     quant_types = sorted({r.quant_type for r in records})
-    compute = sorted({_dtype_name(m.compute_dtype) for m in layers.values()})
+    compute = sorted({dtype_name(m.compute_dtype) for m in layers.values()})
     double = any(getattr(r, "double_quant", False) for r in records)
-    if all(isinstance(m, linear4) for m in layers.values()) and len(quant_types) == 1:
+    if all(isinstance(m, Linear4bit) for m in layers.values()) and len(quant_types) == 1:
         dense = _dense_linear_names(model)
-        heads = {n.replace(".base_layer", "") for n in output_head_names(model)}
+        heads = {unwrapped_name(n) for n in output_head_names(model)}
         return {
             "_load_in_4bit": True,
             "_load_in_8bit": False,
@@ -147,8 +130,8 @@ def quantization_config(model: nn.Module) -> dict[str, Any]:
         "quant_types": quant_types,
         "double_quant": double,
         "compute_dtype": compute[0] if len(compute) == 1 else "float32",
-        "quantized_embeddings": any(isinstance(m, emb4) for m in layers.values()),
-        "linear8bit": any(isinstance(m, linear8) for m in layers.values()),
+        "quantized_embeddings": any(isinstance(m, Embedding4bit) for m in layers.values()),
+        "linear8bit": any(isinstance(m, Linear8bit) for m in layers.values()),
     }
 
 
@@ -177,7 +160,7 @@ def save_quantized(model: nn.Module, path: str | os.PathLike[str]) -> Path:
             data["architectures"] = [type(model).__name__]
         floats = [t.dtype for t in tensors.values() if t.is_floating_point() and t.ndim > 1]
         if floats:
-            data["dtype"] = _dtype_name(max(set(floats), key=floats.count))
+            data["dtype"] = dtype_name(max(set(floats), key=floats.count))
     data["quantization_config"] = qconfig
     source = source_folder(model)
     with staged_folder(path) as staging:
@@ -253,18 +236,9 @@ def _state_keys(tensors: dict[str, torch.Tensor]) -> dict[str, str]:
     return found
 
 
-def _swap_in(model: nn.Module, name: str, layer: nn.Module) -> None:
-    parent_name, _, leaf = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, leaf, layer)
-
-
 def _quantized_layer(
     name: str, kind: str, module: nn.Module, tensors: dict, compute_dtype: torch.dtype, source: str
 ) -> nn.Module:
-    from ..quant.qtensor import QuantizedTensor, QuantizedTensor8
-
-    linear4, linear8, emb4 = _quantized_layers()
     prefix = name + "."
     try:
         record = (
@@ -291,10 +265,12 @@ def _quantized_layer(
             f"model expects {expected}"
         )
     if isinstance(module, nn.Embedding):
-        return emb4(record, module.padding_idx, compute_dtype)
+        return Embedding4bit(record, module.padding_idx, compute_dtype)
     bias = tensors.get(prefix + "bias")
-    cls = linear8 if kind.startswith("loraq__") else linear4
-    return cls(record, bias, compute_dtype)
+    cls = Linear8bit if kind.startswith("loraq__") else Linear4bit
+    # The dense module the model class expects here, restored by dequantize_model / unload.
+    layout = LAYOUT_CONV1D if is_gpt2_conv1d(module) else LAYOUT_LINEAR
+    return cls(record, bias, compute_dtype, layout)
 
 
 def load_quantized(
@@ -338,9 +314,10 @@ def load_quantized(
     compute_name = (
         qconfig.get("bnb_4bit_compute_dtype") or qconfig.get("compute_dtype") or "float32"
     )
-    compute_dtype = getattr(torch, str(compute_name), None)
-    if not isinstance(compute_dtype, torch.dtype):
-        raise FormatError(f"{config_file}: unknown compute dtype {compute_name!r}")
+    try:
+        compute_dtype = float_dtype(str(compute_name), "compute dtype")
+    except ValueError as err:
+        raise FormatError(f"{config_file}: {err}") from None
 
     tensors: dict[str, torch.Tensor] = {}
     origin: dict[str, Path] = {}
@@ -362,7 +339,9 @@ def load_quantized(
                 "module of that name in the model"
             ) from None
         source = str(origin[name + _STATE_SUFFIX + kind])
-        _swap_in(model, name, _quantized_layer(name, kind, module, tensors, compute_dtype, source))
+        set_submodule(
+            model, name, _quantized_layer(name, kind, module, tensors, compute_dtype, source)
+        )
     _load_dense(model, tensors, files)
     model.eval()
     model.requires_grad_(False)

@@ -1,1 +1,7 @@
-"""Adapter layers (LoRA wrappers, fused autograd functions) and quantized base layers."""
+"""Adapter wrappers (:mod:`.lora`, :mod:`.qlora`), their per-kind logic (:mod:`.kinds`), the fused
+LoRA op (:mod:`.fused`), quantized bases (:mod:`.quantized`, described by the
+:class:`~.protocol.QuantizedBase` Protocol) and k-bit adapter grids (:mod:`.adapter_quant`)."""
+
+from .protocol import QuantizedBase, QuantizedWeight
+
+__all__ = ["QuantizedBase", "QuantizedWeight"]

@@ -12,7 +12,11 @@ from __future__ import annotations
 import torch
 
 
-def _levels(bits: int) -> int:
+def grid_levels(bits: int) -> int:
+    """Largest code of the symmetric ``bits``-bit grid, ``2^(bits-1) - 1`` (codes run ``-L..L``).
+
+    Raises ``ValueError`` unless ``bits`` is an integer in 2..8.
+    """
     if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
         raise ValueError(f"adapter bits must be an integer in 2..8, got {bits!r}")
     return 2 ** (bits - 1) - 1
@@ -20,7 +24,7 @@ def _levels(bits: int) -> int:
 
 def quantize_codes(weight: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Integer codes (int8, same shape as ``weight``) and float32 scales, one per row (dim 0)."""
-    levels = _levels(bits)
+    levels = grid_levels(bits)
     rows = weight.detach().reshape(weight.shape[0], -1).float()
     scale = rows.abs().amax(dim=1) / levels
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
@@ -42,7 +46,7 @@ def dequantize_codes(
     return (codes.float() * scale.float().reshape(view)).to(dtype)
 
 
-def fake_quantize(weight: torch.Tensor, bits: int) -> torch.Tensor:
+def round_to_grid(weight: torch.Tensor, bits: int) -> torch.Tensor:
     """``weight`` rounded to its k-bit grid in the forward pass, identity in the backward pass."""
     codes, scale = quantize_codes(weight, bits)
     grid = dequantize_codes(codes, scale, weight.dtype)
@@ -51,7 +55,7 @@ def fake_quantize(weight: torch.Tensor, bits: int) -> torch.Tensor:
 
 def enable_adapter_quant(layer: torch.nn.Module, adapter_name: str, bits: int) -> None:
     """Make ``layer`` (a ``LoRALayer``) use k-bit weights for adapter ``adapter_name``."""
-    _levels(bits)
+    grid_levels(bits)
     if adapter_name not in layer.r:
         raise ValueError(f"layer has no adapter {adapter_name!r}")
     layer.adapter_bits[adapter_name] = bits

@@ -2,7 +2,8 @@
 
 One wrapper class serves every supported layer kind. The kinds differ only in how the base weight
 is seen as a matrix in the adapter's orientation (``M``, shape ``(rows of B, cols of A)`` so that
-the adapter's delta is ``scaling * B @ A``) and in how the adapter branch runs on an input:
+the adapter's delta is ``scaling * B @ A``) and in how the adapter branch runs on an input; one
+kind object per layer (:mod:`loraq.layers.kinds`, chosen in ``__init__``) answers both:
 
 ==============  ========================  ===========================  =========================
 kind            base module               ``M`` (delta orientation)     adapter branch
@@ -25,47 +26,25 @@ import math
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .adapter_quant import fake_quantize
+from ..config import adapter_scaling
+from ..naming import ADAPTER_STORES
+from .adapter_quant import round_to_grid
 from .fused import lora_linear
+from .kinds import SUPPORTED_TYPES, LayerKind, is_gpt2_conv1d, layer_kind
 from .merged_guard import guard_merged
 from .mixed import mixed_forward
+from .protocol import QuantizedBase
 
-_CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-#: Attribute names under which ``LoRALayer`` keeps per-adapter tensors (PEFT's names).
-ADAPTER_STORES = (
-    "lora_A",
-    "lora_B",
-    "lora_embedding_A",
-    "lora_embedding_B",
-    "lora_magnitude_vector",
-)
-SUPPORTED_TYPES = "nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d, transformers Conv1D"
-
-
-def is_gpt2_conv1d(module: nn.Module) -> bool:
-    """True for transformers' ``Conv1D`` (a linear layer storing its weight as (in, out))."""
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "weight")
-
-
-def is_quantized_linear(module: nn.Module) -> bool:
-    """True for loraq's quantized linear layers (they expose ``dequantize_weight``)."""
-    return hasattr(module, "dequantize_weight") and hasattr(module, "in_features")
-
-
-def layer_kind(module: nn.Module) -> str | None:
-    """The adapter kind for ``module`` (``linear``, ``conv1d_gpt2``, ``conv``, ``embedding``), or None."""
-    if isinstance(module, nn.Linear) or is_quantized_linear(module):
-        return "linear"
-    if is_gpt2_conv1d(module):
-        return "conv1d_gpt2"
-    if isinstance(module, _CONV_TYPES):
-        return "conv"
-    if isinstance(module, nn.Embedding):
-        return "embedding"
-    return None
+__all__ = [
+    "ADAPTER_STORES",
+    "SUPPORTED_TYPES",
+    "LoRALayer",
+    "ModulesToSave",
+    "is_gpt2_conv1d",
+    "layer_kind",
+]
 
 
 class LoRALayer(nn.Module):
@@ -102,11 +81,8 @@ class LoRALayer(nn.Module):
             raise TypeError(
                 f"LoRALayer cannot wrap {type(original_layer).__name__}; supported: {SUPPORTED_TYPES}"
             )
-        if kind == "conv" and original_layer.groups != 1:
-            raise TypeError(
-                f"LoRALayer supports convolutions with groups=1 only (got groups={original_layer.groups})"
-            )
-        self.kind = kind
+        kind.check(original_layer)
+        self._kind: LayerKind = kind
         self.base_layer = original_layer
         for param in original_layer.parameters():
             param.requires_grad_(False)
@@ -144,15 +120,37 @@ class LoRALayer(nn.Module):
         """The base layer's bias."""
         return getattr(self.base_layer, "bias", None)
 
+    @property
+    def kind(self) -> str:
+        """The layer kind's name: ``linear``, ``conv1d_gpt2``, ``conv`` or ``embedding``."""
+        return self._kind.name
+
+    def replace_base(self, module: nn.Module) -> None:
+        """Swap the wrapped module (e.g. a quantized base for its dense form) and re-pick the kind.
+
+        The new module must compute the same map; adapters are kept as they are.
+        """
+        kind = layer_kind(module)
+        if kind is None:
+            raise TypeError(
+                f"LoRALayer cannot wrap {type(module).__name__}; supported: {SUPPORTED_TYPES}"
+            )
+        if kind.in_out(module) != self._in_out():
+            raise ValueError(
+                f"replace_base: the new {type(module).__name__} has (in, out) {kind.in_out(module)}, "
+                f"the wrapped layer {self._in_out()}"
+            )
+        module.requires_grad_(False)
+        self.base_layer = module
+        self._kind = kind
+
+    @property
+    def is_quantized(self) -> bool:
+        """True when the base is a quantized layer (see :class:`loraq.layers.QuantizedBase`)."""
+        return isinstance(self.base_layer, QuantizedBase)
+
     def _in_out(self) -> tuple[int, int]:
-        base = self.base_layer
-        if self.kind == "linear":
-            return base.in_features, base.out_features
-        if self.kind == "conv1d_gpt2":
-            return base.weight.shape[0], base.weight.shape[1]
-        if self.kind == "conv":
-            return base.in_channels, base.out_channels
-        return base.num_embeddings, base.embedding_dim
+        return self._kind.in_out(self.base_layer)
 
     @property
     def in_features(self) -> int:
@@ -165,10 +163,7 @@ class LoRALayer(nn.Module):
         return self._in_out()[1]
 
     def _base_dtype_device(self) -> tuple[torch.dtype, torch.device]:
-        base = self.base_layer
-        if is_quantized_linear(base):
-            return base.compute_dtype, base.qweight.device
-        return base.weight.dtype, base.weight.device
+        return self._kind.dtype_device(self.base_layer)
 
     def _adapter_dtype(self) -> torch.dtype:
         # Adapters train in float32 over half-precision bases (as PEFT's autocast_adapter_dtype);
@@ -179,33 +174,13 @@ class LoRALayer(nn.Module):
     # ------------------------------------------------------------------ base weight as matrix M
     def base_matrix(self) -> torch.Tensor:
         """The (possibly dequantized) base weight in the adapter's orientation, detached."""
-        base = self.base_layer
-        if is_quantized_linear(base):
-            return base.dequantize_weight().detach()
-        w = base.weight.detach()
-        if self.kind == "linear":
-            return w
-        if self.kind == "conv":
-            return w.flatten(1)
-        return w.t()  # conv1d_gpt2 (in,out) and embedding (vocab,dim)
+        return self._kind.matrix(self.base_layer)
 
     def _write_base_matrix(self, matrix: torch.Tensor) -> None:
-        base = self.base_layer
-        if is_quantized_linear(base):
-            base.set_weight(matrix)
-            return
-        w = base.weight
-        if self.kind == "linear":
-            new = matrix
-        elif self.kind == "conv":
-            new = matrix.reshape(w.shape)
-        else:
-            new = matrix.t()
-        with torch.no_grad():
-            w.copy_(new.to(w.dtype))
+        self._kind.write_matrix(self.base_layer, matrix)
 
     def _a_b_params(self, name: str) -> tuple[nn.Parameter, nn.Parameter]:
-        if self.kind == "embedding":
+        if name in self.lora_embedding_A:
             return self.lora_embedding_A[name], self.lora_embedding_B[name]
         return self.lora_A[name].weight, self.lora_B[name].weight
 
@@ -215,7 +190,7 @@ class LoRALayer(nn.Module):
         bits = self.adapter_bits.get(name)
         if bits is None:
             return a, b
-        return fake_quantize(a, bits), fake_quantize(b, bits)
+        return round_to_grid(a, bits), round_to_grid(b, bits)
 
     def _a_b_matrices(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         a, b = self.adapter_weights(name)
@@ -245,7 +220,7 @@ class LoRALayer(nn.Module):
             raise ValueError(f"rank must be a positive integer, got {r!r}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
-        if use_dora and self.kind == "embedding":
+        if use_dora and not self._kind.supports_dora:
             raise ValueError(
                 "use_dora is not supported for nn.Embedding layers; target Linear/Conv layers only"
             )
@@ -253,34 +228,17 @@ class LoRALayer(nn.Module):
             raise RuntimeError(
                 "cannot add an adapter while adapters are merged; call unmerge() first"
             )
-        in_f, out_f = self._in_out()
         dtype = self._adapter_dtype()
         _, device = self._base_dtype_device()
-        kw = {"dtype": dtype, "device": device}
-        if self.kind == "embedding":
-            self.lora_embedding_A[name] = nn.Parameter(torch.zeros(r, in_f, **kw))
-            self.lora_embedding_B[name] = nn.Parameter(torch.zeros(out_f, r, **kw))
-        elif self.kind == "conv":
-            base = self.base_layer
-            conv = type(base)
-            self.lora_A[name] = conv(
-                in_f,
-                r,
-                base.kernel_size,
-                base.stride,
-                base.padding,
-                base.dilation,
-                bias=False,
-                **kw,
-            )
-            self.lora_B[name] = conv(r, out_f, 1, 1, bias=False, **kw)
+        lora_a, lora_b = self._kind.new_adapter(self.base_layer, r, dtype=dtype, device=device)
+        if isinstance(lora_a, nn.Parameter):
+            self.lora_embedding_A[name], self.lora_embedding_B[name] = lora_a, lora_b
         else:
-            self.lora_A[name] = nn.Linear(in_f, r, bias=False, **kw)
-            self.lora_B[name] = nn.Linear(r, out_f, bias=False, **kw)
+            self.lora_A[name], self.lora_B[name] = lora_a, lora_b
         self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.r[name] = r
         self.lora_alpha[name] = alpha
-        self.scaling[name] = alpha / (math.sqrt(r) if use_rslora else r)
+        self.scaling[name] = adapter_scaling(alpha, r, use_rslora)
         self.use_dora[name] = use_dora
         self._init_adapter(name, init)
         if use_dora:
@@ -289,7 +247,7 @@ class LoRALayer(nn.Module):
 
     def _init_adapter(self, name: str, init: str) -> None:
         with torch.no_grad():
-            if self.kind == "embedding" and init != "pissa":
+            if name in self.lora_embedding_A and init != "pissa":
                 # PEFT's embedding init is the transpose of the linear one: A = 0, B ~ N(0, 1).
                 nn.init.zeros_(self.lora_embedding_A[name])
                 nn.init.normal_(self.lora_embedding_B[name])
@@ -308,8 +266,7 @@ class LoRALayer(nn.Module):
                 )
 
     def _init_pissa(self, name: str) -> None:
-        if self.kind == "conv" and any(k != 1 for k in self.base_layer.kernel_size):
-            raise ValueError("init='pissa' on a convolution needs a 1x1 kernel")
+        self._kind.check_pissa(self.base_layer)
         r, s = self.r[name], self.scaling[name]
         w = self.base_matrix()
         work = w.to(torch.float64 if w.dtype == torch.float64 else torch.float32)
@@ -364,38 +321,17 @@ class LoRALayer(nn.Module):
         return drop.p if isinstance(drop, nn.Dropout) and self.training else 0.0
 
     def _branch(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        """``B(A(x))`` without scale, for conv and embedding kinds."""
+        """``B(A(x))`` without scale."""
         a, b = self.adapter_weights(name)
-        if self.kind == "embedding":
-            base = self.base_layer
-            hidden = F.embedding(
-                x,
-                a.t(),
-                base.padding_idx,
-                base.max_norm,
-                base.norm_type,
-                base.scale_grad_by_freq,
-                base.sparse,
-            )
-            return hidden @ b.t()
-        if self.kind == "conv":
-            return self.lora_B[name]._conv_forward(
-                self.lora_A[name]._conv_forward(x, a, None), b, None
-            )
-        return F.linear(F.linear(x, a), b)
+        a_mod = self.lora_A[name] if name in self.lora_A else None
+        b_mod = self.lora_B[name] if name in self.lora_B else None
+        return self._kind.branch(self.base_layer, a_mod, b_mod, a, b, x)
 
     def _base_without_bias(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.base_matrix()
-        if self.kind == "conv":
-            base = self.base_layer
-            w = w.reshape(base.weight.shape)
-            return base._conv_forward(x, w.to(x.dtype), None)
-        return F.linear(x, w.to(x.dtype))
+        return self._kind.base_without_bias(self.base_layer, self.base_matrix(), x)
 
     def _channel_view(self, v: torch.Tensor, ndim: int) -> torch.Tensor:
-        if self.kind == "conv":
-            return v.view(1, -1, *([1] * (ndim - 2)))
-        return v
+        return self._kind.channel_view(v, ndim)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """Base output plus the scaled output of every active, unmerged adapter.
@@ -443,7 +379,7 @@ class LoRALayer(nn.Module):
         for name in active:
             if self.use_dora[name]:
                 result = self._add_dora(name, x, result)
-            elif self.kind in ("linear", "conv1d_gpt2"):
+            elif self._kind.fused_adapter:
                 a, b = self.adapter_weights(name)
                 result = lora_linear(
                     x.to(a.dtype),
@@ -454,27 +390,15 @@ class LoRALayer(nn.Module):
                     dropout_p=self._dropout_p(name),
                 )
             else:
-                x_in = (
-                    x
-                    if self.kind == "embedding"
-                    else self.lora_dropout[name](x.to(self._adapter_dtype()))
-                )
+                is_ids = name in self.lora_embedding_A  # token ids: no dropout, no cast
+                x_in = x if is_ids else self.lora_dropout[name](x.to(self._adapter_dtype()))
                 delta = self._branch(name, x_in) * self.scaling[name]
                 result = result + delta.to(result.dtype)
         return result
 
     def _fusable_base(self, x: torch.Tensor):
         """``(weight or weight-callable, bias)`` when base and adapter can run as one fused op."""
-        base = self.base_layer
-        if is_quantized_linear(base):
-            # dequantized on demand in forward and again in backward; no dense copy is kept
-            return getattr(base, "matmul_weight", base.dequantize_weight), base.bias
-        if type(base) is not nn.Linear and self.kind != "conv1d_gpt2":
-            return None
-        weight = base.weight
-        if weight.requires_grad or x.dtype != weight.dtype or x.dtype != self._adapter_dtype():
-            return None
-        return (weight if self.kind == "linear" else weight.t()), base.bias
+        return self._kind.fused_base(self.base_layer, x, self._adapter_dtype())
 
     def _add_dora(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         # DoRA: W' = m * (W + sBA) / ||W + sBA||_row, the norm detached (paper §4.3), written as a
@@ -525,7 +449,7 @@ class LoRALayer(nn.Module):
                     * (self.lora_magnitude_vector[name].detach().to(work_dtype) / norm)[:, None]
                 )
             self._write_base_matrix(merged)
-            if is_quantized_linear(self.base_layer):
+            if self.is_quantized:
                 requant_error = max(
                     requant_error, float((self.base_matrix().to(work_dtype) - merged).abs().max())
                 )

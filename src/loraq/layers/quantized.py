@@ -11,8 +11,12 @@ exact bytes. ``state_dict()`` writes the weight under bitsandbytes' keys (``weig
 The linear forward is one autograd function: it dequantizes the weight into the compute dtype,
 applies ``F.linear``, and keeps only the quantized record for backward, where the weight is
 dequantized again to form the input gradient (the frozen weight gets no gradient). On CPU the
-dequantized weight goes into one scratch buffer per thread shared by all layers (see
-``_dense_weight``), so no layer keeps a dense copy and no call pays for fresh pages.
+dequantized weight goes into the layer's :class:`DequantScratch` (by default one shared by all
+layers, :data:`SHARED_SCRATCH`), so no layer keeps a dense copy and no call pays for fresh pages.
+
+The linear layers implement :class:`~loraq.layers.protocol.QuantizedBase`; ``dense_layout``
+records whether one stands for an ``nn.Linear`` or a GPT-2 ``Conv1D`` (whose dense weight is
+stored transposed), so dequantizing gives back the module the model class expects.
 
 Why not tiles (dequantize a few rows, matmul, repeat)? It avoids the scratch buffer, but BLAS
 kernels pick different code paths for different output widths (remainder rows, thread splits,
@@ -31,16 +35,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..quant.blockwise import dequantize_4bit_elements, quantize_4bit, quantize_8bit
-from ..quant.qtensor import QuantizedTensor, QuantizedTensor8
+from ..quant.codebooks import DEFAULT_BLOCKSIZE_4BIT, DEFAULT_BLOCKSIZE_8BIT
+from ..quant.qtensor import QuantizedTensor
+from ..quant.qtensor8 import QuantizedTensor8
+from .kinds import is_gpt2_conv1d
+from .protocol import DENSE_LAYOUTS, LAYOUT_CONV1D, LAYOUT_LINEAR
 
-__all__ = ["Embedding4bit", "Linear4bit", "Linear8bit", "release_scratch"]
+__all__ = [
+    "SHARED_SCRATCH",
+    "DequantScratch",
+    "Embedding4bit",
+    "Linear4bit",
+    "Linear8bit",
+    "release_scratch",
+]
 
 Record = QuantizedTensor | QuantizedTensor8
 
-# Reuse one dequantization buffer per (thread, dtype) on CPU; see _dense_weight.
-REUSE_SCRATCH = True
-_scratch = threading.local()
 # Prefix of the buffers that hold the record's tensors.
 _BUF = "weight_"
 #: Record fields with per-element data (codes, block scales): what FSDP may split across ranks.
@@ -48,35 +59,69 @@ _BUF = "weight_"
 SHARDABLE_FIELDS = ("packed", "absmax", "absmax_codes", "nested_absmax", "codes")
 
 
-def _scratch_buffer(numel: int, dtype: torch.dtype) -> torch.Tensor:
-    buffers: dict[torch.dtype, torch.Tensor] = _scratch.__dict__.setdefault("buffers", {})
-    buf = buffers.get(dtype)
-    if buf is None or buf.numel() < numel:
-        # A normal tensor even inside inference_mode, so later training steps may write to it.
-        with torch.inference_mode(False):
-            buf = torch.empty(numel, dtype=dtype)
-        buffers[dtype] = buf
-    return buf[:numel]
+class DequantScratch:
+    """Reusable dequantization buffers, one per (thread, dtype), for the layers that share it.
+
+    On CPU a fresh multi-megabyte tensor costs more in page faults (the allocator returns large
+    blocks to the OS on free) than the dequantization itself, so a quantized layer writes its
+    dense weight into a buffer that every layer holding the same ``DequantScratch`` reuses: it
+    keeps the largest layer's weight size, not a copy per layer. A tensor from :meth:`borrow` is
+    valid only until the next :meth:`borrow` of the same dtype on the same thread. Copies of a
+    model share the scratch of the original (it holds no state worth copying).
+    """
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+
+    def borrow(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        """A 1-D CPU tensor of ``numel`` elements, overwritten by the next borrow on this thread."""
+        buffers: dict[torch.dtype, torch.Tensor] = self._local.__dict__.setdefault("buffers", {})
+        buf = buffers.get(dtype)
+        if buf is None or buf.numel() < numel:
+            # A normal tensor even inside inference_mode, so later training steps may write to it.
+            with torch.inference_mode(False):
+                buf = torch.empty(numel, dtype=dtype)
+            buffers[dtype] = buf
+        return buf[:numel]
+
+    def release(self) -> None:
+        """Free this thread's buffers (the next borrow allocates again)."""
+        self._local.__dict__.pop("buffers", None)
+
+    def __deepcopy__(self, memo: dict) -> DequantScratch:
+        return self
+
+    def __copy__(self) -> DequantScratch:
+        return self
+
+
+#: The scratch every quantized linear layer uses unless given another (or None) as ``scratch``.
+SHARED_SCRATCH = DequantScratch()
 
 
 def release_scratch() -> None:
-    """Free this thread's reusable dequantization buffers (see :data:`REUSE_SCRATCH`)."""
-    _scratch.__dict__.pop("buffers", None)
+    """Free this thread's buffers of :data:`SHARED_SCRATCH`."""
+    SHARED_SCRATCH.release()
 
 
-def _dense_weight(weight: Record, dtype: torch.dtype) -> torch.Tensor:
-    """The dequantized weight for one matmul; valid until the next call on this thread.
+def _dequantize(weight: Record, dtype: torch.dtype, scratch: DequantScratch | None) -> torch.Tensor:
+    """The dense weight; in ``scratch`` (valid until its next borrow) when given and on CPU.
 
-    On CPU a fresh multi-megabyte tensor costs more in page faults (the allocator returns large
-    blocks to the OS on free) than the dequantization itself, so the weight is written into a
-    buffer reused by every quantized layer on this thread: it holds the largest layer's weight
-    size, not a copy per layer, and it is garbage between calls. Elsewhere (CUDA's caching
-    allocator already reuses memory) or with ``REUSE_SCRATCH = False``, a fresh tensor is used.
+    Elsewhere (CUDA's caching allocator already reuses memory) a fresh tensor is returned.
     """
-    if not REUSE_SCRATCH or weight.device.type != "cpu":
+    if scratch is None or weight.device.type != "cpu":
         return weight.dequantize(dtype)
-    buf = _scratch_buffer(weight.numel, dtype)
+    buf = scratch.borrow(weight.numel, dtype)
     return weight.dequantize_range(0, weight.numel, buf).view(weight.shape)
+
+
+def _linear_weight(module: nn.Module) -> tuple[torch.Tensor, str]:
+    """The ``(out, in)`` weight of an ``nn.Linear`` or GPT-2 ``Conv1D``, and its dense layout."""
+    if is_gpt2_conv1d(module):
+        return module.weight.t(), LAYOUT_CONV1D
+    if isinstance(module, nn.Linear):
+        return module.weight, LAYOUT_LINEAR
+    raise TypeError(f"expected an nn.Linear or a GPT-2 Conv1D, got {type(module).__name__}")
 
 
 class _QuantizedLinearFunction(torch.autograd.Function):
@@ -84,25 +129,31 @@ class _QuantizedLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx: Any, x: torch.Tensor, bias: torch.Tensor | None, weight: Record, dtype: torch.dtype
+        ctx: Any,
+        x: torch.Tensor,
+        bias: torch.Tensor | None,
+        weight: Record,
+        dtype: torch.dtype,
+        scratch: DequantScratch | None,
     ):
         ctx.weight = weight  # references the stored quantized tensors, no dense copy
         ctx.dtype = dtype
+        ctx.scratch = scratch
         ctx.x_dtype = x.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
         b = None if bias is None else bias.to(dtype)
         # The output follows the input dtype, as bitsandbytes' Linear4bit.
-        return F.linear(x.to(dtype), _dense_weight(weight, dtype), b).to(x.dtype)
+        return F.linear(x.to(dtype), _dequantize(weight, dtype, scratch), b).to(x.dtype)
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor):
         grad_x = grad_bias = None
         g = grad_out.to(ctx.dtype)
         if ctx.needs_input_grad[0]:
-            grad_x = g.matmul(_dense_weight(ctx.weight, ctx.dtype)).to(ctx.x_dtype)
+            grad_x = g.matmul(_dequantize(ctx.weight, ctx.dtype, ctx.scratch)).to(ctx.x_dtype)
         if ctx.needs_input_grad[1]:  # only if someone unfroze the bias
             grad_bias = g.reshape(-1, g.shape[-1]).sum(0).to(ctx.bias_dtype)
-        return grad_x, grad_bias, None, None
+        return grad_x, grad_bias, None, None, None
 
 
 class _QuantizedModule(nn.Module):
@@ -215,12 +266,24 @@ class _QuantizedModule(nn.Module):
 
 
 class _QuantizedLinear(_QuantizedModule):
-    """Shared forward and bookkeeping of :class:`Linear4bit` and :class:`Linear8bit`."""
+    """Shared forward and bookkeeping of :class:`Linear4bit` and :class:`Linear8bit`.
+
+    ``scratch`` is where the forward pass dequantizes on CPU (:data:`SHARED_SCRATCH` unless set;
+    ``None`` allocates a fresh tensor per call).
+    """
 
     def __init__(
-        self, qweight: Record, bias: torch.Tensor | None, compute_dtype: torch.dtype
+        self,
+        qweight: Record,
+        bias: torch.Tensor | None,
+        compute_dtype: torch.dtype,
+        dense_layout: str = LAYOUT_LINEAR,
     ) -> None:
         super().__init__()
+        if dense_layout not in DENSE_LAYOUTS:
+            raise ValueError(f"dense_layout must be one of {DENSE_LAYOUTS}, got {dense_layout!r}")
+        self.dense_layout = dense_layout
+        self.scratch: DequantScratch | None = SHARED_SCRATCH
         if len(qweight.shape) != 2:
             raise ValueError(
                 f"a linear weight must be 2-D (out, in), got shape {tuple(qweight.shape)}"
@@ -249,16 +312,19 @@ class _QuantizedLinear(_QuantizedModule):
             raise ValueError(
                 f"expected input with last dimension {self.in_features}, got {tuple(x.shape)}"
             )
-        return _QuantizedLinearFunction.apply(x, self.bias, self.qweight, self.compute_dtype)
+        return _QuantizedLinearFunction.apply(
+            x, self.bias, self.qweight, self.compute_dtype, self.scratch
+        )
 
-    def dequantize_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The dense ``(out_features, in_features)`` weight in ``dtype`` (default: ``compute_dtype``)."""
-        return self.qweight.dequantize(self.compute_dtype if dtype is None else dtype)
+    def dequantize_weight(
+        self, dtype: torch.dtype | None = None, *, scratch: DequantScratch | None = None
+    ) -> torch.Tensor:
+        """The dense ``(out_features, in_features)`` weight in ``dtype`` (default: ``compute_dtype``).
 
-    def matmul_weight(self) -> torch.Tensor:
-        """The dense weight in ``compute_dtype`` for one matmul, in this thread's shared scratch
-        buffer on CPU: valid only until the next quantized layer dequantizes (see ``_dense_weight``)."""
-        return _dense_weight(self.qweight, self.compute_dtype)
+        With ``scratch`` (on CPU) the result is written into that buffer and is valid only until
+        its next borrow on this thread; without, it is a fresh tensor.
+        """
+        return _dequantize(self.qweight, self.compute_dtype if dtype is None else dtype, scratch)
 
     def _quantize(self, weight: torch.Tensor) -> Record:
         raise NotImplementedError
@@ -278,9 +344,11 @@ class _QuantizedLinear(_QuantizedModule):
         self._set_record(record)
 
     def extra_repr(self) -> str:
+        layout = "" if self.dense_layout == LAYOUT_LINEAR else f", dense_layout={self.dense_layout}"
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"bias={self.bias is not None}, {self._format_repr()}, compute_dtype={self.compute_dtype}"
+            f"bias={self.bias is not None}, {self._format_repr()}, "
+            f"compute_dtype={self.compute_dtype}{layout}"
         )
 
     def _format_repr(self) -> str:
@@ -301,27 +369,30 @@ class Linear4bit(_QuantizedLinear):
         qweight: QuantizedTensor,
         bias: torch.Tensor | None = None,
         compute_dtype: torch.dtype = torch.float32,
+        dense_layout: str = LAYOUT_LINEAR,
     ) -> None:
         if not isinstance(qweight, QuantizedTensor):
             raise TypeError(f"qweight must be a QuantizedTensor, got {type(qweight).__name__}")
-        super().__init__(qweight, bias, compute_dtype)
+        super().__init__(qweight, bias, compute_dtype, dense_layout)
 
     @classmethod
     def from_linear(
         cls,
-        linear: nn.Linear,
+        linear: nn.Module,
         quant_type: str = "nf4",
-        blocksize: int = 64,
+        blocksize: int = DEFAULT_BLOCKSIZE_4BIT,
         double_quant: bool = True,
         compute_dtype: torch.dtype = torch.float32,
     ) -> Linear4bit:
-        """Quantize ``linear.weight`` (see :func:`~loraq.quant.quantize_4bit`); copies the bias."""
-        qweight = quantize_4bit(linear.weight, blocksize, quant_type, double_quant)
-        return cls(qweight, linear.bias, compute_dtype)
+        """Quantize the weight of an ``nn.Linear`` or GPT-2 ``Conv1D`` (see
+        :meth:`~loraq.quant.QuantizedTensor.from_tensor`); copies the bias and records the layout."""
+        weight, layout = _linear_weight(linear)
+        qweight = QuantizedTensor.from_tensor(weight, blocksize, quant_type, double_quant)
+        return cls(qweight, linear.bias, compute_dtype, layout)
 
     def _quantize(self, weight: torch.Tensor) -> QuantizedTensor:
         q = self.qweight
-        return quantize_4bit(weight, q.blocksize, q.quant_type, q.double_quant)
+        return QuantizedTensor.from_tensor(weight, q.blocksize, q.quant_type, q.double_quant)
 
     def _format_repr(self) -> str:
         q = self.qweight
@@ -343,23 +414,31 @@ class Linear8bit(_QuantizedLinear):
         qweight: QuantizedTensor8,
         bias: torch.Tensor | None = None,
         compute_dtype: torch.dtype = torch.float32,
+        dense_layout: str = LAYOUT_LINEAR,
     ) -> None:
         if not isinstance(qweight, QuantizedTensor8):
             raise TypeError(f"qweight must be a QuantizedTensor8, got {type(qweight).__name__}")
-        super().__init__(qweight, bias, compute_dtype)
+        super().__init__(qweight, bias, compute_dtype, dense_layout)
 
     @classmethod
     def from_linear(
-        cls, linear: nn.Linear, blocksize: int = 256, compute_dtype: torch.dtype = torch.float32
+        cls,
+        linear: nn.Module,
+        blocksize: int = DEFAULT_BLOCKSIZE_8BIT,
+        compute_dtype: torch.dtype = torch.float32,
     ) -> Linear8bit:
-        """Quantize ``linear.weight`` (see :func:`~loraq.quant.quantize_8bit`); copies the bias."""
-        return cls(quantize_8bit(linear.weight, blocksize), linear.bias, compute_dtype)
+        """Quantize the weight of an ``nn.Linear`` or GPT-2 ``Conv1D`` (see
+        :meth:`~loraq.quant.QuantizedTensor8.from_tensor`); copies the bias and records the layout."""
+        weight, layout = _linear_weight(linear)
+        return cls(
+            QuantizedTensor8.from_tensor(weight, blocksize), linear.bias, compute_dtype, layout
+        )
 
     def _quantize(self, weight: torch.Tensor) -> QuantizedTensor8:
-        return quantize_8bit(weight, self.qweight.blocksize)
+        return QuantizedTensor8.from_tensor(weight, self.qweight.blocksize)
 
     def _format_repr(self) -> str:
-        return f"quant_type=dynamic8, blocksize={self.qweight.blocksize}"
+        return f"quant_type={self.qweight.quant_type}, blocksize={self.qweight.blocksize}"
 
 
 class Embedding4bit(_QuantizedModule):
@@ -391,7 +470,7 @@ class Embedding4bit(_QuantizedModule):
         cls,
         embedding: nn.Embedding,
         quant_type: str = "nf4",
-        blocksize: int = 64,
+        blocksize: int = DEFAULT_BLOCKSIZE_4BIT,
         double_quant: bool = True,
         compute_dtype: torch.dtype | None = None,
     ) -> Embedding4bit:
@@ -402,7 +481,7 @@ class Embedding4bit(_QuantizedModule):
         """
         if embedding.max_norm is not None or embedding.sparse:
             raise ValueError("Embedding4bit supports neither max_norm nor sparse embeddings")
-        qweight = quantize_4bit(embedding.weight, blocksize, quant_type, double_quant)
+        qweight = QuantizedTensor.from_tensor(embedding.weight, blocksize, quant_type, double_quant)
         return cls(qweight, embedding.padding_idx, compute_dtype)
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> nn.Module:
@@ -424,7 +503,7 @@ class Embedding4bit(_QuantizedModule):
             )
         columns = torch.arange(self.embedding_dim, device=ids.device)
         flat = ids.to(torch.int64).unsqueeze(-1) * self.embedding_dim + columns
-        return dequantize_4bit_elements(self.qweight, flat, self.compute_dtype)
+        return self.qweight.dequantize_elements(flat, self.compute_dtype)
 
     def dequantize_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The dense ``(num_embeddings, embedding_dim)`` table in ``dtype`` (default: ``compute_dtype``)."""

@@ -1,22 +1,28 @@
 """Blockwise quantization compatible with bitsandbytes: NF4/FP4 4-bit, 8-bit dynamic map.
 
-Pure functions (:mod:`.blockwise`), code books (:mod:`.codebooks`) and the records that hold a
-quantized tensor and read/write bitsandbytes' state-dict layout (:mod:`.qtensor`).
+Code books and format constants (:mod:`.codebooks`), pure math on tensors (:mod:`.blockwise`) and
+the records that hold a quantized tensor, quantize with ``from_tensor`` and read/write their
+state-dict layout (:mod:`.qtensor` 4-bit, :mod:`.qtensor8` 8-bit, :mod:`.state_json` shared
+readers). Imports run codebooks <- blockwise <- qtensor / qtensor8.
 """
 
-from .blockwise import (
+from .blockwise import pack_nibbles, unpack_nibbles
+from .codebooks import (
+    DEFAULT_BLOCKSIZE_4BIT,
+    DEFAULT_BLOCKSIZE_8BIT,
+    FP4,
+    NESTED_BLOCKSIZE,
+    NF4,
     VALID_BLOCKSIZES,
-    dequantize_4bit,
-    dequantize_8bit,
-    pack_nibbles,
-    quantize_4bit,
-    quantize_8bit,
-    unpack_nibbles,
+    code_4bit,
+    dynamic_map,
 )
-from .codebooks import FP4, NF4, code_4bit, dynamic_map
-from .qtensor import NESTED_BLOCKSIZE, QuantizedTensor, QuantizedTensor8
+from .qtensor import QuantizedTensor, dequantize_4bit, quantize_4bit
+from .qtensor8 import QuantizedTensor8, dequantize_8bit, quantize_8bit
 
 __all__ = [
+    "DEFAULT_BLOCKSIZE_4BIT",
+    "DEFAULT_BLOCKSIZE_8BIT",
     "FP4",
     "NESTED_BLOCKSIZE",
     "NF4",

@@ -1,6 +1,8 @@
-"""Blockwise 4-bit (NF4/FP4) and 8-bit (dynamic map) quantization, byte-compatible with bitsandbytes.
+"""Blockwise 4-bit (NF4/FP4) and 8-bit (dynamic map) quantization math, byte-compatible with bitsandbytes.
 
-The rules (``reference/formats.md`` §2, §3, §9):
+Pure functions on plain tensors; the records that hold their results (and build themselves with
+them, e.g. :meth:`loraq.quant.QuantizedTensor.from_tensor`) live in :mod:`.qtensor`, which
+imports this module (never the other way round). The rules (``docs/formats.md``):
 
 * Flatten row-major; block ``b`` is flat elements ``[b*B, (b+1)*B)``, so blocks ignore rows. A
   partial last block gets its own absmax.
@@ -34,24 +36,20 @@ from dataclasses import dataclass
 
 import torch
 
-from .codebooks import QUANT_TYPES_4BIT, code_4bit, dynamic_map
-from .qtensor import NESTED_BLOCKSIZE, VALID_BLOCKSIZES, QuantizedTensor, QuantizedTensor8
+from ..dtypes import FLOAT_DTYPE_NAMES, FLOAT_DTYPES
+from .codebooks import QUANT_TYPES_4BIT, VALID_BLOCKSIZES, code_4bit, dynamic_map
 
 __all__ = [
-    "VALID_BLOCKSIZES",
-    "block_absmax",
-    "dequantize_4bit",
-    "dequantize_4bit_elements",
-    "dequantize_4bit_range",
-    "dequantize_8bit",
-    "dequantize_8bit_range",
+    "check_quantizable",
+    "dequantize_4bit_blocks",
+    "dequantize_8bit_blocks",
     "pack_nibbles",
-    "quantize_4bit",
-    "quantize_8bit",
+    "quantize_4bit_blocks",
+    "quantize_8bit_blocks",
+    "resolve_dtype",
     "unpack_nibbles",
 ]
 
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Elements per chunk (4 MiB of float32): big enough that the ~10 parallel regions per chunk stay
 # few (each costs a thread hand-off, dear on a busy 2-core machine), small enough that a chunk
 # and its temporaries stay in the last-level cache and scratch buffers stay small.
@@ -70,12 +68,13 @@ _SUB = 64
 # --------------------------------------------------------------------------------------------
 # Input checks
 # --------------------------------------------------------------------------------------------
-def _check_input(t: torch.Tensor, blocksize: int) -> None:
+def check_quantizable(t: torch.Tensor, blocksize: int) -> None:
+    """Raise ``ValueError`` (``TypeError`` for a non-tensor) unless ``t`` can be quantized."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"expected a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in _FLOAT_DTYPES:
+    if t.dtype not in FLOAT_DTYPES.values():
         raise ValueError(
-            f"cannot quantize a tensor of dtype {t.dtype}: expected float32, float16 or bfloat16"
+            f"cannot quantize a tensor of dtype {t.dtype}: expected one of {list(FLOAT_DTYPE_NAMES)}"
         )
     if t.numel() == 0:
         raise ValueError(f"cannot quantize an empty tensor (shape {tuple(t.shape)})")
@@ -90,7 +89,8 @@ def _check_finite(absmax: torch.Tensor) -> None:
         raise ValueError("cannot quantize a tensor with NaN or Inf values")
 
 
-def _resolve_dtype(dtype: torch.dtype | None, default: torch.dtype) -> torch.dtype:
+def resolve_dtype(dtype: torch.dtype | None, default: torch.dtype) -> torch.dtype:
+    """``dtype`` (or ``default`` when None), refusing a non-floating-point one."""
     dtype = default if dtype is None else dtype
     if not dtype.is_floating_point:
         raise ValueError(f"dequantization needs a floating-point dtype, got {dtype}")
@@ -284,9 +284,19 @@ def unpack_nibbles(packed: torch.Tensor, n: int | None = None) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------
 # Quantize
 # --------------------------------------------------------------------------------------------
-def _absmax_and_codes_4bit(
-    flat: torch.Tensor, blocksize: int, quant_type: str
+@torch.no_grad()
+def quantize_4bit_blocks(
+    t: torch.Tensor, blocksize: int, quant_type: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(packed, absmax)`` of ``t``: bitsandbytes' packed 4-bit codes and float32 block scales.
+
+    ``packed`` is uint8 ``((n + 1) // 2, 1)``; ``absmax`` float32 ``(n_blocks,)``. Raises
+    ``ValueError`` for input :func:`check_quantizable` refuses or an unknown ``quant_type``.
+    """
+    check_quantizable(t, blocksize)
+    if quant_type not in QUANT_TYPES_4BIT:
+        raise ValueError(f"unknown quant_type {quant_type!r}: expected one of {QUANT_TYPES_4BIT}")
+    flat = t.detach().reshape(-1)
     n = flat.numel()
     search = _search_4bit(quant_type)
     absmax = torch.empty(_n_blocks(n, blocksize), dtype=torch.float32, device=flat.device)
@@ -298,7 +308,13 @@ def _absmax_and_codes_4bit(
     return packed.unsqueeze(1), absmax
 
 
-def _quantize_8bit_flat(flat: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+@torch.no_grad()
+def quantize_8bit_blocks(t: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(codes, absmax)`` of ``t`` on the dynamic map: uint8 ``(n,)`` codes, exactly nearest
+    (ties to the lower index), and float32 ``(n_blocks,)`` block scales. Same errors as
+    :func:`quantize_4bit_blocks`."""
+    check_quantizable(t, blocksize)
+    flat = t.detach().reshape(-1)
     n = flat.numel()
     absmax = torch.empty(_n_blocks(n, blocksize), dtype=torch.float32, device=flat.device)
     out = torch.empty(n, dtype=torch.uint8, device=flat.device)
@@ -306,78 +322,6 @@ def _quantize_8bit_flat(flat: torch.Tensor, blocksize: int) -> tuple[torch.Tenso
     for start, codes in _iter_block_codes(flat, blocksize, search, absmax, divide_tail=False):
         out[start : start + codes.numel()] = codes
     return out, absmax
-
-
-@torch.no_grad()
-def quantize_4bit(
-    t: torch.Tensor,
-    blocksize: int = 64,
-    quant_type: str = "nf4",
-    double_quant: bool = False,
-) -> QuantizedTensor:
-    """Quantize ``t`` blockwise to 4 bits, byte-identical to bitsandbytes' ``quantize_4bit``.
-
-    Args:
-        t: float32, float16 or bfloat16 tensor of any shape (not empty, all values finite).
-        blocksize: elements per block, one of :data:`VALID_BLOCKSIZES`.
-        quant_type: ``"nf4"`` (QLoRA's NormalFloat) or ``"fp4"``.
-        double_quant: also quantize the block absmax values to 8 bits (bitsandbytes'
-            ``compress_statistics=True``), 4.127 instead of 4.5 bits per parameter at blocksize 64.
-
-    Returns:
-        A :class:`QuantizedTensor` whose ``packed`` and (for ``double_quant=False``) ``absmax``
-        equal bitsandbytes' output. With double quantization the 8-bit absmax codes are exactly
-        nearest; bitsandbytes' CPU kernel differs from that in a few entries.
-
-    Raises:
-        ValueError: for a non-float dtype, an empty tensor, NaN/Inf values, an unsupported
-            blocksize or an unknown quant_type.
-    """
-    _check_input(t, blocksize)
-    if quant_type not in QUANT_TYPES_4BIT:
-        raise ValueError(f"unknown quant_type {quant_type!r}: expected one of {QUANT_TYPES_4BIT}")
-    packed, absmax = _absmax_and_codes_4bit(t.detach().reshape(-1), blocksize, quant_type)
-    fields = dict(
-        packed=packed,
-        shape=t.shape,
-        dtype=t.dtype,
-        blocksize=blocksize,
-        quant_type=quant_type,
-        # Each record owns its code books: in-place edits cannot reach the shared constants, and
-        # a state dict of many layers holds no shared tensors (which safetensors refuses).
-        code=code_4bit(quant_type).to(t.device, copy=True),
-    )
-    if not double_quant:
-        return QuantizedTensor(absmax=absmax, **fields)
-    offset = absmax.mean()
-    codes, nested_absmax = _quantize_8bit_flat(absmax - offset, NESTED_BLOCKSIZE)
-    return QuantizedTensor(
-        absmax_codes=codes,
-        nested_absmax=nested_absmax,
-        nested_code=dynamic_map().to(t.device, copy=True),
-        offset=offset,
-        nested_blocksize=NESTED_BLOCKSIZE,
-        **fields,
-    )
-
-
-@torch.no_grad()
-def quantize_8bit(t: torch.Tensor, blocksize: int = 256) -> QuantizedTensor8:
-    """Quantize ``t`` blockwise to 8 bits with the dynamic map (bitsandbytes' ``quantize_blockwise``).
-
-    Codes are the exactly nearest map entry to ``x * (1 / absmax)`` (ties to the lower index),
-    the rule of bitsandbytes' CUDA kernel; its CPU kernel differs in about 0.15% of entries.
-    The code book and the float32 absmax equal bitsandbytes'. Same errors as :func:`quantize_4bit`.
-    """
-    _check_input(t, blocksize)
-    codes, absmax = _quantize_8bit_flat(t.detach().reshape(-1), blocksize)
-    return QuantizedTensor8(
-        codes=codes.view(t.shape),
-        absmax=absmax,
-        code=dynamic_map().to(t.device, copy=True),
-        blocksize=blocksize,
-        dtype=t.dtype,
-    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -468,81 +412,40 @@ def _byte_gather(codes: torch.Tensor, code: torch.Tensor) -> Gather:
     return lambda lo, hi: _lookup(table, flat[lo:hi], index, scratch)
 
 
-def block_absmax(q: QuantizedTensor) -> torch.Tensor:
-    """The float32 per-block absmax of ``q``, dequantizing it first under double quantization."""
-    if not q.double_quant:
-        return q.absmax
-    n = q.absmax_codes.numel()
-    out = torch.empty(n, dtype=torch.float32, device=q.absmax_codes.device)
-    gather = _byte_gather(q.absmax_codes, q.nested_code)
-    _dequantize_runs(gather, q.nested_absmax, q.nested_blocksize, 0, n, out)
-    return out.add_(q.offset)  # a separate rounding, as bitsandbytes (not an FMA)
-
-
-def dequantize_4bit_range(
-    q: QuantizedTensor, start: int, stop: int, out: torch.Tensor
+def dequantize_4bit_blocks(
+    packed: torch.Tensor,
+    code: torch.Tensor,
+    absmax: torch.Tensor,
+    blocksize: int,
+    start: int,
+    stop: int,
+    out: torch.Tensor,
 ) -> torch.Tensor:
-    """Dequantize flat elements ``[start, stop)`` of ``q`` into the 1-D tensor ``out``.
+    """Write ``code[nibble] * absmax[block]`` of flat elements ``[start, stop)`` into ``out``.
 
-    ``start`` must be a multiple of the blocksize. Writing into a caller's buffer lets a layer
-    reuse memory across calls (see ``loraq.layers.quantized``).
+    ``packed`` holds two codes per byte (bitsandbytes' layout), ``absmax`` the float32 block
+    scales; ``out`` is 1-D with ``stop - start`` elements, in any float dtype (one rounding from
+    float32). ``start`` must be a multiple of ``blocksize``. Writing into a caller's buffer lets
+    a layer reuse memory across calls (see ``loraq.layers.quantized``).
     """
-    if start % q.blocksize:
-        raise ValueError(f"start {start} is not a multiple of the blocksize {q.blocksize}")
-    gather = _nibble_gather(q.packed, q.code)
-    return _dequantize_runs(gather, block_absmax(q), q.blocksize, start, stop, out)
+    if start % blocksize:
+        raise ValueError(f"start {start} is not a multiple of the blocksize {blocksize}")
+    gather = _nibble_gather(packed, code)
+    return _dequantize_runs(gather, absmax, blocksize, start, stop, out)
 
 
-def dequantize_8bit_range(
-    q: QuantizedTensor8, start: int, stop: int, out: torch.Tensor
+def dequantize_8bit_blocks(
+    codes: torch.Tensor,
+    code: torch.Tensor,
+    absmax: torch.Tensor,
+    blocksize: int,
+    start: int,
+    stop: int,
+    out: torch.Tensor,
 ) -> torch.Tensor:
-    """8-bit counterpart of :func:`dequantize_4bit_range`."""
-    if start % q.blocksize:
-        raise ValueError(f"start {start} is not a multiple of the blocksize {q.blocksize}")
-    gather = _byte_gather(q.codes, q.code)
-    return _dequantize_runs(gather, q.absmax, q.blocksize, start, stop, out)
-
-
-@torch.no_grad()
-def dequantize_4bit_elements(
-    q: QuantizedTensor, index: torch.Tensor, dtype: torch.dtype | None = None
-) -> torch.Tensor:
-    """Dequantize only the flat elements ``index`` (int64, any shape) of ``q``.
-
-    Bit-identical to ``dequantize_4bit(q, dtype).reshape(-1)[index]`` without materialising the
-    dense tensor; used by embedding lookups, which need a few rows of a large table.
-    """
-    dtype = _resolve_dtype(dtype, q.dtype)
-    flat = q.packed.reshape(-1).view(torch.uint8)
-    byte = flat[index >> 1].to(torch.int64)
-    # Even flat indices sit in the high nibble.
-    nibble = torch.where((index & 1).bool(), byte & 0xF, byte >> 4)
-    block = index // q.blocksize
-    if q.double_quant:  # only the scales of the blocks touched, same two roundings as block_absmax
-        nested = q.nested_absmax[block // q.nested_blocksize]
-        absmax = q.nested_code[q.absmax_codes[block].to(torch.int64)] * nested + q.offset
-    else:
-        absmax = q.absmax[block]
-    return (q.code[nibble] * absmax).to(dtype)
-
-
-@torch.no_grad()
-def dequantize_4bit(q: QuantizedTensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Dense tensor of ``q``: ``code[nibble] * absmax`` in float32, cast once to ``dtype``.
-
-    ``dtype`` defaults to the dtype the tensor had before quantization. The result has the
-    original shape and is bit-identical to that definition applied to bitsandbytes' state.
-    """
-    dtype = _resolve_dtype(dtype, q.dtype)
-    n = q.numel
-    out = torch.empty(n, dtype=dtype, device=q.packed.device)
-    return dequantize_4bit_range(q, 0, n, out).view(q.shape)
-
-
-@torch.no_grad()
-def dequantize_8bit(q: QuantizedTensor8, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Dense tensor of an 8-bit record: ``code[byte] * absmax`` in float32, cast once to ``dtype``."""
-    dtype = _resolve_dtype(dtype, q.dtype)
-    n = q.codes.numel()
-    out = torch.empty(n, dtype=dtype, device=q.codes.device)
-    return dequantize_8bit_range(q, 0, n, out).view(q.shape)
+    """One-code-per-byte counterpart of :func:`dequantize_4bit_blocks` (the 8-bit format and the
+    double-quantized block scales of the 4-bit one)."""
+    if start % blocksize:
+        raise ValueError(f"start {start} is not a multiple of the blocksize {blocksize}")
+    gather = _byte_gather(codes, code)
+    return _dequantize_runs(gather, absmax, blocksize, start, stop, out)

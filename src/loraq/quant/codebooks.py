@@ -1,11 +1,14 @@
 """Code books for blockwise quantization, bit-identical to bitsandbytes.
 
-Three tables live here (see ``reference/formats.md`` §1 and §3):
+Three tables live here (see ``docs/formats.md``, "Code books"):
 
 * :data:`NF4` - the 16 NormalFloat4 values of QLoRA, hard-coded as float32 bit patterns.
 * :data:`FP4` - bitsandbytes' 4-bit float (E2M1, bias 2), in nibble order (not sorted).
 * :func:`dynamic_map` - the 256-entry signed dynamic tree map used for 8-bit blockwise
   quantization and for the second level of double quantization.
+
+It also holds the format constants every other module imports: the accepted blocksizes, their
+defaults, and the blocksize of the second level of double quantization.
 
 The tensors here are shared constants, read-only by convention: quantizers hand each record its
 own copy. Decision bounds for nearest-code search live with the quantizer (``blockwise.py``).
@@ -19,12 +22,25 @@ import struct
 import torch
 
 __all__ = [
+    "DEFAULT_BLOCKSIZE_4BIT",
+    "DEFAULT_BLOCKSIZE_8BIT",
+    "NESTED_BLOCKSIZE",
     "NF4",
     "FP4",
     "QUANT_TYPES_4BIT",
+    "VALID_BLOCKSIZES",
     "code_4bit",
     "dynamic_map",
 ]
+
+#: Blocksizes accepted for 4-bit and 8-bit blockwise quantization (as bitsandbytes).
+VALID_BLOCKSIZES: tuple[int, ...] = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+#: Default blocksize of 4-bit (NF4/FP4) weights: QLoRA's and bitsandbytes' choice.
+DEFAULT_BLOCKSIZE_4BIT = 64
+#: Default blocksize of 8-bit blockwise weights (bitsandbytes' ``quantize_blockwise`` default).
+DEFAULT_BLOCKSIZE_8BIT = 256
+#: Blocksize of the second (8-bit) level of double quantization.
+NESTED_BLOCKSIZE = 256
 
 
 def _from_bits(bits: list[int]) -> torch.Tensor:
@@ -32,7 +48,7 @@ def _from_bits(bits: list[int]) -> torch.Tensor:
     return torch.tensor([struct.unpack("<f", struct.pack("<I", b))[0] for b in bits])
 
 
-# NF4, index 0..15 (formats.md §1.1). Stored as bit patterns so no decimal round trip can
+# NF4, index 0..15 (docs/formats.md). Stored as bit patterns so no decimal round trip can
 # change a value; the table is sorted ascending and index 7 is exact zero.
 NF4: torch.Tensor = _from_bits(
     [
@@ -55,7 +71,7 @@ NF4: torch.Tensor = _from_bits(
     ]
 )
 
-# FP4 (formats.md §1.2): bit 3 is the sign, bits 0-2 index the magnitudes below (in units
+# FP4 (docs/formats.md): bit 3 is the sign, bits 0-2 index the magnitudes below (in units
 # of 1/12, so the largest is 1.0). The division happens in float32, as in bitsandbytes.
 # Index 8 is +0.0, not -0.0: bitsandbytes writes it as the integer literal ``-0``.
 _FP4_MAGNITUDES = [0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0]

@@ -1,8 +1,8 @@
-"""Records holding a blockwise-quantized tensor, and their state-dict layouts.
+"""The 4-bit record :class:`QuantizedTensor` and its state-dict layout.
 
-:class:`QuantizedTensor` is the 4-bit record (bitsandbytes' ``Params4bit`` data plus its
-``QuantState``, as plain fields). Its state dict uses exactly the keys and bytes that
-``bnb.nn.Linear4bit`` and transformers write (``reference/formats.md`` §4.1)::
+:class:`QuantizedTensor` holds bitsandbytes' ``Params4bit`` data plus its ``QuantState``, as
+plain fields. Its state dict uses exactly the keys and bytes that ``bnb.nn.Linear4bit`` and
+transformers write (``docs/formats.md``, "4-bit weights in a state dict")::
 
     <prefix>weight                                   uint8 ((n + 1) // 2, 1)  packed nibbles
     <prefix>weight.absmax                            float32 (n_blocks,), or uint8 codes with DQ
@@ -13,22 +13,16 @@
                                                      shape[, nested_blocksize, nested_dtype,
                                                      nested_offset]
 
-:class:`QuantizedTensor8` is loraq's 8-bit blockwise record (dynamic map, one code per byte).
-bitsandbytes has no module for this format (its ``Linear8bitLt`` is LLM.int8, row-wise int8 with
-an ``SCB`` scale), so the layout is our own, shaped like the 4-bit one::
-
-    <prefix>weight                                   uint8, the original shape
-    <prefix>weight.absmax                            float32 (n_blocks,)
-    <prefix>weight.quant_map                         float32 (256,)
-    <prefix>weight.quant_state.loraq__dynamic        uint8 JSON: quant_type, blocksize, dtype, shape
-
-The dequantization math lives in :mod:`loraq.quant.blockwise`; the methods here delegate to it.
+The 8-bit record is :class:`loraq.quant.qtensor8.QuantizedTensor8`. A record quantizes with its
+classmethod ``from_tensor`` (as torchao's ``NF4Tensor.from_tensor``) and dequantizes with
+``dequantize``; the math lives in :mod:`loraq.quant.blockwise`, which this module imports (never
+the other way round). :func:`quantize_4bit` / :func:`dequantize_4bit` are the same operations
+spelled as functions.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -36,86 +30,27 @@ from typing import Any
 
 import torch
 
-__all__ = ["NESTED_BLOCKSIZE", "VALID_BLOCKSIZES", "QuantizedTensor", "QuantizedTensor8"]
+from ..dtypes import dtype_name
+from .blockwise import (
+    dequantize_4bit_blocks,
+    dequantize_8bit_blocks,
+    quantize_4bit_blocks,
+    quantize_8bit_blocks,
+    resolve_dtype,
+)
+from .codebooks import DEFAULT_BLOCKSIZE_4BIT, NESTED_BLOCKSIZE, code_4bit, dynamic_map
+from .state_json import (
+    json_tensor,
+    meta_blocksize,
+    meta_dtype,
+    meta_field,
+    meta_shape,
+    read_json,
+    require_keys,
+    take_tensor,
+)
 
-#: Blocksize of the second (8-bit) level of double quantization.
-NESTED_BLOCKSIZE = 256
-#: Blocksizes accepted for 4-bit and 8-bit blockwise quantization (as bitsandbytes).
-VALID_BLOCKSIZES: tuple[int, ...] = (32, 64, 128, 256, 512, 1024, 2048, 4096)
-
-_FLOAT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def _json_tensor(meta: dict[str, Any]) -> torch.Tensor:
-    # bitsandbytes' pack_dict_to_tensor: json.dumps with default separators, UTF-8 bytes.
-    data = bytearray(json.dumps(meta).encode("utf-8"))
-    return torch.frombuffer(data, dtype=torch.uint8).clone()
-
-
-def _read_json(t: torch.Tensor, key: str) -> dict[str, Any]:
-    if t.dtype != torch.uint8 or t.dim() != 1:
-        raise ValueError(
-            f"{key}: expected a 1-D uint8 tensor of JSON bytes, got {t.dtype} {tuple(t.shape)}"
-        )
-    try:
-        meta = json.loads(bytes(t.cpu().tolist()).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"{key}: not valid UTF-8 JSON ({err})") from err
-    if not isinstance(meta, dict):
-        raise ValueError(f"{key}: expected a JSON object")
-    return meta
-
-
-def _take(
-    sd: Mapping[str, torch.Tensor], key: str, dtype: torch.dtype, shape: tuple[int, ...]
-) -> torch.Tensor:
-    t = sd[key]
-    if not isinstance(t, torch.Tensor):
-        raise ValueError(f"{key}: expected a tensor, got {type(t).__name__}")
-    if t.dtype != dtype:
-        raise ValueError(f"{key}: expected dtype {dtype}, got {t.dtype}")
-    if tuple(t.shape) != tuple(shape):
-        raise ValueError(f"{key}: expected shape {tuple(shape)}, got {tuple(t.shape)}")
-    return t
-
-
-def _require(sd: Mapping[str, Any], keys: list[str]) -> None:
-    missing = [k for k in keys if k not in sd]
-    if missing:
-        raise ValueError(f"state dict is missing quantized-weight keys: {', '.join(missing)}")
-
-
-def _meta_field(meta: dict[str, Any], name: str, key: str) -> Any:
-    if name not in meta:
-        raise ValueError(f"{key}: JSON lacks the field {name!r}")
-    return meta[name]
-
-
-def _meta_dtype(meta: dict[str, Any], name: str, key: str) -> torch.dtype:
-    value = _meta_field(meta, name, key)
-    if value not in _FLOAT_DTYPES:
-        raise ValueError(
-            f"{key}: unsupported {name} {value!r}, expected one of {sorted(_FLOAT_DTYPES)}"
-        )
-    return _FLOAT_DTYPES[value]
-
-
-def _meta_shape(meta: dict[str, Any], key: str) -> torch.Size:
-    shape = _meta_field(meta, "shape", key)
-    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
-        raise ValueError(f"{key}: shape must be a list of non-negative integers, got {shape!r}")
-    return torch.Size(shape)
-
-
-def _meta_blocksize(meta: dict[str, Any], name: str, key: str) -> int:
-    value = _meta_field(meta, name, key)
-    if value not in VALID_BLOCKSIZES:
-        raise ValueError(f"{key}: unsupported {name} {value!r}, expected one of {VALID_BLOCKSIZES}")
-    return int(value)
+__all__ = ["QuantizedTensor", "dequantize_4bit", "quantize_4bit"]
 
 
 @dataclass(eq=False)
@@ -132,7 +67,8 @@ class QuantizedTensor:
             ``nested_blocksize`` blocks), ``nested_code`` (the 256-entry dynamic map) and
             ``offset`` (float32 0-dim, the mean subtracted first) describe them instead.
 
-    Build one with :func:`loraq.quant.quantize_4bit` or :meth:`from_state_dict`.
+    Build one with :meth:`from_tensor` (or :func:`loraq.quant.quantize_4bit`) or
+    :meth:`from_state_dict`.
     """
 
     packed: torch.Tensor
@@ -206,23 +142,115 @@ class QuantizedTensor:
         return {name: getattr(self, name) for name in self.TENSOR_FIELDS}
 
     # ---------------------------------------------------------------- math
+    @classmethod
+    @torch.no_grad()
+    def from_tensor(
+        cls,
+        t: torch.Tensor,
+        blocksize: int = DEFAULT_BLOCKSIZE_4BIT,
+        quant_type: str = "nf4",
+        double_quant: bool = False,
+    ) -> QuantizedTensor:
+        """Quantize ``t`` blockwise to 4 bits, byte-identical to bitsandbytes' ``quantize_4bit``.
+
+        Args:
+            t: float32, float16 or bfloat16 tensor of any shape (not empty, all values finite).
+            blocksize: elements per block, one of :data:`~loraq.quant.VALID_BLOCKSIZES`.
+            quant_type: ``"nf4"`` (QLoRA's NormalFloat) or ``"fp4"``.
+            double_quant: also quantize the block absmax values to 8 bits (bitsandbytes'
+                ``compress_statistics=True``), 4.127 instead of 4.5 bits per parameter at
+                blocksize 64.
+
+        Returns:
+            A record whose ``packed`` and (for ``double_quant=False``) ``absmax`` equal
+            bitsandbytes' output. With double quantization the 8-bit absmax codes are exactly
+            nearest; bitsandbytes' CPU kernel differs from that in a few entries.
+
+        Raises:
+            ValueError: for a non-float dtype, an empty tensor, NaN/Inf values, an unsupported
+                blocksize or an unknown quant_type.
+        """
+        packed, absmax = quantize_4bit_blocks(t, blocksize, quant_type)
+        fields = dict(
+            packed=packed,
+            shape=t.shape,
+            dtype=t.dtype,
+            blocksize=blocksize,
+            quant_type=quant_type,
+            # Each record owns its code books: in-place edits cannot reach the shared constants,
+            # and a state dict of many layers holds no shared tensors (which safetensors refuses).
+            code=code_4bit(quant_type).to(t.device, copy=True),
+        )
+        if not double_quant:
+            return cls(absmax=absmax, **fields)
+        offset = absmax.mean()
+        codes, nested_absmax = quantize_8bit_blocks(absmax - offset, NESTED_BLOCKSIZE)
+        return cls(
+            absmax_codes=codes,
+            nested_absmax=nested_absmax,
+            nested_code=dynamic_map().to(t.device, copy=True),
+            offset=offset,
+            nested_blocksize=NESTED_BLOCKSIZE,
+            **fields,
+        )
+
     def block_absmax(self) -> torch.Tensor:
         """Float32 per-block scales (dequantized from 8 bits under double quantization)."""
-        from .blockwise import block_absmax
+        if not self.double_quant:
+            return self.absmax
+        n = self.absmax_codes.numel()
+        out = torch.empty(n, dtype=torch.float32, device=self.absmax_codes.device)
+        dequantize_8bit_blocks(
+            self.absmax_codes,
+            self.nested_code,
+            self.nested_absmax,
+            self.nested_blocksize,
+            0,
+            n,
+            out,
+        )
+        return out.add_(self.offset)  # a separate rounding, as bitsandbytes (not an FMA)
 
-        return block_absmax(self)
-
+    @torch.no_grad()
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """Dense tensor in ``dtype`` (default: the original dtype); see :func:`dequantize_4bit`."""
-        from .blockwise import dequantize_4bit
+        """Dense tensor: ``code[nibble] * absmax`` in float32, cast once to ``dtype``.
 
-        return dequantize_4bit(self, dtype)
+        ``dtype`` defaults to the dtype the tensor had before quantization. The result has the
+        original shape and is bit-identical to that definition applied to bitsandbytes' state.
+        """
+        dtype = resolve_dtype(dtype, self.dtype)
+        out = torch.empty(self.numel, dtype=dtype, device=self.device)
+        return self.dequantize_range(0, self.numel, out).view(self.shape)
 
     def dequantize_range(self, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
-        """Dequantize flat elements ``[start, stop)`` into ``out``; see ``dequantize_4bit_range``."""
-        from .blockwise import dequantize_4bit_range
+        """Dequantize flat elements ``[start, stop)`` into the 1-D ``out`` (``start`` a multiple
+        of the blocksize); see :func:`~loraq.quant.blockwise.dequantize_4bit_blocks`."""
+        return dequantize_4bit_blocks(
+            self.packed, self.code, self.block_absmax(), self.blocksize, start, stop, out
+        )
 
-        return dequantize_4bit_range(self, start, stop, out)
+    @torch.no_grad()
+    def dequantize_elements(
+        self, index: torch.Tensor, dtype: torch.dtype | None = None
+    ) -> torch.Tensor:
+        """Dequantize only the flat elements ``index`` (int64, any shape).
+
+        Bit-identical to ``self.dequantize(dtype).reshape(-1)[index]`` without materialising the
+        dense tensor; used by embedding lookups, which need a few rows of a large table.
+        """
+        dtype = resolve_dtype(dtype, self.dtype)
+        flat = self.packed.reshape(-1).view(torch.uint8)
+        byte = flat[index >> 1].to(torch.int64)
+        # Even flat indices sit in the high nibble.
+        nibble = torch.where((index & 1).bool(), byte & 0xF, byte >> 4)
+        block = index // self.blocksize
+        if self.double_quant:  # only the touched blocks' scales, same two roundings as above
+            nested = self.nested_absmax[block // self.nested_blocksize]
+            codes = self.absmax_codes[block].to(torch.int64)
+            absmax = self.nested_code[codes] * nested + self.offset
+        else:
+            absmax = self.absmax[block]
+        return (self.code[nibble] * absmax).to(dtype)
 
     def to(self, device: torch.device | str) -> QuantizedTensor:
         """A copy with every tensor moved to ``device`` (dtypes never change)."""
@@ -234,7 +262,7 @@ class QuantizedTensor:
         meta: dict[str, Any] = {
             "quant_type": self.quant_type,
             "blocksize": self.blocksize,
-            "dtype": _dtype_name(self.dtype),
+            "dtype": dtype_name(self.dtype),
             "shape": list(self.shape),
         }
         if self.double_quant:
@@ -259,7 +287,7 @@ class QuantizedTensor:
         else:
             sd[key + ".absmax"] = self.absmax
             sd[key + ".quant_map"] = self.code
-        sd[f"{key}.quant_state.bitsandbytes__{self.quant_type}"] = _json_tensor(self._meta())
+        sd[f"{key}.quant_state.bitsandbytes__{self.quant_type}"] = json_tensor(self._meta())
         return sd
 
     @classmethod
@@ -281,17 +309,17 @@ class QuantizedTensor:
         if len(found) > 1:
             raise ValueError(f"state dict has both {found[0]} and {found[1]}")
         state_key = found[0]
-        meta = _read_json(sd[state_key], state_key)
-        quant_type = _meta_field(meta, "quant_type", state_key)
+        meta = read_json(sd[state_key], state_key)
+        quant_type = meta_field(meta, "quant_type", state_key)
         if state_key != f"{key}.quant_state.bitsandbytes__{quant_type}":
             raise ValueError(f"{state_key}: JSON quant_type {quant_type!r} does not match the key")
-        shape = _meta_shape(meta, state_key)
-        dtype = _meta_dtype(meta, "dtype", state_key)
-        blocksize = _meta_blocksize(meta, "blocksize", state_key)
+        shape = meta_shape(meta, state_key)
+        dtype = meta_dtype(meta, "dtype", state_key)
+        blocksize = meta_blocksize(meta, "blocksize", state_key)
         nested = "nested_offset" in meta
-        _require(sd, [key, key + ".absmax", key + ".quant_map"])
+        require_keys(sd, [key, key + ".absmax", key + ".quant_map"])
         if nested:
-            _require(sd, [key + ".nested_absmax", key + ".nested_quant_map"])
+            require_keys(sd, [key + ".nested_absmax", key + ".nested_quant_map"])
 
         n = math.prod(shape)
         n_blocks = -(-n // blocksize)
@@ -307,7 +335,7 @@ class QuantizedTensor:
                 f"{key}: expected {(n + 1) // 2} packed bytes for shape {tuple(shape)}, "
                 f"got {raw.dtype} {tuple(raw.shape)}"
             )
-        code = _take(sd, key + ".quant_map", torch.float32, (16,))
+        code = take_tensor(sd, key + ".quant_map", torch.float32, (16,))
         fields: dict[str, Any] = dict(
             packed=packed,
             shape=shape,
@@ -317,127 +345,43 @@ class QuantizedTensor:
             code=code,
         )
         if not nested:
-            fields["absmax"] = _take(sd, key + ".absmax", torch.float32, (n_blocks,))
+            fields["absmax"] = take_tensor(sd, key + ".absmax", torch.float32, (n_blocks,))
             return cls(**fields)
-        nested_blocksize = int(_meta_field(meta, "nested_blocksize", state_key))
+        nested_blocksize = int(meta_field(meta, "nested_blocksize", state_key))
         if nested_blocksize <= 0:
             raise ValueError(
                 f"{state_key}: nested_blocksize must be positive, got {nested_blocksize}"
             )
-        if _meta_field(meta, "nested_dtype", state_key) != "float32":
+        if meta_field(meta, "nested_dtype", state_key) != "float32":
             raise ValueError(
                 f"{state_key}: nested_dtype must be 'float32', got {meta['nested_dtype']!r}"
             )
-        offset_value = _meta_field(meta, "nested_offset", state_key)
+        offset_value = meta_field(meta, "nested_offset", state_key)
         if not isinstance(offset_value, (int, float)):
             raise ValueError(f"{state_key}: nested_offset must be a number, got {offset_value!r}")
         return cls(
-            absmax_codes=_take(sd, key + ".absmax", torch.uint8, (n_blocks,)),
-            nested_absmax=_take(
+            absmax_codes=take_tensor(sd, key + ".absmax", torch.uint8, (n_blocks,)),
+            nested_absmax=take_tensor(
                 sd, key + ".nested_absmax", torch.float32, (-(-n_blocks // nested_blocksize),)
             ),
-            nested_code=_take(sd, key + ".nested_quant_map", torch.float32, (256,)),
+            nested_code=take_tensor(sd, key + ".nested_quant_map", torch.float32, (256,)),
             offset=torch.tensor(float(offset_value), dtype=torch.float32, device=packed.device),
             nested_blocksize=nested_blocksize,
             **fields,
         )
 
 
-@dataclass(eq=False)
-class QuantizedTensor8:
-    """A tensor stored as 8-bit blockwise codes of the dynamic map (one code per byte).
+# ------------------------------------------------------------------------------- functional forms
+def quantize_4bit(
+    t: torch.Tensor,
+    blocksize: int = DEFAULT_BLOCKSIZE_4BIT,
+    quant_type: str = "nf4",
+    double_quant: bool = False,
+) -> QuantizedTensor:
+    """:meth:`QuantizedTensor.from_tensor` as a function (bitsandbytes' spelling)."""
+    return QuantizedTensor.from_tensor(t, blocksize, quant_type, double_quant)
 
-    Attributes:
-        codes: uint8 in the original shape. absmax: float32 ``(n_blocks,)`` (flat blocks).
-        code: the 256-entry float32 map. blocksize: elements per block. dtype: original dtype.
-    """
 
-    codes: torch.Tensor
-    absmax: torch.Tensor
-    code: torch.Tensor
-    blocksize: int
-    dtype: torch.dtype
-
-    #: The format's name in the state-dict JSON.
-    quant_type = "dynamic"
-    #: Names of the tensor-valued fields, in state-dict order.
-    TENSOR_FIELDS = ("codes", "absmax", "code")
-
-    @property
-    def shape(self) -> torch.Size:
-        """The original shape (that of ``codes``)."""
-        return self.codes.shape
-
-    @property
-    def numel(self) -> int:
-        """Number of elements of the original tensor."""
-        return self.codes.numel()
-
-    @property
-    def device(self) -> torch.device:
-        """Device of the stored tensors."""
-        return self.codes.device
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes of the codes and block scales (the shared code book is not counted)."""
-        return self.codes.numel() + self.absmax.numel() * 4
-
-    def tensors(self) -> dict[str, torch.Tensor | None]:
-        """The tensor-valued fields by name."""
-        return {name: getattr(self, name) for name in self.TENSOR_FIELDS}
-
-    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """Dense tensor in ``dtype`` (default: the original dtype); see :func:`dequantize_8bit`."""
-        from .blockwise import dequantize_8bit
-
-        return dequantize_8bit(self, dtype)
-
-    def dequantize_range(self, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
-        """Dequantize flat elements ``[start, stop)`` into ``out``; see ``dequantize_8bit_range``."""
-        from .blockwise import dequantize_8bit_range
-
-        return dequantize_8bit_range(self, start, stop, out)
-
-    def to(self, device: torch.device | str) -> QuantizedTensor8:
-        """A copy with every tensor moved to ``device`` (dtypes never change)."""
-        moved = {k: t.to(device) for k, t in self.tensors().items()}
-        return dataclasses.replace(self, **moved)
-
-    def to_state_dict(self, prefix: str = "") -> dict[str, torch.Tensor]:
-        """Tensors under ``<prefix>weight``, ``.absmax``, ``.quant_map`` and the JSON state key."""
-        key = prefix + "weight"
-        meta = {
-            "quant_type": self.quant_type,
-            "blocksize": self.blocksize,
-            "dtype": _dtype_name(self.dtype),
-            "shape": list(self.shape),
-        }
-        return {
-            key: self.codes,
-            key + ".absmax": self.absmax,
-            key + ".quant_map": self.code,
-            f"{key}.quant_state.loraq__{self.quant_type}": _json_tensor(meta),
-        }
-
-    @classmethod
-    def from_state_dict(cls, sd: Mapping[str, torch.Tensor], prefix: str = "") -> QuantizedTensor8:
-        """Inverse of :meth:`to_state_dict`; raises ValueError naming a missing or malformed key."""
-        key = prefix + "weight"
-        state_key = f"{key}.quant_state.loraq__{cls.quant_type}"
-        _require(sd, [key, key + ".absmax", key + ".quant_map", state_key])
-        meta = _read_json(sd[state_key], state_key)
-        if _meta_field(meta, "quant_type", state_key) != cls.quant_type:
-            raise ValueError(
-                f"{state_key}: quant_type must be {cls.quant_type!r}, got {meta['quant_type']!r}"
-            )
-        shape = _meta_shape(meta, state_key)
-        blocksize = _meta_blocksize(meta, "blocksize", state_key)
-        n_blocks = -(-math.prod(shape) // blocksize)
-        return cls(
-            codes=_take(sd, key, torch.uint8, tuple(shape)),
-            absmax=_take(sd, key + ".absmax", torch.float32, (n_blocks,)),
-            code=_take(sd, key + ".quant_map", torch.float32, (256,)),
-            blocksize=blocksize,
-            dtype=_meta_dtype(meta, "dtype", state_key),
-        )
+def dequantize_4bit(q: QuantizedTensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """:meth:`QuantizedTensor.dequantize` as a function."""
+    return q.dequantize(dtype)

@@ -1,0 +1,146 @@
+"""Which modules a config selects, and how a module in a model is replaced.
+
+The one home of the model-tree rules that adapting (:mod:`loraq.model`), quantizing
+(:mod:`loraq.quantize_model`), compressing (:mod:`loraq.decompose`) and the file formats
+(:mod:`loraq.io`) share:
+
+=========================  ==================================================================
+rule                       function
+=========================  ==================================================================
+name patterns              :func:`name_matches` (PEFT's: regex fullmatch, or dotted suffix)
+output heads               :func:`output_head_names` (left alone by ``"all-linear"``)
+modules that may change    :func:`candidate_modules` (the insides of wrappers are skipped)
+what ``targets`` selects   :func:`find_targets`
+replacing a module         :func:`set_submodule`
+a wrapped module's name    :func:`unwrapped_name` (drops ``base_layer`` / ``original_module``)
+=========================  ==================================================================
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+
+from torch import nn
+
+from .config import LoraConfig
+from .layers.kinds import SUPPORTED_TYPES, is_gpt2_conv1d, layer_kind
+from .layers.lora import LoRALayer, ModulesToSave
+from .layers.protocol import QuantizedBase
+from .naming import unwrapped_name
+
+__all__ = [
+    "HEAD_NAMES",
+    "candidate_modules",
+    "find_targets",
+    "is_linear_like",
+    "name_matches",
+    "output_head_names",
+    "set_submodule",
+    "unwrapped_name",
+]
+
+#: Top-level module names that ``"all-linear"`` treats as output heads (as PEFT does).
+HEAD_NAMES = ("lm_head", "classifier", "score")
+
+
+def name_matches(name: str, patterns: str | list[str]) -> bool:
+    """PEFT's rule: a regex string must fullmatch ``name``; a list entry must equal ``name`` or be
+    a dotted suffix of it (``"q_proj"`` matches ``"model.layers.0.self_attn.q_proj"``)."""
+    if isinstance(patterns, str):
+        return re.fullmatch(patterns, name) is not None
+    return any(name == p or name.endswith("." + p) for p in patterns)
+
+
+def is_linear_like(module: nn.Module) -> bool:
+    """True for what ``"all-linear"`` adapts and ``quant`` quantizes: ``nn.Linear``, GPT-2
+    ``Conv1D`` and loraq's quantized linear layers."""
+    return isinstance(module, (nn.Linear, QuantizedBase)) or is_gpt2_conv1d(module)
+
+
+def _output_embeddings(model: nn.Module) -> nn.Module | None:
+    get_out = getattr(model, "get_output_embeddings", None)
+    if not callable(get_out):
+        return None
+    try:
+        return get_out()
+    except NotImplementedError:  # transformers' answer for models without an output layer
+        return None
+    except Exception as err:
+        raise RuntimeError(
+            f"{type(model).__name__}.get_output_embeddings() raised {type(err).__name__}: {err}; "
+            "loraq cannot tell which module is the output head. Fix the model, or list the "
+            "modules in LoraConfig.targets instead of 'all-linear'"
+        ) from err
+
+
+def output_head_names(model: nn.Module) -> set[str]:
+    """Names of output heads that ``"all-linear"`` leaves alone (as PEFT does): the module
+    ``get_output_embeddings()`` returns (or a wrapper around it) and top-level modules named
+    ``lm_head``, ``classifier`` or ``score``.
+
+    Raises:
+        RuntimeError: when ``get_output_embeddings()`` fails with anything other than
+            ``NotImplementedError`` (then no head could be recognised safely).
+    """
+    head = _output_embeddings(model)
+    names: set[str] = set()
+    for name, module in model.named_modules():
+        wraps_head = (
+            isinstance(module, LoRALayer) and head is not None and module.base_layer is head
+        )
+        if (head is not None and module is head) or wraps_head:
+            names.add(name)
+        elif name in HEAD_NAMES:
+            names.add(name)
+    return names
+
+
+def candidate_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """``(name, module)`` pairs that may receive adapters; the insides of wrappers are skipped."""
+    skip: list[str] = []
+    for name, module in model.named_modules():
+        if any(name.startswith(prefix) for prefix in skip):
+            continue
+        if isinstance(module, (LoRALayer, ModulesToSave)):
+            skip.append(name + ".")
+        yield name, module
+
+
+def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
+    """Full names of the modules ``config`` targets; raises if none match or a match is unsupported."""
+    heads = output_head_names(model) if config.targets == "all-linear" else set()
+    saved = config.modules_to_save or []
+    chosen: list[str] = []
+    for name, module in candidate_modules(model):
+        if not name or isinstance(module, ModulesToSave) or name_matches(name, saved):
+            continue
+        inner = module.base_layer if isinstance(module, LoRALayer) else module
+        if config.targets == "all-linear":
+            hit = is_linear_like(inner) and name not in heads
+        else:
+            hit = name_matches(name, config.targets)
+        if not hit or (config.exclude is not None and name_matches(name, config.exclude)):
+            continue
+        if layer_kind(inner) is None:
+            raise ValueError(
+                f"LoraConfig.targets matched module {name!r} of type {type(inner).__name__}, "
+                f"which cannot get an adapter; supported: {SUPPORTED_TYPES}"
+            )
+        chosen.append(name)
+    if not chosen:
+        examples = [n for n, m in candidate_modules(model) if n and layer_kind(m) is not None][:12]
+        raise ValueError(
+            f"LoraConfig.targets={config.targets!r} matched no module. "
+            f"Some adaptable modules in this model: {examples}"
+        )
+    return chosen
+
+
+def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put ``module`` at the dotted path ``name`` of ``model`` (which must not be empty)."""
+    if not name:
+        raise ValueError("set_submodule needs a non-empty module name (cannot replace the root)")
+    parent_name, _, leaf = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, leaf, module)
