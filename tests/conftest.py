@@ -7,6 +7,10 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+import importlib  # noqa: E402
+import importlib.util  # noqa: E402
+from types import ModuleType  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -16,6 +20,40 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+class ReferenceLibrary:
+    """A reference library (bitsandbytes, PEFT) imported on first use: a test that touches it is
+    skipped when it is not installed, while the tests of the same file that do not still run."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    def _module(self) -> ModuleType:
+        return pytest.importorskip(self._name)
+
+    def __getattr__(self, attr: str):
+        return getattr(self._module(), attr)
+
+
+def needs(name: str) -> pytest.MarkDecorator:
+    """Skip a test when the reference library ``name`` is not installed."""
+    missing = importlib.util.find_spec(name) is None
+    return pytest.mark.skipif(missing, reason=f"needs {name} (a test reference only)")
+
+
+def randomize_trainable(model: torch.nn.Module, std: float = 0.1) -> None:
+    """Add N(0, std) noise to every trainable parameter (so fresh adapters are not zero)."""
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(torch.randn_like(param) * std)
+
+
+def eval_logits(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """Logits of a causal LM in eval mode, without gradients."""
+    with torch.no_grad():
+        return model.eval()(input_ids=tokens).logits
 
 
 def minilm_path() -> str:
@@ -40,6 +78,33 @@ def tiny_llama(vocab: int = 64, hidden: int = 32, layers: int = 2):
         tie_word_embeddings=False,
     )
     return LlamaForCausalLM(cfg).eval()
+
+
+@pytest.fixture(scope="session")
+def bnb_llama_checkpoint(tmp_path_factory: pytest.TempPathFactory):
+    """A tiny Llama (seed 0, hidden 64) quantized to NF4 with double quantization by transformers
+    + bitsandbytes: ``(dense folder, transformers' 4-bit folder, the 4-bit model)``."""
+    pytest.importorskip("bitsandbytes")
+    import warnings
+
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    root = tmp_path_factory.mktemp("bnb_llama")
+    torch.manual_seed(0)
+    tiny_llama(hidden=64).save_pretrained(root / "dense")
+    config = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf = AutoModelForCausalLM.from_pretrained(
+            root / "dense", quantization_config=config, device_map="cpu"
+        )
+        hf.save_pretrained(root / "hf")
+    return root / "dense", root / "hf", hf
 
 
 def tiny_gpt2(vocab: int = 64, hidden: int = 32, layers: int = 2):

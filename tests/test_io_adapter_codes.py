@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import loraq
-from conftest import SmallCNN, cnn_inputs, tiny_llama
+from conftest import SmallCNN, cnn_inputs, eval_logits, randomize_trainable, tiny_llama
 from loraq.io import FormatError, load_adapter, save_adapter
 from loraq.io.adapter_codes import pack_codes, unpack_codes
 from loraq.io.inspect import inspect_path
@@ -26,24 +26,12 @@ TOKENS = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(9)
 CODES_FILE = "adapter_model.codes.safetensors"
 
 
-def _randomize(model: nn.Module, std: float = 0.1) -> None:
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.requires_grad:
-                param.add_(torch.randn_like(param) * std)
-
-
-def _logits(model: nn.Module) -> torch.Tensor:
-    with torch.no_grad():
-        return model.eval()(input_ids=TOKENS).logits
-
-
 def _quantized_adapter(bits: int, r: int = 4, vocab: int = 64, **kw) -> tuple[nn.Module, nn.Module]:
     base = tiny_llama(vocab=vocab)
     model = loraq.apply(
         copy.deepcopy(base), loraq.LoraConfig(r=r, alpha=8, adapter_bits=bits, **kw)
     )
-    _randomize(model)
+    randomize_trainable(model)
     return base, model
 
 
@@ -61,7 +49,7 @@ def test_codes_roundtrip_is_exact(
     bits: int, targets: list, dora: bool, r: int, vocab: int, tmp_path: Path
 ) -> None:
     base, model = _quantized_adapter(bits, r=r, vocab=vocab, targets=targets, use_dora=dora)
-    expected = _logits(model)
+    expected = eval_logits(model, TOKENS)
     save_adapter(model, tmp_path / "a")
     assert not (tmp_path / "a" / "adapter_model.safetensors").exists()
     config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
@@ -91,7 +79,7 @@ def test_codes_roundtrip_is_exact(
 
     loaded = load_adapter(copy.deepcopy(base), tmp_path / "a")
     assert loraq.config_of(loaded).adapter_bits == bits
-    assert torch.equal(_logits(loaded), expected)
+    assert torch.equal(eval_logits(loaded, TOKENS), expected)
     save_adapter(loaded, tmp_path / "b")
     assert (tmp_path / "a" / CODES_FILE).read_bytes() == (tmp_path / "b" / CODES_FILE).read_bytes()
 
@@ -128,7 +116,7 @@ def test_4bit_file_is_about_a_fifth_of_the_float_one(tmp_path: Path) -> None:
     weighs as much as its 8 codes), against 4 bytes per float32 weight; plus the headers."""
     base = tiny_llama(hidden=256, layers=1)
     model = loraq.apply(base, loraq.LoraConfig(r=8, targets="all-linear", adapter_bits=4))
-    _randomize(model)
+    randomize_trainable(model)
     save_adapter(model, tmp_path / "codes")
     save_adapter(model, tmp_path / "float", dequantize=True)
     floats = load_file(str(tmp_path / "float" / "adapter_model.safetensors"))
@@ -148,16 +136,16 @@ def test_4bit_file_is_about_a_fifth_of_the_float_one(tmp_path: Path) -> None:
 def test_dequantized_file_is_plain_peft(tmp_path: Path) -> None:
     peft = pytest.importorskip("peft")
     base, model = _quantized_adapter(3, targets="all-linear")
-    expected = _logits(model)
+    expected = eval_logits(model, TOKENS)
     save_adapter(model, tmp_path / "plain", dequantize=True)
     config = json.loads((tmp_path / "plain" / "adapter_config.json").read_text())
     assert "loraq_adapter_bits" not in config
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "plain"))
-    assert (_logits(theirs) - expected).abs().max() < 1e-5
+    assert (eval_logits(theirs, TOKENS) - expected).abs().max() < 1e-5
     again = load_adapter(copy.deepcopy(base), tmp_path / "plain")
-    assert (_logits(again) - expected).abs().max() < 1e-5
+    assert (eval_logits(again, TOKENS) - expected).abs().max() < 1e-5
     # The codes file is not PEFT's: PEFT fails loudly instead of loading random adapters.
     save_adapter(model, tmp_path / "codes")
     with pytest.raises(ValueError, match="Can't find weights|Repo id"):  # then tries the Hub
@@ -173,7 +161,7 @@ def test_conv_adapter_codes(bits: int, tmp_path: Path) -> None:
         copy.deepcopy(base),
         loraq.LoraConfig(r=2, targets=["conv1", "conv2", "head"], adapter_bits=bits),
     )
-    _randomize(model)
+    randomize_trainable(model)
     inputs = cnn_inputs()
     with torch.no_grad():
         expected = model(*inputs)

@@ -10,25 +10,20 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
-from torch import nn
 
 import loraq
-from conftest import SmallCNN, cnn_inputs, minilm_path, tiny_gpt2, tiny_llama
+from conftest import (
+    SmallCNN,
+    cnn_inputs,
+    eval_logits,
+    minilm_path,
+    randomize_trainable,
+    tiny_gpt2,
+    tiny_llama,
+)
 from loraq.io.checkpoints import export_merged
 
 TOKENS = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(3))
-
-
-def _randomize(model: nn.Module, std: float = 0.1) -> None:
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.requires_grad:
-                param.add_(torch.randn_like(param) * std)
-
-
-def _logits(model: nn.Module) -> torch.Tensor:
-    with torch.no_grad():
-        return model.eval()(input_ids=TOKENS).logits
 
 
 @pytest.mark.parametrize(
@@ -47,18 +42,18 @@ def test_export_float32_loads_with_transformers(factory, config, tmp_path: Path)
     from transformers import AutoModelForCausalLM
 
     model = loraq.apply(factory(), config)
-    _randomize(model)
-    expected = _logits(model)
+    randomize_trainable(model)
+    expected = eval_logits(model, TOKENS)
     export_merged(model, tmp_path / "merged")
     assert {"config.json", "model.safetensors"} <= {p.name for p in (tmp_path / "merged").iterdir()}
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
-    assert (_logits(loaded) - expected).abs().max() < 1e-5
+    assert (eval_logits(loaded, TOKENS) - expected).abs().max() < 1e-5
     with safe_open(str(tmp_path / "merged" / "model.safetensors"), "pt") as f:
         assert not any("lora" in k or "modules_to_save" in k for k in f.keys())
     # The user's model is untouched: still wrapped, not merged, same outputs.
     assert any(isinstance(m, loraq.LoRALayer) for m in model.modules())
     assert not any(m.merged_adapters for m in model.modules() if isinstance(m, loraq.LoRALayer))
-    assert torch.equal(_logits(model), expected)
+    assert torch.equal(eval_logits(model, TOKENS), expected)
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
@@ -66,7 +61,7 @@ def test_export_half_precision(dtype: str, tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM
 
     model = loraq.apply(tiny_llama(), loraq.LoraConfig(r=4, targets="all-linear"))
-    _randomize(model)
+    randomize_trainable(model)
     export_merged(model, tmp_path, dtype=dtype)
     torch_dtype = getattr(torch, dtype)
     assert {t.dtype for t in load_file(str(tmp_path / "model.safetensors")).values()} == {
@@ -80,7 +75,7 @@ def test_export_half_precision(dtype: str, tmp_path: Path) -> None:
     for key, tensor in load_file(str(tmp_path / "model.safetensors")).items():
         assert torch.equal(tensor, reference[key]), key
     # ... so the outputs match the float32 adapted model up to half-precision rounding.
-    assert (_logits(loaded).float() - _logits(model)).abs().max() < 0.05
+    assert (eval_logits(loaded, TOKENS).float() - eval_logits(model, TOKENS)).abs().max() < 0.05
 
 
 def test_export_real_minilm_copies_tokenizer(tmp_path: Path) -> None:
@@ -88,7 +83,7 @@ def test_export_real_minilm_copies_tokenizer(tmp_path: Path) -> None:
 
     model = AutoModel.from_pretrained(minilm_path())
     loraq.apply(model, loraq.LoraConfig(r=8, targets=["query", "value"]))
-    _randomize(model, 0.02)
+    randomize_trainable(model, 0.02)
     tokenizer = AutoTokenizer.from_pretrained(minilm_path())
     batch = tokenizer(["loraq exports merged models", "hello"], padding=True, return_tensors="pt")
     with torch.no_grad():
@@ -108,7 +103,7 @@ def test_export_plain_module_writes_state_dict(tmp_path: Path) -> None:
     model = loraq.apply(
         SmallCNN().eval(), loraq.LoraConfig(r=2, targets=["emb", "conv1", "conv2", "head"])
     )
-    _randomize(model)
+    randomize_trainable(model)
     inputs = cnn_inputs()
     with torch.no_grad():
         expected = model(*inputs)

@@ -14,11 +14,12 @@ from safetensors import safe_open
 from torch import nn
 
 import loraq
-from conftest import tiny_bert_cls, tiny_gpt2, tiny_llama
+from conftest import ReferenceLibrary, tiny_bert_cls, tiny_gpt2, tiny_llama
 from loraq.io import load_adapter, save_adapter
 from loraq.io.peft_config import PEFT_LORA_DEFAULTS
 
-peft = pytest.importorskip("peft")
+# Tests that compare with PEFT skip on their own when it is missing.
+peft = ReferenceLibrary("peft")
 
 TOL = 1e-5
 TOKENS = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(7))

@@ -1,7 +1,7 @@
 """4-bit checkpoints against transformers + bitsandbytes (CPU), QLoRA adapters against PEFT.
 
 bitsandbytes' CPU ``Linear4bit.forward`` in eval mode repacks the weight and runs a different
-matmul kernel (formats.md §2 caveats), which moves logits by ~2e-3; in train mode it dequantizes
+matmul kernel (docs/formats.md, "How far loraq equals bitsandbytes"), which moves logits by ~2e-3; in train mode it dequantizes
 and calls ``F.linear``, like loraq. So the transformers/PEFT side runs in train mode with every
 dropout set to 0, where the outputs agree with loraq's to float32 rounding.
 """
@@ -19,14 +19,13 @@ from safetensors import safe_open
 from torch import nn
 
 import loraq
-from conftest import tiny_gpt2, tiny_llama
+from conftest import needs, tiny_gpt2, tiny_llama
 from loraq.io import FormatError, load_adapter, save_adapter
 from loraq.io.checkpoints import export_merged
 from loraq.io.quantized import load_quantized, save_quantized
 from loraq.layers.quantized import Embedding4bit, Linear4bit, Linear8bit
 from loraq.targeting import output_head_names
 
-pytest.importorskip("bitsandbytes")
 TOKENS = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(5))
 
 
@@ -193,31 +192,15 @@ def test_load_errors_name_the_problem(ours, tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------- transformers
-def test_keys_and_codes_match_transformers(ours, tmp_path: Path) -> None:
+@needs("bitsandbytes")
+def test_keys_and_codes_match_transformers(bnb_llama_checkpoint, tmp_path: Path) -> None:
     """transformers + bnb quantizing the same dense weights writes the same keys and nibbles."""
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-    torch.manual_seed(0)
-    dense = tiny_llama(hidden=64)
-    dense.save_pretrained(tmp_path / "dense")
-    bnb = BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.float32,
-    )
-    hf = _quiet(
-        AutoModelForCausalLM.from_pretrained,
-        tmp_path / "dense",
-        quantization_config=bnb,
-        device_map="cpu",
-    )
-    _quiet(hf.save_pretrained, tmp_path / "hf")
-    torch.manual_seed(0)  # same dense weights as `dense`
+    _, hf_path, _ = bnb_llama_checkpoint
+    torch.manual_seed(0)  # the checkpoint's dense weights
     ours_path = save_quantized(quantize_base(tiny_llama(hidden=64)), tmp_path / "ours")
     with (
         safe_open(str(ours_path / "model.safetensors"), "pt") as a,
-        safe_open(str(tmp_path / "hf" / "model.safetensors"), "pt") as b,
+        safe_open(str(hf_path / "model.safetensors"), "pt") as b,
     ):
         assert set(a.keys()) == set(b.keys())
         assert a.metadata() == b.metadata() == {"format": "pt"}
@@ -229,10 +212,11 @@ def test_keys_and_codes_match_transformers(ours, tmp_path: Path) -> None:
             if key.endswith(".weight") and sa.get_dtype() == "U8":
                 assert torch.equal(a.get_tensor(key), b.get_tensor(key)), key  # same NF4 nibbles
     ours_q = json.loads((ours_path / "config.json").read_text())["quantization_config"]
-    hf_q = json.loads((tmp_path / "hf" / "config.json").read_text())["quantization_config"]
+    hf_q = json.loads((hf_path / "config.json").read_text())["quantization_config"]
     assert ours_q == hf_q
 
 
+@needs("bitsandbytes")
 def test_transformers_loads_ours(ours) -> None:
     import bitsandbytes.functional as bnbf
 
@@ -245,32 +229,19 @@ def test_transformers_loads_ours(ours) -> None:
     assert (_logits(hf, train=True) - _logits(model)).abs().max() < 1e-5
 
 
-def test_we_load_transformers_checkpoint(tmp_path: Path) -> None:
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-    tiny_llama(hidden=64).save_pretrained(tmp_path / "dense")
-    bnb = BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.float32,
-    )
-    hf = _quiet(
-        AutoModelForCausalLM.from_pretrained,
-        tmp_path / "dense",
-        quantization_config=bnb,
-        device_map="cpu",
-    )
-    _quiet(hf.save_pretrained, tmp_path / "hf")
-    ours = load_quantized(tmp_path / "hf")
+@needs("bitsandbytes")
+def test_we_load_transformers_checkpoint(bnb_llama_checkpoint) -> None:
+    _, hf_path, hf = bnb_llama_checkpoint
+    ours = load_quantized(hf_path)
     assert isinstance(ours.model.layers[1].mlp.down_proj, Linear4bit)
-    with safe_open(str(tmp_path / "hf" / "model.safetensors"), "pt") as f:
+    with safe_open(str(hf_path / "model.safetensors"), "pt") as f:
         stored = f.get_tensor("model.layers.1.mlp.down_proj.weight")
     assert torch.equal(ours.model.layers[1].mlp.down_proj.qweight.packed, stored)
     assert (_logits(ours) - _logits(hf, train=True)).abs().max() < 1e-5
 
 
 # ---------------------------------------------------------------------------------- QLoRA
+@needs("bitsandbytes")
 def test_qlora_adapter_loraq_to_peft_and_back(ours, tmp_path: Path) -> None:
     """A LoRA adapter over the NF4 base: PEFT on transformers' bnb model of the same bytes gives
     the same logits, and PEFT's own QLoRA adapter loads into loraq."""
@@ -330,6 +301,7 @@ def test_export_merged_dequantizes(ours, tmp_path: Path) -> None:
     assert isinstance(adapted.model.layers[0].self_attn.q_proj.base_layer, Linear4bit)  # untouched
 
 
+@needs("bitsandbytes")
 @pytest.mark.parametrize(
     "factory", [lambda: tiny_llama(hidden=64), lambda: tiny_gpt2(hidden=64)], ids=["llama", "gpt2"]
 )

@@ -144,7 +144,14 @@ def test_default_valued_unsupported_fields_are_accepted(tmp_path: Path) -> None:
         peft_version="0.13.0",
         revision="main",
     )
-    load_adapter(tiny_llama(), folder)
+    loaded = load_adapter(tiny_llama(), folder)
+    config = loraq.config_of(loaded)
+    assert (config.r, config.alpha, config.targets) == (4, 8, ["q_proj"])
+    saved = load_file(str(folder / "adapter_model.safetensors"))
+    state = loraq.adapter_state_dict(loaded)
+    assert len(state) == len(saved) == 4  # lora_A and lora_B of two q_proj layers
+    for key, tensor in state.items():
+        assert torch.equal(tensor, saved[PREFIX + key.replace(".default", "")]), key
 
 
 # ---------------------------------------------------------------------------------- tensors

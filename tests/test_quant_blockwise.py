@@ -1,7 +1,7 @@
 """Blockwise quantization against bitsandbytes (the reference) and against first principles.
 
 bitsandbytes is only a test dependency. Where its CPU kernels are known to be off
-(``reference/formats.md`` §2: the AVX-512 4-bit dequantize for some shapes, the 8-bit quantizer
+(``docs/formats.md``, "How far loraq equals bitsandbytes": the AVX-512 4-bit dequantize for some shapes, the 8-bit quantizer
 that is not exactly nearest) the tests compare with a definition computed here instead.
 """
 
@@ -16,6 +16,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from conftest import ReferenceLibrary
 from loraq.quant import (
     FP4,
     NF4,
@@ -30,7 +31,8 @@ from loraq.quant import (
     unpack_nibbles,
 )
 
-bnbf = pytest.importorskip("bitsandbytes.functional")
+# Tests that compare with bitsandbytes skip on their own when it is missing.
+bnbf = ReferenceLibrary("bitsandbytes.functional")
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -39,7 +41,7 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # References computed here
 # ------------------------------------------------------------------------------------------------
 def flat_block_dequant(packed, absmax, code, blocksize, shape, dtype):
-    """formats.md §2: out[i] = code[nibble(i)] * absmax[i // B] in float32, cast once."""
+    """docs/formats.md, 4-bit blockwise quantization: out[i] = code[nibble(i)] * absmax[i // B] in float32, cast once."""
     n = math.prod(shape)
     nibbles = unpack_nibbles(packed, n).long()
     scales = absmax.float().repeat_interleave(blocksize)[:n]
@@ -47,7 +49,7 @@ def flat_block_dequant(packed, absmax, code, blocksize, shape, dtype):
 
 
 def dq_absmax(codes, nested_absmax, nested_code, offset, nested_blocksize=256):
-    """formats.md §3: code8[q] * nested_absmax[i // 256] + offset, two float32 roundings."""
+    """docs/formats.md, double quantization: code8[q] * nested_absmax[i // 256] + offset, two float32 roundings."""
     scales = nested_absmax.repeat_interleave(nested_blocksize)[: codes.numel()]
     return nested_code[codes.long()] * scales + offset
 
@@ -175,7 +177,7 @@ def test_value_on_a_midpoint_goes_to_the_lower_code():
     x = torch.cat([mid, torch.tensor([1.0])])
     codes = unpack_nibbles(quantize_4bit(x, 64, "nf4").packed, x.numel())
     assert codes[:15].tolist() == list(range(15))
-    # formats.md §2 step 4 examples.
+    # docs/formats.md, 4-bit blockwise quantization, step 4: ties go to the lower entry.
     assert codes[7] == 7 and codes[8] == 8 and codes[0] == 0
     # One float32 step above a midpoint goes up.
     above = torch.nextafter(mid, torch.tensor(2.0))
@@ -313,7 +315,9 @@ def test_double_quant_layout_and_size():
     assert q.absmax_codes.shape == (2048,) and q.absmax_codes.dtype == torch.uint8
     assert q.nested_absmax.shape == (8,) and q.nested_absmax.dtype == torch.float32
     assert q.offset.shape == () and q.offset.dtype == torch.float32
-    assert q.nbytes * 8 / x.numel() == pytest.approx(4.127197, abs=1e-6)  # formats.md §3
+    assert q.nbytes * 8 / x.numel() == pytest.approx(
+        4.127197, abs=1e-6
+    )  # docs/formats.md, double quantization
     plain = quantize_4bit(x, 64, "nf4")
     assert plain.nbytes * 8 / x.numel() == 4.5
     # The 4-bit codes do not depend on double quantization.

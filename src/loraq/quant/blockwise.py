@@ -51,7 +51,7 @@ __all__ = [
 ]
 
 # Elements per chunk (4 MiB of float32): big enough that the ~10 parallel regions per chunk stay
-# few (each costs a thread hand-off, dear on a busy 2-core machine), small enough that a chunk
+# few (each costs a thread hand-off, dear when cores are few or busy), small enough that a chunk
 # and its temporaries stay in the last-level cache and scratch buffers stay small.
 _CHUNK = 1 << 20
 # Grid cells per unit of the scaled range [-1, 1]; the grid table has 2 * _GRID + 1 cells.
@@ -60,7 +60,7 @@ _GRID = 1 << 15
 _MIN_ABSMAX = 1e-38
 # Blocks with a smaller absmax skip the grid: _GRID / absmax could overflow float32.
 _TINY_ABSMAX = 1e-30
-# Width of the sub-blocks scanned for ambiguous codes (an int16 amin over 64 is 4x faster than
+# Width of the sub-blocks scanned for ambiguous codes (an int16 amin over 64 is much cheaper than
 # over 32; wider makes the second, per-element scan longer).
 _SUB = 64
 
@@ -377,7 +377,7 @@ def _lookup(
     """``out[i] = table[codes[i]]`` for uint8 ``codes``, using ``index`` (int64) as scratch.
 
     ``index_select`` would do, but runs on one thread; ``gather`` over a row-expanded view of
-    the table splits the rows across threads (about 1.7x faster on two cores).
+    the table splits the rows across threads.
     """
     n = codes.numel()
     idx = index[:n].copy_(codes)
