@@ -94,9 +94,17 @@ class DequantScratch:
     def __copy__(self) -> DequantScratch:
         return self
 
+    def __reduce__(self) -> tuple:
+        # Pickled models (multiprocessing, torch.save) get the shared scratch back, or a fresh one.
+        return (_shared_scratch, ()) if self is SHARED_SCRATCH else (DequantScratch, ())
+
 
 #: The scratch every quantized linear layer uses unless given another (or None) as ``scratch``.
 SHARED_SCRATCH = DequantScratch()
+
+
+def _shared_scratch() -> DequantScratch:
+    return SHARED_SCRATCH
 
 
 def release_scratch() -> None:
