@@ -36,6 +36,7 @@ from loraq.compare.methods import (
     parse_methods,
     parse_ranks,
 )
+from loraq.dtypes import FLOAT_DTYPE_NAMES
 from loraq.errors import EXIT_ERROR, CliError, user_message
 from loraq.train.config import describe_keys
 from loraq.train.hub import hub_offline
@@ -305,7 +306,7 @@ def _merge_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="base model folder or pkg:NAME (default: the adapter's)")
     p.add_argument("--task", choices=["causal-lm", "seq-cls"], help="default: the adapter's")
     p.add_argument("--out", required=True, help="folder for the merged dense model")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="float32", choices=list(FLOAT_DTYPE_NAMES))
     p.add_argument("--dense-base", action="store_true", help=DENSE_BASE_HELP)
 
 
