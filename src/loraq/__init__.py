@@ -19,6 +19,7 @@ from .io import (
 )
 from .layers.lora import LoRALayer, ModulesToSave
 from .layers.qlora import QLoRALayer
+from .loftq import loftq_report
 from .model import (
     active_adapter,
     adapter_names,
@@ -60,6 +61,7 @@ __all__ = [
     "adapter_state_dict",
     "apply",
     "config_of",
+    "loftq_report",
     "decompose",
     "delete_adapter",
     "disable_adapters",

@@ -14,7 +14,7 @@ from .patterns import unsafe_regex_reason
 from .quant.codebooks import VALID_BLOCKSIZES
 
 #: Values accepted by ``LoraConfig.init``.
-INIT_METHODS = ("kaiming", "gaussian", "pissa")
+INIT_METHODS = ("kaiming", "gaussian", "pissa", "loftq")
 #: Values accepted by ``LoraConfig.bias``.
 BIAS_MODES = ("none", "all", "lora_only")
 #: Values accepted by ``LoraConfig.quant``.
@@ -53,8 +53,12 @@ class LoraConfig:
             modules only).
         modules_to_save: modules trained in full and saved with the adapter (e.g. a
             classification head ``["classifier"]``).
-        init: adapter initialisation: ``"kaiming"`` (PEFT's default), ``"gaussian"``, or
-            ``"pissa"`` (top-r singular vectors of W; the base keeps the residual).
+        init: adapter initialisation: ``"kaiming"`` (PEFT's default), ``"gaussian"``,
+            ``"pissa"`` (top-r singular vectors of W; the base keeps the residual), or
+            ``"loftq"`` (needs ``quant``: the base is quantized so that ``Q + scaling·B·A`` is
+            as close to W as possible, see :mod:`loraq.layers.loftq`).
+        loftq_iters: LoftQ's alternations of quantize / truncated SVD (>= 1; 5 is LoftQ's
+            usual choice); used with ``init="loftq"`` only.
         use_rslora: rank-stabilised scaling ``alpha / sqrt(r)``.
         use_dora: weight-decomposed adapters (DoRA) with a learned magnitude per output row.
         quant: store the frozen base's Linear weights as ``"nf4"``, ``"fp4"`` or ``"int8"``
@@ -76,6 +80,7 @@ class LoraConfig:
     bias: str = "none"
     modules_to_save: list[str] | None = None
     init: str = "kaiming"
+    loftq_iters: int = 1
     use_rslora: bool = False
     use_dora: bool = False
     quant: str | None = None
@@ -129,6 +134,14 @@ class LoraConfig:
             setattr(self, name, list(value))
         if self.init not in INIT_METHODS:
             raise _bad("init", self.init, f"one of {INIT_METHODS}")
+        if (
+            isinstance(self.loftq_iters, bool)
+            or not isinstance(self.loftq_iters, int)
+            or self.loftq_iters < 1
+        ):
+            raise _bad("loftq_iters", self.loftq_iters, "a positive integer")
+        if self.init == "loftq" and self.use_dora:
+            raise _bad("use_dora", self.use_dora, "False with init='loftq'")
         for name in ("use_rslora", "use_dora", "double_quant", "quant_embeddings"):
             if not isinstance(getattr(self, name), bool):
                 raise _bad(name, getattr(self, name), "True or False")

@@ -107,19 +107,27 @@ def _apply_checked(
     saved: dict[str, list[str]],
 ) -> None:
     configs: dict[str, LoraConfig] = getattr(model, CONFIGS_ATTR, {})
-    if config.quant is not None:
+    loftq: dict = {}
+    if config.init == "loftq":
+        from .loftq import REPORT_ATTR, quantize_model_loftq
+
+        loftq = quantize_model_loftq(model, config, targets)
+    elif config.quant is not None:
         quantize_model(model, config, adapted=targets)
 
     unique = dict.fromkeys(full for matches in saved.values() for full in matches)
     _add_saved_module(model, list(unique), adapter_name)
 
-    options = {"init": config.init, "use_rslora": config.use_rslora, "use_dora": config.use_dora}
+    init = "kaiming" if config.init == "loftq" else config.init  # LoftQ's factors come next
+    options = {"init": init, "use_rslora": config.use_rslora, "use_dora": config.use_dora}
     for name in targets:
         module = model.get_submodule(name)
         if not isinstance(module, LoRALayer):
             module = LoRALayer(module)
             set_submodule(model, name, module)
         module.add_adapter(adapter_name, config.r, config.alpha, config.dropout, **options)
+        if name in loftq:
+            _set_factors(module, adapter_name, loftq[name])
         if config.adapter_bits is not None:
             enable_adapter_quant(module, adapter_name, config.adapter_bits)
 
@@ -128,7 +136,19 @@ def _apply_checked(
     targets_by_adapter = getattr(model, TARGETS_ATTR, {})
     targets_by_adapter[adapter_name] = targets
     setattr(model, TARGETS_ATTR, targets_by_adapter)
+    if loftq:
+        reports = getattr(model, REPORT_ATTR, {})
+        reports[adapter_name] = loftq
+        setattr(model, REPORT_ATTR, reports)
     set_adapter(model, adapter_name)
+
+
+@torch.no_grad()
+def _set_factors(layer: LoRALayer, adapter_name: str, report) -> None:
+    a, b = layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight
+    a.copy_(report.a.to(a.dtype))
+    b.copy_(report.b.to(b.dtype))
+    report.a = report.b = None  # the adapter holds them now
 
 
 def _saved_module_matches(model: nn.Module, name: str) -> list[str]:
@@ -160,7 +180,7 @@ def _check_targets(
         module = model.get_submodule(name)
         inner = module.base_layer if isinstance(module, LoRALayer) else module
         limit = _rank_limit(inner)
-        if config.r > limit and (not allow_large_rank or config.init == "pissa"):
+        if config.r > limit and (not allow_large_rank or config.init in ("pissa", "loftq")):
             raise ValueError(
                 f"LoraConfig.r={config.r} is invalid for module {name!r}: expected at most "
                 f"min(in, out) = {limit} (a larger rank adds parameters but no expressiveness; "

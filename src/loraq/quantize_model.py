@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -20,22 +22,44 @@ def compute_dtype_of(config: LoraConfig) -> torch.dtype:
     return float_dtype(config.compute_dtype, "LoraConfig.compute_dtype")
 
 
+#: ``refine(name, dense_linear, quantized_layer)``: called before a Linear is swapped out.
+Refine = Callable[[str, nn.Linear, nn.Module], None]
+
+
+def quantized_linear(linear: nn.Linear, config: LoraConfig) -> nn.Module:
+    """``linear`` quantized in ``config.quant``'s format with ``config``'s settings."""
+    dtype = compute_dtype_of(config)
+    if config.quant == "int8":
+        return Linear8bit.from_linear(linear, blocksize=config.blocksize, compute_dtype=dtype)
+    return Linear4bit.from_linear(
+        linear,
+        quant_type=config.quant,
+        blocksize=config.blocksize,
+        double_quant=config.double_quant,
+        compute_dtype=dtype,
+    )
+
+
 @torch.no_grad()
 def quantize_model(
-    model: nn.Module, config: LoraConfig, adapted: list[str] | None = None
+    model: nn.Module,
+    config: LoraConfig,
+    adapted: list[str] | None = None,
+    refine: Refine | None = None,
 ) -> list[str]:
     """Replace the frozen Linear layers of ``model`` by quantized ones, in place.
 
     Every ``nn.Linear`` / GPT-2 ``Conv1D`` is quantized (as ``load_in_4bit`` does), except the
     output head, ``modules_to_save`` and ``config.quant_skip``. With ``config.quant_embeddings``,
     ``nn.Embedding`` tables that get no adapter are stored in NF4 too. Returns the quantized names.
+    ``refine`` sees each dense Linear next to its quantized layer before the swap (LoftQ uses it
+    to re-quantize with the dense weight at hand), so only one dense layer is worked on at a time.
     """
     if config.quant is None:
         raise ValueError("quantize_model() needs LoraConfig.quant set to 'nf4', 'fp4' or 'int8'")
     heads = output_head_names(model)
     skip = list(config.quant_skip or []) + list(config.modules_to_save or [])
     adapted = set(adapted or [])
-    dtype = compute_dtype_of(config)
     plan: list[tuple[str, nn.Module]] = []
     for name, module in list(candidate_modules(model)):
         if (
@@ -57,27 +81,18 @@ def quantize_model(
                 f"{config.quant!r}); fix the weights or list {name!r} in LoraConfig.quant_skip"
             )
     with model_transaction(model):
-        return _quantize_planned(model, config, plan, dtype)
+        return _quantize_planned(model, config, plan, refine)
 
 
 def _quantize_planned(
-    model: nn.Module, config: LoraConfig, plan: list[tuple[str, nn.Module]], dtype: torch.dtype
+    model: nn.Module, config: LoraConfig, plan: list[tuple[str, nn.Module]], refine: Refine | None
 ) -> list[str]:
     done: list[str] = []
     for name, module in plan:
         if isinstance(module, nn.Linear) or is_gpt2_conv1d(module):
-            if config.quant == "int8":
-                new = Linear8bit.from_linear(
-                    module, blocksize=config.blocksize, compute_dtype=dtype
-                )
-            else:
-                new = Linear4bit.from_linear(
-                    module,
-                    quant_type=config.quant,
-                    blocksize=config.blocksize,
-                    double_quant=config.double_quant,
-                    compute_dtype=dtype,
-                )
+            new = quantized_linear(module, config)
+            if refine is not None:
+                refine(name, module, new)
         else:
             new = Embedding4bit.from_embedding(
                 module,

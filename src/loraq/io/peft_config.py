@@ -1,9 +1,9 @@
 """``adapter_config.json`` as PEFT 0.21 writes it, to and from :class:`loraq.LoraConfig`.
 
-PEFT's LoRA config has 41 fields (listed in :data:`PEFT_LORA_DEFAULTS`). loraq maps ten of them
+PEFT's LoRA config has 41 fields (listed in :data:`PEFT_LORA_DEFAULTS`). loraq maps twelve of them
 to its own settings, treats a few as information only, and accepts the rest only at their
 default value: a non-default value means a feature loraq does not implement (per-layer ranks,
-layer selection, LoftQ, ...), and silently ignoring it would load a different model.
+layer selection, ...), and silently ignoring it would load a different model.
 """
 
 from __future__ import annotations
@@ -87,6 +87,7 @@ MAPPED_FIELDS = (
     "bias",
     "exclude_modules",
     "init_lora_weights",
+    "loftq_config",
     "lora_alpha",
     "lora_dropout",
     "modules_to_save",
@@ -101,7 +102,17 @@ UNSUPPORTED_FIELDS = tuple(
     k for k in PEFT_LORA_DEFAULTS if k not in INFO_FIELDS + DERIVED_FIELDS + MAPPED_FIELDS
 )
 
-_INIT_TO_PEFT: dict[str, bool | str] = {"kaiming": True, "gaussian": "gaussian", "pissa": "pissa"}
+#: loraq init -> PEFT ``init_lora_weights``. A LoftQ adapter is written as PEFT's own LoftQ
+#: recipe saves one: ``init_lora_weights: true`` (the base is stored already quantized, so
+#: nothing must run again on load) with ``loftq_config`` kept, which marks it as LoftQ.
+_INIT_TO_PEFT: dict[str, bool | str] = {
+    "kaiming": True,
+    "gaussian": "gaussian",
+    "pissa": "pissa",
+    "loftq": True,
+}
+#: Bits PEFT's ``loftq_config.loftq_bits`` records for each ``LoraConfig.quant``.
+LOFTQ_BITS = {"nf4": 4, "fp4": 4, "int8": 8}
 _TASK_SUFFIXES = (
     ("ForCausalLM", "CAUSAL_LM"),
     ("LMHeadModel", "CAUSAL_LM"),
@@ -163,6 +174,7 @@ def peft_config_dict(model: nn.Module, adapter: str, config: LoraConfig) -> dict
             "fan_in_fan_out": _targets_conv1d(model, adapter),
             "inference_mode": True,
             "init_lora_weights": _INIT_TO_PEFT[config.init],
+            "loftq_config": _loftq_config(config),
             "lora_alpha": _plain_number(config.alpha),
             "lora_dropout": float(config.dropout),
             "modules_to_save": config.modules_to_save,
@@ -181,6 +193,13 @@ def peft_config_dict(model: nn.Module, adapter: str, config: LoraConfig) -> dict
             "parent_library": type(model).__module__,
         }
     return out
+
+
+def _loftq_config(config: LoraConfig) -> dict[str, int]:
+    if config.init != "loftq":
+        return {}
+    bits = LOFTQ_BITS.get(config.quant or "", config.extra.get("loftq_bits", 4))
+    return {"loftq_bits": bits, "loftq_iter": config.loftq_iters}
 
 
 def _plain_number(value: float) -> int | float:
@@ -270,6 +289,9 @@ def lora_config_from_peft(
     ):
         raise _field_error(source, "modules_to_save", f"must be a list of names, got {saved!r}")
     init = _init_from_peft(source, full["init_lora_weights"])
+    loftq_iters, loftq_bits = _loftq_from_peft(source, full["loftq_config"], init)
+    if loftq_iters is not None:
+        init = "loftq"
     for name in ("task_type", "base_model_name_or_path", "revision", "peft_version"):
         if full[name] is not None and not isinstance(full[name], str):
             raise _field_error(source, name, f"must be a string or null, got {full[name]!r}")
@@ -278,6 +300,8 @@ def lora_config_from_peft(
         bits = _check_type(source, full, ADAPTER_BITS_FIELD, (int,), "an integer in 2..8")
 
     extra = {k: full[k] for k in ("task_type", "base_model_name_or_path", "revision")}
+    if loftq_bits is not None:
+        extra["loftq_bits"] = loftq_bits
     try:
         config = LoraConfig(
             r=r,
@@ -288,6 +312,7 @@ def lora_config_from_peft(
             bias=bias,
             modules_to_save=list(saved) if saved else None,
             init=init,
+            loftq_iters=loftq_iters or 1,
             use_rslora=full["use_rslora"],
             use_dora=full["use_dora"],
             adapter_bits=bits,
@@ -319,6 +344,26 @@ def _peft_names(message: str) -> str:
     return f"field {name!r}: {name}={match[2]}"
 
 
+def _loftq_from_peft(source: str, value: Any, init: str) -> tuple[int | None, int | None]:
+    """``(loftq_iters, loftq_bits)`` from ``loftq_config``, or ``(None, None)`` if not LoftQ."""
+    if init == "loftq" and _is_off(value):
+        raise _field_error(source, "loftq_config", "is empty; init_lora_weights 'loftq' needs it")
+    if _is_off(value):
+        return None, None
+    if not isinstance(value, dict) or set(value) - {"loftq_bits", "loftq_iter"}:
+        raise _field_error(
+            source, "loftq_config", f"must be {{loftq_bits: 4 or 8, loftq_iter: N}}, got {value!r}"
+        )
+    bits, iters = value.get("loftq_bits", 4), value.get("loftq_iter", 1)
+    if bits not in (4, 8) or isinstance(bits, bool):
+        raise _field_error(source, "loftq_config", f"loftq_bits must be 4 or 8, got {bits!r}")
+    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
+        raise _field_error(
+            source, "loftq_config", f"loftq_iter must be a positive integer, got {iters!r}"
+        )
+    return iters, bits
+
+
 def _init_from_peft(source: str, value: Any) -> str:
     # Inits that only set A and B are irrelevant when the weights are loaded next; inits that
     # rewrite the base weight (PiSSA) must be replayed exactly, so only the full-SVD form is OK.
@@ -328,9 +373,11 @@ def _init_from_peft(source: str, value: Any) -> str:
         return "gaussian"
     if value == "pissa":
         return "pissa"
+    if value == "loftq":
+        return "loftq"
     raise _field_error(
         source,
         "init_lora_weights",
-        f"is {value!r}; loraq can load adapters initialised with true, false, 'gaussian' or "
-        "'pissa' (other methods rewrite the base weights in ways loraq does not replay)",
+        f"is {value!r}; loraq can load adapters initialised with true, false, 'gaussian', "
+        "'pissa' or 'loftq' (other methods rewrite the base weights in ways loraq does not replay)",
     )

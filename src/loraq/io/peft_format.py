@@ -30,6 +30,7 @@ from torch import nn
 
 from ..config import LoraConfig
 from ..layers.lora import LoRALayer, ModulesToSave
+from ..layers.protocol import QuantizedBase
 from ..model import CONFIGS_ATTR, adapter_names, adapter_state_dict, apply
 from ..naming import disk_key, memory_key
 from ..targeting import find_targets
@@ -357,8 +358,26 @@ def load_adapter(
     # Check the file against its config and the model before allocating anything, then change
     # the model as one transaction: a failure leaves it exactly as it was.
     check_adapter_shapes(model, config, find_targets(model, config), tensors, PREFIX, str(weights))
+    onto_saved_base = config.init == "loftq" and config.quant is None
     with model_transaction(model):
         # A PEFT file may hold a rank above min(in, out); its tensors are checked above.
-        apply(model, config, adapter_name, allow_large_rank=True)
+        if onto_saved_base:
+            # A LoftQ base saved quantized (loraq.load_quantized) already holds LoftQ's Q: only
+            # A and B load. With quant= given instead, apply() replays LoftQ on dense weights.
+            apply(model, config.replace(init="kaiming"), adapter_name, allow_large_rank=True)
+            getattr(model, CONFIGS_ATTR)[adapter_name] = config
+            _require_quantized_bases(model, adapter_name, str(weights))
+        else:
+            apply(model, config, adapter_name, allow_large_rank=True)
         load_adapter_tensors(model, adapter_name, tensors, source=str(weights))
     return model
+
+
+def _require_quantized_bases(model: nn.Module, adapter: str, source: str) -> None:
+    layers = [m for m in model.modules() if isinstance(m, LoRALayer) and adapter in m.r]
+    if not any(isinstance(m.base_layer, QuantizedBase) for m in layers):
+        raise FormatError(
+            f"{source}: a LoraConfig.init='loftq' adapter needs the quantized base it was made "
+            "with: load that base with loraq.load_quantized, or pass quant='nf4'/'fp4'/'int8' "
+            "to replay LoftQ on the dense model"
+        )
