@@ -130,9 +130,10 @@ class QuantizedKind(LayerKind):
 
     def fused_base(self, base: nn.Module, x: torch.Tensor, adapter_dtype: torch.dtype) -> FusedBase:
         # Dequantized on demand in forward and again in backward, into the layer's scratch
-        # buffer where it has one; no dense copy outlives the call.
+        # buffer where it has one; no dense copy outlives the call. Called with no dtype it answers
+        # in compute_dtype; fused.py passes the autocast dtype under autocast.
         scratch = getattr(base, "scratch", None)
-        return partial(base.dequantize_weight, base.compute_dtype, scratch=scratch), base.bias
+        return partial(base.dequantize_weight, scratch=scratch), base.bias
 
 
 class Conv1DKind(LayerKind):

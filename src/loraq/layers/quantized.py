@@ -40,6 +40,7 @@ from ..quant.qtensor import QuantizedTensor
 from ..quant.qtensor8 import QuantizedTensor8
 from .kinds import is_gpt2_conv1d
 from .protocol import DENSE_LAYOUTS, LAYOUT_CONV1D, LAYOUT_LINEAR
+from ..precision import autocast_dtype
 
 __all__ = [
     "SHARED_SCRATCH",
@@ -144,14 +145,19 @@ class _QuantizedLinearFunction(torch.autograd.Function):
         dtype: torch.dtype,
         scratch: DequantScratch | None,
     ):
+        amp_dtype = autocast_dtype(x.device.type)
+        # Under autocast the weight is dequantized straight into the autocast dtype (the same
+        # values as float32 then a cast) and the output stays in it, as F.linear's would.
+        dtype = dtype if amp_dtype is None else amp_dtype
         ctx.weight = weight  # references the stored quantized tensors, no dense copy
         ctx.dtype = dtype
         ctx.scratch = scratch
         ctx.x_dtype = x.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
         b = None if bias is None else bias.to(dtype)
-        # The output follows the input dtype, as bitsandbytes' Linear4bit.
-        return F.linear(x.to(dtype), _dequantize(weight, dtype, scratch), b).to(x.dtype)
+        out = F.linear(x.to(dtype), _dequantize(weight, dtype, scratch), b)
+        # Without autocast the output follows the input dtype, as bitsandbytes' Linear4bit.
+        return out if amp_dtype is not None else out.to(x.dtype)
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor):

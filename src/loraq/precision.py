@@ -1,0 +1,98 @@
+"""Compute precision: which dtype the hardware runs fast, and what autocast is asking for.
+
+``compute_dtype: auto`` resolves here, once, to a concrete dtype:
+
+==========================================  ===========  ===================================
+device                                      ``auto``     why
+==========================================  ===========  ===================================
+CUDA with bf16 (compute capability >= 8.0)  bfloat16     tensor cores run bf16 at full rate
+CPU with AVX512-BF16 or AMX                 bfloat16     oneDNN has native bf16 GEMM kernels
+any other CPU (AVX2-only, ARM, ...)         float32      bf16 GEMM is emulated: many times
+                                                         slower than float32, not faster
+other CUDA, MPS, ...                        float32      no fast bf16 path to rely on
+==========================================  ===========  ===================================
+
+This module imports nothing from loraq, so every layer may use it.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import torch
+
+__all__ = [
+    "COMPUTE_DTYPE_NAMES",
+    "autocast_dtype",
+    "fast_bf16",
+    "resolve_compute_dtype",
+]
+
+#: Names accepted wherever a compute dtype is configured; ``auto`` picks per device (above).
+COMPUTE_DTYPE_NAMES: tuple[str, ...] = ("auto", "float32", "bfloat16", "float16")
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# CPU feature flags (Linux /proc/cpuinfo names) that give native bf16 dot products.
+_BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.partition(":")[2].split())
+    return set()
+
+
+@functools.cache
+def _cpu_has_fast_bf16() -> bool:
+    # torch's own probes (private, present since 2.3) see through virtualisation the same way
+    # oneDNN does; /proc/cpuinfo is the fallback where they are missing.
+    names = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    probes = [getattr(torch.cpu, n, None) for n in names]
+    probes = [p for p in probes if callable(p)]
+    if probes:
+        return any(bool(p()) for p in probes)
+    return bool(_cpu_flags() & set(_BF16_CPU_FLAGS))
+
+
+def fast_bf16(device: torch.device | str = "cpu") -> bool:
+    """Whether ``device`` runs bfloat16 matmuls natively (faster than float32)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            return False
+        try:
+            return torch.cuda.is_bf16_supported(including_emulation=False)
+        except TypeError:  # torch < 2.4 has no emulation flag
+            return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return _cpu_has_fast_bf16()
+    return False
+
+
+def resolve_compute_dtype(
+    name: str | torch.dtype, device: torch.device | str = "cpu"
+) -> torch.dtype:
+    """The torch dtype for a configured compute dtype; ``"auto"`` picks per ``device`` (see table).
+
+    Raises:
+        ValueError: for a name outside :data:`COMPUTE_DTYPE_NAMES`.
+    """
+    if isinstance(name, torch.dtype):
+        return name
+    if name == "auto":
+        return torch.bfloat16 if fast_bf16(device) else torch.float32
+    if name not in _DTYPES:
+        raise ValueError(f"unknown compute dtype {name!r}: expected one of {COMPUTE_DTYPE_NAMES}")
+    return _DTYPES[name]
+
+
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype autocast is casting matmuls to on ``device_type`` right now, or None if it is off."""
+    if not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
