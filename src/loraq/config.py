@@ -9,8 +9,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .dtypes import FLOAT_DTYPE_NAMES
 from .patterns import unsafe_regex_reason
+from .precision import COMPUTE_DTYPE_NAMES
 from .quant.codebooks import VALID_BLOCKSIZES
 
 #: Values accepted by ``LoraConfig.init``.
@@ -19,8 +19,8 @@ INIT_METHODS = ("kaiming", "gaussian", "pissa", "loftq")
 BIAS_MODES = ("none", "all", "lora_only")
 #: Values accepted by ``LoraConfig.quant``.
 QUANT_TYPES = (None, "nf4", "fp4", "int8")
-#: Values accepted by ``LoraConfig.compute_dtype``.
-COMPUTE_DTYPES = FLOAT_DTYPE_NAMES
+#: Values accepted by ``LoraConfig.compute_dtype`` (``auto``: bf16 where the hardware runs it fast).
+COMPUTE_DTYPES = COMPUTE_DTYPE_NAMES
 #: Blocksizes accepted for blockwise quantization (as bitsandbytes).
 BLOCKSIZES = VALID_BLOCKSIZES
 
@@ -65,7 +65,9 @@ class LoraConfig:
             (blockwise, bitsandbytes-compatible), or ``None`` for a dense base.
         double_quant: also quantize the 4-bit block scales (QLoRA's double quantization).
         blocksize: elements per quantization block (a power of two in 32..4096).
-        compute_dtype: dtype of the dequantized base weight in the matmul.
+        compute_dtype: dtype of the dequantized base weight in the matmul; ``"auto"`` picks
+            ``bfloat16`` where the device runs it natively, else ``float32`` (see
+            :mod:`loraq.precision`).
         quant_skip: module names (suffix rules) that stay dense when ``quant`` is set.
         adapter_bits: keep adapter weights on a symmetric k-bit grid (2..8) in the forward pass
             (straight-through estimator), or ``None`` for float adapters.

@@ -12,26 +12,30 @@ any other CPU (AVX2-only, ARM, ...)         float32      bf16 GEMM is emulated: 
 other CUDA, MPS, ...                        float32      no fast bf16 path to rely on
 ==========================================  ===========  ===================================
 
-This module imports nothing from loraq, so every layer may use it.
+This module imports only the leaf ``loraq.dtypes``, so every layer may use it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from pathlib import Path
 
 import torch
 
+from .dtypes import FLOAT_DTYPE_NAMES, FLOAT_DTYPES
+
 __all__ = [
     "COMPUTE_DTYPE_NAMES",
     "autocast_dtype",
+    "autocast_for",
     "fast_bf16",
     "resolve_compute_dtype",
 ]
 
 #: Names accepted wherever a compute dtype is configured; ``auto`` picks per device (above).
-COMPUTE_DTYPE_NAMES: tuple[str, ...] = ("auto", "float32", "bfloat16", "float16")
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+COMPUTE_DTYPE_NAMES: tuple[str, ...] = ("auto", *FLOAT_DTYPE_NAMES)
+_DTYPES = FLOAT_DTYPES
 # CPU feature flags (Linux /proc/cpuinfo names) that give native bf16 dot products.
 _BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 
@@ -96,3 +100,16 @@ def autocast_dtype(device_type: str) -> torch.dtype | None:
     if not torch.is_autocast_enabled(device_type):
         return None
     return torch.get_autocast_dtype(device_type)
+
+
+def autocast_for(
+    dtype: torch.dtype, device: torch.device | str
+) -> contextlib.AbstractContextManager:
+    """``torch.autocast`` to ``dtype`` on ``device``, or a no-op context for float32.
+
+    A training step under it keeps float32 master weights and optimizer state; losses such as
+    cross-entropy run in float32 (autocast's own rule for them).
+    """
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=dtype)

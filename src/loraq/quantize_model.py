@@ -8,18 +8,18 @@ import torch
 from torch import nn
 
 from .config import LoraConfig
-from .dtypes import float_dtype
 from .layers.kinds import is_gpt2_conv1d
 from .layers.lora import LoRALayer, ModulesToSave
 from .layers.protocol import LAYOUT_CONV1D, QuantizedBase
 from .layers.quantized import Embedding4bit, Linear4bit, Linear8bit
+from .precision import resolve_compute_dtype
 from .targeting import candidate_modules, name_matches, output_head_names, set_submodule
 from .transaction import model_transaction
 
 
-def compute_dtype_of(config: LoraConfig) -> torch.dtype:
-    """The torch dtype named by ``config.compute_dtype``."""
-    return float_dtype(config.compute_dtype, "LoraConfig.compute_dtype")
+def compute_dtype_of(config: LoraConfig, device: torch.device | str = "cpu") -> torch.dtype:
+    """The torch dtype named by ``config.compute_dtype`` (``auto`` resolved for ``device``)."""
+    return resolve_compute_dtype(config.compute_dtype, device)
 
 
 #: ``refine(name, dense_linear, quantized_layer)``: called before a Linear is swapped out.
@@ -28,7 +28,7 @@ Refine = Callable[[str, nn.Linear, nn.Module], None]
 
 def quantized_linear(linear: nn.Linear, config: LoraConfig) -> nn.Module:
     """``linear`` quantized in ``config.quant``'s format with ``config``'s settings."""
-    dtype = compute_dtype_of(config)
+    dtype = compute_dtype_of(config, linear.weight.device)
     if config.quant == "int8":
         return Linear8bit.from_linear(linear, blocksize=config.blocksize, compute_dtype=dtype)
     return Linear4bit.from_linear(

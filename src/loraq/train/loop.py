@@ -50,6 +50,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from loraq.precision import autocast_for, resolve_compute_dtype
 from loraq.probes import auto_threads, peak_rss_bytes
 from loraq.train import checkpoint as ckpt
 from loraq.train import distributed
@@ -206,7 +207,7 @@ def setup(
     model.train()
     sizes = count_params(model)
     log(
-        f"model: {type(model).__name__} ({_method_text(cfg)}) on {device}  "
+        f"model: {type(model).__name__} ({_method_text(cfg, device)}) on {device}  "
         f"trainable {sizes['trainable']:,} / {sizes['total']:,} params"
     )
     wrapped = wrap_model(model) if wrap_model is not None else None
@@ -241,12 +242,21 @@ def setup(
     )  # fmt: skip
 
 
-def _method_text(cfg: TrainConfig) -> str:
+def _method_text(cfg: TrainConfig, device: torch.device) -> str:
     t = cfg.training
     how = t.method if t.method == "full" else f"lora r={cfg.lora.get('r', 8)}"
     if t.method == "lora" and cfg.lora.get("quant"):
         how += f", {cfg.lora['quant']} base"
-    return how
+    return how + f", {str(run_compute_dtype(cfg, device)).removeprefix('torch.')} compute"
+
+
+def run_compute_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
+    """The dtype a run computes in: the ``lora`` section's ``compute_dtype`` (``auto`` resolved
+    for ``device``) for LoRA, float32 for full fine-tuning. Below float32 the forward runs under
+    autocast, with float32 master weights, optimizer state and loss."""
+    if cfg.training.method != "lora":
+        return torch.float32
+    return resolve_compute_dtype(cfg.lora.get("compute_dtype", "float32"), device)
 
 
 def _resume(cfg, out, model, optimizer, scheduler, log, main_process, dist):
@@ -295,7 +305,8 @@ def train_step(session: Session) -> StepStats:
             continue
         epoch, next_index, batch = next(session.stream)
         batch = {k: v.to(session.device) for k, v in batch.items()}
-        loss = model(**batch).loss / t.grad_accum
+        with autocast_for(run_compute_dtype(session.cfg, session.device), session.device):
+            loss = model(**batch).loss / t.grad_accum
         loss.backward()
         loss_sum += loss.item()
         tokens += int(batch["attention_mask"].sum().item())
@@ -344,9 +355,10 @@ def evaluate_session(session: Session, step: int) -> dict[str, float]:
     ``eval_skipped`` line in metrics.jsonl (never a silently missing metric)."""
     cfg, state = session.cfg, session.state
     eval_bs = cfg.training.eval_batch_size or 2 * cfg.training.batch_size
-    scores = evaluate(
-        session.model, session.data.eval, cfg.model.task, eval_bs, session.data.pad_id
-    )
+    with autocast_for(run_compute_dtype(cfg, session.device), session.device):
+        scores = evaluate(
+            session.model, session.data.eval, cfg.model.task, eval_bs, session.data.pad_id
+        )
     if not scores:
         session.say(f"step {step}: eval skipped: {NO_EVAL_TOKENS}")
         if session.metrics is not None:

@@ -98,6 +98,7 @@ def lora_settings(cfg: TrainConfig, model: nn.Module, new_modules: list[str]) ->
     head) are added to ``modules_to_save`` so they train in full and are saved with the adapter.
     """
     settings = dict(cfg.lora)
+    settings.setdefault("compute_dtype", "auto")
     saved = list(settings.get("modules_to_save") or [])
     wanted = list(new_modules)
     head = _head_name(model) if cfg.model.task == "seq-cls" else None
