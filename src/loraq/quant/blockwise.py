@@ -38,6 +38,7 @@ import torch
 
 from ..dtypes import FLOAT_DTYPE_NAMES, FLOAT_DTYPES
 from .codebooks import QUANT_TYPES_4BIT, VALID_BLOCKSIZES, code_4bit, dynamic_map
+from .kernels import cpu as cpu_kernels
 
 __all__ = [
     "check_quantizable",
@@ -430,6 +431,8 @@ def dequantize_4bit_blocks(
     """
     if start % blocksize:
         raise ValueError(f"start {start} is not a multiple of the blocksize {blocksize}")
+    if start == 0 and cpu_kernels.dequantize_4bit_into(packed, absmax, code, blocksize, stop, out):
+        return out
     gather = _nibble_gather(packed, code)
     return _dequantize_runs(gather, absmax, blocksize, start, stop, out)
 
@@ -447,5 +450,7 @@ def dequantize_8bit_blocks(
     double-quantized block scales of the 4-bit one)."""
     if start % blocksize:
         raise ValueError(f"start {start} is not a multiple of the blocksize {blocksize}")
+    if start == 0 and cpu_kernels.dequantize_8bit_into(codes, absmax, code, blocksize, stop, out):
+        return out
     gather = _byte_gather(codes, code)
     return _dequantize_runs(gather, absmax, blocksize, start, stop, out)

@@ -1,0 +1,222 @@
+"""Compiled CPU dequantization: a small C kernel (``dequant.c``) built on first use.
+
+The pure-PyTorch code in :mod:`loraq.quant.blockwise` stays the reference and the fallback:
+the kernel computes the same float32 product and the same round-to-nearest-even bfloat16, so
+its output is bit-identical (tests compare the two). What it saves is memory traffic: one pass
+writes each output element once, where the PyTorch path needs an index copy, a table gather and
+a scaling pass.
+
+Installing loraq needs no compiler. On first use the kernel is compiled with the system C
+compiler (``$CC``, else ``cc``/``gcc``/``clang``) for this CPU (``-march=native``, AVX2 code where
+the CPU has it) into ``$LORAQ_CACHE_DIR`` (default ``~/.cache/loraq/kernels``), keyed by the
+source, the compiler and the CPU, and written atomically. Without a compiler, or if the build
+fails, loraq warns once and keeps the pure-PyTorch path.
+
+``LORAQ_KERNELS`` selects: ``auto`` (default: compiled if it builds), ``off`` (always pure
+PyTorch), ``on`` (compiled, or raise).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+__all__ = ["MODE_ENV", "available", "dequantize_4bit_into", "dequantize_8bit_into", "mode"]
+
+#: Environment variable choosing ``auto`` / ``off`` / ``on`` (see the module docstring).
+MODE_ENV = "LORAQ_KERNELS"
+_SOURCE = Path(__file__).with_name("dequant.c")
+_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
+# Below this many elements one thread does it all: a hand-off costs more than it saves.
+_PARALLEL_MIN = 1 << 16
+_OFF = ("off", "0", "false", "no")
+_ON = ("on", "1", "true", "yes")
+
+
+def mode() -> str:
+    """The selected mode: ``auto``, ``off`` or ``on`` (from :data:`MODE_ENV`)."""
+    value = os.environ.get(MODE_ENV, "auto").strip().lower()
+    if value in _OFF:
+        return "off"
+    if value in _ON:
+        return "on"
+    return "auto"
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _cpu_signature() -> str:
+    try:
+        text = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        return platform.processor()
+    lines = [ln for ln in text.splitlines() if ln.startswith(("flags", "model name", "Features"))]
+    return "\n".join(sorted(set(lines)))
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("LORAQ_CACHE_DIR")
+    if root:
+        return Path(root)
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "loraq" / "kernels"
+
+
+def _build(cc: str) -> Path:
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
+    source = _SOURCE.read_bytes()
+    key = hashlib.sha256(
+        b"\0".join(
+            [source, version.encode(), platform.machine().encode(), _cpu_signature().encode()]
+        )
+    ).hexdigest()[:20]
+    target = _cache_dir() / f"dequant-{key}.so"
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    base = [cc, "-O3", "-shared", "-fPIC", "-fno-fast-math", "-o", tmp, str(_SOURCE)]
+    try:
+        errors = ""
+        for extra in (["-march=native"], []):  # some compilers/targets refuse -march=native
+            done = subprocess.run(base + extra, capture_output=True, text=True, timeout=300)
+            if done.returncode == 0:
+                os.replace(tmp, target)  # atomic: concurrent builders all end with a whole file
+                return target
+            errors = done.stderr.strip()[-500:]
+        raise RuntimeError(f"{cc} failed to build {_SOURCE.name}: {errors}")
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    if mode() == "off":
+        return None
+    try:
+        cc = _compiler()
+        if cc is None:
+            raise RuntimeError("no C compiler found (set $CC)")
+        lib = ctypes.CDLL(str(_build(cc)))
+    except Exception as err:  # any failure means: use the pure-PyTorch path
+        if mode() == "on":
+            raise RuntimeError(
+                f"{MODE_ENV}=on but the compiled kernel is unavailable: {err}"
+            ) from err
+        warnings.warn(
+            f"loraq: compiled dequantize unavailable ({err}); using the pure-PyTorch path "
+            f"(set {MODE_ENV}=off to silence)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return None
+    args = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 4 + [ctypes.c_void_p, ctypes.c_int]
+    for fn in (lib.loraq_dequant4, lib.loraq_dequant8):
+        fn.argtypes, fn.restype = args, None
+    return lib
+
+
+@functools.cache
+def _pool(workers: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="loraq-dequant")
+
+
+def available() -> bool:
+    """Whether the compiled kernel is in use (builds it on the first call)."""
+    return _library() is not None
+
+
+def _usable(codes, absmax, code, out, table_size: int) -> bool:
+    return (
+        out.device.type == "cpu"
+        and out.dtype in _DTYPE_CODES
+        and out.is_contiguous()
+        and codes.device.type == "cpu"
+        and codes.dtype == torch.uint8
+        and codes.is_contiguous()
+        and absmax.dtype == torch.float32
+        and absmax.is_contiguous()
+        and code.dtype == torch.float32
+        and code.is_contiguous()
+        and code.numel() == table_size
+        and not out.requires_grad
+    )
+
+
+def _run(fn, codes, absmax, code, blocksize: int, n: int, out: torch.Tensor) -> None:
+    n_blocks = -(-n // blocksize)
+    ptrs = (codes.data_ptr(), absmax.data_ptr(), code.data_ptr())
+    out_ptr, dtype = out.data_ptr(), _DTYPE_CODES[out.dtype]
+    workers = max(1, min(torch.get_num_threads(), n_blocks))
+    if n < _PARALLEL_MIN or workers == 1:
+        fn(*ptrs, blocksize, n, 0, n_blocks, out_ptr, dtype)
+        return
+    step = -(-n_blocks // workers)
+    jobs = [
+        _pool(workers).submit(fn, *ptrs, blocksize, n, lo, min(lo + step, n_blocks), out_ptr, dtype)
+        for lo in range(0, n_blocks, step)
+    ]
+    for job in jobs:
+        job.result()  # ctypes releases the GIL, so the slices run in parallel
+
+
+def dequantize_4bit_into(
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    code: torch.Tensor,
+    blocksize: int,
+    n: int,
+    out: torch.Tensor,
+) -> bool:
+    """Write flat elements ``[0, n)`` of a packed 4-bit tensor into ``out``; False if not handled.
+
+    ``packed``: uint8 bytes (two codes each, even element high); ``absmax``: float32 per block;
+    ``code``: the 16-entry float32 code book; ``out``: contiguous float32 or bfloat16 CPU tensor
+    with at least ``n`` elements. Returns False (and writes nothing) when the kernel is off or
+    unavailable or the tensors do not fit its contract; the caller then uses the PyTorch path.
+    """
+    lib = _library()
+    flat = packed.reshape(-1)
+    if lib is None or out.numel() < n or not _usable(flat, absmax, code, out, 16):
+        return False
+    if flat.numel() < (n + 1) // 2 or absmax.numel() < -(-n // blocksize):
+        return False
+    _run(lib.loraq_dequant4, flat, absmax, code, blocksize, n, out)
+    return True
+
+
+def dequantize_8bit_into(
+    codes: torch.Tensor,
+    absmax: torch.Tensor,
+    code: torch.Tensor,
+    blocksize: int,
+    n: int,
+    out: torch.Tensor,
+) -> bool:
+    """8-bit counterpart of :func:`dequantize_4bit_into` (one code per byte, 256-entry book)."""
+    lib = _library()
+    flat = codes.reshape(-1)
+    if lib is None or out.numel() < n or not _usable(flat, absmax, code, out, 256):
+        return False
+    if flat.numel() < n or absmax.numel() < -(-n // blocksize):
+        return False
+    _run(lib.loraq_dequant8, flat, absmax, code, blocksize, n, out)
+    return True

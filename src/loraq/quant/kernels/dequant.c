@@ -1,0 +1,110 @@
+/* Blockwise dequantization, one pass: out[i] = code[q_i] * absmax[i / blocksize].
+ *
+ * The product is one IEEE float32 multiply and the bfloat16 output rounds it to nearest even,
+ * so every result equals the pure-PyTorch reference in loraq.quant.blockwise bit for bit.
+ * Each call covers the whole blocks [first_block, last_block); the caller splits a tensor
+ * across threads. 4-bit codes are packed two per byte, the even element in the high nibble.
+ */
+#include <stdint.h>
+#include <string.h>
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
+
+static inline uint16_t to_bf16(float x) {
+    uint32_t bits;
+    memcpy(&bits, &x, 4);
+    return (uint16_t)((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
+}
+
+#ifdef __AVX2__
+/* 8 float32 code values for the 8 nibbles of 4 bytes (high nibble first). */
+static inline __m256 lookup8(const uint8_t* p, __m256 lo_tab, __m256 hi_tab) {
+    uint32_t four;
+    memcpy(&four, p, 4);
+    const __m128i dup = _mm_setr_epi8(0, 0, 1, 1, 2, 2, 3, 3, -1, -1, -1, -1, -1, -1, -1, -1);
+    __m256i v = _mm256_cvtepu8_epi32(_mm_shuffle_epi8(_mm_cvtsi32_si128((int)four), dup));
+    const __m256i shifts = _mm256_setr_epi32(4, 0, 4, 0, 4, 0, 4, 0);
+    __m256i idx = _mm256_and_si256(_mm256_srlv_epi32(v, shifts), _mm256_set1_epi32(15));
+    __m256 lo = _mm256_permutevar8x32_ps(lo_tab, idx);
+    __m256 hi = _mm256_permutevar8x32_ps(hi_tab, idx);
+    return _mm256_blendv_ps(lo, hi, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
+}
+
+static inline void store_bf16(uint16_t* out, __m256 val) {
+    __m256i bits = _mm256_castps_si256(val);
+    __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+    bits = _mm256_add_epi32(bits, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF)));
+    bits = _mm256_srli_epi32(bits, 16);
+    __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(bits), _mm256_extracti128_si256(bits, 1));
+    _mm_storeu_si128((__m128i*)out, packed);
+}
+#endif
+
+/* dtype: 0 = float32, 1 = bfloat16 */
+void loraq_dequant4(const uint8_t* packed, const float* absmax, const float* code,
+                    int64_t blocksize, int64_t n, int64_t first_block, int64_t last_block,
+                    void* out, int dtype) {
+    float* out32 = (float*)out;
+    uint16_t* out16 = (uint16_t*)out;
+#ifdef __AVX2__
+    __m256 lo_tab = _mm256_loadu_ps(code), hi_tab = _mm256_loadu_ps(code + 8);
+#endif
+    for (int64_t b = first_block; b < last_block; b++) {
+        int64_t start = b * blocksize;
+        int64_t stop = start + blocksize < n ? start + blocksize : n;
+        float s = absmax[b];
+        int64_t i = start;
+#ifdef __AVX2__
+        __m256 scale = _mm256_set1_ps(s);
+        for (; i + 8 <= stop; i += 8) {
+            __m256 val = _mm256_mul_ps(lookup8(packed + i / 2, lo_tab, hi_tab), scale);
+            if (dtype == 0)
+                _mm256_storeu_ps(out32 + i, val);
+            else
+                store_bf16(out16 + i, val);
+        }
+#endif
+        for (; i < stop; i++) {
+            uint8_t byte = packed[i >> 1];
+            float v = code[(i & 1) ? (byte & 15) : (byte >> 4)] * s;
+            if (dtype == 0)
+                out32[i] = v;
+            else
+                out16[i] = to_bf16(v);
+        }
+    }
+}
+
+void loraq_dequant8(const uint8_t* codes, const float* absmax, const float* code,
+                    int64_t blocksize, int64_t n, int64_t first_block, int64_t last_block,
+                    void* out, int dtype) {
+    float* out32 = (float*)out;
+    uint16_t* out16 = (uint16_t*)out;
+    for (int64_t b = first_block; b < last_block; b++) {
+        int64_t start = b * blocksize;
+        int64_t stop = start + blocksize < n ? start + blocksize : n;
+        float s = absmax[b];
+        int64_t i = start;
+#ifdef __AVX2__
+        __m256 scale = _mm256_set1_ps(s);
+        for (; i + 8 <= stop; i += 8) {
+            uint64_t eight;
+            memcpy(&eight, codes + i, 8);
+            __m256i idx = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128((long long)eight));
+            __m256 val = _mm256_mul_ps(_mm256_i32gather_ps(code, idx, 4), scale);
+            if (dtype == 0)
+                _mm256_storeu_ps(out32 + i, val);
+            else
+                store_bf16(out16 + i, val);
+        }
+#endif
+        for (; i < stop; i++) {
+            float v = code[codes[i]] * s;
+            if (dtype == 0)
+                out32[i] = v;
+            else
+                out16[i] = to_bf16(v);
+        }
+    }
+}

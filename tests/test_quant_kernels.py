@@ -1,0 +1,89 @@
+"""The compiled CPU dequantize kernel against the pure-PyTorch reference, bit for bit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from loraq.quant import blockwise, dequantize_4bit, dequantize_8bit, quantize_4bit, quantize_8bit
+from loraq.quant.kernels import cpu
+
+needs_kernel = pytest.mark.skipif(
+    cpu.mode() == "off" or not cpu.available(), reason="compiled kernel off or unbuildable here"
+)
+
+
+def _pure(monkeypatch, fn, *args):
+    """``fn(*args)`` with the compiled kernel switched off (the reference path)."""
+    with monkeypatch.context() as m:
+        m.setattr(cpu, "_library", lambda: None)
+        return fn(*args)
+
+
+@needs_kernel
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("double_quant", [False, True])
+@pytest.mark.parametrize("blocksize", [32, 64, 256, 4096])
+@pytest.mark.parametrize("shape", [(96, 200), (3, 1001), (70001,), (1, 37)])
+def test_4bit_kernel_equals_reference(monkeypatch, quant_type, double_quant, blocksize, shape):
+    t = torch.randn(shape) * 0.05
+    q = quantize_4bit(t, blocksize, quant_type, double_quant)
+    for dtype in (torch.float32, torch.bfloat16):
+        got = dequantize_4bit(q, dtype)
+        want = _pure(monkeypatch, dequantize_4bit, q, dtype)
+        assert got.dtype == want.dtype and torch.equal(got, want), (dtype, shape)
+
+
+@needs_kernel
+@pytest.mark.parametrize("blocksize", [64, 256, 2048])
+@pytest.mark.parametrize("shape", [(128, 300), (5, 999)])
+def test_8bit_kernel_equals_reference(monkeypatch, blocksize, shape):
+    q = quantize_8bit(torch.randn(shape), blocksize)
+    for dtype in (torch.float32, torch.bfloat16):
+        got = dequantize_8bit(q, dtype)
+        assert torch.equal(got, _pure(monkeypatch, dequantize_8bit, q, dtype)), dtype
+
+
+@needs_kernel
+def test_kernel_is_used_and_multithreaded_slices_agree(monkeypatch):
+    calls = []
+    real = cpu._run
+    monkeypatch.setattr(cpu, "_run", lambda *a: calls.append(a[5]) or real(*a))
+    q = quantize_4bit(torch.randn(512, 1024), 64, "nf4", True)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        got = dequantize_4bit(q, torch.float32)
+    finally:
+        torch.set_num_threads(before)
+    assert calls == [512 * 1024]
+    assert torch.equal(got, _pure(monkeypatch, dequantize_4bit, q, torch.float32))
+
+
+def test_float16_and_foreign_layouts_use_the_pure_path(monkeypatch):
+    q = quantize_4bit(torch.randn(64, 64), 64, "nf4", False)
+    assert torch.equal(dequantize_4bit(q, torch.float16), dequantize_4bit(q).half())
+    out = torch.empty(64 * 64 * 2)[::2]  # not contiguous: the kernel declines
+    absmax = blockwise.block_absmax(q)
+    assert not cpu.dequantize_4bit_into(q.packed, absmax, q.code, 64, 64 * 64, out)
+
+
+def test_mode_off_and_unbuildable_fall_back(monkeypatch, tmp_path):
+    monkeypatch.setenv(cpu.MODE_ENV, "off")
+    cpu._library.cache_clear()
+    try:
+        assert cpu.mode() == "off" and not cpu.available()
+        monkeypatch.setenv(cpu.MODE_ENV, "auto")
+        monkeypatch.setenv("CC", "/nonexistent/cc")
+        monkeypatch.setenv("PATH", str(tmp_path))  # no compiler anywhere
+        cpu._library.cache_clear()
+        with pytest.warns(RuntimeWarning, match="compiled dequantize unavailable"):
+            assert not cpu.available()
+        q = quantize_4bit(torch.randn(32, 32), 32, "nf4", False)
+        assert dequantize_4bit(q).shape == (32, 32)  # the pure path still answers
+        monkeypatch.setenv(cpu.MODE_ENV, "on")
+        cpu._library.cache_clear()
+        with pytest.raises(RuntimeError, match="LORAQ_KERNELS=on but"):
+            cpu.available()
+    finally:
+        cpu._library.cache_clear()
