@@ -39,6 +39,7 @@ import torch
 from ..dtypes import FLOAT_DTYPE_NAMES, FLOAT_DTYPES
 from .codebooks import QUANT_TYPES_4BIT, VALID_BLOCKSIZES, code_4bit, dynamic_map
 from .kernels import cpu as cpu_kernels
+from .kernels import triton_dequant as gpu_kernels
 
 __all__ = [
     "check_quantizable",
@@ -413,6 +414,14 @@ def _byte_gather(codes: torch.Tensor, code: torch.Tensor) -> Gather:
     return lambda lo, hi: _lookup(table, flat[lo:hi], index, scratch)
 
 
+def _compiled_into(bits: int, *args) -> bool:
+    """Run a compiled kernel (C on CPU, Triton on CUDA) if one takes these tensors; see
+    :mod:`loraq.quant.kernels`. False means: use the PyTorch path below."""
+    if bits == 4:
+        return cpu_kernels.dequantize_4bit_into(*args) or gpu_kernels.dequantize_4bit_into(*args)
+    return cpu_kernels.dequantize_8bit_into(*args) or gpu_kernels.dequantize_8bit_into(*args)
+
+
 def dequantize_4bit_blocks(
     packed: torch.Tensor,
     code: torch.Tensor,
@@ -431,7 +440,7 @@ def dequantize_4bit_blocks(
     """
     if start % blocksize:
         raise ValueError(f"start {start} is not a multiple of the blocksize {blocksize}")
-    if start == 0 and cpu_kernels.dequantize_4bit_into(packed, absmax, code, blocksize, stop, out):
+    if start == 0 and _compiled_into(4, packed, absmax, code, blocksize, stop, out):
         return out
     gather = _nibble_gather(packed, code)
     return _dequantize_runs(gather, absmax, blocksize, start, stop, out)
@@ -450,7 +459,7 @@ def dequantize_8bit_blocks(
     double-quantized block scales of the 4-bit one)."""
     if start % blocksize:
         raise ValueError(f"start {start} is not a multiple of the blocksize {blocksize}")
-    if start == 0 and cpu_kernels.dequantize_8bit_into(codes, absmax, code, blocksize, stop, out):
+    if start == 0 and _compiled_into(8, codes, absmax, code, blocksize, stop, out):
         return out
     gather = _byte_gather(codes, code)
     return _dequantize_runs(gather, absmax, blocksize, start, stop, out)
