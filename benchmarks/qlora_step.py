@@ -119,7 +119,7 @@ def build(method: str, device: str):
     return model, torch.optim.AdamW(params, lr=1e-4), amp
 
 
-def batch(device: str, size: int = 32, length: int = 64) -> dict[str, torch.Tensor]:
+def batch(device: str, size: int, length: int) -> dict[str, torch.Tensor]:
     """A fixed batch of token ids and labels (the same for every method)."""
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(1000, 20000, (size, length), generator=g)
@@ -141,7 +141,7 @@ def step(model, optimizer, amp, inputs, device: str) -> tuple[float, float]:
     loss.float().backward()
     optimizer.step()
     sync()
-    return time.perf_counter() - start, float(loss)
+    return time.perf_counter() - start, float(loss.detach())
 
 
 def peak_memory_mb(device: str) -> float:
@@ -154,10 +154,11 @@ def peak_memory_mb(device: str) -> float:
     return (peak if peak is not None else peak_rss_bytes()) / 2**20
 
 
-def worker(method: str, device: str, warmup: int) -> None:
+def worker(method: str, args: argparse.Namespace) -> None:
     """Serve steps: one line ``step`` in, one JSON line out; ``peak`` reports memory."""
+    device, warmup = args.device, args.warmup
     model, optimizer, amp = build(method, device)
-    inputs = batch(device)
+    inputs = batch(device, args.batch_size, args.length)
     for _ in range(warmup):
         step(model, optimizer, amp, inputs, device)
     print(json.dumps({"ready": True}), flush=True)
@@ -178,6 +179,7 @@ class Worker:
         cmd = [
             sys.executable, __file__, "--worker", method, "--device", args.device,
             "--threads", str(args.threads), "--warmup", str(args.warmup),
+            "--batch-size", str(args.batch_size), "--length", str(args.length),
         ]  # fmt: skip
         self.method = method
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
@@ -234,7 +236,8 @@ def run(args: argparse.Namespace) -> dict[str, dict]:
 def report(results: dict[str, dict], args: argparse.Namespace) -> None:
     print(
         f"torch {torch.__version__}, device {args.device}, {args.threads} threads, "
-        f"{args.rounds} interleaved rounds; MiniLM seq-cls, batch 32x64, r=8, dropout 0.05"
+        f"{args.rounds} interleaved rounds; MiniLM seq-cls, batch {args.batch_size}x{args.length}, "
+        "r=8, dropout 0.05"
     )
     for method, r in results.items():
         print(
@@ -254,13 +257,15 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--length", type=int, default=64)
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.worker:
-        worker(args.worker, args.device, args.warmup)
+        worker(args.worker, args)
         return
     results = run(args)
     report(results, args)
