@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from loraq.quant import blockwise, dequantize_4bit, dequantize_8bit, quantize_4bit, quantize_8bit
+from loraq.quant import dequantize_4bit, dequantize_8bit, quantize_4bit, quantize_8bit
 from loraq.quant.kernels import cpu
 
 needs_kernel = pytest.mark.skipif(
@@ -64,7 +64,7 @@ def test_float16_and_foreign_layouts_use_the_pure_path(monkeypatch):
     q = quantize_4bit(torch.randn(64, 64), 64, "nf4", False)
     assert torch.equal(dequantize_4bit(q, torch.float16), dequantize_4bit(q).half())
     out = torch.empty(64 * 64 * 2)[::2]  # not contiguous: the kernel declines
-    absmax = blockwise.block_absmax(q)
+    absmax = q.block_absmax()
     assert not cpu.dequantize_4bit_into(q.packed, absmax, q.code, 64, 64 * 64, out)
 
 

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from loraq.quant import dequantize_4bit, dequantize_8bit, quantize_4bit, quantize_8bit
-from loraq.quant.blockwise import block_absmax
 from loraq.quant.kernels import cpu, triton_dequant
 
 pytestmark = pytest.mark.skipif(not triton_dequant.available(), reason="triton not installed")
@@ -28,7 +27,7 @@ def test_triton_4bit_equals_reference(quant_type, double_quant, blocksize, shape
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         out = torch.empty(q.numel, dtype=dtype)
         assert triton_dequant.dequantize_4bit_into(
-            q.packed, block_absmax(q), q.code, blocksize, q.numel, out
+            q.packed, q.block_absmax(), q.code, blocksize, q.numel, out
         )
         assert torch.equal(out.view(q.shape), dequantize_4bit(q, dtype)), dtype
 

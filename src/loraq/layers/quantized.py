@@ -35,12 +35,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..precision import autocast_dtype
 from ..quant.codebooks import DEFAULT_BLOCKSIZE_4BIT, DEFAULT_BLOCKSIZE_8BIT
 from ..quant.qtensor import QuantizedTensor
 from ..quant.qtensor8 import QuantizedTensor8
 from .kinds import is_gpt2_conv1d
 from .protocol import DENSE_LAYOUTS, LAYOUT_CONV1D, LAYOUT_LINEAR
-from ..precision import autocast_dtype
 
 __all__ = [
     "SHARED_SCRATCH",
