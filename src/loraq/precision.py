@@ -35,7 +35,6 @@ __all__ = [
 
 #: Names accepted wherever a compute dtype is configured; ``auto`` picks per device (above).
 COMPUTE_DTYPE_NAMES: tuple[str, ...] = ("auto", *FLOAT_DTYPE_NAMES)
-_DTYPES = FLOAT_DTYPES
 # CPU feature flags (Linux /proc/cpuinfo names) that give native bf16 dot products.
 _BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 
@@ -90,9 +89,9 @@ def resolve_compute_dtype(
         return name
     if name == "auto":
         return torch.bfloat16 if fast_bf16(device) else torch.float32
-    if name not in _DTYPES:
+    if name not in FLOAT_DTYPES:
         raise ValueError(f"unknown compute dtype {name!r}: expected one of {COMPUTE_DTYPE_NAMES}")
-    return _DTYPES[name]
+    return FLOAT_DTYPES[name]
 
 
 def autocast_dtype(device_type: str) -> torch.dtype | None:
