@@ -12,13 +12,14 @@ from typing import Any
 from .patterns import unsafe_regex_reason
 from .precision import COMPUTE_DTYPE_NAMES
 from .quant.codebooks import VALID_BLOCKSIZES
+from .quant.gguf import GGUF_TRAINABLE_TYPES
 
 #: Values accepted by ``LoraConfig.init``.
 INIT_METHODS = ("kaiming", "gaussian", "pissa", "loftq")
 #: Values accepted by ``LoraConfig.bias``.
 BIAS_MODES = ("none", "all", "lora_only")
 #: Values accepted by ``LoraConfig.quant``.
-QUANT_TYPES = (None, "nf4", "fp4", "int8")
+QUANT_TYPES = (None, "nf4", "fp4", "int8", *GGUF_TRAINABLE_TYPES)
 #: Values accepted by ``LoraConfig.compute_dtype`` (``auto``: bf16 where the hardware runs it fast).
 COMPUTE_DTYPES = COMPUTE_DTYPE_NAMES
 #: Blocksizes accepted for blockwise quantization (as bitsandbytes).
@@ -62,7 +63,10 @@ class LoraConfig:
         use_rslora: rank-stabilised scaling ``alpha / sqrt(r)``.
         use_dora: weight-decomposed adapters (DoRA) with a learned magnitude per output row.
         quant: store the frozen base's Linear weights as ``"nf4"``, ``"fp4"`` or ``"int8"``
-            (blockwise, bitsandbytes-compatible), or ``None`` for a dense base.
+            (blockwise, bitsandbytes-compatible), as GGUF blocks ``"q8_0"``, ``"q4_0"`` or
+            ``"q4_1"`` (llama.cpp's formats; ``blocksize`` and ``double_quant`` do not apply,
+            and a layer whose input width is not a multiple of 32 stays dense), or ``None``
+            for a dense base.
         double_quant: also quantize the 4-bit block scales (QLoRA's double quantization).
         blocksize: elements per quantization block (a power of two in 32..4096).
         compute_dtype: dtype of the dequantized base weight in the matmul; ``"auto"`` picks
@@ -71,7 +75,8 @@ class LoraConfig:
         quant_skip: module names (suffix rules) that stay dense when ``quant`` is set.
         adapter_bits: keep adapter weights on a symmetric k-bit grid (2..8) in the forward pass
             (straight-through estimator), or ``None`` for float adapters.
-        quant_embeddings: also store frozen ``nn.Embedding`` tables in NF4.
+        quant_embeddings: also store frozen ``nn.Embedding`` tables in NF4 (in ``quant``'s
+            block format for the GGUF formats).
     """
 
     r: int = 8

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from .config import LoraConfig
+from .layers.gguf import EmbeddingGGUF, LinearGGUF
 from .layers.kinds import is_gpt2_conv1d
 from .layers.lora import LoRALayer, ModulesToSave
 from .layers.protocol import LAYOUT_CONV1D, QuantizedBase
 from .layers.quantized import Embedding4bit, Linear4bit, Linear8bit
 from .precision import resolve_compute_dtype
+from .quant.gguf import GGUF_TRAINABLE_TYPES, block_size
 from .targeting import candidate_modules, name_matches, output_head_names, set_submodule
 from .transaction import model_transaction
 
@@ -29,6 +32,8 @@ Refine = Callable[[str, nn.Linear, nn.Module], None]
 def quantized_linear(linear: nn.Linear, config: LoraConfig) -> nn.Module:
     """``linear`` quantized in ``config.quant``'s format with ``config``'s settings."""
     dtype = compute_dtype_of(config, linear.weight.device)
+    if config.quant in GGUF_TRAINABLE_TYPES:
+        return LinearGGUF.from_linear(linear, config.quant, compute_dtype=dtype)
     if config.quant == "int8":
         return Linear8bit.from_linear(linear, blocksize=config.blocksize, compute_dtype=dtype)
     return Linear4bit.from_linear(
@@ -50,13 +55,18 @@ def quantize_model(
     """Replace the frozen Linear layers of ``model`` by quantized ones, in place.
 
     Every ``nn.Linear`` / GPT-2 ``Conv1D`` is quantized (as ``load_in_4bit`` does), except the
-    output head, ``modules_to_save`` and ``config.quant_skip``. With ``config.quant_embeddings``,
-    ``nn.Embedding`` tables that get no adapter are stored in NF4 too. Returns the quantized names.
+    output head, ``modules_to_save``, ``config.quant_skip`` and, for the GGUF block formats, a
+    layer whose input width is not a multiple of 32 (it stays dense, with a warning). With
+    ``config.quant_embeddings``, ``nn.Embedding`` tables that get no adapter are stored in NF4
+    (in ``config.quant`` for the GGUF formats) too. Returns the quantized names.
     ``refine`` sees each dense Linear next to its quantized layer before the swap (LoftQ uses it
     to re-quantize with the dense weight at hand), so only one dense layer is worked on at a time.
     """
     if config.quant is None:
-        raise ValueError("quantize_model() needs LoraConfig.quant set to 'nf4', 'fp4' or 'int8'")
+        raise ValueError(
+            "quantize_model() needs LoraConfig.quant set to 'nf4', 'fp4', 'int8', 'q8_0', 'q4_0' "
+            "or 'q4_1'"
+        )
     heads = output_head_names(model)
     skip = list(config.quant_skip or []) + list(config.modules_to_save or [])
     adapted = set(adapted or [])
@@ -71,7 +81,7 @@ def quantize_model(
             continue
         linear = isinstance(module, nn.Linear) or is_gpt2_conv1d(module)
         table = config.quant_embeddings and type(module) is nn.Embedding and name not in adapted
-        if linear or table:
+        if (linear or table) and _fits_format(name, module, config):
             plan.append((name, module))
     # Check every weight before changing anything, so a bad layer leaves the model untouched.
     for name, module in plan:
@@ -84,6 +94,22 @@ def quantize_model(
         return _quantize_planned(model, config, plan, refine)
 
 
+def _fits_format(name: str, module: nn.Module, config: LoraConfig) -> bool:
+    """False (with a warning) for a layer the GGUF block formats cannot hold: its rows are cut
+    into blocks of 32, so the input width (embedding width) must be a multiple of 32."""
+    if config.quant not in GGUF_TRAINABLE_TYPES:
+        return True
+    width = module.weight.shape[0 if is_gpt2_conv1d(module) else 1]
+    if width % block_size(config.quant) == 0:
+        return True
+    warnings.warn(
+        f"{name} stays dense: LoraConfig.quant={config.quant!r} needs its input width to be a "
+        f"multiple of {block_size(config.quant)}, it is {width}",
+        stacklevel=3,
+    )
+    return False
+
+
 def _quantize_planned(
     model: nn.Module, config: LoraConfig, plan: list[tuple[str, nn.Module]], refine: Refine | None
 ) -> list[str]:
@@ -93,6 +119,8 @@ def _quantize_planned(
             new = quantized_linear(module, config)
             if refine is not None:
                 refine(name, module, new)
+        elif config.quant in GGUF_TRAINABLE_TYPES:
+            new = EmbeddingGGUF.from_embedding(module, config.quant)
         else:
             new = Embedding4bit.from_embedding(
                 module,

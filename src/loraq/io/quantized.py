@@ -8,9 +8,12 @@ and ``quantization_config`` is the one transformers writes for ``load_in_4bit=Tr
 ``AutoModelForCausalLM.from_pretrained(path)`` with bitsandbytes installed loads it. loraq's
 8-bit blockwise layers and 4-bit embeddings have no bitsandbytes/transformers equivalent; such a
 checkpoint records ``"quant_method": "loraq"``, which transformers refuses instead of misreading.
+GGUF-block layers (``LoraConfig(quant="q4_0")``, :func:`loraq.load_gguf` bases) keep their
+blocks under ``weight`` with a ``weight.quant_state.loraq__gguf`` JSON key.
 
 ``load_quantized`` rebuilds the model from ``config.json`` and puts each stored record into a
-loraq ``Linear4bit`` / ``Linear8bit`` / ``Embedding4bit`` without re-quantizing: the codes and
+loraq ``Linear4bit`` / ``Linear8bit`` / ``LinearGGUF`` / ``Embedding4bit`` / ``EmbeddingGGUF``
+without re-quantizing: the codes and
 scales keep their exact bytes.
 """
 
@@ -26,11 +29,13 @@ import torch
 from torch import nn
 
 from ..dtypes import dtype_name, float_dtype
+from ..layers.gguf import EmbeddingGGUF, LinearGGUF
 from ..layers.kinds import is_gpt2_conv1d
 from ..layers.lora import LoRALayer, ModulesToSave
 from ..layers.protocol import LAYOUT_CONV1D, LAYOUT_LINEAR
 from ..layers.quantized import Embedding4bit, Linear4bit, Linear8bit
 from ..naming import ADAPTER_PARTS, WRAPPER_SEGMENTS, unwrapped_name
+from ..quant.gguf_tensor import GGUF_STATE_KIND, GGUFTensor
 from ..quant.qtensor import QuantizedTensor
 from ..quant.qtensor8 import QuantizedTensor8
 from ..targeting import output_head_names, set_submodule
@@ -77,7 +82,7 @@ def _quantized_modules(model: nn.Module) -> dict[str, nn.Module]:
     """``{plain name: quantized layer}`` with LoRA wrapper segments removed."""
     found = {}
     for name, module in model.named_modules():
-        if isinstance(module, (Linear4bit, Linear8bit, Embedding4bit)):
+        if isinstance(module, (Linear4bit, Linear8bit, LinearGGUF, Embedding4bit)):
             found[unwrapped_name(name)] = module
     return found
 
@@ -240,12 +245,12 @@ def _quantized_layer(
     name: str, kind: str, module: nn.Module, tensors: dict, compute_dtype: torch.dtype, source: str
 ) -> nn.Module:
     prefix = name + "."
+    gguf = kind == GGUF_STATE_KIND
+    record_type = (
+        GGUFTensor if gguf else QuantizedTensor8 if kind.startswith("loraq__") else QuantizedTensor
+    )
     try:
-        record = (
-            QuantizedTensor8.from_state_dict(tensors, prefix)
-            if kind.startswith("loraq__")
-            else QuantizedTensor.from_state_dict(tensors, prefix)
-        )
+        record = record_type.from_state_dict(tensors, prefix)
     except ValueError as err:
         raise FormatError(f"{source}: {err}") from None
     if isinstance(module, nn.Embedding):
@@ -265,9 +270,9 @@ def _quantized_layer(
             f"model expects {expected}"
         )
     if isinstance(module, nn.Embedding):
-        return Embedding4bit(record, module.padding_idx, compute_dtype)
+        return (EmbeddingGGUF if gguf else Embedding4bit)(record, module.padding_idx, compute_dtype)
     bias = tensors.get(prefix + "bias")
-    cls = Linear8bit if kind.startswith("loraq__") else Linear4bit
+    cls = {GGUFTensor: LinearGGUF, QuantizedTensor8: Linear8bit}.get(record_type, Linear4bit)
     # The dense module the model class expects here, restored by dequantize_model / unload.
     layout = LAYOUT_CONV1D if is_gpt2_conv1d(module) else LAYOUT_LINEAR
     return cls(record, bias, compute_dtype, layout)

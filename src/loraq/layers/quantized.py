@@ -470,9 +470,9 @@ class Embedding4bit(_QuantizedModule):
         compute_dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        if not isinstance(qweight, QuantizedTensor) or len(qweight.shape) != 2:
+        if not isinstance(qweight, self._record_type) or len(qweight.shape) != 2:
             raise ValueError(
-                "qweight must be a 2-D QuantizedTensor (num_embeddings, embedding_dim)"
+                f"qweight must be a 2-D {self._record_type.__name__} (num_embeddings, embedding_dim)"
             )
         self._set_record(qweight)
         self.num_embeddings, self.embedding_dim = qweight.shape
@@ -513,8 +513,11 @@ class Embedding4bit(_QuantizedModule):
             raise ValueError(f"embedding indices must be int32 or int64, got {ids.dtype}")
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.num_embeddings):
             raise IndexError(
-                f"index out of range in Embedding4bit (num_embeddings={self.num_embeddings})"
+                f"index out of range in {type(self).__name__} (num_embeddings={self.num_embeddings})"
             )
+        return self._lookup(ids)
+
+    def _lookup(self, ids: torch.Tensor) -> torch.Tensor:
         columns = torch.arange(self.embedding_dim, device=ids.device)
         flat = ids.to(torch.int64).unsqueeze(-1) * self.embedding_dim + columns
         return self.qweight.dequantize_elements(flat, self.compute_dtype)

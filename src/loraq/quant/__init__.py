@@ -3,7 +3,9 @@
 Code books and format constants (:mod:`.codebooks`), pure math on tensors (:mod:`.blockwise`) and
 the records that hold a quantized tensor, quantize with ``from_tensor`` and read/write their
 state-dict layout (:mod:`.qtensor` 4-bit, :mod:`.qtensor8` 8-bit, :mod:`.state_json` shared
-readers). Imports run codebooks <- blockwise <- qtensor / qtensor8.
+readers). GGUF (llama.cpp) block formats q8_0/q4_0/q4_1 (+ k-quant dequantize) are pure math in
+:mod:`.gguf` and a record in :mod:`.gguf_tensor`. Imports run codebooks <- blockwise <- qtensor /
+qtensor8, and gguf <- gguf_tensor.
 """
 
 from .blockwise import pack_nibbles, unpack_nibbles
@@ -17,6 +19,8 @@ from .codebooks import (
     code_4bit,
     dynamic_map,
 )
+from .gguf import GGUF_QUANT_TYPES, GGUF_TRAINABLE_TYPES, dequantize_gguf, quantize_gguf
+from .gguf_tensor import GGUFTensor
 from .qtensor import QuantizedTensor, dequantize_4bit, quantize_4bit
 from .qtensor8 import QuantizedTensor8, dequantize_8bit, quantize_8bit
 
@@ -24,6 +28,9 @@ __all__ = [
     "DEFAULT_BLOCKSIZE_4BIT",
     "DEFAULT_BLOCKSIZE_8BIT",
     "FP4",
+    "GGUF_QUANT_TYPES",
+    "GGUF_TRAINABLE_TYPES",
+    "GGUFTensor",
     "NESTED_BLOCKSIZE",
     "NF4",
     "VALID_BLOCKSIZES",
@@ -32,9 +39,11 @@ __all__ = [
     "code_4bit",
     "dequantize_4bit",
     "dequantize_8bit",
+    "dequantize_gguf",
     "dynamic_map",
     "pack_nibbles",
     "quantize_4bit",
     "quantize_8bit",
+    "quantize_gguf",
     "unpack_nibbles",
 ]

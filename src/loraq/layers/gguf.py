@@ -1,0 +1,89 @@
+"""Frozen bases stored in GGUF blocks: :class:`LinearGGUF` and :class:`EmbeddingGGUF`.
+
+They are the GGUF counterparts of ``Linear4bit`` / ``Embedding4bit`` and share their machinery
+(the same autograd function, :class:`~loraq.layers.quantized.DequantScratch`, state-dict
+handling and the :class:`~loraq.layers.protocol.QuantizedBase` members), so LoRA, merging,
+saving and the fused step treat a ``q4_0`` base exactly as an NF4 one. The weight is a
+:class:`~loraq.quant.gguf_tensor.GGUFTensor`: the bytes a ``.gguf`` file holds.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..quant.gguf_tensor import GGUFTensor
+from .protocol import LAYOUT_LINEAR
+from .quantized import Embedding4bit, _linear_weight, _QuantizedLinear
+
+__all__ = ["EmbeddingGGUF", "LinearGGUF"]
+
+
+class LinearGGUF(_QuantizedLinear):
+    """A frozen ``nn.Linear`` whose weight is held in GGUF blocks (as llama.cpp stores it).
+
+    The forward equals ``F.linear(x, W, b)`` with ``W = dequantize_weight()`` in
+    ``compute_dtype``. Build it with :meth:`from_linear` or from a GGUF file's bytes.
+    """
+
+    _record_type = GGUFTensor
+
+    def __init__(
+        self,
+        qweight: GGUFTensor,
+        bias: torch.Tensor | None = None,
+        compute_dtype: torch.dtype = torch.float32,
+        dense_layout: str = LAYOUT_LINEAR,
+    ) -> None:
+        if not isinstance(qweight, GGUFTensor):
+            raise TypeError(f"qweight must be a GGUFTensor, got {type(qweight).__name__}")
+        super().__init__(qweight, bias, compute_dtype, dense_layout)
+
+    @classmethod
+    def from_linear(
+        cls, linear: nn.Module, quant_type: str = "q4_0", compute_dtype: torch.dtype = torch.float32
+    ) -> LinearGGUF:
+        """Quantize the weight of an ``nn.Linear`` or GPT-2 ``Conv1D`` into ``quant_type``
+        blocks (``in_features`` a multiple of 32); copies the bias and records the layout."""
+        weight, layout = _linear_weight(linear)
+        return cls(GGUFTensor.from_tensor(weight, quant_type), linear.bias, compute_dtype, layout)
+
+    def _quantize(self, weight: torch.Tensor) -> GGUFTensor:
+        return GGUFTensor.from_tensor(weight, self.qweight.quant_type)
+
+    def _format_repr(self) -> str:
+        return f"quant_type={self.qweight.quant_type}"
+
+
+class EmbeddingGGUF(Embedding4bit):
+    """A frozen ``nn.Embedding`` held in GGUF blocks; a lookup dequantizes only its rows.
+
+    Everything but the storage is ``Embedding4bit``'s (index checks, dtype following,
+    ``dequantize_weight``), so ``dequantize_model`` and ``unload`` restore an ``nn.Embedding``.
+    """
+
+    _record_type = GGUFTensor
+
+    @classmethod
+    def from_embedding(  # type: ignore[override]
+        cls,
+        embedding: nn.Embedding,
+        quant_type: str = "q8_0",
+        compute_dtype: torch.dtype | None = None,
+    ) -> EmbeddingGGUF:
+        """Quantize ``embedding.weight`` into ``quant_type`` blocks (``embedding_dim`` a
+        multiple of 32); output dtype ``compute_dtype`` (default: the weight's)."""
+        if embedding.max_norm is not None or embedding.sparse:
+            raise ValueError("EmbeddingGGUF supports neither max_norm nor sparse embeddings")
+        qweight = GGUFTensor.from_tensor(embedding.weight, quant_type)
+        return cls(qweight, embedding.padding_idx, compute_dtype)
+
+    def _lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.qweight.dequantize_rows(ids.to(torch.int64), self.compute_dtype)
+
+    def extra_repr(self) -> str:
+        pad = "" if self.padding_idx is None else f", padding_idx={self.padding_idx}"
+        return (
+            f"{self.num_embeddings}, {self.embedding_dim}{pad}, "
+            f"quant_type={self.qweight.quant_type}, compute_dtype={self.compute_dtype}"
+        )
