@@ -9,10 +9,12 @@ from .decompose import DecompositionReport, decompose
 from .generation import SamplingParams, generate
 from .io import (
     FormatError,
+    export_gguf,
     export_merged,
     format_inspection,
     inspect_path,
     load_adapter,
+    load_gguf,
     load_quantized,
     save_adapter,
     save_quantized,
@@ -40,10 +42,12 @@ __version__ = "0.1.0"
 
 __all__ = [
     "FormatError",
+    "export_gguf",
     "export_merged",
     "format_inspection",
     "inspect_path",
     "load_adapter",
+    "load_gguf",
     "load_quantized",
     "save_adapter",
     "save_quantized",

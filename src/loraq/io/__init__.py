@@ -1,10 +1,14 @@
-"""Files the ecosystem reads: PEFT adapter folders, bitsandbytes 4-bit checkpoints, merged exports.
+"""Files the ecosystem reads: PEFT adapter folders, bitsandbytes 4-bit checkpoints, merged exports,
+GGUF models and adapters for llama.cpp (:mod:`.gguf_read`, :mod:`.gguf_write`, :mod:`.gguf_names`).
 
-Weights are only ever read through safetensors, and every write is atomic
+Weights are only ever read through safetensors or the format's own reader (the ``gguf``
+package for GGUF), and every write is atomic
 (see :mod:`loraq.io.safe`).
 """
 
 from .checkpoints import export_merged
+from .gguf_read import load_gguf
+from .gguf_write import export_gguf
 from .inspect import format_inspection, inspect_path
 from .peft_format import load_adapter, read_adapter, save_adapter
 from .quantized import load_quantized, save_quantized
@@ -12,10 +16,12 @@ from .safe import FormatError
 
 __all__ = [
     "FormatError",
+    "export_gguf",
     "export_merged",
     "format_inspection",
     "inspect_path",
     "load_adapter",
+    "load_gguf",
     "load_quantized",
     "read_adapter",
     "save_adapter",

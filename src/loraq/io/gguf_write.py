@@ -1,0 +1,295 @@
+"""Write GGUF files llama.cpp runs: a LoRA adapter GGUF, or a merged model GGUF.
+
+Adapter GGUF (``llama-cli -m base.gguf --lora adapter.gguf``, ``llama_adapter_lora_init``)::
+
+    general.architecture   the base's (e.g. "llama")
+    general.type           "adapter"
+    adapter.type           "lora"
+    adapter.lora.alpha     float32; llama.cpp scales each pair by alpha / rank
+    <gguf tensor>.lora_a   (r, in)   f32/f16  = loraq's lora_A (ggml ne = [in, r])
+    <gguf tensor>.lora_b   (out, r)  f32/f16  = loraq's lora_B * (scaling * r / alpha),
+                                               rows in llama.cpp's q/k order (see gguf_names)
+
+so ``alpha / r * lora_b @ lora_a`` is exactly the adapter's ``scaling * B @ A``; rsLoRA (or a
+per-layer rank) needs no extra key: the factor in ``lora_b`` absorbs the difference.
+
+Merged model GGUF: every tensor of the model with the adapters folded in, llama.cpp's names and
+q/k order, in one of ``f32``, ``f16``, ``bf16``, ``q8_0``, ``q4_0`` or ``keep`` (unadapted
+GGUF-quantized tensors keep their exact blocks; adapted ones are re-quantized in their own block
+format, or ``q8_0`` for a k-quant). Norms are always f32. The metadata (hyperparameters,
+tokenizer with ``tokenizer.ggml.pre`` and the chat template) is copied from the base GGUF when
+the model came from one, so llama.cpp tokenizes as transformers does.
+
+Files are written to a temporary sibling and renamed into place: nothing is left half-written.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..layers.gguf import EmbeddingGGUF, LinearGGUF
+from ..layers.lora import LoRALayer
+from ..quant.gguf import GGUF_TRAINABLE_TYPES, quantize_gguf
+from .gguf_names import PERMUTED_ARCHITECTURES, gguf_row_order, hf_to_gguf_name
+from .gguf_read import open_gguf
+from .safe import FormatError, staged_file
+
+__all__ = ["MERGED_DTYPES", "export_gguf", "gguf_architecture"]
+
+#: ``dtype`` values of a merged GGUF.
+MERGED_DTYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "keep")
+#: ``dtype`` values of an adapter GGUF's tensors.
+ADAPTER_DTYPES = ("f32", "f16")
+# transformers model_type -> llama.cpp general.architecture (llama.cpp writes Mistral as llama).
+_ARCH_OF_MODEL_TYPE = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
+# Metadata keys the reader synthesises or the writer sets itself.
+_OWN_KEYS = ("GGUF.", "general.architecture", "general.type", "general.file_type")
+
+
+def gguf_architecture(model: nn.Module) -> str:
+    """llama.cpp's ``general.architecture`` for ``model`` (the base GGUF's when loaded from one)."""
+    path = getattr(model, "loraq_gguf_path", None)
+    if path is not None:
+        return str(open_gguf(path).fields["general.architecture"].contents())
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in _ARCH_OF_MODEL_TYPE:
+        raise FormatError(
+            f"GGUF export supports transformers model types {sorted(_ARCH_OF_MODEL_TYPE)}, "
+            f"got {model_type!r}"
+        )
+    return _ARCH_OF_MODEL_TYPE[model_type]
+
+
+def _heads(model: nn.Module, arch: str, module: str) -> int | None:
+    if arch not in PERMUTED_ARCHITECTURES:
+        return None
+    cfg = model.config
+    if module.endswith("self_attn.q_proj"):
+        return cfg.num_attention_heads
+    if module.endswith("self_attn.k_proj"):
+        return cfg.num_key_value_heads
+    return None
+
+
+def _to_gguf_rows(t: torch.Tensor, heads: int | None) -> torch.Tensor:
+    return t if heads is None else t[gguf_row_order(t.shape[0], heads)]
+
+
+def _gguf_name(module: str) -> str:
+    name = hf_to_gguf_name(module.removeprefix("base_model.model."))
+    if name is None:
+        raise FormatError(f"module {module} has no GGUF tensor name (Llama-family layout expected)")
+    return name
+
+
+# ------------------------------------------------------------------------------------ adapter
+def _adapter_tensors(model: nn.Module, arch: str) -> tuple[dict[str, torch.Tensor], float]:
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALayer)]
+    if not layers:
+        raise FormatError("export_gguf: the model has no LoRA adapters")
+    alpha = None
+    out: dict[str, torch.Tensor] = {}
+    for name, layer in layers:
+        adapter = layer.active_adapters[0] if layer.active_adapters else None
+        if adapter is None or adapter not in layer.lora_A:
+            raise FormatError(f"export_gguf: {name} has no active linear LoRA adapter")
+        if layer.use_dora[adapter]:
+            raise FormatError(
+                f"export_gguf: {name} uses DoRA, which llama.cpp adapters cannot hold"
+            )
+        r, scaling = layer.r[adapter], layer.scaling[adapter]
+        alpha = scaling * r if alpha is None else alpha  # the first layer fixes the file's alpha
+        a, b = (t.detach().float() for t in layer.adapter_weights(adapter))  # k-bit grid if set
+        b = b * (scaling * r / alpha)
+        stem = _gguf_name(name) + ".weight"
+        out[stem + ".lora_a"] = a
+        out[stem + ".lora_b"] = _to_gguf_rows(b, _heads(model, arch, name))
+    return out, float(alpha)
+
+
+def _write_adapter(model: nn.Module, path: Path, dtype: str) -> None:
+    import gguf
+
+    arch = gguf_architecture(model)
+    tensors, alpha = _adapter_tensors(model, arch)
+    np_dtype = np.float16 if dtype == "f16" else np.float32
+
+    def fill(writer: Any) -> None:
+        writer.add_type(gguf.GGUFType.ADAPTER)
+        writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+        writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
+        for name, t in tensors.items():
+            writer.add_tensor(name, t.numpy().astype(np_dtype))
+
+    _atomic_gguf(path, arch, fill)
+
+
+# ------------------------------------------------------------------------------------ merged
+def _dense_out(t: torch.Tensor, dtype: str) -> tuple[np.ndarray, Any]:
+    """(array, raw ggml type or None) for a float32 tensor written as ``dtype``."""
+    import gguf
+
+    types = gguf.GGMLQuantizationType
+    if dtype in GGUF_TRAINABLE_TYPES and t.dim() == 2 and t.shape[1] % 32 == 0:
+        return quantize_gguf(t, dtype).numpy(), getattr(types, dtype.upper())
+    if dtype == "bf16":
+        return gguf.quants.quantize(t.numpy(), types.BF16), types.BF16
+    if dtype in ("f16",) + GGUF_TRAINABLE_TYPES and t.dim() == 2:
+        return t.numpy().astype(np.float16), None
+    return t.numpy().astype(np.float32), None
+
+
+def _merged_tensor(model: nn.Module, name: str, module: nn.Module, dtype: str, arch: str):
+    """(array, raw type) of one matrix: kept blocks, or the merged weight written as ``dtype``."""
+    import gguf
+
+    heads = _heads(model, arch, name)
+    base = module.base_layer if isinstance(module, LoRALayer) else module
+    if dtype == "keep" and isinstance(base, (LinearGGUF, EmbeddingGGUF)):
+        record = base.qweight
+        if not isinstance(module, LoRALayer) or not module.active_adapters:
+            blocks = _to_gguf_rows(record.blocks, heads)
+            return blocks.numpy(), getattr(gguf.GGMLQuantizationType, record.quant_type.upper())
+        dtype = record.quant_type if record.quant_type in GGUF_TRAINABLE_TYPES else "q8_0"
+    elif dtype == "keep":
+        dtype = "f32"
+    if isinstance(module, LoRALayer):
+        weight = module.base_matrix().float()
+        for adapter in module.active_adapters:
+            if adapter not in module.merged_adapters:
+                weight = weight + module.delta_matrix(adapter).detach().float()
+    elif isinstance(base, (LinearGGUF, EmbeddingGGUF)):
+        weight = base.dequantize_weight(torch.float32)
+    else:
+        weight = base.weight.detach().float()
+    return _dense_out(_to_gguf_rows(weight, heads), dtype)
+
+
+def _base_metadata(model: nn.Module) -> list[tuple[str, Any, Any, Any]]:
+    """(key, value, type, sub_type) of every base-GGUF metadata entry to copy."""
+    import gguf
+
+    path = getattr(model, "loraq_gguf_path", None)
+    if path is None:
+        return []
+    out = []
+    for key, field in open_gguf(path).fields.items():
+        if key.startswith(_OWN_KEYS):
+            continue
+        vtype = field.types[0]
+        sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
+        out.append((key, field.contents(), vtype, sub))
+    return out
+
+
+def _config_metadata(writer: Any, model: nn.Module, arch: str) -> None:
+    cfg = model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    theta = (getattr(cfg, "rope_parameters", None) or {}).get(
+        "rope_theta", getattr(cfg, "rope_theta", 10000.0)
+    )
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(cfg.num_attention_heads)
+    writer.add_head_count_kv(cfg.num_key_value_heads)
+    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    writer.add_rope_freq_base(float(theta))
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    writer.add_vocab_size(cfg.vocab_size)
+
+
+def _write_merged(model: nn.Module, path: Path, dtype: str) -> None:
+    import gguf
+
+    arch = gguf_architecture(model)
+    copied = _base_metadata(model)
+    tensors: dict[str, tuple[np.ndarray, Any]] = {}
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    for name, module in model.named_modules():
+        plain = name.removeprefix("base_model.model.")
+        target = hf_to_gguf_name(plain)
+        if target is None or (target == "output" and tied):
+            continue  # wrapper internals (base_layer, lora_A, ...) have no GGUF name
+        if isinstance(module, (LoRALayer, nn.Linear, nn.Embedding, LinearGGUF, EmbeddingGGUF)):
+            tensors[target + ".weight"] = _merged_tensor(model, plain, module, dtype, arch)
+            bias = getattr(module, "bias", None)
+            if isinstance(bias, torch.Tensor):
+                heads = _heads(model, arch, plain)
+                tensors[target + ".bias"] = (
+                    _to_gguf_rows(bias.detach().float(), heads).numpy(),
+                    None,
+                )
+        elif hasattr(module, "weight") and isinstance(module.weight, torch.Tensor):  # norms
+            tensors[target + ".weight"] = (module.weight.detach().float().numpy(), None)
+
+    def fill(writer: Any) -> None:
+        writer.add_type(gguf.GGUFType.MODEL)
+        if copied:
+            for key, value, vtype, sub in copied:
+                writer.add_key_value(key, value, vtype, sub_type=sub)
+        else:
+            _config_metadata(writer, model, arch)
+        for name, (array, raw) in tensors.items():
+            writer.add_tensor(name, array, raw_dtype=raw)
+
+    _atomic_gguf(path, arch, fill)
+
+
+# ------------------------------------------------------------------------------------ shared
+def _atomic_gguf(path: Path, arch: str, fill: Any) -> None:
+    import gguf
+
+    with staged_file(path) as tmp:
+        writer = gguf.GGUFWriter(tmp, arch)
+        try:
+            fill(writer)
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+        finally:
+            writer.close()
+
+
+def export_gguf(
+    model: nn.Module, path: str | os.PathLike[str], merged: bool = False, dtype: str | None = None
+) -> Path:
+    """Write ``model``'s adapter (default) or the merged model as a GGUF file llama.cpp runs.
+
+    Args:
+        model: a Llama-family transformers model with loraq adapters (from ``loraq.apply`` /
+            ``load_adapter``, over a dense, NF4 or GGUF base; :func:`loraq.load_gguf` bases also
+            pass their metadata and tokenizer through).
+        path: the ``.gguf`` file to write (atomically).
+        merged: False: an adapter GGUF of the active adapter (``dtype`` ``f32``, the default, or
+            ``f16``). True: the whole model with the adapters folded in (``dtype`` one of
+            :data:`MERGED_DTYPES`, default ``keep`` for a GGUF base and ``f16`` otherwise).
+
+    Raises:
+        FormatError: an unsupported architecture, DoRA or non-linear adapters, a module with
+            no GGUF name, a bad ``dtype``.
+    """
+    target = Path(path)
+    if merged:
+        dtype = dtype or ("keep" if getattr(model, "loraq_gguf_path", None) else "f16")
+        if dtype not in MERGED_DTYPES:
+            raise FormatError(f"export_gguf: merged dtype {dtype!r} is not one of {MERGED_DTYPES}")
+        with torch.no_grad():
+            _write_merged(model, target, dtype)
+    else:
+        dtype = dtype or "f32"
+        if dtype not in ADAPTER_DTYPES:
+            raise FormatError(
+                f"export_gguf: adapter dtype {dtype!r} is not one of {ADAPTER_DTYPES}"
+            )
+        _write_adapter(model, target, dtype)
+    return target

