@@ -12,7 +12,6 @@ from safetensors import safe_open
 
 from conftest import sentiment_config
 from loraq import cli
-from loraq.cli import split_compare_options as split_options
 from loraq.compare import (
     FULL_LR_FACTOR,
     METHODS,
@@ -27,6 +26,7 @@ from loraq.compare import (
     warmup_steps_of,
     write_outputs,
 )
+from loraq.compare.command import split_compare_options as split_options
 from loraq.train.config import load_config
 
 STEPS = 4

@@ -24,6 +24,10 @@ import re
 
 #: Stores of the low-rank factors, which ``adapter_bits`` keeps on a k-bit grid.
 FACTOR_STORES = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")
+#: On-disk key suffixes (after the module's name) of A and B: factors held as modules
+#: (linear, conv) and as plain parameters (embeddings).
+MODULE_FACTOR_SUFFIXES = ("lora_A.weight", "lora_B.weight")
+PARAMETER_FACTOR_SUFFIXES = ("lora_embedding_A", "lora_embedding_B")
 #: Attribute names under which ``LoRALayer`` keeps per-adapter tensors (PEFT's names).
 ADAPTER_STORES = (*FACTOR_STORES, "lora_magnitude_vector")
 #: Attribute under which ``ModulesToSave`` keeps each adapter's trained copy.

@@ -35,26 +35,14 @@ def check_finite(tensors: dict[str, torch.Tensor], source: str) -> None:
             raise FormatError(f"{source}: tensor {key!r} holds NaN or Inf values")
 
 
-def _dims(module: nn.Module) -> tuple[int, int, tuple[int, ...]]:
-    """``(in, out, kernel)`` of the adapter for ``module`` (kernel () unless a convolution)."""
-    n_in, n_out = layer_kind(module).in_out(module)
-    conv = isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d))
-    return n_in, n_out, tuple(module.kernel_size) if conv else ()
-
-
 def expected_shapes(module: nn.Module, r: int, dora: bool) -> dict[str, tuple[int, ...]]:
     """On-disk key suffixes (after the module's name) and the shapes the file must hold."""
     if isinstance(module, LoRALayer):
         module = module.base_layer
-    n_in, n_out, kernel = _dims(module)
-    if isinstance(module, nn.Embedding):
-        return {"lora_embedding_A": (r, n_in), "lora_embedding_B": (n_out, r)}
-    shapes = {
-        "lora_A.weight": (r, n_in, *kernel),
-        "lora_B.weight": (n_out, r, *([1] * len(kernel))),
-    }
-    if dora:
-        shapes["lora_magnitude_vector"] = (n_out,)
+    kind = layer_kind(module)
+    shapes = dict(zip(kind.factor_suffixes, kind.factor_shapes(module, r), strict=True))
+    if dora and kind.supports_dora:
+        shapes["lora_magnitude_vector"] = (kind.in_out(module)[1],)
     return shapes
 
 

@@ -235,14 +235,9 @@ def _names(source: str, data: Mapping[str, Any], name: str) -> str | list[str] |
     )
 
 
-def lora_config_from_peft(
-    data: Mapping[str, Any], source: str = "adapter_config.json"
-) -> tuple[LoraConfig, int | None]:
-    """Translate a PEFT LoRA config into ``(LoraConfig, adapter_bits of the stored codes)``.
-
-    Raises :class:`FormatError` naming the field for unknown fields, wrong types, a non-LoRA
-    ``peft_type`` and PEFT features loraq cannot honour. Missing fields take PEFT's defaults.
-    """
+def _checked_envelope(source: str, data: Mapping[str, Any]) -> dict[str, Any]:
+    """``data`` over PEFT's defaults, once its field names, ``peft_type`` and the PEFT features
+    loraq cannot honour have been checked."""
     known = set(PEFT_LORA_DEFAULTS) | {ADAPTER_BITS_FIELD}
     unknown = sorted(set(data) - known)
     if unknown:
@@ -267,6 +262,18 @@ def lora_config_from_peft(
                 f"is {full[name]!r}; loraq does not support this PEFT feature "
                 f"(only the default {PEFT_LORA_DEFAULTS[name]!r} can be loaded)",
             )
+    return full
+
+
+def lora_config_from_peft(
+    data: Mapping[str, Any], source: str = "adapter_config.json"
+) -> tuple[LoraConfig, int | None]:
+    """Translate a PEFT LoRA config into ``(LoraConfig, adapter_bits of the stored codes)``.
+
+    Raises :class:`FormatError` naming the field for unknown fields, wrong types, a non-LoRA
+    ``peft_type`` and PEFT features loraq cannot honour. Missing fields take PEFT's defaults.
+    """
+    full = _checked_envelope(source, data)
 
     r = _check_type(source, full, "r", (int,), "a positive integer")
     alpha = _check_type(source, full, "lora_alpha", (int, float), "a number")

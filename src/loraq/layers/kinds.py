@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..naming import MODULE_FACTOR_SUFFIXES, PARAMETER_FACTOR_SUFFIXES
 from .protocol import QuantizedBase
 
 _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -51,6 +52,8 @@ class LayerKind:
     fused_adapter = True
     #: The adapter has DoRA support.
     supports_dora = True
+    #: On-disk key suffixes of A and B (after the module's name).
+    factor_suffixes = MODULE_FACTOR_SUFFIXES
 
     def check(self, base: nn.Module) -> None:
         """Raise ``TypeError`` for a base of this type that cannot be wrapped."""
@@ -61,6 +64,11 @@ class LayerKind:
     def in_out(self, base: nn.Module) -> tuple[int, int]:
         """``(in_features, out_features)`` of the base."""
         return base.in_features, base.out_features
+
+    def factor_shapes(self, base: nn.Module, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Shapes of A and B for rank ``r``, in the layer and in adapter files."""
+        in_f, out_f = self.in_out(base)
+        return (r, in_f), (out_f, r)
 
     def dtype_device(self, base: nn.Module) -> tuple[torch.dtype, torch.device]:
         """Dtype and device of the base weight as the adapter sees it."""
@@ -178,6 +186,10 @@ class ConvKind(LayerKind):
     def in_out(self, base: nn.Module) -> tuple[int, int]:
         return base.in_channels, base.out_channels
 
+    def factor_shapes(self, base: nn.Module, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        kernel = tuple(base.kernel_size)
+        return (r, base.in_channels, *kernel), (base.out_channels, r, *([1] * len(kernel)))
+
     def matrix(self, base: nn.Module) -> torch.Tensor:
         return base.weight.detach().flatten(1)
 
@@ -211,6 +223,7 @@ class EmbeddingKind(LayerKind):
     name = "embedding"
     fused_adapter = False
     supports_dora = False
+    factor_suffixes = PARAMETER_FACTOR_SUFFIXES
 
     def in_out(self, base: nn.Module) -> tuple[int, int]:
         return base.num_embeddings, base.embedding_dim
@@ -222,8 +235,8 @@ class EmbeddingKind(LayerKind):
         super().write_matrix(base, matrix.t())
 
     def new_adapter(self, base: nn.Module, r: int, **kw: Any) -> tuple[nn.Parameter, nn.Parameter]:
-        in_f, out_f = self.in_out(base)
-        return nn.Parameter(torch.zeros(r, in_f, **kw)), nn.Parameter(torch.zeros(out_f, r, **kw))
+        a_shape, b_shape = self.factor_shapes(base, r)
+        return nn.Parameter(torch.zeros(a_shape, **kw)), nn.Parameter(torch.zeros(b_shape, **kw))
 
     def branch(self, base, a_mod, b_mod, a, b, x):
         hidden = F.embedding(

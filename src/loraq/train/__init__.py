@@ -14,16 +14,7 @@ trained) and :mod:`.generate` (greedy / sampled decoding).
 """
 
 from loraq.train.checkpoint import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
-from loraq.train.config import (
-    ConfigError,
-    DataConfig,
-    ModelConfig,
-    TrainConfig,
-    TrainingConfig,
-    default_config_path,
-    load_config,
-    parse_overrides,
-)
+from loraq.train.config import default_config_path, load_config, parse_overrides
 from loraq.train.evaluation import evaluate
 from loraq.train.generate import generate, generate_ids, sample_next
 from loraq.train.inference import load_trained
@@ -31,6 +22,7 @@ from loraq.train.loop import train
 from loraq.train.modeling import load_model, load_tokenizer
 from loraq.train.optim import make_optimizer, make_scheduler
 from loraq.train.result import TrainResult
+from loraq.train.schema import ConfigError, DataConfig, ModelConfig, TrainConfig, TrainingConfig
 
 __all__ = [
     "ConfigError",

@@ -38,7 +38,7 @@ from loraq.io.safe import FormatError, read_safetensors
 from loraq.io.tensor_tree import load_tree, save_tree
 
 if TYPE_CHECKING:
-    from loraq.train.config import TrainConfig, TrainingConfig
+    from loraq.train.schema import TrainConfig, TrainingConfig
 
 PREFIX = "step-"
 #: The optimizer, scheduler and RNG states: structure (JSON) and tensors (safetensors).

@@ -38,13 +38,9 @@ from __future__ import annotations
 import contextlib
 import inspect
 import os
-import signal
-import sys
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -240,7 +236,8 @@ def shard_model(model: nn.Module, info: Dist) -> nn.Module:
     return model
 
 
-def _is_dtensor(t: Any) -> bool:
+def is_dtensor(t: Any) -> bool:
+    """True for a ``torch.distributed`` DTensor (an FSDP2 shard)."""
     from torch.distributed.tensor import DTensor
 
     return isinstance(t, DTensor)
@@ -263,7 +260,7 @@ def full_trainable(model: nn.Module, info: Dist) -> Iterator[None]:
     swapped = []
     for module in model.modules():
         for name, param in list(module._parameters.items()):
-            if param is not None and param.requires_grad and _is_dtensor(param):
+            if param is not None and param.requires_grad and is_dtensor(param):
                 whole = nn.Parameter(param.full_tensor(), requires_grad=True)
                 module._parameters[name] = whole
                 swapped.append((module, name, param, whole))
@@ -398,180 +395,6 @@ def any_rank(flag: bool, info: Dist) -> bool:
     return agree([float(flag)], info)[0] > 0 if info.enabled else flag
 
 
-# ----------------------------------------------------------------------------- stopping
-class StopSignals:
-    """Context manager: SIGINT and SIGTERM ask for a checkpoint and a clean stop.
-
-    Unlike a single process's handler, repeated signals do not abort at once: under torchrun a
-    Ctrl-C reaches every rank and the launcher, and the launcher forwards it again, so the
-    second signal is expected. (torchrun kills ranks that have not exited 30 s later.)
-    """
-
-    def __init__(self, rank: int) -> None:
-        self.requested = False
-        self.rank = rank
-        self._previous: dict[int, Any] = {}
-
-    def handler(self, signum: int, frame: Any) -> None:
-        """Record the request; the rank that received it says so once (on stderr)."""
-        if not self.requested:
-            name = signal.Signals(signum).name
-            print(
-                f"rank {self.rank}: {name}: saving a checkpoint after this step and stopping",
-                file=sys.stderr,
-                flush=True,
-            )
-        self.requested = True
-
-    def __enter__(self) -> StopSignals:
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._previous[sig] = signal.signal(sig, self.handler)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for sig, previous in self._previous.items():
-            signal.signal(sig, previous)
-
-
-# ----------------------------------------------------------------------------- checkpoints
-def broadcast_object(obj: Any, info: Dist) -> Any:
-    """Rank 0's ``obj`` on every rank."""
-    if not info.enabled:
-        return obj
-    box = [obj if info.is_main else None]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def gather_rng(info: Dist) -> list[Any] | None:
-    """Every rank's random-generator states, on rank 0 (None elsewhere)."""
-    from loraq.train.checkpoint import rng_state
-
-    states = [None] * info.world_size if info.is_main else None
-    dist.gather_object(rng_state(), states, dst=0)
-    return states
-
-
-def restore_rank_rng(checkpoint: Path | None, info: Dist) -> None:
-    """Give every rank its own RNG states back from rank 0's copy of ``checkpoint``.
-
-    A checkpoint without them (written by another number of ranks) leaves the states as the
-    checkpoint set them on rank 0 and the seed set them elsewhere.
-    """
-    from loraq.train.checkpoint import read_rank_rng, set_rng_state
-
-    states = read_rank_rng(checkpoint) if info.is_main and checkpoint is not None else None
-    if states is not None and len(states) != info.world_size:
-        states = None
-    if not broadcast_object(states is not None, info):
-        return
-    mine: list[Any] = [None]
-    dist.scatter_object_list(mine, states, src=0)
-    set_rng_state(mine[0])
-
-
-class _StateDict:
-    """An optimizer stand-in for :mod:`loraq.train.checkpoint`: gives and takes a state dict."""
-
-    def __init__(self, state: dict[str, Any] | None = None) -> None:
-        self.state = state
-
-    def state_dict(self) -> dict[str, Any]:
-        """The state given to the constructor."""
-        return self.state
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Keep ``state``."""
-        self.state = state
-
-
-def _optimizer_params(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
-    """Parameters in the order of ``optimizer.state_dict()``'s integer ids."""
-    return [p for group in optimizer.param_groups for p in group["params"]]
-
-
-def full_optimizer_state(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """``optimizer.state_dict()`` with FSDP2's sharded tensors gathered whole (collective).
-
-    The result has the layout of a single process's optimizer state, so checkpoints look the
-    same whichever strategy wrote them.
-    """
-    out = optimizer.state_dict()
-    out["state"] = {
-        i: {k: v.full_tensor() if _is_dtensor(v) else v for k, v in entry.items()}
-        for i, entry in out["state"].items()
-    }
-    return out
-
-
-def shard_optimizer_state(state: dict[str, Any], optimizer: torch.optim.Optimizer) -> dict:
-    """Inverse of :func:`full_optimizer_state`: this rank's shards of the whole tensors."""
-    from torch.distributed.tensor import distribute_tensor
-
-    params = _optimizer_params(optimizer)
-    sharded = {}
-    for i, entry in state["state"].items():
-        p = params[int(i)]
-        sharded[i] = {
-            k: distribute_tensor(v, p.device_mesh, p.placements, src_data_rank=None)
-            if _is_dtensor(p) and isinstance(v, torch.Tensor) and v.shape == p.shape
-            else v
-            for k, v in entry.items()
-        }
-    return {**state, "state": sharded}
-
-
-def save_checkpoint(
-    folder: Path,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    state: Any,
-    keep: int | None,
-    info: Dist,
-) -> Path | None:
-    """Every rank joins; rank 0 writes a checkpoint in the single-process layout plus every
-    rank's RNG states. Returns its path on rank 0, None elsewhere."""
-    from loraq.train import checkpoint as ckpt
-
-    rngs = gather_rng(info)
-    model = unwrap(model)
-    with full_trainable(model, info):
-        whole = full_optimizer_state(optimizer) if info.strategy == "fsdp" else None
-        if not info.is_main:
-            return None
-        source = optimizer if whole is None else _StateDict(whole)
-        return ckpt.save_checkpoint(folder, model, source, scheduler, state, keep, rngs)
-
-
-def load_checkpoint(
-    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, info: Dist
-) -> Any:
-    """Rank 0 reads ``path``; every rank receives the trainable parameters, optimizer and
-    scheduler state and its own RNG states. Returns the checkpoint's ``TrainState``."""
-    from loraq.train import checkpoint as ckpt
-
-    captured = _StateDict()
-    model = unwrap(model)
-    with full_trainable(model, info):
-        state = None
-        if info.is_main:
-            state = ckpt.load_checkpoint(path, model, captured, scheduler)
-        with torch.no_grad():
-            for param in model.parameters():
-                if param.requires_grad:
-                    dist.broadcast(param.data, src=0)
-    main = (captured.state, scheduler.state_dict(), state) if info.is_main else None
-    optimizer_state, scheduler_state, state = broadcast_object(main, info)
-    if info.strategy == "fsdp":
-        optimizer_state = shard_optimizer_state(optimizer_state, optimizer)
-    optimizer.load_state_dict(optimizer_state)
-    scheduler.load_state_dict(scheduler_state)
-    restore_rank_rng(path, info)
-    return state
-
-
 def resident_bytes(model: nn.Module) -> dict[str, int]:
     """Bytes of the model this rank holds, counting local shards only.
 
@@ -588,7 +411,7 @@ def resident_bytes(model: nn.Module) -> dict[str, int]:
         for name, t in [*module._parameters.items(), *module._buffers.items()]:
             if t is None:
                 continue
-            local = t.to_local() if _is_dtensor(t) else t
+            local = t.to_local() if is_dtensor(t) else t
             size = local.numel() * local.element_size()
             if quantized and name in record_data:
                 out["base_quantized"] += size

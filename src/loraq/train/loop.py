@@ -36,9 +36,7 @@ from __future__ import annotations
 
 import math
 import random
-import signal
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -53,7 +51,7 @@ from tqdm.auto import tqdm
 from loraq.precision import autocast_for, resolve_compute_dtype
 from loraq.probes import auto_threads, peak_rss_bytes
 from loraq.train import checkpoint as ckpt
-from loraq.train import distributed
+from loraq.train import distributed, distributed_checkpoint
 from loraq.train.config import TrainConfig, save_config
 from loraq.train.data import Datasets, batches_per_epoch, load_datasets, micro_batches
 from loraq.train.evaluation import evaluate, format_metrics, main_metric
@@ -68,36 +66,11 @@ from loraq.train.modeling import (
 from loraq.train.optim import make_optimizer, make_scheduler, total_steps_of
 from loraq.train.outputs import save_trained
 from loraq.train.result import TrainResult
+from loraq.train.signals import GracefulInterrupt, StopSignals
 
 #: What metrics.jsonl and the log say when the eval set (asked for by ``data.eval`` or
 #: ``data.eval_split``) has no labelled token to score: an empty file, say.
 NO_EVAL_TOKENS = "the eval set has no labelled tokens (no examples?): no eval metric"
-
-
-# ----------------------------------------------------------------------------- Ctrl-C
-class GracefulInterrupt:
-    """Context manager: the first Ctrl-C (SIGINT) asks the loop to checkpoint and stop after the
-    current step; a second one aborts at once with ``KeyboardInterrupt``."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous: Any = None
-
-    def handler(self, signum: int, frame: Any) -> None:
-        """The SIGINT handler."""
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        tqdm.write("Ctrl-C: saving a checkpoint after this step (press again to abort)")
-
-    def __enter__(self) -> GracefulInterrupt:
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self.handler)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
 
 
 # ----------------------------------------------------------------------------- setup
@@ -263,7 +236,7 @@ def _resume(cfg, out, model, optimizer, scheduler, log, main_process, dist):
     """The checkpoint's state (and its path) when resuming; a fresh state otherwise.
     Distributed: rank 0 alone looks at the folder, reads the checkpoint and broadcasts it."""
     found = ckpt.checkpoint_to_resume(cfg.training, out / "checkpoints") if dist.is_main else None
-    found = distributed.broadcast_object(found, dist)
+    found = distributed_checkpoint.broadcast_object(found, dist)
     if found is None:
         if main_process:
             ckpt.remove_stale_checkpoints(cfg.training, out / "checkpoints", log)
@@ -271,7 +244,7 @@ def _resume(cfg, out, model, optimizer, scheduler, log, main_process, dist):
     if main_process and (out / "config.yaml").is_file():
         ckpt.warn_if_config_changed(out / "config.yaml", cfg, tqdm.write)
     if dist.enabled:
-        state = distributed.load_checkpoint(found, model, optimizer, scheduler, dist)
+        state = distributed_checkpoint.load_checkpoint(found, model, optimizer, scheduler, dist)
     else:
         state = ckpt.load_checkpoint(found, model, optimizer, scheduler)
     log(f"resumed from {found} at step {state.step}")
@@ -385,7 +358,7 @@ def save_session_checkpoint(session: Session) -> Path | None:
     distributed: every rank must call it, rank 0 writes)."""
     t = session.cfg.training
     if session.dist.enabled:
-        path = distributed.save_checkpoint(
+        path = distributed_checkpoint.save_checkpoint(
             session.checkpoints, session.model, session.optimizer, session.scheduler,
             session.state, t.keep_checkpoints, session.dist,
         )  # fmt: skip
@@ -481,7 +454,7 @@ def run_steps(session: Session, on_step: Callable[[int, float], None] | None = N
     smooth_loss = None
     try:
         dist = session.dist  # distributed: SIGTERM too, and the ranks agree on when to stop
-        stopper = distributed.StopSignals(dist.rank) if dist.enabled else GracefulInterrupt()
+        stopper = StopSignals(dist.rank) if dist.enabled else GracefulInterrupt()
         with stopper as interrupt:
             while state.step < total:
                 stats = train_step(session)

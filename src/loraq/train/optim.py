@@ -7,8 +7,8 @@ import math
 import torch
 from torch import nn
 
-from loraq.train.config import ConfigError, TrainingConfig
 from loraq.train.data import batches_per_epoch
+from loraq.train.schema import ConfigError, TrainingConfig
 
 
 def make_optimizer(model: nn.Module, t: TrainingConfig) -> torch.optim.Optimizer:
