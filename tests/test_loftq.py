@@ -244,3 +244,30 @@ def test_peft_loftq_configs_are_read_and_peft_loads_ours(tmp_path) -> None:
     base = loraq.unload(dequantize_model(copy.deepcopy(model)), merge_adapters=False)
     peft_model = peft.PeftModel.from_pretrained(base, str(tmp_path))
     torch.testing.assert_close(_logits(peft_model, ids), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_loftq_matches_peft_loftq_steps_when_alpha_equals_r() -> None:
+    """PEFT's loop (bitsandbytes NF4 without double quantization, PEFT's own SVD helper): with
+    scaling 1 both reach the same error; with scaling 2 PEFT ignores the scale and loraq wins."""
+    bnbf = pytest.importorskip("bitsandbytes.functional")
+    loftq_utils = pytest.importorskip("peft.utils.loftq_utils")
+    torch.manual_seed(0)
+    w = torch.randn(96, 64) @ torch.diag(torch.linspace(2, 0.1, 64))
+    res = w.clone()
+    for i in range(3):
+        packed, state = bnbf.quantize_4bit(res, blocksize=64, quant_type="nf4")
+        q = bnbf.dequantize_4bit(packed, state)
+        out = loftq_utils._low_rank_decomposition(w - q, reduced_rank=6)
+        if i < 2:
+            res = w - out["L"] @ out["R"]
+    peft_error = _rel(w, q + out["L"] @ out["R"])
+
+    def nf4(t):
+        qt = quantize_4bit(t, 64, "nf4", False)
+        return qt, qt.dequantize(torch.float32)
+
+    ours = loftq_decompose(w, 6, nf4, scaling=1.0, iters=3)
+    assert ours.errors[-1] == pytest.approx(peft_error, rel=1e-3)
+    assert loftq_decompose(w, 6, nf4, scaling=2.0, iters=3).error < _rel(
+        w, q + 2 * out["L"] @ out["R"]
+    )

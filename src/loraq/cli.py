@@ -289,23 +289,46 @@ def _generate(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------- merge
 def _merge_args(p: argparse.ArgumentParser) -> None:
+    from loraq.merging import MERGE_TARGETS
+
     p.add_argument("--adapter", required=True, help="adapter folder")
     p.add_argument("--model", help="base model folder or pkg:NAME (default: the adapter's)")
     p.add_argument("--task", choices=["causal-lm", "seq-cls"], help="default: the adapter's")
-    p.add_argument("--out", required=True, help="folder for the merged dense model")
+    p.add_argument("--out", required=True, help="folder for the merged model")
     p.add_argument("--dtype", default="float32", choices=list(FLOAT_DTYPE_NAMES))
     p.add_argument("--dense-base", action="store_true", help=DENSE_BASE_HELP)
+    p.add_argument(
+        "--into",
+        default="dequantized",
+        choices=list(MERGE_TARGETS),
+        help="merge a QLoRA adapter into the dequantized base it trained on (exact), the "
+        "original float weights (as PEFT; lossy) or the same 4-/8-bit format (smallest)",
+    )
+    p.add_argument(
+        "--original",
+        help="float model (folder or pkg:NAME) for --into original; default: the base's",
+    )
 
 
 def _merge(args: argparse.Namespace) -> int:
     import loraq
+    from loraq.io.safe import read_json
+    from loraq.merging import REPORT_FILE, MergeReport
     from loraq.train.hub import quiet_transformers
+    from loraq.train.inference import original_weights
 
+    if args.original and args.into != "original":
+        raise CliError("--original is only used with --into original")
     model, tokenizer, _ = _load_for_inference(args, args.task)
+    original = original_weights(args.original, model) if args.into == "original" else None
     with quiet_transformers():
-        loraq.export_merged(model, args.out, dtype=args.dtype)
+        loraq.export_merged(
+            model, args.out, dtype=args.dtype, merge_into=args.into, original=original
+        )
     tokenizer.save_pretrained(args.out)
-    print(f"merged model written to {args.out}")
+    report = Path(args.out) / REPORT_FILE
+    line = f": {MergeReport(**read_json(report)).format()}" if report.is_file() else ""
+    print(f"merged model written to {args.out}{line}")
     return EXIT_OK
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -14,6 +15,7 @@ from .layers.adapter_quant import enable_adapter_quant
 from .layers.kinds import layer_kind
 from .layers.lora import ADAPTER_STORES, LoRALayer, ModulesToSave
 from .layers.protocol import QuantizedBase
+from .merging import Original, check_merge_target, measured_merge, prepare_merge_base
 from .naming import SAVED_STORE
 from .quantize_model import dequantize_model, quantize_model
 from .targeting import candidate_modules, find_targets, name_matches, set_submodule
@@ -304,21 +306,58 @@ def unmerge(model: nn.Module) -> nn.Module:
     return model
 
 
-def unload(model: nn.Module, merge_adapters: bool = True, dense: bool = False) -> nn.Module:
+def unload(
+    model: nn.Module,
+    merge_adapters: bool = True,
+    dense: bool = False,
+    *,
+    merge_into: str | None = None,
+    original: Original | None = None,
+    calibration: Any = None,
+    merge_dtype: torch.dtype | None = None,
+) -> nn.Module:
     """Remove all wrappers, returning the plain model (with the active adapter merged by default).
 
     ``modules_to_save`` are replaced by the active adapter's trained copy. A quantized base stays
     quantized (merging re-quantizes) unless ``dense=True``: then every quantized layer is
     dequantized first and the adapters merge exactly into dense weights.
+
+    ``merge_into`` makes the choice explicit (see :mod:`loraq.merging`): ``"dequantized"`` (what
+    ``dense=True`` means: exact), ``"original"`` (onto ``original``'s pre-quantization weights,
+    a model or state dict, as PEFT merges: lossy) or ``"requantize"`` (back into the same
+    quantized format). With ``merge_into``, or ``dense=True`` with a merge, the merged model is
+    compared with the unmerged one on ``calibration`` (token ids or a dict of inputs; default:
+    random token ids when the model has ``config.vocab_size``) and ``model.loraq_merge_report``
+    holds the largest output difference and the KL divergence (:class:`~loraq.merging.MergeReport`).
+    ``merge_dtype`` (dense merges): the dtype every floating tensor is cast to before merging.
     """
-    if dense:
+    if merge_into is not None or (dense and merge_adapters):
+        into = merge_into or "dequantized"
+        if dense and into != "dequantized":
+            raise ValueError(f"unload: dense=True contradicts merge_into={into!r}")
+        if not merge_adapters:
+            raise ValueError("unload: merge_into needs merge_adapters=True")
+        check_merge_target(into, original)
+        with measured_merge(model, into, calibration) as report:
+            prepare_merge_base(model, into, original, merge_dtype)
+            report.max_weight_change = _unwrap(model, merge_adapters=True)
+        return model
+    if dense:  # without a merge: the adapters are dropped, the base becomes dense
         for _, layer in lora_layers(model):
             if layer.is_quantized:
                 layer.unmerge()
         dequantize_model(model)
+    _unwrap(model, merge_adapters)
+    return model
+
+
+def _unwrap(model: nn.Module, merge_adapters: bool) -> float:
+    """Replace every wrapper by its base (merging the active adapter first if asked); returns
+    the largest change re-quantizing a merged weight made (0.0 over dense bases)."""
+    worst = 0.0
     for name, layer in list(lora_layers(model)):
         if merge_adapters:
-            layer.merge()
+            worst = max(worst, layer.merge())
         set_submodule(model, name, layer.base_layer)
     for name, saved in list(_saved_modules(model)):
         active = saved.active_adapter
@@ -333,7 +372,7 @@ def unload(model: nn.Module, merge_adapters: bool = True, dense: bool = False) -
             delattr(model, attr)
     for param in model.parameters():
         param.requires_grad_(False)
-    return model
+    return worst
 
 
 def _adapter_tensors(model: nn.Module, name: str) -> dict[str, torch.Tensor]:

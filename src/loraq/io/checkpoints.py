@@ -9,34 +9,28 @@ from __future__ import annotations
 
 import copy
 import os
-import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..dtypes import FLOAT_DTYPES
+from ..merging import REPORT_ATTR, REPORT_FILE, MergeReport, Original, check_merge_target
 from ..model import unload
-from ..quantize_model import dequantize_model
-from .safe import atomic_save_safetensors, staged_folder
+from .model_folder import copy_tokenizer_files, source_folder
+from .quantized import write_quantized_files
+from .safe import (
+    atomic_save_safetensors,
+    atomic_write_json,
+    model_weight_files,
+    read_json,
+    read_safetensors,
+    staged_folder,
+)
 
 #: dtypes ``export_merged`` can write.
 EXPORT_DTYPES = FLOAT_DTYPES
-#: Files a tokenizer may consist of; copied next to an export when the base came from a folder.
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.txt",
-    "vocab.json",
-    "merges.txt",
-    "tokenizer.model",
-    "spiece.model",
-    "sentencepiece.bpe.model",
-    "chat_template.jinja",
-    "chat_template.json",
-)
 
 
 def _drop_quantization_config(model: nn.Module) -> None:
@@ -48,61 +42,88 @@ def _drop_quantization_config(model: nn.Module) -> None:
             delattr(model, attr)
 
 
-def source_folder(model: nn.Module) -> Path | None:
-    """The local folder the base model was loaded from (``config._name_or_path``), if any."""
-    config = getattr(model, "config", None)
-    name = getattr(config, "_name_or_path", None) or getattr(model, "name_or_path", None)
-    if name and os.path.isdir(str(name)):
-        return Path(str(name))
-    return None
+def export_merged(
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    dtype: str = "float32",
+    *,
+    merge_into: str = "dequantized",
+    original: Original | None = None,
+    calibration: Any = None,
+) -> Path:
+    """Write the model with the active adapter merged in; returns the folder.
 
-
-def copy_tokenizer_files(source: Path, target: Path) -> list[str]:
-    """Copy the tokenizer files found in ``source`` to ``target``; returns their names."""
-    copied = []
-    for name in TOKENIZER_FILES:
-        if (source / name).is_file():
-            shutil.copy2(source / name, target / name)
-            copied.append(name)
-    return copied
-
-
-def export_merged(model: nn.Module, path: str | os.PathLike[str], dtype: str = "float32") -> Path:
-    """Write a dense model with the active adapter merged in; returns the folder.
-
-    The user's model is not changed: a deep copy is dequantized (a 4-/8-bit base becomes dense
-    float32), merged in float32, cast to ``dtype`` and saved. For a transformers model the folder
-    holds ``config.json`` (without ``quantization_config``), ``model.safetensors`` and the
-    tokenizer files of the base's folder when it came from one, so
-    ``AutoModel*.from_pretrained(path)`` loads it. Other modules get ``model.safetensors`` only.
+    The user's model is not changed: a deep copy is merged into the base ``merge_into`` names
+    (see :mod:`loraq.merging`): ``"dequantized"`` (a 4-/8-bit base becomes dense float32; exact,
+    the default), ``"original"`` (onto ``original``'s pre-quantization weights, a model or state
+    dict) or ``"requantize"`` (the merged base stays in its 4-/8-bit format and is written as
+    :func:`loraq.save_quantized` writes it). Dense merges happen in float32, then the weights are
+    cast once to ``dtype``. For a transformers model the folder holds ``config.json`` (without
+    ``quantization_config`` when dense), ``model.safetensors`` and the tokenizer files of the
+    base's folder when it came from one, so ``AutoModel*.from_pretrained(path)`` loads it. Other
+    modules get ``model.safetensors`` only. ``merge_report.json`` records the merge's error in
+    output space (:class:`~loraq.merging.MergeReport`) when a calibration batch was given or
+    could be made (a model with ``config.vocab_size``).
 
     Args:
         model: a model with loraq adapters (or a plain / quantized model).
         path: output folder; written to a temporary sibling and moved into place.
-        dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"``.
+        dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"`` (dense merges).
+        merge_into, original, calibration: as for :func:`loraq.unload`.
     """
     if dtype not in EXPORT_DTYPES:
         raise ValueError(
             f"export_merged: dtype={dtype!r} is invalid; expected one of {list(EXPORT_DTYPES)}"
         )
-    work = copy.deepcopy(model)
-    # A quantized base becomes dense before the merge, as the module the model class expects
-    # (a GPT-2 Conv1D stays a Conv1D: each quantized layer records its dense layout).
-    dequantize_model(work, torch.float32)
-    # Merge in float32 even over a half-precision base, then round once to the export dtype.
-    original_dtypes = {p.dtype for p in work.parameters() if p.is_floating_point()}
-    if original_dtypes - {torch.float32}:
-        work.float()
-    work = unload(work, merge_adapters=True)
+    check_merge_target(merge_into, original)
+    # Dense merges happen in float32 even over a half-precision base, then round once to
+    # ``dtype``; a dequantized GPT-2 Conv1D stays a Conv1D (each quantized layer records it).
+    merge_dtype = None if merge_into == "requantize" else torch.float32
+    work = unload(
+        copy.deepcopy(model),
+        merge_into=merge_into,
+        original=original,
+        calibration=calibration,
+        merge_dtype=merge_dtype,
+    )
+    report: MergeReport = getattr(work, REPORT_ATTR)
+    with staged_folder(path) as staging:
+        if merge_into == "requantize":
+            write_quantized_files(work, staging)
+        else:
+            _write_dense(work, model, staging, dtype)
+        if report.measured:
+            atomic_write_json(staging / REPORT_FILE, report.to_dict())
+    return Path(path)
+
+
+def _write_dense(work: nn.Module, model: nn.Module, staging: Path, dtype: str) -> None:
     work.to(EXPORT_DTYPES[dtype])
     _drop_quantization_config(work)
-    source = source_folder(model)
-    with staged_folder(path) as staging:
-        if hasattr(work, "save_pretrained") and hasattr(work, "config"):
-            work.config.dtype = dtype  # what from_pretrained(dtype="auto") will pick
-            work.save_pretrained(staging)
-            if source is not None:
-                copy_tokenizer_files(source, staging)
-        else:
-            atomic_save_safetensors(staging / "model.safetensors", work.state_dict())
-    return Path(path)
+    if hasattr(work, "save_pretrained") and hasattr(work, "config"):
+        work.config.dtype = dtype  # what from_pretrained(dtype="auto") will pick
+        work.save_pretrained(staging)
+        source = source_folder(model)
+        if source is not None:
+            copy_tokenizer_files(source, staging)
+    else:
+        atomic_save_safetensors(staging / "model.safetensors", work.state_dict())
+
+
+def read_float_weights(folder: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """All tensors of a float (not quantized) model folder, for ``merge_into="original"``.
+
+    Raises:
+        ValueError: the folder's ``config.json`` has a ``quantization_config`` (its weights are
+            not the float weights a base was quantized from).
+    """
+    config = Path(folder) / "config.json"
+    if config.is_file() and "quantization_config" in read_json(config):
+        raise ValueError(
+            f"{folder}: that model is stored quantized; merge_into='original' needs the float "
+            "weights it was quantized from"
+        )
+    weights: dict[str, torch.Tensor] = {}
+    for file in model_weight_files(folder):
+        weights.update(read_safetensors(file)[0])
+    return weights

@@ -40,7 +40,7 @@ from ..quant.qtensor import QuantizedTensor
 from ..quant.qtensor8 import QuantizedTensor8
 from ..targeting import output_head_names, set_submodule
 from .adapter_check import check_finite
-from .checkpoints import copy_tokenizer_files, source_folder
+from .model_folder import copy_tokenizer_files, source_folder
 from .safe import (
     FormatError,
     atomic_save_safetensors,
@@ -149,6 +149,13 @@ def save_quantized(model: nn.Module, path: str | os.PathLike[str]) -> Path:
     model has one, and the tokenizer files of the base's folder. Save adapters separately with
     :func:`loraq.save_adapter`; note that a PiSSA-initialised base is the residual weight.
     """
+    with staged_folder(path) as staging:
+        write_quantized_files(model, staging)
+    return Path(path)
+
+
+def write_quantized_files(model: nn.Module, folder: Path) -> None:
+    """The files of :func:`save_quantized`, written into an existing (staging) ``folder``."""
     qconfig = quantization_config(model)
     tensors = base_state_dict(model)
     # As transformers does, store a tied weight once (under its source's name).
@@ -168,16 +175,14 @@ def save_quantized(model: nn.Module, path: str | os.PathLike[str]) -> Path:
             data["dtype"] = dtype_name(max(set(floats), key=floats.count))
     data["quantization_config"] = qconfig
     source = source_folder(model)
-    with staged_folder(path) as staging:
-        atomic_save_safetensors(staging / "model.safetensors", tensors)
-        generation = getattr(model, "generation_config", None)
-        if generation is not None and hasattr(generation, "save_pretrained"):
-            with contextlib.suppress(Exception):  # optional extra; never fail the save for it
-                generation.save_pretrained(staging)
-        if source is not None:
-            copy_tokenizer_files(source, staging)
-        atomic_write_json(staging / "config.json", data)
-    return Path(path)
+    atomic_save_safetensors(folder / "model.safetensors", tensors)
+    generation = getattr(model, "generation_config", None)
+    if generation is not None and hasattr(generation, "save_pretrained"):
+        with contextlib.suppress(Exception):  # optional extra; never fail the save for it
+            generation.save_pretrained(folder)
+    if source is not None:
+        copy_tokenizer_files(source, folder)
+    atomic_write_json(folder / "config.json", data)
 
 
 # ---------------------------------------------------------------------------------- loading

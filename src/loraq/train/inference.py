@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from loraq.io.peft_format import BASE_OPTIONS
@@ -100,3 +101,15 @@ def load_trained(
             raise ConfigError(f"cannot load adapter '{adapter}' onto {model_path}: {err}") from None
     model.to(resolve_device(device)).eval()
     return model, tokenizer, run
+
+
+def original_weights(path: str | None, model: nn.Module) -> dict[str, torch.Tensor]:
+    """The float weights a quantized base was made from, for ``merge_into="original"``: the
+    model at ``path`` (a folder or ``pkg:NAME``), or the folder ``model`` was loaded from."""
+    from loraq.io.checkpoints import read_float_weights
+    from loraq.io.model_folder import source_folder
+
+    folder = resolve_model_path(path) if path else source_folder(model)
+    if folder is None:
+        raise ConfigError("--into original needs --original MODEL_DIR (the float base weights)")
+    return read_float_weights(folder)
