@@ -20,6 +20,7 @@ import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 # Light at import (dataclasses and yaml): torch loads only when a command runs.
 from loraq.compare import command as compare_command
