@@ -129,6 +129,40 @@ def test_loftq_on_gpt2_conv1d_and_every_format(quant: str) -> None:
         assert report.error < report.plain_error
 
 
+@pytest.mark.parametrize(("quant", "bits"), [("q4_0", 4), ("q4_1", 4), ("q8_0", 8)])
+def test_loftq_on_gguf_block_formats_saves_and_loads(tmp_path, quant: str, bits: int) -> None:
+    from transformers import LlamaForCausalLM
+
+    from loraq.layers.gguf import LinearGGUF
+
+    torch.manual_seed(0)
+    model = tiny_llama(hidden=64)
+    weights = {
+        n: m.weight.detach().clone()
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Linear) and n != "lm_head"
+    }
+    config = loraq.LoraConfig(r=4, alpha=8, quant=quant, init="loftq", loftq_iters=3)
+    loraq.apply(model, config)
+    report = loraq.loftq_report(model)
+    assert len(report) == 14
+    for name, layer_report in report.items():
+        layer = model.get_submodule(name)
+        assert isinstance(layer.base_layer, LinearGGUF)
+        approx = layer.base_matrix() + layer.delta_matrix("default").detach()
+        assert _rel(weights[name], approx) == pytest.approx(layer_report.error, rel=1e-4)
+        assert layer_report.error < layer_report.errors[0] < layer_report.plain_error, name
+    ids = torch.randint(0, 64, (2, 10))
+    expected = _logits(model, ids)
+    loraq.save_adapter(model, tmp_path / "adapter")
+    loraq.save_quantized(model, tmp_path / "base")
+    saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert saved["loftq_config"] == {"loftq_bits": bits, "loftq_iter": 3}
+    base = loraq.load_quantized(tmp_path / "base", LlamaForCausalLM)
+    loaded = loraq.load_adapter(base, tmp_path / "adapter")
+    torch.testing.assert_close(_logits(loaded, ids), expected, rtol=0, atol=0)
+
+
 # ---------------------------------------------------------------------------------- bad input
 def test_loftq_without_a_quantized_base_names_the_field() -> None:
     with pytest.raises(

@@ -12,7 +12,7 @@ import torch
 import loraq
 from conftest import tiny_bert_cls, tiny_gpt2, tiny_llama
 from loraq import cli
-from loraq.layers.quantized import Linear4bit, Linear8bit
+from loraq.layers.quantized import Linear4bit
 from loraq.merging import MERGE_TARGETS
 from test_train_support import make_tiny_llama, write_config, write_pattern_jsonl
 
@@ -147,15 +147,17 @@ def test_gpt2_conv1d_merges_into_its_original_weights() -> None:
     assert merged.loraq_merge_report.kl > 0
 
 
-def test_int8_base_requantizes_to_int8_and_dequantized_is_exact() -> None:
+@pytest.mark.parametrize("quant", ["int8", "q4_0", "q8_0"])
+def test_int8_and_gguf_bases_requantize_to_their_format(quant: str) -> None:
     torch.manual_seed(0)
-    model = loraq.apply(tiny_llama(), loraq.LoraConfig(r=4, alpha=8, quant="int8"))
+    model = loraq.apply(tiny_llama(hidden=64), loraq.LoraConfig(r=4, alpha=8, quant=quant))
     with torch.no_grad():
         for _, layer in loraq.model.lora_layers(model):
             layer.lora_B["default"].weight.normal_(0, 0.05)
+    kind = type(model.get_submodule("model.layers.0.mlp.up_proj").base_layer)
     expected = _logits(model, IDS)
     requantized = loraq.unload(copy.deepcopy(model), merge_into="requantize", calibration=IDS)
-    assert isinstance(requantized.get_submodule("model.layers.0.mlp.up_proj"), Linear8bit)
+    assert type(requantized.get_submodule("model.layers.0.mlp.up_proj")) is kind
     assert 0 < requantized.loraq_merge_report.max_weight_change
     dense = loraq.unload(model, merge_into="dequantized", calibration=IDS)
     torch.testing.assert_close(_logits(dense, IDS), expected, rtol=1e-5, atol=1e-5)

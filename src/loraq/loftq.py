@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .config import LoraConfig
+from .config import QUANT_TYPES, LoraConfig
 from .layers.kinds import is_gpt2_conv1d
 from .layers.loftq import loftq_decompose
 from .layers.protocol import QuantizedBase
@@ -50,8 +50,9 @@ def check_loftq_targets(model: nn.Module, config: LoraConfig, targets: list[str]
     """Raise ``ValueError`` naming the field if ``config`` cannot run LoftQ on ``targets``."""
     if config.quant is None:
         raise ValueError(
-            "LoraConfig.init='loftq' needs a quantized base: set LoraConfig.quant to 'nf4', "
-            "'fp4' or 'int8' (LoftQ fits the adapter to the quantization error of the base)"
+            "LoraConfig.init='loftq' needs a quantized base: set LoraConfig.quant to one of "
+            f"{[q for q in QUANT_TYPES if q]} (LoftQ fits the adapter to the quantization error "
+            "of the base)"
         )
     for name in targets:
         module = model.get_submodule(name)

@@ -112,7 +112,7 @@ _INIT_TO_PEFT: dict[str, bool | str] = {
     "loftq": True,
 }
 #: Bits PEFT's ``loftq_config.loftq_bits`` records for each ``LoraConfig.quant``.
-LOFTQ_BITS = {"nf4": 4, "fp4": 4, "int8": 8}
+LOFTQ_BITS = {"nf4": 4, "fp4": 4, "int8": 8, "q4_0": 4, "q4_1": 4, "q8_0": 8}
 _TASK_SUFFIXES = (
     ("ForCausalLM", "CAUSAL_LM"),
     ("LMHeadModel", "CAUSAL_LM"),
