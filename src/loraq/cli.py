@@ -4,6 +4,7 @@
     loraq eval --adapter DIR --data FILE             loss/perplexity or accuracy on a file
     loraq generate --adapter DIR "prompt"            greedy or sampled continuation
     loraq merge --adapter DIR --out DIR              adapter + base -> dense HF model folder
+    loraq export --format gguf --adapter DIR --out F adapter (or --merged model) as llama.cpp GGUF
     loraq inspect PATH [--json]                      what an adapter / 4-bit checkpoint holds
     loraq compare [CONFIG.yaml] [--methods ...]      full vs LoRA vs QLoRA: memory, speed, quality
     loraq serve --base DIR [--adapter NAME=DIR ...]  many adapters behind an OpenAI-compatible API
@@ -26,6 +27,7 @@ from pathlib import Path
 from loraq.compare import command as compare_command
 from loraq.dtypes import FLOAT_DTYPE_NAMES
 from loraq.errors import EXIT_ERROR, CliError, user_message
+from loraq.train import export as export_command
 from loraq.train.config import describe_keys
 from loraq.train.hub import hub_offline
 
@@ -365,6 +367,15 @@ register("eval", Subcommand("loss/perplexity or accuracy on a data file", _eval_
 register("generate", Subcommand("continue a prompt with a causal LM", _generate_args, _generate))
 register(
     "merge", Subcommand("fold an adapter into its base; save a dense model", _merge_args, _merge)
+)
+register(
+    "export",
+    Subcommand(
+        "write an adapter or merged model as GGUF for llama.cpp",
+        export_command.add_arguments,
+        export_command.run,
+        description=export_command.EXPORT_HELP,
+    ),
 )
 register(
     "inspect",
