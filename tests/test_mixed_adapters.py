@@ -254,3 +254,85 @@ def test_stacked_weights_cache_follows_edits_and_replacements():
         out = mixed_out()
         torch.testing.assert_close(out[:1], layer(x[:1]))
         assert not torch.allclose(out[:1], first[:1])
+
+
+def _reference_rows(model, names, ids):
+    """Each row run alone with its own adapter (or the bare base)."""
+    rows = []
+    for i, name in enumerate(names):
+        if name is None:
+            with loraq.disable_adapters(model):
+                rows.append(model(ids[i : i + 1]).logits)
+        else:
+            loraq.set_adapter(model, name)
+            rows.append(model(ids[i : i + 1]).logits)
+    return torch.cat(rows)
+
+
+def test_model_stacks_are_built_once_per_adapter_set_and_follow_changes():
+    torch.manual_seed(4)
+    model = tiny_llama()
+    loraq.apply(model, loraq.LoraConfig(r=4, alpha=8, targets="all-linear"), "a")
+    loraq.apply(model, loraq.LoraConfig(r=2, targets=["q_proj"], use_dora=True), "b")
+    randomize_adapters(model)
+    ids = torch.randint(0, 64, (4, 5))
+    plans = (["a", "b", None, "a"], ["b", "b", "a", None], ["a", "a", "a", "a"])
+    with torch.no_grad():
+        for names in plans:
+            with loraq.adapter_rows(model, names):
+                mixed = model(ids).logits
+            torch.testing.assert_close(mixed, _reference_rows(model, names, ids))
+        cache = model.__dict__["_loraq_mixed_stacks"]
+        assert cache.generation == 1  # new row plans reuse the stacked weights
+        for name, p in model.named_parameters():
+            if "lora_A" in name and ".a." in name:
+                p.mul_(1.5)  # in place, as an optimizer step: seen at the next context
+        names = plans[0]
+        with loraq.adapter_rows(model, names):
+            mixed = model(ids).logits
+        torch.testing.assert_close(mixed, _reference_rows(model, names, ids))
+        assert cache.generation == 2
+        loraq.delete_adapter(model, "b")
+        with pytest.raises(ValueError, match="'b' is not an adapter"):
+            with loraq.adapter_rows(model, names):
+                pass
+        loraq.apply(model, loraq.LoraConfig(r=3, targets="all-linear"), "b")
+        randomize_adapters(model)
+        with loraq.adapter_rows(model, names):
+            mixed = model(ids).logits
+        torch.testing.assert_close(mixed, _reference_rows(model, names, ids))
+
+
+def test_reused_mixed_batch_sees_adapters_added_on_new_layers_between_passes():
+    from loraq.adapter_rows import mixed_batch
+
+    torch.manual_seed(5)
+    model = tiny_llama()
+    loraq.apply(model, loraq.LoraConfig(r=4, alpha=8, targets=["q_proj"]), "a")
+    randomize_adapters(model)
+    names = ["a", None, "a"]
+    ids = torch.randint(0, 64, (3, 5))
+    batch = mixed_batch(model, names)
+    with torch.no_grad():
+        with loraq.adapter_rows(model, batch):
+            model(ids)
+        batch.check_versions = False  # as a decode loop does after its first step
+        # a new adapter wraps modules the batch has not seen (up_proj, o_proj, ...)
+        loraq.apply(model, loraq.LoraConfig(r=2, targets="all-linear"), "b")
+        randomize_adapters(model)
+        with loraq.adapter_rows(model, batch):
+            mixed = model(ids).logits
+        torch.testing.assert_close(mixed, _reference_rows(model, names, ids))
+
+
+def test_mixed_batch_refuses_an_adapter_deleted_while_it_is_reused():
+    from loraq.adapter_rows import mixed_batch
+
+    model = tiny_llama()
+    loraq.apply(model, loraq.LoraConfig(r=4, targets="all-linear"), "a")
+    loraq.apply(model, loraq.LoraConfig(r=4, targets="all-linear"), "b")
+    batch = mixed_batch(model, ["a", "b"])
+    loraq.delete_adapter(model, "b")
+    with pytest.raises(ValueError, match=r"adapters \['b'\] are no longer in the model"):
+        with torch.no_grad(), loraq.adapter_rows(model, batch):
+            model(torch.randint(0, 64, (2, 3)))

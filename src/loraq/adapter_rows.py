@@ -13,8 +13,12 @@ from collections.abc import Iterator, Sequence
 from torch import nn
 
 from .layers.lora import LoRALayer
-from .layers.mixed import RowAdapters
+from .layers.mixed import MixedBatch, RowAdapters
+from .layers.mixed_stacks import StackCache
 from .model import adapter_names, config_of, lora_layers
+
+# where a model keeps its stacked adapter weights for mixed batches (built on first use)
+_STACKS_ATTR = "_loraq_mixed_stacks"
 
 
 def lora_layer_list(model: nn.Module) -> list[LoRALayer]:
@@ -48,32 +52,49 @@ def validate_row_names(model: nn.Module, names: Sequence[str | None]) -> list[st
     return list(names)
 
 
+def mixed_batch(
+    model: nn.Module,
+    names: Sequence[str | None] | RowAdapters,
+    layers: list[LoRALayer] | None = None,
+) -> MixedBatch:
+    """A :class:`~loraq.layers.mixed.MixedBatch` for ``model``: the plan, checked, and the
+    model's stacked-weight cache. Reuse it across forward passes with the same rows (a decode
+    loop) so that the row -> adapter selection is made once; pass it to :func:`adapter_rows`."""
+    if isinstance(names, RowAdapters):
+        plan = names
+        validate_row_names(model, list(plan.slots[1:]))
+    else:
+        plan = RowAdapters.from_names(validate_row_names(model, names))
+    cache = model.__dict__.get(_STACKS_ATTR)
+    if cache is None:
+        cache = model.__dict__[_STACKS_ATTR] = StackCache()
+    return MixedBatch(plan, cache, lambda: lora_layer_list(model), layers)
+
+
 @contextlib.contextmanager
 def adapter_rows(
     model: nn.Module,
-    names: Sequence[str | None] | RowAdapters,
+    names: Sequence[str | None] | RowAdapters | MixedBatch,
     layers: list[LoRALayer] | None = None,
 ) -> Iterator[RowAdapters]:
     """Context manager: row ``i`` of every batch passed to ``model`` uses adapter ``names[i]``.
 
     The batch dimension (dim 0 of each adapted layer's input) must have ``len(names)`` rows.
     ``None`` rows see the base model. Contexts do not nest on the same model. ``names`` may
-    also be a :class:`~loraq.layers.mixed.RowAdapters` plan reused across calls. ``layers`` may
-    pass the model's LoRA layers (:func:`lora_layer_list`) to skip walking the module tree, as a
-    decode loop does while the set of adapters stays the same.
+    also be a :class:`~loraq.layers.mixed.RowAdapters` plan or a :func:`mixed_batch` reused
+    across calls (a decode loop: the selection and stacked weights are then made once).
+    ``layers`` may pass the model's LoRA layers (:func:`lora_layer_list`) to skip walking the
+    module tree.
     """
-    if isinstance(names, RowAdapters):  # a plan kept across calls keeps its derived tensors
-        plan = names
-        validate_row_names(model, list(plan.slots[1:]))
-    else:
-        plan = RowAdapters.from_names(validate_row_names(model, names))
-    layers = lora_layer_list(model) if layers is None else layers
+    batch = names if isinstance(names, MixedBatch) else mixed_batch(model, names, layers)
+    layers = batch.layers
     if any(layer.__dict__.get("row_adapters") is not None for layer in layers):
         raise RuntimeError("adapter_rows() is already active on this model; contexts do not nest")
+    batch.begin()
     for layer in layers:
-        layer.__dict__["row_adapters"] = plan
+        layer.__dict__["row_adapters"] = batch
     try:
-        yield plan
+        yield batch.plan
     finally:
         for layer in layers:
             layer.__dict__["row_adapters"] = None

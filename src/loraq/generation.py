@@ -25,9 +25,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .adapter_rows import adapter_rows, lora_layer_list, validate_row_names
-from .layers.mixed import RowAdapters
-from .model import adapter_names
+from .adapter_rows import adapter_rows, mixed_batch, validate_row_names
+from .layers.mixed import MixedBatch
 from .sampling import sample_next
 
 
@@ -127,29 +126,22 @@ class DecodeBatch:
         self._next_pos: torch.Tensor | None = None  # (rows,) its position id
         self._cache_arg = _cache_arg(model)
         self._device = next(model.parameters()).device
-        self._layer_cache: tuple | None = None
-        self._plan_cache: tuple | None = None
+        self._mixed_cache: tuple | None = None
 
     def __len__(self) -> int:
         return len(self.sequences)
 
-    def _layers(self) -> list:
-        # Wrappers appear only when an adapter is added, so the walk over the module tree is
-        # redone only when the model's adapter names change.
-        key = tuple(adapter_names(self.model))
-        if self._layer_cache is None or self._layer_cache[0] != key:
-            self._layer_cache = (key, lora_layer_list(self.model))
-        return self._layer_cache[1]
-
-    def _plan(self, adapters: list[str | None]) -> RowAdapters:
-        # The running rows keep one plan from step to step (its per-plan tensors stay cached).
+    def _mixed(self, adapters: list[str | None]) -> MixedBatch:
+        # The running rows keep one selection from step to step: the row -> adapter mapping and
+        # the stacked weights are made once per change of the rows, not once per step or layer.
         key = tuple(adapters)
-        if self._plan_cache is None or self._plan_cache[0] != key:
-            self._plan_cache = (key, RowAdapters.from_names(adapters))
-        return self._plan_cache[1]
+        if self._mixed_cache is None or self._mixed_cache[0] != key:
+            self._mixed_cache = (key, mixed_batch(self.model, adapters))
+        return self._mixed_cache[1]
 
     def _forward(self, adapters, ids, mask, positions, cache):
-        with adapter_rows(self.model, self._plan(adapters), self._layers()):
+        batch = self._mixed(adapters)
+        with adapter_rows(self.model, batch):
             out = self.model(
                 input_ids=ids.to(self._device),
                 attention_mask=mask.to(self._device),
@@ -158,6 +150,9 @@ class DecodeBatch:
                 logits_to_keep=1,
                 **{self._cache_arg: cache},
             )
+        # Nothing edits adapter weights between the steps of one generation; structural
+        # changes (adapters loaded or deleted) are still seen at every step.
+        batch.check_versions = False
         new_cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
         return out.logits[:, -1, :].float(), new_cache
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from .mixed_stacks import note_adapter_change
+
 
 def grid_levels(bits: int) -> int:
     """Largest code of the symmetric ``bits``-bit grid, ``2^(bits-1) - 1`` (codes run ``-L..L``).
@@ -59,3 +61,4 @@ def enable_adapter_quant(layer: torch.nn.Module, adapter_name: str, bits: int) -
     if adapter_name not in layer.r:
         raise ValueError(f"layer has no adapter {adapter_name!r}")
     layer.adapter_bits[adapter_name] = bits
+    note_adapter_change()

@@ -34,6 +34,7 @@ from .fused import lora_linear
 from .kinds import SUPPORTED_TYPES, LayerKind, is_gpt2_conv1d, layer_kind
 from .merged_guard import guard_merged
 from .mixed import mixed_forward
+from .mixed_stacks import note_adapter_change
 from .modules_to_save import ModulesToSave
 from .protocol import QuantizedBase
 
@@ -143,6 +144,7 @@ class LoRALayer(nn.Module):
         module.requires_grad_(False)
         self.base_layer = module
         self._kind = kind
+        note_adapter_change()
 
     @property
     def is_quantized(self) -> bool:
@@ -178,6 +180,7 @@ class LoRALayer(nn.Module):
 
     def _write_base_matrix(self, matrix: torch.Tensor) -> None:
         self._kind.write_matrix(self.base_layer, matrix)
+        note_adapter_change()  # DoRA's stacked norms depend on the base
 
     def _a_b_params(self, name: str) -> tuple[nn.Parameter, nn.Parameter]:
         if name in self.lora_embedding_A:
@@ -228,6 +231,7 @@ class LoRALayer(nn.Module):
             raise RuntimeError(
                 "cannot add an adapter while adapters are merged; call unmerge() first"
             )
+        note_adapter_change()
         dtype = self._adapter_dtype()
         _, device = self._base_dtype_device()
         lora_a, lora_b = self._kind.new_adapter(self.base_layer, r, dtype=dtype, device=device)
@@ -289,6 +293,7 @@ class LoRALayer(nn.Module):
             raise KeyError(f"no adapter {name!r} on this layer; present: {list(self.r)}")
         if name in self.merged_adapters:
             raise RuntimeError(f"adapter {name!r} is merged; call unmerge() before deleting it")
+        note_adapter_change()
         for store in (
             self.lora_A,
             self.lora_B,

@@ -1,38 +1,45 @@
 """Mixed-adapter batches: every row of a batch runs through its own adapter (or none) in one pass.
 
-A :class:`RowAdapters` plan names one adapter per row (``None`` for the bare base). The slots are
-the plan's distinct adapters, slot 0 being "no adapter". One LoRA layer then computes a batch of
-``R`` rows with no Python loop over adapters or sub-batches:
+A :class:`RowAdapters` plan names one adapter per row (``None`` for the bare base). One LoRA
+layer then computes a batch of ``R`` rows with no Python loop over adapters or sub-batches:
 
 =============  ==================================================================================
 step           tensors
 =============  ==================================================================================
 base           ``base_layer(x)`` once for the whole batch: the frozen weight is shared by all rows
-stack          ``A_s (slots, r_max, in)``, ``B_s (slots, out, r_max)``: each adapter's A and B,
+stack          ``A_s (slots, r_max, in)``, ``B_s (slots, r_max, out)``: every adapter's A and B,
                zero-padded to the largest rank, its scale folded into B; slot 0 is all zeros
-select         ``A_s[row_slot]``, ``B_s[row_slot]``: one slice per row (an index, not a copy loop)
-two thin bmm   ``delta = (x A_row^T) B_row^T`` of shape ``(R, T, out)``, added to the base output
-               (or, when it is cheaper, :func:`use_concat`: all slots side by side and a mask)
+               (:mod:`loraq.layers.mixed_stacks`)
+select         ``A_s[row_slot]``, ``B_s[row_slot]``: one slice per row (``index_select``)
+two thin bmm   ``delta = (x A_row^T) B_row`` of shape ``(R, T, out)``, added to the base output
+               (or, when it is cheaper, :func:`use_concat`: all slots side by side and a mask;
+               or, when every row uses one adapter, two plain matmuls with its slice)
 DoRA           a per-slot column scale ``m / ||W + sBA||`` (1 for plain adapters and the base)
                turns the sum into ``scale * (base + delta)`` row by row
 =============  ==================================================================================
 
-In training the selection's backward scatters each row's gradient into its own adapter's slice
-only, so every adapter receives exactly the gradient it would get from its rows trained alone.
-k-bit adapters enter through their fake-quantized weights, as in a single-adapter forward.
-Convolutions are refused (a per-row kernel needs a grouped convolution per adapter).
-
-The stacked tensors are cached on the layer while gradients are off (serving): the cache key holds
-the adapter tensors and their in-place version counters, so an edited or replaced adapter re-stacks.
+The row -> slot selection is made once per forward pass, not once per layer: a
+:class:`MixedBatch`, set on every LoRA layer by :func:`loraq.adapter_rows` (and kept from one
+decode step to the next by the generation loop), maps the plan's rows to the slots of the model's
+:class:`~loraq.layers.mixed_stacks.StackCache` once, and each layer then only looks up its stack.
+Without gradients the stacks come from that cache; with gradients (training) each layer stacks
+the plan's adapters in the graph, and the selection's backward scatters each row's gradient into
+its own adapter's slice only, so every adapter receives exactly the gradient it would get from
+its rows trained alone. k-bit adapters enter through their fake-quantized weights, as in a
+single-adapter forward. Convolutions are refused (a per-row kernel needs a grouped convolution
+per adapter).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from .mixed_stacks import LayerStack, StackCache, adapter_epoch, stack_layer
 
 _CACHE_ATTR = "_mixed_stack_cache"
 
@@ -48,8 +55,8 @@ class RowAdapters:
 
     slots: tuple[str | None, ...]
     row_slot: torch.Tensor
-    # per-plan derived tensors (row masks of the concatenated form), built on first use
-    _derived: dict = field(default_factory=dict, compare=False, repr=False)
+    # the one slot every row uses (None when rows differ), filled by from_names
+    uniform: int | None = field(default=None, compare=False)
 
     @classmethod
     def from_names(cls, names: list[str | None] | tuple[str | None, ...]) -> RowAdapters:
@@ -60,16 +67,8 @@ class RowAdapters:
             if name not in slots:
                 slots.append(name)
             index.append(slots.index(name))
-        return cls(tuple(slots), torch.tensor(index, dtype=torch.long))
-
-    def slot_mask(self, r_max: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        """``(rows, slots * r_max)``: 1 where a column of the concatenated form is the row's."""
-        key = (r_max, device, dtype)
-        if key not in self._derived:
-            column_slot = torch.arange(len(self.slots), device=device).repeat_interleave(r_max)
-            row_slot = self.row_slot.to(device)
-            self._derived[key] = (column_slot[None, :] == row_slot[:, None]).to(dtype)
-        return self._derived[key]
+        uniform = index[0] if index and all(i == index[0] for i in index) else None
+        return cls(tuple(slots), torch.tensor(index, dtype=torch.long), uniform)
 
     @property
     def rows(self) -> int:
@@ -77,7 +76,7 @@ class RowAdapters:
         return int(self.row_slot.shape[0])
 
 
-def _check_supported(layer: Any, plan: RowAdapters) -> list[str]:
+def check_layer(layer: Any, plan: RowAdapters) -> list[str]:
     """Names of the plan's adapters present on ``layer``; raises for what mixing cannot do."""
     if layer.kind == "conv":
         raise TypeError(
@@ -100,81 +99,14 @@ def _check_supported(layer: Any, plan: RowAdapters) -> list[str]:
     return present
 
 
-def _stack(layer: Any, plan: RowAdapters, present: list[str], device: torch.device):
-    """``(A_s, B_s, dora_scale or None)`` for the plan's slots (see the module table)."""
-    dtype = layer._adapter_dtype()
-    r_max = max(layer.r[n] for n in present)
-    in_f, out_f = layer._in_out()
-    a_rows, b_rows, dora = [], [], []
-    any_dora = any(layer.use_dora[n] for n in present)
-    for name in plan.slots:
-        if name not in present:
-            a_rows.append(torch.zeros(r_max, in_f, dtype=dtype, device=device))
-            b_rows.append(torch.zeros(out_f, r_max, dtype=dtype, device=device))
-            dora.append(torch.ones(out_f, dtype=dtype, device=device))
-            continue
-        a, b = layer._a_b_matrices(name)
-        pad = r_max - layer.r[name]
-        a_rows.append(F.pad(a.to(dtype), (0, 0, 0, pad)))
-        b_rows.append(F.pad(b.to(dtype) * layer.scaling[name], (0, pad)))
-        if layer.use_dora[name]:
-            with torch.no_grad():
-                norm = (layer.base_matrix().to(dtype) + layer.delta_matrix(name)).norm(dim=1)
-            dora.append(layer.lora_magnitude_vector[name] / norm)
-        else:
-            dora.append(torch.ones(out_f, dtype=dtype, device=device))
-    stacked_dora = torch.stack(dora) if any_dora else None
-    a_s, b_s = torch.stack(a_rows), torch.stack(b_rows)
-    # B of every slot side by side, (slots * r_max, out), for the concatenated form
-    b_cat = b_s.permute(0, 2, 1).reshape(len(plan.slots) * r_max, out_f)
-    return a_s, b_s, stacked_dora, b_cat
-
-
-def _cache_key(layer: Any, plan: RowAdapters, present: list[str]) -> tuple:
-    # The key holds the tensors themselves (compared by identity), so a deleted adapter's
-    # tensors stay alive while cached and a new one can never reuse their id(). Read straight
-    # from the module dicts: this runs for every layer at every decode step.
-    if layer.kind == "embedding":
-        tensors = [t for name in present for t in layer._a_b_params(name)]
-    else:
-        a_modules, b_modules = layer._modules["lora_A"]._modules, layer._modules["lora_B"]._modules
-        tensors = []
-        for name in present:
-            tensors.append(a_modules[name]._parameters["weight"])
-            tensors.append(b_modules[name]._parameters["weight"])
-    magnitudes = layer._modules["lora_magnitude_vector"]
-    tensors += [magnitudes[name] for name in present if layer.use_dora[name]]
-    return plan.slots, tensors, [t._version for t in tensors]
-
-
-def _same_key(old: tuple, new: tuple) -> bool:
-    return (
-        old[0] == new[0]
-        and len(old[1]) == len(new[1])
-        and all(a is b for a, b in zip(old[1], new[1]))
-        and old[2] == new[2]
-    )
-
-
-def _stacked(layer: Any, plan: RowAdapters, present: list[str], device: torch.device):
-    if torch.is_grad_enabled():
-        return _stack(layer, plan, present, device)
-    key = _cache_key(layer, plan, present)
-    cached = layer.__dict__.get(_CACHE_ATTR)
-    if cached is None or not _same_key(cached[0], key):
-        cached = (key, _stack(layer, plan, present, device))
-        layer.__dict__[_CACHE_ATTR] = cached
-    return cached[1]
-
-
-def _row_dropout(layer: Any, plan: RowAdapters, x: torch.Tensor, row_slot: torch.Tensor):
+def _row_dropout(layer: Any, plan: RowAdapters, x: torch.Tensor):
     """``x`` with each row's adapter dropout applied (training only; identity otherwise)."""
     if not layer.training:
         return x
     probs = [layer._dropout_p(n) if n in layer.r else 0.0 for n in plan.slots]
     if not any(p > 0 for p in probs):
         return x
-    p_row = torch.tensor(probs, dtype=x.dtype, device=x.device)[row_slot]
+    p_row = torch.tensor(probs, dtype=x.dtype, device=x.device)[plan.row_slot.to(x.device)]
     p_row = p_row.view(-1, *([1] * (x.ndim - 1)))
     keep = (torch.rand_like(x) >= p_row).to(x.dtype)
     return x * keep / (1.0 - p_row)
@@ -215,47 +147,186 @@ def use_concat(rows: int, tokens_per_row: int, slots: int) -> bool:
     return tokens * slots <= tokens + _COPY_COST * rows
 
 
-def _concat_delta(x_in, a_s, b_cat, own) -> torch.Tensor:
-    """``(R, T, out)`` adapter outputs via all slots side by side and the per-row slot mask."""
-    slots, r_max, in_f = a_s.shape
-    hidden = torch.matmul(x_in, a_s.reshape(slots * r_max, in_f).t())  # (R, T, slots*r)
-    return torch.matmul(hidden * own[:, None, :], b_cat)
+#: Most bytes of per-row adapter slices a :class:`MixedBatch` keeps between forward passes.
+GATHER_CACHE_BYTES = 256 << 20
+
+#: What :meth:`MixedBatch.select` hands a layer: its stack, each row's slot (on the layer's
+#: device) and the one slot all rows share (None when they differ).
+Selection = tuple[LayerStack, torch.Tensor, "int | None"]
+
+
+class MixedBatch:
+    """A plan's row -> adapter selection, made once and shared by every LoRA layer of a model.
+
+    ``find_layers()`` lists the model's LoRA layers; it is called again whenever the adapter
+    set changes (new adapters may wrap new layers). ``cache`` holds the model's stacked weights.
+    ``check_versions``: whether the next forward re-reads every adapter tensor's version
+    counter to catch in-place edits (a decode loop turns it off after its first step with a
+    plan, since nothing edits adapters between its steps; structural changes are always seen).
+    """
+
+    def __init__(
+        self,
+        plan: RowAdapters,
+        cache: StackCache,
+        find_layers: Callable[[], list[Any]],
+        layers: list[Any] | None = None,
+        *,
+        check_versions: bool = True,
+    ) -> None:
+        self.plan = plan
+        self.cache = cache
+        self.check_versions = check_versions
+        self._find_layers = find_layers
+        self._layers = find_layers() if layers is None else layers
+        self._layers_epoch = adapter_epoch()
+        self._ready = False
+        self._generation = -1
+        self._active: dict[Any, LayerStack] = {}
+        self._row_slot = plan.row_slot
+        self._uniform: int | None = None
+        self._rows_on: dict[torch.device, torch.Tensor] = {}
+        self._masks: dict[tuple, torch.Tensor] = {}
+        self._gathered: dict[Any, tuple] = {}
+        self._gathered_bytes = 0
+
+    @classmethod
+    def alone(cls, layer: Any, plan: RowAdapters) -> MixedBatch:
+        """A batch over one lone layer (a plan set directly on it), with its own cache."""
+        cache = layer.__dict__.get(_CACHE_ATTR)
+        if cache is None:
+            cache = layer.__dict__[_CACHE_ATTR] = StackCache()
+        return cls(plan, cache, lambda: [layer])
+
+    @property
+    def layers(self) -> list[Any]:
+        """The model's LoRA layers (found again after any change of the adapter set)."""
+        if self._layers_epoch != adapter_epoch():
+            self._layers = self._find_layers()
+            self._layers_epoch = adapter_epoch()
+        return self._layers
+
+    def begin(self) -> None:
+        """Start a forward pass: the first layer called re-checks the stacked weights."""
+        self._ready = False
+
+    def select(self, layer: Any, device: torch.device) -> Selection | None:
+        """``layer``'s stack and row slots, or None when it has none of the plan's adapters."""
+        if torch.is_grad_enabled():  # training: stacks built in the autograd graph
+            if not check_layer(layer, self.plan):
+                return None
+            stack = stack_layer(layer, self.plan.slots, device)
+            return stack, self.plan.row_slot.to(device), self.plan.uniform
+        if not self._ready:
+            self._prepare()
+        stack = self._active.get(layer)
+        if stack is None:
+            return None
+        rows = self._rows_on.get(device)
+        if rows is None:
+            rows = self._rows_on[device] = self._row_slot.to(device)
+        return stack, rows, self._uniform
+
+    def _prepare(self) -> None:
+        layers = self.layers
+        self.cache.refresh(layers, check_versions=self.check_versions)
+        self._ready = True
+        if self._generation == self.cache.generation:
+            return
+        index = {name: i for i, name in enumerate(self.cache.slots)}
+        missing = [n for n in self.plan.slots[1:] if n not in index]
+        if missing:
+            raise ValueError(f"adapters {missing} are no longer in the model")
+        to_cache = torch.tensor([index[n] for n in self.plan.slots], dtype=torch.long)
+        self._row_slot = to_cache[self.plan.row_slot]
+        plan_uniform = self.plan.uniform
+        self._uniform = None if plan_uniform is None else int(to_cache[plan_uniform])
+        self._active = {
+            layer: self.cache.stacks[layer] for layer in layers if check_layer(layer, self.plan)
+        }
+        self._rows_on, self._masks, self._gathered = {}, {}, {}
+        self._gathered_bytes = 0
+        self._generation = self.cache.generation
+
+    def row_weights(self, layer: Any, stack: LayerStack, rows: torch.Tensor) -> tuple:
+        """``(A, B, DoRA scale or None)`` of each row: the stack's slices picked by ``rows``.
+
+        Without gradients they are kept (within :data:`GATHER_CACHE_BYTES`) for the next
+        forward with the same rows: a decode step then reads them instead of copying again.
+        """
+        hit = None if torch.is_grad_enabled() else self._gathered.get(layer)
+        if hit is not None:
+            return hit
+        dora = None if stack.dora is None else stack.dora.index_select(0, rows)
+        hit = (stack.a.index_select(0, rows), stack.b.index_select(0, rows), dora)
+        if not torch.is_grad_enabled():
+            size = sum(t.numel() * t.element_size() for t in hit if t is not None)
+            if self._gathered_bytes + size <= GATHER_CACHE_BYTES:
+                self._gathered[layer] = hit
+                self._gathered_bytes += size
+        return hit
+
+    def slot_mask(self, rows: torch.Tensor, r_max: int, slots: int, dtype) -> torch.Tensor:
+        """``(R, slots * r_max)``: 1 where a column of the concatenated form is the row's."""
+        key = (rows.device, dtype, r_max, slots, torch.is_grad_enabled())
+        mask = self._masks.get(key)
+        if mask is None:
+            column = torch.arange(slots, device=rows.device).repeat_interleave(r_max)
+            mask = self._masks[key] = (column[None, :] == rows[:, None]).to(dtype)
+        return mask
+
+
+def _linear_delta(batch: MixedBatch, layer, x_in, stack: LayerStack, rows, uniform):
+    """``(R, T, out)`` adapter outputs of a linear-like layer for inputs ``x_in (R, T, in)``."""
+    if uniform is not None and STRATEGY == "auto":
+        return torch.matmul(torch.matmul(x_in, stack.a[uniform].t()), stack.b[uniform])
+    slots, r_max, in_f = stack.a.shape
+    if use_concat(x_in.shape[0], x_in.shape[1], slots):
+        own = batch.slot_mask(rows, r_max, slots, x_in.dtype)
+        hidden = torch.matmul(x_in, stack.a.reshape(slots * r_max, in_f).t())  # (R, T, slots*r)
+        return torch.matmul(hidden * own[:, None, :], stack.b.reshape(slots * r_max, -1))
+    a_rows, b_rows, _ = batch.row_weights(layer, stack, rows)
+    return torch.bmm(torch.bmm(x_in, a_rows.transpose(1, 2)), b_rows)
 
 
 def mixed_forward(
-    layer: Any, plan: RowAdapters, x: torch.Tensor, *args: Any, **kwargs: Any
+    layer: Any, batch: MixedBatch | RowAdapters, x: torch.Tensor, *args: Any, **kwargs: Any
 ) -> torch.Tensor:
     """The output of ``layer`` (a ``LoRALayer``) with each row of ``x`` using its plan adapter."""
+    if isinstance(batch, RowAdapters):  # a plan set directly on one layer
+        batch = MixedBatch.alone(layer, batch)
+    plan = batch.plan
     rows = x.shape[0] if x.ndim > 0 else 0
     if rows != plan.rows:
         raise ValueError(
             f"mixed-adapter batch: the input has {rows} rows (dim 0 of shape {tuple(x.shape)}) "
             f"but {plan.rows} adapter names were given, one per row"
         )
-    present = _check_supported(layer, plan)
+    selection = batch.select(layer, x.device)
     result = layer.base_layer(x, *args, **kwargs)
-    if not present:
+    if selection is None or selection[2] == 0:  # no plan adapter here, or every row is base
         return result
-    device = result.device
-    a_s, b_s, dora, b_cat = _stacked(layer, plan, present, device)
-    row_slot = plan.row_slot.to(device)
-    dtype = a_s.dtype
+    stack, row_slot, uniform = selection
+    dtype = stack.a.dtype
     if layer.kind == "embedding":
-        hidden = _embedding_hidden(layer, x, a_s, row_slot).reshape(rows, -1, a_s.shape[1])
-        delta = torch.bmm(hidden, b_s[row_slot].transpose(1, 2))
+        hidden = _embedding_hidden(layer, x, stack.a, row_slot).reshape(rows, -1, stack.a.shape[1])
+        delta = torch.bmm(hidden, batch.row_weights(layer, stack, row_slot)[1])
     else:
-        x_in = _row_dropout(layer, plan, x.to(dtype), row_slot).reshape(rows, -1, x.shape[-1])
-        if use_concat(rows, x_in.shape[1], a_s.shape[0]):
-            own = plan.slot_mask(a_s.shape[1], device, dtype)
-            delta = _concat_delta(x_in, a_s, b_cat, own)
-        else:
-            hidden = torch.bmm(x_in, a_s[row_slot].transpose(1, 2))
-            delta = torch.bmm(hidden, b_s[row_slot].transpose(1, 2))
+        x_in = _row_dropout(layer, plan, x.to(dtype)).reshape(rows, -1, x.shape[-1])
+        delta = _linear_delta(batch, layer, x_in, stack, row_slot, uniform)
     delta = delta.reshape(result.shape)
-    if dora is None:
+    if stack.dora is None:
         return result + delta.to(result.dtype)
     # DoRA rows: scale * (base without bias + delta) + bias; plain rows have scale 1.
-    scale = dora[row_slot].view(rows, *([1] * (result.ndim - 2)), -1)
+    if uniform is not None:
+        scale = stack.dora[uniform]
+    else:
+        picked = (
+            stack.dora.index_select(0, row_slot)
+            if torch.is_grad_enabled()
+            else batch.row_weights(layer, stack, row_slot)[2]
+        )
+        scale = picked.view(rows, *([1] * (result.ndim - 2)), -1)
     base_nb = result.to(dtype)
     if layer.bias is not None:
         base_nb = base_nb - layer.bias.to(dtype)
