@@ -355,3 +355,23 @@ def test_smollm2_example_config_and_data_are_valid():
     lines = Path(cfg.data.train).read_text(encoding="utf-8").splitlines()
     records = [json.loads(line) for line in lines if line.strip()]
     assert len(records) == 30 and all({"prompt", "completion"} <= set(r) for r in records)
+
+
+def test_stories260k_a_real_pretrained_llama_round_trips_through_gguf(tmp_path):
+    """A real tiny Llama (llama2.c's stories260K): f32 GGUF gives loraq its own logits back,
+    a q8_0 GGUF gives transformers' GGUF loader's logits and still tells run.c's story."""
+    from loraq.train.generate import generate_ids
+    from stories260k import RUN_C_GREEDY, STORIES, decode_tokens, load_stories260k
+
+    if not (STORIES / "stories260K.bin").is_file():
+        pytest.skip("stories260K not found at ../shared/models/stories260K")
+    model = load_stories260k(STORIES)
+    ids = torch.tensor([[1, 403, 261, 407, 300, 280]])
+    f32, _ = load_gguf(export_gguf(model, tmp_path / "f32.gguf", merged=True, dtype="f32"))
+    assert torch.equal(logits(f32, ids), logits(model, ids))
+    q8_file = export_gguf(model, tmp_path / "q8.gguf", merged=True, dtype="q8_0")
+    q8, _ = load_gguf(q8_file)
+    assert isinstance(q8.model.layers[0].self_attn.q_proj, LinearGGUF)
+    torch.testing.assert_close(logits(q8, ids), transformers_logits(q8_file, ids))
+    story = decode_tokens(STORIES, generate_ids(q8, torch.tensor([[1]]), 20).tolist())
+    assert story.strip().startswith(RUN_C_GREEDY[:40])
