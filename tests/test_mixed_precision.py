@@ -28,7 +28,7 @@ def _fixed_mask(monkeypatch, p: float, shape) -> torch.Tensor | None:
     if p == 0.0:
         return None
     mask = torch.empty(shape, dtype=torch.uint8).bernoulli_(1.0 - p)
-    monkeypatch.setattr(fused, "_dropout_mask", lambda x, p_: mask.view(x.shape))
+    monkeypatch.setattr(fused, "_dropout_mask", lambda x, p_, generator=None: mask.view(x.shape))
     return mask
 
 

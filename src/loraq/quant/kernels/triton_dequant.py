@@ -103,9 +103,12 @@ def _runnable(tensors: list[torch.Tensor]) -> bool:
 
 
 def _launch(which: int, codes, absmax, code, blocksize: int, n: int, out: torch.Tensor) -> bool:
+    # Check the devices first: importing Triton maps ~70 MB of shared library, which a CPU
+    # process should never pay for.
+    if not _runnable([codes, absmax, code, out]) or out.dtype not in _OUT_DTYPES:
+        return False
     kernels = _kernels()
-    tensors = [codes, absmax, code, out]
-    if kernels is None or not _runnable(tensors) or out.dtype not in _OUT_DTYPES:
+    if kernels is None:
         return False
     if not out.is_contiguous() or out.numel() < n or absmax.dtype != torch.float32:
         return False
