@@ -1,7 +1,7 @@
 """Frozen bases stored in GGUF blocks: :class:`LinearGGUF` and :class:`EmbeddingGGUF`.
 
 They are the GGUF counterparts of ``Linear4bit`` / ``Embedding4bit`` and share their machinery
-(the same autograd function, :class:`~loraq.layers.quantized.DequantScratch`, state-dict
+(the same autograd function, :class:`~loraq.layers.scratch.DequantScratch`, state-dict
 handling and the :class:`~loraq.layers.protocol.QuantizedBase` members), so LoRA, merging,
 saving and the fused step treat a ``q4_0`` base exactly as an NF4 one. The weight is a
 :class:`~loraq.quant.gguf_tensor.GGUFTensor`: the bytes a ``.gguf`` file holds.

@@ -22,7 +22,7 @@ member                      meaning
                             ``(out, in)``) or ``"conv1d"`` (transformers' GPT-2 ``Conv1D``,
                             weight stored ``(in, out)``); dequantizing restores that module
 ``dequantize_weight``       dense ``(out, in)`` weight; ``scratch=`` lets the layer write it into
-                            a reusable :class:`~loraq.layers.quantized.DequantScratch` buffer
+                            a reusable :class:`~loraq.layers.scratch.DequantScratch` buffer
 ``set_weight``              re-quantize a dense ``(out, in)`` weight with the layer's settings
 ``forward``                 ``x W^T + b`` with the dequantized weight, output in ``x.dtype``
 ==========================  =====================================================================

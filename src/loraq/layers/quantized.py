@@ -27,7 +27,6 @@ bit for many shapes; the full weight keeps the forward exactly equal to that ref
 from __future__ import annotations
 
 import dataclasses
-import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -41,6 +40,7 @@ from ..quant.qtensor import QuantizedTensor
 from ..quant.qtensor8 import QuantizedTensor8
 from .kinds import is_gpt2_conv1d
 from .protocol import DENSE_LAYOUTS, LAYOUT_CONV1D, LAYOUT_LINEAR
+from .scratch import SHARED_SCRATCH, DequantScratch, release_scratch
 
 __all__ = [
     "SHARED_SCRATCH",
@@ -58,59 +58,6 @@ _BUF = "weight_"
 #: Record fields with per-element data (codes, block scales): what FSDP may split across ranks.
 #: The others (code books, the double-quantization offset) are small constants kept whole.
 SHARDABLE_FIELDS = ("packed", "absmax", "absmax_codes", "nested_absmax", "codes")
-
-
-class DequantScratch:
-    """Reusable dequantization buffers, one per (thread, dtype), for the layers that share it.
-
-    On CPU a fresh multi-megabyte tensor costs more in page faults (the allocator returns large
-    blocks to the OS on free) than the dequantization itself, so a quantized layer writes its
-    dense weight into a buffer that every layer holding the same ``DequantScratch`` reuses: it
-    keeps the largest layer's weight size, not a copy per layer. A tensor from :meth:`borrow` is
-    valid only until the next :meth:`borrow` of the same dtype on the same thread. Copies of a
-    model share the scratch of the original (it holds no state worth copying).
-    """
-
-    def __init__(self) -> None:
-        self._local = threading.local()
-
-    def borrow(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
-        """A 1-D CPU tensor of ``numel`` elements, overwritten by the next borrow on this thread."""
-        buffers: dict[torch.dtype, torch.Tensor] = self._local.__dict__.setdefault("buffers", {})
-        buf = buffers.get(dtype)
-        if buf is None or buf.numel() < numel:
-            # A normal tensor even inside inference_mode, so later training steps may write to it.
-            with torch.inference_mode(False):
-                buf = torch.empty(numel, dtype=dtype)
-            buffers[dtype] = buf
-        return buf[:numel]
-
-    def release(self) -> None:
-        """Free this thread's buffers (the next borrow allocates again)."""
-        self._local.__dict__.pop("buffers", None)
-
-    def __deepcopy__(self, memo: dict) -> DequantScratch:
-        return self
-
-    def __copy__(self) -> DequantScratch:
-        return self
-
-    def __reduce__(self) -> tuple:
-        # Pickled models (multiprocessing, torch.save) get the shared scratch back, or a fresh one.
-        return (_shared_scratch, ()) if self is SHARED_SCRATCH else (DequantScratch, ())
-
-
-#: The scratch every quantized linear layer uses unless given another (or None) as ``scratch``.
-SHARED_SCRATCH = DequantScratch()
-
-
-def _shared_scratch() -> DequantScratch:
-    return SHARED_SCRATCH
-
-
-def release_scratch() -> None:
-    """Free this thread's buffers of :data:`SHARED_SCRATCH`."""
-    SHARED_SCRATCH.release()
 
 
 def _dequantize(weight: Record, dtype: torch.dtype, scratch: DequantScratch | None) -> torch.Tensor:
