@@ -415,3 +415,61 @@ def test_adapter_dir_scan_skips_unsafe_folders(files, tmp_path):
     assert added == ["good"]
     assert len(skipped) == 3
     assert any("pickle" in m for m in skipped) and any("outside" in m for m in skipped)
+
+
+def test_gguf_base_serves_adapters_equal_to_local_generation(files, tmp_path):
+    """``--base model.gguf`` (q8_0 blocks kept quantized) with ``--tokenizer``: a real server's
+    greedy completions equal loraq.generate over load_gguf with the same adapter."""
+    pytest.importorskip("gguf")
+    from transformers import AutoModelForCausalLM
+
+    from loraq.io.gguf_write import export_gguf
+
+    _, base, _, _ = files
+    gguf_file = export_gguf(
+        AutoModelForCausalLM.from_pretrained(base), tmp_path / "base.gguf", merged=True,
+        dtype="q8_0",
+    )  # fmt: skip
+    model, own_tokenizer = loraq.load_gguf(gguf_file)
+    assert own_tokenizer is None  # the file carries no vocabulary: --tokenizer supplies it
+    loraq.apply(model, loraq.LoraConfig(r=4, alpha=8, targets="all-linear"), "g")
+    torch.manual_seed(3)
+    randomize_adapters(model, 0.5)
+    loraq.save_adapter(model, tmp_path / "g", adapter_name="g")
+    tok = byte_tokenizer()
+    prompts = PROMPTS[:3]
+    want = {
+        name: loraq.generate(model, tok, prompts, [name] * len(prompts), max_new_tokens=8)
+        for name in ("g", None)
+    }
+    args = ["--base", str(gguf_file), "--tokenizer", str(base), "--adapter", f"g={tmp_path / 'g'}"]
+    srv = Server(args, tmp_path)
+    try:
+        with srv.client() as c:
+            for name in ("g", None):
+                for prompt, text in zip(prompts, want[name]):
+                    body = {"model": name or "base", "prompt": prompt, "max_tokens": 8}
+                    reply = c.post("/v1/completions", json={**body, "temperature": 0})
+                    assert reply.status_code == 200, reply.text
+                    assert reply.json()["choices"][0]["text"] == text
+        assert want["g"] != want[None]
+    finally:
+        srv.kill()
+
+
+def test_gguf_base_command_line_errors(tmp_path, capsys):
+    pytest.importorskip("gguf")
+    from loraq.cli import main
+    from loraq.io.gguf_write import export_gguf
+    from tiny_lm import tiny_causal_lm
+
+    gguf_file = export_gguf(tiny_causal_lm(), tmp_path / "m.gguf", merged=True, dtype="q8_0")
+    assert main(["serve", "--base", str(gguf_file)]) == 2
+    assert "has no vocabulary; pass --tokenizer FOLDER" in capsys.readouterr().err
+    assert main(["serve", "--base", str(gguf_file), "--quant", "nf4"]) == 2
+    assert "is already quantized" in capsys.readouterr().err
+    assert main(["serve", "--base", str(gguf_file), "--tokenizer", str(tmp_path)]) == 2
+    assert "--tokenizer" in capsys.readouterr().err
+    (tmp_path / "bad.gguf").write_bytes(b"not a gguf file")
+    assert main(["serve", "--base", str(tmp_path / "bad.gguf")]) == 2
+    assert "bad.gguf" in capsys.readouterr().err

@@ -12,6 +12,7 @@ Serve a base model and any number of LoRA adapters behind an OpenAI-compatible H
 
   loraq serve --base models/llama --adapter support=out/support --adapter legal=out/legal
   loraq serve --base models/llama-nf4 --adapter-dir adapters/ --max-adapters 32 --api-key KEY
+  loraq serve --base SmolLM2-135M-Instruct.Q4_1.gguf --adapter chat=out/chat
 
 Requests pick an adapter with the `model` field (the base by --base-name); rows for different
 adapters share each forward pass (continuous batching). Routes: POST /v1/completions,
@@ -26,6 +27,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     """The ``loraq serve`` options."""
     p.add_argument(
         "--base", required=True, help="transformers folder, loraq 4-bit checkpoint or .gguf"
+    )
+    p.add_argument(
+        "--tokenizer",
+        default=None,
+        help="folder to read the tokenizer from (default: the base's own; needed for a .gguf "
+        "file without a vocabulary)",
     )
     p.add_argument("--base-name", default="base", help="model id of the bare base (default: base)")
     p.add_argument(
@@ -78,7 +85,7 @@ def build_app(args: argparse.Namespace):
     if args.adapter_dir is not None and not Path(args.adapter_dir).is_dir():
         raise CliError(f"--adapter-dir {args.adapter_dir} is not a folder")
     try:
-        model, tokenizer = load_base(args.base, args.quant)
+        model, tokenizer = load_base(args.base, args.quant, args.tokenizer)
     except BaseLoadError as err:
         raise CliError(str(err)) from None
     registry = AdapterRegistry(

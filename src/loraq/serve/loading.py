@@ -5,10 +5,11 @@
 =====================================  ===============================================
 folder with ``quantization_config``    :func:`loraq.load_quantized` (4-bit/8-bit base)
 other transformers folder              ``AutoModelForCausalLM.from_pretrained``
-``*.gguf`` file                        ``loraq.load_gguf`` when this loraq has it
+``*.gguf`` file                        :func:`loraq.load_gguf` (blocks kept quantized)
 =====================================  ===============================================
 
-The tokenizer is read from the same folder (for a GGUF file: from the file, via the loader).
+The tokenizer is read from the same folder (for a GGUF file: converted from the file's
+vocabulary), or from ``--tokenizer`` when given (needed for a GGUF file without a vocabulary).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 
 from torch import nn
 
+from ..io.gguf_read import load_gguf
 from ..io.quantized import load_quantized
 
 
@@ -25,47 +27,63 @@ class BaseLoadError(ValueError):
     """``--base`` cannot be served; the message says why."""
 
 
-def load_base(path: str | Path, quant: str | None = None) -> tuple[nn.Module, object]:
-    """``(model, tokenizer)`` for ``path``; ``quant`` ("nf4", "fp4", "int8") quantizes a dense base."""
+def load_base(
+    path: str | Path, quant: str | None = None, tokenizer: str | Path | None = None
+) -> tuple[nn.Module, object]:
+    """``(model, tokenizer)`` for ``path``; ``quant`` ("nf4", "fp4", "int8") quantizes a dense
+    base; ``tokenizer`` names a folder to read the tokenizer from instead of the base's own."""
     path = Path(path)
     if path.is_file() and path.suffix == ".gguf":
-        return _load_gguf(path)
-    if not (path / "config.json").is_file():
+        model, own = _load_gguf(path, quant, own_tokenizer=tokenizer is None)
+    elif (path / "config.json").is_file():
+        model = _load_folder(path, quant)
+        own = None if tokenizer is not None else _folder_tokenizer(path, "--base")
+    else:
         raise BaseLoadError(
             f"--base {path}: expected a transformers folder with config.json or a .gguf file"
         )
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    if tokenizer is not None:
+        own = _folder_tokenizer(Path(tokenizer), "--tokenizer")
+    if own is None:
+        raise BaseLoadError(
+            f"--base {path}: the GGUF file has no vocabulary; pass --tokenizer FOLDER"
+        )
+    return model.eval(), own
+
+
+def _load_folder(path: Path, quant: str | None) -> nn.Module:
+    from transformers import AutoModelForCausalLM
 
     config = json.loads((path / "config.json").read_text())
     if "quantization_config" in config:
-        model = load_quantized(path)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(path)
-        if quant is not None:
-            from ..config import LoraConfig
-            from ..quantize_model import quantize_model
+        return load_quantized(path)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    if quant is not None:
+        from ..config import LoraConfig
+        from ..quantize_model import quantize_model
 
-            quantize_model(model, LoraConfig(targets="all-linear", quant=quant))
+        quantize_model(model, LoraConfig(targets="all-linear", quant=quant))
+    return model
+
+
+def _folder_tokenizer(path: Path, flag: str):
+    from transformers import AutoTokenizer
+
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        return AutoTokenizer.from_pretrained(path)
     except Exception as err:
-        raise BaseLoadError(f"--base {path}: no usable tokenizer in the folder: {err}") from err
-    return model.eval(), tokenizer
+        raise BaseLoadError(f"{flag} {path}: no usable tokenizer in the folder: {err}") from err
 
 
-def _load_gguf(path: Path):
-    import loraq
-
-    loader = getattr(loraq, "load_gguf", None)
-    if loader is None:
+def _load_gguf(path: Path, quant: str | None, own_tokenizer: bool):
+    if quant is not None:
         raise BaseLoadError(
-            f"--base {path}: GGUF bases need loraq.load_gguf, which this loraq does not have; "
-            "pass a transformers folder or a loraq 4-bit checkpoint"
+            f"--quant {quant} applies to dense bases; --base {path.name} is already quantized"
         )
-    loaded = loader(path)
-    if isinstance(loaded, tuple):
-        return loaded[0].eval(), loaded[1]
-    raise BaseLoadError(f"--base {path}: loraq.load_gguf returned no tokenizer")
+    try:
+        return load_gguf(path, tokenizer=own_tokenizer)
+    except (OSError, ValueError) as err:
+        raise BaseLoadError(f"--base {path}: {err}") from err
 
 
 def context_length(model: nn.Module, default: int = 2048) -> int:
