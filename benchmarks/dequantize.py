@@ -6,7 +6,10 @@ Run (emulating the 2-core CI machine):
 
 A (rows x cols) weight in NF4 with double quantization, dequantized to float32 and to bfloat16
 (bitsandbytes from a tensor quantized in that dtype, so it writes that dtype directly), and the
-8-bit blockwise format. Calls are interleaved round by round in a shuffled order; each figure
+8-bit blockwise format. "compiled" and "pure" return a fresh tensor, as bitsandbytes does
+(large fresh results are advised onto huge pages, see ``loraq.quant.kernels.pages``); "reused"
+writes into one buffer kept across calls, as loraq's quantized layers do (bitsandbytes' CPU
+backend has no ``out=``). Calls are interleaved round by round in a shuffled order; each figure
 is the median over rounds, reported as speed relative to bitsandbytes (higher is faster).
 Target: compiled >= 1.5x bitsandbytes in float32 and bfloat16.
 """
@@ -60,7 +63,7 @@ def report(title: str, med: dict[str, float], n: int) -> None:
     ref = med.get("bitsandbytes")
     for name, sec in med.items():
         ratio = f"  speed vs bitsandbytes {ref / sec:5.2f}x" if ref else ""
-        print(f"  {name:<14} {sec * 1e3:8.2f} ms  {n / sec / 1e6:8.1f} M/s{ratio}")
+        print(f"  {name:<15} {sec * 1e3:8.2f} ms  {n / sec / 1e6:8.1f} M/s{ratio}")
 
 
 def main() -> None:
@@ -84,9 +87,11 @@ def main() -> None:
     for dtype in (torch.float32, torch.bfloat16):
         w = weight.to(dtype)
         q = quantize_4bit(w, 64, "nf4", double_quant=True)
+        buf = torch.empty(n, dtype=dtype)
         fns = {
             "loraq compiled": lambda q=q, d=dtype: dequantize_4bit(q, d),
             "loraq pure": pure(lambda q=q, d=dtype: dequantize_4bit(q, d)),
+            "loraq reused": lambda q=q, b=buf: q.dequantize_range(0, n, b),
         }
         if bnbf is not None:
             packed, state = bnbf.quantize_4bit(

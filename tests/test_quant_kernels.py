@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
 from loraq.quant import dequantize_4bit, dequantize_8bit, quantize_4bit, quantize_8bit
-from loraq.quant.kernels import cpu
+from loraq.quant.kernels import cpu, pages
 
 needs_kernel = pytest.mark.skipif(
     cpu.mode() == "off" or not cpu.available(), reason="compiled kernel off or unbuildable here"
@@ -87,3 +89,34 @@ def test_mode_off_and_unbuildable_fall_back(monkeypatch, tmp_path):
             cpu.available()
     finally:
         cpu._library.cache_clear()
+
+
+def _vm_flags(address: int) -> list[str]:
+    """The VmFlags of this process's mapping that holds ``address``."""
+    flags: list[str] = []
+    inside = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                lo, hi = (int(x, 16) for x in head.split("-"))
+                inside = lo <= address < hi
+            elif inside and line.startswith("VmFlags:"):
+                flags = line.split()[1:]
+    return flags
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="madvise advice is Linux's")
+def test_large_dense_results_are_advised_onto_huge_pages():
+    big = pages.empty_for_write(3 << 20, torch.float32, "cpu")  # 12 MiB
+    interior = -(-big.data_ptr() // (2 << 20)) * (2 << 20)
+    assert "hg" in _vm_flags(interior)
+    small = pages.empty_for_write(1000, torch.float32, "cpu")
+    assert small.shape == (1000,) and small.dtype == torch.float32
+    # the dequantized result is written in full, whatever memory it lands on
+    t = torch.randn(4096, 1024) * 0.05
+    q = quantize_4bit(t, 64, "nf4", True)
+    assert torch.equal(
+        dequantize_4bit(q, torch.float32),
+        q.dequantize_range(0, t.numel(), torch.empty(t.numel())).view(t.shape),
+    )

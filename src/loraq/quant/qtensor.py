@@ -39,6 +39,7 @@ from .blockwise import (
     resolve_dtype,
 )
 from .codebooks import DEFAULT_BLOCKSIZE_4BIT, NESTED_BLOCKSIZE, code_4bit, dynamic_map
+from .kernels.pages import empty_for_write
 from .state_json import (
     json_tensor,
     meta_blocksize,
@@ -219,7 +220,7 @@ class QuantizedTensor:
         original shape and is bit-identical to that definition applied to bitsandbytes' state.
         """
         dtype = resolve_dtype(dtype, self.dtype)
-        out = torch.empty(self.numel, dtype=dtype, device=self.device)
+        out = empty_for_write(self.numel, dtype, self.device)
         return self.dequantize_range(0, self.numel, out).view(self.shape)
 
     def dequantize_range(self, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:

@@ -22,6 +22,7 @@ import torch
 from ..dtypes import dtype_name
 from .blockwise import dequantize_8bit_blocks, quantize_8bit_blocks, resolve_dtype
 from .codebooks import DEFAULT_BLOCKSIZE_8BIT, dynamic_map
+from .kernels.pages import empty_for_write
 from .state_json import (
     json_tensor,
     meta_blocksize,
@@ -111,7 +112,7 @@ class QuantizedTensor8:
         """Dense tensor: ``code[byte] * absmax`` in float32, cast once to ``dtype`` (default: the
         original dtype)."""
         dtype = resolve_dtype(dtype, self.dtype)
-        out = torch.empty(self.numel, dtype=dtype, device=self.device)
+        out = empty_for_write(self.numel, dtype, self.device)
         return self.dequantize_range(0, self.numel, out).view(self.shape)
 
     def dequantize_range(self, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:

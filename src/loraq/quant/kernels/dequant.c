@@ -39,6 +39,35 @@ static inline void store_bf16(uint16_t* out, __m256 val) {
     __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(bits), _mm256_extracti128_si256(bits, 1));
     _mm_storeu_si128((__m128i*)out, packed);
 }
+
+/* A block's 16 code values times its scale, rounded to bfloat16 once, as two 16-byte tables
+ * (low bytes, high bytes) for byte shuffles: the same bits as rounding each product. */
+static inline void bf16_tables(__m256 lo_tab, __m256 hi_tab, float s, __m128i* low, __m128i* high) {
+    __m256 scale = _mm256_set1_ps(s);
+    __m256i a = _mm256_castps_si256(_mm256_mul_ps(lo_tab, scale));
+    __m256i b = _mm256_castps_si256(_mm256_mul_ps(hi_tab, scale));
+    const __m256i one = _mm256_set1_epi32(1), half = _mm256_set1_epi32(0x7FFF);
+    a = _mm256_srli_epi32(_mm256_add_epi32(a, _mm256_add_epi32(_mm256_and_si256(_mm256_srli_epi32(a, 16), one), half)), 16);
+    b = _mm256_srli_epi32(_mm256_add_epi32(b, _mm256_add_epi32(_mm256_and_si256(_mm256_srli_epi32(b, 16), one), half)), 16);
+    /* packus per lane gives [a0-3 b0-3 | a4-7 b4-7]; reorder the quads to codes 0..15 */
+    __m256i p = _mm256_permute4x64_epi64(_mm256_packus_epi32(a, b), _MM_SHUFFLE(3, 1, 2, 0));
+    const __m256i split = _mm256_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15,
+                                           0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
+    p = _mm256_shuffle_epi8(p, split);
+    __m128i c0 = _mm256_castsi256_si128(p), c1 = _mm256_extracti128_si256(p, 1);
+    *low = _mm_unpacklo_epi64(c0, c1);
+    *high = _mm_unpackhi_epi64(c0, c1);
+}
+
+/* 16 bfloat16 values for the 16 nibbles of 8 bytes (high nibble first). */
+static inline void store16_bf16(uint16_t* out, const uint8_t* p, __m128i low, __m128i high) {
+    const __m128i m = _mm_set1_epi8(15);
+    __m128i bytes = _mm_loadl_epi64((const __m128i*)p);
+    __m128i idx = _mm_unpacklo_epi8(_mm_and_si128(_mm_srli_epi16(bytes, 4), m), _mm_and_si128(bytes, m));
+    __m128i lo = _mm_shuffle_epi8(low, idx), hi = _mm_shuffle_epi8(high, idx);
+    _mm_storeu_si128((__m128i*)out, _mm_unpacklo_epi8(lo, hi));
+    _mm_storeu_si128((__m128i*)(out + 8), _mm_unpackhi_epi8(lo, hi));
+}
 #endif
 
 /* dtype: 0 = float32, 1 = bfloat16 */
@@ -56,6 +85,12 @@ void loraq_dequant4(const uint8_t* packed, const float* absmax, const float* cod
         float s = absmax[b];
         int64_t i = start;
 #ifdef __AVX2__
+        if (dtype == 1 && stop - start >= 32) {
+            __m128i low, high;
+            bf16_tables(lo_tab, hi_tab, s, &low, &high);
+            for (; i + 16 <= stop; i += 16)
+                store16_bf16(out16 + i, packed + i / 2, low, high);
+        }
         __m256 scale = _mm256_set1_ps(s);
         for (; i + 8 <= stop; i += 8) {
             __m256 val = _mm256_mul_ps(lookup8(packed + i / 2, lo_tab, hi_tab), scale);
