@@ -267,3 +267,43 @@ def test_embedding_gguf_refuses_other_records():
         EmbeddingGGUF(nf4)
     with pytest.raises(TypeError, match="must be a GGUFTensor"):
         LinearGGUF(nf4)
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.int32 if t.dtype == torch.float32 else torch.int16)
+
+
+@pytest.mark.parametrize("name", GGUF_TRAINABLE_TYPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_kernel_equals_the_pure_path_bit_for_bit(monkeypatch, name, dtype):
+    from loraq.quant.kernels import cpu
+
+    if cpu.mode() == "off" or not cpu.available():
+        pytest.skip("compiled kernel off or unbuildable here")
+    x = torch.randn(300, 1024) * 3
+    x[0, :32] = 0
+    x[1, :32] *= 1e-6  # float16 scales that are subnormal
+    blocks = quantize_gguf(x, name)
+    out = torch.empty(x.numel(), dtype=dtype)
+    assert cpu.dequantize_gguf_into(blocks, name, 0, x.numel() // 32, out)  # several threads
+    with monkeypatch.context() as m:
+        m.setattr(cpu, "_library", lambda: None)
+        want = dequantize_gguf(blocks, name, x.shape, dtype)
+        rec = GGUFTensor.from_tensor(x, name)
+        part = rec.dequantize_range(96, 96 + 64 * 5, torch.empty(64 * 5, dtype=dtype)).clone()
+    assert torch.equal(_bits(out.view(x.shape)), _bits(want))
+    assert torch.equal(_bits(dequantize_gguf(blocks, name, x.shape, dtype)), _bits(want))
+    got = rec.dequantize_range(96, 96 + 64 * 5, torch.empty(64 * 5, dtype=dtype))
+    assert torch.equal(_bits(got), _bits(part))
+
+
+@pytest.mark.parametrize("name", GGUF_TRAINABLE_TYPES)
+def test_pure_path_equals_gguf_bitwise_too(monkeypatch, name):
+    from loraq.quant.kernels import cpu
+
+    monkeypatch.setattr(cpu, "_library", lambda: None)
+    x = sample(7, 5, 4, 37.0, "ties")
+    raw = gguf.quants.quantize(x, gguf_type(name))
+    ref = gguf.quants.dequantize(raw, gguf_type(name))
+    ours = dequantize_gguf(torch.from_numpy(raw), name, x.shape)
+    np.testing.assert_array_equal(ours.numpy().view(np.uint32), ref.view(np.uint32))

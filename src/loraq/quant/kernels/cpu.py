@@ -32,7 +32,14 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["MODE_ENV", "available", "dequantize_4bit_into", "dequantize_8bit_into", "mode"]
+__all__ = [
+    "MODE_ENV",
+    "available",
+    "dequantize_4bit_into",
+    "dequantize_8bit_into",
+    "dequantize_gguf_into",
+    "mode",
+]
 
 #: Environment variable choosing ``auto`` / ``off`` / ``on`` (see the module docstring).
 MODE_ENV = "LORAQ_KERNELS"
@@ -92,7 +99,9 @@ def _build(cc: str) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
-    base = [cc, "-O3", "-shared", "-fPIC", "-fno-fast-math", "-o", tmp, str(_SOURCE)]
+    # -ffp-contract=off: a multiply then an add stays two roundings (no FMA), as in PyTorch.
+    flags = ["-O3", "-shared", "-fPIC", "-fno-fast-math", "-ffp-contract=off"]
+    base = [cc, *flags, "-o", tmp, str(_SOURCE)]
     try:
         errors = ""
         for extra in (["-march=native"], []):  # some compilers/targets refuse -march=native
@@ -131,6 +140,15 @@ def _library() -> ctypes.CDLL | None:
     args = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 4 + [ctypes.c_void_p, ctypes.c_int]
     for fn in (lib.loraq_dequant4, lib.loraq_dequant8):
         fn.argtypes, fn.restype = args, None
+    lib.loraq_dequant_gguf.argtypes = [
+        ctypes.c_void_p,
+        ctypes.c_int,
+        ctypes.c_int64,
+        ctypes.c_int64,
+        ctypes.c_void_p,
+        ctypes.c_int,
+    ]
+    lib.loraq_dequant_gguf.restype = None
     return lib
 
 
@@ -219,4 +237,49 @@ def dequantize_8bit_into(
     if flat.numel() < n or absmax.numel() < -(-n // blocksize):
         return False
     _run(lib.loraq_dequant8, flat, absmax, code, blocksize, n, out)
+    return True
+
+
+#: GGUF formats the kernel handles: name -> (kind code in dequant.c, bytes per 32-element block).
+_GGUF_KINDS = {"q8_0": (0, 34), "q4_0": (1, 18), "q4_1": (2, 20)}
+
+
+def dequantize_gguf_into(
+    blocks: torch.Tensor, quant_type: str, first_block: int, count: int, out: torch.Tensor
+) -> bool:
+    """Write GGUF blocks ``[first_block, first_block + count)`` (``q8_0``, ``q4_0``, ``q4_1``)
+    into the flat ``out`` (``32 * count`` elements); False if not handled (see
+    :func:`dequantize_4bit_into`), and the caller uses :mod:`loraq.quant.gguf`'s PyTorch path."""
+    lib = _library()
+    if lib is None or quant_type not in _GGUF_KINDS:
+        return False
+    kind, size = _GGUF_KINDS[quant_type]
+    flat = blocks.reshape(-1)
+    fits = (
+        out.device.type == "cpu"
+        and out.dtype in _DTYPE_CODES
+        and out.is_contiguous()
+        and not out.requires_grad
+        and out.numel() == 32 * count
+        and flat.device.type == "cpu"
+        and flat.dtype == torch.uint8
+        and flat.is_contiguous()
+        and flat.numel() >= (first_block + count) * size
+    )
+    if not fits:
+        return False
+    src, dst, dtype = flat.data_ptr() + first_block * size, out.data_ptr(), _DTYPE_CODES[out.dtype]
+    workers = max(1, min(torch.get_num_threads(), count))
+    if count * 32 < _PARALLEL_MIN or workers == 1:
+        lib.loraq_dequant_gguf(src, kind, 0, count, dst, dtype)
+        return True
+    step = -(-count // workers)
+    jobs = [
+        _pool(workers).submit(
+            lib.loraq_dequant_gguf, src, kind, lo, min(lo + step, count), dst, dtype
+        )
+        for lo in range(0, count, step)
+    ]
+    for job in jobs:
+        job.result()
     return True

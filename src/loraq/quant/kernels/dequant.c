@@ -143,3 +143,65 @@ void loraq_dequant8(const uint8_t* codes, const float* absmax, const float* code
         }
     }
 }
+
+/* GGUF blocks of 32 elements (see loraq.quant.gguf): kind 0 = q8_0 (d, 32 x int8),
+ * 1 = q4_0 (d, 16 bytes: element j low nibble of byte j, j + 16 its high nibble; (q - 8) * d),
+ * 2 = q4_1 (d, m, nibbles as q4_0; q * d + m, a multiply then an add: never fused, the build
+ * passes -ffp-contract=off). d and m are little-endian float16. Blocks [first, last) of
+ * `blocks` go to out[32 * b ...]; every value equals gguf.quants' float32 result. */
+static inline float half_to_float(const uint8_t* p) {
+    uint16_t h = (uint16_t)(p[0] | (p[1] << 8));
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1Fu, mant = h & 0x3FFu;
+    uint32_t bits;
+    if (exp == 0) {
+        if (mant == 0) {
+            bits = sign;
+        } else { /* subnormal: normalise */
+            exp = 113;
+            while ((mant & 0x400u) == 0) {
+                mant <<= 1;
+                exp--;
+            }
+            bits = sign | (exp << 23) | ((mant & 0x3FFu) << 13);
+        }
+    } else if (exp == 31) {
+        bits = sign | 0x7F800000u | (mant << 13);
+    } else {
+        bits = sign | ((exp + 112) << 23) | (mant << 13);
+    }
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+void loraq_dequant_gguf(const uint8_t* blocks, int kind, int64_t first_block, int64_t last_block,
+                        void* out, int dtype) {
+    static const int64_t sizes[3] = {34, 18, 20};
+    float vals[32];
+    for (int64_t b = first_block; b < last_block; b++) {
+        const uint8_t* p = blocks + b * sizes[kind];
+        float d = half_to_float(p);
+        if (kind == 0) {
+            const int8_t* q = (const int8_t*)(p + 2);
+            for (int j = 0; j < 32; j++) vals[j] = (float)q[j] * d;
+        } else if (kind == 1) {
+            for (int j = 0; j < 16; j++) {
+                vals[j] = ((float)(p[2 + j] & 15) - 8.0f) * d;
+                vals[j + 16] = ((float)(p[2 + j] >> 4) - 8.0f) * d;
+            }
+        } else {
+            float m = half_to_float(p + 2);
+            for (int j = 0; j < 16; j++) {
+                float lo = (float)(p[4 + j] & 15) * d, hi = (float)(p[4 + j] >> 4) * d;
+                vals[j] = lo + m;
+                vals[j + 16] = hi + m;
+            }
+        }
+        if (dtype == 0) {
+            memcpy((float*)out + b * 32, vals, sizeof vals);
+        } else {
+            uint16_t* o = (uint16_t*)out + b * 32;
+            for (int j = 0; j < 32; j++) o[j] = to_bf16(vals[j]);
+        }
+    }
+}
