@@ -375,3 +375,30 @@ def test_stories260k_a_real_pretrained_llama_round_trips_through_gguf(tmp_path):
     torch.testing.assert_close(logits(q8, ids), transformers_logits(q8_file, ids))
     story = decode_tokens(STORIES, generate_ids(q8, torch.tensor([[1]]), 20).tolist())
     assert story.strip().startswith(RUN_C_GREEDY[:40])
+
+
+def test_qwen2_with_attention_biases_round_trips(tmp_path, ids):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    cfg = Qwen2Config(
+        vocab_size=64,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
+    hf = Qwen2ForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for layer in hf.model.layers:
+            layer.self_attn.q_proj.bias.normal_(0, 0.5)
+            layer.self_attn.k_proj.bias.normal_(0, 0.5)
+    path = export_gguf(hf, tmp_path / "q.gguf", merged=True, dtype="q8_0")
+    ours, _ = load_gguf(path)
+    assert type(ours).__name__ == "Qwen2ForCausalLM"
+    q_proj = ours.model.layers[0].self_attn.q_proj
+    assert isinstance(q_proj, LinearGGUF)
+    assert torch.equal(q_proj.bias, hf.model.layers[0].self_attn.q_proj.bias)  # qwen2: no permute
+    torch.testing.assert_close(logits(ours, ids), transformers_logits(path, ids))
