@@ -39,6 +39,7 @@ from .blockwise import (
     resolve_dtype,
 )
 from .codebooks import DEFAULT_BLOCKSIZE_4BIT, NESTED_BLOCKSIZE, code_4bit, dynamic_map
+from .kernels import cpu as cpu_kernels
 from .kernels.pages import empty_for_write
 from .state_json import (
     json_tensor,
@@ -226,6 +227,19 @@ class QuantizedTensor:
     def dequantize_range(self, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
         """Dequantize flat elements ``[start, stop)`` into the 1-D ``out`` (``start`` a multiple
         of the blocksize); see :func:`~loraq.quant.blockwise.dequantize_4bit_blocks`."""
+        if start == 0 and self.double_quant:
+            # the compiled kernel decodes the 8-bit block scales on the fly (one pass, no array)
+            scales = cpu_kernels.NestedScales(
+                self.absmax_codes,
+                self.nested_code,
+                self.nested_absmax,
+                self.nested_blocksize,
+                float(self.offset),
+            )
+            if cpu_kernels.dequantize_4bit_nested_into(
+                self.packed, scales, self.code, self.blocksize, stop, out
+            ):
+                return out
         return dequantize_4bit_blocks(
             self.packed, self.code, self.block_absmax(), self.blocksize, start, stop, out
         )

@@ -28,14 +28,17 @@ import subprocess
 import tempfile
 import warnings
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 __all__ = [
     "MODE_ENV",
+    "NestedScales",
     "available",
     "dequantize_4bit_into",
+    "dequantize_4bit_nested_into",
     "dequantize_8bit_into",
     "dequantize_gguf_into",
     "mode",
@@ -47,6 +50,7 @@ _SOURCE = Path(__file__).with_name("dequant.c")
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
 # Below this many elements one thread does it all: a hand-off costs more than it saves.
 _PARALLEL_MIN = 1 << 16
+_FLAGS = ("-O3", "-shared", "-fPIC", "-fno-fast-math", "-ffp-contract=off")
 _OFF = ("off", "0", "false", "no")
 _ON = ("on", "1", "true", "yes")
 
@@ -90,7 +94,13 @@ def _build(cc: str) -> Path:
     source = _SOURCE.read_bytes()
     key = hashlib.sha256(
         b"\0".join(
-            [source, version.encode(), platform.machine().encode(), _cpu_signature().encode()]
+            [
+                source,
+                " ".join(_FLAGS).encode(),
+                version.encode(),
+                platform.machine().encode(),
+                _cpu_signature().encode(),
+            ]
         )
     ).hexdigest()[:20]
     target = _cache_dir() / f"dequant-{key}.so"
@@ -99,9 +109,8 @@ def _build(cc: str) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
-    # -ffp-contract=off: a multiply then an add stays two roundings (no FMA), as in PyTorch.
-    flags = ["-O3", "-shared", "-fPIC", "-fno-fast-math", "-ffp-contract=off"]
-    base = [cc, *flags, "-o", tmp, str(_SOURCE)]
+    # No contraction into FMA: the kernel's products and sums round separately, as the reference.
+    base = [cc, *_FLAGS, "-o", tmp, str(_SOURCE)]
     try:
         errors = ""
         for extra in (["-march=native"], []):  # some compilers/targets refuse -march=native
@@ -137,9 +146,11 @@ def _library() -> ctypes.CDLL | None:
             stacklevel=3,
         )
         return None
-    args = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 4 + [ctypes.c_void_p, ctypes.c_int]
+    tail = [ctypes.c_int64] * 4 + [ctypes.c_void_p, ctypes.c_int]
     for fn in (lib.loraq_dequant4, lib.loraq_dequant8):
-        fn.argtypes, fn.restype = args, None
+        fn.argtypes, fn.restype = [ctypes.c_void_p] * 3 + tail, None
+    nested = [ctypes.c_void_p] * 4 + [ctypes.c_int64, ctypes.c_float, ctypes.c_void_p]
+    lib.loraq_dequant4_nested.argtypes, lib.loraq_dequant4_nested.restype = nested + tail, None
     lib.loraq_dequant_gguf.argtypes = [
         ctypes.c_void_p,
         ctypes.c_int,
@@ -150,6 +161,19 @@ def _library() -> ctypes.CDLL | None:
     ]
     lib.loraq_dequant_gguf.restype = None
     return lib
+
+
+@dataclass(frozen=True)
+class NestedScales:
+    """Double-quantized block scales: uint8 ``codes`` (one per block) into the 256-entry
+    float32 ``code`` book, float32 ``absmax`` per ``blocksize`` codes, and the float ``offset``
+    added after scaling."""
+
+    codes: torch.Tensor
+    code: torch.Tensor
+    absmax: torch.Tensor
+    blocksize: int
+    offset: float
 
 
 @functools.cache
@@ -179,21 +203,60 @@ def _usable(codes, absmax, code, out, table_size: int) -> bool:
     )
 
 
-def _run(fn, codes, absmax, code, blocksize: int, n: int, out: torch.Tensor) -> None:
+def _run(fn, head: tuple, blocksize: int, n: int, out: torch.Tensor) -> None:
+    """``fn(*head, blocksize, n, first_block, last_block, out, dtype)`` over slices of blocks,
+    one per thread (``torch.get_num_threads()``)."""
     n_blocks = -(-n // blocksize)
-    ptrs = (codes.data_ptr(), absmax.data_ptr(), code.data_ptr())
     out_ptr, dtype = out.data_ptr(), _DTYPE_CODES[out.dtype]
     workers = max(1, min(torch.get_num_threads(), n_blocks))
     if n < _PARALLEL_MIN or workers == 1:
-        fn(*ptrs, blocksize, n, 0, n_blocks, out_ptr, dtype)
+        fn(*head, blocksize, n, 0, n_blocks, out_ptr, dtype)
         return
     step = -(-n_blocks // workers)
     jobs = [
-        _pool(workers).submit(fn, *ptrs, blocksize, n, lo, min(lo + step, n_blocks), out_ptr, dtype)
+        _pool(workers).submit(fn, *head, blocksize, n, lo, min(lo + step, n_blocks), out_ptr, dtype)
         for lo in range(0, n_blocks, step)
     ]
     for job in jobs:
         job.result()  # ctypes releases the GIL, so the slices run in parallel
+
+
+def _ptrs(*tensors: torch.Tensor) -> tuple[int, ...]:
+    return tuple(t.data_ptr() for t in tensors)
+
+
+def dequantize_4bit_nested_into(
+    packed: torch.Tensor,
+    scales: NestedScales,
+    code: torch.Tensor,
+    blocksize: int,
+    n: int,
+    out: torch.Tensor,
+) -> bool:
+    """:func:`dequantize_4bit_into` for double-quantized block scales, decoded on the fly.
+
+    Block ``b``'s scale is ``scales.code[scales.codes[b]] * scales.absmax[b // scales.blocksize]
+    + scales.offset`` (two float32 roundings), as the pure path computes it into a separate
+    array first. False (nothing written) when the kernel or the tensors do not fit.
+    """
+    lib = _library()
+    flat = packed.reshape(-1)
+    n_blocks = -(-n // blocksize)
+    if lib is None or out.numel() < n or not _usable(flat, scales.absmax, code, out, 16):
+        return False
+    codes, nested_code = scales.codes.reshape(-1), scales.code
+    if not _usable(codes, scales.absmax, nested_code, out, 256) or codes.numel() < n_blocks:
+        return False
+    if flat.numel() < (n + 1) // 2 or scales.absmax.numel() < -(-n_blocks // scales.blocksize):
+        return False
+    head = (
+        *_ptrs(flat, codes, nested_code, scales.absmax),
+        scales.blocksize,
+        scales.offset,
+        code.data_ptr(),
+    )
+    _run(lib.loraq_dequant4_nested, head, blocksize, n, out)
+    return True
 
 
 def dequantize_4bit_into(
@@ -217,7 +280,7 @@ def dequantize_4bit_into(
         return False
     if flat.numel() < (n + 1) // 2 or absmax.numel() < -(-n // blocksize):
         return False
-    _run(lib.loraq_dequant4, flat, absmax, code, blocksize, n, out)
+    _run(lib.loraq_dequant4, _ptrs(flat, absmax, code), blocksize, n, out)
     return True
 
 
@@ -236,7 +299,7 @@ def dequantize_8bit_into(
         return False
     if flat.numel() < n or absmax.numel() < -(-n // blocksize):
         return False
-    _run(lib.loraq_dequant8, flat, absmax, code, blocksize, n, out)
+    _run(lib.loraq_dequant8, _ptrs(flat, absmax, code), blocksize, n, out)
     return True
 
 

@@ -70,44 +70,62 @@ static inline void store16_bf16(uint16_t* out, const uint8_t* p, __m128i low, __
 }
 #endif
 
-/* dtype: 0 = float32, 1 = bfloat16 */
+/* Elements [start, stop) of one block with scale s. dtype: 0 = float32, 1 = bfloat16 */
+static inline void dequant4_block(const uint8_t* packed, const float* code, float s,
+                                  int64_t start, int64_t stop, void* out, int dtype) {
+    float* out32 = (float*)out;
+    uint16_t* out16 = (uint16_t*)out;
+    int64_t i = start;
+#ifdef __AVX2__
+    __m256 lo_tab = _mm256_loadu_ps(code), hi_tab = _mm256_loadu_ps(code + 8);
+    if (dtype == 1 && stop - start >= 32) {
+        __m128i low, high;
+        bf16_tables(lo_tab, hi_tab, s, &low, &high);
+        for (; i + 16 <= stop; i += 16)
+            store16_bf16(out16 + i, packed + i / 2, low, high);
+    }
+    __m256 scale = _mm256_set1_ps(s);
+    for (; i + 8 <= stop; i += 8) {
+        __m256 val = _mm256_mul_ps(lookup8(packed + i / 2, lo_tab, hi_tab), scale);
+        if (dtype == 0)
+            _mm256_storeu_ps(out32 + i, val);
+        else
+            store_bf16(out16 + i, val);
+    }
+#endif
+    for (; i < stop; i++) {
+        uint8_t byte = packed[i >> 1];
+        float v = code[(i & 1) ? (byte & 15) : (byte >> 4)] * s;
+        if (dtype == 0)
+            out32[i] = v;
+        else
+            out16[i] = to_bf16(v);
+    }
+}
+
 void loraq_dequant4(const uint8_t* packed, const float* absmax, const float* code,
                     int64_t blocksize, int64_t n, int64_t first_block, int64_t last_block,
                     void* out, int dtype) {
-    float* out32 = (float*)out;
-    uint16_t* out16 = (uint16_t*)out;
-#ifdef __AVX2__
-    __m256 lo_tab = _mm256_loadu_ps(code), hi_tab = _mm256_loadu_ps(code + 8);
-#endif
     for (int64_t b = first_block; b < last_block; b++) {
         int64_t start = b * blocksize;
         int64_t stop = start + blocksize < n ? start + blocksize : n;
-        float s = absmax[b];
-        int64_t i = start;
-#ifdef __AVX2__
-        if (dtype == 1 && stop - start >= 32) {
-            __m128i low, high;
-            bf16_tables(lo_tab, hi_tab, s, &low, &high);
-            for (; i + 16 <= stop; i += 16)
-                store16_bf16(out16 + i, packed + i / 2, low, high);
-        }
-        __m256 scale = _mm256_set1_ps(s);
-        for (; i + 8 <= stop; i += 8) {
-            __m256 val = _mm256_mul_ps(lookup8(packed + i / 2, lo_tab, hi_tab), scale);
-            if (dtype == 0)
-                _mm256_storeu_ps(out32 + i, val);
-            else
-                store_bf16(out16 + i, val);
-        }
-#endif
-        for (; i < stop; i++) {
-            uint8_t byte = packed[i >> 1];
-            float v = code[(i & 1) ? (byte & 15) : (byte >> 4)] * s;
-            if (dtype == 0)
-                out32[i] = v;
-            else
-                out16[i] = to_bf16(v);
-        }
+        dequant4_block(packed, code, absmax[b], start, stop, out, dtype);
+    }
+}
+
+/* Double quantization: block b's scale is nested_code[absmax_codes[b]] * nested_absmax[b / nb]
+ * + offset, a product and a sum rounded separately (built with -ffp-contract=off: no FMA),
+ * computed on the fly instead of in a separate pass over a float32 scale array. */
+void loraq_dequant4_nested(const uint8_t* packed, const uint8_t* absmax_codes,
+                           const float* nested_code, const float* nested_absmax,
+                           int64_t nested_blocksize, float offset, const float* code,
+                           int64_t blocksize, int64_t n, int64_t first_block, int64_t last_block,
+                           void* out, int dtype) {
+    for (int64_t b = first_block; b < last_block; b++) {
+        int64_t start = b * blocksize;
+        int64_t stop = start + blocksize < n ? start + blocksize : n;
+        float scaled = nested_code[absmax_codes[b]] * nested_absmax[b / nested_blocksize];
+        dequant4_block(packed, code, scaled + offset, start, stop, out, dtype);
     }
 }
 
