@@ -19,7 +19,7 @@ from safetensors import safe_open
 from torch import nn
 
 import loraq
-from conftest import needs, tiny_gpt2, tiny_llama
+from conftest import needs, tiny_bert_cls, tiny_gpt2, tiny_llama
 from loraq.io import FormatError, load_adapter, save_adapter
 from loraq.io.checkpoints import export_merged
 from loraq.io.quantized import load_quantized, save_quantized
@@ -226,6 +226,23 @@ def test_transformers_loads_ours(ours) -> None:
     assert type(q_proj).__module__.startswith("bitsandbytes")
     theirs = bnbf.dequantize_4bit(q_proj.weight.data, q_proj.weight.quant_state)
     assert torch.equal(theirs, model.model.layers[0].self_attn.q_proj.dequantize_weight())
+    assert (_logits(hf, train=True) - _logits(model)).abs().max() < 1e-5
+
+
+@needs("bitsandbytes")
+def test_transformers_keeps_a_classifier_head_dense(tmp_path: Path) -> None:
+    """transformers' default skip list holds only the output embeddings, so a classifier head
+    that stayed dense must be listed, or transformers builds a 4-bit layer for its float weight."""
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(0)
+    model = quantize_base(tiny_bert_cls(hidden=64)).eval()
+    save_quantized(model, tmp_path)
+    qconfig = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    assert qconfig["llm_int8_skip_modules"] == ["classifier"]
+    hf = _quiet(AutoModelForSequenceClassification.from_pretrained, str(tmp_path), device_map="cpu")
+    assert type(hf.classifier) is nn.Linear
+    assert type(hf.bert.pooler.dense).__module__.startswith("bitsandbytes")
     assert (_logits(hf, train=True) - _logits(model)).abs().max() < 1e-5
 
 

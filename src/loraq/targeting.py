@@ -74,6 +74,20 @@ def _output_embeddings(model: nn.Module) -> nn.Module | None:
         ) from err
 
 
+def output_embedding_names(model: nn.Module) -> set[str]:
+    """Names of the module ``get_output_embeddings()`` returns (or a wrapper around it): the
+    head that transformers' bitsandbytes loader keeps dense by default, unlike a ``classifier``
+    or ``score`` head that :func:`output_head_names` also counts."""
+    head = _output_embeddings(model)
+    if head is None:
+        return set()
+    return {
+        name
+        for name, module in model.named_modules()
+        if module is head or (isinstance(module, LoRALayer) and module.base_layer is head)
+    }
+
+
 def output_head_names(model: nn.Module) -> set[str]:
     """Names of output heads that ``"all-linear"`` leaves alone (as PEFT does): the module
     ``get_output_embeddings()`` returns (or a wrapper around it) and top-level modules named

@@ -38,7 +38,7 @@ from ..naming import ADAPTER_PARTS, WRAPPER_SEGMENTS, unwrapped_name
 from ..quant.gguf_tensor import GGUF_STATE_KIND, GGUFTensor
 from ..quant.qtensor import QuantizedTensor
 from ..quant.qtensor8 import QuantizedTensor8
-from ..targeting import output_head_names, set_submodule
+from ..targeting import output_embedding_names, set_submodule
 from .adapter_check import check_finite
 from .model_folder import copy_tokenizer_files, source_folder
 from .safe import (
@@ -113,7 +113,7 @@ def quantization_config(model: nn.Module) -> dict[str, Any]:
     double = any(getattr(r, "double_quant", False) for r in records)
     if all(isinstance(m, Linear4bit) for m in layers.values()) and len(quant_types) == 1:
         dense = _dense_linear_names(model)
-        heads = {unwrapped_name(n) for n in output_head_names(model)}
+        heads = {unwrapped_name(n) for n in output_embedding_names(model)}
         return {
             "_load_in_4bit": True,
             "_load_in_8bit": False,
@@ -123,7 +123,8 @@ def quantization_config(model: nn.Module) -> dict[str, Any]:
             "bnb_4bit_use_double_quant": double,
             "llm_int8_enable_fp32_cpu_offload": False,
             "llm_int8_has_fp16_weight": False,
-            # null = transformers' default (keep the output head dense); otherwise the exact set.
+            # null = transformers' default (keep the output embeddings dense, not a classifier
+            # head); otherwise the exact set.
             "llm_int8_skip_modules": None if dense == heads else sorted(dense),
             "llm_int8_threshold": 6.0,
             "load_in_4bit": True,
