@@ -183,9 +183,16 @@ class LoRALayer(nn.Module):
         note_adapter_change()  # DoRA's stacked norms depend on the base
 
     def _a_b_params(self, name: str) -> tuple[nn.Parameter, nn.Parameter]:
-        if name in self.lora_embedding_A:
-            return self.lora_embedding_A[name], self.lora_embedding_B[name]
-        return self.lora_A[name].weight, self.lora_B[name].weight
+        # Read through the registries directly (no nn.Module.__getattr__): re-stacking every
+        # layer's adapters for a mixed batch calls this once per layer and adapter.
+        modules = self._modules
+        embedding_a = modules["lora_embedding_A"]._parameters
+        if name in embedding_a:
+            return embedding_a[name], modules["lora_embedding_B"]._parameters[name]
+        a_module = modules["lora_A"]._modules[name]
+        return a_module._parameters["weight"], modules["lora_B"]._modules[name]._parameters[
+            "weight"
+        ]
 
     def adapter_weights(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """A and B as the forward pass uses them (on their k-bit grid if ``adapter_bits`` is set)."""

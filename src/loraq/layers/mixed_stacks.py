@@ -61,31 +61,47 @@ def stack_layer(layer: Any, slots: Sequence[str | None], device: torch.device) -
 
     Slots whose name is None or absent from the layer are zeros (DoRA scale 1). Built from the
     adapters' forward weights (k-bit grids applied), so gradients flow back to them when enabled.
+    The scale and the transpose of B are applied to the whole stack at once (a layer is a few
+    tensor ops, not a few per adapter: a change of the adapter set re-stacks every layer).
     """
     dtype = layer._adapter_dtype()
     present = [n for n in slots if n is not None and n in layer.r]
     r_max = max((layer.r[n] for n in present), default=1)
     in_f, out_f = layer._in_out()
-    any_dora = any(layer.use_dora[n] for n in present)
-    a_rows, b_rows, dora = [], [], []
+    zero_a = torch.zeros(r_max, in_f, dtype=dtype, device=device)
+    zero_b = torch.zeros(out_f, r_max, dtype=dtype, device=device)
+    a_rows, b_rows, scales = [], [], []
     for name in slots:
         if name is None or name not in layer.r:
-            a_rows.append(torch.zeros(r_max, in_f, dtype=dtype, device=device))
-            b_rows.append(torch.zeros(r_max, out_f, dtype=dtype, device=device))
-            dora.append(torch.ones(out_f, dtype=dtype, device=device))
+            a_rows.append(zero_a)
+            b_rows.append(zero_b)
+            scales.append(0.0)
             continue
         a, b = layer._a_b_matrices(name)
         pad = r_max - layer.r[name]
-        a_rows.append(F.pad(a.to(dtype), (0, 0, 0, pad)))
-        b_rows.append(F.pad((b.to(dtype) * layer.scaling[name]).t(), (0, 0, 0, pad)))
-        if any_dora and layer.use_dora[name]:
-            with torch.no_grad():
-                norm = (layer.base_matrix().to(dtype) + layer.delta_matrix(name)).norm(dim=1)
-            dora.append(layer.lora_magnitude_vector[name] / norm)
-        else:
-            dora.append(torch.ones(out_f, dtype=dtype, device=device))
-    stacked_dora = torch.stack(dora) if any_dora else None
-    return LayerStack(torch.stack(a_rows), torch.stack(b_rows), stacked_dora)
+        a_rows.append(F.pad(a.to(dtype), (0, 0, 0, pad)) if pad else a.to(dtype))
+        b_rows.append(F.pad(b.to(dtype), (0, pad)) if pad else b.to(dtype))
+        scales.append(layer.scaling[name])
+    scale = torch.tensor(scales, dtype=dtype, device=device).view(-1, 1, 1)
+    b_stack = (torch.stack(b_rows) * scale).transpose(1, 2).contiguous()
+    return LayerStack(torch.stack(a_rows), b_stack, _dora_scales(layer, slots, dtype, device))
+
+
+def _dora_scales(layer: Any, slots: Sequence[str | None], dtype, device) -> torch.Tensor | None:
+    """``(slots, out)`` DoRA column scales ``m / ||W + sBA||`` (1 elsewhere), or None."""
+    if not any(layer.use_dora.get(n, False) for n in slots if n is not None):
+        return None
+    out_f = layer._in_out()[1]
+    ones = torch.ones(out_f, dtype=dtype, device=device)
+    scales = []
+    for name in slots:
+        if name is None or not layer.use_dora.get(name, False):
+            scales.append(ones)
+            continue
+        with torch.no_grad():
+            norm = (layer.base_matrix().to(dtype) + layer.delta_matrix(name)).norm(dim=1)
+        scales.append(layer.lora_magnitude_vector[name] / norm)
+    return torch.stack(scales)
 
 
 def _adapter_tensors(layer: Any) -> list[torch.Tensor]:
