@@ -11,6 +11,7 @@ from torch import nn
 import loraq
 from conftest import tiny_gpt2, tiny_llama
 from loraq.layers import mixed as mixed_op
+from loraq.layers.adapter_quant import enable_adapter_quant
 from loraq.layers.mixed import RowAdapters
 from loraq.layers.qlora import QLoRALayer
 from tiny_lm import randomize_adapters, single_thread  # noqa: F401
@@ -336,3 +337,25 @@ def test_mixed_batch_refuses_an_adapter_deleted_while_it_is_reused():
     with pytest.raises(ValueError, match=r"adapters \['b'\] are no longer in the model"):
         with torch.no_grad(), loraq.adapter_rows(model, batch):
             model(torch.randint(0, 64, (2, 3)))
+
+
+@pytest.mark.parametrize("strategy", ["gather", "concat", "auto"])
+def test_rows_without_dora_added_into_the_base_output_equal_each_adapter_alone(
+    strategy, monkeypatch
+):
+    monkeypatch.setattr(mixed_op, "STRATEGY", strategy)
+    layer = loraq.LoRALayer(nn.Linear(16, 12), rank=4, alpha=8, adapter_name="a")
+    layer.add_adapter("b", 8, 4.0)
+    layer.add_adapter("k", 2, 2.0)
+    enable_adapter_quant(layer, "k", 4)
+    randomize_adapters(layer)
+    layer.eval()
+    for rows in (["a", "b", None, "k", "b"], ["b", "b", "b"], [None, None]):
+        x = torch.randn(len(rows), 3, 16)
+        with torch.no_grad():
+            layer.__dict__["row_adapters"] = RowAdapters.from_names(rows)
+            mixed = layer(x)
+            layer.__dict__["row_adapters"] = None
+            for i, name in enumerate(rows):
+                expected = _alone(layer, name, x[i : i + 1])
+                torch.testing.assert_close(mixed[i : i + 1], expected, rtol=1e-5, atol=1e-5)

@@ -276,17 +276,32 @@ class MixedBatch:
         return mask
 
 
-def _linear_delta(batch: MixedBatch, layer, x_in, stack: LayerStack, rows, uniform):
-    """``(R, T, out)`` adapter outputs of a linear-like layer for inputs ``x_in (R, T, in)``."""
+def _linear_delta(batch: MixedBatch, layer, x_in, stack: LayerStack, rows, uniform, out=None):
+    """``(R, T, out)`` adapter outputs of a linear-like layer for inputs ``x_in (R, T, in)``.
+
+    With ``out`` (the base output as ``(R, T, out)``, no gradients) the outputs are added into
+    it in place instead: no fresh output-sized tensors, whose allocation costs page faults.
+    """
+    r_max, in_f = stack.a.shape[1:]
     if uniform is not None and STRATEGY == "auto":
-        return torch.matmul(torch.matmul(x_in, stack.a[uniform].t()), stack.b[uniform])
-    slots, r_max, in_f = stack.a.shape
-    if use_concat(x_in.shape[0], x_in.shape[1], slots):
-        own = batch.slot_mask(rows, r_max, slots, x_in.dtype)
-        hidden = torch.matmul(x_in, stack.a.reshape(slots * r_max, in_f).t())  # (R, T, slots*r)
-        return torch.matmul(hidden * own[:, None, :], stack.b.reshape(slots * r_max, -1))
-    a_rows, b_rows, _ = batch.row_weights(layer, stack, rows)
-    return torch.bmm(torch.bmm(x_in, a_rows.transpose(1, 2)), b_rows)
+        hidden, b = torch.matmul(x_in, stack.a[uniform].t()), stack.b[uniform]
+    else:
+        slots = stack.a.shape[0]
+        if use_concat(x_in.shape[0], x_in.shape[1], slots):
+            own = batch.slot_mask(rows, r_max, slots, x_in.dtype)
+            hidden = torch.matmul(x_in, stack.a.reshape(slots * r_max, in_f).t()) * own[:, None]
+            b = stack.b.reshape(slots * r_max, -1)  # hidden: (R, T, slots * r)
+        else:
+            a_rows, b_rows, _ = batch.row_weights(layer, stack, rows)
+            hidden = torch.bmm(x_in, a_rows.transpose(1, 2))
+            if out is None:
+                return torch.bmm(hidden, b_rows)
+            return out.baddbmm_(hidden, b_rows)
+    if out is None:
+        return torch.matmul(hidden, b)
+    flat = out.view(-1, out.shape[-1])
+    flat.addmm_(hidden.reshape(flat.shape[0], -1), b)
+    return out
 
 
 def mixed_forward(
@@ -313,6 +328,16 @@ def mixed_forward(
         delta = torch.bmm(hidden, batch.row_weights(layer, stack, row_slot)[1])
     else:
         x_in = _row_dropout(layer, plan, x.to(dtype)).reshape(rows, -1, x.shape[-1])
+        in_place = (
+            stack.dora is None
+            and result.dtype == dtype
+            and result.is_contiguous()
+            and not torch.is_grad_enabled()
+        )
+        if in_place:
+            out = result.view(rows, x_in.shape[1], -1)
+            _linear_delta(batch, layer, x_in, stack, row_slot, uniform, out)
+            return result
         delta = _linear_delta(batch, layer, x_in, stack, row_slot, uniform)
     delta = delta.reshape(result.shape)
     if stack.dora is None:
