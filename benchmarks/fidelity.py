@@ -133,18 +133,32 @@ def main() -> None:
     parser.add_argument("--only", choices=["minilm", "stories"], help="one model only")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    sections = []
+    sections: dict[str, str] = {}
     with tempfile.TemporaryDirectory() as tmp:
         from minilm_task import minilm_task
 
         if args.only in (None, "minilm"):
-            sections.append(_section(minilm_task(Path(tmp) / "minilm", args.steps), "accuracy"))
+            task = minilm_task(Path(tmp) / "minilm", args.steps)
+            sections["minilm"] = _section(task, "accuracy")
         if args.only in (None, "stories") and load_stories() is not None:
-            sections.append(_section(stories_task(Path(tmp) / "stories"), "perplexity"))
-    text = Path(args.out).read_text(encoding="utf-8") if Path(args.out).exists() else ""
-    head = text.split("<!-- tables -->")[0] if "<!-- tables -->" in text else ""
-    Path(args.out).write_text(head + "<!-- tables -->\n\n" + "\n".join(sections), encoding="utf-8")
-    print("\n".join(sections))
+            sections["stories"] = _section(stories_task(Path(tmp) / "stories"), "perplexity")
+    out = Path(args.out)
+    out.write_text(_updated(out.read_text(encoding="utf-8") if out.exists() else "", sections))
+    print("\n".join(sections.values()))
+
+
+def _updated(text: str, sections: dict[str, str]) -> str:
+    """``text`` with the tables of ``sections`` replaced (each between its own markers), the
+    prose above ``<!-- tables -->`` and the other model's tables kept."""
+    head, _, tables = text.partition("<!-- tables -->")
+    parts = []
+    for key in ("minilm", "stories"):
+        begin, end = f"<!-- {key} -->", f"<!-- /{key} -->"
+        old = tables.split(begin, 1)[1].split(end, 1)[0] if begin in tables else ""
+        body = sections.get(key, old.strip("\n") + "\n" if old.strip() else "")
+        if body:
+            parts.append(f"{begin}\n\n{body}\n{end}\n")
+    return (head if text else "") + "<!-- tables -->\n\n" + "\n".join(parts)
 
 
 if __name__ == "__main__":
