@@ -229,6 +229,7 @@ def test_cli_merge_into(qlora_run, tmp_path, capsys, into) -> None:
     assert code == 0, capsys.readouterr().err
     line = capsys.readouterr().out
     assert f"merged into {into}, max |Δlogit|" in line and "KL" in line
+    assert "on calibration batch (8, " in line  # the run's eval records, not random ids
     assert json.loads((out / "merge_report.json").read_text())["into"] == into
 
 

@@ -318,15 +318,16 @@ def _merge(args: argparse.Namespace) -> int:
     from loraq.io.safe import read_json
     from loraq.merging import REPORT_FILE, MergeReport
     from loraq.train.hub import quiet_transformers
-    from loraq.train.inference import original_weights
+    from loraq.train.inference import calibration_inputs, original_weights
 
     if args.original and args.into != "original":
         raise CliError("--original is only used with --into original")
-    model, tokenizer, _ = _load_for_inference(args, args.task)
+    model, tokenizer, run = _load_for_inference(args, args.task)
     original = original_weights(args.original, model) if args.into == "original" else None
+    batch = calibration_inputs(run, tokenizer, model)
     with quiet_transformers():
         loraq.export_merged(
-            model, args.out, dtype=args.dtype, merge_into=args.into, original=original
+            model, args.out, args.dtype, merge_into=args.into, original=original, calibration=batch
         )
     tokenizer.save_pretrained(args.out)
     report = Path(args.out) / REPORT_FILE

@@ -115,7 +115,8 @@ def calibration_batch(model: nn.Module, batch: Any = None) -> tuple[Any, str]:
     """``(batch, description)``: the given batch, or random token ids when the model has a
     vocabulary (``config.vocab_size``), or ``(None, "")`` when neither is available."""
     if batch is not None:
-        shape = tuple(batch.shape) if isinstance(batch, torch.Tensor) else "given"
+        ids = batch.get("input_ids") if isinstance(batch, Mapping) else batch
+        shape = tuple(ids.shape) if isinstance(ids, torch.Tensor) else "given"
         return batch, f"calibration batch {shape}"
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     if not isinstance(vocab, int) or vocab <= 0:

@@ -113,3 +113,32 @@ def original_weights(path: str | None, model: nn.Module) -> dict[str, torch.Tens
     if folder is None:
         raise ConfigError("--into original needs --original MODEL_DIR (the float base weights)")
     return read_float_weights(folder)
+
+
+#: How many of a run's held-out examples ``loraq merge`` measures a merge on.
+CALIBRATION_EXAMPLES = 8
+
+
+def calibration_inputs(
+    run: TrainConfig | None, tokenizer: Any, model: nn.Module
+) -> dict[str, torch.Tensor] | None:
+    """The first :data:`CALIBRATION_EXAMPLES` records of the run's eval (else train) data as
+    model inputs, to measure a merge on real text; None without a run or readable data (the
+    merge then falls back to random token ids)."""
+    from loraq.train.data import collate, pad_id_of, read_records, tokenize_records
+
+    path = (run.data.eval or run.data.train) if run is not None else None
+    if not path:
+        return None
+    id2label = getattr(getattr(model, "config", None), "id2label", None) or {}
+    labels = run.data.labels or [id2label[i] for i in sorted(id2label)]
+    try:
+        records = read_records(path, run.data.format)[:CALIBRATION_EXAMPLES]
+        examples = tokenize_records(records, run, tokenizer, labels, "calibration")
+    except (OSError, ValueError):  # the data moved or changed since training
+        return None
+    if not examples:
+        return None
+    batch = collate(examples, pad_id_of(tokenizer))
+    batch.pop("labels", None)
+    return batch
