@@ -22,7 +22,7 @@ from stories260k import STORIES as FOLDER  # noqa: E402  (the tests' converter)
 from stories260k import load_stories260k  # noqa: E402
 
 LOFTQ_ITERS = 5
-LEARNING_RATE = 5e-4
+LEARNING_RATE = 2e-4
 BOS = 1
 
 # Short stories in the style of TinyStories, written for this benchmark (train / held-out).
