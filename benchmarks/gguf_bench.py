@@ -15,8 +15,8 @@ Timed side by side in one process, interleaved round by round in a shuffled orde
   quantized vs the same model dequantized to dense float32, with peak RSS of each in a child
   process; and the adapter-GGUF vs merged-GGUF file sizes.
 
-Targets: loraq quantize and dequantize faster than the gguf package; GGUF dequantize no slower
-than NF4's (the "as fast as our NF4 path" goal).
+Targets: GGUF dequantize (per matmul, the hot path) faster than the gguf package and no slower
+than NF4's (the "as fast as our NF4 path" goal); quantize (once per layer) no slower than NF4's.
 """
 
 from __future__ import annotations
