@@ -28,6 +28,7 @@ import math
 import torch
 
 from .kernels import cpu as cpu_kernels
+from .kernels.pages import empty_for_write
 
 __all__ = [
     "GGUF_QUANT_TYPES",
@@ -306,5 +307,5 @@ def dequantize_gguf(
     gguf_bytes_shape(shape, quant_type)  # validates the last dimension
     n_blocks = math.prod(shape) // _SIZES[quant_type][0]
     flat = _as_blocks(blocks, quant_type, n_blocks, "dequantize_gguf")
-    out = torch.empty(math.prod(shape), dtype=dtype, device=blocks.device)
+    out = empty_for_write(math.prod(shape), dtype, blocks.device)
     return dequantize_gguf_into(flat, quant_type, out).view(shape)
