@@ -172,9 +172,14 @@ def main() -> None:
         data = write_text(root / "train.txt", 2 * args.steps * BATCH * SEQ)
         speeds: dict[str, list[float]] = {"loraq train": [], "PEFT + transformers": []}
         for i in range(args.repeats):
-            ours = loraq_run(folder, data, root / f"run{i}", args)
-            speeds["loraq train"] += ours[args.warmup :]
-            speeds["PEFT + transformers"] += peft_run(folder, data, args)[args.warmup :]
+            ours = loraq_run(folder, data, root / f"run{i}", args)[args.warmup :]
+            theirs = peft_run(folder, data, args)[args.warmup :]
+            print(
+                f"  run {i}: loraq {statistics.median(ours):.0f} tokens/s, "
+                f"PEFT {statistics.median(theirs):.0f} tokens/s (load {os.getloadavg()[0]:.1f})"
+            )
+            speeds["loraq train"] += ours
+            speeds["PEFT + transformers"] += theirs
     print(
         f"torch {torch.__version__}, {args.threads} threads, {args.repeats} alternating runs of "
         f"{args.steps} steps ({args.warmup} warm-up dropped); Llama h256 x4 layers, batch "

@@ -5,8 +5,7 @@
 
 - folds the scale and the add into ``addmm`` (no separate scale / add passes over the output);
 - keeps ``x`` (already alive as the previous op's output) and the small ``x A^T`` for backward,
-  instead of a full dropped-out copy of ``x``: the dropout mask is drawn again in backward from
-  the saved generator state (CPU), or kept at one byte per element (other devices);
+  plus a 1-byte mask when dropout is on, instead of a full dropped-out copy of ``x``;
 - computes the input gradient of base and adapter in one ``addmm``;
 - never computes a weight gradient for the frozen base.
 
@@ -33,27 +32,9 @@ from ..precision import autocast_dtype
 WeightSource = torch.Tensor | Callable[..., torch.Tensor] | None
 
 
-def _dropout_mask(x: torch.Tensor, p: float, generator: torch.Generator | None = None):
-    # uint8: a quarter of a float copy of x, and the same draws as nn.Dropout's float mask.
-    mask = torch.empty(x.shape, dtype=torch.uint8, device=x.device)
-    return mask.bernoulli_(1.0 - p, generator=generator)
-
-
-class _MaskReplay:
-    """The random state a CPU dropout mask was drawn from, so backward can draw it again.
-
-    Keeping a 5 KB generator state instead of the mask (a byte per input element, per adapted
-    layer) takes the masks out of the memory held between forward and backward; the replayed
-    mask is bit-identical because it comes from the same state through the same kernel.
-    """
-
-    def __init__(self) -> None:
-        self.state = torch.get_rng_state()
-
-    def mask(self, x: torch.Tensor, p: float) -> torch.Tensor:
-        generator = torch.Generator()
-        generator.set_state(self.state)
-        return _dropout_mask(x, p, generator)
+def _dropout_mask(x: torch.Tensor, p: float) -> torch.Tensor:
+    # uint8 keeps the saved mask at a quarter of a float copy of x.
+    return torch.empty(x.shape, dtype=torch.uint8, device=x.device).bernoulli_(1.0 - p)
 
 
 def _use_merged_weight(
@@ -108,13 +89,10 @@ def _forward(ctx, x, base_out, weight, bias, lora_a, lora_b, scaling, dropout_p,
     lora_dtype = lora_a.dtype if amp_dtype is None else amp_dtype
     lora_a, lora_b = lora_a.to(lora_dtype), lora_b.to(lora_dtype)
     x_lora = None
-    mask = replay = None
+    mask = None
     if dropout_p > 0.0:
-        # CPU masks are replayed in backward from the generator state (see _MaskReplay); other
-        # devices keep the mask.
-        replay = _MaskReplay() if x2.device.type == "cpu" else None
-        mask = _dropout_mask(x2, dropout_p)
         # One temporary for x * mask; the 1/(1-p) rescale goes on the small (N, r) result.
+        mask = _dropout_mask(x2, dropout_p)
         hidden = torch.mm(torch.mul(x2, mask).to(lora_dtype), lora_a.t()).mul_(
             1.0 / (1.0 - dropout_p)
         )
@@ -149,9 +127,7 @@ def _forward(ctx, x, base_out, weight, bias, lora_a, lora_b, scaling, dropout_p,
     ctx.has_base_out = base_out is not None
     ctx.x_dtype = x.dtype
     saved_w = weight if isinstance(weight, torch.Tensor) else None
-    ctx.replay = replay
-    ctx.save_for_backward(x2, hidden, None if replay is not None else mask, lora_a, lora_b, saved_w)
-    del mask
+    ctx.save_for_backward(x2, hidden, mask, lora_a, lora_b, saved_w)
     ctx.bias_grad = bias is not None and bias.requires_grad
     out = out.view(*x.shape[:-1], out.shape[-1])
     if base_out is not None or amp_dtype is not None:
@@ -175,8 +151,6 @@ def _base_weight(weight: WeightSource, amp_dtype: torch.dtype | None) -> torch.T
 def _backward(ctx, grad_out):
     x2, hidden, mask, lora_a, lora_b, saved_w = ctx.saved_tensors
     s, p = ctx.scaling, ctx.dropout_p
-    if ctx.replay is not None:
-        mask = ctx.replay.mask(x2, p)
     g2 = grad_out.reshape(-1, grad_out.shape[-1])
     g_lora = g2.to(lora_a.dtype)
     need_x, need_base, _, need_bias, need_a, need_b = ctx.needs_input_grad[:6]
