@@ -402,3 +402,15 @@ def test_qwen2_with_attention_biases_round_trips(tmp_path, ids):
     assert isinstance(q_proj, LinearGGUF)
     assert torch.equal(q_proj.bias, hf.model.layers[0].self_attn.q_proj.bias)  # qwen2: no permute
     torch.testing.assert_close(logits(ours, ids), transformers_logits(path, ids))
+
+
+def test_a_tied_quantized_head_is_counted_once(tmp_path):
+    hf = tiny_llama()
+    hf.config.tie_word_embeddings = True
+    hf.lm_head.weight = hf.model.embed_tokens.weight
+    ours, _ = load_gguf(export_gguf(hf, tmp_path / "tied.gguf", merged=True, dtype="q8_0"))
+    assert isinstance(ours.lm_head, LinearGGUF)
+    assert (
+        ours.lm_head.qweight.blocks.data_ptr() == ours.model.embed_tokens.qweight.blocks.data_ptr()
+    )
+    assert loraq.summary(ours).total_params == sum(p.numel() for p in hf.parameters())

@@ -89,8 +89,12 @@ def summary(model: nn.Module, show: bool = False) -> Summary:
         if param.requires_grad:
             result.trainable_params += param.numel()
         parts[_part_of(name, kinds)] += param.numel() * param.element_size()
+    shared: set[tuple[int, ...]] = set()
     for name, module in model.named_modules():
-        if kinds.get(name) == "quant":
+        # A tied head may be its own module over the embedding's buffers: count those once.
+        storage = tuple(id(b) for b in module.buffers(recurse=False))
+        if kinds.get(name) == "quant" and storage not in shared:
+            shared.add(storage)
             qweight = module.qweight
             numel = 1
             for dim in qweight.shape:
