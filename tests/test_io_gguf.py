@@ -7,6 +7,7 @@ with the logits loraq computes, and loraq's reading of a file must give transfor
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import math
 import os
@@ -414,3 +415,51 @@ def test_a_tied_quantized_head_is_counted_once(tmp_path):
         ours.lm_head.qweight.blocks.data_ptr() == ours.model.embed_tokens.qweight.blocks.data_ptr()
     )
     assert loraq.summary(ours).total_params == sum(p.numel() for p in hf.parameters())
+
+
+def _adapted_llama(base, seed: int = 1):
+    trained = copy.deepcopy(base)
+    targets = ["q_proj", "k_proj", "v_proj", "down_proj"]
+    loraq.apply(trained, loraq.LoraConfig(r=4, alpha=8, targets=targets))
+    torch.manual_seed(seed)
+    for layer in trained.modules():
+        if isinstance(layer, loraq.LoRALayer):
+            torch.nn.init.normal_(layer.lora_B["default"].weight, std=0.2)
+    return trained
+
+
+def test_adapter_gguf_reads_back_onto_the_base_with_the_same_logits(tmp_path, ids):
+    base = tiny_llama()
+    trained = _adapted_llama(base)
+    path = export_gguf(trained, tmp_path / "a.gguf")
+    gguf_file = export_gguf(base, tmp_path / "base.gguf", merged=True, dtype="f32")
+    loraq.load_gguf_adapter(base, path, adapter_name="pocket")
+    assert base.model.layers[0].self_attn.q_proj.active_adapters == ["pocket"]
+    torch.testing.assert_close(logits(base, ids), logits(trained, ids), atol=1e-5, rtol=1e-5)
+    # onto a GGUF base as well: the q/k rows come back in transformers' order
+    gguf_base, _ = load_gguf(gguf_file)
+    loraq.load_gguf_adapter(gguf_base, path)
+    torch.testing.assert_close(logits(gguf_base, ids), logits(trained, ids), atol=1e-5, rtol=1e-5)
+
+
+def test_adapter_gguf_that_does_not_fit_is_refused_and_the_model_unchanged(tmp_path, ids):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    path = export_gguf(_adapted_llama(tiny_llama()), tmp_path / "a.gguf")
+    model_file = export_gguf(tiny_llama(), tmp_path / "m.gguf", merged=True, dtype="f32")
+    wider = tiny_llama(hidden=64)
+    before = logits(wider, ids)
+    with pytest.raises(FormatError, match=r"a\.gguf: model\.layers\.0\.\w+\.\w+_proj: lora_a"):
+        loraq.load_gguf_adapter(wider, path)
+    assert not any(isinstance(m, loraq.LoRALayer) for m in wider.modules())
+    assert torch.equal(logits(wider, ids), before)
+    with pytest.raises(FormatError, match=r"m\.gguf: general\.type is 'model', not 'adapter'"):
+        loraq.load_gguf_adapter(tiny_llama(), model_file)
+    qwen = Qwen2ForCausalLM(
+        Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2)
+    )  # fmt: skip
+    with pytest.raises(
+        FormatError, match=r"general\.architecture is 'llama' but the model is 'qwen2'"
+    ):
+        loraq.load_gguf_adapter(qwen, path)

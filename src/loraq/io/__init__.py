@@ -1,5 +1,6 @@
 """Files the ecosystem reads: PEFT adapter folders, bitsandbytes 4-bit checkpoints, merged exports,
-GGUF models and adapters for llama.cpp (:mod:`.gguf_read`, :mod:`.gguf_write`, :mod:`.gguf_names`).
+GGUF models and adapters for llama.cpp (:mod:`.gguf_read`, :mod:`.gguf_write`,
+:mod:`.gguf_adapter`, :mod:`.gguf_names`).
 
 Weights are only ever read through safetensors or the format's own reader (the ``gguf``
 package for GGUF), and every write is atomic
@@ -7,6 +8,7 @@ package for GGUF), and every write is atomic
 """
 
 from .checkpoints import export_merged
+from .gguf_adapter import load_gguf_adapter
 from .gguf_read import load_gguf
 from .gguf_write import export_gguf
 from .inspect import format_inspection, inspect_path
@@ -22,6 +24,7 @@ __all__ = [
     "inspect_path",
     "load_adapter",
     "load_gguf",
+    "load_gguf_adapter",
     "load_quantized",
     "read_adapter",
     "save_adapter",
