@@ -17,30 +17,18 @@ Target: compiled >= 1.5x bitsandbytes in float32 and bfloat16.
 from __future__ import annotations
 
 import argparse
-import random
 import statistics
-import time
 from collections.abc import Callable
 
 import torch
+from timing import interleaved
 
 from loraq.quant import dequantize_4bit, dequantize_8bit, quantize_4bit, quantize_8bit
 from loraq.quant.kernels import cpu
 
 
-def interleaved(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
-    """Median seconds per call of each function, one call of each per round, shuffled order."""
-    for fn in fns.values():
-        fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    order = list(fns.items())
-    rng = random.Random(0)
-    for _ in range(rounds):
-        rng.shuffle(order)
-        for name, fn in order:
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
+def medians(times: dict[str, list[float]]) -> dict[str, float]:
+    """Median seconds per call of each contender."""
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
@@ -98,7 +86,7 @@ def main() -> None:
                 w, blocksize=64, quant_type="nf4", compress_statistics=True
             )
             fns["bitsandbytes"] = lambda p=packed, s=state: bnbf.dequantize_4bit(p, s)
-        report(f"NF4 + double quant -> {dtype}", interleaved(fns, args.rounds), n)
+        report(f"NF4 + double quant -> {dtype}", medians(interleaved(fns, args.rounds)), n)
     q8 = quantize_8bit(weight, 256)
     fns = {
         "loraq compiled": lambda: dequantize_8bit(q8, torch.float32),
@@ -107,7 +95,7 @@ def main() -> None:
     if bnbf is not None:
         codes, state8 = bnbf.quantize_blockwise(weight, blocksize=256)
         fns["bitsandbytes"] = lambda: bnbf.dequantize_blockwise(codes, state8)
-    report("8-bit blockwise -> float32", interleaved(fns, args.rounds), n)
+    report("8-bit blockwise -> float32", medians(interleaved(fns, args.rounds)), n)
 
 
 if __name__ == "__main__":

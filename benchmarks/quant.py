@@ -25,35 +25,17 @@ from __future__ import annotations
 
 import argparse
 import os
-import random
 import statistics
-import time
 from collections.abc import Callable
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
+from timing import interleaved  # noqa: E402
 from torch import nn  # noqa: E402
 
 from loraq.layers.quantized import Linear4bit  # noqa: E402
 from loraq.quant import dequantize_4bit, quantize_4bit  # noqa: E402
-
-
-def interleaved(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, list[float]]:
-    """Seconds per call of each function, one call of each per round in a shuffled order (after
-    one warm-up), so that neither background load nor what ran just before favours anyone."""
-    for fn in fns.values():
-        fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    order = list(fns.items())
-    rng = random.Random(0)
-    for _ in range(rounds):
-        rng.shuffle(order)
-        for name, fn in order:
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return times
 
 
 def report(title: str, times: dict[str, list[float]], work: float, unit: str, base: str) -> None:
