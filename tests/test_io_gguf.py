@@ -463,3 +463,27 @@ def test_adapter_gguf_that_does_not_fit_is_refused_and_the_model_unchanged(tmp_p
         FormatError, match=r"general\.architecture is 'llama' but the model is 'qwen2'"
     ):
         loraq.load_gguf_adapter(qwen, path)
+
+
+def test_adapter_gguf_with_block_quantized_factors_is_refused(tmp_path):
+    path = tmp_path / "q.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_type(gguf.GGUFType.ADAPTER)
+    writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+    writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, 8.0)
+    a = np.random.default_rng(0).standard_normal((4, 32)).astype(np.float32)
+    blocks = gguf.quants.quantize(a, gguf.GGMLQuantizationType.Q8_0)
+    writer.add_tensor(
+        "blk.0.attn_q.weight.lora_a", blocks, raw_dtype=gguf.GGMLQuantizationType.Q8_0
+    )
+    writer.add_tensor("blk.0.attn_q.weight.lora_b", np.zeros((32, 4), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    model = tiny_llama()
+    with pytest.raises(
+        FormatError, match=r"q\.gguf: tensor 'blk\.0\.attn_q\.weight\.lora_a' is q8_0"
+    ):
+        loraq.load_gguf_adapter(model, path)
+    assert not any(isinstance(m, loraq.LoRALayer) for m in model.modules())

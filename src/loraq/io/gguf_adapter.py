@@ -24,7 +24,7 @@ from ..config import LoraConfig
 from ..model import apply
 from ..transaction import model_transaction
 from .gguf_names import gguf_to_hf_name, hf_row_order, permuted_heads
-from .gguf_read import gguf_metadata, open_gguf
+from .gguf_read import gguf_metadata, open_gguf, tensor_value
 from .gguf_write import gguf_architecture
 from .safe import FormatError
 
@@ -33,8 +33,8 @@ __all__ = ["load_gguf_adapter"]
 _SUFFIXES = (".weight.lora_a", ".weight.lora_b")
 
 
-def _checked_header(meta: dict[str, Any], model: nn.Module, source: str) -> float:
-    """The file's alpha, once it is known to be a LoRA adapter for ``model``'s architecture."""
+def _checked_header(meta: dict[str, Any], arch: str, source: str) -> float:
+    """The file's alpha, once it is known to be a LoRA adapter for the architecture ``arch``."""
     if meta.get("general.type") != "adapter":
         raise FormatError(
             f"{source}: general.type is {meta.get('general.type')!r}, not 'adapter' "
@@ -42,10 +42,10 @@ def _checked_header(meta: dict[str, Any], model: nn.Module, source: str) -> floa
         )
     if meta.get("adapter.type") != "lora":
         raise FormatError(f"{source}: adapter.type is {meta.get('adapter.type')!r}, not 'lora'")
-    arch, expected = meta.get("general.architecture"), gguf_architecture(model)
-    if arch != expected:
+    if meta.get("general.architecture") != arch:
         raise FormatError(
-            f"{source}: general.architecture is {arch!r} but the model is {expected!r}"
+            f"{source}: general.architecture is {meta.get('general.architecture')!r} "
+            f"but the model is {arch!r}"
         )
     alpha = meta.get("adapter.lora.alpha")
     if not isinstance(alpha, (int, float)) or not np.isfinite(alpha) or alpha <= 0:
@@ -55,17 +55,16 @@ def _checked_header(meta: dict[str, Any], model: nn.Module, source: str) -> floa
 
 def _factor_pairs(reader: Any, source: str) -> dict[str, dict[str, torch.Tensor]]:
     """transformers module path -> {"a": (r, in), "b": (out, r)} in float32."""
-    import gguf
-
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for t in reader.tensors:
         suffix = next((s for s in _SUFFIXES if t.name.endswith(s)), None)
         module = gguf_to_hf_name(t.name[: -len(suffix)]) if suffix else None
         if module is None:
             raise FormatError(f"{source}: tensor {t.name!r} is not a LoRA factor of a known layer")
-        shape = tuple(int(d) for d in reversed(t.shape.tolist()))
-        data = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type).reshape(shape)
-        pairs.setdefault(module, {})[suffix[-1]] = torch.from_numpy(np.array(data, np.float32))
+        fmt, data, _ = tensor_value(t, source)
+        if fmt != "dense":
+            raise FormatError(f"{source}: tensor {t.name!r} is {fmt}; LoRA factors are f32/f16")
+        pairs.setdefault(module, {})[suffix[-1]] = data
     for module, pair in pairs.items():
         if set(pair) != {"a", "b"}:
             raise FormatError(f"{source}: {module} has lora_{set(pair).pop()} but not its partner")
@@ -107,10 +106,10 @@ def load_gguf_adapter(
     """
     source = str(path)
     reader = open_gguf(path)
-    alpha = _checked_header(gguf_metadata(reader), model, source)
+    arch, cfg = gguf_architecture(model), model.config
+    alpha = _checked_header(gguf_metadata(reader), arch, source)
     pairs = _factor_pairs(reader, source)
     r = _checked_rank(model, pairs, source)
-    arch, cfg = gguf_architecture(model), model.config
     config = LoraConfig(r=r, alpha=alpha, dropout=0.0, targets=sorted(pairs))
     with model_transaction(model):
         apply(model, config, adapter_name, allow_large_rank=True)

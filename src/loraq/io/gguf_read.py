@@ -146,7 +146,7 @@ def model_config(meta: dict[str, Any], tensor_names: set[str], source: str) -> A
     )
 
 
-def _tensor_value(t: Any, source: str) -> tuple[str, torch.Tensor, tuple[int, ...]]:
+def tensor_value(t: Any, source: str) -> tuple[str, torch.Tensor, tuple[int, ...]]:
     """(format, data, logical shape): uint8 blocks for block formats, float32 otherwise."""
     type_name = t.tensor_type.name
     shape = tuple(int(d) for d in reversed(t.shape.tolist()))
@@ -174,7 +174,7 @@ def _collect(reader: Any, source: str) -> dict[str, dict[str, tuple[str, torch.T
         module = gguf_to_hf_name(stem)
         if module is None or suffix not in ("weight", "bias"):
             raise FormatError(f"{source}: tensor {t.name!r} has no place in a Llama-family model")
-        modules.setdefault(module, {})[suffix] = _tensor_value(t, source)
+        modules.setdefault(module, {})[suffix] = tensor_value(t, source)
     return modules
 
 
