@@ -91,17 +91,20 @@ def summary(model: nn.Module, show: bool = False) -> Summary:
         parts[_part_of(name, kinds)] += param.numel() * param.element_size()
     shared: set[tuple[int, ...]] = set()
     for name, module in model.named_modules():
+        if kinds.get(name) != "quant":
+            continue
         # A tied head may be its own module over the embedding's buffers: count those once.
         storage = tuple(id(b) for b in module.buffers(recurse=False))
-        if kinds.get(name) == "quant" and storage not in shared:
-            shared.add(storage)
-            qweight = module.qweight
-            numel = 1
-            for dim in qweight.shape:
-                numel *= dim
-            result.total_params += numel
-            result.quantized_params += numel
-            parts["base_quantized"] += qweight.nbytes
+        if storage in shared:
+            continue
+        shared.add(storage)
+        qweight = module.qweight
+        numel = 1
+        for dim in qweight.shape:
+            numel *= dim
+        result.total_params += numel
+        result.quantized_params += numel
+        parts["base_quantized"] += qweight.nbytes
     result.bytes = {k: v for k, v in parts.items() if v}
     if show:
         print(result)
