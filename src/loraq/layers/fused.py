@@ -26,6 +26,7 @@ from collections.abc import Callable
 
 import torch
 
+from ..native.bernoulli import bernoulli_mask
 from ..precision import autocast_dtype
 
 # A dense weight, or a callable that returns it on demand, optionally in a requested dtype.
@@ -33,8 +34,8 @@ WeightSource = torch.Tensor | Callable[..., torch.Tensor] | None
 
 
 def _dropout_mask(x: torch.Tensor, p: float) -> torch.Tensor:
-    # uint8 keeps the saved mask at a quarter of a float copy of x.
-    return torch.empty(x.shape, dtype=torch.uint8, device=x.device).bernoulli_(1.0 - p)
+    # uint8 keeps the saved mask at a quarter of a float copy of x; the bits are nn.Dropout's.
+    return bernoulli_mask(x.shape, 1.0 - p, x.device)
 
 
 def _use_merged_weight(

@@ -29,6 +29,7 @@ from torch import nn
 
 from ..config import adapter_scaling
 from ..naming import ADAPTER_STORES
+from ..native.bernoulli import dropout
 from .adapter_quant import round_to_grid
 from .fused import lora_linear
 from .kinds import SUPPORTED_TYPES, LayerKind, is_gpt2_conv1d, layer_kind
@@ -332,6 +333,11 @@ class LoRALayer(nn.Module):
         drop = self.lora_dropout[name]
         return drop.p if isinstance(drop, nn.Dropout) and self.training else 0.0
 
+    def _drop(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """Adapter ``name``'s dropout on ``x``: the values ``nn.Dropout`` gives, drawn faster."""
+        p = self._dropout_p(name)
+        return dropout(x, p) if p > 0.0 else x
+
     def _branch(self, name: str, x: torch.Tensor) -> torch.Tensor:
         """``B(A(x))`` without scale."""
         a, b = self.adapter_weights(name)
@@ -403,7 +409,7 @@ class LoRALayer(nn.Module):
                 )
             else:
                 is_ids = name in self.lora_embedding_A  # token ids: no dropout, no cast
-                x_in = x if is_ids else self.lora_dropout[name](x.to(self._adapter_dtype()))
+                x_in = x if is_ids else self._drop(name, x.to(self._adapter_dtype()))
                 delta = self._branch(name, x_in) * self.scaling[name]
                 result = result + delta.to(result.dtype)
         return result
@@ -421,9 +427,8 @@ class LoRALayer(nn.Module):
             norm = (self.base_matrix().to(dtype) + self.delta_matrix(name)).norm(dim=1)
         mag_scale = self.lora_magnitude_vector[name] / norm
         x_a = x.to(dtype)
-        drop = self.lora_dropout[name]
-        x_drop = drop(x_a)
-        if isinstance(drop, nn.Identity) or not self.training:
+        x_drop = self._drop(name, x_a)
+        if self._dropout_p(name) == 0.0:
             base_nb = result.to(dtype)
             bias = self.bias
             if bias is not None:

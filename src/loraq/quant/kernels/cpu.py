@@ -6,32 +6,22 @@ its output is bit-identical (tests compare the two). What it saves is memory tra
 writes each output element once, where the PyTorch path needs an index copy, a table gather and
 a scaling pass.
 
-Installing loraq needs no compiler. On first use the kernel is compiled with the system C
-compiler (``$CC``, else ``cc``/``gcc``/``clang``) for this CPU (``-march=native``, AVX2 code where
-the CPU has it) into ``$LORAQ_CACHE_DIR`` (default ``~/.cache/loraq/kernels``), keyed by the
-source, the compiler and the CPU, and written atomically. Without a compiler, or if the build
-fails, loraq warns once and keeps the pure-PyTorch path.
-
-``LORAQ_KERNELS`` selects: ``auto`` (default: compiled if it builds), ``off`` (always pure
-PyTorch), ``on`` (compiled, or raise).
+It is built on first use by :mod:`loraq.native.build` (no compiler is needed to install loraq;
+without one, loraq warns once and keeps the pure-PyTorch path). ``LORAQ_KERNELS`` selects
+``auto`` / ``off`` / ``on`` for every compiled kernel.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from ...native.build import MODE_ENV, load_library, mode
 
 __all__ = [
     "MODE_ENV",
@@ -44,107 +34,16 @@ __all__ = [
     "mode",
 ]
 
-#: Environment variable choosing ``auto`` / ``off`` / ``on`` (see the module docstring).
-MODE_ENV = "LORAQ_KERNELS"
 _SOURCE = Path(__file__).with_name("dequant.c")
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
 # Below this many elements one thread does it all: a hand-off costs more than it saves.
 _PARALLEL_MIN = 1 << 16
-_FLAGS = ("-O3", "-shared", "-fPIC", "-fno-fast-math", "-ffp-contract=off")
-_OFF = ("off", "0", "false", "no")
-_ON = ("on", "1", "true", "yes")
-
-
-def mode() -> str:
-    """The selected mode: ``auto``, ``off`` or ``on`` (from :data:`MODE_ENV`)."""
-    value = os.environ.get(MODE_ENV, "auto").strip().lower()
-    if value in _OFF:
-        return "off"
-    if value in _ON:
-        return "on"
-    return "auto"
-
-
-def _compiler() -> str | None:
-    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
-        if name and shutil.which(name):
-            return shutil.which(name)
-    return None
-
-
-def _cpu_signature() -> str:
-    try:
-        text = Path("/proc/cpuinfo").read_text(errors="replace")
-    except OSError:
-        return platform.processor()
-    lines = [ln for ln in text.splitlines() if ln.startswith(("flags", "model name", "Features"))]
-    return "\n".join(sorted(set(lines)))
-
-
-def _cache_dir() -> Path:
-    root = os.environ.get("LORAQ_CACHE_DIR")
-    if root:
-        return Path(root)
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "loraq" / "kernels"
-
-
-def _build(cc: str) -> Path:
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
-    source = _SOURCE.read_bytes()
-    key = hashlib.sha256(
-        b"\0".join(
-            [
-                source,
-                " ".join(_FLAGS).encode(),
-                version.encode(),
-                platform.machine().encode(),
-                _cpu_signature().encode(),
-            ]
-        )
-    ).hexdigest()[:20]
-    target = _cache_dir() / f"dequant-{key}.so"
-    if target.is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-    os.close(fd)
-    # No contraction into FMA: the kernel's products and sums round separately, as the reference.
-    base = [cc, *_FLAGS, "-o", tmp, str(_SOURCE)]
-    try:
-        errors = ""
-        for extra in (["-march=native"], []):  # some compilers/targets refuse -march=native
-            done = subprocess.run(base + extra, capture_output=True, text=True, timeout=300)
-            if done.returncode == 0:
-                os.replace(tmp, target)  # atomic: concurrent builders all end with a whole file
-                return target
-            errors = done.stderr.strip()[-500:]
-        raise RuntimeError(f"{cc} failed to build {_SOURCE.name}: {errors}")
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 @functools.cache
 def _library() -> ctypes.CDLL | None:
-    if mode() == "off":
-        return None
-    try:
-        cc = _compiler()
-        if cc is None:
-            raise RuntimeError("no C compiler found (set $CC)")
-        lib = ctypes.CDLL(str(_build(cc)))
-    except Exception as err:  # any failure means: use the pure-PyTorch path
-        if mode() == "on":
-            raise RuntimeError(
-                f"{MODE_ENV}=on but the compiled kernel is unavailable: {err}"
-            ) from err
-        warnings.warn(
-            f"loraq: compiled dequantize unavailable ({err}); using the pure-PyTorch path "
-            f"(set {MODE_ENV}=off to silence)",
-            RuntimeWarning,
-            stacklevel=3,
-        )
+    lib = load_library(_SOURCE, "dequantize")
+    if lib is None:
         return None
     tail = [ctypes.c_int64] * 4 + [ctypes.c_void_p, ctypes.c_int]
     for fn in (lib.loraq_dequant4, lib.loraq_dequant8):

@@ -1,0 +1,94 @@
+/* Bernoulli masks drawn exactly as PyTorch's CPU ``Tensor.bernoulli_(p)`` draws them.
+ *
+ * PyTorch's default CPU generator is a Mersenne Twister (MT19937). Where PyTorch does not use
+ * MKL for ``bernoulli_`` (non-Intel CPUs), every element takes two 32-bit outputs in a serial
+ * loop: ``v = hi << 32 | lo``, ``u = (v & (2^53 - 1)) * 2^-53`` (a double), and the element is
+ * ``u < p``. Since ``u < p`` holds exactly when ``v & (2^53 - 1) < ceil(p * 2^53)``, the test is
+ * one integer compare against a threshold the caller computes.
+ *
+ * This kernel produces the same bits from the same generator state, but generates the twister
+ * state a block at a time and tempers and compares whole runs of words, which the compiler
+ * vectorizes. The generator state is read from and written back to PyTorch's serialized state
+ * (``torch.Generator.get_state()``): seed u64 @0, left i32 @8, seeded i32 @12, next u64 @16,
+ * state u64[624] @24 (each holding one 32-bit word). The Python side checks the result against
+ * ``bernoulli_`` once before trusting it.
+ */
+#include <stdint.h>
+#include <string.h>
+
+#define MT_N 624
+#define MT_M 397
+#define STATE_OFFSET 24
+#define CHUNK 1248 /* words tempered per pass: two elements need four words */
+
+static inline uint32_t twist(uint32_t u, uint32_t v) {
+    uint32_t mixed = (u & 0x80000000u) | (v & 0x7fffffffu);
+    return (mixed >> 1) ^ ((v & 1u) ? 0x9908b0dfu : 0u);
+}
+
+static void next_state(uint32_t *s) {
+    int i = 0;
+    for (; i < MT_N - MT_M; i++) s[i] = s[i + MT_M] ^ twist(s[i], s[i + 1]);
+    for (; i < MT_N - 1; i++) s[i] = s[i + MT_M - MT_N] ^ twist(s[i], s[i + 1]);
+    s[MT_N - 1] = s[MT_M - 1] ^ twist(s[MT_N - 1], s[0]);
+}
+
+static void temper(const uint32_t *restrict s, uint32_t *restrict out, int count) {
+    for (int i = 0; i < count; i++) {
+        uint32_t y = s[i];
+        y ^= (y >> 11);
+        y ^= (y << 7) & 0x9d2c5680u;
+        y ^= (y << 15) & 0xefc60000u;
+        y ^= (y >> 18);
+        out[i] = y;
+    }
+}
+
+static void compare(const uint32_t *restrict words, int64_t pairs, uint64_t threshold,
+                    uint8_t *restrict out) {
+    /* v < threshold on (hi 21 bits, lo 32 bits) pairs, without 64-bit lanes */
+    const uint32_t t_hi = (uint32_t)(threshold >> 32), t_lo = (uint32_t)threshold;
+    for (int64_t i = 0; i < pairs; i++) {
+        uint32_t hi = words[2 * i] & 0x1fffffu, lo = words[2 * i + 1];
+        out[i] = (hi < t_hi) | ((hi == t_hi) & (lo < t_lo));
+    }
+}
+
+/* Write ``n`` 0/1 bytes to ``out`` and advance the serialized generator ``state`` in place. */
+void loraq_bernoulli_u8(uint8_t *state, uint64_t threshold, int64_t n, uint8_t *out) {
+    int32_t left;
+    uint64_t next, wide[MT_N];
+    uint32_t s[MT_N], words[CHUNK];
+    memcpy(&left, state + 8, sizeof left);
+    memcpy(&next, state + 16, sizeof next);
+    memcpy(wide, state + STATE_OFFSET, sizeof wide);
+    for (int i = 0; i < MT_N; i++) s[i] = (uint32_t)wide[i];
+
+    int64_t avail = left - 1; /* words s[next .. next + avail) are ready before the next twist */
+    int64_t need = 2 * n, filled = 0;
+    while (need > 0) {
+        filled = 0;
+        while (filled < CHUNK && filled < need) {
+            if (avail == 0) {
+                next_state(s);
+                next = 0;
+                avail = MT_N;
+            }
+            int64_t take = avail;
+            if (take > CHUNK - filled) take = CHUNK - filled;
+            if (take > need - filled) take = need - filled;
+            temper(s + next, words + filled, (int)take);
+            next += take;
+            avail -= take;
+            filled += take;
+        }
+        compare(words, filled / 2, threshold, out);
+        out += filled / 2;
+        need -= filled;
+    }
+    left = (int32_t)(avail + 1);
+    for (int i = 0; i < MT_N; i++) wide[i] = s[i];
+    memcpy(state + 8, &left, sizeof left);
+    memcpy(state + 16, &next, sizeof next);
+    memcpy(state + STATE_OFFSET, wide, sizeof wide);
+}

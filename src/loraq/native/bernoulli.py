@@ -1,0 +1,123 @@
+"""Dropout masks drawn exactly as PyTorch's CPU ``Tensor.bernoulli_(p)`` draws them, faster.
+
+Where PyTorch does not hand ``bernoulli_`` to MKL (CPUs not made by Intel), it draws each element
+in a serial loop over its Mersenne Twister; for LoRA dropout on every adapted layer that loop
+becomes a large share of a training step. The kernel of ``bernoulli.c`` produces the same bits
+from the same generator state (and leaves the generator where ``bernoulli_`` would), but
+generates and compares the words in vectorized runs. Seeded runs therefore stay identical to
+PyTorch's own ``nn.Dropout``, and to PEFT.
+
+Before the kernel is trusted it is checked once per process against ``bernoulli_`` on a private
+generator; if this PyTorch draws differently (MKL on Intel, another generator layout), or the
+kernel cannot be built, every call uses ``bernoulli_`` itself. Unlike ``bernoulli_`` the kernel
+does not lock the generator: another thread drawing from the same generator at the same moment
+would interleave with it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from .build import load_library
+
+__all__ = ["bernoulli_mask", "dropout", "exact_kernel_available"]
+
+_SOURCE = Path(__file__).with_name("bernoulli.c")
+# torch.Generator.get_state() of a CPU generator: the Mersenne Twister layout bernoulli.c reads.
+_STATE_BYTES = 5056
+# Below this many elements saving and restoring the generator state costs more than it saves.
+_KERNEL_MIN = 2048
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    lib = load_library(_SOURCE, "dropout masks")
+    if lib is not None:
+        fn = lib.loraq_bernoulli_u8
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_int64, ctypes.c_void_p]
+        fn.restype = None
+    return lib
+
+
+def _threshold(p: float) -> int:
+    # bernoulli_ keeps an element when (v & (2^53-1)) * 2^-53 < p, i.e. v & ... < ceil(p * 2^53)
+    return math.ceil(p * 2.0**53)
+
+
+def _kernel_mask(n: int, p: float, generator: torch.Generator) -> torch.Tensor:
+    lib = _library()
+    assert lib is not None
+    state = generator.get_state()
+    out = torch.empty(n, dtype=torch.uint8)
+    lib.loraq_bernoulli_u8(state.data_ptr(), _threshold(p), n, out.data_ptr())
+    generator.set_state(state)
+    return out
+
+
+@functools.cache
+def exact_kernel_available() -> bool:
+    """Whether the compiled kernel is built and reproduces this PyTorch's ``bernoulli_``.
+
+    Checked once per process on a private generator, across sizes that cross the twister's
+    624-word refills and for several probabilities, including where the generator ends up.
+    """
+    if _library() is None:
+        return False
+    generator = torch.Generator().manual_seed(0x10AA)
+    if generator.get_state().numel() != _STATE_BYTES:
+        return False
+    for n, p in ((1, 0.95), (311, 0.5), (625, 0.9), (5003, 1 / 3), (4099, 0.95)):
+        before = generator.get_state()
+        expected = torch.empty(n, dtype=torch.uint8).bernoulli_(p, generator=generator)
+        after = generator.get_state()
+        generator.set_state(before)
+        got = _kernel_mask(n, p, generator)
+        if not (torch.equal(got, expected) and torch.equal(generator.get_state(), after)):
+            return False
+    return True
+
+
+def bernoulli_mask(
+    shape: Sequence[int],
+    p: float,
+    device: torch.device | str | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """A uint8 tensor of 0/1, each 1 with probability ``p``.
+
+    The same values as ``torch.empty(shape, dtype=torch.uint8, device=device).bernoulli_(p,
+    generator=generator)``, and the generator advances the same way; on CPU, when
+    :func:`exact_kernel_available`, they are drawn by the compiled kernel.
+    """
+    device = torch.device("cpu") if device is None else torch.device(device)
+    n = math.prod(shape)
+    if (
+        device.type == "cpu"
+        and n >= _KERNEL_MIN
+        and 0.0 <= p <= 1.0
+        and not torch.compiler.is_compiling()
+        and exact_kernel_available()
+    ):
+        return _kernel_mask(n, p, generator or torch.default_generator).view(tuple(shape))
+    return torch.empty(tuple(shape), dtype=torch.uint8, device=device).bernoulli_(
+        p, generator=generator
+    )
+
+
+def dropout(x: torch.Tensor, p: float) -> torch.Tensor:
+    """Training-mode dropout, bit for bit ``torch.nn.functional.dropout(x, p)`` on CPU.
+
+    CPU dropout draws a mask with ``bernoulli_(1 - p)``, divides it by ``1 - p`` in ``x``'s
+    dtype and multiplies; this does the same with :func:`bernoulli_mask`. Other devices use
+    ``F.dropout`` itself.
+    """
+    if x.device.type != "cpu" or not 0.0 < p < 1.0:
+        return torch.nn.functional.dropout(x, p, training=True)
+    noise = bernoulli_mask(x.shape, 1.0 - p).to(x.dtype).div_(1.0 - p)
+    return x * noise

@@ -1,0 +1,130 @@
+"""Dropout masks from the compiled kernel: the bits and generator state of ``bernoulli_``."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from loraq.native import bernoulli
+
+
+def _twister_reference(state: torch.Tensor, n: int, p: float) -> np.ndarray:
+    """PyTorch's serial CPU ``bernoulli_(p)`` written out with numpy's own MT19937: two 32-bit
+    words per element, ``u = (hi << 32 | lo) & (2^53 - 1)) * 2^-53``, kept when ``u < p``."""
+    raw = state.numpy()
+    left = int(raw[8:12].view(np.int32)[0])
+    words = raw[24 : 24 + 624 * 8].view(np.uint64).astype(np.uint32)
+    twister = np.random.MT19937()
+    twister.state = {"bit_generator": "MT19937", "state": {"key": words, "pos": 625 - left}}
+    pairs = twister.random_raw(2 * n).astype(np.uint64)
+    wide = (pairs[0::2] << np.uint64(32)) | pairs[1::2]
+    u = (wide & np.uint64(2**53 - 1)).astype(np.float64) * 2.0**-53
+    return (u < p).astype(np.uint8)
+
+
+@pytest.fixture
+def kernel():
+    if bernoulli._library() is None:
+        pytest.skip("no C compiler: the kernel cannot be built")
+
+
+@pytest.mark.parametrize("n", [1, 311, 312, 624, 625, 1249, 20_001])
+@pytest.mark.parametrize("p", [0.95, 0.5, 1 / 3, 0.0, 1.0])
+def test_kernel_follows_the_twister(kernel, n, p):
+    generator = torch.Generator().manual_seed(n)
+    torch.rand(n % 13, generator=generator)  # start mid-way through a 624-word refill
+    expected = _twister_reference(generator.get_state(), n, p)
+    got = bernoulli._kernel_mask(n, p, generator)
+    assert np.array_equal(got.numpy(), expected)
+    # the generator moved on by exactly 2n words: the next draw continues the same stream
+    after = torch.randint(0, 2**31, (4,), generator=generator)
+    replay = torch.Generator().manual_seed(n)
+    torch.rand(n % 13, generator=replay)
+    torch.empty(n, dtype=torch.uint8).bernoulli_(0.5, generator=replay)
+    assert torch.equal(after, torch.randint(0, 2**31, (4,), generator=replay))
+
+
+def test_kernel_is_trusted_on_this_machine_when_torch_draws_serially(kernel):
+    generator = torch.Generator().manual_seed(7)
+    state = generator.get_state()
+    serial = np.array_equal(
+        torch.empty(3000, dtype=torch.uint8).bernoulli_(0.9, generator=generator).numpy(),
+        _twister_reference(state, 3000, 0.9),
+    )
+    assert bernoulli.exact_kernel_available() == serial
+
+
+@pytest.mark.parametrize("shape", [(5,), (32, 64, 384), (3, 1000)])
+def test_mask_and_generator_equal_bernoulli(shape):
+    torch.manual_seed(11)
+    state = torch.get_rng_state()
+    expected = torch.empty(shape, dtype=torch.uint8).bernoulli_(0.95)
+    after = torch.get_rng_state()
+    torch.set_rng_state(state)
+    got = bernoulli.bernoulli_mask(shape, 0.95)
+    assert got.shape == expected.shape and torch.equal(got, expected)
+    assert torch.equal(torch.get_rng_state(), after)
+
+
+def test_dropout_equals_f_dropout_values_and_gradients():
+    x = torch.randn(16, 64, 300, requires_grad=True)
+    torch.manual_seed(3)
+    ref = F.dropout(x, 0.1, training=True)
+    (ref_grad,) = torch.autograd.grad(ref.square().sum(), x)
+    torch.manual_seed(3)
+    got = bernoulli.dropout(x, 0.1)
+    (got_grad,) = torch.autograd.grad(got.square().sum(), x)
+    assert torch.equal(got, ref) and torch.equal(got_grad, ref_grad)
+
+
+def test_a_kernel_that_disagrees_is_never_used(monkeypatch):
+    def wrong(n, p, generator):
+        generator.get_state()
+        return torch.zeros(n, dtype=torch.uint8)
+
+    monkeypatch.setattr(bernoulli, "_kernel_mask", wrong)
+    bernoulli.exact_kernel_available.cache_clear()
+    try:
+        assert not bernoulli.exact_kernel_available()
+        torch.manual_seed(5)
+        got = bernoulli.bernoulli_mask((100, 100), 0.9)
+        torch.manual_seed(5)
+        assert torch.equal(got, torch.empty(100, 100, dtype=torch.uint8).bernoulli_(0.9))
+    finally:
+        bernoulli.exact_kernel_available.cache_clear()
+
+
+def test_mode_off_uses_bernoulli_itself(monkeypatch):
+    monkeypatch.setenv("LORAQ_KERNELS", "off")
+    bernoulli._library.cache_clear()
+    bernoulli.exact_kernel_available.cache_clear()
+    try:
+        assert bernoulli._library() is None and not bernoulli.exact_kernel_available()
+        torch.manual_seed(2)
+        got = bernoulli.dropout(torch.ones(64, 64), 0.5)
+        torch.manual_seed(2)
+        assert torch.equal(got, F.dropout(torch.ones(64, 64), 0.5, training=True))
+    finally:
+        monkeypatch.delenv("LORAQ_KERNELS")
+        bernoulli._library.cache_clear()
+        bernoulli.exact_kernel_available.cache_clear()
+
+
+def test_gradient_checkpointing_replays_the_same_masks():
+    from torch.utils.checkpoint import checkpoint
+
+    from loraq.layers.fused import lora_linear
+
+    w, a, b = torch.randn(48, 40), torch.randn(8, 40), torch.randn(48, 8)
+    x = torch.randn(64, 40, requires_grad=True)
+
+    def layer(inp):
+        return lora_linear(inp, a, b, 0.5, weight=w, dropout_p=0.2)
+
+    torch.manual_seed(9)
+    (plain,) = torch.autograd.grad(layer(x).sin().sum(), x)
+    torch.manual_seed(9)
+    (replayed,) = torch.autograd.grad(checkpoint(layer, x, use_reentrant=False).sin().sum(), x)
+    assert torch.equal(plain, replayed)
