@@ -281,6 +281,50 @@ def test_same_outputs_as_peft(variant: dict, model_key: str) -> None:
     assert (out_ours - out_theirs).abs().max() < 1e-5
 
 
+@pytest.mark.parametrize("variant", [{}, {"use_dora": True}])
+@pytest.mark.parametrize("model_key", ["llama", "gpt2"])
+def test_training_with_dropout_draws_peft_masks(variant: dict, model_key: str) -> None:
+    """Same seed, training mode, dropout on: loss and every adapter gradient equal PEFT's.
+
+    The inputs are large enough for the compiled mask kernel, so this checks its bits (and the
+    order adapters draw in) against ``nn.Dropout`` inside PEFT.
+    """
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    base = MODELS[model_key][0]()
+    targets = ["q_proj", "v_proj", "down_proj"] if model_key == "llama" else ["c_attn", "c_fc"]
+    ours = loraq.apply(
+        copy.deepcopy(base), loraq.LoraConfig(r=4, alpha=8, targets=targets, dropout=0.1, **variant)
+    )
+    _randomize(ours, std=0.1)
+    peft_cfg = PeftLoraConfig(
+        r=4,
+        lora_alpha=8,
+        lora_dropout=0.1,
+        target_modules=targets,
+        use_dora=variant.get("use_dora", False),
+        fan_in_fan_out=model_key == "gpt2",
+    )
+    theirs = get_peft_model(copy.deepcopy(base), peft_cfg)
+    _copy_into_peft(ours, theirs)
+    tokens = _tokens(shape=(8, 32))
+    grads = []
+    for model in (ours, theirs):
+        model.train()
+        torch.manual_seed(5)
+        loss = model(tokens).logits.square().mean()
+        loss.backward()
+        named = {n.removeprefix("base_model.model."): p.grad for n, p in model.named_parameters()}
+        grads.append((loss.detach(), {n: g for n, g in named.items() if "lora_" in n}))
+    (loss_ours, g_ours), (loss_theirs, g_theirs) = grads
+    torch.testing.assert_close(loss_ours, loss_theirs, rtol=1e-5, atol=1e-6)
+    assert len(g_ours) == len(g_theirs) > 0
+    for name, grad in g_ours.items():
+        key = name.replace("lora_magnitude_vector.default", "lora_magnitude_vector.default.weight")
+        torch.testing.assert_close(grad, g_theirs[key], rtol=1e-4, atol=1e-6, msg=name)
+
+
 # ------------------------------------------------------------------------------ bad input
 @pytest.mark.parametrize(
     ("kwargs", "message"),
