@@ -63,13 +63,16 @@ def test_mask_and_generator_equal_bernoulli(shape):
     expected = torch.empty(shape, dtype=torch.uint8).bernoulli_(0.95)
     after = torch.get_rng_state()
     torch.set_rng_state(state)
-    got = bernoulli.bernoulli_mask(shape, 0.95)
+    got = bernoulli.bernoulli_mask(torch.empty(shape), 0.95)
     assert got.shape == expected.shape and torch.equal(got, expected)
     assert torch.equal(torch.get_rng_state(), after)
 
 
-def test_dropout_equals_f_dropout_values_and_gradients():
-    x = torch.randn(16, 64, 300, requires_grad=True)
+@pytest.mark.parametrize("layout", ["contiguous", "transposed", "small"])
+def test_dropout_equals_f_dropout_values_and_gradients(layout):
+    x = torch.randn(16, 64, 300)
+    x = {"contiguous": x, "transposed": x.transpose(0, 2), "small": x[:1, :2]}[layout]
+    x.requires_grad_(True)
     torch.manual_seed(3)
     ref = F.dropout(x, 0.1, training=True)
     (ref_grad,) = torch.autograd.grad(ref.square().sum(), x)
@@ -89,7 +92,7 @@ def test_a_kernel_that_disagrees_is_never_used(monkeypatch):
     try:
         assert not bernoulli.exact_kernel_available()
         torch.manual_seed(5)
-        got = bernoulli.bernoulli_mask((100, 100), 0.9)
+        got = bernoulli.bernoulli_mask(torch.empty(100, 100), 0.9)
         torch.manual_seed(5)
         assert torch.equal(got, torch.empty(100, 100, dtype=torch.uint8).bernoulli_(0.9))
     finally:
@@ -128,3 +131,13 @@ def test_gradient_checkpointing_replays_the_same_masks():
     torch.manual_seed(9)
     (replayed,) = torch.autograd.grad(checkpoint(layer, x, use_reentrant=False).sin().sum(), x)
     assert torch.equal(plain, replayed)
+
+
+def test_fake_and_batched_tensors_keep_pytorchs_draw():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        fake = bernoulli.dropout(torch.empty(64, 64), 0.1)
+    assert fake.shape == (64, 64)
+    batched = torch.func.vmap(lambda row: bernoulli.dropout(row, 0.1), randomness="different")
+    assert batched(torch.ones(4, 4096)).shape == (4, 4096)

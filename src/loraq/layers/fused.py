@@ -35,7 +35,7 @@ WeightSource = torch.Tensor | Callable[..., torch.Tensor] | None
 
 def _dropout_mask(x: torch.Tensor, p: float) -> torch.Tensor:
     # uint8 keeps the saved mask at a quarter of a float copy of x; the bits are nn.Dropout's.
-    return bernoulli_mask(x.shape, 1.0 - p, x.device)
+    return bernoulli_mask(x, 1.0 - p)
 
 
 def _use_merged_weight(

@@ -19,7 +19,6 @@ from __future__ import annotations
 import ctypes
 import functools
 import math
-from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -83,41 +82,46 @@ def exact_kernel_available() -> bool:
     return True
 
 
-def bernoulli_mask(
-    shape: Sequence[int],
-    p: float,
-    device: torch.device | str | None = None,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """A uint8 tensor of 0/1, each 1 with probability ``p``.
-
-    The same values as ``torch.empty(shape, dtype=torch.uint8, device=device).bernoulli_(p,
-    generator=generator)``, and the generator advances the same way; on CPU, when
-    :func:`exact_kernel_available`, they are drawn by the compiled kernel.
-    """
-    device = torch.device("cpu") if device is None else torch.device(device)
-    n = math.prod(shape)
-    if (
-        device.type == "cpu"
-        and n >= _KERNEL_MIN
+def _kernel_applies(like: torch.Tensor, p: float) -> bool:
+    """A plain contiguous CPU tensor outside tracing (fake, batched and other wrapped tensors
+    keep PyTorch's own draw), and a kernel that reproduces it."""
+    return (
+        type(like) is torch.Tensor
+        and like.device.type == "cpu"
+        and like.is_contiguous()
+        and like.numel() >= _KERNEL_MIN
         and 0.0 <= p <= 1.0
         and not torch.compiler.is_compiling()
+        and not torch._C._functorch.is_functorch_wrapped_tensor(like)
         and exact_kernel_available()
-    ):
-        return _kernel_mask(n, p, generator or torch.default_generator).view(tuple(shape))
-    return torch.empty(tuple(shape), dtype=torch.uint8, device=device).bernoulli_(
+    )
+
+
+def bernoulli_mask(
+    like: torch.Tensor, p: float, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """A uint8 tensor of 0/1 with ``like``'s shape and device, each 1 with probability ``p``.
+
+    The same values as ``torch.empty(like.shape, dtype=torch.uint8,
+    device=like.device).bernoulli_(p, generator=generator)``, and the generator advances the same
+    way; on CPU, when :func:`exact_kernel_available`, they are drawn by the compiled kernel.
+    """
+    if _kernel_applies(like, p):
+        mask = _kernel_mask(like.numel(), p, generator or torch.default_generator)
+        return mask.view(like.shape)
+    return torch.empty(like.shape, dtype=torch.uint8, device=like.device).bernoulli_(
         p, generator=generator
     )
 
 
 def dropout(x: torch.Tensor, p: float) -> torch.Tensor:
-    """Training-mode dropout, bit for bit ``torch.nn.functional.dropout(x, p)`` on CPU.
+    """Training-mode dropout, bit for bit ``torch.nn.functional.dropout(x, p)``.
 
     CPU dropout draws a mask with ``bernoulli_(1 - p)``, divides it by ``1 - p`` in ``x``'s
-    dtype and multiplies; this does the same with :func:`bernoulli_mask`. Other devices use
-    ``F.dropout`` itself.
+    dtype and multiplies; for a contiguous CPU ``x`` this does the same with
+    :func:`bernoulli_mask`. Anything else uses ``F.dropout`` itself.
     """
-    if x.device.type != "cpu" or not 0.0 < p < 1.0:
+    if not (0.0 < p < 1.0 and _kernel_applies(x, 1.0 - p)):
         return torch.nn.functional.dropout(x, p, training=True)
-    noise = bernoulli_mask(x.shape, 1.0 - p).to(x.dtype).div_(1.0 - p)
+    noise = bernoulli_mask(x, 1.0 - p).to(x.dtype).div_(1.0 - p)
     return x * noise
