@@ -114,14 +114,36 @@ def bernoulli_mask(
     )
 
 
+def _noise(mask: torch.Tensor, dtype: torch.dtype, p: float) -> torch.Tensor:
+    # F.dropout's noise: the 0/1 mask in x's dtype, divided by the keep probability there
+    return mask.to(dtype).div_(1.0 - p)
+
+
+class _Dropout(torch.autograd.Function):
+    """``x * noise`` that saves the 1-byte mask for backward instead of the float noise."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, p: float) -> torch.Tensor:
+        mask = bernoulli_mask(x, 1.0 - p)
+        ctx.p, ctx.dtype = p, x.dtype
+        ctx.save_for_backward(mask)
+        return x * _noise(mask, x.dtype, p)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (mask,) = ctx.saved_tensors
+        return grad * _noise(mask, ctx.dtype, ctx.p), None
+
+
 def dropout(x: torch.Tensor, p: float) -> torch.Tensor:
-    """Training-mode dropout, bit for bit ``torch.nn.functional.dropout(x, p)``.
+    """Training-mode dropout, bit for bit ``torch.nn.functional.dropout(x, p)``, values and
+    gradients.
 
     CPU dropout draws a mask with ``bernoulli_(1 - p)``, divides it by ``1 - p`` in ``x``'s
     dtype and multiplies; for a contiguous CPU ``x`` this does the same with
-    :func:`bernoulli_mask`. Anything else uses ``F.dropout`` itself.
+    :func:`bernoulli_mask`, and keeps the 1-byte mask for backward where ``F.dropout`` keeps the
+    noise in ``x``'s dtype. Anything else uses ``F.dropout`` itself.
     """
     if not (0.0 < p < 1.0 and _kernel_applies(x, 1.0 - p)):
         return torch.nn.functional.dropout(x, p, training=True)
-    noise = bernoulli_mask(x, 1.0 - p).to(x.dtype).div_(1.0 - p)
-    return x * noise
+    return _Dropout.apply(x, p)

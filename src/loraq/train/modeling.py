@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from loraq.layers.dropout import use_fast_dropout
 from loraq.train.config import ConfigError, TrainConfig
 from loraq.train.hub import quiet_transformers
 
@@ -164,6 +165,7 @@ def prepare_model(model: nn.Module, cfg: TrainConfig, new_modules: list[str]) ->
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     if getattr(model.config, "use_cache", None):
         model.config.use_cache = False
+    use_fast_dropout(model)  # the model's own dropout: the same masks, drawn faster
     if cfg.training.method == "full":
         for param in model.parameters():
             param.requires_grad_(True)
