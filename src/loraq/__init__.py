@@ -20,6 +20,7 @@ from .io import (
     save_adapter,
     save_quantized,
 )
+from .layers.dropout import FastDropout, use_fast_dropout
 from .layers.lora import LoRALayer, ModulesToSave
 from .layers.qlora import QLoRALayer
 from .loftq import loftq_report
@@ -57,6 +58,7 @@ __all__ = [
     "SamplingParams",
     "adapter_rows",
     "generate",
+    "FastDropout",
     "LoRALayer",
     "LoraConfig",
     "ModulesToSave",
@@ -77,4 +79,5 @@ __all__ = [
     "trainable_parameters",
     "unload",
     "unmerge",
+    "use_fast_dropout",
 ]
