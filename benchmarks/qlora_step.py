@@ -51,7 +51,7 @@ METHODS = (
     "loraq-qlora-auto",
     "loraq-qlora-fd",
 )
-TARGETS = ["query", "key", "value", "dense"]
+# the encoder's query/key/value/dense for both sides (a bare "dense" would also take the pooler's)
 TARGET_REGEX = r".*encoder.*\.(query|key|value|dense)"
 # (ours, theirs) pairs reported as ratios
 PAIRS = (
@@ -126,7 +126,7 @@ def build(method: str, device: str):
         from peft import LoraConfig, get_peft_model
 
         cfg = LoraConfig(
-            r=8, lora_alpha=16, lora_dropout=0.05, target_modules=TARGETS,
+            r=8, lora_alpha=16, lora_dropout=0.05, target_modules=TARGET_REGEX,
             modules_to_save=["classifier"], task_type="SEQ_CLS",
         )  # fmt: skip
         model = get_peft_model(model, cfg)
