@@ -285,6 +285,7 @@ def test_compiled_kernel_equals_the_pure_path_bit_for_bit(monkeypatch, name, dty
     x[1, :32] *= 1e-6  # float16 scales that are subnormal
     blocks = quantize_gguf(x, name)
     out = torch.empty(x.numel(), dtype=dtype)
+    monkeypatch.setattr(cpu, "_PARALLEL_MIN", 1 << 16)  # slices across threads at this size
     assert cpu.dequantize_gguf_into(blocks, name, 0, x.numel() // 32, out)  # several threads
     with monkeypatch.context() as m:
         m.setattr(cpu, "_library", lambda: None)

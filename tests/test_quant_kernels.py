@@ -51,6 +51,7 @@ def test_kernel_is_used_and_multithreaded_slices_agree(monkeypatch):
     calls = []
     real = cpu._run
     monkeypatch.setattr(cpu, "_run", lambda *a: calls.append(a[3]) or real(*a))
+    monkeypatch.setattr(cpu, "_PARALLEL_MIN", 1 << 16)  # slices across threads at this size
     q = quantize_4bit(torch.randn(512, 1024), 64, "nf4", True)
     before = torch.get_num_threads()
     torch.set_num_threads(2)

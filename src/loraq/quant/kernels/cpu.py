@@ -36,8 +36,11 @@ __all__ = [
 
 _SOURCE = Path(__file__).with_name("dequant.c")
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
-# Below this many elements one thread does it all: a hand-off costs more than it saves.
-_PARALLEL_MIN = 1 << 16
+# Below this many elements one thread does it all. A slice handed to a Python pool thread
+# competes for a core with PyTorch's OpenMP workers, which spin for a while after every parallel
+# op: right after a matmul (as in training) a second thread saved nothing on an 8M-element
+# weight, and the hand-off itself costs a few hundred microseconds on small ones.
+_PARALLEL_MIN = 1 << 24
 
 
 @functools.cache
@@ -112,10 +115,14 @@ def _run(fn, head: tuple, blocksize: int, n: int, out: torch.Tensor) -> None:
         fn(*head, blocksize, n, 0, n_blocks, out_ptr, dtype)
         return
     step = -(-n_blocks // workers)
+    # The calling thread takes the first slice itself: one hand-off fewer to wait for.
     jobs = [
-        _pool(workers).submit(fn, *head, blocksize, n, lo, min(lo + step, n_blocks), out_ptr, dtype)
-        for lo in range(0, n_blocks, step)
+        _pool(workers - 1).submit(
+            fn, *head, blocksize, n, lo, min(lo + step, n_blocks), out_ptr, dtype
+        )
+        for lo in range(step, n_blocks, step)
     ]
+    fn(*head, blocksize, n, 0, min(step, n_blocks), out_ptr, dtype)
     for job in jobs:
         job.result()  # ctypes releases the GIL, so the slices run in parallel
 
