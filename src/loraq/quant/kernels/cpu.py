@@ -105,26 +105,28 @@ def _usable(codes, absmax, code, out, table_size: int) -> bool:
     )
 
 
-def _run(fn, head: tuple, blocksize: int, n: int, out: torch.Tensor) -> None:
-    """``fn(*head, blocksize, n, first_block, last_block, out, dtype)`` over slices of blocks,
-    one per thread (``torch.get_num_threads()``)."""
-    n_blocks = -(-n // blocksize)
-    out_ptr, dtype = out.data_ptr(), _DTYPE_CODES[out.dtype]
-    workers = max(1, min(torch.get_num_threads(), n_blocks))
-    if n < _PARALLEL_MIN or workers == 1:
-        fn(*head, blocksize, n, 0, n_blocks, out_ptr, dtype)
+def _in_slices(call, units: int, elements: int) -> None:
+    """``call(first, last)`` over ``[0, units)``: whole on this thread for fewer than
+    :data:`_PARALLEL_MIN` elements, else in one slice per thread (``torch.get_num_threads()``),
+    the calling thread taking the first slice itself (one hand-off fewer to wait for)."""
+    workers = max(1, min(torch.get_num_threads(), units))
+    if elements < _PARALLEL_MIN or workers == 1:
+        call(0, units)
         return
-    step = -(-n_blocks // workers)
-    # The calling thread takes the first slice itself: one hand-off fewer to wait for.
-    jobs = [
-        _pool(workers - 1).submit(
-            fn, *head, blocksize, n, lo, min(lo + step, n_blocks), out_ptr, dtype
-        )
-        for lo in range(step, n_blocks, step)
-    ]
-    fn(*head, blocksize, n, 0, min(step, n_blocks), out_ptr, dtype)
+    step = -(-units // workers)
+    pool = _pool(workers - 1)
+    jobs = [pool.submit(call, lo, min(lo + step, units)) for lo in range(step, units, step)]
+    call(0, min(step, units))
     for job in jobs:
         job.result()  # ctypes releases the GIL, so the slices run in parallel
+
+
+def _run(fn, head: tuple, blocksize: int, n: int, out: torch.Tensor) -> None:
+    """``fn(*head, blocksize, n, first_block, last_block, out, dtype)`` over slices of blocks."""
+    out_ptr, dtype = out.data_ptr(), _DTYPE_CODES[out.dtype]
+    _in_slices(
+        lambda lo, hi: fn(*head, blocksize, n, lo, hi, out_ptr, dtype), -(-n // blocksize), n
+    )
 
 
 def _ptrs(*tensors: torch.Tensor) -> tuple[int, ...]:
@@ -238,17 +240,7 @@ def dequantize_gguf_into(
     if not fits:
         return False
     src, dst, dtype = flat.data_ptr() + first_block * size, out.data_ptr(), _DTYPE_CODES[out.dtype]
-    workers = max(1, min(torch.get_num_threads(), count))
-    if count * 32 < _PARALLEL_MIN or workers == 1:
-        lib.loraq_dequant_gguf(src, kind, 0, count, dst, dtype)
-        return True
-    step = -(-count // workers)
-    jobs = [
-        _pool(workers).submit(
-            lib.loraq_dequant_gguf, src, kind, lo, min(lo + step, count), dst, dtype
-        )
-        for lo in range(0, count, step)
-    ]
-    for job in jobs:
-        job.result()
+    _in_slices(
+        lambda lo, hi: lib.loraq_dequant_gguf(src, kind, lo, hi, dst, dtype), count, 32 * count
+    )
     return True
