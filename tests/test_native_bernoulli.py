@@ -141,3 +141,34 @@ def test_fake_and_batched_tensors_keep_pytorchs_draw():
     assert fake.shape == (64, 64)
     batched = torch.func.vmap(lambda row: bernoulli.dropout(row, 0.1), randomness="different")
     assert batched(torch.ones(4, 4096)).shape == (4, 4096)
+
+
+@pytest.mark.parametrize("n", [1, 7, 8, 9, 4096, 10_007])
+def test_pack_and_unpack_round_trip_in_numpys_bit_order(kernel, n):
+    mask = (torch.rand(n) < 0.7).to(torch.uint8)
+    bits = bernoulli.pack_mask(mask)
+    assert bits is not None and bits.numel() == -(-n // 8)
+    assert np.array_equal(bits.numpy(), np.packbits(mask.numpy(), bitorder="little"))
+    assert torch.equal(bernoulli.unpack_mask(bits, mask.shape), mask)
+    with pytest.raises(ValueError, match="cannot hold a mask of shape"):
+        bernoulli.unpack_mask(bits, torch.Size([n + 8]))
+
+
+def test_fused_lora_keeps_its_mask_at_one_bit_per_element(kernel):
+    from loraq.layers.fused import lora_linear
+
+    if not (bernoulli.exact_kernel_available() and bernoulli.packing_available()):
+        pytest.skip("PyTorch's own draw is used here")
+    w, a = torch.randn(48, 40), torch.randn(8, 40, requires_grad=True)
+    b = torch.randn(48, 8, requires_grad=True)
+    x = torch.randn(256, 40, requires_grad=True)
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        lora_linear(x, a, b, 0.5, weight=w, dropout_p=0.1)
+    masks = [t for t in saved if t.dtype == torch.uint8]
+    assert [m.numel() for m in masks] == [x.numel() // 8]

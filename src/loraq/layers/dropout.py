@@ -2,7 +2,8 @@
 
 :class:`FastDropout` gives exactly ``nn.Dropout``'s outputs and gradients under the same seed
 (see :mod:`loraq.native.bernoulli`); on CPUs where PyTorch draws masks in a serial loop it draws
-them several times faster, and it keeps a 1-byte mask for backward instead of a float copy.
+them several times faster, and it keeps the mask for backward at one bit per element instead of
+a float copy.
 :func:`use_fast_dropout` switches a model's dropout layers over in place; ``loraq train`` does
 this for the model it trains.
 """

@@ -5,7 +5,8 @@
 
 - folds the scale and the add into ``addmm`` (no separate scale / add passes over the output);
 - keeps ``x`` (already alive as the previous op's output) and the small ``x A^T`` for backward,
-  plus a 1-byte mask when dropout is on, instead of a full dropped-out copy of ``x``;
+  plus the dropout mask at one bit per element (one byte without the compiled kernel), instead
+  of a full dropped-out copy of ``x``;
 - computes the input gradient of base and adapter in one ``addmm``;
 - never computes a weight gradient for the frozen base.
 
@@ -26,7 +27,7 @@ from collections.abc import Callable
 
 import torch
 
-from ..native.bernoulli import bernoulli_mask
+from ..native.bernoulli import bernoulli_mask, pack_mask, unpack_mask
 from ..precision import autocast_dtype
 
 # A dense weight, or a callable that returns it on demand, optionally in a requested dtype.
@@ -128,7 +129,9 @@ def _forward(ctx, x, base_out, weight, bias, lora_a, lora_b, scaling, dropout_p,
     ctx.has_base_out = base_out is not None
     ctx.x_dtype = x.dtype
     saved_w = weight if isinstance(weight, torch.Tensor) else None
-    ctx.save_for_backward(x2, hidden, mask, lora_a, lora_b, saved_w)
+    bits = None if mask is None else pack_mask(mask)
+    ctx.packed_shape = None if bits is None else mask.shape
+    ctx.save_for_backward(x2, hidden, mask if bits is None else bits, lora_a, lora_b, saved_w)
     ctx.bias_grad = bias is not None and bias.requires_grad
     out = out.view(*x.shape[:-1], out.shape[-1])
     if base_out is not None or amp_dtype is not None:
@@ -151,6 +154,8 @@ def _base_weight(weight: WeightSource, amp_dtype: torch.dtype | None) -> torch.T
 
 def _backward(ctx, grad_out):
     x2, hidden, mask, lora_a, lora_b, saved_w = ctx.saved_tensors
+    if ctx.packed_shape is not None:
+        mask = unpack_mask(mask, ctx.packed_shape)
     s, p = ctx.scaling, ctx.dropout_p
     g2 = grad_out.reshape(-1, grad_out.shape[-1])
     g_lora = g2.to(lora_a.dtype)

@@ -92,3 +92,33 @@ void loraq_bernoulli_u8(uint8_t *state, uint64_t threshold, int64_t n, uint8_t *
     memcpy(state + 16, &next, sizeof next);
     memcpy(state + STATE_OFFSET, wide, sizeof wide);
 }
+
+/* Masks kept for backward at one bit per element: bit i % 8 of byte i / 8 (least significant
+ * first, numpy's bitorder="little"). ``n`` elements; the last byte's unused bits are zero. */
+void loraq_pack_mask(const uint8_t *restrict mask, int64_t n, uint8_t *restrict bits) {
+    int64_t whole = n / 8;
+    for (int64_t i = 0; i < whole; i++) {
+        const uint8_t *m = mask + 8 * i;
+        bits[i] = (uint8_t)((m[0] & 1) | (m[1] & 1) << 1 | (m[2] & 1) << 2 | (m[3] & 1) << 3 |
+                            (m[4] & 1) << 4 | (m[5] & 1) << 5 | (m[6] & 1) << 6 |
+                            (m[7] & 1) << 7);
+    }
+    if (n % 8) {
+        uint8_t last = 0;
+        for (int64_t j = 0; j < n % 8; j++) last |= (uint8_t)((mask[8 * whole + j] & 1) << j);
+        bits[whole] = last;
+    }
+}
+
+void loraq_unpack_mask(const uint8_t *restrict bits, int64_t n, uint8_t *restrict mask) {
+    int64_t whole = n / 8;
+    for (int64_t i = 0; i < whole; i++) {
+        /* spread the byte's 8 bits over 8 bytes, bit j to byte j (little-endian) */
+        uint64_t v = bits[i];
+        v = (v | v << 28) & 0x0000000F0000000FULL;
+        v = (v | v << 14) & 0x0003000300030003ULL;
+        v = (v | v << 7) & 0x0101010101010101ULL;
+        memcpy(mask + 8 * i, &v, 8);
+    }
+    for (int64_t j = 8 * whole; j < n; j++) mask[j] = (bits[whole] >> (j % 8)) & 1;
+}

@@ -25,7 +25,14 @@ import torch
 
 from .build import load_library
 
-__all__ = ["bernoulli_mask", "dropout", "exact_kernel_available"]
+__all__ = [
+    "bernoulli_mask",
+    "dropout",
+    "exact_kernel_available",
+    "pack_mask",
+    "packing_available",
+    "unpack_mask",
+]
 
 _SOURCE = Path(__file__).with_name("bernoulli.c")
 # torch.Generator.get_state() of a CPU generator: the Mersenne Twister layout bernoulli.c reads.
@@ -41,6 +48,8 @@ def _library() -> ctypes.CDLL | None:
         fn = lib.loraq_bernoulli_u8
         fn.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_int64, ctypes.c_void_p]
         fn.restype = None
+        for fn in (lib.loraq_pack_mask, lib.loraq_unpack_mask):
+            fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p], None
     return lib
 
 
@@ -114,24 +123,68 @@ def bernoulli_mask(
     )
 
 
+@functools.cache
+def packing_available() -> bool:
+    """Whether masks can be kept at one bit per element (the kernel is built and its packing
+    round-trips here, checked once per process against a PyTorch packing)."""
+    if _library() is None:
+        return False
+    mask = (torch.arange(1237) * 7919 % 5 < 3).to(torch.uint8)
+    bits = pack_mask(mask, check=False)
+    weights = torch.tensor([1 << j for j in range(8)], dtype=torch.uint8)
+    padded = torch.cat([mask, mask.new_zeros(-mask.numel() % 8)]).view(-1, 8)
+    expected = (padded * weights).sum(1, dtype=torch.uint8)
+    return torch.equal(bits, expected) and torch.equal(unpack_mask(bits, mask.shape), mask)
+
+
+def pack_mask(mask: torch.Tensor, *, check: bool = True) -> torch.Tensor | None:
+    """A contiguous CPU 0/1 uint8 ``mask`` at one bit per element (bit ``i % 8`` of byte
+    ``i // 8``), or None when it cannot be packed here (then keep ``mask`` itself)."""
+    if not (
+        type(mask) is torch.Tensor
+        and mask.device.type == "cpu"
+        and mask.dtype == torch.uint8
+        and mask.is_contiguous()
+        and (packing_available() if check else _library() is not None)
+    ):
+        return None
+    bits = torch.empty(-(-mask.numel() // 8), dtype=torch.uint8)
+    _library().loraq_pack_mask(mask.data_ptr(), mask.numel(), bits.data_ptr())
+    return bits
+
+
+def unpack_mask(bits: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """The uint8 mask of ``shape`` that :func:`pack_mask` packed into ``bits``."""
+    mask = torch.empty(shape, dtype=torch.uint8)
+    if bits.numel() != -(-mask.numel() // 8):
+        raise ValueError(f"{bits.numel()} packed bytes cannot hold a mask of shape {tuple(shape)}")
+    _library().loraq_unpack_mask(bits.data_ptr(), mask.numel(), mask.data_ptr())
+    return mask
+
+
 def _noise(mask: torch.Tensor, dtype: torch.dtype, p: float) -> torch.Tensor:
     # F.dropout's noise: the 0/1 mask in x's dtype, divided by the keep probability there
     return mask.to(dtype).div_(1.0 - p)
 
 
 class _Dropout(torch.autograd.Function):
-    """``x * noise`` that saves the 1-byte mask for backward instead of the float noise."""
+    """``x * noise`` that keeps the mask for backward at one bit per element (one byte where it
+    cannot be packed) instead of the float noise."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, p: float) -> torch.Tensor:
         mask = bernoulli_mask(x, 1.0 - p)
         ctx.p, ctx.dtype = p, x.dtype
-        ctx.save_for_backward(mask)
+        bits = pack_mask(mask)
+        ctx.packed_shape = None if bits is None else mask.shape
+        ctx.save_for_backward(mask if bits is None else bits)
         return x * _noise(mask, x.dtype, p)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (mask,) = ctx.saved_tensors
+        if ctx.packed_shape is not None:
+            mask = unpack_mask(mask, ctx.packed_shape)
         return grad * _noise(mask, ctx.dtype, ctx.p), None
 
 
@@ -141,8 +194,8 @@ def dropout(x: torch.Tensor, p: float) -> torch.Tensor:
 
     CPU dropout draws a mask with ``bernoulli_(1 - p)``, divides it by ``1 - p`` in ``x``'s
     dtype and multiplies; for a contiguous CPU ``x`` this does the same with
-    :func:`bernoulli_mask`, and keeps the 1-byte mask for backward where ``F.dropout`` keeps the
-    noise in ``x``'s dtype. Anything else uses ``F.dropout`` itself.
+    :func:`bernoulli_mask`, and keeps the mask for backward at one bit per element where
+    ``F.dropout`` keeps the noise in ``x``'s dtype. Anything else uses ``F.dropout`` itself.
     """
     if not (0.0 < p < 1.0 and _kernel_applies(x, 1.0 - p)):
         return torch.nn.functional.dropout(x, p, training=True)
