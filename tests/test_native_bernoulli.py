@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import types
+
 import numpy as np
 import pytest
 import torch
@@ -172,3 +174,17 @@ def test_fused_lora_keeps_its_mask_at_one_bit_per_element(kernel):
         lora_linear(x, a, b, 0.5, weight=w, dropout_p=0.1)
     masks = [t for t in saved if t.dtype == torch.uint8]
     assert [m.numel() for m in masks] == [x.numel() // 8]
+
+
+def test_an_explicit_generator_is_followed_and_a_foreign_one_refused():
+    like = torch.empty(64, 64)
+    mine, reference = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    got = bernoulli.bernoulli_mask(like, 0.8, generator=mine)
+    expected = torch.empty(64, 64, dtype=torch.uint8).bernoulli_(0.8, generator=reference)
+    assert torch.equal(got, expected)
+    assert torch.equal(mine.get_state(), reference.get_state())
+    # A generator of another device is never read as a CPU twister: PyTorch itself answers
+    # (here with its TypeError for a non-Generator; the kernel would have asked for get_state).
+    foreign = types.SimpleNamespace(device=torch.device("cuda"))
+    with pytest.raises(TypeError):
+        bernoulli.bernoulli_mask(like, 0.8, generator=foreign)

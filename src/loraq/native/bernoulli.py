@@ -115,9 +115,9 @@ def bernoulli_mask(
     device=like.device).bernoulli_(p, generator=generator)``, and the generator advances the same
     way; on CPU, when :func:`exact_kernel_available`, they are drawn by the compiled kernel.
     """
-    if _kernel_applies(like, p):
-        mask = _kernel_mask(like.numel(), p, generator or torch.default_generator)
-        return mask.view(like.shape)
+    source = torch.default_generator if generator is None else generator
+    if source.device.type == "cpu" and _kernel_applies(like, p):
+        return _kernel_mask(like.numel(), p, source).view(like.shape)
     return torch.empty(like.shape, dtype=torch.uint8, device=like.device).bernoulli_(
         p, generator=generator
     )
