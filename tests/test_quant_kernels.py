@@ -121,3 +121,37 @@ def test_large_dense_results_are_advised_onto_huge_pages():
         dequantize_4bit(q, torch.float32),
         q.dequantize_range(0, t.numel(), torch.empty(t.numel())).view(t.shape),
     )
+
+
+def _omp_runtimes() -> set[str]:
+    with open("/proc/self/maps") as f:
+        return {line.split()[-1] for line in f if "libgomp" in line or "libiomp" in line}
+
+
+@needs_kernel
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
+def test_openmp_build_shares_torchs_runtime_and_plain_build_agrees(monkeypatch):
+    """With PyTorch's libgomp loaded, the kernel is built with OpenMP and runs on that same
+    runtime (no second one is mapped); without, the build has no OpenMP. Both give the bits of
+    the pure path, on one thread and on several."""
+    from loraq.native import build
+
+    q = quantize_4bit(torch.randn(1024, 700), 64, "nf4", True)
+    q8 = quantize_8bit(torch.randn(1024, 700), 256)
+    expected = _pure(monkeypatch, dequantize_4bit, q, torch.float32)
+    expected8 = _pure(monkeypatch, dequantize_8bit, q8, torch.bfloat16)
+    before = torch.get_num_threads()
+    try:
+        for shares in (build.shares_torch_openmp(), False):
+            monkeypatch.setattr(cpu, "shares_torch_openmp", lambda s=shares: s)
+            cpu._library.cache_clear()
+            assert bool(cpu._library().loraq_openmp()) == shares
+            for threads in (1, 2):
+                torch.set_num_threads(threads)
+                assert torch.equal(dequantize_4bit(q, torch.float32), expected)
+                assert torch.equal(dequantize_8bit(q8, torch.bfloat16), expected8)
+            if shares:
+                assert len(_omp_runtimes()) == 1
+    finally:
+        torch.set_num_threads(before)
+        cpu._library.cache_clear()

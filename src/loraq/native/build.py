@@ -16,18 +16,21 @@ import ctypes
 import hashlib
 import os
 import platform
+import re
 import shutil
 import subprocess
 import tempfile
 import warnings
 from pathlib import Path
 
-__all__ = ["MODE_ENV", "build", "load_library", "mode"]
+__all__ = ["MODE_ENV", "build", "load_library", "mode", "shares_torch_openmp"]
 
 #: Environment variable choosing ``auto`` / ``off`` / ``on`` (see the module docstring).
 MODE_ENV = "LORAQ_KERNELS"
 # No contraction into FMA: the kernels' products and sums round separately, as the references.
 _FLAGS = ("-O3", "-shared", "-fPIC", "-fno-fast-math", "-ffp-contract=off")
+# GNU, Intel and LLVM OpenMP runtimes, by file name
+_OPENMP_RUNTIME = re.compile(r"lib(gomp|iomp5|omp)([.-]|$)")
 _OFF = ("off", "0", "false", "no")
 _ON = ("on", "1", "true", "yes")
 
@@ -40,6 +43,23 @@ def mode() -> str:
     if value in _ON:
         return "on"
     return "auto"
+
+
+def shares_torch_openmp() -> bool:
+    """Whether a kernel built with ``-fopenmp`` would run on PyTorch's own OpenMP thread pool.
+
+    True when this process has exactly one GNU OpenMP runtime mapped and it is ``libgomp.so.1``
+    (PyTorch's Linux wheels ship theirs under that name): the kernel's ``libgomp.so.1`` then
+    resolves to the copy already loaded. Anywhere else (Intel or LLVM OpenMP, a renamed libgomp,
+    no /proc) kernels are built without OpenMP, so a second runtime never starts.
+    """
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return False
+    paths = {line.split()[-1] for line in maps.splitlines() if line.count(" ") >= 5}
+    runtimes = {Path(p).name for p in paths if _OPENMP_RUNTIME.match(Path(p).name)}
+    return runtimes == {"libgomp.so.1"} and len([p for p in paths if "libgomp" in p]) == 1
 
 
 def _compiler() -> str | None:
@@ -66,14 +86,16 @@ def _cache_dir() -> Path:
     return Path(base) / "loraq" / "kernels"
 
 
-def build(source: Path, cc: str) -> Path:
-    """Compile ``source`` into a shared library in the cache (reused when already there)."""
+def build(source: Path, cc: str, openmp: bool = False) -> Path:
+    """Compile ``source`` into a shared library in the cache (reused when already there);
+    with ``openmp``, with ``-fopenmp`` (see :func:`shares_torch_openmp`)."""
+    flags = (*_FLAGS, "-fopenmp") if openmp else _FLAGS
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
     key = hashlib.sha256(
         b"\0".join(
             [
                 source.read_bytes(),
-                " ".join(_FLAGS).encode(),
+                " ".join(flags).encode(),
                 version.encode(),
                 platform.machine().encode(),
                 _cpu_signature().encode(),
@@ -86,7 +108,7 @@ def build(source: Path, cc: str) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
-    base = [cc, *_FLAGS, "-o", tmp, str(source)]
+    base = [cc, *flags, "-o", tmp, str(source)]
     try:
         errors = ""
         for extra in (["-march=native"], []):  # some compilers/targets refuse -march=native
@@ -101,12 +123,13 @@ def build(source: Path, cc: str) -> Path:
             os.unlink(tmp)
 
 
-def load_library(source: Path, purpose: str) -> ctypes.CDLL | None:
+def load_library(source: Path, purpose: str, openmp: bool = False) -> ctypes.CDLL | None:
     """The compiled ``source``, or None (after one warning) when it cannot be built.
 
-    ``purpose`` names what the kernel speeds up, for the warning. In mode ``off`` this returns
-    None without building; in mode ``on`` a failed build raises instead of warning. Callers
-    cache the result (one build and one warning per process).
+    ``purpose`` names what the kernel speeds up, for the warning; ``openmp`` builds it with
+    OpenMP (pass :func:`shares_torch_openmp`). In mode ``off`` this returns None without
+    building; in mode ``on`` a failed build raises instead of warning. Callers cache the result
+    (one build and one warning per process).
     """
     if mode() == "off":
         return None
@@ -114,7 +137,7 @@ def load_library(source: Path, purpose: str) -> ctypes.CDLL | None:
         cc = _compiler()
         if cc is None:
             raise RuntimeError("no C compiler found (set $CC)")
-        return ctypes.CDLL(str(build(source, cc)))
+        return ctypes.CDLL(str(build(source, cc, openmp)))
     except Exception as err:  # any failure means: use the pure-PyTorch path
         if mode() == "on":
             raise RuntimeError(

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from ...native.build import MODE_ENV, load_library, mode
+from ...native.build import MODE_ENV, load_library, mode, shares_torch_openmp
 
 __all__ = [
     "MODE_ENV",
@@ -36,18 +36,20 @@ __all__ = [
 
 _SOURCE = Path(__file__).with_name("dequant.c")
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
-# Below this many elements one thread does it all. A slice handed to a Python pool thread
-# competes for a core with PyTorch's OpenMP workers, which spin for a while after every parallel
-# op: right after a matmul (as in training) a second thread saved nothing on an 8M-element
-# weight, and the hand-off itself costs a few hundred microseconds on small ones.
+# Where the kernel has no OpenMP (see dequant.c), below this many elements one thread does it
+# all. A slice handed to a Python pool thread competes for a core with PyTorch's OpenMP workers,
+# which spin for a while after every parallel op: right after a matmul (as in training) a second
+# thread saved nothing on an 8M-element weight, and the hand-off itself costs a few hundred
+# microseconds on small ones.
 _PARALLEL_MIN = 1 << 24
 
 
 @functools.cache
 def _library() -> ctypes.CDLL | None:
-    lib = load_library(_SOURCE, "dequantize")
+    lib = load_library(_SOURCE, "dequantize", openmp=shares_torch_openmp())
     if lib is None:
         return None
+    lib.loraq_openmp.argtypes, lib.loraq_openmp.restype = [], ctypes.c_int
     tail = [ctypes.c_int64] * 4 + [ctypes.c_void_p, ctypes.c_int]
     for fn in (lib.loraq_dequant4, lib.loraq_dequant8):
         fn.argtypes, fn.restype = [ctypes.c_void_p] * 3 + tail, None
@@ -106,11 +108,12 @@ def _usable(codes, absmax, code, out, table_size: int) -> bool:
 
 
 def _in_slices(call, units: int, elements: int) -> None:
-    """``call(first, last)`` over ``[0, units)``: whole on this thread for fewer than
-    :data:`_PARALLEL_MIN` elements, else in one slice per thread (``torch.get_num_threads()``),
-    the calling thread taking the first slice itself (one hand-off fewer to wait for)."""
+    """``call(first, last)`` over ``[0, units)``: in one call when the kernel splits the work
+    across PyTorch's OpenMP threads itself or for fewer than :data:`_PARALLEL_MIN` elements,
+    else in one slice per thread (``torch.get_num_threads()``), the calling thread taking the
+    first slice itself (one hand-off fewer to wait for)."""
     workers = max(1, min(torch.get_num_threads(), units))
-    if elements < _PARALLEL_MIN or workers == 1:
+    if elements < _PARALLEL_MIN or workers == 1 or _library().loraq_openmp():
         call(0, units)
         return
     step = -(-units // workers)

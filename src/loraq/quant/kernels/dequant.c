@@ -2,11 +2,22 @@
  *
  * The product is one IEEE float32 multiply and the bfloat16 output rounds it to nearest even,
  * so every result equals the pure-PyTorch reference in loraq.quant.blockwise bit for bit.
- * Each call covers the whole blocks [first_block, last_block); the caller splits a tensor
- * across threads. 4-bit codes are packed two per byte, the even element in the high nibble.
+ * Each call covers the whole blocks [first_block, last_block). Built with -fopenmp (only where
+ * the process already runs PyTorch's libgomp, so these loops share PyTorch's thread pool) a call
+ * splits its blocks across that pool itself; otherwise the caller splits a tensor across threads.
+ * 4-bit codes are packed two per byte, the even element in the high nibble.
  */
 #include <stdint.h>
 #include <string.h>
+
+/* Below this many elements a call runs on one thread: waking the pool costs more. */
+#define PARALLEL_MIN_ELEMENTS 65536
+#ifdef _OPENMP
+int loraq_openmp(void) { return 1; }
+#else
+int loraq_openmp(void) { return 0; }
+#endif
+
 #ifdef __AVX2__
 #include <immintrin.h>
 #endif
@@ -106,6 +117,7 @@ static inline void dequant4_block(const uint8_t* packed, const float* code, floa
 void loraq_dequant4(const uint8_t* packed, const float* absmax, const float* code,
                     int64_t blocksize, int64_t n, int64_t first_block, int64_t last_block,
                     void* out, int dtype) {
+    #pragma omp parallel for schedule(static) if ((last_block - first_block) * blocksize >= PARALLEL_MIN_ELEMENTS)
     for (int64_t b = first_block; b < last_block; b++) {
         int64_t start = b * blocksize;
         int64_t stop = start + blocksize < n ? start + blocksize : n;
@@ -121,6 +133,7 @@ void loraq_dequant4_nested(const uint8_t* packed, const uint8_t* absmax_codes,
                            int64_t nested_blocksize, float offset, const float* code,
                            int64_t blocksize, int64_t n, int64_t first_block, int64_t last_block,
                            void* out, int dtype) {
+    #pragma omp parallel for schedule(static) if ((last_block - first_block) * blocksize >= PARALLEL_MIN_ELEMENTS)
     for (int64_t b = first_block; b < last_block; b++) {
         int64_t start = b * blocksize;
         int64_t stop = start + blocksize < n ? start + blocksize : n;
@@ -134,6 +147,7 @@ void loraq_dequant8(const uint8_t* codes, const float* absmax, const float* code
                     void* out, int dtype) {
     float* out32 = (float*)out;
     uint16_t* out16 = (uint16_t*)out;
+    #pragma omp parallel for schedule(static) if ((last_block - first_block) * blocksize >= PARALLEL_MIN_ELEMENTS)
     for (int64_t b = first_block; b < last_block; b++) {
         int64_t start = b * blocksize;
         int64_t stop = start + blocksize < n ? start + blocksize : n;
@@ -195,8 +209,9 @@ static inline float half_to_float(const uint8_t* p) {
 void loraq_dequant_gguf(const uint8_t* blocks, int kind, int64_t first_block, int64_t last_block,
                         void* out, int dtype) {
     static const int64_t sizes[3] = {34, 18, 20};
-    float vals[32];
+    #pragma omp parallel for schedule(static) if ((last_block - first_block) * 32 >= PARALLEL_MIN_ELEMENTS)
     for (int64_t b = first_block; b < last_block; b++) {
+        float vals[32];
         const uint8_t* p = blocks + b * sizes[kind];
         float d = half_to_float(p);
         if (kind == 0) {
