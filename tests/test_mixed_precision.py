@@ -16,6 +16,7 @@ from torch import nn
 from loraq.layers import fused
 from loraq.layers.lora import LoRALayer
 from loraq.layers.quantized import Linear4bit, Linear8bit
+from loraq.native import bernoulli
 from loraq.precision import autocast_dtype, fast_bf16, resolve_compute_dtype
 
 BASE_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -28,7 +29,10 @@ def _fixed_mask(monkeypatch, p: float, shape) -> torch.Tensor | None:
     if p == 0.0:
         return None
     mask = torch.empty(shape, dtype=torch.uint8).bernoulli_(1.0 - p)
-    monkeypatch.setattr(fused, "_dropout_mask", lambda x, p_, generator=None: mask.view(x.shape))
+    # handed over packed where the kernel packs (the bit paths for every dtype), else as bytes
+    bits = bernoulli.pack_mask(mask)
+    keep = (mask, False) if bits is None else (bits, True)
+    monkeypatch.setattr(fused, "keep_mask", lambda x, p_: keep)
     return mask
 
 

@@ -188,3 +188,27 @@ def test_an_explicit_generator_is_followed_and_a_foreign_one_refused():
     foreign = types.SimpleNamespace(device=torch.device("cuda"))
     with pytest.raises(TypeError):
         bernoulli.bernoulli_mask(like, 0.8, generator=foreign)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_keep_mask_draws_bernoulli_and_apply_keep_zeroes_the_dropped(dtype):
+    x = torch.randn(300, 77, dtype=dtype)
+    torch.manual_seed(12)
+    keep, packed = bernoulli.keep_mask(x, 0.25)
+    after = torch.get_rng_state()
+    torch.manual_seed(12)
+    mask = torch.empty(x.shape, dtype=torch.uint8).bernoulli_(0.75)
+    assert torch.equal(torch.get_rng_state(), after)
+    assert packed == bernoulli.packing_available()
+    unpacked = bernoulli.unpack_mask(keep, x.shape) if packed else keep
+    assert torch.equal(unpacked, mask)
+    assert torch.equal(bernoulli.apply_keep(x, keep, packed), x * mask)
+    inplace = x.clone()
+    assert bernoulli.apply_keep(inplace, keep, packed, inplace=True) is inplace
+    assert torch.equal(inplace, x * mask)
+
+
+def test_apply_keep_refuses_bits_of_another_size(kernel):
+    bits = bernoulli.pack_mask(torch.ones(64, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="do not cover a tensor of 72"):
+        bernoulli.apply_keep(torch.ones(72), bits, True)

@@ -27,16 +27,11 @@ from collections.abc import Callable
 
 import torch
 
-from ..native.bernoulli import bernoulli_mask, pack_mask, unpack_mask
+from ..native.bernoulli import apply_keep, keep_mask
 from ..precision import autocast_dtype
 
 # A dense weight, or a callable that returns it on demand, optionally in a requested dtype.
 WeightSource = torch.Tensor | Callable[..., torch.Tensor] | None
-
-
-def _dropout_mask(x: torch.Tensor, p: float) -> torch.Tensor:
-    # uint8 keeps the saved mask at a quarter of a float copy of x; the bits are nn.Dropout's.
-    return bernoulli_mask(x, 1.0 - p)
 
 
 def _use_merged_weight(
@@ -91,11 +86,12 @@ def _forward(ctx, x, base_out, weight, bias, lora_a, lora_b, scaling, dropout_p,
     lora_dtype = lora_a.dtype if amp_dtype is None else amp_dtype
     lora_a, lora_b = lora_a.to(lora_dtype), lora_b.to(lora_dtype)
     x_lora = None
-    mask = None
+    keep, packed = None, False
     if dropout_p > 0.0:
-        # One temporary for x * mask; the 1/(1-p) rescale goes on the small (N, r) result.
-        mask = _dropout_mask(x2, dropout_p)
-        hidden = torch.mm(torch.mul(x2, mask).to(lora_dtype), lora_a.t()).mul_(
+        # nn.Dropout's draw, kept at one bit per element where the kernel runs; one temporary
+        # for x * mask, and the 1/(1-p) rescale goes on the small (N, r) result.
+        keep, packed = keep_mask(x2, dropout_p)
+        hidden = torch.mm(apply_keep(x2, keep, packed).to(lora_dtype), lora_a.t()).mul_(
             1.0 / (1.0 - dropout_p)
         )
     else:
@@ -129,9 +125,8 @@ def _forward(ctx, x, base_out, weight, bias, lora_a, lora_b, scaling, dropout_p,
     ctx.has_base_out = base_out is not None
     ctx.x_dtype = x.dtype
     saved_w = weight if isinstance(weight, torch.Tensor) else None
-    bits = None if mask is None else pack_mask(mask)
-    ctx.packed_shape = None if bits is None else mask.shape
-    ctx.save_for_backward(x2, hidden, mask if bits is None else bits, lora_a, lora_b, saved_w)
+    ctx.packed = packed
+    ctx.save_for_backward(x2, hidden, keep, lora_a, lora_b, saved_w)
     ctx.bias_grad = bias is not None and bias.requires_grad
     out = out.view(*x.shape[:-1], out.shape[-1])
     if base_out is not None or amp_dtype is not None:
@@ -153,9 +148,7 @@ def _base_weight(weight: WeightSource, amp_dtype: torch.dtype | None) -> torch.T
 
 
 def _backward(ctx, grad_out):
-    x2, hidden, mask, lora_a, lora_b, saved_w = ctx.saved_tensors
-    if ctx.packed_shape is not None:
-        mask = unpack_mask(mask, ctx.packed_shape)
+    x2, hidden, keep, lora_a, lora_b, saved_w = ctx.saved_tensors
     s, p = ctx.scaling, ctx.dropout_p
     g2 = grad_out.reshape(-1, grad_out.shape[-1])
     g_lora = g2.to(lora_a.dtype)
@@ -181,19 +174,18 @@ def _backward(ctx, grad_out):
         # (h^T g)^T: MKL is several times faster with the long dimension inside.
         grad_b = torch.mm(hidden.t(), g_lora).t().mul_(s)
     if need_a:
-        if mask is None:
+        if keep is None:
             grad_a = torch.mm(g_hidden.t(), x2.to(lora_a.dtype))
         else:
-            grad_a = torch.mm(g_hidden.t(), torch.mul(x2, mask).to(lora_a.dtype)).mul_(
-                1.0 / (1.0 - p)
-            )
+            grad_a = torch.mm(g_hidden.t(), apply_keep(x2, keep, ctx.packed).to(lora_a.dtype))
+            grad_a.mul_(1.0 / (1.0 - p))
     if need_x and ctx.merged:
         # g @ (W + sBA) already holds the adapter's input gradient
         grad_x = grad_x.to(ctx.x_dtype).reshape(*grad_out.shape[:-1], x2.shape[-1])
     elif need_x:
         lora_gx = torch.mm(g_hidden, lora_a)
-        if mask is not None:
-            lora_gx.mul_(mask).mul_(1.0 / (1.0 - p))
+        if keep is not None:
+            apply_keep(lora_gx, keep, ctx.packed, inplace=True).mul_(1.0 / (1.0 - p))
         grad_x = lora_gx if grad_x is None else grad_x.add_(lora_gx)
         grad_x = grad_x.to(ctx.x_dtype).reshape(*grad_out.shape[:-1], x2.shape[-1])
     if need_base:

@@ -20,6 +20,8 @@
 #define MT_M 397
 #define STATE_OFFSET 24
 #define CHUNK 1248 /* words tempered per pass: two elements need four words */
+/* Below this many mask bytes the bit loops run on one thread (with OpenMP, see build.py). */
+#define PARALLEL_MIN_BYTES 8192
 
 static inline uint32_t twist(uint32_t u, uint32_t v) {
     uint32_t mixed = (u & 0x80000000u) | (v & 0x7fffffffu);
@@ -54,11 +56,25 @@ static void compare(const uint32_t *restrict words, int64_t pairs, uint64_t thre
     }
 }
 
-/* Write ``n`` 0/1 bytes to ``out`` and advance the serialized generator ``state`` in place. */
-void loraq_bernoulli_u8(uint8_t *state, uint64_t threshold, int64_t n, uint8_t *out) {
+/* Eight 0/1 bytes as one byte, the first in the least significant bit. */
+static inline uint8_t pack8(const uint8_t *m) {
+    return (uint8_t)((m[0] & 1) | (m[1] & 1) << 1 | (m[2] & 1) << 2 | (m[3] & 1) << 3 |
+                     (m[4] & 1) << 4 | (m[5] & 1) << 5 | (m[6] & 1) << 6 | (m[7] & 1) << 7);
+}
+
+static void pack_tail(const uint8_t *mask, int64_t n, uint8_t *bits) {
+    uint8_t last = 0;
+    for (int64_t j = 0; j < n % 8; j++) last |= (uint8_t)((mask[n - n % 8 + j] & 1) << j);
+    bits[n / 8] = last;
+}
+
+/* ``n`` draws into ``out`` (0/1 bytes, or bits when ``packed``), advancing the serialized
+ * generator ``state`` in place. */
+static void draw(uint8_t *state, uint64_t threshold, int64_t n, uint8_t *out, int packed) {
     int32_t left;
     uint64_t next, wide[MT_N];
     uint32_t s[MT_N], words[CHUNK];
+    uint8_t bytes[CHUNK / 2]; /* a multiple of 8, so every chunk but the last fills whole bytes */
     memcpy(&left, state + 8, sizeof left);
     memcpy(&next, state + 16, sizeof next);
     memcpy(wide, state + STATE_OFFSET, sizeof wide);
@@ -82,8 +98,16 @@ void loraq_bernoulli_u8(uint8_t *state, uint64_t threshold, int64_t n, uint8_t *
             avail -= take;
             filled += take;
         }
-        compare(words, filled / 2, threshold, out);
-        out += filled / 2;
+        if (packed) {
+            int64_t count = filled / 2;
+            compare(words, count, threshold, bytes);
+            for (int64_t i = 0; i < count / 8; i++) out[i] = pack8(bytes + 8 * i);
+            if (count % 8) pack_tail(bytes, count, out);
+            out += (count + 7) / 8;
+        } else {
+            compare(words, filled / 2, threshold, out);
+            out += filled / 2;
+        }
         need -= filled;
     }
     left = (int32_t)(avail + 1);
@@ -93,25 +117,28 @@ void loraq_bernoulli_u8(uint8_t *state, uint64_t threshold, int64_t n, uint8_t *
     memcpy(state + STATE_OFFSET, wide, sizeof wide);
 }
 
+/* Write ``n`` 0/1 bytes to ``out`` and advance the serialized generator ``state`` in place. */
+void loraq_bernoulli_u8(uint8_t *state, uint64_t threshold, int64_t n, uint8_t *out) {
+    draw(state, threshold, n, out, 0);
+}
+
+/* The same draws, written as ``(n + 7) / 8`` bytes of bits (see loraq_pack_mask). */
+void loraq_bernoulli_bits(uint8_t *state, uint64_t threshold, int64_t n, uint8_t *bits) {
+    draw(state, threshold, n, bits, 1);
+}
+
 /* Masks kept for backward at one bit per element: bit i % 8 of byte i / 8 (least significant
  * first, numpy's bitorder="little"). ``n`` elements; the last byte's unused bits are zero. */
 void loraq_pack_mask(const uint8_t *restrict mask, int64_t n, uint8_t *restrict bits) {
     int64_t whole = n / 8;
-    for (int64_t i = 0; i < whole; i++) {
-        const uint8_t *m = mask + 8 * i;
-        bits[i] = (uint8_t)((m[0] & 1) | (m[1] & 1) << 1 | (m[2] & 1) << 2 | (m[3] & 1) << 3 |
-                            (m[4] & 1) << 4 | (m[5] & 1) << 5 | (m[6] & 1) << 6 |
-                            (m[7] & 1) << 7);
-    }
-    if (n % 8) {
-        uint8_t last = 0;
-        for (int64_t j = 0; j < n % 8; j++) last |= (uint8_t)((mask[8 * whole + j] & 1) << j);
-        bits[whole] = last;
-    }
+    #pragma omp parallel for schedule(static) if (whole >= PARALLEL_MIN_BYTES)
+    for (int64_t i = 0; i < whole; i++) bits[i] = pack8(mask + 8 * i);
+    if (n % 8) pack_tail(mask, n, bits);
 }
 
 void loraq_unpack_mask(const uint8_t *restrict bits, int64_t n, uint8_t *restrict mask) {
     int64_t whole = n / 8;
+    #pragma omp parallel for schedule(static) if (whole >= PARALLEL_MIN_BYTES)
     for (int64_t i = 0; i < whole; i++) {
         /* spread the byte's 8 bits over 8 bytes, bit j to byte j (little-endian) */
         uint64_t v = bits[i];
@@ -121,4 +148,15 @@ void loraq_unpack_mask(const uint8_t *restrict bits, int64_t n, uint8_t *restric
         memcpy(mask + 8 * i, &v, 8);
     }
     for (int64_t j = 8 * whole; j < n; j++) mask[j] = (bits[whole] >> (j % 8)) & 1;
+}
+
+/* out[i] = x[i] where bit i of ``bits`` is set, else +0.0 (``out`` may be ``x``). */
+void loraq_keep_f32(const float *x, const uint8_t *bits, int64_t n, float *out) {
+    int64_t whole = n / 8;
+    #pragma omp parallel for schedule(static) if (whole >= PARALLEL_MIN_BYTES)
+    for (int64_t i = 0; i < whole; i++) {
+        uint8_t b = bits[i];
+        for (int j = 0; j < 8; j++) out[8 * i + j] = ((b >> j) & 1) ? x[8 * i + j] : 0.0f;
+    }
+    for (int64_t j = 8 * whole; j < n; j++) out[j] = ((bits[whole] >> (j % 8)) & 1) ? x[j] : 0.0f;
 }

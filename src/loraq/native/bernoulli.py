@@ -23,11 +23,13 @@ from pathlib import Path
 
 import torch
 
-from .build import load_library
+from .build import load_library, shares_torch_openmp
 
 __all__ = [
+    "apply_keep",
     "bernoulli_mask",
     "dropout",
+    "keep_mask",
     "exact_kernel_available",
     "pack_mask",
     "packing_available",
@@ -43,13 +45,15 @@ _KERNEL_MIN = 2048
 
 @functools.cache
 def _library() -> ctypes.CDLL | None:
-    lib = load_library(_SOURCE, "dropout masks")
+    lib = load_library(_SOURCE, "dropout masks", openmp=shares_torch_openmp())
     if lib is not None:
-        fn = lib.loraq_bernoulli_u8
-        fn.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_int64, ctypes.c_void_p]
-        fn.restype = None
+        for fn in (lib.loraq_bernoulli_u8, lib.loraq_bernoulli_bits):
+            fn.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_int64, ctypes.c_void_p]
+            fn.restype = None
         for fn in (lib.loraq_pack_mask, lib.loraq_unpack_mask):
             fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p], None
+        lib.loraq_keep_f32.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64, ctypes.c_void_p]
+        lib.loraq_keep_f32.restype = None
     return lib
 
 
@@ -58,12 +62,14 @@ def _threshold(p: float) -> int:
     return math.ceil(p * 2.0**53)
 
 
-def _kernel_mask(n: int, p: float, generator: torch.Generator) -> torch.Tensor:
+def _kernel_mask(n: int, p: float, generator: torch.Generator, packed: bool = False):
+    """``n`` draws as 0/1 bytes, or as ``(n + 7) // 8`` bytes of bits when ``packed``."""
     lib = _library()
     assert lib is not None
     state = generator.get_state()
-    out = torch.empty(n, dtype=torch.uint8)
-    lib.loraq_bernoulli_u8(state.data_ptr(), _threshold(p), n, out.data_ptr())
+    out = torch.empty(-(-n // 8) if packed else n, dtype=torch.uint8)
+    draw = lib.loraq_bernoulli_bits if packed else lib.loraq_bernoulli_u8
+    draw(state.data_ptr(), _threshold(p), n, out.data_ptr())
     generator.set_state(state)
     return out
 
@@ -160,6 +166,32 @@ def unpack_mask(bits: torch.Tensor, shape: torch.Size) -> torch.Tensor:
         raise ValueError(f"{bits.numel()} packed bytes cannot hold a mask of shape {tuple(shape)}")
     _library().loraq_unpack_mask(bits.data_ptr(), mask.numel(), mask.data_ptr())
     return mask
+
+
+def keep_mask(x: torch.Tensor, p: float) -> tuple[torch.Tensor, bool]:
+    """Which elements of ``x`` dropout with probability ``p`` keeps: the draw of
+    ``bernoulli_mask(x, 1 - p)`` (the same generator use), as ``(bits, True)`` at one bit per
+    element where the kernel can pack it (see :func:`pack_mask`), else ``(mask, False)``."""
+    if _kernel_applies(x, 1.0 - p) and packing_available():
+        return _kernel_mask(x.numel(), 1.0 - p, torch.default_generator, packed=True), True
+    mask = bernoulli_mask(x, 1.0 - p)
+    bits = pack_mask(mask)
+    return (mask, False) if bits is None else (bits, True)
+
+
+def apply_keep(
+    t: torch.Tensor, keep: torch.Tensor, packed: bool, *, inplace: bool = False
+) -> torch.Tensor:
+    """``t`` with the elements :func:`keep_mask` dropped set to zero (``t * mask``; in place
+    with ``inplace``). Contiguous float32 CPU tensors are masked straight from the bits."""
+    if packed and t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous():
+        if keep.numel() != -(-t.numel() // 8):
+            raise ValueError(f"{keep.numel()} mask bytes do not cover a tensor of {t.numel()}")
+        out = t if inplace else torch.empty_like(t)
+        _library().loraq_keep_f32(t.data_ptr(), keep.data_ptr(), t.numel(), out.data_ptr())
+        return out
+    mask = unpack_mask(keep, t.shape) if packed else keep
+    return t.mul_(mask) if inplace else torch.mul(t, mask)
 
 
 def _noise(mask: torch.Tensor, dtype: torch.dtype, p: float) -> torch.Tensor:
