@@ -21,8 +21,6 @@ peft-qlora        PEFT over a bitsandbytes NF4 base (double quant), compute floa
 loraq-qlora       loraq QLoRA, NF4 + double quant, compute float32
 peft-qlora-bf16   bitsandbytes compute bfloat16, step under torch.autocast(bfloat16)
 loraq-qlora-auto  loraq ``compute_dtype="auto"`` (bf16 + autocast where the hardware has it)
-loraq-qlora-fd    loraq QLoRA plus ``loraq.use_fast_dropout`` on the model's own dropout, as
-                  ``loraq train`` runs it (the same masks; PEFT users could call it too)
 ================  ==========================================================================
 """
 
@@ -49,7 +47,6 @@ METHODS = (
     "loraq-qlora",
     "peft-qlora-bf16",
     "loraq-qlora-auto",
-    "loraq-qlora-fd",
 )
 # the encoder's query/key/value/dense for both sides (a bare "dense" would also take the pooler's)
 TARGET_REGEX = r".*encoder.*\.(query|key|value|dense)"
@@ -60,8 +57,6 @@ PAIRS = (
     ("loraq-qlora-auto", "peft-qlora-bf16"),
     ("loraq-qlora-auto", "peft-qlora"),
     ("loraq-qlora", "loraq-lora"),
-    ("loraq-qlora-fd", "peft-qlora"),
-    ("loraq-qlora-fd", "loraq-qlora"),
 )
 
 
@@ -144,8 +139,6 @@ def build(method: str, device: str):
                 quant=quant, double_quant=True, compute_dtype=compute,
             ),
         )  # fmt: skip
-        if method.endswith("-fd"):
-            loraq.use_fast_dropout(model)
         dtype = resolve_compute_dtype(compute, device)
         amp = None if dtype == torch.float32 else dtype
     model.train()

@@ -105,3 +105,15 @@ def test_loraq_train_prepares_models_with_fast_dropout(tmp_path, bert_dir):
     before = sum(type(m) is nn.Dropout for m in model.modules())
     model = prepare_model(model, cfg, new_modules)
     assert before > 0 and sum(type(m) is FastDropout for m in model.modules()) == before
+
+
+def test_apply_switches_the_models_dropout_and_unload_switches_it_back():
+    import loraq
+
+    model = tiny_bert_cls()
+    own = [m for m in model.modules() if type(m) is nn.Dropout]
+    loraq.apply(model, loraq.LoraConfig(r=2, targets=["query"], dropout=0.1))
+    assert own and all(type(m) is FastDropout for m in own)
+    loraq.unload(model)
+    assert all(type(m) is nn.Dropout for m in own)
+    assert not any(type(m).__module__.startswith("loraq") for m in model.modules())

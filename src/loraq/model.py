@@ -12,6 +12,7 @@ from torch import nn
 
 from .config import LoraConfig
 from .layers.adapter_quant import enable_adapter_quant
+from .layers.dropout import plain_dropout, use_fast_dropout
 from .layers.kinds import layer_kind
 from .layers.lora import ADAPTER_STORES, LoRALayer, ModulesToSave
 from .layers.protocol import QuantizedBase
@@ -64,7 +65,9 @@ def apply(
     Each targeted module is wrapped in a :class:`LoRALayer` (the original stays inside, frozen);
     every other parameter is frozen except ``modules_to_save`` and the biases ``config.bias``
     names. When ``config.quant`` is set, the frozen base's Linear layers are quantized first.
-    The new adapter becomes the active one (see :func:`set_adapter` to switch).
+    The new adapter becomes the active one (see :func:`set_adapter` to switch). The model's own
+    ``nn.Dropout`` layers become :class:`~loraq.layers.dropout.FastDropout` (the same masks,
+    drawn faster on CPU); :func:`unload` turns them back.
 
     ``config.r`` may not exceed ``min(in, out)`` of a targeted layer (a larger rank adds
     parameters, not expressiveness) unless ``allow_large_rank=True``. Everything is checked
@@ -138,6 +141,7 @@ def _apply_checked(
     targets_by_adapter = getattr(model, TARGETS_ATTR, {})
     targets_by_adapter[adapter_name] = targets
     setattr(model, TARGETS_ATTR, targets_by_adapter)
+    use_fast_dropout(model)  # the model's own dropout: the same masks, drawn by loraq's kernel
     if loftq:
         reports = getattr(model, REPORT_ATTR, {})
         reports[adapter_name] = loftq
@@ -370,6 +374,7 @@ def _unwrap(model: nn.Module, merge_adapters: bool) -> float:
     for attr in (CONFIGS_ATTR, TARGETS_ATTR):
         if hasattr(model, attr):
             delattr(model, attr)
+    plain_dropout(model)  # a plain model again, with nothing of loraq's left in it
     for param in model.parameters():
         param.requires_grad_(False)
     return worst

@@ -4,8 +4,9 @@
 (see :mod:`loraq.native.bernoulli`); on CPUs where PyTorch draws masks in a serial loop it draws
 them several times faster, and it keeps the mask for backward at one bit per element instead of
 a float copy.
-:func:`use_fast_dropout` switches a model's dropout layers over in place; ``loraq train`` does
-this for the model it trains.
+:func:`use_fast_dropout` switches a model's dropout layers over in place (:func:`loraq.apply`
+does this for the model it adapts, and :func:`loraq.unload` switches them back with
+:func:`plain_dropout`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from torch import nn
 
 from ..native.bernoulli import dropout
 
-__all__ = ["FastDropout", "use_fast_dropout"]
+__all__ = ["FastDropout", "plain_dropout", "use_fast_dropout"]
 
 
 class FastDropout(nn.Dropout):
@@ -40,5 +41,16 @@ def use_fast_dropout(model: nn.Module) -> int:
     for module in model.modules():
         if type(module) is nn.Dropout:
             module.__class__ = FastDropout
+            count += 1
+    return count
+
+
+def plain_dropout(model: nn.Module) -> int:
+    """Undo :func:`use_fast_dropout`: every :class:`FastDropout` in ``model`` becomes a plain
+    ``nn.Dropout`` again (in place); returns how many."""
+    count = 0
+    for module in model.modules():
+        if type(module) is FastDropout:
+            module.__class__ = nn.Dropout
             count += 1
     return count

@@ -165,8 +165,8 @@ def prepare_model(model: nn.Module, cfg: TrainConfig, new_modules: list[str]) ->
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     if getattr(model.config, "use_cache", None):
         model.config.use_cache = False
-    use_fast_dropout(model)  # the model's own dropout: the same masks, drawn faster
     if cfg.training.method == "full":
+        use_fast_dropout(model)  # as loraq.apply does: the same masks, drawn faster
         for param in model.parameters():
             param.requires_grad_(True)
         return model
