@@ -1,7 +1,8 @@
 """Small C kernels compiled on first use, each with a pure-PyTorch twin it is tested against.
 
 * :mod:`.build` - finds the C compiler, builds a kernel into the user's cache and loads it.
-* :mod:`.bernoulli` - dropout masks drawn exactly as ``Tensor.bernoulli_`` draws them on CPU.
+* :mod:`.bernoulli` - dropout masks drawn exactly as ``Tensor.bernoulli_`` draws them on CPU,
+  and kept at one bit per element.
 
 The dequantize kernels of :mod:`loraq.quant.kernels.cpu` are built by :mod:`.build` too.
 """

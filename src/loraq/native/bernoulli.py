@@ -12,6 +12,10 @@ generator; if this PyTorch draws differently (MKL on Intel, another generator la
 kernel cannot be built, every call uses ``bernoulli_`` itself. Unlike ``bernoulli_`` the kernel
 does not lock the generator: another thread drawing from the same generator at the same moment
 would interleave with it.
+
+Masks can also live at one bit per element (:func:`keep_mask` draws straight into bits,
+:func:`apply_keep` zeroes the dropped elements from them, :func:`pack_mask` /
+:func:`unpack_mask` convert), which is how dropout keeps them for backward.
 """
 
 from __future__ import annotations
@@ -29,8 +33,8 @@ __all__ = [
     "apply_keep",
     "bernoulli_mask",
     "dropout",
-    "keep_mask",
     "exact_kernel_available",
+    "keep_mask",
     "pack_mask",
     "packing_available",
     "unpack_mask",
