@@ -281,32 +281,12 @@ def test_cli_export_adapter_and_merged_from_gguf_base(tmp_path, ids, capsys):
     loraq.save_adapter(model, tmp_path / "adapter")
     # the base is found through adapter_config.json's base_model_name_or_path
     out = tmp_path / "a.gguf"
-    assert (
-        main(
-            [
-                "export",
-                "--format",
-                "gguf",
-                "--adapter",
-                str(tmp_path / "adapter"),
-                "--out",
-                str(out),
-            ]
-        )
-        == 0
-    )
+    export = ["export", "--format", "gguf", "--adapter", str(tmp_path / "adapter")]
+    assert main([*export, "--out", str(out)]) == 0
     assert "adapter GGUF written" in capsys.readouterr().out
     check_adapter_file(out, model)
     merged = tmp_path / "m.gguf"
-    argv = [
-        "export",
-        "--format",
-        "gguf",
-        "--adapter",
-        str(tmp_path / "adapter"),
-        "--out",
-        str(merged),
-    ]
+    argv = [*export, "--out", str(merged)]
     assert main([*argv, "--base", str(base_file), "--merged", "--dtype", "f32"]) == 0
     torch.testing.assert_close(
         transformers_logits(merged, ids), logits(model, ids), atol=1e-5, rtol=1e-5
@@ -314,22 +294,7 @@ def test_cli_export_adapter_and_merged_from_gguf_base(tmp_path, ids, capsys):
     # an adapter for another shape of model: a clear error, no file
     other = export_gguf(tiny_llama(hidden=64), tmp_path / "other.gguf", merged=True, dtype="f32")
     bad = tmp_path / "bad.gguf"
-    assert (
-        main(
-            [
-                "export",
-                "--format",
-                "gguf",
-                "--adapter",
-                str(tmp_path / "adapter"),
-                "--base",
-                str(other),
-                "--out",
-                str(bad),
-            ]
-        )
-        != 0
-    )
+    assert main([*export, "--base", str(other), "--out", str(bad)]) != 0
     assert "has shape (4, 32) but the model expects (4, 64)" in capsys.readouterr().err
     assert not bad.exists()
 
