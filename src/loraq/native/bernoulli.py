@@ -140,14 +140,20 @@ def packing_available() -> bool:
     if _library() is None:
         return False
     mask = (torch.arange(1237) * 7919 % 5 < 3).to(torch.uint8)
-    bits = pack_mask(mask, check=False)
+    bits = _pack(mask)
     weights = torch.tensor([1 << j for j in range(8)], dtype=torch.uint8)
     padded = torch.cat([mask, mask.new_zeros(-mask.numel() % 8)]).view(-1, 8)
     expected = (padded * weights).sum(1, dtype=torch.uint8)
     return torch.equal(bits, expected) and torch.equal(unpack_mask(bits, mask.shape), mask)
 
 
-def pack_mask(mask: torch.Tensor, *, check: bool = True) -> torch.Tensor | None:
+def _pack(mask: torch.Tensor) -> torch.Tensor:
+    bits = torch.empty(-(-mask.numel() // 8), dtype=torch.uint8)
+    _library().loraq_pack_mask(mask.data_ptr(), mask.numel(), bits.data_ptr())
+    return bits
+
+
+def pack_mask(mask: torch.Tensor) -> torch.Tensor | None:
     """A contiguous CPU 0/1 uint8 ``mask`` at one bit per element (bit ``i % 8`` of byte
     ``i // 8``), or None when it cannot be packed here (then keep ``mask`` itself)."""
     if not (
@@ -155,12 +161,10 @@ def pack_mask(mask: torch.Tensor, *, check: bool = True) -> torch.Tensor | None:
         and mask.device.type == "cpu"
         and mask.dtype == torch.uint8
         and mask.is_contiguous()
-        and (packing_available() if check else _library() is not None)
+        and packing_available()
     ):
         return None
-    bits = torch.empty(-(-mask.numel() // 8), dtype=torch.uint8)
-    _library().loraq_pack_mask(mask.data_ptr(), mask.numel(), bits.data_ptr())
-    return bits
+    return _pack(mask)
 
 
 def unpack_mask(bits: torch.Tensor, shape: torch.Size) -> torch.Tensor:

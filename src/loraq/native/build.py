@@ -57,9 +57,9 @@ def shares_torch_openmp() -> bool:
         maps = Path("/proc/self/maps").read_text()
     except OSError:
         return False
-    paths = {line.split()[-1] for line in maps.splitlines() if line.count(" ") >= 5}
-    runtimes = {Path(p).name for p in paths if _OPENMP_RUNTIME.match(Path(p).name)}
-    return runtimes == {"libgomp.so.1"} and len([p for p in paths if "libgomp" in p]) == 1
+    paths = {line.split()[-1] for line in maps.splitlines()}
+    runtimes = [Path(p) for p in paths if _OPENMP_RUNTIME.match(Path(p).name)]
+    return len(runtimes) == 1 and runtimes[0].name == "libgomp.so.1"
 
 
 def _compiler() -> str | None:

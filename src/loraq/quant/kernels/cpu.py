@@ -50,6 +50,7 @@ def _library() -> ctypes.CDLL | None:
     if lib is None:
         return None
     lib.loraq_openmp.argtypes, lib.loraq_openmp.restype = [], ctypes.c_int
+    lib.splits_itself = bool(lib.loraq_openmp())  # asked once, not on every dequantize
     tail = [ctypes.c_int64] * 4 + [ctypes.c_void_p, ctypes.c_int]
     for fn in (lib.loraq_dequant4, lib.loraq_dequant8):
         fn.argtypes, fn.restype = [ctypes.c_void_p] * 3 + tail, None
@@ -113,7 +114,7 @@ def _in_slices(call, units: int, elements: int) -> None:
     else in one slice per thread (``torch.get_num_threads()``), the calling thread taking the
     first slice itself (one hand-off fewer to wait for)."""
     workers = max(1, min(torch.get_num_threads(), units))
-    if elements < _PARALLEL_MIN or workers == 1 or _library().loraq_openmp():
+    if elements < _PARALLEL_MIN or workers == 1 or _library().splits_itself:
         call(0, units)
         return
     step = -(-units // workers)
