@@ -182,9 +182,18 @@ def keep_mask(x: torch.Tensor, p: float) -> tuple[torch.Tensor, bool]:
     element where the kernel can pack it (see :func:`pack_mask`), else ``(mask, False)``."""
     if _kernel_applies(x, 1.0 - p) and packing_available():
         return _kernel_mask(x.numel(), 1.0 - p, torch.default_generator, packed=True), True
-    mask = bernoulli_mask(x, 1.0 - p)
+    return _compact(bernoulli_mask(x, 1.0 - p))
+
+
+def _compact(mask: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """``(bits, True)`` for a mask :func:`pack_mask` can pack, else ``(mask, False)``."""
     bits = pack_mask(mask)
     return (mask, False) if bits is None else (bits, True)
+
+
+def _expanded(keep: torch.Tensor, packed: bool, shape: torch.Size) -> torch.Tensor:
+    """The 0/1 uint8 mask of ``shape`` that ``(keep, packed)`` from :func:`_compact` holds."""
+    return unpack_mask(keep, shape) if packed else keep
 
 
 def apply_keep(
@@ -198,7 +207,7 @@ def apply_keep(
         out = t if inplace else torch.empty_like(t)
         _library().loraq_keep_f32(t.data_ptr(), keep.data_ptr(), t.numel(), out.data_ptr())
         return out
-    mask = unpack_mask(keep, t.shape) if packed else keep
+    mask = _expanded(keep, packed, t.shape)
     return t.mul_(mask) if inplace else torch.mul(t, mask)
 
 
@@ -213,18 +222,17 @@ class _Dropout(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, p: float) -> torch.Tensor:
-        mask = bernoulli_mask(x, 1.0 - p)
-        ctx.p, ctx.dtype = p, x.dtype
-        bits = pack_mask(mask)
-        ctx.packed_shape = None if bits is None else mask.shape
-        ctx.save_for_backward(mask if bits is None else bits)
+        # dropout() has checked that the kernel applies to x
+        mask = _kernel_mask(x.numel(), 1.0 - p, torch.default_generator).view(x.shape)
+        keep, ctx.packed = _compact(mask)
+        ctx.p, ctx.dtype, ctx.shape = p, x.dtype, x.shape
+        ctx.save_for_backward(keep)
         return x * _noise(mask, x.dtype, p)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        (mask,) = ctx.saved_tensors
-        if ctx.packed_shape is not None:
-            mask = unpack_mask(mask, ctx.packed_shape)
+        (keep,) = ctx.saved_tensors
+        mask = _expanded(keep, ctx.packed, ctx.shape)
         return grad * _noise(mask, ctx.dtype, ctx.p), None
 
 
