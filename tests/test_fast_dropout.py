@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from conftest import tiny_bert_cls
-from loraq.layers.dropout import FastDropout, use_fast_dropout
+from loraq.layers.dropout import FastDropout, plain_dropout, use_fast_dropout
 from loraq.native import bernoulli
 
 
@@ -117,3 +117,9 @@ def test_apply_switches_the_models_dropout_and_unload_switches_it_back():
     loraq.unload(model)
     assert all(type(m) is nn.Dropout for m in own)
     assert not any(type(m).__module__.startswith("loraq") for m in model.modules())
+
+
+@pytest.mark.parametrize("fn", [use_fast_dropout, plain_dropout])
+def test_switching_something_that_is_not_a_module_names_it(fn):
+    with pytest.raises(TypeError, match=rf"{fn.__name__}\(\) needs a torch.nn.Module, got dict"):
+        fn({"dropout": nn.Dropout(0.1)})

@@ -37,6 +37,7 @@ def use_fast_dropout(model: nn.Module) -> int:
     code that holds them (or reads ``.p``) sees no difference. Subclasses of ``nn.Dropout`` are
     left alone: they may change what dropout does.
     """
+    _check_module(model, "use_fast_dropout")
     count = 0
     for module in model.modules():
         if type(module) is nn.Dropout:
@@ -48,9 +49,15 @@ def use_fast_dropout(model: nn.Module) -> int:
 def plain_dropout(model: nn.Module) -> int:
     """Undo :func:`use_fast_dropout`: every :class:`FastDropout` in ``model`` becomes a plain
     ``nn.Dropout`` again (in place); returns how many."""
+    _check_module(model, "plain_dropout")
     count = 0
     for module in model.modules():
         if type(module) is FastDropout:
             module.__class__ = nn.Dropout
             count += 1
     return count
+
+
+def _check_module(model: object, caller: str) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{caller}() needs a torch.nn.Module, got {type(model).__name__}")
