@@ -7,7 +7,7 @@ Run (emulating the 2-core CI machine):
 A (rows x cols) weight in NF4 with double quantization, dequantized to float32 and to bfloat16
 (bitsandbytes from a tensor quantized in that dtype, so it writes that dtype directly), and the
 8-bit blockwise format. "compiled" and "pure" return a fresh tensor, as bitsandbytes does
-(large fresh results are advised onto huge pages, see ``loraq.quant.kernels.pages``); "reused"
+(large fresh results are advised onto huge pages, see ``loraq.native.pages``); "reused"
 writes into one buffer kept across calls, as loraq's quantized layers do (bitsandbytes' CPU
 backend has no ``out=``). Calls are interleaved round by round in a shuffled order; each figure
 is the median over rounds, reported as speed relative to bitsandbytes (higher is faster).
@@ -23,8 +23,8 @@ from collections.abc import Callable
 import torch
 from timing import interleaved
 
+from loraq.native import dequant as cpu
 from loraq.quant import dequantize_4bit, dequantize_8bit, quantize_4bit, quantize_8bit
-from loraq.quant.kernels import cpu
 
 
 def medians(times: dict[str, list[float]]) -> dict[str, float]:

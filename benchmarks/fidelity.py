@@ -13,7 +13,7 @@ Llama, read from ../shared/models/stories260K when present, NF4 r=8 alpha=16 all
   chance; the KL column (to the dense base) measures how much of the base each one keeps.
 * after the same short fine-tune (QLoRA, and QLoRA from a LoftQ init): unmerged, merged into the
   dequantized base, merged into the original weights, merged then re-quantized; KL and max
-  logit difference are to the unmerged model (what :mod:`loraq.merging` reports).
+  logit difference are to the unmerged model (what :mod:`loraq.model.merging` reports).
 
 The eval metric is accuracy (MiniLM, held-out set) or perplexity (stories260K, held-out text).
 """
@@ -32,7 +32,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 import loraq  # noqa: E402
-from loraq.merging import MERGE_TARGETS, output_error  # noqa: E402
+from loraq.model.merging import MERGE_TARGETS, output_error  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from stories import load_stories, stories_task  # noqa: E402

@@ -100,15 +100,15 @@ def _greedy(model, ids: torch.Tensor, new_tokens: int) -> Callable[[], object]:
 
 def peak_rss_mb(dense: bool) -> float:
     """Peak RSS while generating, in a child process that loaded SmolLM2 (kept Q4_1 or dense
-    fp32); the high-water mark is restarted after loading (``loraq.probes``), so it counts the
+    fp32); the high-water mark is restarted after loading (``loraq.core.probes``), so it counts the
     weights the model holds and the generation's working memory, not the load's transients."""
     import subprocess
     import sys
 
     code = (
         "import gc, torch, loraq\n"
-        "from loraq.probes import peak_rss_bytes, read_proc_status, reset_peak_rss\n"
-        "from loraq.quantize_model import dequantize_model\n"
+        "from loraq.core.probes import peak_rss_bytes, read_proc_status, reset_peak_rss\n"
+        "from loraq.model.quantize import dequantize_model\n"
         f"m, _ = loraq.load_gguf({smollm2_path()!r}, tokenizer=False)\n"
         f"m = dequantize_model(m) if {dense} else m\n"
         "gc.collect(); reset_peak_rss()\n"
@@ -124,7 +124,7 @@ def bench_smollm2(rounds: int, new_tokens: int) -> None:
     import tempfile
 
     import loraq
-    from loraq.quantize_model import dequantize_model
+    from loraq.model.quantize import dequantize_model
 
     path = smollm2_path()
     kept, _ = loraq.load_gguf(path, tokenizer=False)

@@ -58,8 +58,8 @@ def cuda_time(fns: dict, rounds: int) -> dict[str, float]:
 
 def pure_dequantize(q, dtype):
     """loraq's PyTorch path on the same device (the Triton kernel switched off)."""
+    from loraq.native import triton_dequant
     from loraq.quant import dequantize_4bit
-    from loraq.quant.kernels import triton_dequant
 
     saved = triton_dequant._kernels
     triton_dequant._kernels = lambda: None
@@ -71,8 +71,8 @@ def pure_dequantize(q, dtype):
 
 def bench_dequantize(rounds: int, sizes: list[int]) -> list[str]:
     """Rows of the dequantize table."""
+    from loraq.native import triton_dequant
     from loraq.quant import dequantize_4bit, quantize_4bit
-    from loraq.quant.kernels import triton_dequant
 
     rows = []
     if not triton_dequant.available():

@@ -37,8 +37,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
+from loraq.core.probes import read_proc_status, reset_peak_rss  # noqa: E402
 from loraq.layers.loftq import loftq_decompose  # noqa: E402
-from loraq.probes import read_proc_status, reset_peak_rss  # noqa: E402
 from loraq.quant import quantize_4bit  # noqa: E402
 
 

@@ -91,7 +91,7 @@ def peak_rss_child(method: str, dropout: float) -> None:
 def vm_hwm_mb() -> float:
     """This process's peak RSS in MB. ``ru_maxrss`` would carry the parent's peak across
     fork+exec, so prefer the kernel's high-water mark of our own address space (VmHWM)."""
-    from loraq.probes import peak_rss_bytes, read_proc_status
+    from loraq.core.probes import peak_rss_bytes, read_proc_status
 
     peak = read_proc_status("VmHWM")
     return (peak if peak is not None else peak_rss_bytes()) / 2**20

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 import loraq
-from loraq.quantize_model import quantize_model
+from loraq.model.quantize import quantize_model
 from loraq.train.config import load_config
 from loraq.train.data import collate, infer_labels, pad_id_of, read_records, tokenize_records
 from loraq.train.evaluation import evaluate

@@ -128,7 +128,7 @@ def build(method: str, device: str):
         amp = torch.bfloat16 if method.endswith("bf16") else None
     else:
         import loraq
-        from loraq.precision import resolve_compute_dtype
+        from loraq.core.precision import resolve_compute_dtype
 
         compute = "auto" if method.endswith("auto") else "float32"
         quant = "nf4" if "qlora" in method else None
@@ -175,7 +175,7 @@ def peak_memory_mb(device: str) -> float:
     """Peak RSS of this process (CPU) or peak allocated CUDA memory, in MB."""
     if device.startswith("cuda"):
         return torch.cuda.max_memory_allocated() / 2**20
-    from loraq.probes import peak_rss_bytes, read_proc_status
+    from loraq.core.probes import peak_rss_bytes, read_proc_status
 
     peak = read_proc_status("VmHWM")
     return (peak if peak is not None else peak_rss_bytes()) / 2**20

@@ -30,9 +30,9 @@ import torch
 from torch import nn
 
 import loraq
-from loraq.generation import SamplingParams, SequenceState, run_to_completion
-from loraq.layers import mixed as mixed_op
-from loraq.layers.mixed import MixedBatch, RowAdapters
+from loraq.batching import mixed as mixed_op
+from loraq.batching.mixed import MixedBatch, RowAdapters
+from loraq.generation.decode import SamplingParams, SequenceState, run_to_completion
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from stories260k import STORIES, load_stories260k  # noqa: E402  (the tests' converter)

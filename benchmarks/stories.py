@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 import loraq
-from loraq.quantize_model import quantize_model
+from loraq.model.quantize import quantize_model
 from loraq.train.data import collate
 from loraq.train.evaluation import evaluate
 

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import loraq
-from loraq.decompose import choose_rank
+from loraq.model.decompose import choose_rank
 
 
 def _mlp() -> nn.Sequential:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import loraq
-from loraq.generation import DecodeBatch, SamplingParams, SequenceState
+from loraq.generation.decode import DecodeBatch, SamplingParams, SequenceState
 from tiny_lm import byte_tokenizer, randomize_adapters, single_thread, tiny_causal_lm  # noqa: F401
 
 
@@ -44,7 +44,7 @@ def test_mixed_greedy_equals_ungrouped_reference_token_for_token(setup):
     for prompt, name in zip(PROMPTS, NAMES):
         ids = tok(prompt)["input_ids"]
         seq = SequenceState(list(ids), name, SamplingParams(max_new_tokens=8))
-        loraq.generation.run_to_completion(model, [seq])
+        loraq.generation.decode.run_to_completion(model, [seq])
         ref = list(ids)
         with torch.no_grad():
             for _ in range(8):
@@ -100,7 +100,7 @@ def test_decode_batch_rows_join_and_leave(setup):
         batch.remove(batch.finished())
     for seq in seqs:
         alone = SequenceState(list(seq.prompt_ids), seq.adapter, seq.params)
-        loraq.generation.run_to_completion(model, [alone])
+        loraq.generation.decode.run_to_completion(model, [alone])
         assert alone.generated == seq.generated
         assert seq.finish_reason == "length"
 
@@ -132,10 +132,10 @@ def test_stories260k_batched_rows_match_run_c_and_each_adapter_alone():
     names = [None, "s0", "s1", "s0", None]
     prompts = [[1], [1], [1, 403, 261], [1, 403], [1, 403, 261]]
     seqs = [SequenceState(p, n, SamplingParams(max_new_tokens=20)) for p, n in zip(prompts, names)]
-    loraq.generation.run_to_completion(model, seqs)
+    loraq.generation.decode.run_to_completion(model, seqs)
     assert decode_tokens(STORIES, seqs[0].generated).strip().startswith(RUN_C_GREEDY[:60])
     for seq in seqs[1:]:
         alone = SequenceState(list(seq.prompt_ids), seq.adapter, seq.params)
-        loraq.generation.run_to_completion(model, [alone])
+        loraq.generation.decode.run_to_completion(model, [alone])
         assert alone.generated == seq.generated
     assert seqs[1].generated != seqs[0].generated  # the adapter changes the story

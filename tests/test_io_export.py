@@ -21,7 +21,7 @@ from conftest import (
     tiny_gpt2,
     tiny_llama,
 )
-from loraq.io.checkpoints import export_merged
+from loraq.io.merged_export import export_merged
 
 TOKENS = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(3))
 

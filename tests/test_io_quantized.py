@@ -21,10 +21,10 @@ from torch import nn
 import loraq
 from conftest import needs, tiny_bert_cls, tiny_gpt2, tiny_llama
 from loraq.io import FormatError, load_adapter, save_adapter
-from loraq.io.checkpoints import export_merged
+from loraq.io.merged_export import export_merged
 from loraq.io.quantized import load_quantized, save_quantized
 from loraq.layers.quantized import Embedding4bit, Linear4bit, Linear8bit
-from loraq.targeting import output_head_names
+from loraq.model.targeting import output_head_names
 
 TOKENS = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(5))
 

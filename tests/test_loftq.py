@@ -273,7 +273,7 @@ def test_peft_loftq_configs_are_read_and_peft_loads_ours(tmp_path) -> None:
     # PEFT over the dequantized LoftQ base (what PEFT's recipe loads) gives the same outputs
     import copy
 
-    from loraq.quantize_model import dequantize_model
+    from loraq.model.quantize import dequantize_model
 
     base = loraq.unload(dequantize_model(copy.deepcopy(model)), merge_adapters=False)
     peft_model = peft.PeftModel.from_pretrained(base, str(tmp_path))

@@ -10,7 +10,7 @@ from torch import nn
 
 import loraq
 from conftest import SmallCNN, cnn_inputs, minilm_path, tiny_bert_cls, tiny_gpt2, tiny_llama
-from loraq.targeting import find_targets
+from loraq.model.targeting import find_targets
 
 
 def _randomize(model: nn.Module, std: float = 0.05) -> None:
@@ -383,8 +383,8 @@ def test_apply_argument_errors() -> None:
 def test_what_trains_is_what_is_saved(bias: str, tmp_path) -> None:
     from safetensors import safe_open
 
+    from loraq.core.naming import disk_key
     from loraq.io.peft_format import PREFIX, WEIGHTS_NAME
-    from loraq.naming import disk_key
 
     model = tiny_bert_cls()
     config = loraq.LoraConfig(

@@ -13,7 +13,7 @@ import loraq
 from conftest import tiny_bert_cls, tiny_gpt2, tiny_llama
 from loraq import cli
 from loraq.layers.quantized import Linear4bit
-from loraq.merging import MERGE_TARGETS
+from loraq.model.merging import MERGE_TARGETS
 from test_train_support import make_tiny_llama, write_config, write_pattern_jsonl
 
 
@@ -152,7 +152,7 @@ def test_int8_and_gguf_bases_requantize_to_their_format(quant: str) -> None:
     torch.manual_seed(0)
     model = loraq.apply(tiny_llama(hidden=64), loraq.LoraConfig(r=4, alpha=8, quant=quant))
     with torch.no_grad():
-        for _, layer in loraq.model.lora_layers(model):
+        for _, layer in loraq.model.surgery.lora_layers(model):
             layer.lora_B["default"].weight.normal_(0, 0.05)
     kind = type(model.get_submodule("model.layers.0.mlp.up_proj").base_layer)
     expected = _logits(model, IDS)
@@ -167,7 +167,7 @@ def test_classifier_reports_kl_over_its_classes() -> None:
     torch.manual_seed(0)
     model = loraq.apply(tiny_bert_cls(), loraq.LoraConfig(r=4, quant="nf4"))
     with torch.no_grad():
-        for _, layer in loraq.model.lora_layers(model):
+        for _, layer in loraq.model.surgery.lora_layers(model):
             layer.lora_B["default"].weight.normal_(0, 0.05)
     merged = loraq.unload(model, merge_into="requantize")
     report = merged.loraq_merge_report

@@ -10,9 +10,9 @@ from torch import nn
 
 import loraq
 from conftest import tiny_gpt2, tiny_llama
-from loraq.layers import mixed as mixed_op
+from loraq.batching import mixed as mixed_op
+from loraq.batching.mixed import RowAdapters
 from loraq.layers.adapter_quant import enable_adapter_quant
-from loraq.layers.mixed import RowAdapters
 from loraq.layers.qlora import QLoRALayer
 from tiny_lm import randomize_adapters, single_thread  # noqa: F401
 
@@ -305,7 +305,7 @@ def test_model_stacks_are_built_once_per_adapter_set_and_follow_changes():
 
 
 def test_reused_mixed_batch_sees_adapters_added_on_new_layers_between_passes():
-    from loraq.adapter_rows import mixed_batch
+    from loraq.batching.rows import mixed_batch
 
     torch.manual_seed(5)
     model = tiny_llama()
@@ -327,7 +327,7 @@ def test_reused_mixed_batch_sees_adapters_added_on_new_layers_between_passes():
 
 
 def test_mixed_batch_refuses_an_adapter_deleted_while_it_is_reused():
-    from loraq.adapter_rows import mixed_batch
+    from loraq.batching.rows import mixed_batch
 
     model = tiny_llama()
     loraq.apply(model, loraq.LoraConfig(r=4, targets="all-linear"), "a")

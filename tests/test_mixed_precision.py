@@ -13,11 +13,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from loraq.core.precision import autocast_dtype, fast_bf16, resolve_compute_dtype
 from loraq.layers import fused
 from loraq.layers.lora import LoRALayer
 from loraq.layers.quantized import Linear4bit, Linear8bit
 from loraq.native import bernoulli
-from loraq.precision import autocast_dtype, fast_bf16, resolve_compute_dtype
 
 BASE_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # relative tolerance (to the output's scale) of one matmul chain in each dtype

@@ -17,6 +17,7 @@ from conftest import ReferenceLibrary, tiny_gpt2, tiny_llama
 from loraq.layers.gguf import EmbeddingGGUF, LinearGGUF
 from loraq.layers.protocol import QuantizedBase
 from loraq.layers.quantized import DequantScratch
+from loraq.model.quantize import dequantize_model
 from loraq.quant.gguf import (
     GGUF_QUANT_TYPES,
     GGUF_TRAINABLE_TYPES,
@@ -27,7 +28,6 @@ from loraq.quant.gguf import (
     type_size,
 )
 from loraq.quant.gguf_tensor import GGUFTensor
-from loraq.quantize_model import dequantize_model
 
 gguf = ReferenceLibrary("gguf")
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # fp16 overflow at scale 6e4
@@ -276,7 +276,7 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("name", GGUF_TRAINABLE_TYPES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_compiled_kernel_equals_the_pure_path_bit_for_bit(monkeypatch, name, dtype):
-    from loraq.quant.kernels import cpu
+    from loraq.native import dequant as cpu
 
     if cpu.mode() == "off" or not cpu.available():
         pytest.skip("compiled kernel off or unbuildable here")
@@ -300,7 +300,7 @@ def test_compiled_kernel_equals_the_pure_path_bit_for_bit(monkeypatch, name, dty
 
 @pytest.mark.parametrize("name", GGUF_TRAINABLE_TYPES)
 def test_pure_path_equals_gguf_bitwise_too(monkeypatch, name):
-    from loraq.quant.kernels import cpu
+    from loraq.native import dequant as cpu
 
     monkeypatch.setattr(cpu, "_library", lambda: None)
     x = sample(7, 5, 4, 37.0, "ties")

@@ -7,8 +7,9 @@ import sys
 import pytest
 import torch
 
+from loraq.native import dequant as cpu
+from loraq.native import pages
 from loraq.quant import dequantize_4bit, dequantize_8bit, quantize_4bit, quantize_8bit
-from loraq.quant.kernels import cpu, pages
 
 needs_kernel = pytest.mark.skipif(
     cpu.mode() == "off" or not cpu.available(), reason="compiled kernel off or unbuildable here"

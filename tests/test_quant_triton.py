@@ -7,8 +7,9 @@ import os
 import pytest
 import torch
 
+from loraq.native import dequant as cpu
+from loraq.native import triton_dequant
 from loraq.quant import dequantize_4bit, dequantize_8bit, quantize_4bit, quantize_8bit
-from loraq.quant.kernels import cpu, triton_dequant
 
 pytestmark = pytest.mark.skipif(not triton_dequant.available(), reason="triton not installed")
 

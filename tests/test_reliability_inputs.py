@@ -14,8 +14,8 @@ from torch import nn
 
 import loraq
 from conftest import tiny_llama
+from loraq.core.patterns import unsafe_regex_reason
 from loraq.io import FormatError, load_adapter, save_adapter
-from loraq.patterns import unsafe_regex_reason
 from loraq.train.config import ConfigError, from_dict
 from loraq.train.data import infer_labels, load_datasets, micro_batches, read_records
 from test_train_support import char_tokenizer

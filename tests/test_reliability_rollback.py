@@ -151,7 +151,7 @@ def test_load_adapter_with_unknown_target_changes_nothing(tmp_path: Path) -> Non
 
 
 def test_quantize_model_nan_changes_nothing() -> None:
-    from loraq.quantize_model import quantize_model
+    from loraq.model.quantize import quantize_model
 
     model = tiny_llama()
     with torch.no_grad():

@@ -1,4 +1,4 @@
-"""loraq.targeting: the model-tree rules shared by apply, quantize, decompose and the file formats."""
+"""loraq.model.targeting: the model-tree rules shared by apply, quantize, decompose and the file formats."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 import loraq
-from loraq.naming import disk_key, memory_key
-from loraq.targeting import name_matches, output_head_names, set_submodule, unwrapped_name
+from loraq.core.naming import disk_key, memory_key
+from loraq.model.targeting import name_matches, output_head_names, set_submodule, unwrapped_name
 
 
 class _HeadNet(nn.Module):

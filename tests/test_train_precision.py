@@ -9,8 +9,8 @@ import torch
 import yaml
 
 from loraq import LoraConfig
-from loraq.precision import resolve_compute_dtype
-from loraq.quantize_model import quantize_model
+from loraq.core.precision import resolve_compute_dtype
+from loraq.model.quantize import quantize_model
 from loraq.train.config import load_config
 from loraq.train.loop import train
 from test_train_loop import QUIET, llama_config

@@ -3,10 +3,8 @@
 Public names only; see the README for a tour.
 """
 
-from .adapter_rows import adapter_rows
-from .config import LoraConfig
-from .decompose import DecompositionReport, decompose
-from .generation import SamplingParams, generate
+from .batching.rows import adapter_rows
+from .generation.decode import SamplingParams, generate
 from .io import (
     FormatError,
     export_gguf,
@@ -23,8 +21,11 @@ from .io import (
 from .layers.dropout import FastDropout, use_fast_dropout
 from .layers.lora import LoRALayer, ModulesToSave
 from .layers.qlora import QLoRALayer
-from .loftq import loftq_report
-from .model import (
+from .model.config import LoraConfig
+from .model.decompose import DecompositionReport, decompose
+from .model.loftq import loftq_report
+from .model.summary import Summary, summary
+from .model.surgery import (
     active_adapter,
     adapter_names,
     adapter_state_dict,
@@ -38,7 +39,6 @@ from .model import (
     unload,
     unmerge,
 )
-from .summary import Summary, summary
 
 __version__ = "0.1.0"
 

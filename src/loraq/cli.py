@@ -25,8 +25,8 @@ from pathlib import Path
 
 # Light at import (dataclasses and yaml): torch loads only when a command runs.
 from loraq.compare import command as compare_command
-from loraq.dtypes import FLOAT_DTYPE_NAMES
-from loraq.errors import EXIT_ERROR, CliError, user_message
+from loraq.core.dtypes import FLOAT_DTYPE_NAMES
+from loraq.core.errors import EXIT_ERROR, CliError, user_message
 from loraq.train import export as export_command
 from loraq.train.config import describe_keys
 from loraq.train.hub import hub_offline
@@ -292,7 +292,7 @@ def _generate(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------- merge
 def _merge_args(p: argparse.ArgumentParser) -> None:
-    from loraq.merging import MERGE_TARGETS
+    from loraq.model.merging import MERGE_TARGETS
 
     p.add_argument("--adapter", required=True, help="adapter folder")
     p.add_argument("--model", help="base model folder or pkg:NAME (default: the adapter's)")
@@ -316,7 +316,7 @@ def _merge_args(p: argparse.ArgumentParser) -> None:
 def _merge(args: argparse.Namespace) -> int:
     import loraq
     from loraq.io.safe import read_json
-    from loraq.merging import REPORT_FILE, MergeReport
+    from loraq.model.merging import REPORT_FILE, MergeReport
     from loraq.train.hub import quiet_transformers
     from loraq.train.inference import calibration_inputs, original_weights
 

@@ -36,7 +36,7 @@ from loraq.compare.methods import (
 )
 from loraq.compare.plot import plot_report
 from loraq.compare.report import CompareReport, RunResult, ms_text, size_text, write_report
-from loraq.probes import auto_threads, available_cpus
+from loraq.core.probes import auto_threads, available_cpus
 from loraq.train.config import TrainConfig
 
 

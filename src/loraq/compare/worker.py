@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from loraq.compare.methods import RESULT_NAME, Run
 from loraq.compare.report import RunResult
-from loraq.probes import peak_rss_bytes, read_proc_status, reset_peak_rss
+from loraq.core.probes import peak_rss_bytes, read_proc_status, reset_peak_rss
 
 if TYPE_CHECKING:
     from loraq.train.result import TrainResult

@@ -7,11 +7,11 @@ package for GGUF), and every write is atomic
 (see :mod:`loraq.io.safe`).
 """
 
-from .checkpoints import export_merged
 from .gguf_adapter import load_gguf_adapter
 from .gguf_read import load_gguf
 from .gguf_write import export_gguf
 from .inspect import format_inspection, inspect_path
+from .merged_export import export_merged
 from .peft_format import load_adapter, read_adapter, save_adapter
 from .quantized import load_quantized, save_quantized
 from .safe import FormatError

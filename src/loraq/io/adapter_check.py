@@ -22,9 +22,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..config import LoraConfig
 from ..layers.kinds import layer_kind
 from ..layers.lora import LoRALayer
+from ..model.config import LoraConfig
 from .safe import FormatError
 
 

@@ -38,8 +38,8 @@ from __future__ import annotations
 
 import torch
 
+from ..core.naming import is_factor_key
 from ..layers.adapter_quant import dequantize_codes, grid_levels, quantize_codes
-from ..naming import is_factor_key
 from .safe import FormatError
 
 #: Codes of at most this many bits are stored two per byte.

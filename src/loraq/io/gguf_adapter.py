@@ -20,9 +20,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..config import LoraConfig
-from ..model import apply
-from ..transaction import model_transaction
+from ..model.config import LoraConfig
+from ..model.surgery import apply
+from ..model.transaction import model_transaction
 from .gguf_names import gguf_to_hf_name, hf_row_order, permuted_heads
 from .gguf_read import gguf_metadata, open_gguf, tensor_value
 from .gguf_write import gguf_architecture

@@ -21,9 +21,9 @@ import torch
 from torch import nn
 
 from ..layers.gguf import EmbeddingGGUF, LinearGGUF
+from ..model.targeting import set_submodule
 from ..quant.gguf import GGUF_QUANT_TYPES
 from ..quant.gguf_tensor import GGUFTensor
-from ..targeting import set_submodule
 from .gguf_names import SUPPORTED_ARCHITECTURES, gguf_to_hf_name, hf_row_order, permuted_heads
 from .safe import FormatError
 

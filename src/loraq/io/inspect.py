@@ -15,8 +15,8 @@ from typing import Any
 
 from safetensors import safe_open
 
-from ..config import adapter_scaling
-from ..naming import adapted_module_of
+from ..core.naming import adapted_module_of
+from ..layers.lora import adapter_scaling
 from .adapter_codes import PACKED_MAX_BITS
 from .peft_config import ADAPTER_BITS_FIELD, lora_config_from_peft
 from .peft_format import CODES_WEIGHTS_NAME, CONFIG_NAME, PREFIX, WEIGHTS_NAME

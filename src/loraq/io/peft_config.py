@@ -15,9 +15,9 @@ from typing import Any
 
 from torch import nn
 
-from ..config import LoraConfig
 from ..layers.lora import LoRALayer, is_gpt2_conv1d
-from ..model import TARGETS_ATTR
+from ..model.config import LoraConfig
+from ..model.surgery import TARGETS_ATTR
 from .safe import FormatError
 
 #: The PEFT release whose file layout loraq writes (recorded as ``peft_version``).

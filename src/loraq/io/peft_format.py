@@ -28,13 +28,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import LoraConfig
+from ..core.naming import disk_key, memory_key
 from ..layers.lora import LoRALayer, ModulesToSave
 from ..layers.protocol import QuantizedBase
-from ..model import CONFIGS_ATTR, adapter_names, adapter_state_dict, apply
-from ..naming import disk_key, memory_key
-from ..targeting import find_targets
-from ..transaction import model_transaction
+from ..model.config import LoraConfig
+from ..model.surgery import CONFIGS_ATTR, adapter_names, adapter_state_dict, apply
+from ..model.targeting import find_targets
+from ..model.transaction import model_transaction
 from . import adapter_codes
 from .adapter_check import check_adapter_shapes, check_finite
 from .peft_config import ADAPTER_BITS_FIELD, lora_config_from_peft, peft_config_dict

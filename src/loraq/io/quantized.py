@@ -28,17 +28,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..dtypes import dtype_name, float_dtype
+from ..core.dtypes import dtype_name, float_dtype
+from ..core.naming import ADAPTER_PARTS, WRAPPER_SEGMENTS, unwrapped_name
 from ..layers.gguf import EmbeddingGGUF, LinearGGUF
 from ..layers.kinds import is_gpt2_conv1d
 from ..layers.lora import LoRALayer, ModulesToSave
 from ..layers.protocol import LAYOUT_CONV1D, LAYOUT_LINEAR
 from ..layers.quantized import Embedding4bit, Linear4bit, Linear8bit
-from ..naming import ADAPTER_PARTS, WRAPPER_SEGMENTS, unwrapped_name
+from ..model.targeting import output_embedding_names, set_submodule
 from ..quant.gguf_tensor import GGUF_STATE_KIND, GGUFTensor
 from ..quant.qtensor import QuantizedTensor
 from ..quant.qtensor8 import QuantizedTensor8
-from ..targeting import output_embedding_names, set_submodule
 from .adapter_check import check_finite
 from .model_folder import copy_tokenizer_files, source_folder
 from .safe import (

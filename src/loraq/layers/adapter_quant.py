@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .mixed_stacks import note_adapter_change
+from ..batching.stacks import note_adapter_change
 
 
 def grid_levels(bits: int) -> int:

@@ -27,8 +27,8 @@ from collections.abc import Callable
 
 import torch
 
+from ..core.precision import autocast_dtype
 from ..native.bernoulli import apply_keep, keep_mask
-from ..precision import autocast_dtype
 
 # A dense weight, or a callable that returns it on demand, optionally in a requested dtype.
 WeightSource = torch.Tensor | Callable[..., torch.Tensor] | None

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..naming import MODULE_FACTOR_SUFFIXES, PARAMETER_FACTOR_SUFFIXES
+from ..core.naming import MODULE_FACTOR_SUFFIXES, PARAMETER_FACTOR_SUFFIXES
 from .protocol import QuantizedBase
 
 _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)

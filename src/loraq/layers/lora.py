@@ -27,15 +27,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import adapter_scaling
-from ..naming import ADAPTER_STORES
+from ..batching.mixed import mixed_forward
+from ..batching.stacks import note_adapter_change
+from ..core.naming import ADAPTER_STORES
 from ..native.bernoulli import dropout
 from .adapter_quant import round_to_grid
 from .fused import lora_linear
 from .kinds import SUPPORTED_TYPES, LayerKind, is_gpt2_conv1d, layer_kind
 from .merged_guard import guard_merged
-from .mixed import mixed_forward
-from .mixed_stacks import note_adapter_change
 from .modules_to_save import ModulesToSave
 from .protocol import QuantizedBase
 
@@ -47,6 +46,11 @@ __all__ = [
     "is_gpt2_conv1d",
     "layer_kind",
 ]
+
+
+def adapter_scaling(alpha: float, r: int, use_rslora: bool = False) -> float:
+    """The factor applied to ``B @ A``: ``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA."""
+    return alpha / (math.sqrt(r) if use_rslora else r)
 
 
 class LoRALayer(nn.Module):

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..precision import autocast_dtype
+from ..core.precision import autocast_dtype
 from ..quant.codebooks import DEFAULT_BLOCKSIZE_4BIT, DEFAULT_BLOCKSIZE_8BIT
 from ..quant.qtensor import QuantizedTensor
 from ..quant.qtensor8 import QuantizedTensor8

@@ -11,7 +11,7 @@ import threading
 
 import torch
 
-from ..quant.kernels.pages import empty_for_write
+from ..native.pages import empty_for_write
 
 
 class DequantScratch:

@@ -36,10 +36,10 @@ from dataclasses import dataclass
 
 import torch
 
-from ..dtypes import FLOAT_DTYPE_NAMES, FLOAT_DTYPES
+from ..core.dtypes import FLOAT_DTYPE_NAMES, FLOAT_DTYPES
+from ..native import dequant as cpu_kernels
+from ..native import triton_dequant as gpu_kernels
 from .codebooks import QUANT_TYPES_4BIT, VALID_BLOCKSIZES, code_4bit, dynamic_map
-from .kernels import cpu as cpu_kernels
-from .kernels import triton_dequant as gpu_kernels
 
 __all__ = [
     "check_quantizable",
@@ -416,7 +416,7 @@ def _byte_gather(codes: torch.Tensor, code: torch.Tensor) -> Gather:
 
 def _compiled_into(bits: int, *args) -> bool:
     """Run a compiled kernel (C on CPU, Triton on CUDA) if one takes these tensors; see
-    :mod:`loraq.quant.kernels`. False means: use the PyTorch path below."""
+    :mod:`loraq.native`. False means: use the PyTorch path below."""
     if bits == 4:
         return cpu_kernels.dequantize_4bit_into(*args) or gpu_kernels.dequantize_4bit_into(*args)
     return cpu_kernels.dequantize_8bit_into(*args) or gpu_kernels.dequantize_8bit_into(*args)

@@ -16,7 +16,7 @@ format        block_size  type_size  one block, in byte order
 
 Every operation is the float32 arithmetic of ``gguf.quants`` (llama.cpp's own Python package) in
 the same order, so :func:`quantize_gguf` returns its bytes and :func:`dequantize_gguf` its values
-bit for bit (on CPU the compiled kernel of :mod:`loraq.quant.kernels.cpu` computes q8_0 / q4_0 /
+bit for bit (on CPU the compiled kernel of :mod:`loraq.native.dequant` computes q8_0 / q4_0 /
 q4_1 in one pass, with the same values). The k-quants are dequantize-only: their quantizers search scales iteratively, and
 real files only need to be read.
 """
@@ -27,8 +27,8 @@ import math
 
 import torch
 
-from .kernels import cpu as cpu_kernels
-from .kernels.pages import empty_for_write
+from ..native import dequant as cpu_kernels
+from ..native.pages import empty_for_write
 
 __all__ = [
     "GGUF_QUANT_TYPES",

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..dtypes import dtype_name
+from ..core.dtypes import dtype_name
 from .gguf import (
     GGUF_QUANT_TYPES,
     block_size,

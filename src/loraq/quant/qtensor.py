@@ -30,7 +30,9 @@ from typing import Any
 
 import torch
 
-from ..dtypes import dtype_name
+from ..core.dtypes import dtype_name
+from ..native import dequant as cpu_kernels
+from ..native.pages import empty_for_write
 from .blockwise import (
     dequantize_4bit_blocks,
     dequantize_8bit_blocks,
@@ -39,8 +41,6 @@ from .blockwise import (
     resolve_dtype,
 )
 from .codebooks import DEFAULT_BLOCKSIZE_4BIT, NESTED_BLOCKSIZE, code_4bit, dynamic_map
-from .kernels import cpu as cpu_kernels
-from .kernels.pages import empty_for_write
 from .state_json import (
     json_tensor,
     meta_blocksize,

@@ -19,10 +19,10 @@ from dataclasses import dataclass
 
 import torch
 
-from ..dtypes import dtype_name
+from ..core.dtypes import dtype_name
+from ..native.pages import empty_for_write
 from .blockwise import dequantize_8bit_blocks, quantize_8bit_blocks, resolve_dtype
 from .codebooks import DEFAULT_BLOCKSIZE_8BIT, dynamic_map
-from .kernels.pages import empty_for_write
 from .state_json import (
     json_tensor,
     meta_blocksize,

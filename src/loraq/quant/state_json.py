@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from ..dtypes import FLOAT_DTYPES
+from ..core.dtypes import FLOAT_DTYPES
 from .codebooks import VALID_BLOCKSIZES
 
 

@@ -27,7 +27,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
-from ..generation import SamplingParams
+from ..generation.decode import SamplingParams
 from .engine import Engine
 from .engine import Request as EngineRequest
 from .fields import ServeSettings, field, json_body, sampling, stops

@@ -60,7 +60,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _adapter_pairs(values: list[str]) -> list[tuple[str, Path]]:
-    from ..errors import CliError
+    from ..core.errors import CliError
 
     pairs = []
     for value in values:
@@ -75,7 +75,7 @@ def _adapter_pairs(values: list[str]) -> list[tuple[str, Path]]:
 
 def build_app(args: argparse.Namespace):
     """The FastAPI app for parsed ``loraq serve`` arguments (the model loaded, adapters registered)."""
-    from ..errors import CliError
+    from ..core.errors import CliError
     from .app import ServeSettings, create_app
     from .engine import Engine
     from .loading import BaseLoadError, context_length, load_base
@@ -119,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         import uvicorn
     except ImportError:
-        from ..errors import CliError
+        from ..core.errors import CliError
 
         raise CliError(
             "loraq serve needs fastapi and uvicorn: pip install 'loraq[serve]'"

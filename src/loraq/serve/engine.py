@@ -1,4 +1,4 @@
-"""The serving engine: one thread running a :class:`~loraq.generation.DecodeBatch` forever.
+"""The serving engine: one thread running a :class:`~loraq.generation.decode.DecodeBatch` forever.
 
 Each turn of the loop either admits waiting requests (prefilling them together, whatever their
 adapters) or runs one decode step for every running row; then it hands each row's new text to
@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..generation import DecodeBatch, SamplingParams, SequenceState, truncate_at_stop
+from ..generation.decode import DecodeBatch, SamplingParams, SequenceState, truncate_at_stop
 from .metrics import ServerMetrics
 from .registry import AdapterRegistry, ServeError
 

@@ -59,8 +59,8 @@ def _load_folder(path: Path, quant: str | None) -> nn.Module:
         return load_quantized(path)
     model = AutoModelForCausalLM.from_pretrained(path)
     if quant is not None:
-        from ..config import LoraConfig
-        from ..quantize_model import quantize_model
+        from ..model.config import LoraConfig
+        from ..model.quantize import quantize_model
 
         quantize_model(model, LoraConfig(targets="all-linear", quant=quant))
     return model

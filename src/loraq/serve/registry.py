@@ -19,7 +19,7 @@ from pathlib import Path, PurePosixPath
 from torch import nn
 
 from ..io.peft_format import load_adapter
-from ..model import adapter_names, delete_adapter
+from ..model.surgery import adapter_names, delete_adapter
 
 #: Allowed adapter names: they become model ids in the API and module keys in the model.
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")

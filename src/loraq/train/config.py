@@ -36,7 +36,7 @@ from typing import Any, Literal, Union
 
 import yaml
 
-from loraq.config import LoraConfig
+from loraq.model.config import LoraConfig
 from loraq.train.schema import (
     SECTIONS,
     ConfigError,

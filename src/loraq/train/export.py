@@ -14,7 +14,7 @@ from pathlib import Path
 
 from torch import nn
 
-from loraq.errors import CliError
+from loraq.core.errors import CliError
 
 EXPORT_HELP = """\
 Write an adapter (or the model merged with it) as a GGUF file llama.cpp runs.

@@ -10,7 +10,7 @@ import inspect
 
 import torch
 
-from ..sampling import sample_next
+from ..generation.sampling import sample_next
 
 
 @torch.no_grad()

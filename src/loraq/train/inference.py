@@ -106,7 +106,7 @@ def load_trained(
 def original_weights(path: str | None, model: nn.Module) -> dict[str, torch.Tensor]:
     """The float weights a quantized base was made from, for ``merge_into="original"``: the
     model at ``path`` (a folder or ``pkg:NAME``), or the folder ``model`` was loaded from."""
-    from loraq.io.checkpoints import read_float_weights
+    from loraq.io.merged_export import read_float_weights
     from loraq.io.model_folder import source_folder
 
     folder = resolve_model_path(path) if path else source_folder(model)

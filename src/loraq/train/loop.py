@@ -48,8 +48,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from loraq.precision import autocast_for, resolve_compute_dtype
-from loraq.probes import auto_threads, peak_rss_bytes
+from loraq.core.precision import autocast_for, resolve_compute_dtype
+from loraq.core.probes import auto_threads, peak_rss_bytes
 from loraq.train import checkpoint as ckpt
 from loraq.train import distributed, distributed_checkpoint
 from loraq.train.config import TrainConfig, save_config
@@ -123,7 +123,7 @@ class Session:
 def choose_threads(cfg: TrainConfig, log: Callable[[str], None] = print) -> int:
     """Torch CPU threads for the run: ``training.num_threads``; else, when resuming, the count
     the checkpoint recorded (the same count gives the same float sums, so the resumed run
-    equals an uninterrupted one); else :func:`~loraq.probes.auto_threads`."""
+    equals an uninterrupted one); else :func:`~loraq.core.probes.auto_threads`."""
     t = cfg.training
     recorded = ckpt.recorded_threads(
         ckpt.checkpoint_to_resume(t, Path(t.output_dir) / "checkpoints")

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 import yaml
 
-from loraq.config import LoraConfig
+from loraq.model.config import LoraConfig
 
 Task = Literal["causal-lm", "seq-cls"]
 Schedule = Literal["cosine", "linear", "constant"]

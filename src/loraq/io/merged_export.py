@@ -15,9 +15,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..dtypes import FLOAT_DTYPES
-from ..merging import REPORT_ATTR, REPORT_FILE, MergeReport, Original, check_merge_target
-from ..model import unload
+from ..core.dtypes import FLOAT_DTYPES
+from ..model.merging import REPORT_ATTR, REPORT_FILE, MergeReport, Original, check_merge_target
+from ..model.surgery import unload
 from .model_folder import copy_tokenizer_files, source_folder
 from .quantized import write_quantized_files
 from .safe import (
@@ -54,7 +54,7 @@ def export_merged(
     """Write the model with the active adapter merged in; returns the folder.
 
     The user's model is not changed: a deep copy is merged into the base ``merge_into`` names
-    (see :mod:`loraq.merging`): ``"dequantized"`` (a 4-/8-bit base becomes dense float32; exact,
+    (see :mod:`loraq.model.merging`): ``"dequantized"`` (a 4-/8-bit base becomes dense float32; exact,
     the default), ``"original"`` (onto ``original``'s pre-quantization weights, a model or state
     dict) or ``"requantize"`` (the merged base stays in its 4-/8-bit format and is written as
     :func:`loraq.save_quantized` writes it). Dense merges happen in float32, then the weights are
@@ -62,7 +62,7 @@ def export_merged(
     ``quantization_config`` when dense), ``model.safetensors`` and the tokenizer files of the
     base's folder when it came from one, so ``AutoModel*.from_pretrained(path)`` loads it. Other
     modules get ``model.safetensors`` only. ``merge_report.json`` records the merge's error in
-    output space (:class:`~loraq.merging.MergeReport`) when a calibration batch was given or
+    output space (:class:`~loraq.model.merging.MergeReport`) when a calibration batch was given or
     could be made (a model with ``config.vocab_size``).
 
     Args:

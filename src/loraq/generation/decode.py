@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .adapter_rows import adapter_rows, mixed_batch, validate_row_names
-from .layers.mixed import MixedBatch
+from ..batching.mixed import MixedBatch
+from ..batching.rows import adapter_rows, mixed_batch, validate_row_names
 from .sampling import sample_next
 
 
@@ -334,7 +334,7 @@ def generate(
         raise TypeError("prompts must be a list of strings; wrap a single prompt in a list")
     n = len(prompts)
     if adapter_names is None:
-        from .model import active_adapter
+        from ..model.surgery import active_adapter
 
         adapter_names = [active_adapter(model)] * n
     names = validate_row_names(model, adapter_names)

@@ -6,9 +6,9 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from .layers.lora import LoRALayer, ModulesToSave
-from .layers.protocol import quantized_weight_of
-from .naming import ADAPTER_STORES
+from ..core.naming import ADAPTER_STORES
+from ..layers.lora import LoRALayer, ModulesToSave
+from ..layers.protocol import quantized_weight_of
 
 
 @dataclass

@@ -8,14 +8,14 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from ..core.precision import resolve_compute_dtype
+from ..layers.gguf import EmbeddingGGUF, LinearGGUF
+from ..layers.kinds import is_gpt2_conv1d
+from ..layers.lora import LoRALayer, ModulesToSave
+from ..layers.protocol import LAYOUT_CONV1D, QuantizedBase
+from ..layers.quantized import Embedding4bit, Linear4bit, Linear8bit
+from ..quant.gguf import GGUF_TRAINABLE_TYPES, block_size
 from .config import LoraConfig
-from .layers.gguf import EmbeddingGGUF, LinearGGUF
-from .layers.kinds import is_gpt2_conv1d
-from .layers.lora import LoRALayer, ModulesToSave
-from .layers.protocol import LAYOUT_CONV1D, QuantizedBase
-from .layers.quantized import Embedding4bit, Linear4bit, Linear8bit
-from .precision import resolve_compute_dtype
-from .quant.gguf import GGUF_TRAINABLE_TYPES, block_size
 from .targeting import candidate_modules, name_matches, output_head_names, set_submodule
 from .transaction import model_transaction
 

@@ -1,7 +1,7 @@
 """Per-row adapters for any forward pass: ``with loraq.adapter_rows(model, names): model(x)``.
 
 Inside the context every LoRA layer of ``model`` computes row ``i`` of its input with adapter
-``names[i]`` (``None``: the bare base), all rows in one pass (see :mod:`loraq.layers.mixed`).
+``names[i]`` (``None``: the bare base), all rows in one pass (see :mod:`loraq.batching.mixed`).
 Works for inference and training: each adapter's gradient comes from its own rows only.
 """
 
@@ -12,10 +12,10 @@ from collections.abc import Iterator, Sequence
 
 from torch import nn
 
-from .layers.lora import LoRALayer
-from .layers.mixed import MixedBatch, RowAdapters
-from .layers.mixed_stacks import StackCache
-from .model import adapter_names, config_of, lora_layers
+from ..layers.lora import LoRALayer
+from ..model.surgery import adapter_names, config_of, lora_layers
+from .mixed import MixedBatch, RowAdapters
+from .stacks import StackCache
 
 # where a model keeps its stacked adapter weights for mixed batches (built on first use)
 _STACKS_ATTR = "_loraq_mixed_stacks"
@@ -57,7 +57,7 @@ def mixed_batch(
     names: Sequence[str | None] | RowAdapters,
     layers: list[LoRALayer] | None = None,
 ) -> MixedBatch:
-    """A :class:`~loraq.layers.mixed.MixedBatch` for ``model``: the plan, checked, and the
+    """A :class:`~loraq.batching.mixed.MixedBatch` for ``model``: the plan, checked, and the
     model's stacked-weight cache. Reuse it across forward passes with the same rows (a decode
     loop) so that the row -> adapter selection is made once; pass it to :func:`adapter_rows`."""
     if isinstance(names, RowAdapters):
@@ -81,7 +81,7 @@ def adapter_rows(
 
     The batch dimension (dim 0 of each adapted layer's input) must have ``len(names)`` rows.
     ``None`` rows see the base model. Contexts do not nest on the same model. ``names`` may
-    also be a :class:`~loraq.layers.mixed.RowAdapters` plan or a :func:`mixed_batch` reused
+    also be a :class:`~loraq.batching.mixed.RowAdapters` plan or a :func:`mixed_batch` reused
     across calls (a decode loop: the selection and stacked weights are then made once).
     ``layers`` may pass the model's LoRA layers (:func:`lora_layer_list`) to skip walking the
     module tree.

@@ -9,10 +9,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .patterns import unsafe_regex_reason
-from .precision import COMPUTE_DTYPE_NAMES
-from .quant.codebooks import VALID_BLOCKSIZES
-from .quant.gguf import GGUF_TRAINABLE_TYPES
+from ..core.patterns import unsafe_regex_reason
+from ..core.precision import COMPUTE_DTYPE_NAMES
+from ..layers.lora import adapter_scaling
+from ..quant.codebooks import VALID_BLOCKSIZES
+from ..quant.gguf import GGUF_TRAINABLE_TYPES
 
 #: Values accepted by ``LoraConfig.init``.
 INIT_METHODS = ("kaiming", "gaussian", "pissa", "loftq")
@@ -24,11 +25,6 @@ QUANT_TYPES = (None, "nf4", "fp4", "int8", *GGUF_TRAINABLE_TYPES)
 COMPUTE_DTYPES = COMPUTE_DTYPE_NAMES
 #: Blocksizes accepted for blockwise quantization (as bitsandbytes).
 BLOCKSIZES = VALID_BLOCKSIZES
-
-
-def adapter_scaling(alpha: float, r: int, use_rslora: bool = False) -> float:
-    """The factor applied to ``B @ A``: ``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA."""
-    return alpha / (math.sqrt(r) if use_rslora else r)
 
 
 def _bad(field_name: str, value: Any, expected: str) -> ValueError:
@@ -71,7 +67,7 @@ class LoraConfig:
         blocksize: elements per quantization block (a power of two in 32..4096).
         compute_dtype: dtype of the dequantized base weight in the matmul; ``"auto"`` picks
             ``bfloat16`` where the device runs it natively, else ``float32`` (see
-            :mod:`loraq.precision`).
+            :mod:`loraq.core.precision`).
         quant_skip: module names (suffix rules) that stay dense when ``quant`` is set.
         adapter_bits: keep adapter weights on a symmetric k-bit grid (2..8) in the forward pass
             (straight-through estimator), or ``None`` for float adapters.

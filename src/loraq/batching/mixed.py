@@ -9,7 +9,7 @@ step           tensors
 base           ``base_layer(x)`` once for the whole batch: the frozen weight is shared by all rows
 stack          ``A_s (slots, r_max, in)``, ``B_s (slots, r_max, out)``: every adapter's A and B,
                zero-padded to the largest rank, its scale folded into B; slot 0 is all zeros
-               (:mod:`loraq.layers.mixed_stacks`)
+               (:mod:`loraq.batching.stacks`)
 select         ``A_s[row_slot]``, ``B_s[row_slot]``: one slice per row (``index_select``)
 two thin bmm   ``delta = (x A_row^T) B_row`` of shape ``(R, T, out)``, added to the base output
                (or, when it is cheaper, :func:`use_concat`: all slots side by side and a mask;
@@ -21,7 +21,7 @@ DoRA           a per-slot column scale ``m / ||W + sBA||`` (1 for plain adapters
 The row -> slot selection is made once per forward pass, not once per layer: a
 :class:`MixedBatch`, set on every LoRA layer by :func:`loraq.adapter_rows` (and kept from one
 decode step to the next by the generation loop), maps the plan's rows to the slots of the model's
-:class:`~loraq.layers.mixed_stacks.StackCache` once, and each layer then only looks up its stack.
+:class:`~loraq.batching.stacks.StackCache` once, and each layer then only looks up its stack.
 Without gradients the stacks come from that cache; with gradients (training) each layer stacks
 the plan's adapters in the graph, and the selection's backward scatters each row's gradient into
 its own adapter's slice only, so every adapter receives exactly the gradient it would get from
@@ -39,7 +39,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .mixed_stacks import LayerStack, StackCache, adapter_epoch, stack_layer
+from .stacks import LayerStack, StackCache, adapter_epoch, stack_layer
 
 _CACHE_ATTR = "_mixed_stack_cache"
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from ...native.build import MODE_ENV, load_library, mode, shares_torch_openmp
+from .build import MODE_ENV, load_library, mode, shares_torch_openmp
 
 __all__ = [
     "MODE_ENV",

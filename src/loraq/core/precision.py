@@ -12,7 +12,7 @@ any other CPU (AVX2-only, ARM, ...)         float32      bf16 GEMM is emulated: 
 other CUDA, MPS, ...                        float32      no fast bf16 path to rely on
 ==========================================  ===========  ===================================
 
-This module imports only the leaf ``loraq.dtypes``, so every layer may use it.
+This module imports only the leaf ``loraq.core.dtypes``, so every layer may use it.
 """
 
 from __future__ import annotations

@@ -10,15 +10,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..core.naming import SAVED_STORE
+from ..layers.adapter_quant import enable_adapter_quant
+from ..layers.dropout import plain_dropout, use_fast_dropout
+from ..layers.kinds import layer_kind
+from ..layers.lora import ADAPTER_STORES, LoRALayer, ModulesToSave
+from ..layers.protocol import QuantizedBase
 from .config import LoraConfig
-from .layers.adapter_quant import enable_adapter_quant
-from .layers.dropout import plain_dropout, use_fast_dropout
-from .layers.kinds import layer_kind
-from .layers.lora import ADAPTER_STORES, LoRALayer, ModulesToSave
-from .layers.protocol import QuantizedBase
 from .merging import Original, check_merge_target, measured_merge, prepare_merge_base
-from .naming import SAVED_STORE
-from .quantize_model import dequantize_model, quantize_model
+from .quantize import dequantize_model, quantize_model
 from .targeting import candidate_modules, find_targets, name_matches, set_submodule
 from .transaction import model_transaction
 
@@ -326,13 +326,13 @@ def unload(
     quantized (merging re-quantizes) unless ``dense=True``: then every quantized layer is
     dequantized first and the adapters merge exactly into dense weights.
 
-    ``merge_into`` makes the choice explicit (see :mod:`loraq.merging`): ``"dequantized"`` (what
+    ``merge_into`` makes the choice explicit (see :mod:`loraq.model.merging`): ``"dequantized"`` (what
     ``dense=True`` means: exact), ``"original"`` (onto ``original``'s pre-quantization weights,
     a model or state dict, as PEFT merges: lossy) or ``"requantize"`` (back into the same
     quantized format). With ``merge_into``, or ``dense=True`` with a merge, the merged model is
     compared with the unmerged one on ``calibration`` (token ids or a dict of inputs; default:
     random token ids when the model has ``config.vocab_size``) and ``model.loraq_merge_report``
-    holds the largest output difference and the KL divergence (:class:`~loraq.merging.MergeReport`).
+    holds the largest output difference and the KL divergence (:class:`~loraq.model.merging.MergeReport`).
     ``merge_dtype`` (dense merges): the dtype every floating tensor is cast to before merging.
     """
     if merge_into is not None or (dense and merge_adapters):

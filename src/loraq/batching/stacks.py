@@ -1,6 +1,6 @@
 """Stacked adapter weights for mixed-adapter batches, built once per adapter set and reused.
 
-A mixed batch (:mod:`loraq.layers.mixed`) needs, for every LoRA layer, each adapter's A and B
+A mixed batch (:mod:`loraq.batching.mixed`) needs, for every LoRA layer, each adapter's A and B
 side by side in one tensor so that a row can pick its adapter by index:
 
 ==========  =====================================  =============================================

@@ -1,7 +1,7 @@
 """Which modules a config selects, and how a module in a model is replaced.
 
-The one home of the model-tree rules that adapting (:mod:`loraq.model`), quantizing
-(:mod:`loraq.quantize_model`), compressing (:mod:`loraq.decompose`) and the file formats
+The one home of the model-tree rules that adapting (:mod:`loraq.model.surgery`), quantizing
+(:mod:`loraq.model.quantize`), compressing (:mod:`loraq.model.decompose`) and the file formats
 (:mod:`loraq.io`) share:
 
 =========================  ==================================================================
@@ -23,11 +23,11 @@ from collections.abc import Iterator
 
 from torch import nn
 
+from ..core.naming import unwrapped_name
+from ..layers.kinds import SUPPORTED_TYPES, is_gpt2_conv1d, layer_kind
+from ..layers.lora import LoRALayer, ModulesToSave
+from ..layers.protocol import QuantizedBase
 from .config import LoraConfig
-from .layers.kinds import SUPPORTED_TYPES, is_gpt2_conv1d, layer_kind
-from .layers.lora import LoRALayer, ModulesToSave
-from .layers.protocol import QuantizedBase
-from .naming import unwrapped_name
 
 __all__ = [
     "HEAD_NAMES",

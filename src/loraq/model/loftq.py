@@ -14,11 +14,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..layers.kinds import is_gpt2_conv1d
+from ..layers.loftq import loftq_decompose
+from ..layers.protocol import QuantizedBase
 from .config import QUANT_TYPES, LoraConfig
-from .layers.kinds import is_gpt2_conv1d
-from .layers.loftq import loftq_decompose
-from .layers.protocol import QuantizedBase
-from .quantize_model import quantize_model
+from .quantize import quantize_model
 
 #: Attribute on the model holding ``{adapter_name: {layer name: LoftQLayerReport}}``.
 REPORT_ATTR = "loraq_loftq_report"
@@ -69,7 +69,7 @@ def check_loftq_targets(model: nn.Module, config: LoraConfig, targets: list[str]
 def quantize_model_loftq(
     model: nn.Module, config: LoraConfig, targets: list[str]
 ) -> dict[str, LoftQLayerReport]:
-    """Quantize ``model``'s base as :func:`~loraq.quantize_model.quantize_model` does, with the
+    """Quantize ``model``'s base as :func:`~loraq.model.quantize.quantize_model` does, with the
     targeted Linear layers quantized by LoftQ; returns ``{layer name: report}``.
 
     Raises:

@@ -29,11 +29,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from .layers.lora import LoRALayer
-from .layers.protocol import LAYOUT_CONV1D, QuantizedBase
-from .layers.quantized import Embedding4bit
-from .naming import unwrapped_name
-from .quantize_model import dequantize_model
+from ..core.naming import unwrapped_name
+from ..layers.lora import LoRALayer
+from ..layers.protocol import LAYOUT_CONV1D, QuantizedBase
+from ..layers.quantized import Embedding4bit
+from .quantize import dequantize_model
 
 #: What an adapter can be merged into (``merge_into=``).
 MERGE_TARGETS = ("dequantized", "original", "requantize")
