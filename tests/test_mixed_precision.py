@@ -139,7 +139,7 @@ def test_resolve_compute_dtype() -> None:
 
 
 def test_fast_bf16_follows_the_cpu_flags(monkeypatch) -> None:
-    from loraq import precision
+    from loraq.core import precision
 
     precision._cpu_has_fast_bf16.cache_clear()
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
