@@ -46,7 +46,7 @@ def ids():
     return torch.randint(0, 64, (2, 12))
 
 
-@pytest.mark.parametrize("dtype", ["f32", "q4_0", "q8_0"])
+@pytest.mark.parametrize("dtype", ["f32", "q4_0", "q4_1", "q8_0"])
 def test_written_model_loads_in_transformers_and_loraq_alike(tmp_path, ids, dtype):
     hf = tiny_llama()
     path = export_gguf(hf, tmp_path / "m.gguf", merged=True, dtype=dtype)

@@ -22,7 +22,7 @@ from torch import nn
 
 from ..layers.gguf import EmbeddingGGUF, LinearGGUF
 from ..model.targeting import set_submodule
-from ..quant.gguf import GGUF_QUANT_TYPES
+from ..quant.formats import DENSE_GGUF_TYPES, GGUF, format_names
 from ..quant.gguf_tensor import GGUFTensor
 from .gguf_names import SUPPORTED_ARCHITECTURES, gguf_to_hf_name, hf_row_order, permuted_heads
 from .safe import FormatError
@@ -38,7 +38,9 @@ __all__ = [
 
 #: The first four bytes of every GGUF file.
 GGUF_MAGIC = b"GGUF"
-_DENSE_TYPES = ("F32", "F16", "BF16")
+# ggml spells type names in capitals.
+_DENSE_TYPES = tuple(t.upper() for t in DENSE_GGUF_TYPES)
+_BLOCK_FORMATS = format_names(kind=GGUF)
 # Tensors llama.cpp writes that transformers computes itself (precomputed RoPE factors).
 _IGNORED_TENSORS = ("rope_freqs.weight",)
 
@@ -156,10 +158,10 @@ def tensor_value(t: Any, source: str) -> tuple[str, torch.Tensor, tuple[int, ...
         data = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type).reshape(shape)
         return "dense", torch.from_numpy(np.array(data, dtype=np.float32)), shape
     quant = type_name.lower()
-    if quant not in GGUF_QUANT_TYPES:
+    if quant not in _BLOCK_FORMATS:
         raise FormatError(
             f"{source}: tensor {t.name!r} has type {type_name}; loraq reads "
-            f"{', '.join(_DENSE_TYPES + tuple(q.upper() for q in GGUF_QUANT_TYPES))}"
+            f"{', '.join(_DENSE_TYPES + tuple(q.upper() for q in _BLOCK_FORMATS))}"
         )
     return quant, torch.from_numpy(np.array(t.data, dtype=np.uint8)), shape
 
@@ -261,9 +263,9 @@ def load_gguf(
 ) -> tuple[nn.Module, Any]:
     """``(model, tokenizer)`` from a GGUF file, its quantized tensors kept quantized.
 
-    Supported architectures: ``llama`` (incl. SmolLM2), ``mistral``, ``qwen2``. Block formats
-    ``q8_0``, ``q4_0``, ``q4_1``, ``q4_k``, ``q5_k``, ``q6_k`` stay as the file's bytes (dequantized
-    to ``dtype`` per matmul); F32/F16/BF16 tensors load as float32. The model is in eval mode,
+    Supported architectures: ``llama`` (incl. SmolLM2), ``mistral``, ``qwen2``. Tensors in the
+    GGUF block formats of :mod:`loraq.quant.formats` (q8_0, q4_0, q4_1 and the k-quants) stay as
+    the file's bytes (dequantized to ``dtype`` per matmul); F32/F16/BF16 tensors load as float32. The model is in eval mode,
     every parameter frozen, ready for :func:`loraq.apply`; ``model.loraq_gguf_path`` records
     the file. ``tokenizer`` is transformers' conversion of the GGUF vocabulary with the chat
     template (None when ``tokenizer=False`` or the file has none).

@@ -14,11 +14,13 @@ so ``alpha / r * lora_b @ lora_a`` is exactly the adapter's ``scaling * B @ A``;
 per-layer rank) needs no extra key: the factor in ``lora_b`` absorbs the difference.
 
 Merged model GGUF: every tensor of the model with the adapters folded in, llama.cpp's names and
-q/k order, in one of ``f32``, ``f16``, ``bf16``, ``q8_0``, ``q4_0`` or ``keep`` (unadapted
-GGUF-quantized tensors keep their exact blocks; adapted ones are re-quantized in their own block
-format, or ``q8_0`` for a k-quant). Norms are always f32. The metadata (hyperparameters,
-tokenizer with ``tokenizer.ggml.pre`` and the chat template) is copied from the base GGUF when
-the model came from one, so llama.cpp tokenizes as transformers does.
+q/k order, in one of :data:`MERGED_DTYPES`: a dense type (``f32``, ``f16``, ``bf16``), a block
+format the table of :mod:`loraq.quant.formats` marks ``gguf_export`` (``q8_0``, ``q4_0``,
+``q4_1``), or ``keep`` (unadapted GGUF-quantized tensors keep their exact blocks; adapted ones are
+re-quantized in their own block format, or :data:`KEEP_FALLBACK` for a read-only k-quant).
+Norms are always f32. The metadata (hyperparameters, tokenizer with ``tokenizer.ggml.pre`` and
+the chat template) is copied from the base GGUF when the model came from one, so llama.cpp
+tokenizes as transformers does.
 
 Files are written to a temporary sibling and renamed into place: nothing is left half-written.
 """
@@ -35,17 +37,22 @@ from torch import nn
 
 from ..layers.gguf import EmbeddingGGUF, LinearGGUF
 from ..layers.lora import LoRALayer
-from ..quant.gguf import GGUF_TRAINABLE_TYPES, quantize_gguf
+from ..quant.formats import DENSE_GGUF_TYPES, FORMATS, format_names
+from ..quant.gguf import quantize_gguf
 from .gguf_names import PERMUTED_ARCHITECTURES, gguf_row_order, hf_to_gguf_name
 from .gguf_read import open_gguf
 from .safe import FormatError, staged_file
 
 __all__ = ["MERGED_DTYPES", "export_gguf", "gguf_architecture"]
 
+#: Block formats a merged GGUF's matrices can be written in.
+_EXPORT_FORMATS = format_names(gguf_export=True)
 #: ``dtype`` values of a merged GGUF.
-MERGED_DTYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "keep")
-#: ``dtype`` values of an adapter GGUF's tensors.
+MERGED_DTYPES = (*DENSE_GGUF_TYPES, *_EXPORT_FORMATS, "keep")
+#: ``dtype`` values of an adapter GGUF's tensors (the ones llama.cpp's LoRA loader takes).
 ADAPTER_DTYPES = ("f32", "f16")
+#: ``keep``: the format an adapted matrix held in a read-only k-quant is re-quantized into.
+KEEP_FALLBACK = "q8_0"
 # transformers model_type -> llama.cpp general.architecture (llama.cpp writes Mistral as llama).
 _ARCH_OF_MODEL_TYPE = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
 # Metadata keys the reader synthesises or the writer sets itself.
@@ -136,11 +143,13 @@ def _dense_out(t: torch.Tensor, dtype: str) -> tuple[np.ndarray, Any]:
     import gguf
 
     types = gguf.GGMLQuantizationType
-    if dtype in GGUF_TRAINABLE_TYPES and t.dim() == 2 and t.shape[1] % 32 == 0:
+    blocks = dtype in _EXPORT_FORMATS
+    if blocks and t.dim() == 2 and t.shape[1] % FORMATS[dtype].blocksize == 0:
         return quantize_gguf(t, dtype).numpy(), getattr(types, dtype.upper())
     if dtype == "bf16":
         return gguf.quants.quantize(t.numpy(), types.BF16), types.BF16
-    if dtype in ("f16",) + GGUF_TRAINABLE_TYPES and t.dim() == 2:
+    # A matrix whose rows do not fit the blocks is written in f16.
+    if (dtype == "f16" or blocks) and t.dim() == 2:
         return t.numpy().astype(np.float16), None
     return t.numpy().astype(np.float32), None
 
@@ -156,7 +165,7 @@ def _merged_tensor(model: nn.Module, name: str, module: nn.Module, dtype: str, a
         if not isinstance(module, LoRALayer) or not module.active_adapters:
             blocks = _to_gguf_rows(record.blocks, heads)
             return blocks.numpy(), getattr(gguf.GGMLQuantizationType, record.quant_type.upper())
-        dtype = record.quant_type if record.quant_type in GGUF_TRAINABLE_TYPES else "q8_0"
+        dtype = record.quant_type if record.quant_type in _EXPORT_FORMATS else KEEP_FALLBACK
     elif dtype == "keep":
         dtype = "f32"
     if isinstance(module, LoRALayer):

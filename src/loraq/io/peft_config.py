@@ -18,6 +18,7 @@ from torch import nn
 from ..layers.lora import LoRALayer, is_gpt2_conv1d
 from ..model.config import LoraConfig
 from ..model.surgery import TARGETS_ATTR
+from ..quant.formats import FORMATS
 from .safe import FormatError
 
 #: The PEFT release whose file layout loraq writes (recorded as ``peft_version``).
@@ -111,8 +112,6 @@ _INIT_TO_PEFT: dict[str, bool | str] = {
     "pissa": "pissa",
     "loftq": True,
 }
-#: Bits PEFT's ``loftq_config.loftq_bits`` records for each ``LoraConfig.quant``.
-LOFTQ_BITS = {"nf4": 4, "fp4": 4, "int8": 8, "q4_0": 4, "q4_1": 4, "q8_0": 8}
 _TASK_SUFFIXES = (
     ("ForCausalLM", "CAUSAL_LM"),
     ("LMHeadModel", "CAUSAL_LM"),
@@ -198,7 +197,11 @@ def peft_config_dict(model: nn.Module, adapter: str, config: LoraConfig) -> dict
 def _loftq_config(config: LoraConfig) -> dict[str, int]:
     if config.init != "loftq":
         return {}
-    bits = LOFTQ_BITS.get(config.quant or "", config.extra.get("loftq_bits", 4))
+    # PEFT's loftq_bits is the code width of the base format.
+    if config.quant is not None:
+        bits = FORMATS[config.quant].code_bits
+    else:
+        bits = config.extra.get("loftq_bits", 4)
     return {"loftq_bits": bits, "loftq_iter": config.loftq_iters}
 
 

@@ -11,10 +11,11 @@ checkpoint records ``"quant_method": "loraq"``, which transformers refuses inste
 GGUF-block layers (``LoraConfig(quant="q4_0")``, :func:`loraq.load_gguf` bases) keep their
 blocks under ``weight`` with a ``weight.quant_state.loraq__gguf`` JSON key.
 
-``load_quantized`` rebuilds the model from ``config.json`` and puts each stored record into a
-loraq ``Linear4bit`` / ``Linear8bit`` / ``LinearGGUF`` / ``Embedding4bit`` / ``EmbeddingGGUF``
-without re-quantizing: the codes and
-scales keep their exact bytes.
+``load_quantized`` rebuilds the model from ``config.json`` and puts each stored record into the
+layer that holds its record class (:mod:`loraq.layers.bases`: ``Linear4bit``, ``Linear8bit``,
+``LinearGGUF``, ``Embedding4bit``, ``EmbeddingGGUF``) without re-quantizing: the codes and scales
+keep their exact bytes. Which record a ``weight.quant_state.<kind>`` key holds is the record's
+own ``STATE_KINDS``, over the records of :mod:`loraq.quant.formats`' table.
 """
 
 from __future__ import annotations
@@ -30,15 +31,13 @@ from torch import nn
 
 from ..core.dtypes import dtype_name, float_dtype
 from ..core.naming import ADAPTER_PARTS, WRAPPER_SEGMENTS, unwrapped_name
-from ..layers.gguf import EmbeddingGGUF, LinearGGUF
+from ..layers.bases import EMBEDDING_LAYERS, LINEAR_LAYERS
 from ..layers.kinds import is_gpt2_conv1d
 from ..layers.lora import LoRALayer, ModulesToSave
 from ..layers.protocol import LAYOUT_CONV1D, LAYOUT_LINEAR
 from ..layers.quantized import Embedding4bit, Linear4bit, Linear8bit
 from ..model.targeting import output_embedding_names, set_submodule
-from ..quant.gguf_tensor import GGUF_STATE_KIND, GGUFTensor
-from ..quant.qtensor import QuantizedTensor
-from ..quant.qtensor8 import QuantizedTensor8
+from ..quant.formats import FORMATS
 from .adapter_check import check_finite
 from .model_folder import copy_tokenizer_files, source_folder
 from .safe import (
@@ -52,6 +51,11 @@ from .safe import (
 )
 
 _STATE_SUFFIX = ".weight.quant_state."
+# ``<kind>`` of a ``weight.quant_state.<kind>`` key -> the record class that reads it.
+_RECORD_OF_STATE: dict[str, type] = {
+    kind: fmt.record for fmt in FORMATS.values() for kind in fmt.record.STATE_KINDS
+}
+_QUANTIZED_LAYERS = (*LINEAR_LAYERS.values(), *EMBEDDING_LAYERS.values())
 
 
 # ---------------------------------------------------------------------------------- saving
@@ -82,7 +86,7 @@ def _quantized_modules(model: nn.Module) -> dict[str, nn.Module]:
     """``{plain name: quantized layer}`` with LoRA wrapper segments removed."""
     found = {}
     for name, module in model.named_modules():
-        if isinstance(module, (Linear4bit, Linear8bit, LinearGGUF, Embedding4bit)):
+        if isinstance(module, _QUANTIZED_LAYERS):
             found[unwrapped_name(name)] = module
     return found
 
@@ -251,10 +255,18 @@ def _quantized_layer(
     name: str, kind: str, module: nn.Module, tensors: dict, compute_dtype: torch.dtype, source: str
 ) -> nn.Module:
     prefix = name + "."
-    gguf = kind == GGUF_STATE_KIND
-    record_type = (
-        GGUFTensor if gguf else QuantizedTensor8 if kind.startswith("loraq__") else QuantizedTensor
-    )
+    record_type = _RECORD_OF_STATE.get(kind)
+    if record_type is None:
+        raise FormatError(
+            f"{source}: {prefix}weight.quant_state.{kind} names no format loraq reads; known: "
+            f"{', '.join(sorted(_RECORD_OF_STATE))}"
+        )
+    layers = EMBEDDING_LAYERS if isinstance(module, nn.Embedding) else LINEAR_LAYERS
+    if record_type not in layers:
+        raise FormatError(
+            f"{source}: {prefix}weight is a {record_type.__name__}, which no loraq layer holds "
+            f"for a {type(module).__name__}"
+        )
     try:
         record = record_type.from_state_dict(tensors, prefix)
     except ValueError as err:
@@ -276,12 +288,11 @@ def _quantized_layer(
             f"model expects {expected}"
         )
     if isinstance(module, nn.Embedding):
-        return (EmbeddingGGUF if gguf else Embedding4bit)(record, module.padding_idx, compute_dtype)
+        return layers[record_type](record, module.padding_idx, compute_dtype)
     bias = tensors.get(prefix + "bias")
-    cls = {GGUFTensor: LinearGGUF, QuantizedTensor8: Linear8bit}.get(record_type, Linear4bit)
     # The dense module the model class expects here, restored by dequantize_model / unload.
     layout = LAYOUT_CONV1D if is_gpt2_conv1d(module) else LAYOUT_LINEAR
-    return cls(record, bias, compute_dtype, layout)
+    return layers[record_type](record, bias, compute_dtype, layout)
 
 
 def load_quantized(

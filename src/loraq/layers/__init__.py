@@ -1,6 +1,7 @@
 """Adapter wrappers (:mod:`.lora`, :mod:`.qlora`), their per-kind logic (:mod:`.kinds`), the fused
-LoRA op (:mod:`.fused`), quantized bases (:mod:`.quantized`, described by the
-:class:`~.protocol.QuantizedBase` Protocol), k-bit adapter grids (:mod:`.adapter_quant`) and the
+LoRA op (:mod:`.fused`), quantized bases (:mod:`.quantized`, :mod:`.gguf`, described by the
+:class:`~.protocol.QuantizedBase` Protocol; :mod:`.bases` maps each base format's record to its
+layer and builds them), k-bit adapter grids (:mod:`.adapter_quant`) and the
 model's own dropout drawn by loraq's mask kernel (:mod:`.dropout`)."""
 
 from .protocol import QuantizedBase, QuantizedWeight

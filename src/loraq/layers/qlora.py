@@ -1,39 +1,46 @@
-"""``QLoRALayer``: a LoRA adapter over a frozen base stored in 4-bit NF4/FP4 or 8-bit blockwise."""
+"""``QLoRALayer``: a LoRA adapter over a frozen base quantized in one of loraq's base formats.
+
+The formats, their bits and default block sizes are :mod:`loraq.quant.formats`' table; the base
+is built by :func:`loraq.layers.bases.quantize_linear`, the same path ``LoraConfig(quant=...)``
+takes, so both give the same bytes.
+"""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from ..quant.codebooks import DEFAULT_BLOCKSIZE_4BIT, DEFAULT_BLOCKSIZE_8BIT
+from ..quant.formats import BLOCKWISE, base_format, format_names
 from .adapter_quant import enable_adapter_quant
+from .bases import quantize_linear
 from .lora import LoRALayer
-from .quantized import Linear4bit, Linear8bit
-
-#: Base formats, as ``LoraConfig.quant`` names them.
-QUANT_FORMATS = ("nf4", "fp4", "int8")
 
 
 def _resolve_quant(quant: str | None, bits: int | None, quant_type: str) -> str:
     """The base format from the canonical ``quant`` or the seed's ``bits`` + ``quant_type``."""
     if quant is not None:
-        if quant not in QUANT_FORMATS:
+        writable = format_names(quantize=True)
+        if quant not in writable:
             raise ValueError(
-                f"QLoRALayer quant={quant!r} is invalid: expected one of {QUANT_FORMATS}"
+                f"QLoRALayer quant={quant!r} is invalid: expected one of {', '.join(writable)}"
             )
-        if bits is not None and bits != (8 if quant == "int8" else 4):
+        if bits is not None and bits != base_format(quant).code_bits:
             raise ValueError(f"QLoRALayer got quant={quant!r} and bits={bits!r}, which disagree")
         return quant
     bits = 4 if bits is None else bits
-    if bits == 4:
-        if quant_type not in ("nf4", "fp4"):
-            raise ValueError(
-                f"QLoRALayer quant_type={quant_type!r} is invalid: expected 'nf4' or 'fp4'"
-            )
-        return quant_type
-    if bits == 8:
-        return "int8"
-    raise ValueError(f"QLoRALayer bits={bits!r} is invalid: expected 4 or 8")
+    # The seed's bits select among the blockwise formats of that code width.
+    same_width = format_names(kind=BLOCKWISE, quantize=True, code_bits=bits)
+    if not same_width:
+        widths = sorted({base_format(n).code_bits for n in format_names(kind=BLOCKWISE)})
+        raise ValueError(f"QLoRALayer bits={bits!r} is invalid: expected one of {widths}")
+    if len(same_width) == 1:
+        return same_width[0]
+    if quant_type not in same_width:
+        raise ValueError(
+            f"QLoRALayer quant_type={quant_type!r} is invalid for bits={bits}: expected one of "
+            f"{', '.join(same_width)}"
+        )
+    return quant_type
 
 
 class QLoRALayer(LoRALayer):
@@ -42,22 +49,23 @@ class QLoRALayer(LoRALayer):
     ``y = dequant(W_q) x + b + (alpha/rank) * B(A(dropout(x)))``; the quantized base never gets
     a gradient and no dense copy of it is kept between calls.
 
-    The canonical keywords are those of :class:`loraq.LoraConfig`: ``quant`` (``"nf4"``,
-    ``"fp4"`` or ``"int8"``) and ``adapter_bits``. The seed's ``bits`` (4 or 8, with
-    ``quant_type`` for 4 bits) and ``quantize_adapters`` are accepted as aliases.
+    The canonical keywords are those of :class:`loraq.LoraConfig`: ``quant`` (any format it
+    accepts) and ``adapter_bits``. The seed's ``bits`` (4 or 8, with ``quant_type`` for 4 bits)
+    and ``quantize_adapters`` are accepted as aliases.
 
     Args:
         original_layer: an ``nn.Linear`` (its weight is quantized; the module itself is not kept).
         rank: adapter rank.
-        bits: alias: 4 (``quant=quant_type``) or 8 (``quant="int8"``); default 4.
+        bits: alias: the code width of a blockwise format, 4 (``quant=quant_type``) or 8
+            (``int8``); default 4.
         alpha: scale numerator (default: ``rank``).
         dropout: dropout on the adapter input.
         quantize_adapters: alias of ``adapter_bits``.
-        quant: base format, ``"nf4"``, ``"fp4"`` or ``"int8"`` (default: from ``bits``).
+        quant: base format, one :mod:`loraq.quant.formats` writes (default: from ``bits``).
         adapter_bits: keep A and B on a symmetric k-bit grid (2..8) in the forward pass,
             trained with a straight-through estimator; ``None`` for float adapters.
         quant_type, blocksize, double_quant, compute_dtype: base quantization settings
-            (blocksize defaults to 64 for 4 bits and 256 for 8 bits).
+            (``blocksize`` ``None``: the format's default from the table).
     """
 
     def __init__(
@@ -90,20 +98,13 @@ class QLoRALayer(LoRALayer):
             )
         adapter_bits = adapter_bits if adapter_bits is not None else quantize_adapters
         quant = _resolve_quant(quant, bits, quant_type)
-        if quant == "int8":
-            base = Linear8bit.from_linear(
-                original_layer,
-                blocksize=blocksize or DEFAULT_BLOCKSIZE_8BIT,
-                compute_dtype=compute_dtype,
-            )
-        else:
-            base = Linear4bit.from_linear(
-                original_layer,
-                quant_type=quant,
-                blocksize=blocksize or DEFAULT_BLOCKSIZE_4BIT,
-                double_quant=double_quant,
-                compute_dtype=compute_dtype,
-            )
+        base = quantize_linear(
+            original_layer,
+            quant,
+            blocksize=blocksize,
+            double_quant=double_quant,
+            compute_dtype=compute_dtype,
+        )
         super().__init__(base, rank, alpha, dropout, adapter_name=adapter_name)
         if adapter_bits is not None:
             enable_adapter_quant(self, adapter_name, adapter_bits)

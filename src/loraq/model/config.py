@@ -13,14 +13,14 @@ from ..core.patterns import unsafe_regex_reason
 from ..core.precision import COMPUTE_DTYPE_NAMES
 from ..layers.lora import adapter_scaling
 from ..quant.codebooks import VALID_BLOCKSIZES
-from ..quant.gguf import GGUF_TRAINABLE_TYPES
+from ..quant.formats import format_names
 
 #: Values accepted by ``LoraConfig.init``.
 INIT_METHODS = ("kaiming", "gaussian", "pissa", "loftq")
 #: Values accepted by ``LoraConfig.bias``.
 BIAS_MODES = ("none", "all", "lora_only")
-#: Values accepted by ``LoraConfig.quant``.
-QUANT_TYPES = (None, "nf4", "fp4", "int8", *GGUF_TRAINABLE_TYPES)
+#: Values accepted by ``LoraConfig.quant``: a dense base, or a format loraq quantizes into.
+QUANT_TYPES = (None, *format_names(quantize=True))
 #: Values accepted by ``LoraConfig.compute_dtype`` (``auto``: bf16 where the hardware runs it fast).
 COMPUTE_DTYPES = COMPUTE_DTYPE_NAMES
 #: Blocksizes accepted for blockwise quantization (as bitsandbytes).
@@ -58,13 +58,15 @@ class LoraConfig:
             usual choice); used with ``init="loftq"`` only.
         use_rslora: rank-stabilised scaling ``alpha / sqrt(r)``.
         use_dora: weight-decomposed adapters (DoRA) with a learned magnitude per output row.
-        quant: store the frozen base's Linear weights as ``"nf4"``, ``"fp4"`` or ``"int8"``
-            (blockwise, bitsandbytes-compatible), as GGUF blocks ``"q8_0"``, ``"q4_0"`` or
-            ``"q4_1"`` (llama.cpp's formats; ``blocksize`` and ``double_quant`` do not apply,
-            and a layer whose input width is not a multiple of 32 stays dense), or ``None``
-            for a dense base.
+        quant: store the frozen base's Linear weights in a base format loraq writes (the
+            ``quantize`` column of :mod:`loraq.quant.formats`): blockwise ``nf4``, ``fp4`` or
+            ``int8`` (bitsandbytes-compatible), or GGUF blocks ``q8_0``, ``q4_0`` or ``q4_1``
+            (llama.cpp's formats; ``blocksize`` and ``double_quant`` do not apply, and a layer
+            whose input width is not a multiple of the block size stays dense); ``None`` for a
+            dense base.
         double_quant: also quantize the 4-bit block scales (QLoRA's double quantization).
-        blocksize: elements per quantization block (a power of two in 32..4096).
+        blocksize: elements per quantization block (a power of two in 32..4096), or ``None``
+            for the format's default (64 for 4-bit, 256 for ``int8``; see the table).
         compute_dtype: dtype of the dequantized base weight in the matmul; ``"auto"`` picks
             ``bfloat16`` where the device runs it natively, else ``float32`` (see
             :mod:`loraq.core.precision`).
@@ -88,7 +90,7 @@ class LoraConfig:
     use_dora: bool = False
     quant: str | None = None
     double_quant: bool = True
-    blocksize: int = 64
+    blocksize: int | None = None
     compute_dtype: str = "float32"
     quant_skip: list[str] | None = None
     adapter_bits: int | None = None
@@ -150,8 +152,8 @@ class LoraConfig:
                 raise _bad(name, getattr(self, name), "True or False")
         if self.quant not in QUANT_TYPES:
             raise _bad("quant", self.quant, f"one of {QUANT_TYPES}")
-        if self.blocksize not in BLOCKSIZES:
-            raise _bad("blocksize", self.blocksize, f"one of {BLOCKSIZES}")
+        if self.blocksize is not None and self.blocksize not in BLOCKSIZES:
+            raise _bad("blocksize", self.blocksize, f"None or one of {BLOCKSIZES}")
         if self.compute_dtype not in COMPUTE_DTYPES:
             raise _bad("compute_dtype", self.compute_dtype, f"one of {COMPUTE_DTYPES}")
         if self.adapter_bits is not None and (

@@ -9,13 +9,13 @@ import torch
 from torch import nn
 
 from ..core.precision import resolve_compute_dtype
-from ..layers.gguf import EmbeddingGGUF, LinearGGUF
+from ..layers.bases import quantize_embedding, quantize_linear
 from ..layers.kinds import is_gpt2_conv1d
 from ..layers.lora import LoRALayer, ModulesToSave
 from ..layers.protocol import LAYOUT_CONV1D, QuantizedBase
-from ..layers.quantized import Embedding4bit, Linear4bit, Linear8bit
-from ..quant.gguf import GGUF_TRAINABLE_TYPES, block_size
-from .config import LoraConfig
+from ..layers.quantized import Embedding4bit
+from ..quant.formats import GGUF, base_format
+from .config import QUANT_TYPES, LoraConfig
 from .targeting import candidate_modules, name_matches, output_head_names, set_submodule
 from .transaction import model_transaction
 
@@ -31,17 +31,12 @@ Refine = Callable[[str, nn.Linear, nn.Module], None]
 
 def quantized_linear(linear: nn.Linear, config: LoraConfig) -> nn.Module:
     """``linear`` quantized in ``config.quant``'s format with ``config``'s settings."""
-    dtype = compute_dtype_of(config, linear.weight.device)
-    if config.quant in GGUF_TRAINABLE_TYPES:
-        return LinearGGUF.from_linear(linear, config.quant, compute_dtype=dtype)
-    if config.quant == "int8":
-        return Linear8bit.from_linear(linear, blocksize=config.blocksize, compute_dtype=dtype)
-    return Linear4bit.from_linear(
+    return quantize_linear(
         linear,
-        quant_type=config.quant,
+        config.quant,
         blocksize=config.blocksize,
         double_quant=config.double_quant,
-        compute_dtype=dtype,
+        compute_dtype=compute_dtype_of(config, linear.weight.device),
     )
 
 
@@ -64,8 +59,7 @@ def quantize_model(
     """
     if config.quant is None:
         raise ValueError(
-            "quantize_model() needs LoraConfig.quant set to 'nf4', 'fp4', 'int8', 'q8_0', 'q4_0' "
-            "or 'q4_1'"
+            f"quantize_model() needs LoraConfig.quant set to one of {', '.join(QUANT_TYPES[1:])}"
         )
     heads = output_head_names(model)
     skip = list(config.quant_skip or []) + list(config.modules_to_save or [])
@@ -96,15 +90,16 @@ def quantize_model(
 
 def _fits_format(name: str, module: nn.Module, config: LoraConfig) -> bool:
     """False (with a warning) for a layer the GGUF block formats cannot hold: its rows are cut
-    into blocks of 32, so the input width (embedding width) must be a multiple of 32."""
-    if config.quant not in GGUF_TRAINABLE_TYPES:
+    into blocks, so the input width (embedding width) must be a multiple of the block size."""
+    fmt = base_format(config.quant)
+    if fmt.kind != GGUF:
         return True
     width = module.weight.shape[0 if is_gpt2_conv1d(module) else 1]
-    if width % block_size(config.quant) == 0:
+    if width % fmt.blocksize == 0:
         return True
     warnings.warn(
         f"{name} stays dense: LoraConfig.quant={config.quant!r} needs its input width to be a "
-        f"multiple of {block_size(config.quant)}, it is {width}",
+        f"multiple of {fmt.blocksize}, it is {width}",
         stacklevel=3,
     )
     return False
@@ -119,14 +114,9 @@ def _quantize_planned(
             new = quantized_linear(module, config)
             if refine is not None:
                 refine(name, module, new)
-        elif config.quant in GGUF_TRAINABLE_TYPES:
-            new = EmbeddingGGUF.from_embedding(module, config.quant)
         else:
-            new = Embedding4bit.from_embedding(
-                module,
-                quant_type="nf4" if config.quant == "int8" else config.quant,
-                blocksize=config.blocksize,
-                double_quant=config.double_quant,
+            new = quantize_embedding(
+                module, config.quant, blocksize=config.blocksize, double_quant=config.double_quant
             )
         set_submodule(model, name, new)
         done.append(name)

@@ -39,7 +39,7 @@ import torch
 from ..core.dtypes import FLOAT_DTYPE_NAMES, FLOAT_DTYPES
 from ..native import dequant as cpu_kernels
 from ..native import triton_dequant as gpu_kernels
-from .codebooks import QUANT_TYPES_4BIT, VALID_BLOCKSIZES, code_4bit, dynamic_map
+from .codebooks import VALID_BLOCKSIZES, code_4bit, dynamic_map
 
 __all__ = [
     "check_quantizable",
@@ -296,8 +296,7 @@ def quantize_4bit_blocks(
     ``ValueError`` for input :func:`check_quantizable` refuses or an unknown ``quant_type``.
     """
     check_quantizable(t, blocksize)
-    if quant_type not in QUANT_TYPES_4BIT:
-        raise ValueError(f"unknown quant_type {quant_type!r}: expected one of {QUANT_TYPES_4BIT}")
+    code_4bit(quant_type)  # refuses a name with no 4-bit code book
     flat = t.detach().reshape(-1)
     n = flat.numel()
     search = _search_4bit(quant_type)

@@ -7,8 +7,10 @@ Three tables live here (see ``docs/formats.md``, "Code books"):
 * :func:`dynamic_map` - the 256-entry signed dynamic tree map used for 8-bit blockwise
   quantization and for the second level of double quantization.
 
-It also holds the format constants every other module imports: the accepted blocksizes, their
-defaults, and the blocksize of the second level of double quantization.
+It also holds the blockwise constants the math needs: the accepted blocksizes, the default
+blocksize of each code width, and the blocksize of the second level of double quantization.
+Which formats exist, and what each may be used for, is :mod:`loraq.quant.formats`' table; the
+4-bit code books are keyed by those formats' names because a name selects its code book.
 
 The tensors here are shared constants, read-only by convention: quantizers hand each record its
 own copy. Decision bounds for nearest-code search live with the quantizer (``blockwise.py``).
@@ -22,12 +24,12 @@ import struct
 import torch
 
 __all__ = [
+    "CODE_BOOKS_4BIT",
     "DEFAULT_BLOCKSIZE_4BIT",
     "DEFAULT_BLOCKSIZE_8BIT",
     "NESTED_BLOCKSIZE",
     "NF4",
     "FP4",
-    "QUANT_TYPES_4BIT",
     "VALID_BLOCKSIZES",
     "code_4bit",
     "dynamic_map",
@@ -37,7 +39,10 @@ __all__ = [
 VALID_BLOCKSIZES: tuple[int, ...] = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 #: Default blocksize of 4-bit (NF4/FP4) weights: QLoRA's and bitsandbytes' choice.
 DEFAULT_BLOCKSIZE_4BIT = 64
-#: Default blocksize of 8-bit blockwise weights (bitsandbytes' ``quantize_blockwise`` default).
+#: Default blocksize of 8-bit blockwise weights (the ``int8`` format). bitsandbytes'
+#: ``quantize_blockwise`` signature defaults to 4096, but every 8-bit blockwise tensor bitsandbytes
+#: itself keeps (8-bit optimizer states, the nested scales of double quantization) uses 256; so
+#: does loraq (the measured trade-off is in :mod:`loraq.quant.formats`).
 DEFAULT_BLOCKSIZE_8BIT = 256
 #: Blocksize of the second (8-bit) level of double quantization.
 NESTED_BLOCKSIZE = 256
@@ -79,20 +84,21 @@ FP4: torch.Tensor = (
     torch.tensor(_FP4_MAGNITUDES + [-m if m else 0.0 for m in _FP4_MAGNITUDES]) / 12.0
 )
 
-QUANT_TYPES_4BIT: tuple[str, ...] = ("nf4", "fp4")
+#: The 4-bit formats' code books by format name (the formats' other facts: loraq.quant.formats).
+CODE_BOOKS_4BIT: dict[str, torch.Tensor] = {"nf4": NF4, "fp4": FP4}
 
 
 def code_4bit(quant_type: str) -> torch.Tensor:
-    """Return the 16-entry float32 code book for ``quant_type`` ("nf4" or "fp4").
+    """Return the 16-entry float32 code book of the 4-bit format ``quant_type`` (nf4, fp4).
 
     Raises:
-        ValueError: for any other quant type.
+        ValueError: for a name with no 4-bit code book.
     """
-    if quant_type == "nf4":
-        return NF4
-    if quant_type == "fp4":
-        return FP4
-    raise ValueError(f"unknown quant_type {quant_type!r}; expected one of {QUANT_TYPES_4BIT}")
+    if quant_type not in CODE_BOOKS_4BIT:
+        raise ValueError(
+            f"unknown quant_type {quant_type!r}: expected one of {tuple(CODE_BOOKS_4BIT)}"
+        )
+    return CODE_BOOKS_4BIT[quant_type]
 
 
 @functools.cache

@@ -24,6 +24,8 @@ real files only need to be read.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -33,7 +35,6 @@ from ..native.pages import empty_for_write
 __all__ = [
     "GGUF_QUANT_TYPES",
     "GGUF_TRAINABLE_TYPES",
-    "GGML_TYPE_IDS",
     "block_size",
     "dequantize_gguf",
     "dequantize_gguf_into",
@@ -42,34 +43,12 @@ __all__ = [
     "type_size",
 ]
 
-#: Block formats: name -> (elements per block, bytes per block), as ggml's GGML_QUANT_SIZES.
-_SIZES: dict[str, tuple[int, int]] = {
-    "q8_0": (32, 34),
-    "q4_0": (32, 18),
-    "q4_1": (32, 20),
-    "q4_k": (256, 144),
-    "q5_k": (256, 176),
-    "q6_k": (256, 210),
-}
-#: ggml type ids of the block formats (the ``GGMLQuantizationType`` enum values).
-GGML_TYPE_IDS: dict[str, int] = {
-    "q4_0": 2,
-    "q4_1": 3,
-    "q8_0": 8,
-    "q4_k": 12,
-    "q5_k": 13,
-    "q6_k": 14,
-}
-#: Formats loraq reads (dequantizes).
-GGUF_QUANT_TYPES: tuple[str, ...] = tuple(_SIZES)
-#: Formats loraq also writes (quantizes): the ones ``LoraConfig(quant=...)`` accepts.
-GGUF_TRAINABLE_TYPES: tuple[str, ...] = ("q8_0", "q4_0", "q4_1")
-
 # Dequantize this many blocks at a time when the output is not float32 (bounds the temporary).
 _CHUNK_BLOCKS = 1 << 15
 
 
-def _check_type(quant_type: str, allowed: tuple[str, ...] = GGUF_QUANT_TYPES) -> None:
+def _check_type(quant_type: str, writable: bool = False) -> None:
+    allowed = GGUF_TRAINABLE_TYPES if writable else GGUF_QUANT_TYPES
     if quant_type not in allowed:
         raise ValueError(f"unsupported GGUF block format {quant_type!r}; expected one of {allowed}")
 
@@ -77,19 +56,19 @@ def _check_type(quant_type: str, allowed: tuple[str, ...] = GGUF_QUANT_TYPES) ->
 def block_size(quant_type: str) -> int:
     """Elements per block of ``quant_type``."""
     _check_type(quant_type)
-    return _SIZES[quant_type][0]
+    return _BLOCKS[quant_type].block_size
 
 
 def type_size(quant_type: str) -> int:
     """Bytes per block of ``quant_type``."""
     _check_type(quant_type)
-    return _SIZES[quant_type][1]
+    return _BLOCKS[quant_type].type_size
 
 
 def gguf_bytes_shape(shape: tuple[int, ...] | torch.Size, quant_type: str) -> tuple[int, ...]:
     """Shape of the uint8 block array for a tensor of ``shape``: the last dim becomes bytes."""
     _check_type(quant_type)
-    bs, ts = _SIZES[quant_type]
+    bs, ts = _BLOCKS[quant_type].block_size, _BLOCKS[quant_type].type_size
     shape = tuple(shape)
     if not shape or shape[-1] % bs:
         raise ValueError(
@@ -143,9 +122,6 @@ def _quantize_q4_1(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([_f16_bytes(d), _f16_bytes(lo), _pack_halves(q)], dim=1)
 
 
-_QUANTIZERS = {"q8_0": _quantize_q8_0, "q4_0": _quantize_q4_0, "q4_1": _quantize_q4_1}
-
-
 @torch.no_grad()
 def quantize_gguf(tensor: torch.Tensor, quant_type: str) -> torch.Tensor:
     """Quantize ``tensor`` into GGUF blocks of ``quant_type`` (``q8_0``, ``q4_0`` or ``q4_1``).
@@ -154,12 +130,13 @@ def quantize_gguf(tensor: torch.Tensor, quant_type: str) -> torch.Tensor:
     shape :func:`gguf_bytes_shape` whose bytes equal
     ``gguf.quants.quantize(tensor.float().numpy(), GGMLQuantizationType.<TYPE>)``.
     """
-    _check_type(quant_type, GGUF_TRAINABLE_TYPES)
+    _check_type(quant_type, writable=True)
     if not tensor.is_floating_point():
         raise ValueError(f"quantize_gguf needs a floating-point tensor, got {tensor.dtype}")
     out_shape = gguf_bytes_shape(tensor.shape, quant_type)
-    x = tensor.detach().to(torch.float32).reshape(-1, 32)
-    return _QUANTIZERS[quant_type](x).reshape(out_shape)
+    block = _BLOCKS[quant_type]
+    x = tensor.detach().to(torch.float32).reshape(-1, block.block_size)
+    return block.quantize(x).reshape(out_shape)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -240,20 +217,10 @@ def _dequant_q6_k(b: torch.Tensor, out: torch.Tensor) -> None:
     out.view(n, 16, 16).copy_(q.view(n, 16, 16)).mul_(d)
 
 
-_DEQUANTIZERS = {
-    "q8_0": _dequant_q8_0,
-    "q4_0": _dequant_q4_0,
-    "q4_1": _dequant_q4_1,
-    "q4_k": _dequant_q4_k,
-    "q5_k": _dequant_q5_k,
-    "q6_k": _dequant_q6_k,
-}
-
-
 def _as_blocks(blocks: torch.Tensor, quant_type: str, n_blocks: int, where: str) -> torch.Tensor:
     if blocks.dtype != torch.uint8:
         raise ValueError(f"{where}: GGUF blocks must be uint8, got {blocks.dtype}")
-    ts = _SIZES[quant_type][1]
+    ts = _BLOCKS[quant_type].type_size
     if blocks.numel() != n_blocks * ts:
         raise ValueError(
             f"{where}: {quant_type} needs {n_blocks * ts} bytes ({n_blocks} blocks of {ts}), "
@@ -271,14 +238,15 @@ def dequantize_gguf_into(
     ``gguf.quants``) and rounded once to ``out.dtype``. Returns ``out``.
     """
     _check_type(quant_type)
-    bs, ts = _SIZES[quant_type]
+    block = _BLOCKS[quant_type]
+    bs, ts = block.block_size, block.type_size
     if out.numel() % bs:
         raise ValueError(f"{quant_type}: output size {out.numel()} is not a multiple of {bs}")
     flat = blocks.reshape(-1, ts)
     count = out.numel() // bs
     if cpu_kernels.dequantize_gguf_into(flat, quant_type, first_block, count, out):
         return out  # the compiled kernel: the same values in one pass
-    fn = _DEQUANTIZERS[quant_type]
+    fn = block.dequantize
     if out.dtype == torch.float32 and out.is_contiguous():
         fn(flat[first_block : first_block + count], out.view(count, bs))
         return out
@@ -305,7 +273,34 @@ def dequantize_gguf(
     _check_type(quant_type)
     shape = torch.Size(shape)
     gguf_bytes_shape(shape, quant_type)  # validates the last dimension
-    n_blocks = math.prod(shape) // _SIZES[quant_type][0]
+    n_blocks = math.prod(shape) // _BLOCKS[quant_type].block_size
     flat = _as_blocks(blocks, quant_type, n_blocks, "dequantize_gguf")
     out = empty_for_write(math.prod(shape), dtype, blocks.device)
     return dequantize_gguf_into(flat, quant_type, out).view(shape)
+
+
+# ------------------------------------------------------------------------------------------------
+# the block formats
+# ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _BlockMath:
+    """One block format's geometry (ggml's ``GGML_QUANT_SIZES``) and its functions."""
+
+    block_size: int  # elements per block
+    type_size: int  # bytes per block
+    dequantize: Callable[[torch.Tensor, torch.Tensor], None]
+    quantize: Callable[[torch.Tensor], torch.Tensor] | None = None  # None: read-only
+
+
+_BLOCKS: dict[str, _BlockMath] = {
+    "q8_0": _BlockMath(32, 34, _dequant_q8_0, _quantize_q8_0),
+    "q4_0": _BlockMath(32, 18, _dequant_q4_0, _quantize_q4_0),
+    "q4_1": _BlockMath(32, 20, _dequant_q4_1, _quantize_q4_1),
+    "q4_k": _BlockMath(256, 144, _dequant_q4_k),
+    "q5_k": _BlockMath(256, 176, _dequant_q5_k),
+    "q6_k": _BlockMath(256, 210, _dequant_q6_k),
+}
+#: Block formats this module dequantizes (what each is for: :mod:`loraq.quant.formats`).
+GGUF_QUANT_TYPES: tuple[str, ...] = tuple(_BLOCKS)
+#: Block formats it also quantizes (the k-quants are read-only).
+GGUF_TRAINABLE_TYPES: tuple[str, ...] = tuple(n for n, b in _BLOCKS.items() if b.quantize)

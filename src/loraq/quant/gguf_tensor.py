@@ -19,7 +19,6 @@ import torch
 
 from ..core.dtypes import dtype_name
 from .gguf import (
-    GGUF_QUANT_TYPES,
     block_size,
     dequantize_gguf,
     dequantize_gguf_into,
@@ -36,7 +35,7 @@ GGUF_STATE_KIND = "loraq__gguf"
 
 @dataclass(eq=False)
 class GGUFTensor:
-    """A 2-D tensor stored in GGUF blocks (``q8_0``, ``q4_0``, ``q4_1``, ``q4_k``, ``q5_k``, ``q6_k``).
+    """A 2-D tensor stored in GGUF blocks of one of the formats :mod:`.gguf` dequantizes.
 
     Attributes:
         blocks: uint8 ``(rows, cols // block_size * type_size)``, the file's bytes.
@@ -53,14 +52,12 @@ class GGUFTensor:
 
     #: Names of the tensor-valued fields.
     TENSOR_FIELDS = ("blocks",)
+    #: The ``<kind>`` of the ``weight.quant_state.<kind>`` key this record reads and writes.
+    STATE_KINDS = (GGUF_STATE_KIND,)
 
     def __post_init__(self) -> None:
         self.shape = torch.Size(self.shape)
-        if self.quant_type not in GGUF_QUANT_TYPES:
-            raise ValueError(
-                f"unsupported GGUF block format {self.quant_type!r}; expected one of "
-                f"{GGUF_QUANT_TYPES}"
-            )
+        block_size(self.quant_type)  # refuses an unknown block format, naming the known ones
         if len(self.shape) != 2:
             raise ValueError(f"a GGUF record must be 2-D, got shape {tuple(self.shape)}")
         expected = gguf_bytes_shape(self.shape, self.quant_type)

@@ -40,7 +40,13 @@ from .blockwise import (
     quantize_8bit_blocks,
     resolve_dtype,
 )
-from .codebooks import DEFAULT_BLOCKSIZE_4BIT, NESTED_BLOCKSIZE, code_4bit, dynamic_map
+from .codebooks import (
+    CODE_BOOKS_4BIT,
+    DEFAULT_BLOCKSIZE_4BIT,
+    NESTED_BLOCKSIZE,
+    code_4bit,
+    dynamic_map,
+)
 from .state_json import (
     json_tensor,
     meta_blocksize,
@@ -62,7 +68,7 @@ class QuantizedTensor:
     Attributes:
         packed: uint8 ``((n + 1) // 2, 1)``; two codes per byte, even index in the high nibble.
         shape: the original shape. dtype: the original dtype (the default dequantization dtype).
-        blocksize: elements per block (flat, row-major). quant_type: ``"nf4"`` or ``"fp4"``.
+        blocksize: elements per block (flat, row-major). quant_type: a 4-bit format's name.
         code: the 16-entry float32 code book.
         absmax: float32 ``(n_blocks,)`` block scales, or None under double quantization, where
             ``absmax_codes`` (uint8 ``(n_blocks,)``), ``nested_absmax`` (float32, one per
@@ -96,6 +102,8 @@ class QuantizedTensor:
         "nested_code",
         "offset",
     )
+    #: The ``<kind>`` of the ``weight.quant_state.<kind>`` keys this record reads and writes.
+    STATE_KINDS = tuple(f"bitsandbytes__{t}" for t in CODE_BOOKS_4BIT)
 
     def __post_init__(self) -> None:
         self.shape = torch.Size(self.shape)
@@ -315,7 +323,7 @@ class QuantizedTensor:
             ValueError: naming the missing key, or the key whose dtype, shape or JSON is wrong.
         """
         key = prefix + "weight"
-        state_keys = [f"{key}.quant_state.bitsandbytes__{t}" for t in ("nf4", "fp4")]
+        state_keys = [f"{key}.quant_state.{kind}" for kind in cls.STATE_KINDS]
         found = [k for k in state_keys if k in sd]
         if not found:
             raise ValueError(

@@ -58,6 +58,8 @@ class QuantizedTensor8:
     #: The format's tag in the state dict (the ``loraq__<tag>`` key and its JSON ``quant_type``),
     #: kept from the first files loraq wrote.
     STATE_TAG = "dynamic"
+    #: The ``<kind>`` of the ``weight.quant_state.<kind>`` key this record reads and writes.
+    STATE_KINDS = ("loraq__" + STATE_TAG,)
     #: Names of the tensor-valued fields, in state-dict order.
     TENSOR_FIELDS = ("codes", "absmax", "code")
 
@@ -140,14 +142,14 @@ class QuantizedTensor8:
             key: self.codes,
             key + ".absmax": self.absmax,
             key + ".quant_map": self.code,
-            f"{key}.quant_state.loraq__{self.STATE_TAG}": json_tensor(meta),
+            f"{key}.quant_state.{self.STATE_KINDS[0]}": json_tensor(meta),
         }
 
     @classmethod
     def from_state_dict(cls, sd: Mapping[str, torch.Tensor], prefix: str = "") -> QuantizedTensor8:
         """Inverse of :meth:`to_state_dict`; raises ValueError naming a missing or malformed key."""
         key = prefix + "weight"
-        state_key = f"{key}.quant_state.loraq__{cls.STATE_TAG}"
+        state_key = f"{key}.quant_state.{cls.STATE_KINDS[0]}"
         require_keys(sd, [key, key + ".absmax", key + ".quant_map", state_key])
         meta = read_json(sd[state_key], state_key)
         if meta_field(meta, "quant_type", state_key) != cls.STATE_TAG:

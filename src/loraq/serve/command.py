@@ -25,6 +25,8 @@ SIGTERM or Ctrl-C finishes in-flight requests, then exits.
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The ``loraq serve`` options."""
+    from ..quant.formats import format_names
+
     p.add_argument(
         "--base", required=True, help="transformers folder, loraq 4-bit checkpoint or .gguf"
     )
@@ -52,7 +54,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens-cap", type=int, default=512, help="largest max_tokens accepted")
     p.add_argument(
         "--quant",
-        choices=["nf4", "fp4", "int8"],
+        choices=list(format_names(quantize=True)),
         default=None,
         help="quantize a dense base's Linear layers at load time",
     )

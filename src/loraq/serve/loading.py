@@ -30,8 +30,8 @@ class BaseLoadError(ValueError):
 def load_base(
     path: str | Path, quant: str | None = None, tokenizer: str | Path | None = None
 ) -> tuple[nn.Module, object]:
-    """``(model, tokenizer)`` for ``path``; ``quant`` ("nf4", "fp4", "int8") quantizes a dense
-    base; ``tokenizer`` names a folder to read the tokenizer from instead of the base's own."""
+    """``(model, tokenizer)`` for ``path``; ``quant`` (a ``LoraConfig.quant`` format) quantizes a
+    dense base; ``tokenizer`` names a folder to read the tokenizer from instead of the base's own."""
     path = Path(path)
     if path.is_file() and path.suffix == ".gguf":
         model, own = _load_gguf(path, quant, own_tokenizer=tokenizer is None)
