@@ -188,6 +188,21 @@ def test_combined_adapter_saves_in_peft_layout(tmp_path: Path) -> None:
         torch.testing.assert_close(reloaded(tokens).logits, ours, rtol=1e-5, atol=1e-5)
 
 
+def test_combined_adapter_exports_to_gguf(tmp_path: Path) -> None:
+    base = tiny_llama()
+    model = copy.deepcopy(base)
+    for name, r in (("a", 4), ("b", 2)):
+        loraq.apply(model, loraq.LoraConfig(r=r, alpha=8, targets=LLAMA_TARGETS), name)
+    _randomize_all(model)
+    loraq.combine(model, WEIGHTS, "svd", name="ab")
+    loraq.set_adapter(model, "ab")
+    path = loraq.export_gguf(model, tmp_path / "ab.gguf")
+    loraq.load_gguf_adapter(base, path)
+    tokens = torch.randint(0, 64, (2, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(base(tokens).logits, model(tokens).logits, rtol=1e-5, atol=1e-5)
+
+
 # ------------------------------------------------------------------------------ bad input
 def _two_adapters(**b_options) -> nn.Module:
     model = tiny_llama()
