@@ -129,7 +129,8 @@ def combine(
         svd_rank: the rank of an SVD method's result (default: the largest source rank).
         svd_clamp: clamp an SVD result's factors to this quantile of their entries (None: no).
         svd_full_matrices, svd_driver: passed to ``torch.linalg.svd`` (PEFT's defaults; the
-            driver applies on CUDA only).
+            driver applies on CUDA only). ``svd_full_matrices=False`` gives the same factors
+            without the full ``(in, in)`` ``Vh``: far less memory for wide layers (embeddings).
 
     The new adapter is inactive (switch with :func:`loraq.set_adapter`). Bad input raises a
     ``ValueError`` naming it, before the model changes; a failure half-way leaves the model as
@@ -148,6 +149,7 @@ def combine(
         svd_driver,
     )
     previous = active_adapter(model)
+    trainable = [(p, p.requires_grad) for p in model.parameters()]
     with model_transaction(model):
         # Added like any adapter (drawing PEFT's initial values, so DARE's masks follow the
         # same random stream), then overwritten with the combination.
@@ -163,6 +165,8 @@ def combine(
                     _write_combination(layer, name, plan)
         if previous is not None:
             set_adapter(model, previous)
+        for param, flag in trainable:  # what trained before still does, and nothing else
+            param.requires_grad_(flag)
     return model
 
 
