@@ -21,6 +21,7 @@ from .io import (
 from .layers.dropout import FastDropout, use_fast_dropout
 from .layers.lora import LoRALayer, ModulesToSave
 from .layers.qlora import QLoRALayer
+from .model.combine import combine
 from .model.config import LoraConfig
 from .model.decompose import DecompositionReport, decompose
 from .model.loftq import loftq_report
@@ -68,6 +69,7 @@ __all__ = [
     "adapter_names",
     "adapter_state_dict",
     "apply",
+    "combine",
     "config_of",
     "loftq_report",
     "decompose",

@@ -4,6 +4,8 @@
     loraq eval --adapter DIR --data FILE             loss/perplexity or accuracy on a file
     loraq generate --adapter DIR "prompt"            greedy or sampled continuation
     loraq merge --adapter DIR --out DIR              adapter + base -> dense HF model folder
+    loraq combine --adapter a=DIR --adapter b=DIR --weights 0.7,0.3 --out DIR
+                                                     adapters -> one weighted adapter (TIES, ...)
     loraq export --format gguf --adapter DIR --out F adapter (or --merged model) as llama.cpp GGUF
     loraq inspect PATH [--json]                      what an adapter / 4-bit checkpoint holds
     loraq compare [CONFIG.yaml] [--methods ...]      full vs LoRA vs QLoRA: memory, speed, quality
@@ -27,6 +29,7 @@ from pathlib import Path
 from loraq.compare import command as compare_command
 from loraq.core.dtypes import FLOAT_DTYPE_NAMES
 from loraq.core.errors import EXIT_ERROR, CliError, user_message
+from loraq.train import combine_command
 from loraq.train import export as export_command
 from loraq.train.config import describe_keys
 from loraq.train.hub import hub_offline
@@ -376,6 +379,15 @@ register(
         export_command.add_arguments,
         export_command.run,
         description=export_command.EXPORT_HELP,
+    ),
+)
+register(
+    "combine",
+    Subcommand(
+        "combine adapters into one (linear, cat, svd, ties, dare)",
+        combine_command.add_arguments,
+        combine_command.run,
+        description=combine_command.COMBINE_HELP,
     ),
 )
 register(

@@ -355,6 +355,13 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"training.warmup_ratio must be in [0, 1), got {t.warmup_ratio}")
     if t.weight_decay < 0:
         raise ConfigError(f"training.weight_decay must be >= 0, got {t.weight_decay}")
+    if t.loraplus_lr_ratio is not None:
+        if t.loraplus_lr_ratio <= 0:
+            raise ConfigError(
+                f"training.loraplus_lr_ratio must be > 0 or null, got {t.loraplus_lr_ratio}"
+            )
+        if t.method != "lora":
+            raise ConfigError("training.loraplus_lr_ratio applies to training.method 'lora' only")
     if t.distributed_timeout <= 0:
         raise ConfigError(
             f"training.distributed_timeout must be > 0 seconds, got {t.distributed_timeout}"

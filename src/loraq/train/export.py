@@ -9,7 +9,6 @@ base's tokenizer metadata); a folder base is loaded as ``loraq merge`` loads it.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from torch import nn
@@ -45,18 +44,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def load_for_export(adapter: str | Path, base: str | None = None) -> nn.Module:
     """The adapter over its base (``base`` or the one the adapter names), ready to export."""
     from loraq.io.gguf_read import gguf_model_file, load_gguf
-    from loraq.train.inference import attach_adapter, load_trained
+    from loraq.train.inference import attach_adapter, load_trained, named_base
     from loraq.train.outputs import read_run_config
 
     adapter = Path(adapter)
     if not (adapter / "adapter_config.json").is_file():
         raise CliError(f"'{adapter}' holds no adapter_config.json: not an adapter folder")
     run = read_run_config(adapter)
-    if base is None and run is not None:
-        base = run.model.path
-    if base is None:
-        peft = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8"))
-        base = peft.get("base_model_name_or_path")
+    base = base or named_base(adapter, run)
     if not base:
         raise CliError(f"'{adapter}' does not name its base model; pass --base")
     gguf_file = gguf_model_file(base)

@@ -8,7 +8,6 @@ adapter behind).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +15,7 @@ import torch
 from torch import nn
 
 from loraq.io.peft_format import BASE_OPTIONS
+from loraq.io.safe import read_json
 from loraq.train.config import ConfigError, TrainConfig
 from loraq.train.modeling import (
     load_model,
@@ -28,18 +28,35 @@ from loraq.train.outputs import read_run_config
 
 
 def attach_adapter(
-    model: nn.Module, adapter: str | Path, run: TrainConfig | None, dense_base: bool = False
+    model: nn.Module,
+    adapter: str | Path,
+    run: TrainConfig | None,
+    dense_base: bool = False,
+    adapter_name: str = "default",
 ) -> nn.Module:
-    """Load ``adapter`` onto ``model`` with :func:`loraq.load_adapter`. When the run trained it
-    over a quantized base (QLoRA) the base is quantized the same way first (the run's
-    :data:`~loraq.io.peft_format.BASE_OPTIONS`), so eval sees what training saw; ``dense_base``
-    skips that and uses the float base instead."""
+    """Load ``adapter`` onto ``model`` (as ``adapter_name``) with :func:`loraq.load_adapter`.
+    When the run trained it over a quantized base (QLoRA) the base is quantized the same way
+    first (the run's :data:`~loraq.io.peft_format.BASE_OPTIONS`), so eval sees what training
+    saw; ``dense_base`` skips that and uses the float base instead."""
     import loraq
 
     options = {k: run.lora[k] for k in BASE_OPTIONS if k in run.lora} if run is not None else {}
     if dense_base or not options.get("quant"):
         options = {}
-    return loraq.load_adapter(model, adapter, **options)
+    return loraq.load_adapter(model, adapter, adapter_name, **options)
+
+
+def named_base(adapter: str | Path, run: TrainConfig | None = None) -> str | None:
+    """The base model an adapter folder names: its run's ``model.path`` (``run``, else the run
+    config saved in the folder), else ``adapter_config.json``'s ``base_model_name_or_path``."""
+    adapter = Path(adapter)
+    run = run if run is not None else read_run_config(adapter)
+    if run is not None and run.model.path:
+        return run.model.path
+    config = adapter / "adapter_config.json"
+    if not config.is_file():
+        return None
+    return read_json(config).get("base_model_name_or_path") or None
 
 
 def load_trained(
@@ -72,10 +89,7 @@ def load_trained(
         if is_full:
             model_path = str(adapter)
         elif model_path is None:
-            model_path = run.model.path if run else None
-            if model_path is None:
-                peft = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8"))
-                model_path = peft.get("base_model_name_or_path")
+            model_path = named_base(adapter, run)
         if task is None and run is not None:
             task = run.model.task
         elif task is not None and run is not None and task != run.model.task:

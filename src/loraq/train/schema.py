@@ -90,6 +90,9 @@ class TrainingConfig:
         warmup_steps: linear warm-up steps (if 0, ``warmup_ratio`` x total steps is used).
         warmup_ratio: warm-up as a fraction of the total steps.
         weight_decay: AdamW weight decay, applied to matrices only (not biases/norms).
+        loraplus_lr_ratio: LoRA+ (Hayou et al. 2024): the B matrices train at ``lr`` times
+            this ratio (e.g. 16), and the parameter groups follow PEFT's
+            ``create_loraplus_optimizer`` (see :mod:`loraq.train.optim`); None: plain AdamW.
         max_grad_norm: clip the global gradient norm to this (None or 0: no clipping).
         gradient_checkpointing: recompute activations in backward to save memory.
         seed: seeds Python, NumPy and torch, the data order and the head initialisation.
@@ -126,6 +129,7 @@ class TrainingConfig:
     warmup_steps: int = 0
     warmup_ratio: float = 0.0
     weight_decay: float = 0.0
+    loraplus_lr_ratio: float | None = None
     max_grad_norm: float | None = 1.0
     gradient_checkpointing: bool = False
     seed: int = 0
