@@ -154,16 +154,16 @@ def _value(cursor: _Cursor, key: str, type_id: int, lengths: dict[str, int]) -> 
         return "string", None
     if type_id != _ARRAY:
         raise cursor.fail(f"{what} has unknown value type {type_id}")
-    item_type = cursor.read("I", f"{what}'s array type")
+    item_type = cursor.read("I", f"{what}: array type")
     if item_type == _STRING:
-        n = cursor.count(f"{what}'s array length", _LENGTH_BYTES)
+        n = cursor.count(f"{what}: array length", _LENGTH_BYTES)
         for _ in range(n):  # each string's length is checked; n fits the file (above)
             cursor.raw_string(f"a string of {what}")
         item_name = "string"
     elif item_type in _SCALARS:
         item_name, code = _SCALARS[item_type]
         itemsize = struct.calcsize(code)
-        n = cursor.count(f"{what}'s array length", itemsize)
+        n = cursor.count(f"{what}: array length", itemsize)
         cursor.skip(n * itemsize, what)
     else:  # llama.cpp refuses arrays of arrays too
         raise cursor.fail(f"{what} is an array of unsupported type {item_type}")
@@ -174,12 +174,12 @@ def _value(cursor: _Cursor, key: str, type_id: int, lengths: dict[str, int]) -> 
 def _tensor_info(cursor: _Cursor, index: int, quant_sizes: dict) -> TensorLayout:
     name = cursor.text(f"name of tensor {index}")
     what = f"tensor {name!r}"
-    n_dims = cursor.read("I", f"{what}'s n_dims")
+    n_dims = cursor.read("I", f"{what}: n_dims")
     if n_dims > MAX_DIMS:
         raise cursor.fail(f"{what} has {n_dims} dimensions; GGUF allows at most {MAX_DIMS}")
-    dims = tuple(cursor.read("Q", f"{what}'s dimensions") for _ in range(n_dims))
-    type_id = cursor.read("I", f"{what}'s type")
-    offset = cursor.read("Q", f"{what}'s data offset")
+    dims = tuple(cursor.read("Q", f"{what}: dimensions") for _ in range(n_dims))
+    type_id = cursor.read("I", f"{what}: type")
+    offset = cursor.read("Q", f"{what}: data offset")
     if type_id not in quant_sizes:
         raise cursor.fail(f"{what} has unknown tensor type {type_id}")
     type_name, (block, type_size) = quant_sizes[type_id]
@@ -243,7 +243,7 @@ def _walk(cursor: _Cursor) -> GGUFLayout:
         key = cursor.text(f"metadata key {index}")
         if key in value_types:
             raise cursor.fail(f"metadata key {key!r} appears twice")
-        type_id = cursor.read("I", f"metadata key {key!r}'s type")
+        type_id = cursor.read("I", f"metadata key {key!r}: type")
         value_types[key], value = _value(cursor, key, type_id, lengths)
         if key == _ALIGNMENT_KEY:
             alignment = value

@@ -45,7 +45,7 @@ _PER_TOKEN = {
     "tokenizer.ggml.scores": "array[float32]",
     "tokenizer.ggml.token_type": "array[int32]",
 }
-_BLOCK = re.compile(r"^blk\.(\d+)\.")
+_BLOCK = re.compile(r"^blk\.(\d{1,9})\.")  # more digits than any block count: no block
 _CONFIG_CLASSES = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config"}
 
 
