@@ -468,3 +468,51 @@ def test_cli_reports_a_hostile_gguf_in_one_line(hostile, command, file, capsys) 
     assert len(lines) == 1, err
     assert lines[0].startswith(f"loraq {command}: error: "), lines[0]
     assert hostile[file].name in lines[0], lines[0]
+
+
+# ------------------------------------------------------------ good files pass, as the reader sees them
+def layout_as_the_reader_sees_it(path: Path) -> list[tuple]:
+    reader = gguf.GGUFReader(path)
+    return [
+        (t.name, t.tensor_type.name, tuple(int(d) for d in t.shape), t.data_offset, t.n_bytes)
+        for t in reader.tensors
+    ]
+
+
+@pytest.mark.parametrize("dtype", ["f32", "q8_0", "q4_0"])
+def test_the_checked_layout_agrees_with_the_gguf_reader(tmp_path, dtype) -> None:
+    from loraq.io.gguf_header import check_gguf_layout
+
+    torch.manual_seed(0)
+    path = export_gguf(tiny_llama(hidden=64), tmp_path / "m.gguf", merged=True, dtype=dtype)
+    layout = check_gguf_layout(path)
+    ours = [
+        (t.name, t.type_name, t.dims, layout.data_start + t.offset, t.nbytes)
+        for t in layout.tensors
+    ]
+    assert ours == layout_as_the_reader_sees_it(path)
+    assert (layout.version, layout.byte_order, layout.alignment) == (3, "<", 32)
+    assert layout.value_types["llama.block_count"] == "uint32"
+
+
+def test_a_big_endian_file_with_its_own_alignment_is_read(tmp_path) -> None:
+    from loraq.io.gguf_header import check_gguf_layout
+
+    path = tmp_path / "be.gguf"
+    writer = gguf.GGUFWriter(path, "llama", endianess=gguf.GGUFEndian.BIG)
+    writer.add_custom_alignment(64)
+    writer.add_array("tokenizer.ggml.tokens", ["a", "bc", ""])
+    writer.add_tensor("a", np.arange(6, dtype=np.float32).reshape(2, 3))
+    writer.add_tensor("b", np.ones((4, 32), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    layout = check_gguf_layout(path)
+    assert (layout.byte_order, layout.alignment) == (">", 64)
+    assert layout.array_lengths == {"tokenizer.ggml.tokens": 3}
+    ours = [
+        (t.name, t.type_name, t.dims, layout.data_start + t.offset, t.nbytes)
+        for t in layout.tensors
+    ]
+    assert ours == layout_as_the_reader_sees_it(path)
