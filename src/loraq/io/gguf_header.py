@@ -130,10 +130,15 @@ class _Cursor:
         return n
 
     def raw_string(self, what: str) -> bytes:
+        start = self.skip_string(what)
+        return bytes(self.buffer[start : self.pos])
+
+    def skip_string(self, what: str) -> int:
+        """Move past a length-prefixed string (its length checked first); return its start."""
         n = self.count(f"length of {what}", 1)
         start = self.pos
         self.pos += n
-        return bytes(self.buffer[start : self.pos])
+        return start
 
     def text(self, what: str) -> str:
         raw = self.raw_string(what)
@@ -150,15 +155,16 @@ def _value(cursor: _Cursor, key: str, type_id: int, lengths: dict[str, int]) -> 
         name, code = _SCALARS[type_id]
         return name, cursor.read(code, what)
     if type_id == _STRING:
-        cursor.raw_string(what)
+        cursor.skip_string(what)
         return "string", None
     if type_id != _ARRAY:
         raise cursor.fail(f"{what} has unknown value type {type_id}")
     item_type = cursor.read("I", f"{what}: array type")
     if item_type == _STRING:
         n = cursor.count(f"{what}: array length", _LENGTH_BYTES)
+        item = f"a string of {what}"
         for _ in range(n):  # each string's length is checked; n fits the file (above)
-            cursor.raw_string(f"a string of {what}")
+            cursor.skip_string(item)
         item_name = "string"
     elif item_type in _SCALARS:
         item_name, code = _SCALARS[item_type]

@@ -96,10 +96,7 @@ def _vocab_rows(layout: GGUFLayout) -> int | None:
     return embedding.dims[1] if embedding is not None and len(embedding.dims) == 2 else None
 
 
-def model_config(meta: dict[str, Any], layout: GGUFLayout, source: str) -> Any:
-    """The transformers config of a Llama-family GGUF, every hyperparameter checked first."""
-    import transformers
-
+def _architecture(meta: dict[str, Any], source: str) -> str:
     arch = meta.get("general.architecture")
     if arch is None:
         raise FormatError(f"{source}: metadata key 'general.architecture' is missing")
@@ -111,6 +108,12 @@ def model_config(meta: dict[str, Any], layout: GGUFLayout, source: str) -> Any:
     scaling = meta.get(f"{arch}.rope.scaling.type", "none")
     if scaling not in ("none", None):
         raise FormatError(f"{source}: {arch}.rope.scaling.type={scaling!r} is not supported")
+    return arch
+
+
+def _checked_integers(meta: dict[str, Any], arch: str, source: str) -> dict[str, int]:
+    """``HYPERPARAMETER_LIMITS`` key -> value for the keys the file has, each in range, plus
+    ``head_count_kv`` and ``key_length`` filled in and consistent with the head count."""
     for name in _REQUIRED:
         if f"{arch}.{name}" not in meta:
             raise FormatError(f"{source}: metadata key '{arch}.{name}' is missing")
@@ -120,54 +123,65 @@ def model_config(meta: dict[str, Any], layout: GGUFLayout, source: str) -> Any:
         if f"{arch}.{name}" in meta
     }
     n_head, hidden = h["attention.head_count"], h["embedding_length"]
-    n_kv = h.get("attention.head_count_kv", n_head)
+    n_kv = h.setdefault("attention.head_count_kv", n_head)
     if n_head % n_kv:
         raise FormatError(
             f"{source}: metadata key '{arch}.attention.head_count_kv' is {n_kv}, which does not "
             f"divide {arch}.attention.head_count={n_head}"
         )
-    head_dim = h.get("attention.key_length", hidden // n_head)
+    head_dim = h.setdefault("attention.key_length", hidden // n_head)
     if head_dim < 2 or head_dim % 2:
         raise FormatError(
             f"{source}: head size {head_dim} ({arch}.embedding_length={hidden} / "
             f"{arch}.attention.head_count={n_head}, or {arch}.attention.key_length) must be even"
         )
+    return h
+
+
+def _checked_against_tensors(layout: GGUFLayout, arch: str, h: dict[str, int], source: str) -> None:
+    """The block count, widths and head counts agree with the tensors that fix them."""
     _checked_blocks(layout, f"{arch}.block_count", h["block_count"], source)
-    ffn = h["feed_forward_length"]
-    for claim, value, name in (
-        (f"metadata key '{arch}.embedding_length' is {hidden}", hidden, "token_embd.weight"),
-        (
-            f"{arch}.attention.head_count={n_head} heads of size {head_dim} make "
-            f"{n_head * head_dim} rows",
-            n_head * head_dim,
-            "blk.0.attn_q.weight",
-        ),
-        (
-            f"{arch}.attention.head_count_kv={n_kv} heads of size {head_dim} make "
-            f"{n_kv * head_dim} rows",
-            n_kv * head_dim,
-            "blk.0.attn_k.weight",
-        ),
-        (f"metadata key '{arch}.feed_forward_length' is {ffn}", ffn, "blk.0.ffn_up.weight"),
+    head_dim = h["attention.key_length"]
+    hidden, ffn = h["embedding_length"], h["feed_forward_length"]
+    for key, value, tensor, axis in (
+        (f"metadata key '{arch}.embedding_length' is {hidden}", hidden, "token_embd.weight", 0),
+        (f"metadata key '{arch}.feed_forward_length' is {ffn}", ffn, "blk.0.ffn_up.weight", 1),
     ):
-        axis = 0 if name == "token_embd.weight" else 1
-        _matches(source, claim, value, _tensor(layout, name), axis)
+        _matches(source, key, value, _tensor(layout, tensor), axis)
+    for key, tensor in (
+        ("head_count", "blk.0.attn_q.weight"),
+        ("head_count_kv", "blk.0.attn_k.weight"),
+    ):
+        heads = h[f"attention.{key}"]
+        claim = (
+            f"{arch}.attention.{key}={heads} heads of size {head_dim} make {heads * head_dim} rows"
+        )
+        _matches(source, claim, heads * head_dim, _tensor(layout, tensor), 1)
+
+
+def model_config(meta: dict[str, Any], layout: GGUFLayout, source: str) -> Any:
+    """The transformers config of a Llama-family GGUF, every hyperparameter checked first (its
+    type, its range, and against the tensors), so that building the model is safe."""
+    import transformers
+
+    arch = _architecture(meta, source)
+    h = _checked_integers(meta, arch, source)
+    _checked_against_tensors(layout, arch, h, source)
+    eps_key = f"{arch}.attention.layer_norm_rms_epsilon"
     kwargs: dict[str, Any] = dict(
         vocab_size=h.get("vocab_size"),
-        hidden_size=hidden,
+        hidden_size=h["embedding_length"],
         intermediate_size=h["feed_forward_length"],
         num_hidden_layers=h["block_count"],
-        num_attention_heads=n_head,
-        num_key_value_heads=n_kv,
-        head_dim=head_dim,
+        num_attention_heads=h["attention.head_count"],
+        num_key_value_heads=h["attention.head_count_kv"],
+        head_dim=h["attention.key_length"],
         max_position_embeddings=h.get("context_length", 2048),
-        rms_norm_eps=_positive_float(
-            meta, f"{arch}.attention.layer_norm_rms_epsilon", source, 1e-6
-        ),
+        rms_norm_eps=_positive_float(meta, eps_key, source, 1e-6),
         rope_theta=_positive_float(meta, f"{arch}.rope.freq_base", source, 10000.0),
         tie_word_embeddings=_tensor(layout, "output.weight") is None,
+        **_token_ids(meta, _vocab_rows(layout), source),
     )
-    kwargs.update(_token_ids(meta, _vocab_rows(layout), source))
     if arch == "mistral":
         kwargs.pop("head_dim")
     return getattr(transformers, _CONFIG_CLASSES[arch])(
