@@ -7,8 +7,8 @@ module, in llama.cpp's names and q/k row order, and ``adapter.lora.alpha``; llam
 and the q/k rows put back in transformers' order, the adapter adds exactly that.
 
 Everything is checked before the model changes (``general.type``, ``adapter.type``, the
-architecture against the model's, every tensor's name and shape, one rank for all modules),
-and a failure while applying restores the model.
+architecture against the model's, every tensor's name, shape and finiteness, one rank for all
+modules), and a failure while applying restores the model.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from torch import nn
 from ..model.config import LoraConfig
 from ..model.surgery import apply
 from ..model.transaction import model_transaction
+from .adapter_check import check_finite
 from .gguf_names import gguf_to_hf_name, hf_row_order, permuted_heads
 from .gguf_read import gguf_metadata, open_gguf, tensor_value
 from .gguf_write import gguf_architecture
@@ -64,6 +65,7 @@ def _factor_pairs(reader: Any, source: str) -> dict[str, dict[str, torch.Tensor]
         fmt, data, _ = tensor_value(t, source)
         if fmt != "dense":
             raise FormatError(f"{source}: tensor {t.name!r} is {fmt}; LoRA factors are f32/f16")
+        check_finite({t.name: data}, source)  # refused as in a PEFT file
         pairs.setdefault(module, {})[suffix[-1]] = data
     for module, pair in pairs.items():
         if set(pair) != {"a", "b"}:

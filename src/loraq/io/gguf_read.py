@@ -24,7 +24,9 @@ from ..layers.gguf import EmbeddingGGUF, LinearGGUF
 from ..model.targeting import set_submodule
 from ..quant.formats import DENSE_GGUF_TYPES, GGUF, format_names
 from ..quant.gguf_tensor import GGUFTensor
-from .gguf_names import SUPPORTED_ARCHITECTURES, gguf_to_hf_name, hf_row_order, permuted_heads
+from .gguf_header import GGUF_MAGIC, GGUFLayout, check_gguf_layout
+from .gguf_hparams import check_vocabulary, model_config
+from .gguf_names import gguf_to_hf_name, hf_row_order, permuted_heads
 from .safe import FormatError
 
 __all__ = [
@@ -34,10 +36,9 @@ __all__ = [
     "load_gguf",
     "load_gguf_tokenizer",
     "open_gguf",
+    "read_gguf",
 ]
 
-#: The first four bytes of every GGUF file.
-GGUF_MAGIC = b"GGUF"
 # ggml spells type names in capitals.
 _DENSE_TYPES = tuple(t.upper() for t in DENSE_GGUF_TYPES)
 _BLOCK_FORMATS = format_names(kind=GGUF)
@@ -68,25 +69,28 @@ def gguf_model_file(path: str | os.PathLike[str]) -> Path | None:
     return Path(list(spec.submodule_search_locations)[0]) / name
 
 
-def open_gguf(path: str | os.PathLike[str]) -> Any:
-    """A ``gguf.GGUFReader`` over ``path``; FormatError naming the file if it is not valid GGUF."""
+def read_gguf(path: str | os.PathLike[str]) -> tuple[GGUFLayout, Any]:
+    """``(layout, reader)``: the file's structure checked against its size by
+    :func:`~loraq.io.gguf_header.check_gguf_layout`, then a ``gguf.GGUFReader`` over it.
+
+    Raises FileNotFoundError, or FormatError naming the file if it is not valid GGUF.
+    """
     try:
         import gguf
     except ImportError as err:  # pragma: no cover - the extra is missing
         raise ImportError("reading GGUF needs the gguf package: pip install 'loraq[gguf]'") from err
-    file = Path(path)
-    if not file.is_file():
-        raise FileNotFoundError(f"GGUF file {file} does not exist")
-    with open(file, "rb") as fh:
-        magic = fh.read(4)
-    if magic != GGUF_MAGIC:
-        raise FormatError(f"{file}: not a GGUF file (starts with {magic!r}, expected b'GGUF')")
+    layout = check_gguf_layout(path)  # before the reader loops over anything the file claims
     try:
-        return gguf.GGUFReader(file)
+        return layout, gguf.GGUFReader(Path(path))
     except Exception as err:  # the reader raises ValueError/IndexError/... on corrupt files
         raise FormatError(
-            f"{file}: truncated or corrupt GGUF file ({type(err).__name__}: {err})"
+            f"{path}: truncated or corrupt GGUF file ({type(err).__name__}: {err})"
         ) from None
+
+
+def open_gguf(path: str | os.PathLike[str]) -> Any:
+    """A ``gguf.GGUFReader`` over ``path``; FormatError naming the file if it is not valid GGUF."""
+    return read_gguf(path)[1]
 
 
 def gguf_metadata(reader: Any, skip_arrays_over: int = 64) -> dict[str, Any]:
@@ -102,68 +106,27 @@ def gguf_metadata(reader: Any, skip_arrays_over: int = 64) -> dict[str, Any]:
     return out
 
 
-def _require(meta: dict[str, Any], key: str, source: str) -> Any:
-    if key not in meta:
-        raise FormatError(f"{source}: metadata key {key!r} is missing")
-    return meta[key]
-
-
-def model_config(meta: dict[str, Any], tensor_names: set[str], source: str) -> Any:
-    """The transformers config of a Llama-family GGUF's metadata."""
-    import transformers
-
-    arch = _require(meta, "general.architecture", source)
-    if arch not in SUPPORTED_ARCHITECTURES:
-        raise FormatError(
-            f"{source}: general.architecture {arch!r} is not supported; loraq reads "
-            f"{SUPPORTED_ARCHITECTURES}"
-        )
-    scaling = meta.get(f"{arch}.rope.scaling.type", "none")
-    if scaling not in ("none", None):
-        raise FormatError(f"{source}: {arch}.rope.scaling.type={scaling!r} is not supported")
-    n_head = int(_require(meta, f"{arch}.attention.head_count", source))
-    hidden = int(_require(meta, f"{arch}.embedding_length", source))
-    vocab = meta.get(f"{arch}.vocab_size")
-    kwargs: dict[str, Any] = dict(
-        vocab_size=int(vocab) if vocab is not None else None,
-        hidden_size=hidden,
-        intermediate_size=int(_require(meta, f"{arch}.feed_forward_length", source)),
-        num_hidden_layers=int(_require(meta, f"{arch}.block_count", source)),
-        num_attention_heads=n_head,
-        num_key_value_heads=int(meta.get(f"{arch}.attention.head_count_kv", n_head)),
-        head_dim=int(meta.get(f"{arch}.attention.key_length", hidden // n_head)),
-        max_position_embeddings=int(meta.get(f"{arch}.context_length", 2048)),
-        rms_norm_eps=float(meta.get(f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)),
-        rope_theta=float(meta.get(f"{arch}.rope.freq_base", 10000.0)),
-        tie_word_embeddings="output.weight" not in tensor_names,
-        bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
-        eos_token_id=meta.get("tokenizer.ggml.eos_token_id"),
-        pad_token_id=meta.get("tokenizer.ggml.padding_token_id"),
-    )
-    classes = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config"}
-    if arch == "mistral":
-        kwargs.pop("head_dim")
-    return getattr(transformers, classes[arch])(
-        **{k: v for k, v in kwargs.items() if v is not None}
+def _check_tensor_type(name: str, type_name: str, source: str) -> None:
+    """Refuse a tensor type loraq cannot hold (named with the tensor)."""
+    if type_name in _DENSE_TYPES or type_name.lower() in _BLOCK_FORMATS:
+        return
+    raise FormatError(
+        f"{source}: tensor {name!r} has type {type_name}; loraq reads "
+        f"{', '.join(_DENSE_TYPES + tuple(q.upper() for q in _BLOCK_FORMATS))}"
     )
 
 
 def tensor_value(t: Any, source: str) -> tuple[str, torch.Tensor, tuple[int, ...]]:
     """(format, data, logical shape): uint8 blocks for block formats, float32 otherwise."""
     type_name = t.tensor_type.name
+    _check_tensor_type(t.name, type_name, source)
     shape = tuple(int(d) for d in reversed(t.shape.tolist()))
     if type_name in _DENSE_TYPES:
         import gguf
 
         data = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type).reshape(shape)
         return "dense", torch.from_numpy(np.array(data, dtype=np.float32)), shape
-    quant = type_name.lower()
-    if quant not in _BLOCK_FORMATS:
-        raise FormatError(
-            f"{source}: tensor {t.name!r} has type {type_name}; loraq reads "
-            f"{', '.join(_DENSE_TYPES + tuple(q.upper() for q in _BLOCK_FORMATS))}"
-        )
-    return quant, torch.from_numpy(np.array(t.data, dtype=np.uint8)), shape
+    return type_name.lower(), torch.from_numpy(np.array(t.data, dtype=np.uint8)), shape
 
 
 def _collect(reader: Any, source: str) -> dict[str, dict[str, tuple[str, torch.Tensor, tuple]]]:
@@ -277,9 +240,15 @@ def load_gguf(
     from transformers import AutoModelForCausalLM
 
     source = str(path)
-    reader = open_gguf(path)
+    layout, reader = read_gguf(path)
     meta = gguf_metadata(reader)
-    config = model_config(meta, {t.name for t in reader.tensors}, source)
+    for t in layout.tensors:  # cheap, and a clearer reason than the shapes that follow
+        if t.name not in _IGNORED_TENSORS:
+            _check_tensor_type(t.name, t.type_name, source)
+    config = model_config(meta, layout, source)
+    with_tokenizer = tokenizer and "tokenizer.ggml.model" in meta
+    if with_tokenizer:  # refused before the model is built, not after
+        check_vocabulary(layout, source)
     modules = _collect(reader, source)
     if "model.embed_tokens" in modules:  # the table's rows are the vocabulary
         config.vocab_size = modules["model.embed_tokens"]["weight"][2][0]
@@ -294,13 +263,31 @@ def load_gguf(
     model.eval()
     model.loraq_gguf_path = str(Path(path).resolve())
     model.config._name_or_path = model.loraq_gguf_path  # saved adapters name this base
-    tok = load_gguf_tokenizer(path) if tokenizer and "tokenizer.ggml.model" in meta else None
-    return model, tok
+    return model, (_converted_tokenizer(path) if with_tokenizer else None)
 
 
 def load_gguf_tokenizer(path: str | os.PathLike[str]) -> Any:
-    """transformers' tokenizer (with chat template) converted from a GGUF file's vocabulary."""
+    """transformers' tokenizer (with chat template) converted from a GGUF file's vocabulary.
+
+    The file is checked first (its layout against its size, then its vocabulary), so a
+    truncated or hostile file is one FormatError naming it, not transformers' traceback.
+    """
+    source = str(path)
+    layout = check_gguf_layout(path)
+    if "tokenizer.ggml.model" not in layout.value_types:
+        raise FormatError(f"{source}: the GGUF file holds no tokenizer (no tokenizer.ggml.model)")
+    check_vocabulary(layout, source)
+    return _converted_tokenizer(path)
+
+
+def _converted_tokenizer(path: str | os.PathLike[str]) -> Any:
     from transformers import AutoTokenizer
 
     file = Path(path).resolve()
-    return AutoTokenizer.from_pretrained(str(file.parent), gguf_file=file.name)
+    try:
+        return AutoTokenizer.from_pretrained(str(file.parent), gguf_file=file.name)
+    except Exception as err:  # transformers' converter raises KeyError/ValueError/... on odd files
+        raise FormatError(
+            f"{path}: transformers cannot build a tokenizer from the file's vocabulary "
+            f"({type(err).__name__}: {err})"
+        ) from None
