@@ -268,6 +268,22 @@ def save_adapter(
     return Path(path)
 
 
+def is_adapter_folder(folder: str | os.PathLike[str]) -> bool:
+    """True when ``folder`` holds a PEFT adapter (its ``adapter_config.json``)."""
+    return (Path(folder) / CONFIG_NAME).is_file()
+
+
+def adapter_base_model(folder: str | os.PathLike[str]) -> str | None:
+    """The base model an adapter folder names (``base_model_name_or_path`` in its
+    ``adapter_config.json``), or None when it names none. Raises :class:`FormatError` naming
+    the file when the folder has no readable config."""
+    config_file = Path(folder) / CONFIG_NAME
+    if not config_file.is_file():
+        raise FormatError(f"{folder} has no {CONFIG_NAME}: not an adapter folder")
+    base = read_json(config_file).get("base_model_name_or_path")
+    return base if isinstance(base, str) and base else None
+
+
 def _adapter_folder(path: Path, adapter_name: str) -> Path:
     if path.is_file():
         if path.suffix in PICKLE_SUFFIXES:
