@@ -220,7 +220,9 @@ def test_rank_shares_cover_the_global_batches_in_order():
     world = [distributed.Dist(rank=r, world_size=2, strategy="ddp") for r in range(2)]
     from loraq.train.data import micro_batches
 
-    streams = [micro_batches(examples, 2, 0, 0, rank=d.rank, world_size=d.world_size) for d in world]
+    streams = [
+        micro_batches(examples, 2, 0, 0, rank=d.rank, world_size=d.world_size) for d in world
+    ]
     single = micro_batches(examples, 4, 0, 0)
     for _ in range(6):  # two epochs of 3 global batches (4, 4, 2 examples)
         full = next(single)

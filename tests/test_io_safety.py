@@ -299,7 +299,7 @@ def test_staged_folder_names_the_target_when_the_disk_is_full(tmp_path: Path) ->
     target = tmp_path / "step-000002"
     with pytest.raises(OSError, match=r"no space left on device") as info:
         with staged_folder(target, replace=True):
-            raise RuntimeError("IoError(Os { code: 28, message: \"No space left on device\" })")
+            raise RuntimeError('IoError(Os { code: 28, message: "No space left on device" })')
     assert info.value.errno == errno.ENOSPC and info.value.filename == str(target)
     assert os.listdir(tmp_path) == []
 
