@@ -37,7 +37,7 @@ from ..model.targeting import find_targets
 from ..model.transaction import model_transaction
 from . import adapter_codes
 from .adapter_check import check_adapter_shapes, check_finite
-from .peft_config import ADAPTER_BITS_FIELD, lora_config_from_peft, peft_config_dict
+from .peft_config import ADAPTER_BITS_FIELD, CONFIG_NAME, lora_config_from_peft, peft_config_dict
 from .safe import (
     PICKLE_SUFFIXES,
     FormatError,
@@ -50,7 +50,6 @@ from .safe import (
     weights_file,
 )
 
-CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 CODES_WEIGHTS_NAME = "adapter_model.codes.safetensors"
 #: Key prefix PEFT puts before the base model's module paths.
