@@ -57,7 +57,7 @@ class MiniLMTask:
     def quantized(self, init: str | None):
         """The NF4 base (``init=None``), or NF4 with a LoftQ-initialised adapter."""
         model = self.dense()
-        config = loraq.LoraConfig(**self.cfg.lora)
+        config = self.cfg.lora
         if init is None:
             quantize_model(model, config)
             return model

@@ -33,7 +33,9 @@ def test_help_lists_subcommands(capsys):
         assert name in out
     assert cli.main([]) == 2
     assert cli.main(["train", "--help"]) == 0
-    assert "--lora.r 16" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "--lora.r 16" in out
+    assert "compute_dtype=auto" in out and "compute_dtype=float32" not in out  # the real default
 
 
 def test_unknown_override_suggests_key(tmp_path, capsys):

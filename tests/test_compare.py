@@ -202,15 +202,15 @@ def test_rank_sweep_plan():
 def test_methods_override_the_configs_quantization(tmp_path, bert_dir):
     cfg = load_config(tiny_config(tmp_path, bert_dir))  # asks for an NF4 base
     lora = run_config(cfg, Run("lora", 4), tmp_path / "a", threads=3, full_lr=None)
-    assert lora.lora["quant"] is None and lora.lora["r"] == 4 and not lora.lora["use_dora"]
+    assert lora.lora.quant is None and lora.lora.r == 4 and not lora.lora.use_dora
     assert lora.training.num_threads == 3 and lora.training.eval_every is None
     a4 = run_config(cfg, Run("qlora-a4", 8), tmp_path / "b", threads=1, full_lr=None)
-    assert a4.lora_config().adapter_bits == 4 and a4.lora["quant"] == "nf4"
+    assert a4.lora.adapter_bits == 4 and a4.lora.quant == "nf4"
     dora = run_config(cfg, Run("dora", 8), tmp_path / "c", threads=1, full_lr=None)
-    assert dora.lora_config().use_dora and dora.lora["quant"] is None
+    assert dora.lora.use_dora and dora.lora.quant is None
     full = run_config(cfg, Run("full", None), tmp_path / "d", threads=1, full_lr=1e-4)
     assert full.training.method == "full" and full.training.lr == 1e-4
-    assert cfg.lora["quant"] == "nf4"  # the shared config is left alone
+    assert cfg.lora.quant == "nf4"  # the shared config is left alone
 
 
 def test_warmup_rule():

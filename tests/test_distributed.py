@@ -218,17 +218,20 @@ def test_strategy_needs_torchrun(monkeypatch):
 def test_rank_shares_cover_the_global_batches_in_order():
     examples = [{"input_ids": [i, i], "labels": [i, i]} for i in range(10)]
     world = [distributed.Dist(rank=r, world_size=2, strategy="ddp") for r in range(2)]
-    streams = [distributed.rank_micro_batches(examples, 2, d, 0, 0, "causal-lm") for d in world]
     from loraq.train.data import micro_batches
 
+    streams = [
+        micro_batches(examples, 2, 0, 0, rank=d.rank, world_size=d.world_size) for d in world
+    ]
     single = micro_batches(examples, 4, 0, 0)
     for _ in range(6):  # two epochs of 3 global batches (4, 4, 2 examples)
-        _, index, full = next(single)
+        full = next(single)
         shares = [next(s) for s in streams]
-        real = [s[2]["input_ids"] for s in shares if s[4] == 1.0]
-        assert torch.equal(torch.cat(real), full["input_ids"])
-        assert all(s[1] == index for s in shares)
-        assert all(s[3] == full["input_ids"].shape[0] for s in shares)  # one target per example
+        real = [s.batch["input_ids"] for s in shares if s.weight == 1.0]
+        assert torch.equal(torch.cat(real), full.batch["input_ids"])
+        assert all(s.next_index == full.next_index for s in shares)
+        n = full.batch["input_ids"].shape[0]  # one target per example
+        assert full.global_items == n and all(s.global_items == n for s in shares)
 
 
 def base_bytes(out: str) -> dict[int, tuple[int, int]]:

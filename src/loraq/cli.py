@@ -29,8 +29,8 @@ from pathlib import Path
 from loraq.compare import command as compare_command
 from loraq.core.dtypes import FLOAT_DTYPE_NAMES
 from loraq.core.errors import EXIT_ERROR, CliError, user_message
+from loraq.io import export_command
 from loraq.train import combine_command
-from loraq.train import export as export_command
 from loraq.train.config import describe_keys
 from loraq.train.hub import hub_offline
 
@@ -317,7 +317,7 @@ def _merge_args(p: argparse.ArgumentParser) -> None:
 
 
 def _merge(args: argparse.Namespace) -> int:
-    import loraq
+    from loraq.io.merged_export import export_merged
     from loraq.io.safe import read_json
     from loraq.model.merging import REPORT_FILE, MergeReport
     from loraq.train.hub import quiet_transformers
@@ -329,7 +329,7 @@ def _merge(args: argparse.Namespace) -> int:
     original = original_weights(args.original, model) if args.into == "original" else None
     batch = calibration_inputs(run, tokenizer, model)
     with quiet_transformers():
-        loraq.export_merged(
+        export_merged(
             model, args.out, args.dtype, merge_into=args.into, original=original, calibration=batch
         )
     tokenizer.save_pretrained(args.out)
@@ -337,6 +337,12 @@ def _merge(args: argparse.Namespace) -> int:
     line = f": {MergeReport(**read_json(report)).format()}" if report.is_file() else ""
     print(f"merged model written to {args.out}{line}")
     return EXIT_OK
+
+
+def _export(args: argparse.Namespace) -> int:
+    from loraq.train.inference import load_for_export
+
+    return export_command.run(args, load_for_export)
 
 
 # ----------------------------------------------------------------------------- inspect
@@ -377,7 +383,7 @@ register(
     Subcommand(
         "write an adapter or merged model as GGUF for llama.cpp",
         export_command.add_arguments,
-        export_command.run,
+        _export,
         description=export_command.EXPORT_HELP,
     ),
 )

@@ -176,7 +176,7 @@ def run_config(
     for section in ("model", "data", "training"):
         flat.update({f"{section}.{k}": v for k, v in asdict(getattr(cfg, section)).items()})
     method = METHODS[run.method]
-    lora = dict(cfg.lora)
+    lora = cfg.lora.to_dict()
     if method.lora is None:
         flat["training.method"] = "full"
         if full_lr is not None:

@@ -112,12 +112,12 @@ def environment(threads: int, device: str) -> dict[str, Any]:
     import torch
     import transformers
 
-    import loraq
+    from loraq import __version__
     from loraq.train.modeling import resolve_device
 
     resolved = resolve_device(device)
     env: dict[str, Any] = {
-        "loraq": loraq.__version__,
+        "loraq": __version__,
         "python": platform.python_version(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
@@ -166,7 +166,7 @@ def compare(
     from tqdm.auto import tqdm
 
     methods = parse_methods(list(methods))
-    ranks = parse_ranks(list(ranks) if ranks is not None else [int(cfg.lora.get("r", 8))])
+    ranks = parse_ranks(list(ranks) if ranks is not None else [cfg.lora.r])
     if isinstance(steps, bool) or not isinstance(steps, int) or steps <= 0:
         raise CompareError(f"--steps must be a positive integer, got {steps!r}")
     if full_lr is None:
@@ -231,7 +231,9 @@ def run_settings(
         "eval": cfg.data.eval,
         "max_length": cfg.data.max_length,
         "lora": {
-            k: v for k, v in cfg.lora.items() if k not in ("quant", "use_dora", "adapter_bits")
+            k: v
+            for k, v in cfg.lora.to_dict().items()
+            if k not in ("quant", "use_dora", "adapter_bits")
         },
         "method_help": {m: METHODS[m].help for m in methods},
     }

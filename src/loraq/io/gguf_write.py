@@ -41,6 +41,7 @@ from ..quant.formats import DENSE_GGUF_TYPES, FORMATS, format_names
 from ..quant.gguf import quantize_gguf
 from .gguf_names import PERMUTED_ARCHITECTURES, gguf_row_order, hf_to_gguf_name
 from .gguf_read import open_gguf
+from .peft_format import PREFIX
 from .safe import FormatError, staged_file
 
 __all__ = ["MERGED_DTYPES", "export_gguf", "gguf_architecture"]
@@ -89,7 +90,7 @@ def _to_gguf_rows(t: torch.Tensor, heads: int | None) -> torch.Tensor:
 
 
 def _gguf_name(module: str) -> str:
-    name = hf_to_gguf_name(module.removeprefix("base_model.model."))
+    name = hf_to_gguf_name(module.removeprefix(PREFIX))
     if name is None:
         raise FormatError(f"module {module} has no GGUF tensor name (Llama-family layout expected)")
     return name
@@ -225,7 +226,7 @@ def _write_merged(model: nn.Module, path: Path, dtype: str) -> None:
     tensors: dict[str, tuple[np.ndarray, Any]] = {}
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
     for name, module in model.named_modules():
-        plain = name.removeprefix("base_model.model.")
+        plain = name.removeprefix(PREFIX)
         target = hf_to_gguf_name(plain)
         if target is None or (target == "output" and tied):
             continue  # wrapper internals (base_layer, lora_A, ...) have no GGUF name

@@ -23,6 +23,8 @@ from .safe import FormatError
 
 #: The PEFT release whose file layout loraq writes (recorded as ``peft_version``).
 PEFT_FORMAT_VERSION = "0.21.2"
+#: The file of an adapter folder that holds this config.
+CONFIG_NAME = "adapter_config.json"
 #: Extra config field loraq adds for adapters saved as k-bit integer codes.
 ADAPTER_BITS_FIELD = "loraq_adapter_bits"
 
@@ -269,7 +271,7 @@ def _checked_envelope(source: str, data: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def lora_config_from_peft(
-    data: Mapping[str, Any], source: str = "adapter_config.json"
+    data: Mapping[str, Any], source: str = CONFIG_NAME
 ) -> tuple[LoraConfig, int | None]:
     """Translate a PEFT LoRA config into ``(LoraConfig, adapter_bits of the stored codes)``.
 

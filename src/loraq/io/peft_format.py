@@ -37,7 +37,7 @@ from ..model.targeting import find_targets
 from ..model.transaction import model_transaction
 from . import adapter_codes
 from .adapter_check import check_adapter_shapes, check_finite
-from .peft_config import ADAPTER_BITS_FIELD, lora_config_from_peft, peft_config_dict
+from .peft_config import ADAPTER_BITS_FIELD, CONFIG_NAME, lora_config_from_peft, peft_config_dict
 from .safe import (
     PICKLE_SUFFIXES,
     FormatError,
@@ -50,7 +50,6 @@ from .safe import (
     weights_file,
 )
 
-CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 CODES_WEIGHTS_NAME = "adapter_model.codes.safetensors"
 #: Key prefix PEFT puts before the base model's module paths.
@@ -266,6 +265,22 @@ def save_adapter(
         stale = WEIGHTS_NAME if codes else CODES_WEIGHTS_NAME
         (Path(path) / sub / stale).unlink(missing_ok=True)
     return Path(path)
+
+
+def is_adapter_folder(folder: str | os.PathLike[str]) -> bool:
+    """True when ``folder`` holds a PEFT adapter (its ``adapter_config.json``)."""
+    return (Path(folder) / CONFIG_NAME).is_file()
+
+
+def adapter_base_model(folder: str | os.PathLike[str]) -> str | None:
+    """The base model an adapter folder names (``base_model_name_or_path`` in its
+    ``adapter_config.json``), or None when it names none. Raises :class:`FormatError` naming
+    the file when the folder has no readable config."""
+    config_file = Path(folder) / CONFIG_NAME
+    if not config_file.is_file():
+        raise FormatError(f"{folder} has no {CONFIG_NAME}: not an adapter folder")
+    base = read_json(config_file).get("base_model_name_or_path")
+    return base if isinstance(base, str) and base else None
 
 
 def _adapter_folder(path: Path, adapter_name: str) -> Path:

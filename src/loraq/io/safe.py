@@ -7,14 +7,18 @@ Two rules hold for every file loraq reads or writes:
   unpickled, not even with ``weights_only=True``.
 * A write either completes or leaves the old files alone: each file goes to a temporary name in
   the same folder and is moved into place with ``os.replace`` (atomic on POSIX and Windows). A
-  folder of several files is staged whole in a sibling folder first (:func:`staged_folder`).
+  folder of several files is staged whole in a sibling folder first (:func:`staged_folder`, the
+  one folder writer: adapters, 4-bit checkpoints, merged models, training checkpoints and
+  results all go through it).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import re
 import secrets
 import shutil
 from collections.abc import Iterator, Mapping
@@ -210,11 +214,25 @@ def atomic_save_safetensors(
         tmp.unlink(missing_ok=True)
 
 
-def _publish(staging: Path, target: Path) -> None:
-    if not target.exists():
-        with contextlib.suppress(OSError):
-            os.replace(staging, target)  # one atomic rename of the whole folder
-            return
+#: Sibling folders a writer of ``<name>`` leaves only when killed mid-write: ``.tmp-`` ones are
+#: half-written, ``.old-`` ones were being replaced (possibly half-deleted); the last part of
+#: the name is the writer's process id (see :func:`remove_orphans`).
+_ORPHAN = re.compile(r"\.(tmp|old)-(.+)-(\d+)")
+
+
+def _writer_sibling(target: Path, kind: str) -> Path:
+    return target.with_name(f".{kind}-{target.name}-{secrets.token_hex(4)}-{os.getpid()}")
+
+
+def is_disk_full(err: BaseException) -> bool:
+    """True when ``err`` (an OSError, or a writer's own error type) means the disk is full."""
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(err)
+    return "No space left on device" in text or "os error 28" in text
+
+
+def _merge_into(staging: Path, target: Path) -> None:
     # The target exists (and may hold other files we must keep): move file by file. Each move is
     # atomic; config files go last so a reader never sees a new config with old weights.
     files = sorted(
@@ -227,26 +245,86 @@ def _publish(staging: Path, target: Path) -> None:
         os.replace(src, dst)
 
 
-@contextlib.contextmanager
-def staged_folder(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield an empty sibling folder ``<path>.tmp-XXXX`` to write into; publish it on success.
+def _swap_in(staging: Path, target: Path) -> None:
+    # Two renames: a crash between them leaves no folder at ``target`` but a whole ``.old-`` one
+    # beside it, never a mix of old and new files.
+    old = _writer_sibling(target, "old")
+    os.replace(target, old)
+    os.replace(staging, target)
+    shutil.rmtree(old, ignore_errors=True)
 
-    On normal exit the staged files replace those at ``path`` (the whole folder is renamed when
-    ``path`` does not exist yet; otherwise each file is moved with ``os.replace``, leaving other
-    files in ``path`` alone). On an exception the staging folder is removed and ``path`` is
-    untouched.
+
+@contextlib.contextmanager
+def staged_folder(path: str | os.PathLike[str], *, replace: bool = False) -> Iterator[Path]:
+    """Yield an empty sibling folder ``.tmp-<name>-<id>-<pid>`` to write into; publish it on
+    success. The one way loraq writes a folder of several files.
+
+    When ``path`` does not exist yet, the staged folder is renamed to it (atomic). When it
+    does: with ``replace`` the staged folder takes its place whole (the old one is renamed
+    aside, then deleted); without, each staged file is moved in with ``os.replace``, leaving
+    other files in ``path`` alone. On an exception the staging folder is removed and ``path``
+    is untouched; a full disk is reported as ``OSError(ENOSPC)`` naming ``path``, whatever the
+    writer raised.
     """
     target = Path(path)
     if target.exists() and not target.is_dir():
         raise FileExistsError(f"{target} exists and is not a folder")
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = _temp_sibling(target)
+    staging = _writer_sibling(target, "tmp")
     staging.mkdir()  # honours the umask, unlike tempfile.mkdtemp's 0o700
     try:
         yield staging
-        _publish(staging, target)
+        if not target.exists():
+            os.replace(staging, target)  # one atomic rename of the whole folder
+        elif replace:
+            _swap_in(staging, target)
+        else:
+            _merge_into(staging, target)
+    except Exception as err:
+        if is_disk_full(err):
+            raise OSError(errno.ENOSPC, "no space left on device", str(target)) from err
+        raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def remove_folder(path: str | os.PathLike[str]) -> None:
+    """Delete the folder ``path`` so that a crash midway leaves nothing that looks whole: it is
+    first renamed to an ``.old-`` sibling (atomic), then removed."""
+    doomed = _writer_sibling(Path(path), "old")
+    os.replace(path, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # our own leftovers: this process is not writing them now
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. another user's process
+        return True
+    return True
+
+
+def remove_orphans(folder: str | os.PathLike[str]) -> list[Path]:
+    """Remove what a process killed while writing into ``folder`` left; returns the removed.
+
+    ``.tmp-<name>-...-<pid>`` folders are half-written (:func:`staged_folder`);
+    ``.old-<name>-...-<pid>`` folders were being replaced or deleted (possibly half-deleted).
+    Neither is ever read, so both go; folders of a process that is still running are left alone.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed: list[Path] = []
+    for path in folder.iterdir():
+        match = _ORPHAN.fullmatch(path.name)
+        if match and path.is_dir() and not _pid_alive(int(match[3])):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
 
 
 def model_weight_files(folder: str | os.PathLike[str]) -> list[Path]:

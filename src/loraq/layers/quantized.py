@@ -53,8 +53,10 @@ __all__ = [
 
 Record = QuantizedTensor | QuantizedTensor8
 
-# Prefix of the buffers that hold the record's tensors.
-_BUF = "weight_"
+#: Prefix of the names under which a quantized layer holds its record's tensors (buffers, or
+#: frozen parameters once exposed for sharding): ``weight_packed``, ``weight_absmax``, ...
+RECORD_PREFIX = "weight_"
+_BUF = RECORD_PREFIX
 #: Record fields with per-element data (codes, block scales): what FSDP may split across ranks.
 #: The others (code books, the double-quantization offset) are small constants kept whole.
 SHARDABLE_FIELDS = ("packed", "absmax", "absmax_codes", "nested_absmax", "codes")
@@ -480,3 +482,8 @@ class Embedding4bit(_QuantizedModule):
             f"{self.num_embeddings}, {self.embedding_dim}{pad}, quant_type={q.quant_type}, "
             f"blocksize={q.blocksize}, double_quant={q.double_quant}, compute_dtype={self.compute_dtype}"
         )
+
+
+#: Public name of the base of every layer above (:class:`Linear4bit`, :class:`Linear8bit`,
+#: :class:`Embedding4bit`): what FSDP sharding and per-rank memory accounting look for.
+QuantizedModule = _QuantizedModule

@@ -18,7 +18,7 @@ from pathlib import Path, PurePosixPath
 
 from torch import nn
 
-from ..io.peft_format import load_adapter
+from ..io.peft_format import is_adapter_folder, load_adapter
 from ..model.surgery import adapter_names, delete_adapter
 
 #: Allowed adapter names: they become model ids in the API and module keys in the model.
@@ -150,7 +150,7 @@ class AdapterRegistry:
             return [], []
         added, skipped = [], []
         for folder in sorted(self.adapter_dir.iterdir()):
-            if not (folder / "adapter_config.json").is_file():
+            if not is_adapter_folder(folder):
                 continue
             try:
                 check_name(folder.name, "adapter folder name")

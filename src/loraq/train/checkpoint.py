@@ -11,21 +11,17 @@ A checkpoint is a folder ``<output_dir>/checkpoints/step-000120/`` holding
   metric so far and the torch thread count the run used.
 
 No file is pickled: everything is read back through JSON and safetensors, so loading a
-checkpoint cannot run code. The folder is first written under a temporary name in the same
-parent and then renamed into place, so a crash (even ``kill -9``) never leaves a half-written
-checkpoint that looks complete; the newest complete one stays usable.
+checkpoint cannot run code. The folder is written through :func:`loraq.io.safe.staged_folder`
+(under a temporary name in the same parent, then renamed into place), so a crash (even
+``kill -9``) never leaves a half-written checkpoint that looks complete; the newest complete
+one stays usable, and :func:`~loraq.io.safe.remove_orphans` clears what a killed run left.
 """
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import json
-import os
 import random
-import re
-import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -34,8 +30,14 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from loraq.io.safe import FormatError, read_safetensors
-from loraq.io.tensor_tree import load_tree, save_tree
+from ..io.safe import (
+    FormatError,
+    read_safetensors,
+    remove_folder,
+    remove_orphans,
+    staged_folder,
+)
+from ..io.tensor_tree import load_tree, save_tree
 
 if TYPE_CHECKING:
     from loraq.train.schema import TrainConfig, TrainingConfig
@@ -124,22 +126,12 @@ def save_checkpoint(
     folder.mkdir(parents=True, exist_ok=True)
     remove_orphans(folder)
     final = folder / f"{PREFIX}{state.step:06d}"
-    tmp = folder / f".tmp-{final.name}-{os.getpid()}"
-    with cleaned_up_on_failure(tmp, final):
-        _write_checkpoint(tmp, model, optimizer, scheduler, state, rank_rng)
-    if final.exists():  # a checkpoint of the same step from an earlier run: replace it
-        old = folder / f".old-{final.name}-{os.getpid()}"
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, final)
+    # A checkpoint of the same step from an earlier run is replaced whole.
+    with staged_folder(final, replace=True) as staging:
+        _write_checkpoint(staging, model, optimizer, scheduler, state, rank_rng)
     if keep:
         for stale in list_checkpoints(folder)[:-keep]:
-            # Renamed first (atomic), so a crash mid-delete leaves no partial step-N folder.
-            doomed = folder / f".old-{stale.name}-{os.getpid()}"
-            os.replace(stale, doomed)
-            shutil.rmtree(doomed, ignore_errors=True)
+            remove_folder(stale)
     return final
 
 
@@ -151,10 +143,7 @@ def _write_checkpoint(
     state: TrainState,
     rank_rng: list[dict[str, Any]] | None = None,
 ) -> None:
-    """Write the checkpoint's files into the fresh folder ``tmp``."""
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+    """Write the checkpoint's files into the fresh, empty folder ``tmp``."""
     save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
     resume = {
         "optimizer": optimizer.state_dict(),
@@ -165,59 +154,6 @@ def _write_checkpoint(
         resume["rank_rng"] = rank_rng
     save_tree(resume, tmp / RESUME_JSON, tmp / RESUME_TENSORS)
     (tmp / "state.json").write_text(json.dumps(asdict(state), indent=2), encoding="utf-8")
-
-
-# ----------------------------------------------------------------------------- faults
-def is_disk_full(err: BaseException) -> bool:
-    """True when ``err`` (an OSError, or a writer's own error type) means the disk is full."""
-    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
-        return True
-    text = str(err)
-    return "No space left on device" in text or "os error 28" in text
-
-
-@contextlib.contextmanager
-def cleaned_up_on_failure(tmp: Path, final: Path) -> Iterator[None]:
-    """Remove the half-written folder ``tmp`` if the body raises; a full disk is reported as
-    ``OSError(ENOSPC)`` naming ``final``, whatever the writer raised."""
-    try:
-        yield
-    except BaseException as err:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(err, Exception) and is_disk_full(err):
-            raise OSError(errno.ENOSPC, "no space left on device", str(final)) from err
-        raise
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return False  # our own leftovers: this process is not writing them now
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # e.g. another user's process
-        return True
-    return True
-
-
-def remove_orphans(folder: str | Path) -> list[Path]:
-    """Remove what a process killed while writing into ``folder`` left; returns the removed.
-
-    ``.tmp-<name>-<pid>`` folders are half-written; ``.old-<name>-<pid>`` folders were being
-    replaced or deleted (possibly half-deleted). Neither is ever read, so both go; folders of a
-    process that is still running are left alone.
-    """
-    folder = Path(folder)
-    if not folder.is_dir():
-        return []
-    removed: list[Path] = []
-    for path in folder.iterdir():
-        match = re.fullmatch(r"\.(tmp|old)-(.+)-(\d+)", path.name)
-        if match and path.is_dir() and not _pid_alive(int(match[3])):
-            shutil.rmtree(path, ignore_errors=True)
-            removed.append(path)
-    return removed
 
 
 def list_checkpoints(folder: str | Path) -> list[Path]:
@@ -330,7 +266,7 @@ def remove_stale_checkpoints(
         refuse_to_overwrite(t, folder)
         log(f"starting afresh (--overwrite): removing {len(found)} old checkpoint(s) in {folder}")
         for old in found:
-            shutil.rmtree(old)
+            remove_folder(old)
 
 
 def refuse_to_overwrite(t: TrainingConfig, folder: str | Path) -> None:

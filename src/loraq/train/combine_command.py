@@ -94,9 +94,9 @@ def parse_weights(text: str, names: list[str]) -> dict[str, float]:
 
 def common_base(adapters: dict[str, Path], base: str | None) -> str:
     """``base``, else the one base every adapter names (a one-line error if they differ)."""
-    from loraq.train.inference import named_base
+    from loraq.train.inference import adapter_base
 
-    bases = {name: named_base(folder) for name, folder in adapters.items()}
+    bases = {name: adapter_base(folder) for name, folder in adapters.items()}
     named = [(name, b) for name, b in bases.items() if b]
     for name, other in named[1:]:
         if other != named[0][1]:

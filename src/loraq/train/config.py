@@ -4,7 +4,8 @@ A config file has four sections::
 
     model:    {path: ..., task: seq-cls | causal-lm}
     data:     {train: ..., eval: ..., max_length: ..., ...}
-    lora:     any keyword of loraq.LoraConfig (r, alpha, targets, quant, ...)
+    lora:     any keyword of loraq.LoraConfig (r, alpha, targets, quant, ...); read into one
+              LoraConfig, whose defaults hold except compute_dtype (auto, see schema)
     training: {epochs: ..., batch_size: ..., lr: ..., output_dir: ..., ...}
 
 Command-line overrides name a key either in full (``--lora.r 16``, ``--training.lr=1e-3``) or by
@@ -36,12 +37,8 @@ from typing import Any, Literal, Union
 
 import yaml
 
-from loraq.model.config import LoraConfig
-from loraq.train.schema import (
-    SECTIONS,
-    ConfigError,
-    TrainConfig,
-)
+from ..model.config import LoraConfig
+from .schema import SECTIONS, ConfigError, TrainConfig, lora_section
 
 #: The built-in configuration that ``loraq train`` runs when given no config file.
 DEFAULTS_DIR = Path(__file__).resolve().parent / "defaults"
@@ -238,7 +235,10 @@ def from_flat(flat: dict[str, Any]) -> TrainConfig:
         for name, value in parts[section].items():
             values[name] = _check_type(f"{section}.{name}", value, hints[name])
         sections[section] = cls(**values)
-    cfg = TrainConfig(lora=parts["lora"], **sections)
+    unknown = sorted(set(parts["lora"]) - set(lora_keys()))
+    if unknown:
+        raise ConfigError(f"unknown config key 'lora.{unknown[0]}'{suggest('lora.' + unknown[0])}")
+    cfg = TrainConfig(lora=lora_section(parts["lora"]), **sections)
     validate(cfg)
     return cfg
 
@@ -372,25 +372,15 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(
             f"training.device must be auto, cpu, cuda, cuda:N or mps, got {t.device!r}"
         )
-    if t.method == "lora":
-        cfg.lora_config()  # raises ConfigError naming the LoRA field
-    unknown = sorted(set(cfg.lora) - set(lora_keys()))
-    if unknown:
-        raise ConfigError(f"unknown config key 'lora.{unknown[0]}'{suggest('lora.' + unknown[0])}")
 
 
 def describe_keys(width: int = 96) -> str:
     """Every config key with its default, one wrapped paragraph per section (for --help)."""
     import textwrap
 
-    defaults = TrainConfig()
-    lora_defaults = LoraConfig().to_dict()
     out = []
-    for section in ("model", "data", "lora", "training"):
-        if section == "lora":
-            items = lora_defaults.items()
-        else:
-            items = dataclasses.asdict(getattr(defaults, section)).items()
+    for section, defaults in TrainConfig().to_dict().items():
+        items = defaults.items()
         text = ", ".join(f"{k}={'' if v == '' else v}" for k, v in items)
         out.append(
             textwrap.fill(

@@ -10,7 +10,8 @@ The pieces, each usable on its own:
 * :func:`seq_cls_example` — one record to ``input_ids`` and an integer ``label``.
 * :func:`pack` — concatenate causal-LM examples and cut them into fixed-length blocks.
 * :func:`epoch_order` / :func:`micro_batches` — a permutation per epoch from a seeded
-  ``torch.Generator``, so the order of any epoch can be rebuilt on resume.
+  ``torch.Generator``, so the order of any epoch can be rebuilt on resume; one walk serves one
+  process and each of N ranks (:class:`MicroBatch`).
 * :func:`collate` — pad a list of examples into tensors.
 """
 
@@ -27,7 +28,7 @@ from typing import Any
 
 import torch
 
-from loraq.train.config import ConfigError, TrainConfig
+from .config import ConfigError, TrainConfig
 
 IGNORE_INDEX = -100
 #: How ``instruction``/``input``/``output`` records become a prompt (Alpaca-style).
@@ -270,6 +271,34 @@ def batches_per_epoch(n: int, batch_size: int) -> int:
     return (n + batch_size - 1) // batch_size
 
 
+@dataclass(frozen=True)
+class MicroBatch:
+    """One item of the training stream (:func:`micro_batches`), for one process or one rank.
+
+    Attributes:
+        epoch: the epoch this micro-batch belongs to.
+        next_index: index, within ``epoch``, of the next global micro-batch: where a resumed
+            stream starts.
+        batch: this process's collated examples (under N ranks, its share of the global batch).
+        global_items: loss items (:func:`loss_items`) of the whole global micro-batch.
+        weight: 1.0; 0.0 for a placeholder share (see :func:`micro_batches`).
+    """
+
+    epoch: int
+    next_index: int
+    batch: dict[str, torch.Tensor]
+    global_items: int
+    weight: float = 1.0
+
+
+def loss_items(examples: list[dict[str, Any]]) -> int:
+    """Items a mean loss divides by, by the rule :func:`collate` labels with: the labelled
+    next-token targets of token ``labels`` (causal-lm), else one per example (seq-cls)."""
+    if not examples or "labels" not in examples[0]:
+        return len(examples)
+    return sum(sum(1 for t in ex["labels"][1:] if t != IGNORE_INDEX) for ex in examples)
+
+
 def micro_batches(
     examples: list[dict[str, Any]],
     batch_size: int,
@@ -277,25 +306,37 @@ def micro_batches(
     pad_id: int,
     start_epoch: int = 0,
     start_batch: int = 0,
-) -> Iterator[tuple[int, int, dict[str, torch.Tensor]]]:
-    """Endless stream of ``(epoch, index_of_next_batch, batch)`` over shuffled epochs.
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+) -> Iterator[MicroBatch]:
+    """Endless stream of :class:`MicroBatch` over shuffled epochs, for one process or for rank
+    ``rank`` of ``world_size``.
 
-    Starting at ``(start_epoch, start_batch)`` reproduces exactly the batches an uninterrupted
-    stream would yield from that point on, which is what resuming needs.
+    The global micro-batch k holds ``batch_size * world_size`` examples, exactly the k-th
+    batch of one process with that batch size; rank r gets examples ``[r*b, (r+1)*b)`` of it.
+    A short last batch gives later ranks fewer, possibly none: such a rank gets the global
+    batch's first example with weight 0, so that it still joins every collective. Starting at
+    ``(start_epoch, start_batch)`` reproduces exactly the batches an uninterrupted stream would
+    yield from that point on, which is what resuming needs.
     """
     if not examples or batch_size <= 0:
         raise ValueError(
             f"micro_batches needs examples and a positive batch_size (got {len(examples)} "
             f"examples, batch_size {batch_size}); an empty stream would never yield"
         )
-    n_batches = batches_per_epoch(len(examples), batch_size)
+    global_size = batch_size * world_size
+    n_batches = batches_per_epoch(len(examples), global_size)
     epoch, index = start_epoch, start_batch
     while True:
         order = epoch_order(len(examples), seed, epoch)
         while index < n_batches:
-            chunk = [examples[i] for i in order[index * batch_size : (index + 1) * batch_size]]
+            chunk = [examples[i] for i in order[index * global_size : (index + 1) * global_size]]
             index += 1
-            yield epoch, index, collate(chunk, pad_id)
+            mine = chunk[rank * batch_size : (rank + 1) * batch_size]
+            weight = 1.0 if mine else 0.0
+            batch = collate(mine or chunk[:1], pad_id)
+            yield MicroBatch(epoch, index, batch, loss_items(chunk), weight)
         epoch, index = epoch + 1, 0
 
 

@@ -13,7 +13,8 @@ not be shared between machines.
 How one optimizer step maps onto N ranks, each with ``training.batch_size`` = b:
 
     ===========================  ==========================================================
-    global micro-batch k         micro-batch k of ONE process with batch N*b (same seed)
+    global micro-batch k         micro-batch k of ONE process with batch N*b (same seed;
+                                 one walk, :func:`loraq.train.data.micro_batches`)
     rank r's share               examples [r*b, (r+1)*b) of it (a short last batch gives
                                  later ranks fewer, possibly none: they run one example
                                  with weight 0 so that every rank joins every collective)
@@ -47,8 +48,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from loraq.train.config import ConfigError
-from loraq.train.data import IGNORE_INDEX, batches_per_epoch, collate, epoch_order
+from ..layers.quantized import RECORD_PREFIX, SHARDABLE_FIELDS, QuantizedModule
+from .config import ConfigError
+from .data import IGNORE_INDEX, MicroBatch
 
 #: The values of ``training.distributed``.
 STRATEGIES = ("auto", "none", "ddp", "fsdp")
@@ -205,7 +207,7 @@ def shard_model(model: nn.Module, info: Dist) -> nn.Module:
     root (embeddings, head, norms); every rank keeps about 1/N of every parameter.
 
     The frozen quantized base: each quantized layer first exposes its record's per-element
-    tensors (packed 4-bit codes, block scales; see ``_QuantizedModule.expose_for_sharding``)
+    tensors (packed 4-bit codes, block scales; see ``QuantizedModule.expose_for_sharding``)
     as frozen parameters, so FSDP2 splits them on dim 0 like any weight and all-gathers them
     before the block's forward and again for its backward. FSDP2 gathers a group whose
     parameters have different dtypes (uint8 codes, float32 scales) as one byte buffer, so no
@@ -221,10 +223,8 @@ def shard_model(model: nn.Module, info: Dist) -> nn.Module:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    from loraq.layers.quantized import _QuantizedModule
-
     for module in model.modules():
-        if isinstance(module, _QuantizedModule):
+        if isinstance(module, QuantizedModule):
             module.expose_for_sharding()
     device_type = next(model.parameters()).device.type
     mesh = init_device_mesh(device_type, (info.world_size,))
@@ -276,46 +276,7 @@ def full_trainable(model: nn.Module, info: Dist) -> Iterator[None]:
                 sharded.to_local().copy_(local)
 
 
-# ----------------------------------------------------------------------------- data
-def rank_micro_batches(
-    examples: list[dict[str, Any]],
-    batch_size: int,
-    info: Dist,
-    seed: int,
-    pad_id: int,
-    task: str,
-    start_epoch: int = 0,
-    start_batch: int = 0,
-) -> Iterator[tuple[int, int, dict[str, torch.Tensor], int, float]]:
-    """This rank's share of the global micro-batches, as in the table of the module docstring.
-
-    Yields ``(epoch, index_of_next_global_batch, batch, global_items, weight)``: ``batch`` is
-    this rank's collated share, ``global_items`` the loss items (labelled tokens or examples)
-    of the whole global batch, ``weight`` 1.0, or 0.0 for a placeholder share (see above).
-    The positions are those of the global stream, so resuming from ``(epoch, index)`` works as
-    for :func:`loraq.train.data.micro_batches`.
-    """
-    global_size = batch_size * info.world_size
-    n_batches = batches_per_epoch(len(examples), global_size)
-    epoch, index = start_epoch, start_batch
-    while True:
-        order = epoch_order(len(examples), seed, epoch)
-        while index < n_batches:
-            chunk = [examples[i] for i in order[index * global_size : (index + 1) * global_size]]
-            index += 1
-            mine = chunk[info.rank * batch_size : (info.rank + 1) * batch_size]
-            weight = 1.0 if mine else 0.0
-            yield epoch, index, collate(mine or chunk[:1], pad_id), loss_items(chunk, task), weight
-        epoch, index = epoch + 1, 0
-
-
-def loss_items(examples: list[dict[str, Any]], task: str) -> int:
-    """Items a mean loss divides by: labelled next-token targets (causal-lm) or examples."""
-    if task == "seq-cls":
-        return len(examples)
-    return sum(sum(1 for t in ex["labels"][1:] if t != IGNORE_INDEX) for ex in examples)
-
-
+# ----------------------------------------------------------------------------- step
 def summed_loss(model: nn.Module, batch: dict[str, torch.Tensor], task: str) -> torch.Tensor:
     """Sum (not mean) of the per-item cross-entropies of ``batch``, as the model's own loss."""
     labels = batch["labels"]
@@ -362,21 +323,28 @@ def gradient_sync(model: nn.Module, info: Dist, enabled: bool) -> Iterator[None]
         yield
 
 
-def micro_step(session: Any, last: bool) -> tuple[int, int, float, int]:
-    """Forward and backward of this rank's share of the next global micro-batch of a
-    :class:`~loraq.train.loop.Session`; gradients are synchronised on the ``last`` one.
+def micro_step(
+    model: nn.Module,
+    micro: MicroBatch,
+    *,
+    task: str,
+    grad_accum: int,
+    info: Dist,
+    device: torch.device,
+    last: bool,
+) -> tuple[float, int]:
+    """Forward and backward of this rank's share ``micro`` of a global micro-batch through
+    ``model`` (the DDP wrapper or the FSDP2 model, which synchronise gradients); gradients are
+    synchronised on the ``last`` micro-batch of the step.
 
-    Returns ``(epoch, index_of_next_batch, this rank's part of the step loss, its tokens)``.
+    Returns ``(this rank's part of the step loss, its non-padding tokens)``.
     """
-    t, info = session.cfg.training, session.dist
-    epoch, next_index, batch, items, weight = next(session.stream)
-    batch = {k: v.to(session.device) for k, v in batch.items()}
-    model = session.stepping_model  # DDP: the wrapper, which synchronises gradients
+    batch = {k: v.to(device) for k, v in micro.batch.items()}
     with gradient_sync(model, info, last):
-        loss, part = rank_loss(model, batch, session.cfg.model.task, items, weight, info)
-        (loss / t.grad_accum).backward()
-    tokens = int(weight * batch["attention_mask"].sum().item())
-    return epoch, next_index, part / t.grad_accum, tokens
+        loss, part = rank_loss(model, batch, task, micro.global_items, micro.weight, info)
+        (loss / grad_accum).backward()
+    tokens = int(micro.weight * batch["attention_mask"].sum().item())
+    return part / grad_accum, tokens
 
 
 def agree(values: list[float], info: Dist) -> list[float]:
@@ -402,12 +370,10 @@ def resident_bytes(model: nn.Module) -> dict[str, int]:
     :attr:`QuantizedTensor.nbytes` counts); ``base_constants``: their code books and offsets;
     ``trainable``; ``other`` (dense frozen weights, buffers).
     """
-    from loraq.layers.quantized import SHARDABLE_FIELDS, _QuantizedModule
-
-    record_data = {"weight_" + name for name in SHARDABLE_FIELDS}
+    record_data = {RECORD_PREFIX + name for name in SHARDABLE_FIELDS}
     out = {"base_quantized": 0, "base_constants": 0, "trainable": 0, "other": 0}
     for module in model.modules():
-        quantized = isinstance(module, _QuantizedModule)
+        quantized = isinstance(module, QuantizedModule)
         for name, t in [*module._parameters.items(), *module._buffers.items()]:
             if t is None:
                 continue
@@ -415,7 +381,7 @@ def resident_bytes(model: nn.Module) -> dict[str, int]:
             size = local.numel() * local.element_size()
             if quantized and name in record_data:
                 out["base_quantized"] += size
-            elif quantized and name.startswith("weight_"):
+            elif quantized and name.startswith(RECORD_PREFIX):
                 out["base_constants"] += size
             elif t.requires_grad:
                 out["trainable"] += size
@@ -441,13 +407,3 @@ def launch(nproc: int, train_args: list[str]) -> list[int]:
     except ChildFailedError as err:
         return [failure.exitcode for failure in err.failures.values()]
     return []
-
-
-class NullMetrics:
-    """Stands in for :class:`~loraq.train.metrics.MetricsWriter` on ranks other than 0."""
-
-    def write(self, record: dict[str, Any]) -> None:
-        """Drop ``record``."""
-
-    def close(self) -> None:
-        """Nothing to close."""

@@ -1,9 +1,10 @@
-"""Loading what a run trained, for eval, generate and merge.
+"""Loading what a run trained, for eval, generate, merge and export.
 
 :func:`load_trained` finds the base model, task and labels from the run's saved config and
 loads the adapter over the same (quantized) base it was trained on; :func:`attach_adapter` is
 :func:`loraq.load_adapter` with the run's base options (all or nothing: a failed load leaves no
-adapter behind).
+adapter behind); :func:`load_for_export` loads an adapter over its base for ``loraq export``
+(a ``.gguf`` base keeps its blocks).
 """
 
 from __future__ import annotations
@@ -14,17 +15,25 @@ from typing import Any
 import torch
 from torch import nn
 
-from loraq.io.peft_format import BASE_OPTIONS
-from loraq.io.safe import read_json
-from loraq.train.config import ConfigError, TrainConfig
-from loraq.train.modeling import (
+from ..io.gguf_read import gguf_model_file, load_gguf
+from ..io.peft_format import (
+    BASE_OPTIONS,
+    CONFIG_NAME,
+    adapter_base_model,
+    is_adapter_folder,
+    load_adapter,
+)
+from ..io.safe import FormatError
+from .config import ConfigError, TrainConfig
+from .data import collate, pad_id_of, read_records, tokenize_records
+from .modeling import (
     load_model,
     load_tokenizer,
     quiet_transformers,
     resolve_device,
     resolve_model_path,
 )
-from loraq.train.outputs import read_run_config
+from .outputs import read_run_config
 
 
 def attach_adapter(
@@ -38,25 +47,22 @@ def attach_adapter(
     When the run trained it over a quantized base (QLoRA) the base is quantized the same way
     first (the run's :data:`~loraq.io.peft_format.BASE_OPTIONS`), so eval sees what training
     saw; ``dense_base`` skips that and uses the float base instead."""
-    import loraq
-
-    options = {k: run.lora[k] for k in BASE_OPTIONS if k in run.lora} if run is not None else {}
-    if dense_base or not options.get("quant"):
-        options = {}
-    return loraq.load_adapter(model, adapter, adapter_name, **options)
+    quantized = run is not None and run.lora.quant is not None and not dense_base
+    options = {k: getattr(run.lora, k) for k in BASE_OPTIONS} if quantized else {}
+    return load_adapter(model, adapter, adapter_name, **options)
 
 
-def named_base(adapter: str | Path, run: TrainConfig | None = None) -> str | None:
-    """The base model an adapter folder names: its run's ``model.path`` (``run``, else the run
-    config saved in the folder), else ``adapter_config.json``'s ``base_model_name_or_path``."""
-    adapter = Path(adapter)
-    run = run if run is not None else read_run_config(adapter)
+def adapter_base(adapter: str | Path, run: TrainConfig | None = None) -> str | None:
+    """The base model of an adapter folder: the one its run trained on (``model.path`` of
+    ``run``, else of the run config saved beside it), else the one its ``adapter_config.json``
+    names, else None."""
+    run = run if run is not None else read_run_config(Path(adapter))
     if run is not None and run.model.path:
         return run.model.path
-    config = adapter / "adapter_config.json"
-    if not config.is_file():
-        return None
-    return read_json(config).get("base_model_name_or_path") or None
+    try:
+        return adapter_base_model(adapter)
+    except FormatError as err:
+        raise ConfigError(str(err)) from None
 
 
 def load_trained(
@@ -81,15 +87,13 @@ def load_trained(
         if not adapter.is_dir():
             raise ConfigError(f"adapter folder '{adapter}' does not exist")
         run = read_run_config(adapter)
-        is_full = (adapter / "config.json").is_file() and not (
-            adapter / "adapter_config.json"
-        ).is_file()
-        if not is_full and not (adapter / "adapter_config.json").is_file():
-            raise ConfigError(f"'{adapter}' holds no adapter_config.json: not an adapter folder")
+        is_full = (adapter / "config.json").is_file() and not is_adapter_folder(adapter)
+        if not is_full and not is_adapter_folder(adapter):
+            raise ConfigError(f"'{adapter}' holds no {CONFIG_NAME}: not an adapter folder")
         if is_full:
             model_path = str(adapter)
         elif model_path is None:
-            model_path = named_base(adapter, run)
+            model_path = adapter_base(adapter, run)
         if task is None and run is not None:
             task = run.model.task
         elif task is not None and run is not None and task != run.model.task:
@@ -105,8 +109,6 @@ def load_trained(
         with quiet_transformers():
             hf_config = AutoConfig.from_pretrained(str(resolve_model_path(model_path)))
         labels = [hf_config.id2label[i] for i in sorted(hf_config.id2label)]
-    from loraq.train.data import pad_id_of
-
     model, _ = load_model(model_path, task, labels, pad_id_of(tokenizer))
     if adapter is not None and not is_full:
         try:
@@ -117,11 +119,31 @@ def load_trained(
     return model, tokenizer, run
 
 
+def load_for_export(adapter: str | Path, base: str | None = None) -> nn.Module:
+    """The causal LM adapter ``adapter`` over its base (``base``, a model folder or ``.gguf``
+    file, else :func:`adapter_base`), ready for :func:`loraq.io.gguf_write.export_gguf`. A
+    GGUF base is read with :func:`loraq.load_gguf` and keeps its blocks; a folder base is
+    loaded as :func:`load_trained` loads it."""
+    adapter = Path(adapter)
+    if not is_adapter_folder(adapter):
+        raise ConfigError(f"'{adapter}' holds no {CONFIG_NAME}: not an adapter folder")
+    run = read_run_config(adapter)
+    base = base or adapter_base(adapter, run)
+    if not base:
+        raise ConfigError(f"'{adapter}' does not name its base model; pass --base")
+    gguf_file = gguf_model_file(base)
+    if gguf_file is None:
+        model, _, _ = load_trained(model_path=base, adapter=adapter, task="causal-lm")
+        return model
+    model, _ = load_gguf(gguf_file, tokenizer=False)
+    return attach_adapter(model, adapter, run)
+
+
 def original_weights(path: str | None, model: nn.Module) -> dict[str, torch.Tensor]:
     """The float weights a quantized base was made from, for ``merge_into="original"``: the
     model at ``path`` (a folder or ``pkg:NAME``), or the folder ``model`` was loaded from."""
-    from loraq.io.merged_export import read_float_weights
-    from loraq.io.model_folder import source_folder
+    from ..io.merged_export import read_float_weights
+    from ..io.model_folder import source_folder
 
     folder = resolve_model_path(path) if path else source_folder(model)
     if folder is None:
@@ -139,8 +161,6 @@ def calibration_inputs(
     """The first :data:`CALIBRATION_EXAMPLES` records of the run's eval (else train) data as
     model inputs, to measure a merge on real text; None without a run or readable data (the
     merge then falls back to random token ids)."""
-    from loraq.train.data import collate, pad_id_of, read_records, tokenize_records
-
     path = (run.data.eval or run.data.train) if run is not None else None
     if not path:
         return None

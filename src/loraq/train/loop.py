@@ -53,7 +53,13 @@ from loraq.core.probes import auto_threads, peak_rss_bytes
 from loraq.train import checkpoint as ckpt
 from loraq.train import distributed, distributed_checkpoint
 from loraq.train.config import TrainConfig, save_config
-from loraq.train.data import Datasets, batches_per_epoch, load_datasets, micro_batches
+from loraq.train.data import (
+    Datasets,
+    MicroBatch,
+    batches_per_epoch,
+    load_datasets,
+    micro_batches,
+)
 from loraq.train.evaluation import evaluate, format_metrics, main_metric
 from loraq.train.metrics import MetricsWriter, plot_metrics, read_metrics
 from loraq.train.modeling import (
@@ -94,7 +100,7 @@ class Session:
     optimizer: torch.optim.Optimizer
     scheduler: Any
     state: ckpt.TrainState
-    stream: Iterator[tuple[int, int, dict[str, torch.Tensor]]]
+    stream: Iterator[MicroBatch]
     metrics: MetricsWriter | None
     result: TrainResult
     sizes: dict[str, Any]
@@ -198,15 +204,11 @@ def setup(
     if main_process:
         save_config(cfg, out / "config.yaml")
         metrics = MetricsWriter(out / "metrics.jsonl", state.step if resumed_from else None)
-    if dist.enabled:  # this rank's share of the batches of one process with N x batch_size
-        stream = distributed.rank_micro_batches(
-            data.train, t.batch_size, dist, t.seed, data.pad_id, cfg.model.task,
-            state.epoch, state.batch_in_epoch,
-        )  # fmt: skip
-    else:
-        stream = micro_batches(
-            data.train, t.batch_size, t.seed, data.pad_id, state.epoch, state.batch_in_epoch
-        )
+    # Distributed: this rank's share of the batches of one process with N x batch_size.
+    stream = micro_batches(
+        data.train, t.batch_size, t.seed, data.pad_id, state.epoch, state.batch_in_epoch,
+        rank=dist.rank, world_size=dist.world_size,
+    )  # fmt: skip
     result = TrainResult(output_dir=out, steps=state.step, total_steps=total_steps)
     result.metric, result.num_threads = main_metric(cfg.model.task)[0], threads
     return Session(
@@ -217,9 +219,9 @@ def setup(
 
 def _method_text(cfg: TrainConfig, device: torch.device) -> str:
     t = cfg.training
-    how = t.method if t.method == "full" else f"lora r={cfg.lora.get('r', 8)}"
-    if t.method == "lora" and cfg.lora.get("quant"):
-        how += f", {cfg.lora['quant']} base"
+    how = t.method if t.method == "full" else f"lora r={cfg.lora.r}"
+    if t.method == "lora" and cfg.lora.quant:
+        how += f", {cfg.lora.quant} base"
     return how + f", {str(run_compute_dtype(cfg, device)).removeprefix('torch.')} compute"
 
 
@@ -229,7 +231,7 @@ def run_compute_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
     autocast, with float32 master weights, optimizer state and loss."""
     if cfg.training.method != "lora":
         return torch.float32
-    return resolve_compute_dtype(cfg.lora.get("compute_dtype", "float32"), device)
+    return resolve_compute_dtype(cfg.lora.compute_dtype, device)
 
 
 def _resume(cfg, out, model, optimizer, scheduler, log, main_process, dist):
@@ -270,14 +272,16 @@ def train_step(session: Session) -> StepStats:
     t, state, model = session.cfg.training, session.state, session.stepping_model
     tick = time.time()
     loss_sum, tokens = 0.0, 0
-    for micro in range(t.grad_accum):
+    for i in range(t.grad_accum):
+        micro = next(session.stream)
         if session.dist.enabled:
-            last = micro == t.grad_accum - 1
-            epoch, next_index, part, n = distributed.micro_step(session, last)
+            part, n = distributed.micro_step(
+                model, micro, task=session.cfg.model.task, grad_accum=t.grad_accum,
+                info=session.dist, device=session.device, last=i == t.grad_accum - 1,
+            )  # fmt: skip
             loss_sum, tokens = loss_sum + part, tokens + n
             continue
-        epoch, next_index, batch = next(session.stream)
-        batch = {k: v.to(session.device) for k, v in batch.items()}
+        batch = {k: v.to(session.device) for k, v in micro.batch.items()}
         with autocast_for(run_compute_dtype(session.cfg, session.device), session.device):
             loss = model(**batch).loss / t.grad_accum
         loss.backward()
@@ -296,7 +300,7 @@ def train_step(session: Session) -> StepStats:
     session.scheduler.step()
     session.optimizer.zero_grad(set_to_none=True)
     state.step += 1
-    state.epoch, state.batch_in_epoch = epoch, next_index
+    state.epoch, state.batch_in_epoch = micro.epoch, micro.next_index
     state.tokens += tokens
     return StepStats(loss_sum, tokens, lr, max(time.time() - tick, 1e-9))
 

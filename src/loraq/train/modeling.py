@@ -15,9 +15,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from loraq.layers.dropout import use_fast_dropout
-from loraq.train.config import ConfigError, TrainConfig
-from loraq.train.hub import quiet_transformers
+from ..io.gguf_read import gguf_model_file, load_gguf, load_gguf_tokenizer
+from ..io.safe import FormatError
+from ..layers.dropout import use_fast_dropout
+from ..model.config import LoraConfig
+from ..model.summary import summary
+from ..model.surgery import apply
+from .config import ConfigError, TrainConfig
+from .hub import quiet_transformers
 
 #: Classification heads of AutoModelForSequenceClassification models, by attribute name.
 HEAD_NAMES = ("classifier", "score")
@@ -49,8 +54,6 @@ def resolve_model_path(path: str) -> Path:
 def load_tokenizer(path: str | Path):
     """``AutoTokenizer`` from a local model folder."""
     from transformers import AutoTokenizer
-
-    from loraq.io.gguf_read import load_gguf_tokenizer
 
     with quiet_transformers():
         gguf_file = _gguf_file(path)
@@ -99,8 +102,6 @@ def load_model(
 
 
 def _gguf_file(path: str | Path) -> Path | None:
-    from loraq.io.gguf_read import gguf_model_file
-
     try:
         return gguf_model_file(path)
     except FileNotFoundError as err:
@@ -108,9 +109,6 @@ def _gguf_file(path: str | Path) -> Path | None:
 
 
 def _load_gguf_model(path: str | Path, gguf_file: Path, task: str) -> nn.Module:
-    from loraq.io.gguf_read import load_gguf
-    from loraq.io.safe import FormatError
-
     if task != "causal-lm":
         raise ConfigError(f"model.path '{path}' is a GGUF causal LM; model.task must be causal-lm")
     try:
@@ -127,13 +125,11 @@ def _head_name(model: nn.Module) -> str | None:
     return None
 
 
-def lora_settings(cfg: TrainConfig, model: nn.Module, new_modules: list[str]) -> dict[str, Any]:
+def lora_settings(cfg: TrainConfig, model: nn.Module, new_modules: list[str]) -> LoraConfig:
     """The ``lora`` section completed for this model: newly initialised modules (a seq-cls
     head) are added to ``modules_to_save`` so they train in full and are saved with the adapter.
     """
-    settings = dict(cfg.lora)
-    settings.setdefault("compute_dtype", "auto")
-    saved = list(settings.get("modules_to_save") or [])
+    saved = list(cfg.lora.modules_to_save or [])
     wanted = list(new_modules)
     head = _head_name(model) if cfg.model.task == "seq-cls" else None
     if head is not None:
@@ -142,9 +138,7 @@ def lora_settings(cfg: TrainConfig, model: nn.Module, new_modules: list[str]) ->
         covered = any(name == s or name.endswith("." + s) or s.startswith(name) for s in saved)
         if not covered:
             saved.append(name)
-    if saved:
-        settings["modules_to_save"] = saved
-    return settings
+    return cfg.lora.replace(modules_to_save=saved) if saved else cfg.lora
 
 
 def prepare_model(model: nn.Module, cfg: TrainConfig, new_modules: list[str]) -> nn.Module:
@@ -170,11 +164,9 @@ def prepare_model(model: nn.Module, cfg: TrainConfig, new_modules: list[str]) ->
         for param in model.parameters():
             param.requires_grad_(True)
         return model
-    import loraq
-
-    cfg.lora = lora_settings(cfg, model, new_modules)
     try:
-        model = loraq.apply(model, cfg.lora_config())
+        cfg.lora = lora_settings(cfg, model, new_modules)
+        model = apply(model, cfg.lora)
     except ValueError as err:
         raise ConfigError(f"lora: {err}") from None
     return model
@@ -184,9 +176,7 @@ def count_params(model: nn.Module) -> dict[str, Any]:
     """Trainable and total parameters, weight bytes (quantized weights at their real size) and,
     for adapted models, bytes per part (adapters, modules_to_save, base_dense, base_quantized)."""
     if hasattr(model, "loraq_configs"):
-        import loraq
-
-        s = loraq.summary(model)
+        s = summary(model)
         return {
             "trainable": s.trainable_params,
             "total": s.total_params,

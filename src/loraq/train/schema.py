@@ -1,18 +1,22 @@
 """The training configuration's schema: four sections as plain dataclasses, and their error.
 
 :mod:`loraq.train.config` reads YAML files and ``--key value`` overrides into these, checks
-every value against its field's type and range, and writes them back out.
+every value against its field's type and range, and writes them back out. The ``lora`` section
+is a :class:`~loraq.model.config.LoraConfig`, built once when the file is read
+(:func:`lora_section`): every reader gets typed values, and each default has one home, the
+``LoraConfig`` field or, where ``loraq train`` chooses otherwise, :data:`TRAIN_LORA_DEFAULTS`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import yaml
 
-from loraq.model.config import LoraConfig
+from ..model.config import LoraConfig
 
 Task = Literal["causal-lm", "seq-cls"]
 Schedule = Literal["cosine", "linear", "constant"]
@@ -23,6 +27,22 @@ Distributed = Literal["auto", "none", "ddp", "fsdp"]
 
 class ConfigError(ValueError):
     """A configuration value or key is wrong; the message names the key."""
+
+
+#: Where ``loraq train``'s ``lora`` section departs from :class:`LoraConfig`'s defaults (the
+#: library keeps float32, PEFT's arithmetic): a run computes in ``auto``, bfloat16 where the
+#: hardware runs it natively (see :mod:`loraq.core.precision`).
+TRAIN_LORA_DEFAULTS: dict[str, Any] = {"compute_dtype": "auto"}
+
+
+def lora_section(values: Mapping[str, Any]) -> LoraConfig:
+    """The ``lora`` section as a validated :class:`LoraConfig`: :data:`TRAIN_LORA_DEFAULTS`,
+    then ``values`` (``LoraConfig`` keywords) over them. Raises :class:`ConfigError` naming the
+    bad field."""
+    try:
+        return LoraConfig(**{**TRAIN_LORA_DEFAULTS, **values})
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"lora: {err}") from None
 
 
 @dataclass
@@ -149,28 +169,22 @@ class TrainingConfig:
 
 @dataclass
 class TrainConfig:
-    """The whole run: ``model``, ``data``, ``lora`` (LoraConfig keywords) and ``training``."""
+    """The whole run: ``model``, ``data``, ``lora`` and ``training``.
+
+    ``lora`` is validated even for ``training.method: full`` (which does not use it), so a
+    config never carries a section that could not run.
+    """
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    lora: dict[str, Any] = field(default_factory=dict)
+    lora: LoraConfig = field(default_factory=lambda: lora_section({}))
     training: TrainingConfig = field(default_factory=TrainingConfig)
-
-    def lora_config(self) -> LoraConfig:
-        """The ``lora`` section as a validated :class:`loraq.LoraConfig`."""
-        try:
-            return LoraConfig(**self.lora)
-        except (TypeError, ValueError) as err:
-            raise ConfigError(f"lora: {err}") from None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict; the ``lora`` section lists every LoraConfig field (defaults too)."""
-        out = dataclasses.asdict(self)
-        try:
-            out["lora"] = self.lora_config().to_dict()
-        except ConfigError:  # method 'full' ignores the section; keep it as written
-            out["lora"] = dict(self.lora)
-        return out
+        out = {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
+        out["lora"] = self.lora.to_dict()
+        return {name: out[name] for name in ("model", "data", "lora", "training")}
 
     def to_yaml(self) -> str:
         """The resolved configuration as YAML text (what ``config.yaml`` in a run holds)."""
