@@ -16,10 +16,10 @@ import torch
 import yaml
 
 from conftest import pattern_config, sentiment_config
-from loraq.train import checkpoint as ckpt
-from loraq.train.config import ConfigError, load_config
 from loraq.generation.decode import generate
 from loraq.generation.sampling import sample_next
+from loraq.train import checkpoint as ckpt
+from loraq.train.config import ConfigError, load_config
 from loraq.train.inference import load_trained
 from loraq.train.loop import train
 from loraq.train.metrics import read_metrics

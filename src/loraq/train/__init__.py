@@ -13,11 +13,11 @@ loss.png), :mod:`.outputs` (the saved adapter or model) and :mod:`.inference` (l
 run trained). ``generate`` and ``generate_ids`` are :mod:`loraq.generation.decode`'s.
 """
 
+from loraq.generation.decode import generate, generate_ids
+from loraq.generation.sampling import sample_next
 from loraq.train.checkpoint import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
 from loraq.train.config import default_config_path, load_config, parse_overrides
 from loraq.train.evaluation import evaluate
-from loraq.generation.decode import generate, generate_ids
-from loraq.generation.sampling import sample_next
 from loraq.train.inference import load_trained
 from loraq.train.loop import train
 from loraq.train.modeling import load_model, load_tokenizer
