@@ -20,8 +20,9 @@ DoRA           a per-slot column scale ``m / ||W + sBA||`` (1 for plain adapters
 
 The row -> slot selection is made once per forward pass, not once per layer: a
 :class:`MixedBatch`, installed as every LoRA layer's ``row_hook`` by :func:`loraq.adapter_rows`
-(and kept from one decode step to the next by the generation loop), maps the plan's rows to the slots of the model's
-:class:`~loraq.batching.stacks.StackCache` once, and each layer then only looks up its stack.
+(and kept from one decode step to the next by the generation loop), maps the plan's rows to the
+slots of the model's :class:`~loraq.batching.stacks.StackCache` once, and each layer then only
+looks up its stack.
 Without gradients the stacks come from that cache; with gradients (training) each layer stacks
 the plan's adapters in the graph, and the selection's backward scatters each row's gradient into
 its own adapter's slice only, so every adapter receives exactly the gradient it would get from
@@ -184,7 +185,8 @@ class MixedBatch:
         self._find_layers = find_layers
         self._model_key = model_key
         self._layers = find_layers() if layers is None else layers
-        self._layers_key = self._key()
+        self._versions = layer_versions(self._layers)
+        self._layers_key = (model_key(), self._versions)
         self._ready = False
         self._generation = -1
         self._active: dict[LoRALayer, LayerStack] = {}
@@ -200,27 +202,22 @@ class MixedBatch:
         """A batch over one lone layer, with its own cache (reuse it to reuse the stacks)."""
         return cls(plan, StackCache(), lambda: [layer])
 
-    def _key(self) -> tuple:
-        return self._model_key(), layer_versions(self._layers)
-
-    @property
-    def layers(self) -> list[LoRALayer]:
-        """The model's LoRA layers (found again after any change of the adapter set)."""
-        key = self._key()
-        if key != self._layers_key:
-            self._layers = self._find_layers()
-            self._layers_key = self._key()
-        return self._layers
-
     def __call__(
         self, layer: LoRALayer, x: torch.Tensor, *args: Any, **kwargs: Any
     ) -> torch.Tensor:
         """The :class:`~loraq.layers.adapter_view.RowHook` call: :func:`mixed_forward`."""
         return mixed_forward(layer, self, x, *args, **kwargs)
 
-    def begin(self) -> None:
-        """Start a forward pass: the first layer called re-checks the stacked weights."""
+    def begin(self) -> list[LoRALayer]:
+        """Start a forward pass and return the model's LoRA layers (found again after a change
+        of the adapter set); the first layer called then re-checks the stacked weights."""
+        self._versions = layer_versions(self._layers)
+        if (self._model_key(), self._versions) != self._layers_key:
+            self._layers = self._find_layers()
+            self._versions = layer_versions(self._layers)
+            self._layers_key = (self._model_key(), self._versions)
         self._ready = False
+        return self._layers
 
     def select(self, layer: LoRALayer, device: torch.device) -> Selection | None:
         """``layer``'s stack and row slots, or None when it has none of the plan's adapters."""
@@ -240,8 +237,8 @@ class MixedBatch:
         return stack, rows, self._uniform
 
     def _prepare(self) -> None:
-        layers = self.layers
-        self.cache.refresh(layers, check_versions=self.check_versions)
+        layers = self._layers
+        self.cache.refresh(layers, self._versions, check_versions=self.check_versions)
         self._ready = True
         if self._generation == self.cache.generation:
             return

@@ -83,17 +83,16 @@ def mixed_batch(
 @contextlib.contextmanager
 def _installed(batch: MixedBatch) -> Iterator[RowAdapters]:
     """``batch`` as the ``row_hook`` of each of its layers for the duration of the context."""
-    layers = batch.layers
+    layers = batch.begin()
     if any(layer.row_hook is not None for layer in layers):
         raise RuntimeError("adapter_rows() is already active on this model; contexts do not nest")
-    batch.begin()
     for layer in layers:
-        layer.row_hook = batch
+        layer.set_row_hook(batch)
     try:
         yield batch.plan
     finally:
         for layer in layers:
-            layer.row_hook = None
+            layer.set_row_hook(None)
 
 
 @contextlib.contextmanager

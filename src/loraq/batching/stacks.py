@@ -135,22 +135,25 @@ class StackCache:
     def __setstate__(self, state: dict) -> None:
         self.__init__()
 
-    def refresh(self, layers: list[LoRALayer], *, check_versions: bool) -> None:
-        """Rebuild unless the adapter set (and, if asked, every adapter tensor) is unchanged."""
-        if self._is_current(layers, check_versions):
+    def refresh(
+        self, layers: list[LoRALayer], versions: list[int], *, check_versions: bool
+    ) -> None:
+        """Rebuild unless the layers, their ``versions`` (:func:`layer_versions`, read by the
+        caller) and, if asked, every adapter tensor's version are unchanged."""
+        if self._is_current(layers, versions, check_versions):
             return
         with torch.no_grad():
             self._rebuild(layers)
 
-    def _is_current(self, layers: list[LoRALayer], check_versions: bool) -> bool:
+    def _is_current(self, layers: list[LoRALayer], versions: list[int], check: bool) -> bool:
         # list equality compares modules by identity; versions catch structural changes
-        if layers != self._layers or layer_versions(layers) != self._layer_versions:
+        if layers != self._layers or versions != self._layer_versions:
             return False
         if self._tensors:
             first = self._tensors[0]
             if (first.device, first.dtype) != self._placement:
                 return False  # model.to(...) swaps tensor data without touching versions
-        if check_versions:
+        if check:
             return [t._version for t in self._tensors] == self._versions
         return True
 

@@ -2,7 +2,7 @@
 adapters in other ways (mixed-adapter batches, :mod:`loraq.batching`).
 
 Such code reads an adapter only through :meth:`LoRALayer.adapter_view` and takes over a layer's
-forward only through its ``row_hook`` attribute:
+forward only through :meth:`LoRALayer.set_row_hook`:
 
 =====================  ============================================================================
 name                   what it is
@@ -10,7 +10,8 @@ name                   what it is
 :class:`AdapterView`   one adapter of one layer as plain facts: rank, scale, dropout, dtype, shape,
                        the base's dtype and device, and its factors A and B as the forward uses them
 :class:`RowHook`       an object that computes the whole output of a layer; while
-                       ``layer.row_hook`` is set (and adapters are not disabled) ``forward`` calls it
+                       ``layer.row_hook`` is set (and adapters are not disabled) ``forward`` calls
+                       it instead of running the layer's own adapters
 ``adapter_version``    a per-layer counter that grows whenever something a stacked copy of the
                        adapters depends on changes: adapters added or deleted, k-bit grids switched,
                        the base replaced or rewritten (merge, PiSSA). In-place edits of adapter
@@ -75,8 +76,9 @@ class AdapterView:
 class RowHook(Protocol):
     """Computes a ``LoRALayer``'s output in place of its own forward (e.g. one adapter per row).
 
-    Installed as ``layer.row_hook`` by the code that owns it and cleared (set to None) after;
-    ``LoRALayer.forward(x, *args, **kwargs)`` then returns ``hook(layer, x, *args, **kwargs)``.
+    Installed by the code that owns it with ``layer.set_row_hook(hook)`` and removed after
+    (``set_row_hook(None)``); meanwhile ``LoRALayer.forward(x, *args, **kwargs)`` returns
+    ``hook(layer, x, *args, **kwargs)``.
     """
 
     def __call__(self, layer: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:

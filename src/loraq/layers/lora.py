@@ -70,12 +70,12 @@ class LoRALayer(nn.Module):
         **options: ``init``, ``use_rslora``, ``use_dora`` as in :class:`loraq.LoraConfig`.
 
     Code that runs the adapters another way (mixed-adapter batches) reads them through
-    :meth:`adapter_view`, watches :attr:`adapter_version` and takes over the forward pass by
-    setting :attr:`row_hook` (see :mod:`loraq.layers.adapter_view`).
+    :meth:`adapter_view`, watches :attr:`adapter_version` and takes over the forward pass with
+    :meth:`set_row_hook` (see :mod:`loraq.layers.adapter_view`).
     """
 
-    #: Set by the code that installs it (e.g. :func:`loraq.adapter_rows`), None otherwise: while
-    #: set, :meth:`forward` returns ``row_hook(self, x, ...)`` (a :class:`RowHook`).
+    #: Set by :meth:`set_row_hook` (e.g. inside :func:`loraq.adapter_rows`), None otherwise:
+    #: while set, :meth:`forward` returns ``row_hook(self, x, ...)`` (a :class:`RowHook`).
     row_hook: RowHook | None = None
     # class defaults, so layers pickled before these attributes existed still load
     _adapter_version: int = 0
@@ -221,6 +221,12 @@ class LoRALayer(nn.Module):
             b=b,
             magnitude=self.lora_magnitude_vector[name] if use_dora else None,
         )
+
+    def set_row_hook(self, hook: RowHook | None) -> None:
+        """Install ``hook`` as :attr:`row_hook` (None removes it)."""
+        # a plain attribute, set without nn.Module.__setattr__'s registry checks: a decode loop
+        # installs and removes the hook on every layer at every step
+        self.__dict__["row_hook"] = hook
 
     def set_adapter_bits(self, name: str, bits: int | None) -> None:
         """Run adapter ``name`` on its ``bits``-bit grid (2..8), or in full precision (None)."""
