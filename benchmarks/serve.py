@@ -32,6 +32,7 @@ from torch import nn
 import loraq
 from loraq.batching import mixed as mixed_op
 from loraq.batching.mixed import MixedBatch, RowAdapters
+from loraq.batching.rows import layer_rows
 from loraq.generation.decode import SamplingParams, SequenceState, run_to_completion
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
@@ -145,10 +146,8 @@ def bench_layer(rows: int, tokens: int, repeats: int, width: int = 576) -> None:
 
         def run():
             mixed_op.STRATEGY = strategy
-            batch.begin()
-            layer.__dict__["row_adapters"] = batch
-            layer(x)
-            layer.__dict__["row_adapters"] = None
+            with layer_rows(layer, batch):
+                layer(x)
             batch.check_versions = False
             mixed_op.STRATEGY = "auto"
 

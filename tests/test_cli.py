@@ -88,7 +88,7 @@ def test_eval_reports_loss_and_perplexity(llama_run, capsys):
 def test_merge_gives_a_dense_model_that_generates_the_same(llama_run, capsys):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from loraq.train.generate import generate
+    from loraq.generation.decode import generate
 
     out = llama_run / "merged"
     code = cli.main(["merge", "--adapter", str(llama_run / "run" / "adapter"), "--out", str(out)])
@@ -96,7 +96,7 @@ def test_merge_gives_a_dense_model_that_generates_the_same(llama_run, capsys):
     model = AutoModelForCausalLM.from_pretrained(str(out))
     tokenizer = AutoTokenizer.from_pretrained(str(out))
     assert not any("lora" in name for name, _ in model.named_parameters())
-    assert generate(model, tokenizer, "abc:", max_new_tokens=12) == "xyzxyz"
+    assert generate(model, tokenizer, ["abc:"], max_new_tokens=12) == ["xyzxyz"]
     assert cli.main(["generate", "--model", str(out), "abc:", "--max-new-tokens", "12"]) == 0
     assert capsys.readouterr().out.strip().endswith("xyzxyz")
 

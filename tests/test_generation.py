@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import loraq
-from loraq.generation.decode import DecodeBatch, SamplingParams, SequenceState
+from loraq.generation.decode import DecodeBatch, SamplingParams, SequenceState, generate_ids
+from loraq.generation.text import ReplyText, held_back, truncate_at_stop
 from tiny_lm import byte_tokenizer, randomize_adapters, single_thread, tiny_causal_lm  # noqa: F401
 
 
@@ -139,3 +140,82 @@ def test_stories260k_batched_rows_match_run_c_and_each_adapter_alone():
         loraq.generation.decode.run_to_completion(model, [alone])
         assert alone.generated == seq.generated
     assert seqs[1].generated != seqs[0].generated  # the adapter changes the story
+
+
+# ----------------------------------------------------------------------------- reply text
+MULTI_BYTE = "naïve café → 3€, 日本語 and 🙂🙃: done."
+
+
+def _streamed(tok, ids, stops=(), step=1):
+    """(pieces handed out while ids arrive ``step`` at a time, the final text)."""
+    reply = ReplyText(tok, stops)
+    pieces = []
+    for i in range(0, len(ids), step):
+        reply.add(ids[i : i + step])
+        pieces.append(reply.take())
+        if reply.stopped:
+            break
+    reply.finish()
+    pieces.append(reply.take())
+    return pieces, reply.text
+
+
+@pytest.mark.parametrize("step", [1, 2, 5])
+def test_reply_text_streams_exactly_the_full_decode_with_split_characters(step):
+    tok = byte_tokenizer()
+    ids = tok(MULTI_BYTE, add_special_tokens=False)["input_ids"]
+    assert len(ids) > len(MULTI_BYTE)  # characters really are split over tokens
+    pieces, text = _streamed(tok, ids, step=step)
+    assert "".join(pieces) == text == MULTI_BYTE
+    # no piece ever shows half a character
+    assert not any("\ufffd" in p for p in pieces)
+    # special tokens are skipped, as in the full decode
+    pieces, text = _streamed(tok, [tok.bos_token_id, *ids, tok.eos_token_id], step=step)
+    assert "".join(pieces) == text == MULTI_BYTE
+
+
+def test_reply_text_equals_the_full_decode_of_invalid_and_unfinished_bytes():
+    tok = byte_tokenizer()
+    # byte ids of the tokenizer (0-255 in its sorted alphabet): random bytes, often invalid UTF-8
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        ids = torch.randint(0, 256, (40,), generator=gen).tolist()
+        pieces, text = _streamed(tok, ids)
+        assert "".join(pieces) == text == tok.decode(ids, skip_special_tokens=True)
+    euro = tok("€", add_special_tokens=False)["input_ids"]
+    pieces, text = _streamed(tok, euro[:2])  # the reply ends inside a character
+    assert "".join(pieces) == text == tok.decode(euro[:2]) == "\ufffd"
+
+
+@pytest.mark.parametrize("stop", ["→", "🙂🙃", "e\u0301", "and", "é →", ": d", "x"])
+def test_reply_text_cuts_at_stop_strings_and_never_streams_past_them(stop):
+    tok = byte_tokenizer()
+    ids = tok(MULTI_BYTE, add_special_tokens=False)["input_ids"]
+    pieces, text = _streamed(tok, ids, stops=[stop, "never"])
+    expected = MULTI_BYTE.split(stop)[0]
+    assert text == expected and "".join(pieces) == expected
+
+
+def test_truncate_at_stop_and_held_back():
+    assert truncate_at_stop("abcabc", ["ca", "bc"]) == ("a", True)
+    assert truncate_at_stop("abcabc", ["zz", ""]) == ("abcabc", False)
+    assert truncate_at_stop("abcabc", ["bc"], start=2) == ("abca", True)
+    assert held_back("hello wor", ["world", "xo"]) == 3
+    assert held_back("hello", ["lo!", "hello!"]) == 5
+    assert held_back("hello", []) == 0
+
+
+def test_generate_ids_is_the_same_loop_as_generate(setup):
+    model, tok = setup
+    loraq.set_adapter(model, "b")
+    ids = tok("Once upon")["input_ids"]
+    new = generate_ids(model, torch.tensor([ids]), max_new_tokens=9)
+    assert new.dtype == torch.long and new.ndim == 1 and len(new) == 9
+    # without adapter_names every row runs the model as it is set up: here adapter b
+    (text,) = loraq.generate(model, tok, ["Once upon"], max_new_tokens=9)
+    assert text == tok.decode(new.tolist(), skip_special_tokens=True)
+    assert text == _alone(model, tok, "Once upon", "b", max_new_tokens=9)
+    assert len(generate_ids(model, ids, max_new_tokens=0)) == 0
+    stop_at = int(new[3])
+    early = generate_ids(model, ids, max_new_tokens=9, eos_token_id=stop_at)
+    assert early.tolist() == new.tolist()[: new.tolist().index(stop_at)]

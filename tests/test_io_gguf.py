@@ -326,7 +326,7 @@ def test_smollm2_example_config_and_data_are_valid():
 def test_stories260k_a_real_pretrained_llama_round_trips_through_gguf(tmp_path):
     """A real tiny Llama (llama2.c's stories260K): f32 GGUF gives loraq its own logits back,
     a q8_0 GGUF gives transformers' GGUF loader's logits and still tells run.c's story."""
-    from loraq.train.generate import generate_ids
+    from loraq.generation.decode import generate_ids
     from stories260k import RUN_C_GREEDY, STORIES, decode_tokens, load_stories260k
 
     if not (STORIES / "stories260K.bin").is_file():

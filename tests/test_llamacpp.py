@@ -29,9 +29,9 @@ import pytest
 import torch
 
 import loraq
+from loraq.generation.decode import generate_ids
 from loraq.io.gguf_read import load_gguf
 from loraq.io.gguf_write import export_gguf
-from loraq.train.generate import generate_ids
 
 llama_cpp = pytest.importorskip("llama_cpp")
 from test_io_gguf import smollm2_file  # noqa: E402

@@ -11,7 +11,8 @@ from torch import nn
 import loraq
 from conftest import tiny_gpt2, tiny_llama
 from loraq.batching import mixed as mixed_op
-from loraq.batching.mixed import RowAdapters
+from loraq.batching.mixed import MixedBatch, RowAdapters
+from loraq.batching.rows import layer_rows
 from loraq.layers.adapter_quant import enable_adapter_quant
 from loraq.layers.qlora import QLoRALayer
 from tiny_lm import randomize_adapters, single_thread  # noqa: F401
@@ -57,9 +58,8 @@ def test_mixed_rows_equal_each_adapter_alone(kind, strategy, monkeypatch):
     rows = names + [None] + names[::-1]
     x = make_x(len(rows))
     with torch.no_grad():
-        layer.__dict__["row_adapters"] = RowAdapters.from_names(rows)
-        mixed = layer(x)
-        layer.__dict__["row_adapters"] = None
+        with layer_rows(layer, rows):
+            mixed = layer(x)
         for i, name in enumerate(rows):
             expected = _alone(layer, name, x[i : i + 1])
             torch.testing.assert_close(mixed[i : i + 1], expected, rtol=1e-5, atol=1e-5)
@@ -171,8 +171,7 @@ def test_mixed_batch_bad_input_names_the_problem():
         with loraq.adapter_rows(model, ["a"]):
             model(torch.randint(0, 64, (1, 4)))
     conv = loraq.LoRALayer(nn.Conv1d(3, 4, 3), rank=2)
-    conv.__dict__["row_adapters"] = RowAdapters.from_names(["default"])
-    with pytest.raises(TypeError, match="convolution"):
+    with pytest.raises(TypeError, match="convolution"), layer_rows(conv, ["default"]):
         conv(torch.randn(1, 3, 8))
     saved = tiny_llama()
     loraq.apply(
@@ -197,12 +196,11 @@ def test_mixed_dropout_keeps_rows_independent():
     layer.add_adapter("b", 2, 2.0)
     randomize_adapters(layer)
     x = torch.randn(4, 8)
-    layer.__dict__["row_adapters"] = RowAdapters.from_names(["a", "b", "b", None])
-    out = layer(x)
+    with layer_rows(layer, ["a", "b", "b", None]):
+        out = layer(x)
     base = layer.base_layer(x)
     # row 3 has no adapter; b has no dropout so rows 1 and 2 are deterministic
     torch.testing.assert_close(out[3], base[3])
-    layer.__dict__["row_adapters"] = None
     layer.active_adapters = ["b"]
     torch.testing.assert_close(out[1:3], layer(x[1:3]), rtol=1e-5, atol=1e-6)
 
@@ -216,9 +214,8 @@ def test_layer_gradients_per_adapter_both_forms(strategy, monkeypatch):
     randomize_adapters(layer)
     names = ["b", "a", None, "d", "b", "a"]
     x = torch.randn(len(names), 4, 12)
-    layer.__dict__["row_adapters"] = RowAdapters.from_names(names)
-    (layer(x) ** 2).sum().backward()
-    layer.__dict__["row_adapters"] = None
+    with layer_rows(layer, names):
+        (layer(x) ** 2).sum().backward()
     mixed_grads = {n: [p.grad.clone() for p in layer.adapter_parameters(n)] for n in "abd"}
     for name in "abd":
         layer.zero_grad()
@@ -234,14 +231,11 @@ def test_stacked_weights_cache_follows_edits_and_replacements():
     layer.add_adapter("b", 2, 2.0)
     randomize_adapters(layer)
     x = torch.randn(2, 8)
-    plan = RowAdapters.from_names(["a", "b"])
+    batch = MixedBatch.alone(layer, RowAdapters.from_names(["a", "b"]))  # one cache throughout
 
     def mixed_out():
-        layer.__dict__["row_adapters"] = plan
-        try:
+        with layer_rows(layer, batch):
             return layer(x)
-        finally:
-            layer.__dict__["row_adapters"] = None
 
     with torch.no_grad():
         first = mixed_out()
@@ -353,9 +347,61 @@ def test_rows_without_dora_added_into_the_base_output_equal_each_adapter_alone(
     for rows in (["a", "b", None, "k", "b"], ["b", "b", "b"], [None, None]):
         x = torch.randn(len(rows), 3, 16)
         with torch.no_grad():
-            layer.__dict__["row_adapters"] = RowAdapters.from_names(rows)
-            mixed = layer(x)
-            layer.__dict__["row_adapters"] = None
+            with layer_rows(layer, rows):
+                mixed = layer(x)
             for i, name in enumerate(rows):
                 expected = _alone(layer, name, x[i : i + 1])
                 torch.testing.assert_close(mixed[i : i + 1], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_stacks_follow_structural_changes_seen_only_by_the_layer_version():
+    """With tensor versions unchecked (a decode loop's later steps), k-bit switches and adapters
+    replaced by fresh tensors are caught by ``adapter_version`` alone; another layer's change
+    leaves this layer's stacks alone."""
+    torch.manual_seed(6)
+    layer = loraq.LoRALayer(nn.Linear(8, 8), rank=2, adapter_name="a").eval()
+    layer.add_adapter("b", 2, 2.0)
+    other = loraq.LoRALayer(nn.Linear(8, 8), rank=2, adapter_name="a").eval()
+    randomize_adapters(layer)
+    x = torch.randn(2, 8)
+    batch = MixedBatch.alone(layer, RowAdapters.from_names(["a", "b"]))
+    other_batch = MixedBatch.alone(other, RowAdapters.from_names(["a"]))
+    with torch.no_grad():
+        with layer_rows(layer, batch):
+            layer(x)
+        with layer_rows(other, other_batch):
+            other(x[:1])
+        batch.check_versions = other_batch.check_versions = False
+        before = layer.adapter_version
+        enable_adapter_quant(layer, "b", 3)
+        assert layer.adapter_version > before
+        with layer_rows(layer, batch):
+            out = layer(x)
+        torch.testing.assert_close(out[1:], _alone(layer, "b", x[1:]))
+        layer.delete_adapter("a")
+        layer.add_adapter("a", 3, 3.0)  # fresh tensors; B = 0, so the adapter is a no-op
+        with layer_rows(layer, batch):
+            out = layer(x)
+        torch.testing.assert_close(out[:1], layer.base_layer(x[:1]))
+        generation = other_batch.cache.generation
+        with layer_rows(other, other_batch):
+            other(x[:1])
+        assert other_batch.cache.generation == generation  # untouched by the other layer
+
+
+def test_adapter_view_is_what_the_forward_uses():
+    layer = loraq.LoRALayer(nn.Linear(6, 5), rank=3, alpha=6, dropout=0.2, adapter_name="a")
+    layer.add_adapter("d", 2, 2.0, use_dora=True)
+    enable_adapter_quant(layer, "a", 4)
+    randomize_adapters(layer)
+    view = layer.adapter_view("a")
+    assert (view.rank, view.scale, view.bits, view.use_dora) == (3, 2.0, 4, False)
+    assert (view.in_features, view.out_features, view.dtype) == (6, 5, torch.float32)
+    assert view.dropout_p == 0.2 and layer.eval().adapter_view("a").dropout_p == 0.0
+    a, b = view.factors()
+    expected_a, expected_b = layer.adapter_weights("a")
+    assert torch.equal(a, expected_a) and torch.equal(b, expected_b)
+    assert view.tensors() == (layer.lora_A["a"].weight, layer.lora_B["a"].weight)
+    assert layer.adapter_view("d").tensors()[2] is layer.lora_magnitude_vector["d"]
+    with pytest.raises(KeyError, match="no adapter 'zz'"):
+        layer.adapter_view("zz")

@@ -16,9 +16,10 @@ import torch
 import yaml
 
 from conftest import pattern_config, sentiment_config
+from loraq.generation.decode import generate
+from loraq.generation.sampling import sample_next
 from loraq.train import checkpoint as ckpt
 from loraq.train.config import ConfigError, load_config
-from loraq.train.generate import generate, sample_next
 from loraq.train.inference import load_trained
 from loraq.train.loop import train
 from loraq.train.metrics import read_metrics
@@ -83,8 +84,11 @@ def test_causal_lm_learns_pattern_and_generates_it(tmp_path, llama, quant):
 
     model, tok, cfg = load_trained(adapter=run / "adapter")
     assert cfg.model.task == "causal-lm"
-    assert generate(model, tok, "abc:", max_new_tokens=12) == "xyzxyz"
-    sampled = [generate(model, tok, "abc:", 12, temperature=0.7, top_p=0.9, seed=s) for s in (1, 1)]
+    assert generate(model, tok, ["abc:"], max_new_tokens=12) == ["xyzxyz"]
+    sampled = [
+        generate(model, tok, ["abc:"], max_new_tokens=12, temperature=0.7, top_p=0.9, seed=s)
+        for s in (1, 1)
+    ]
     assert sampled[0] == sampled[1]
 
 

@@ -274,15 +274,15 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from loraq.train.generate import generate
+    from loraq.generation.decode import generate
 
     if not args.adapter and not args.model:
         raise CliError("loraq generate needs --adapter DIR or --model PATH")
     model, tokenizer, run = _load_for_inference(args, "causal-lm")
-    text = generate(
+    (text,) = generate(
         model,
         tokenizer,
-        args.prompt,
+        [args.prompt],
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
         top_k=args.top_k,

@@ -8,5 +8,9 @@ module                 holds
 :mod:`.stacks`         adapters stacked per layer, cached until an adapter changes
 =====================  ==========================================================================
 
-Imports ``layers`` and ``model``; imported by ``generation``, ``serve`` and ``train``.
+A layer is read only through its public contract (:mod:`loraq.layers.adapter_view`): the
+adapter views, ``adapter_version``, and the ``row_hook`` this package installs.
+
+Imports ``layers`` and ``model``; imported by ``generation`` and the package root. ``io`` sits
+on the same floor and neither imports the other (``tests/test_imports.py``).
 """

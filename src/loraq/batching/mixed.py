@@ -19,9 +19,10 @@ DoRA           a per-slot column scale ``m / ||W + sBA||`` (1 for plain adapters
 =============  ==================================================================================
 
 The row -> slot selection is made once per forward pass, not once per layer: a
-:class:`MixedBatch`, set on every LoRA layer by :func:`loraq.adapter_rows` (and kept from one
-decode step to the next by the generation loop), maps the plan's rows to the slots of the model's
-:class:`~loraq.batching.stacks.StackCache` once, and each layer then only looks up its stack.
+:class:`MixedBatch`, installed as every LoRA layer's ``row_hook`` by :func:`loraq.adapter_rows`
+(and kept from one decode step to the next by the generation loop), maps the plan's rows to the
+slots of the model's :class:`~loraq.batching.stacks.StackCache` once, and each layer then only
+looks up its stack.
 Without gradients the stacks come from that cache; with gradients (training) each layer stacks
 the plan's adapters in the graph, and the selection's backward scatters each row's gradient into
 its own adapter's slice only, so every adapter receives exactly the gradient it would get from
@@ -39,9 +40,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .stacks import LayerStack, StackCache, adapter_epoch, stack_layer
-
-_CACHE_ATTR = "_mixed_stack_cache"
+from ..layers.lora import LoRALayer
+from .stacks import LayerStack, StackCache, layer_versions, stack_layer
 
 
 @dataclass(frozen=True)
@@ -76,7 +76,7 @@ class RowAdapters:
         return int(self.row_slot.shape[0])
 
 
-def check_layer(layer: Any, plan: RowAdapters) -> list[str]:
+def check_layer(layer: LoRALayer, plan: RowAdapters) -> list[str]:
     """Names of the plan's adapters present on ``layer``; raises for what mixing cannot do."""
     if layer.kind == "conv":
         raise TypeError(
@@ -91,19 +91,20 @@ def check_layer(layer: Any, plan: RowAdapters) -> list[str]:
     present = [n for n in plan.slots[1:] if n in layer.r]
     if layer.training:
         for name in present:
-            if layer.use_dora[name] and layer._dropout_p(name) > 0:
+            view = layer.adapter_view(name)
+            if view.use_dora and view.dropout_p > 0:
                 raise ValueError(
                     f"mixed-adapter training does not support DoRA adapter {name!r} with dropout "
-                    f"{layer._dropout_p(name)}; set its dropout to 0 or train it on its own"
+                    f"{view.dropout_p}; set its dropout to 0 or train it on its own"
                 )
     return present
 
 
-def _row_dropout(layer: Any, plan: RowAdapters, x: torch.Tensor):
+def _row_dropout(layer: LoRALayer, plan: RowAdapters, x: torch.Tensor):
     """``x`` with each row's adapter dropout applied (training only; identity otherwise)."""
     if not layer.training:
         return x
-    probs = [layer._dropout_p(n) if n in layer.r else 0.0 for n in plan.slots]
+    probs = [layer.adapter_view(n).dropout_p if n in layer.r else 0.0 for n in plan.slots]
     if not any(p > 0 for p in probs):
         return x
     p_row = torch.tensor(probs, dtype=x.dtype, device=x.device)[plan.row_slot.to(x.device)]
@@ -112,7 +113,7 @@ def _row_dropout(layer: Any, plan: RowAdapters, x: torch.Tensor):
     return x * keep / (1.0 - p_row)
 
 
-def _embedding_hidden(layer: Any, x: torch.Tensor, a_s: torch.Tensor, row_slot: torch.Tensor):
+def _embedding_hidden(layer: LoRALayer, x: torch.Tensor, a_s: torch.Tensor, row_slot: torch.Tensor):
     base = layer.base_layer
     if base.max_norm is not None:
         raise ValueError("mixed-adapter batches do not support nn.Embedding with max_norm")
@@ -158,8 +159,11 @@ Selection = tuple[LayerStack, torch.Tensor, "int | None"]
 class MixedBatch:
     """A plan's row -> adapter selection, made once and shared by every LoRA layer of a model.
 
-    ``find_layers()`` lists the model's LoRA layers; it is called again whenever the adapter
-    set changes (new adapters may wrap new layers). ``cache`` holds the model's stacked weights.
+    It is the :class:`~loraq.layers.adapter_view.RowHook` that :func:`loraq.adapter_rows`
+    installs on each layer. ``find_layers()`` lists the model's LoRA layers; it is called again
+    whenever ``model_key()`` (the model's adapter names, say) or a known layer's
+    ``adapter_version`` changes (new adapters may wrap new layers). ``cache`` holds the model's
+    stacked weights.
     ``check_versions``: whether the next forward re-reads every adapter tensor's version
     counter to catch in-place edits (a decode loop turns it off after its first step with a
     plan, since nothing edits adapters between its steps; structural changes are always seen).
@@ -169,48 +173,53 @@ class MixedBatch:
         self,
         plan: RowAdapters,
         cache: StackCache,
-        find_layers: Callable[[], list[Any]],
-        layers: list[Any] | None = None,
+        find_layers: Callable[[], list[LoRALayer]],
+        layers: list[LoRALayer] | None = None,
         *,
+        model_key: Callable[[], object] = lambda: None,
         check_versions: bool = True,
     ) -> None:
         self.plan = plan
         self.cache = cache
         self.check_versions = check_versions
         self._find_layers = find_layers
+        self._model_key = model_key
         self._layers = find_layers() if layers is None else layers
-        self._layers_epoch = adapter_epoch()
+        self._versions = layer_versions(self._layers)
+        self._layers_key = (model_key(), self._versions)
         self._ready = False
         self._generation = -1
-        self._active: dict[Any, LayerStack] = {}
+        self._active: dict[LoRALayer, LayerStack] = {}
         self._row_slot = plan.row_slot
         self._uniform: int | None = None
         self._rows_on: dict[torch.device, torch.Tensor] = {}
         self._masks: dict[tuple, torch.Tensor] = {}
-        self._gathered: dict[Any, tuple] = {}
+        self._gathered: dict[LoRALayer, tuple] = {}
         self._gathered_bytes = 0
 
     @classmethod
-    def alone(cls, layer: Any, plan: RowAdapters) -> MixedBatch:
-        """A batch over one lone layer (a plan set directly on it), with its own cache."""
-        cache = layer.__dict__.get(_CACHE_ATTR)
-        if cache is None:
-            cache = layer.__dict__[_CACHE_ATTR] = StackCache()
-        return cls(plan, cache, lambda: [layer])
+    def alone(cls, layer: LoRALayer, plan: RowAdapters) -> MixedBatch:
+        """A batch over one lone layer, with its own cache (reuse it to reuse the stacks)."""
+        return cls(plan, StackCache(), lambda: [layer])
 
-    @property
-    def layers(self) -> list[Any]:
-        """The model's LoRA layers (found again after any change of the adapter set)."""
-        if self._layers_epoch != adapter_epoch():
+    def __call__(
+        self, layer: LoRALayer, x: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> torch.Tensor:
+        """The :class:`~loraq.layers.adapter_view.RowHook` call: :func:`mixed_forward`."""
+        return mixed_forward(layer, self, x, *args, **kwargs)
+
+    def begin(self) -> list[LoRALayer]:
+        """Start a forward pass and return the model's LoRA layers (found again after a change
+        of the adapter set); the first layer called then re-checks the stacked weights."""
+        self._versions = layer_versions(self._layers)
+        if (self._model_key(), self._versions) != self._layers_key:
             self._layers = self._find_layers()
-            self._layers_epoch = adapter_epoch()
+            self._versions = layer_versions(self._layers)
+            self._layers_key = (self._model_key(), self._versions)
+        self._ready = False
         return self._layers
 
-    def begin(self) -> None:
-        """Start a forward pass: the first layer called re-checks the stacked weights."""
-        self._ready = False
-
-    def select(self, layer: Any, device: torch.device) -> Selection | None:
+    def select(self, layer: LoRALayer, device: torch.device) -> Selection | None:
         """``layer``'s stack and row slots, or None when it has none of the plan's adapters."""
         if torch.is_grad_enabled():  # training: stacks built in the autograd graph
             if not check_layer(layer, self.plan):
@@ -228,8 +237,8 @@ class MixedBatch:
         return stack, rows, self._uniform
 
     def _prepare(self) -> None:
-        layers = self.layers
-        self.cache.refresh(layers, check_versions=self.check_versions)
+        layers = self._layers
+        self.cache.refresh(layers, self._versions, check_versions=self.check_versions)
         self._ready = True
         if self._generation == self.cache.generation:
             return
@@ -248,7 +257,7 @@ class MixedBatch:
         self._gathered_bytes = 0
         self._generation = self.cache.generation
 
-    def row_weights(self, layer: Any, stack: LayerStack, rows: torch.Tensor) -> tuple:
+    def row_weights(self, layer: LoRALayer, stack: LayerStack, rows: torch.Tensor) -> tuple:
         """``(A, B, DoRA scale or None)`` of each row: the stack's slices picked by ``rows``.
 
         Without gradients they are kept (within :data:`GATHER_CACHE_BYTES`) for the next
@@ -305,11 +314,9 @@ def _linear_delta(batch: MixedBatch, layer, x_in, stack: LayerStack, rows, unifo
 
 
 def mixed_forward(
-    layer: Any, batch: MixedBatch | RowAdapters, x: torch.Tensor, *args: Any, **kwargs: Any
+    layer: LoRALayer, batch: MixedBatch, x: torch.Tensor, *args: Any, **kwargs: Any
 ) -> torch.Tensor:
     """The output of ``layer`` (a ``LoRALayer``) with each row of ``x`` using its plan adapter."""
-    if isinstance(batch, RowAdapters):  # a plan set directly on one layer
-        batch = MixedBatch.alone(layer, batch)
     plan = batch.plan
     rows = x.shape[0] if x.ndim > 0 else 0
     if rows != plan.rows:

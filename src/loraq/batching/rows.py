@@ -3,6 +3,9 @@
 Inside the context every LoRA layer of ``model`` computes row ``i`` of its input with adapter
 ``names[i]`` (``None``: the bare base), all rows in one pass (see :mod:`loraq.batching.mixed`).
 Works for inference and training: each adapter's gradient comes from its own rows only.
+The context installs a :class:`~loraq.batching.mixed.MixedBatch` as each layer's ``row_hook``
+(the contract of :mod:`loraq.layers.adapter_view`) and clears it on exit;
+:func:`layer_rows` does the same for one standalone ``LoRALayer``.
 """
 
 from __future__ import annotations
@@ -68,7 +71,28 @@ def mixed_batch(
     cache = model.__dict__.get(_STACKS_ATTR)
     if cache is None:
         cache = model.__dict__[_STACKS_ATTR] = StackCache()
-    return MixedBatch(plan, cache, lambda: lora_layer_list(model), layers)
+    return MixedBatch(
+        plan,
+        cache,
+        lambda: lora_layer_list(model),
+        layers,
+        model_key=lambda: tuple(adapter_names(model)),
+    )
+
+
+@contextlib.contextmanager
+def _installed(batch: MixedBatch) -> Iterator[RowAdapters]:
+    """``batch`` as the ``row_hook`` of each of its layers for the duration of the context."""
+    layers = batch.begin()
+    if any(layer.row_hook is not None for layer in layers):
+        raise RuntimeError("adapter_rows() is already active on this model; contexts do not nest")
+    for layer in layers:
+        layer.set_row_hook(batch)
+    try:
+        yield batch.plan
+    finally:
+        for layer in layers:
+            layer.set_row_hook(None)
 
 
 @contextlib.contextmanager
@@ -87,14 +111,21 @@ def adapter_rows(
     module tree.
     """
     batch = names if isinstance(names, MixedBatch) else mixed_batch(model, names, layers)
-    layers = batch.layers
-    if any(layer.__dict__.get("row_adapters") is not None for layer in layers):
-        raise RuntimeError("adapter_rows() is already active on this model; contexts do not nest")
-    batch.begin()
-    for layer in layers:
-        layer.__dict__["row_adapters"] = batch
-    try:
-        yield batch.plan
-    finally:
-        for layer in layers:
-            layer.__dict__["row_adapters"] = None
+    with _installed(batch) as plan:
+        yield plan
+
+
+@contextlib.contextmanager
+def layer_rows(
+    layer: LoRALayer, names: Sequence[str | None] | RowAdapters | MixedBatch
+) -> Iterator[RowAdapters]:
+    """Context manager: :func:`adapter_rows` for one ``LoRALayer`` used on its own (no model, no
+    saved configs). ``names`` may be a ``MixedBatch.alone(layer, plan)`` reused across calls
+    (its stacked weights are then built once)."""
+    if isinstance(names, MixedBatch):
+        batch = names
+    else:
+        plan = names if isinstance(names, RowAdapters) else RowAdapters.from_names(list(names))
+        batch = MixedBatch.alone(layer, plan)
+    with _installed(batch) as plan:
+        yield plan

@@ -17,35 +17,31 @@ model with the slots in one fixed order (all of the model's adapters), so rows j
 leaving a running batch never re-stack anything: only a change of the adapter set does.
 
 When is a cache stale? Structural changes (adding, deleting, merging an adapter, replacing or
-rewriting a base, switching an adapter to k-bit weights) bump one process-wide counter,
-:func:`adapter_epoch`, which costs one integer compare per forward to check. In-place edits of
-adapter tensors (an optimizer step, ``load_state_dict``) move their version counters; reading
-those is a Python loop over every adapter tensor, so :meth:`StackCache.refresh` does it only when
-asked (``check_versions``): on every new batch plan, not on every decode step of the same plan.
+rewriting a base, switching an adapter to k-bit weights) bump the layer's own
+``adapter_version``; comparing those costs one attribute read per layer and forward, and a
+change in one model never invalidates another's stacks. In-place edits of adapter tensors (an
+optimizer step, ``load_state_dict``) move the tensors' version counters; reading those is a
+Python loop over every adapter tensor, so :meth:`StackCache.refresh` does it only when asked
+(``check_versions``): on every new batch plan, not on every decode step of the same plan.
+
+Layers are read only through their public contract (:mod:`loraq.layers.adapter_view`).
 """
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-_epoch_counter = itertools.count(1)
-_epoch = 0
+from ..layers.adapter_view import AdapterView
+from ..layers.lora import LoRALayer
 
 
-def note_adapter_change() -> None:
-    """Record that some layer's adapter set, base weight or adapter settings changed."""
-    global _epoch
-    _epoch = next(_epoch_counter)
-
-
-def adapter_epoch() -> int:
-    """A number that changes whenever :func:`note_adapter_change` is called."""
-    return _epoch
+def layer_versions(layers: Sequence[LoRALayer]) -> list[int]:
+    """Each layer's ``adapter_version``: a list that differs once any layer changed."""
+    return [layer.adapter_version for layer in layers]
 
 
 class LayerStack(NamedTuple):
@@ -56,62 +52,60 @@ class LayerStack(NamedTuple):
     dora: torch.Tensor | None
 
 
-def stack_layer(layer: Any, slots: Sequence[str | None], device: torch.device) -> LayerStack:
+def stack_layer(layer: LoRALayer, slots: Sequence[str | None], device: torch.device) -> LayerStack:
     """The :class:`LayerStack` of ``layer`` (a ``LoRALayer``) for ``slots``.
 
     Slots whose name is None or absent from the layer are zeros (DoRA scale 1). Built from the
     adapters' forward weights (k-bit grids applied), so gradients flow back to them when enabled.
     The scale and the transpose of B are applied to the whole stack at once (a layer is a few
     tensor ops, not a few per adapter: a change of the adapter set re-stacks every layer).
+    Needs at least one of ``slots`` on the layer.
     """
-    dtype = layer._adapter_dtype()
-    present = [n for n in slots if n is not None and n in layer.r]
-    r_max = max((layer.r[n] for n in present), default=1)
-    in_f, out_f = layer._in_out()
-    zero_a = torch.zeros(r_max, in_f, dtype=dtype, device=device)
-    zero_b = torch.zeros(out_f, r_max, dtype=dtype, device=device)
+    views = {n: layer.adapter_view(n) for n in slots if n is not None and n in layer.r}
+    if not views:
+        raise ValueError(f"none of the adapters {list(slots[1:])} is on this layer")
+    first = next(iter(views.values()))
+    dtype = first.dtype
+    r_max = max(v.rank for v in views.values())
+    zero_a = torch.zeros(r_max, first.in_features, dtype=dtype, device=device)
+    zero_b = torch.zeros(first.out_features, r_max, dtype=dtype, device=device)
     a_rows, b_rows, scales = [], [], []
     for name in slots:
-        if name is None or name not in layer.r:
+        view = views.get(name)
+        if view is None:
             a_rows.append(zero_a)
             b_rows.append(zero_b)
             scales.append(0.0)
             continue
-        a, b = layer._a_b_matrices(name)
-        pad = r_max - layer.r[name]
+        a, b = view.factors()
+        pad = r_max - view.rank
         a_rows.append(F.pad(a.to(dtype), (0, 0, 0, pad)) if pad else a.to(dtype))
         b_rows.append(F.pad(b.to(dtype), (0, pad)) if pad else b.to(dtype))
-        scales.append(layer.scaling[name])
+        scales.append(view.scale)
     scale = torch.tensor(scales, dtype=dtype, device=device).view(-1, 1, 1)
     b_stack = (torch.stack(b_rows) * scale).transpose(1, 2).contiguous()
-    return LayerStack(torch.stack(a_rows), b_stack, _dora_scales(layer, slots, dtype, device))
+    return LayerStack(torch.stack(a_rows), b_stack, _dora_scales(layer, slots, views, device))
 
 
-def _dora_scales(layer: Any, slots: Sequence[str | None], dtype, device) -> torch.Tensor | None:
+def _dora_scales(
+    layer: LoRALayer, slots: Sequence[str | None], views: dict[str | None, AdapterView], device
+) -> torch.Tensor | None:
     """``(slots, out)`` DoRA column scales ``m / ||W + sBA||`` (1 elsewhere), or None."""
-    if not any(layer.use_dora.get(n, False) for n in slots if n is not None):
+    if not any(v.use_dora for v in views.values()):
         return None
-    out_f = layer._in_out()[1]
-    ones = torch.ones(out_f, dtype=dtype, device=device)
+    first = next(iter(views.values()))
+    dtype = first.dtype
+    ones = torch.ones(first.out_features, dtype=dtype, device=device)
     scales = []
     for name in slots:
-        if name is None or not layer.use_dora.get(name, False):
+        view = views.get(name)
+        if view is None or view.magnitude is None:
             scales.append(ones)
             continue
         with torch.no_grad():
             norm = (layer.base_matrix().to(dtype) + layer.delta_matrix(name)).norm(dim=1)
-        scales.append(layer.lora_magnitude_vector[name] / norm)
+        scales.append(view.magnitude / norm)
     return torch.stack(scales)
-
-
-def _adapter_tensors(layer: Any) -> list[torch.Tensor]:
-    """Every tensor the layer's stack is built from (A, B and DoRA magnitudes)."""
-    tensors: list[torch.Tensor] = []
-    for name in layer.r:
-        tensors.extend(layer._a_b_params(name))
-        if layer.use_dora[name]:
-            tensors.append(layer.lora_magnitude_vector[name])
-    return tensors
 
 
 class StackCache:
@@ -124,10 +118,10 @@ class StackCache:
 
     def __init__(self) -> None:
         self.slots: tuple[str | None, ...] = (None,)
-        self.stacks: dict[Any, LayerStack] = {}
+        self.stacks: dict[LoRALayer, LayerStack] = {}
         self.generation = 0
-        self._epoch = -1
-        self._layers: list[Any] = []
+        self._layers: list[LoRALayer] = []
+        self._layer_versions: list[int] = []
         self._tensors: list[torch.Tensor] = []
         self._versions: list[int] = []
         self._placement: tuple | None = None
@@ -141,25 +135,29 @@ class StackCache:
     def __setstate__(self, state: dict) -> None:
         self.__init__()
 
-    def refresh(self, layers: list[Any], *, check_versions: bool) -> None:
-        """Rebuild unless the adapter set (and, if asked, every adapter tensor) is unchanged."""
-        if self._is_current(layers, check_versions):
+    def refresh(
+        self, layers: list[LoRALayer], versions: list[int], *, check_versions: bool
+    ) -> None:
+        """Rebuild unless the layers, their ``versions`` (:func:`layer_versions`, read by the
+        caller) and, if asked, every adapter tensor's version are unchanged."""
+        if self._is_current(layers, versions, check_versions):
             return
         with torch.no_grad():
             self._rebuild(layers)
 
-    def _is_current(self, layers: list[Any], check_versions: bool) -> bool:
-        if self._epoch != _epoch or len(layers) != len(self._layers):
+    def _is_current(self, layers: list[LoRALayer], versions: list[int], check: bool) -> bool:
+        # list equality compares modules by identity; versions catch structural changes
+        if layers != self._layers or versions != self._layer_versions:
             return False
         if self._tensors:
             first = self._tensors[0]
             if (first.device, first.dtype) != self._placement:
                 return False  # model.to(...) swaps tensor data without touching versions
-        if check_versions:
+        if check:
             return [t._version for t in self._tensors] == self._versions
         return True
 
-    def _rebuild(self, layers: list[Any]) -> None:
+    def _rebuild(self, layers: list[LoRALayer]) -> None:
         names: dict[str, None] = {}
         for layer in layers:
             names.update(dict.fromkeys(layer.r))
@@ -169,11 +167,12 @@ class StackCache:
         for layer in layers:
             if layer.kind == "conv" or not layer.r:
                 continue
-            tensors.extend(_adapter_tensors(layer))
-            device = layer._base_dtype_device()[1]
-            self.stacks[layer] = stack_layer(layer, self.slots, device)
-        self._epoch = _epoch
+            views = [layer.adapter_view(name) for name in layer.r]
+            for view in views:
+                tensors.extend(view.tensors())
+            self.stacks[layer] = stack_layer(layer, self.slots, views[0].base_device)
         self._layers = list(layers)
+        self._layer_versions = layer_versions(layers)
         self._tensors = tensors
         self._versions = [t._version for t in tensors]
         self._placement = (tensors[0].device, tensors[0].dtype) if tensors else None

@@ -1,5 +1,8 @@
 """Batched generation over many adapters at once: ``loraq.generate`` and the decode batch under it.
 
+The one decode loop of loraq: the library (:func:`generate`, :func:`generate_ids`), ``loraq
+generate`` and ``loraq serve`` all run it.
+
 A :class:`DecodeBatch` holds running sequences, each with its own adapter, sampling settings and
 random generator, sharing one key/value cache (transformers' ``DynamicCache``) in which rows are
 left-padded to a common length:
@@ -18,6 +21,7 @@ This is continuous batching: the serving engine calls ``add`` between steps as r
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -28,6 +32,7 @@ from torch import nn
 from ..batching.mixed import MixedBatch
 from ..batching.rows import adapter_rows, mixed_batch, validate_row_names
 from .sampling import sample_next
+from .text import ReplyText
 
 
 @dataclass(frozen=True)
@@ -114,11 +119,20 @@ def _pad_left(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
 
 
 class DecodeBatch:
-    """Running sequences sharing one left-padded key/value cache (see the module table)."""
+    """Running sequences sharing one left-padded key/value cache (see the module table).
 
-    def __init__(self, model: nn.Module, pad_token_id: int = 0) -> None:
+    With ``per_row_adapters`` (the default) each row runs its sequence's ``adapter`` (None: the
+    bare base) through :func:`~loraq.batching.rows.adapter_rows`; without, every row runs the
+    model as it is set up (its active adapters, ``modules_to_save``, a plain model) and the
+    sequences' ``adapter`` is ignored.
+    """
+
+    def __init__(
+        self, model: nn.Module, pad_token_id: int = 0, *, per_row_adapters: bool = True
+    ) -> None:
         self.model = model
         self.pad_token_id = pad_token_id
+        self.per_row_adapters = per_row_adapters
         self.sequences: list[SequenceState] = []
         self._cache = None
         self._mask: torch.Tensor | None = None  # (rows, cache length), 1 = real token
@@ -140,8 +154,9 @@ class DecodeBatch:
         return self._mixed_cache[1]
 
     def _forward(self, adapters, ids, mask, positions, cache):
-        batch = self._mixed(adapters)
-        with adapter_rows(self.model, batch):
+        batch = self._mixed(adapters) if self.per_row_adapters else None
+        rows = contextlib.nullcontext() if batch is None else adapter_rows(self.model, batch)
+        with rows:
             out = self.model(
                 input_ids=ids.to(self._device),
                 attention_mask=mask.to(self._device),
@@ -150,9 +165,10 @@ class DecodeBatch:
                 logits_to_keep=1,
                 **{self._cache_arg: cache},
             )
-        # Nothing edits adapter weights between the steps of one generation; structural
-        # changes (adapters loaded or deleted) are still seen at every step.
-        batch.check_versions = False
+        if batch is not None:
+            # Nothing edits adapter weights between the steps of one generation; structural
+            # changes (adapters loaded or deleted) are still seen at every step.
+            batch.check_versions = False
         new_cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
         return out.logits[:, -1, :].float(), new_cache
 
@@ -254,15 +270,17 @@ def run_to_completion(
     max_batch: int = 64,
     pad_token_id: int = 0,
     on_token: Callable[[SequenceState], None] | None = None,
+    per_row_adapters: bool = True,
 ) -> list[SequenceState]:
     """Generate every sequence to its end, at most ``max_batch`` at a time (continuous batching).
 
     ``on_token(seq)`` is called after each new token of ``seq`` and may call ``seq.stop()``.
+    ``per_row_adapters``: as in :class:`DecodeBatch`.
     """
     if max_batch < 1:
         raise ValueError(f"max_batch must be >= 1, got {max_batch}")
     pending = list(seqs)
-    batch = DecodeBatch(model, pad_token_id)
+    batch = DecodeBatch(model, pad_token_id, per_row_adapters=per_row_adapters)
     was_training = model.training
     if was_training:  # eval() walks every module: skip it when there is nothing to switch
         model.eval()
@@ -291,12 +309,6 @@ def _notify(seqs: list[SequenceState], on_token) -> None:
             on_token(seq)
 
 
-def truncate_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
-    """``text`` cut before the first occurrence of any stop string, and whether one occurred."""
-    cut = min((i for i in (text.find(s) for s in stops if s) if i >= 0), default=-1)
-    return (text, False) if cut < 0 else (text[:cut], True)
-
-
 def _per_row(value, n: int, what: str) -> list:
     if isinstance(value, (list, tuple)):
         if len(value) != n:
@@ -323,8 +335,9 @@ def generate(
 
     Args:
         prompts: the texts to continue (tokenized with the tokenizer's special tokens).
-        adapter_names: one adapter name (or None for the base) per prompt; default: the model's
-            active adapter (or the base when it has none) for every prompt.
+        adapter_names: one adapter name (or None for the base) per prompt, run side by side in
+            one batch; default: every prompt runs the model as it is set up (its active
+            adapters, or a plain model).
         temperature, top_k, top_p: sampling (greedy when temperature is 0).
         seed: one seed for every row, or a list with one per row (None: unseeded).
         stop: strings that end a row's generation (cut from its text), besides the EOS token.
@@ -333,11 +346,8 @@ def generate(
     if isinstance(prompts, str):
         raise TypeError("prompts must be a list of strings; wrap a single prompt in a list")
     n = len(prompts)
-    if adapter_names is None:
-        from ..model.surgery import active_adapter
-
-        adapter_names = [active_adapter(model)] * n
-    names = validate_row_names(model, adapter_names)
+    per_row = adapter_names is not None
+    names = validate_row_names(model, adapter_names) if per_row else [None] * n
     if len(names) != n:
         raise ValueError(f"adapter_names has {len(names)} entries but there are {n} prompts")
     seeds = _per_row(seed, n, "seed")
@@ -350,11 +360,52 @@ def generate(
         )
         seqs.append(SequenceState(list(tokenizer(prompt)["input_ids"]), name, params))
 
+    replies = {id(seq): ReplyText(tokenizer, stops) for seq in seqs}
+
     def check_stop(seq: SequenceState) -> None:
-        if stops and truncate_at_stop(tokenizer.decode(seq.generated), stops)[1]:
+        reply = replies[id(seq)]
+        reply.add(seq.generated[reply.consumed :])
+        if reply.stopped:
             seq.stop()
 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or 0)
-    run_to_completion(model, seqs, max_batch=max_batch, pad_token_id=pad, on_token=check_stop)
-    texts = [tokenizer.decode(s.generated, skip_special_tokens=True) for s in seqs]
-    return [truncate_at_stop(t, stops)[0] for t in texts]
+    run_to_completion(
+        model,
+        seqs,
+        max_batch=max_batch,
+        pad_token_id=pad,
+        on_token=check_stop if stops else None,
+        per_row_adapters=per_row,
+    )
+    texts = []
+    for seq in seqs:
+        reply = replies[id(seq)]
+        reply.add(seq.generated[reply.consumed :])
+        reply.finish()
+        texts.append(reply.text)
+    return texts
+
+
+def generate_ids(
+    model: nn.Module,
+    input_ids: torch.Tensor | Sequence[int],
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    eos_token_id: int | None = None,
+) -> torch.Tensor:
+    """Continue one prompt given as token ids (``(1, T)`` or a flat list) with the model as it
+    is set up; returns only the new ids, 1-D. Stops early at ``eos_token_id`` (not included).
+    """
+    prompt = torch.as_tensor(input_ids, dtype=torch.long).reshape(-1).tolist()
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens!r}")
+    if max_new_tokens == 0:
+        return torch.empty(0, dtype=torch.long)
+    stop = () if eos_token_id is None else (eos_token_id,)
+    params = SamplingParams(max_new_tokens, temperature, top_k, top_p, seed, stop)
+    seq = SequenceState(prompt, None, params)
+    run_to_completion(model, [seq], per_row_adapters=False)
+    return torch.tensor(seq.generated, dtype=torch.long)

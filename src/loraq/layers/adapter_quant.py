@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import torch
 
-from ..batching.stacks import note_adapter_change
-
 
 def grid_levels(bits: int) -> int:
     """Largest code of the symmetric ``bits``-bit grid, ``2^(bits-1) - 1`` (codes run ``-L..L``).
@@ -57,8 +55,4 @@ def round_to_grid(weight: torch.Tensor, bits: int) -> torch.Tensor:
 
 def enable_adapter_quant(layer: torch.nn.Module, adapter_name: str, bits: int) -> None:
     """Make ``layer`` (a ``LoRALayer``) use k-bit weights for adapter ``adapter_name``."""
-    grid_levels(bits)
-    if adapter_name not in layer.r:
-        raise ValueError(f"layer has no adapter {adapter_name!r}")
-    layer.adapter_bits[adapter_name] = bits
-    note_adapter_change()
+    layer.set_adapter_bits(adapter_name, bits)

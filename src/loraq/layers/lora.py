@@ -27,11 +27,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..batching.mixed import mixed_forward
-from ..batching.stacks import note_adapter_change
 from ..core.naming import ADAPTER_STORES
 from ..native.bernoulli import dropout
-from .adapter_quant import round_to_grid
+from .adapter_quant import grid_levels, round_to_grid
+from .adapter_view import AdapterView, RowHook
 from .fused import lora_linear
 from .kinds import SUPPORTED_TYPES, LayerKind, is_gpt2_conv1d, layer_kind
 from .merged_guard import guard_merged
@@ -69,7 +68,17 @@ class LoRALayer(nn.Module):
         dropout: dropout probability on the adapter input.
         adapter_name: name of the first adapter.
         **options: ``init``, ``use_rslora``, ``use_dora`` as in :class:`loraq.LoraConfig`.
+
+    Code that runs the adapters another way (mixed-adapter batches) reads them through
+    :meth:`adapter_view`, watches :attr:`adapter_version` and takes over the forward pass with
+    :meth:`set_row_hook` (see :mod:`loraq.layers.adapter_view`).
     """
+
+    #: Set by :meth:`set_row_hook` (e.g. inside :func:`loraq.adapter_rows`), None otherwise:
+    #: while set, :meth:`forward` returns ``row_hook(self, x, ...)`` (a :class:`RowHook`).
+    row_hook: RowHook | None = None
+    # class defaults, so layers pickled before these attributes existed still load
+    _adapter_version: int = 0
 
     def __init__(
         self,
@@ -149,7 +158,7 @@ class LoRALayer(nn.Module):
         module.requires_grad_(False)
         self.base_layer = module
         self._kind = kind
-        note_adapter_change()
+        self._note_change()
 
     @property
     def is_quantized(self) -> bool:
@@ -178,6 +187,59 @@ class LoRALayer(nn.Module):
         dtype, _ = self._base_dtype_device()
         return torch.float64 if dtype == torch.float64 else torch.float32
 
+    # ------------------------------------------------------------------ the public adapter view
+    @property
+    def adapter_version(self) -> int:
+        """Grows at every change a stacked copy of the adapters depends on (module doc of
+        :mod:`loraq.layers.adapter_view`); in-place tensor edits move the tensors' own versions."""
+        return self._adapter_version
+
+    def _note_change(self) -> None:
+        self._adapter_version += 1
+
+    def adapter_view(self, name: str) -> AdapterView:
+        """Adapter ``name`` as an :class:`~loraq.layers.adapter_view.AdapterView` (KeyError if absent)."""
+        if name not in self.r:
+            raise KeyError(f"no adapter {name!r} on this layer; present: {list(self.r)}")
+        a, b = self._a_b_params(name)
+        base_dtype, base_device = self._base_dtype_device()
+        in_f, out_f = self._in_out()
+        use_dora = self.use_dora[name]
+        return AdapterView(
+            name=name,
+            rank=self.r[name],
+            scale=self.scaling[name],
+            dropout_p=self._dropout_p(name),
+            use_dora=use_dora,
+            bits=self.adapter_bits.get(name),
+            dtype=self._adapter_dtype(),
+            in_features=in_f,
+            out_features=out_f,
+            base_dtype=base_dtype,
+            base_device=base_device,
+            a=a,
+            b=b,
+            magnitude=self.lora_magnitude_vector[name] if use_dora else None,
+        )
+
+    def set_row_hook(self, hook: RowHook | None) -> None:
+        """Install ``hook`` as :attr:`row_hook` (None removes it)."""
+        # a plain attribute, set without nn.Module.__setattr__'s registry checks: a decode loop
+        # installs and removes the hook on every layer at every step
+        self.__dict__["row_hook"] = hook
+
+    def set_adapter_bits(self, name: str, bits: int | None) -> None:
+        """Run adapter ``name`` on its ``bits``-bit grid (2..8), or in full precision (None)."""
+        if bits is not None:
+            grid_levels(bits)
+        if name not in self.r:
+            raise ValueError(f"layer has no adapter {name!r}")
+        if bits is None:
+            self.adapter_bits.pop(name, None)
+        else:
+            self.adapter_bits[name] = bits
+        self._note_change()
+
     # ------------------------------------------------------------------ base weight as matrix M
     def base_matrix(self) -> torch.Tensor:
         """The (possibly dequantized) base weight in the adapter's orientation, detached."""
@@ -185,7 +247,7 @@ class LoRALayer(nn.Module):
 
     def _write_base_matrix(self, matrix: torch.Tensor) -> None:
         self._kind.write_matrix(self.base_layer, matrix)
-        note_adapter_change()  # DoRA's stacked norms depend on the base
+        self._note_change()  # DoRA's stacked norms depend on the base
 
     def _a_b_params(self, name: str) -> tuple[nn.Parameter, nn.Parameter]:
         # Read through the registries directly (no nn.Module.__getattr__): re-stacking every
@@ -243,7 +305,7 @@ class LoRALayer(nn.Module):
             raise RuntimeError(
                 "cannot add an adapter while adapters are merged; call unmerge() first"
             )
-        note_adapter_change()
+        self._note_change()
         dtype = self._adapter_dtype()
         _, device = self._base_dtype_device()
         lora_a, lora_b = self._kind.new_adapter(self.base_layer, r, dtype=dtype, device=device)
@@ -305,7 +367,7 @@ class LoRALayer(nn.Module):
             raise KeyError(f"no adapter {name!r} on this layer; present: {list(self.r)}")
         if name in self.merged_adapters:
             raise RuntimeError(f"adapter {name!r} is merged; call unmerge() before deleting it")
-        note_adapter_change()
+        self._note_change()
         for store in (
             self.lora_A,
             self.lora_B,
@@ -358,11 +420,12 @@ class LoRALayer(nn.Module):
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """Base output plus the scaled output of every active, unmerged adapter.
 
-        Inside :func:`loraq.adapter_rows` each batch row uses its own adapter instead (mixed.py).
+        While :attr:`row_hook` is set (inside :func:`loraq.adapter_rows`: each batch row uses its
+        own adapter) the hook computes the output instead.
         """
-        row_adapters = self.__dict__.get("row_adapters")
-        if row_adapters is not None and not self.adapters_disabled:
-            return mixed_forward(self, row_adapters, x, *args, **kwargs)
+        hook = self.row_hook
+        if hook is not None and not self.adapters_disabled:
+            return hook(self, x, *args, **kwargs)
         if self.adapters_disabled:
             if self.merged_adapters:
                 self.unmerge()

@@ -5,6 +5,8 @@ adapters) or runs one decode step for every running row; then it hands each row'
 its request and drops finished or abandoned rows. Requests wait in a bounded queue: a full
 queue is the HTTP layer's 429. An exception while prefilling a group is retried request by
 request, so only the request that caused it fails; the engine keeps serving the rest.
+A reply's text is decoded as its tokens arrive and cut at its stop strings by
+:class:`~loraq.generation.text.ReplyText`, the same code ``loraq.generate`` uses.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..generation.decode import DecodeBatch, SamplingParams, SequenceState, truncate_at_stop
+from ..generation.decode import DecodeBatch, SamplingParams, SequenceState
+from ..generation.text import ReplyText
 from .metrics import ServerMetrics
 from .registry import AdapterRegistry, ServeError
 
@@ -42,26 +45,12 @@ class Request:
     created: float = field(default_factory=time.perf_counter)
     cancelled: bool = False
     seq: SequenceState | None = None
-    sent: int = 0  # characters of text already emitted
-    sent_tokens: int = 0  # tokens already turned into text
+    reply: ReplyText | None = None  # the text of seq.generated, built token by token
     last_token_at: float | None = None
 
     def cancel(self) -> None:
         """Abandon the request (client gone): its row leaves the batch at the next step."""
         self.cancelled = True
-
-
-def _held_back(text: str, stops: tuple[str, ...]) -> int:
-    """Characters at the end of ``text`` that may still become a stop string or a split char."""
-    hold = 0
-    for stop in stops:
-        for k in range(min(len(stop) - 1, len(text)), 0, -1):
-            if text.endswith(stop[:k]):
-                hold = max(hold, k)
-                break
-    while hold < len(text) and text[len(text) - hold - 1] == "\ufffd":
-        hold += 1  # an incomplete UTF-8 sequence decodes as U+FFFD until its last byte arrives
-    return hold
 
 
 class Engine:
@@ -170,6 +159,7 @@ class Engine:
     def _prefill(self, joining: list[Request]) -> None:
         for req in joining:
             req.seq = SequenceState(list(req.prompt_ids), req.adapter, req.params)
+            req.reply = ReplyText(self.tokenizer, req.stops)
         groups = [joining]
         try:
             self._batch.add([r.seq for r in joining])
@@ -201,7 +191,7 @@ class Engine:
             seq = req.seq
             if req.cancelled:
                 seq.stop("cancelled")
-            elif len(seq.generated) > req.sent_tokens:
+            elif len(seq.generated) > req.reply.consumed:
                 self._on_token(req, now)
             if seq.finished:
                 done.append(req)
@@ -219,20 +209,19 @@ class Engine:
         else:
             self.metrics.inter_token.observe(now - req.last_token_at)
         req.last_token_at = now
-        req.sent_tokens = len(seq.generated)
         self.metrics.generated_tokens.inc()
-        text = self.tokenizer.decode(seq.generated, skip_special_tokens=True)
-        cut, hit = truncate_at_stop(text, req.stops)
-        if hit:
+        reply = req.reply
+        reply.add(seq.generated[reply.consumed :])
+        if reply.stopped:
             seq.stop("stop")
-            end = len(cut)
         elif seq.finished:
-            end = len(text)
-        else:
-            end = len(text) - _held_back(text, req.stops)
-        if end > req.sent:
-            req.emit({"type": "text", "text": text[req.sent : end]})
-            req.sent = end
+            reply.finish()
+        self._emit_text(req)
+
+    def _emit_text(self, req: Request) -> None:
+        piece = req.reply.take()
+        if piece:
+            req.emit({"type": "text", "text": piece})
 
     def _finish(self, req: Request) -> None:
         self._running.pop(req.id, None)
@@ -241,9 +230,8 @@ class Engine:
         if seq.finish_reason == "cancelled":
             self._finish_metrics(req, "cancelled")
             return
-        if seq.finish_reason == "stop" and req.sent < self._final_length(req):
-            text = self.tokenizer.decode(seq.generated, skip_special_tokens=True)
-            req.emit({"type": "text", "text": text[req.sent : self._final_length(req)]})
+        req.reply.finish()  # e.g. at EOS: text held back for a stop string that never came
+        self._emit_text(req)
         req.emit(
             {
                 "type": "done",
@@ -253,10 +241,6 @@ class Engine:
             }
         )
         self._finish_metrics(req, "ok")
-
-    def _final_length(self, req: Request) -> int:
-        text = self.tokenizer.decode(req.seq.generated, skip_special_tokens=True)
-        return len(truncate_at_stop(text, req.stops)[0])
 
     def _fail(self, req: Request, status: int, message: str) -> None:
         self._running.pop(req.id, None)

@@ -9,14 +9,15 @@ The pieces compose on their own: :mod:`.config` (dataclasses, YAML, overrides), 
 (files to batches), :mod:`.modeling` (load a model, make it trainable), :mod:`.optim` (AdamW,
 schedule), :mod:`.evaluation` (eval metrics), :mod:`.loop` (the recipe: setup, step, eval,
 finish), :mod:`.checkpoint` (atomic, resumable checkpoints), :mod:`.metrics` (metrics.jsonl,
-loss.png), :mod:`.outputs` (the saved adapter or model), :mod:`.inference` (load what a run
-trained) and :mod:`.generate` (greedy / sampled decoding).
+loss.png), :mod:`.outputs` (the saved adapter or model) and :mod:`.inference` (load what a
+run trained). ``generate`` and ``generate_ids`` are :mod:`loraq.generation.decode`'s.
 """
 
+from loraq.generation.decode import generate, generate_ids
+from loraq.generation.sampling import sample_next
 from loraq.train.checkpoint import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
 from loraq.train.config import default_config_path, load_config, parse_overrides
 from loraq.train.evaluation import evaluate
-from loraq.train.generate import generate, generate_ids, sample_next
 from loraq.train.inference import load_trained
 from loraq.train.loop import train
 from loraq.train.modeling import load_model, load_tokenizer
