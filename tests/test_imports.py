@@ -32,17 +32,6 @@ FLOORS: list[set[str]] = [
     {"loraq", "__main__"},
 ]
 
-# Breaches tolerated while other work removes them, each ``(importer, imported)``; an entry that
-# no longer occurs fails test_known_breaches_are_still_there, so the list only shrinks.
-# `import loraq` inside the package: removed by issue 20 item 2 (train/, compare/, cli.py).
-KNOWN_BREACHES: set[tuple[str, str]] = {
-    ("loraq.cli", "loraq"),
-    ("loraq.compare.runner", "loraq"),
-    ("loraq.train.inference", "loraq"),
-    ("loraq.train.modeling", "loraq"),
-    ("loraq.train.outputs", "loraq"),
-}
-
 
 def module_name(path: Path, root: Path) -> str:
     """Dotted module name of ``path`` inside the package folder ``root``."""
@@ -180,13 +169,8 @@ def test_floor_check_finds_upward_and_sideways_imports_in_a_synthetic_graph() ->
 def test_loraq_imports_run_down_the_floors() -> None:
     graph = package_graph(PACKAGE)
     assert "loraq.io" in graph["loraq"], "package re-exports were not read"
-    breaches = [b for b in floor_breaches(graph, FLOORS) if b not in KNOWN_BREACHES]
+    breaches = floor_breaches(graph, FLOORS)
     assert not breaches, f"imports that do not run down FLOORS: {breaches}"
-
-
-def test_known_breaches_are_still_there() -> None:
-    stale = KNOWN_BREACHES - set(floor_breaches(package_graph(PACKAGE), FLOORS))
-    assert not stale, f"remove these from KNOWN_BREACHES, they no longer occur: {sorted(stale)}"
 
 
 def test_nothing_outside_layers_calls_a_private_lora_layer_member() -> None:

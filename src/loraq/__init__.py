@@ -4,6 +4,7 @@ Public names only; see the README for a tour.
 """
 
 from .batching.rows import adapter_rows
+from .core.version import __version__ as __version__
 from .generation.decode import SamplingParams, generate
 from .io import (
     FormatError,
@@ -40,8 +41,6 @@ from .model.surgery import (
     unload,
     unmerge,
 )
-
-__version__ = "0.1.0"
 
 __all__ = [
     "FormatError",

@@ -112,7 +112,7 @@ def environment(threads: int, device: str) -> dict[str, Any]:
     import torch
     import transformers
 
-    from loraq import __version__
+    from loraq.core.version import __version__
     from loraq.train.modeling import resolve_device
 
     resolved = resolve_device(device)

@@ -137,7 +137,9 @@ def run(args: argparse.Namespace) -> int:
     """Run ``loraq combine``; returns the exit code."""
     import torch
 
-    import loraq
+    from loraq.io.peft_format import save_adapter
+    from loraq.model.combine import combine
+    from loraq.model.surgery import config_of
     from loraq.train.modeling import quiet_transformers
 
     adapters = parse_adapters(args.adapter)
@@ -146,7 +148,7 @@ def run(args: argparse.Namespace) -> int:
     with quiet_transformers():
         model = load_adapters(adapters, base)
     torch.manual_seed(args.seed)
-    loraq.combine(
+    combine(
         model,
         weights,
         args.method,
@@ -156,8 +158,8 @@ def run(args: argparse.Namespace) -> int:
         svd_rank=args.svd_rank,
         svd_clamp=args.svd_clamp,
     )
-    loraq.save_adapter(model, args.out, adapter_name=args.name)
-    rank = loraq.config_of(model, args.name).r
+    save_adapter(model, args.out, adapter_name=args.name)
+    rank = config_of(model, args.name).r
     terms = " + ".join(f"{w:g}*{n}" for n, w in weights.items())
     print(f"combined adapter ({args.method} of {terms}, rank {rank}) written to {args.out}")
     return 0
