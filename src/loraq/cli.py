@@ -330,9 +330,14 @@ def _merge(args: argparse.Namespace) -> int:
     batch = calibration_inputs(run, tokenizer, model)
     with quiet_transformers():
         export_merged(
-            model, args.out, args.dtype, merge_into=args.into, original=original, calibration=batch
+            model,
+            args.out,
+            args.dtype,
+            merge_into=args.into,
+            original=original,
+            calibration=batch,
+            tokenizer=tokenizer,
         )
-    tokenizer.save_pretrained(args.out)
     report = Path(args.out) / REPORT_FILE
     line = f": {MergeReport(**read_json(report)).format()}" if report.is_file() else ""
     print(f"merged model written to {args.out}{line}")

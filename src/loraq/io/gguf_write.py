@@ -42,7 +42,7 @@ from ..quant.gguf import quantize_gguf
 from .gguf_names import PERMUTED_ARCHITECTURES, gguf_row_order, hf_to_gguf_name
 from .gguf_read import open_gguf
 from .peft_format import PREFIX
-from .safe import FormatError, staged_file
+from .safe import FormatError, check_replaceable, staged_file
 
 __all__ = ["MERGED_DTYPES", "export_gguf", "gguf_architecture"]
 
@@ -287,8 +287,11 @@ def export_gguf(
     Raises:
         FormatError: an unsupported architecture, DoRA or non-linear adapters, a module with
             no GGUF name, a bad ``dtype``.
+        FileExistsError: ``path`` exists and is not a regular file (a device node, a FIFO).
+        OSError: ENOSPC naming ``path`` for a full disk; no partial file is left.
     """
     target = Path(path)
+    check_replaceable(target)  # before the work: never replace a device node or FIFO
     if merged:
         dtype = dtype or ("keep" if getattr(model, "loraq_gguf_path", None) else "f16")
         if dtype not in MERGED_DTYPES:

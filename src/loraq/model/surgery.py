@@ -281,19 +281,33 @@ def delete_adapter(model: nn.Module, name: str) -> None:
         set_adapter(model, remaining[0])
 
 
+def _dense_base_weights(model: nn.Module, merged_only: bool = False) -> list[torch.Tensor]:
+    """The dense base weights a merge or unmerge writes in place (quantized bases get new
+    tensors instead), for :func:`~loraq.model.transaction.model_transaction` to protect;
+    ``merged_only``: just those of layers holding a merged adapter (what unmerging writes)."""
+    return [
+        layer.base_layer.weight
+        for _, layer in lora_layers(model)
+        if not layer.is_quantized and (layer.merged_adapters or not merged_only)
+    ]
+
+
 def merge(model: nn.Module) -> nn.Module:
     """Fold the active adapter into the base weights (outputs unchanged up to rounding).
 
     On a quantized base the merged weight is re-quantized, which is lossy: the largest absolute
     weight change this caused is stored in ``model.loraq_merge_error`` and reported in a warning.
+    All or nothing: a failure in any layer leaves every layer (and the outputs) as it was.
     """
     worst = 0.0
     quantized = False
-    for _, layer in lora_layers(model):
-        worst = max(worst, layer.merge())
-        quantized = quantized or layer.is_quantized
+    with model_transaction(model, _dense_base_weights(model)):
+        for _, layer in lora_layers(model):
+            worst = max(worst, layer.merge())
+            quantized = quantized or layer.is_quantized
+        if quantized:
+            model.loraq_merge_error = worst
     if quantized:
-        model.loraq_merge_error = worst
         warnings.warn(
             f"merged adapters into a quantized base: re-quantization changed weights by up to {worst:.3g} "
             "(use loraq.unload(model, dense=True) for an exact dense merge)",
@@ -304,9 +318,10 @@ def merge(model: nn.Module) -> nn.Module:
 
 
 def unmerge(model: nn.Module) -> nn.Module:
-    """Undo :func:`merge`, restoring the base weights up to float rounding."""
-    for _, layer in lora_layers(model):
-        layer.unmerge()
+    """Undo :func:`merge`, restoring the base weights up to float rounding (all or nothing)."""
+    with model_transaction(model, _dense_base_weights(model, merged_only=True)):
+        for _, layer in lora_layers(model):
+            layer.unmerge()
     return model
 
 
@@ -334,6 +349,10 @@ def unload(
     random token ids when the model has ``config.vocab_size``) and ``model.loraq_merge_report``
     holds the largest output difference and the KL divergence (:class:`~loraq.model.merging.MergeReport`).
     ``merge_dtype`` (dense merges): the dtype every floating tensor is cast to before merging.
+
+    All or nothing: the arguments (and ``original``'s tensors) are checked before the model
+    changes, and a failure half-way (a layer that cannot be merged, out of memory) restores the
+    model exactly, bit for bit.
     """
     if merge_into is not None or (dense and merge_adapters):
         into = merge_into or "dequantized"
@@ -342,16 +361,20 @@ def unload(
         if not merge_adapters:
             raise ValueError("unload: merge_into needs merge_adapters=True")
         check_merge_target(into, original)
-        with measured_merge(model, into, calibration) as report:
+        with (
+            model_transaction(model, _dense_base_weights(model)),
+            measured_merge(model, into, calibration) as report,
+        ):
             prepare_merge_base(model, into, original, merge_dtype)
             report.max_weight_change = _unwrap(model, merge_adapters=True)
         return model
-    if dense:  # without a merge: the adapters are dropped, the base becomes dense
-        for _, layer in lora_layers(model):
-            if layer.is_quantized:
-                layer.unmerge()
-        dequantize_model(model)
-    _unwrap(model, merge_adapters)
+    with model_transaction(model, _dense_base_weights(model) if merge_adapters else []):
+        if dense:  # without a merge: the adapters are dropped, the base becomes dense
+            for _, layer in lora_layers(model):
+                if layer.is_quantized:
+                    layer.unmerge()
+            dequantize_model(model)
+        _unwrap(model, merge_adapters)
     return model
 
 
