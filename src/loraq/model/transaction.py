@@ -35,8 +35,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..batching.stacks import note_adapter_change
-
 
 def _shallow(state: dict[str, Any]) -> dict[str, Any]:
     return {k: (copy.copy(v) if isinstance(v, (dict, list, set)) else v) for k, v in state.items()}
@@ -68,7 +66,6 @@ class ModelSnapshot:
             param.requires_grad_(flag)
         for tensor, data in self._tensors:
             tensor.copy_(data)
-        note_adapter_change()  # stacks cached inside the failed body describe a state now gone
 
 
 @contextlib.contextmanager
