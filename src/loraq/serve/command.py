@@ -82,9 +82,10 @@ def bind_listener(host: str, port: int) -> socket.socket:
 
     if not 0 <= port <= 65535:
         raise CliError(f"--port must be in 0..65535, got {port}")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET  # as uvicorn chooses
     try:
         family, kind, proto, _, address = socket.getaddrinfo(
-            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+            host, port, family, socket.SOCK_STREAM, flags=socket.AI_PASSIVE
         )[0]
     except (OSError, UnicodeError) as err:
         raise CliError(f"--host {host!r} is not an address of this machine ({err})") from None
@@ -177,7 +178,8 @@ def run(args: argparse.Namespace) -> int:
         sock.close()
         raise
     host, port = sock.getsockname()[:2]
-    print(f"loraq serve: listening on http://{host}:{port}", flush=True)
+    shown = f"[{host}]" if ":" in host else host
+    print(f"loraq serve: listening on http://{shown}:{port}", flush=True)
     config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=None)
     _server_class(uvicorn)(config).run(sockets=[sock])
     return 0
