@@ -17,6 +17,7 @@ never a 500 (or a failed batch) later.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 from collections.abc import Callable
@@ -58,8 +59,8 @@ async def json_body(request, limit: int = DEFAULT_MAX_BODY_BYTES) -> dict:
         if size > limit:
             raise _too_large(limit)
         chunks.append(chunk)
-    try:
-        body = json.loads(b"".join(chunks))
+    try:  # on a worker thread: parsing megabytes would hold up /health and the streams
+        body = await asyncio.to_thread(json.loads, b"".join(chunks))
     except (ValueError, UnicodeDecodeError, RecursionError) as err:
         raise ServeError(400, f"malformed JSON body: {err}") from None
     if not isinstance(body, dict):
