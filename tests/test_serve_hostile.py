@@ -133,6 +133,7 @@ CASES = [
     ("c", {**OK, "prompt": ""}, 400, "prompt", "empty"),
     ("c", {**OK, "prompt": [""]}, 400, "prompt", "empty"),
     ("c", {**OK, "prompt": [1, 2]}, 400, "prompt", "prompt"),
+    ("c", {**OK, "prompt": "a\ud800b"}, 400, "prompt", "surrogate"),
     ("c", {**OK, "prompt": "x" * (CONTEXT * 5 + 1)}, 400, "prompt", "characters"),
     ("c", {**OK, "max_tokens": -1}, 400, "max_tokens", "max_tokens"),
     ("c", {**OK, "max_tokens": HUGE}, 400, "max_tokens", "max_tokens"),
@@ -176,6 +177,13 @@ CASES = [
         "characters",
     ),  # fmt: skip
     ("h", {**CHAT, "seed": 2**64}, 400, "seed", "seed"),
+    (
+        "h",
+        {**CHAT, "messages": [{"role": "user", "content": "\udfff"}]},
+        400,
+        "messages",
+        "surrogate",
+    ),  # fmt: skip
     ("a", {"name": "ok_name", "path": 5}, 400, "path", "path"),
     ("a", {"name": "bad name", "path": "r1"}, 400, "name", "name"),
     ("a", b"[]", 400, None, "object"),

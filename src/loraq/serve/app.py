@@ -35,6 +35,7 @@ from .engine import Request as EngineRequest
 from .fields import (
     ServeSettings,
     check_prompt_chars,
+    check_text,
     field,
     json_body,
     prompt_char_limit,
@@ -174,6 +175,7 @@ def _chat_messages(gen: _Generator, body: dict) -> list[dict[str, str]]:
             raise ServeError(400, f"messages[{i}] needs a string 'role'", "messages")
         if not isinstance(m.get("content"), str):
             raise ServeError(400, f"messages[{i}].content must be a string", "messages")
+        check_text(m["role"] + m["content"], "messages", f"messages[{i}]")
     if not getattr(gen.engine.tokenizer, "chat_template", None):
         raise ServeError(
             400, "the base model's tokenizer has no chat template; use /v1/completions", "messages"
@@ -208,6 +210,8 @@ def _add_generation_routes(app: FastAPI, gen: _Generator) -> None:
             raise ServeError(400, "prompt must be a string (or a list of one string)", "prompt")
         if not prompt:  # OpenAI would start at its document separator; not every model has one
             raise ServeError(400, "prompt is empty", "prompt")
+        gen.check_chars(len(prompt), "prompt")
+        check_text(prompt, "prompt")
         gen.adapter_of(body)  # an unknown model is a 404 before any tokenizing
         prompt_ids = await asyncio.to_thread(gen.encode, prompt, "prompt")
         return await gen.run(request, body, prompt_ids, chat=False)

@@ -9,6 +9,7 @@ function                checks
                         top_k, seed (finite, in range), n
 ``stops``               ``stop``: a non-empty string or a list of up to 4
 ``check_prompt_chars``  a prompt's length in characters, before it is tokenized
+``check_text``          text the tokenizer can take (no unpaired UTF-16 surrogate)
 ======================  =====================================================================
 
 Nothing a client sends reaches the tokenizer or the engine unchecked: a bad value is a 400 here,
@@ -160,3 +161,18 @@ def check_prompt_chars(chars: int, limit: int, field_name: str, context_length: 
             f"{context_length}",
             field_name,
         )
+
+
+def check_text(text: str, field_name: str, label: str | None = None) -> None:
+    """A 400 naming ``field_name`` (``label`` in the message) for text that is not Unicode the
+    tokenizer can take: JSON's ``"\\ud800"`` escape decodes to an unpaired surrogate, which
+    has no UTF-8 form."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ServeError(
+            400,
+            f"{label or field_name} holds an unpaired UTF-16 surrogate "
+            f"({ascii(text[err.start])}) at character {err.start}",
+            field_name,
+        ) from None
