@@ -186,6 +186,9 @@ CASES = [
     ),  # fmt: skip
     ("a", {"name": "ok_name", "path": 5}, 400, "path", "path"),
     ("a", {"name": "bad name", "path": "r1"}, 400, "name", "name"),
+    ("a", {"name": "ok_name", "path": "r1\x00"}, 400, "path", "not a usable path"),
+    ("a", {"name": "ok_name", "path": "\ud800"}, 400, "path", "not a usable path"),
+    ("a", {"name": "ok_name", "path": "x" * 5000}, 400, "path", "not a usable path"),
     ("a", b"[]", 400, None, "object"),
 ]
 ROUTES = {"c": "/v1/completions", "h": "/v1/chat/completions", "a": "/v1/adapters"}

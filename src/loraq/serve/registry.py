@@ -64,32 +64,51 @@ def resolve_under(root: Path, relative: object, field: str = "path") -> Path:
         raise ServeError(
             400, f"{field} must be a non-empty string relative to --adapter-dir", field
         )
+    try:
+        return _confined_folder(root, relative, field)
+    except (OSError, ValueError) as err:  # NUL, unpaired surrogate, name too long, ...
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+        raise ServeError(
+            400, f"{field} {short_repr(relative)} is not a usable path: {reason[:80]}", field
+        ) from None
+
+
+def _confined_folder(root: Path, relative: str, field: str) -> Path:
+    """:func:`resolve_under`'s checks on a string; the file system may raise on odd names."""
     rel = PurePosixPath(relative.replace("\\", "/"))
     if rel.is_absolute() or ".." in rel.parts or relative.startswith("~"):
         raise ServeError(
-            400, f"{field} {relative!r} must be relative to --adapter-dir, without '..'", field
+            400,
+            f"{field} {short_repr(relative)} must be relative to --adapter-dir, without '..'",
+            field,
         )
     base = root.resolve()
     folder = (base / rel).resolve()
     if not folder.is_relative_to(base):
-        raise ServeError(400, f"{field} {relative!r} leads outside --adapter-dir", field)
+        raise ServeError(400, f"{field} {short_repr(relative)} leads outside --adapter-dir", field)
     if not folder.is_dir():
         raise ServeError(
-            404, f"{field} {relative!r}: no such adapter folder under --adapter-dir", field
+            404,
+            f"{field} {short_repr(relative)}: no such adapter folder under --adapter-dir",
+            field,
         )
     for entry in folder.rglob("*"):
         if not entry.resolve().is_relative_to(base):
             raise ServeError(
-                400, f"{field} {relative!r}: {entry.name} links outside --adapter-dir", field
+                400,
+                f"{field} {short_repr(relative)}: {entry.name} links outside --adapter-dir",
+                field,
             )
         if entry.suffix in _PICKLE_SUFFIXES:
             raise ServeError(
                 400,
-                f"{field} {relative!r}: {entry.name} is a pickle file; only safetensors is loaded",
+                f"{field} {short_repr(relative)}: {entry.name} is a pickle file; only safetensors is loaded",
                 field,
             )
     if not any(folder.rglob("*.safetensors")):
-        raise ServeError(400, f"{field} {relative!r} holds no .safetensors adapter weights", field)
+        raise ServeError(
+            400, f"{field} {short_repr(relative)} holds no .safetensors adapter weights", field
+        )
     return folder
 
 
