@@ -162,6 +162,7 @@ CASES = [
     ("c", {**OK, "stop": ["a", "b", "c", "d", "e"]}, 400, "stop", "stop"),
     ("c", {**OK, "stop": [""]}, 400, "stop", "stop"),
     ("c", {**OK, "stop": 5}, 400, "stop", "stop"),
+    ("c", {**OK, "stop": ["y" * 10_000]}, 400, "stop", "characters"),
     ("c", {**OK, "stream": "yes"}, 400, "stream", "stream"),
     ("c", {**OK, "model": 5}, 400, "model", "model"),
     ("c", {**OK, "model": "m" * 10_000}, 404, "model", "does not exist"),

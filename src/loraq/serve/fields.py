@@ -7,7 +7,7 @@ function                checks
 ``field``               one field has the expected JSON type (booleans are not numbers)
 ``sampling``            max_tokens against the cap and the context; temperature, top_p,
                         top_k, seed (finite, in range), n
-``stops``               ``stop``: a non-empty string or a list of up to 4
+``stops``               ``stop``: a string or a list of up to 4, each 1..MAX_STOP_CHARS long
 ``check_prompt_chars``  a prompt's length in characters, before it is tokenized
 ``check_text``          text the tokenizer can take (no unpaired UTF-16 surrogate)
 ======================  =====================================================================
@@ -29,6 +29,8 @@ from .registry import ServeError
 
 #: Default of ``--max-body-bytes``: room for a long context's prompt written as escaped JSON.
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
+#: Longest stop string: the engine checks each one against the text's end at every token.
+MAX_STOP_CHARS = 256
 #: The seeds ``torch.Generator.manual_seed`` accepts.
 SEED_RANGE = (-(2**63), 2**64 - 1)
 
@@ -134,10 +136,14 @@ def stops(body: dict) -> tuple[str, ...]:
         stop = [stop]
     if (
         not isinstance(stop, list)
-        or not all(isinstance(s, str) and s for s in stop)
         or len(stop) > 4
+        or not all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in stop)
     ):
-        raise ServeError(400, "stop must be a non-empty string or a list of up to 4", "stop")
+        raise ServeError(
+            400,
+            f"stop must be a string or a list of up to 4, each of 1..{MAX_STOP_CHARS} characters",
+            "stop",
+        )
     return tuple(stop)
 
 
