@@ -28,13 +28,13 @@ from pathlib import Path
 # Light at import (dataclasses and yaml): torch loads only when a command runs.
 from loraq.compare import command as compare_command
 from loraq.core.dtypes import FLOAT_DTYPE_NAMES
-from loraq.core.errors import EXIT_ERROR, CliError, user_message
+from loraq.core.errors import EXIT_ERROR, EXIT_INTERRUPTED, CliError, user_message
 from loraq.io import export_command
 from loraq.train import combine_command
 from loraq.train.config import describe_keys
 from loraq.train.hub import hub_offline
 
-EXIT_OK, EXIT_INTERRUPTED = 0, 130
+EXIT_OK = 0
 #: Shows the full traceback of every error (also ``LORAQ_DEBUG=1``); accepted anywhere.
 DEBUG_FLAG = "--debug"
 
