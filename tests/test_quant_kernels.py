@@ -73,6 +73,9 @@ def test_float16_and_foreign_layouts_use_the_pure_path(monkeypatch):
 
 
 def test_mode_off_and_unbuildable_fall_back(monkeypatch, tmp_path):
+    from loraq.core.errors import UserError
+    from loraq.native import build
+
     monkeypatch.setenv(cpu.MODE_ENV, "off")
     cpu._library.cache_clear()
     try:
@@ -87,7 +90,37 @@ def test_mode_off_and_unbuildable_fall_back(monkeypatch, tmp_path):
         assert dequantize_4bit(q).shape == (32, 32)  # the pure path still answers
         monkeypatch.setenv(cpu.MODE_ENV, "on")
         cpu._library.cache_clear()
-        with pytest.raises(RuntimeError, match="LORAQ_KERNELS=on but"):
+        with pytest.raises(build.KernelUnavailableError, match="LORAQ_KERNELS=on but"):
+            cpu.available()
+        assert issubclass(build.KernelUnavailableError, UserError)  # one line in the CLI
+    finally:
+        cpu._library.cache_clear()
+
+
+@needs_kernel
+def test_a_corrupt_cached_kernel_is_rebuilt(monkeypatch, tmp_path):
+    import warnings
+
+    from loraq.native import build
+
+    monkeypatch.setenv("LORAQ_CACHE_DIR", str(tmp_path))
+    cc = build._compiler()
+    cached = build.build(cpu._SOURCE, cc)  # built, not loaded: safe to overwrite below
+    cached.write_bytes(b"not a shared library")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # rebuilt silently, not "kernel unavailable"
+        lib = build.load_library(cpu._SOURCE, "dequantize")
+    assert lib is not None and hasattr(lib, "loraq_dequant4")
+    assert cached.read_bytes()[:4] == b"\x7fELF"
+
+
+def test_unknown_kernel_mode_is_an_error_naming_the_variable(monkeypatch):
+    monkeypatch.setenv(cpu.MODE_ENV, "sometimes")
+    with pytest.raises(ValueError, match=r"LORAQ_KERNELS='sometimes'.*auto.*off.*on"):
+        cpu.mode()
+    cpu._library.cache_clear()
+    try:
+        with pytest.raises(ValueError, match="LORAQ_KERNELS"):
             cpu.available()
     finally:
         cpu._library.cache_clear()

@@ -30,6 +30,7 @@ from loraq.compare import command as compare_command
 from loraq.core.dtypes import FLOAT_DTYPE_NAMES
 from loraq.core.errors import EXIT_ERROR, CliError, user_message
 from loraq.io import export_command
+from loraq.native.build import mode as kernel_mode
 from loraq.train import combine_command
 from loraq.train.config import describe_keys
 from loraq.train.hub import hub_offline
@@ -504,6 +505,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_ERROR
     args.overrides = overrides
     try:
+        kernel_mode()  # a mistyped LORAQ_KERNELS is refused up front, not when a kernel loads
         with hub_offline():  # loraq reads local folders only; restored when the command ends
             return SUBCOMMANDS[args.command].run(args)
     except KeyboardInterrupt:

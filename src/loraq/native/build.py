@@ -3,11 +3,19 @@
 Installing loraq needs no compiler. On first use a kernel source is compiled with the system C
 compiler (``$CC``, else ``cc``/``gcc``/``clang``) for this CPU (``-march=native`` where the
 compiler accepts it) into ``$LORAQ_CACHE_DIR`` (default ``~/.cache/loraq/kernels``), keyed by the
-source, the flags, the compiler and the CPU, and written atomically. Without a compiler, or if
-the build fails, loraq warns once per kernel and the caller keeps its pure-PyTorch path.
+source, the flags, the compiler and the CPU, and written atomically. A cached library that no
+longer loads (truncated, overwritten) is built again. Without a compiler, or if the build fails,
+loraq warns once per kernel and the caller keeps its pure-PyTorch path.
 
-``LORAQ_KERNELS`` selects: ``auto`` (default: compiled if it builds), ``off`` (always pure
-PyTorch), ``on`` (compiled, or raise).
+``LORAQ_KERNELS`` selects (case-insensitive; any other value is an error naming the variable):
+
+========  ===========================  =================================================
+value     also spelled                 meaning
+========  ===========================  =================================================
+``auto``  unset or empty               compiled if it builds, else pure PyTorch (default)
+``off``   ``0``, ``false``, ``no``     always pure PyTorch; nothing is compiled
+``on``    ``1``, ``true``, ``yes``     compiled, or a :class:`KernelUnavailableError`
+========  ===========================  =================================================
 """
 
 from __future__ import annotations
@@ -23,7 +31,17 @@ import tempfile
 import warnings
 from pathlib import Path
 
-__all__ = ["MODE_ENV", "build", "load_library", "mode", "shares_torch_openmp"]
+from ..core.errors import UserError
+
+__all__ = [
+    "MODE_ENV",
+    "MODE_VALUES",
+    "KernelUnavailableError",
+    "build",
+    "load_library",
+    "mode",
+    "shares_torch_openmp",
+]
 
 #: Environment variable choosing ``auto`` / ``off`` / ``on`` (see the module docstring).
 MODE_ENV = "LORAQ_KERNELS"
@@ -31,18 +49,32 @@ MODE_ENV = "LORAQ_KERNELS"
 _FLAGS = ("-O3", "-shared", "-fPIC", "-fno-fast-math", "-ffp-contract=off")
 # GNU, Intel and LLVM OpenMP runtimes, by file name
 _OPENMP_RUNTIME = re.compile(r"lib(gomp|iomp5|omp)([.-]|$)")
-_OFF = ("off", "0", "false", "no")
-_ON = ("on", "1", "true", "yes")
+#: Every accepted spelling of :data:`MODE_ENV`, by the mode it selects (table above).
+MODE_VALUES: dict[str, tuple[str, ...]] = {
+    "auto": ("auto", ""),
+    "off": ("off", "0", "false", "no"),
+    "on": ("on", "1", "true", "yes"),
+}
+
+
+class KernelUnavailableError(UserError, RuntimeError):
+    """``LORAQ_KERNELS=on`` but a kernel cannot be built or loaded (reported in one line)."""
 
 
 def mode() -> str:
-    """The selected mode: ``auto``, ``off`` or ``on`` (from :data:`MODE_ENV`)."""
+    """The selected mode: ``auto``, ``off`` or ``on`` (from :data:`MODE_ENV`).
+
+    Raises:
+        ValueError: for a value outside :data:`MODE_VALUES`, naming the variable.
+    """
     value = os.environ.get(MODE_ENV, "auto").strip().lower()
-    if value in _OFF:
-        return "off"
-    if value in _ON:
-        return "on"
-    return "auto"
+    for name, spellings in MODE_VALUES.items():
+        if value in spellings:
+            return name
+    allowed = ", ".join(s for spellings in MODE_VALUES.values() for s in spellings if s)
+    raise ValueError(
+        f"{MODE_ENV}={os.environ[MODE_ENV]!r} is not a known value: use one of {allowed}"
+    )
 
 
 def shares_torch_openmp() -> bool:
@@ -86,9 +118,9 @@ def _cache_dir() -> Path:
     return Path(base) / "loraq" / "kernels"
 
 
-def build(source: Path, cc: str, openmp: bool = False) -> Path:
-    """Compile ``source`` into a shared library in the cache (reused when already there);
-    with ``openmp``, with ``-fopenmp`` (see :func:`shares_torch_openmp`)."""
+def build(source: Path, cc: str, openmp: bool = False, rebuild: bool = False) -> Path:
+    """Compile ``source`` into a shared library in the cache (reused when already there, unless
+    ``rebuild``); with ``openmp``, with ``-fopenmp`` (see :func:`shares_torch_openmp`)."""
     flags = (*_FLAGS, "-fopenmp") if openmp else _FLAGS
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
     key = hashlib.sha256(
@@ -103,7 +135,7 @@ def build(source: Path, cc: str, openmp: bool = False) -> Path:
         )
     ).hexdigest()[:20]
     target = _cache_dir() / f"{source.stem}-{key}.so"
-    if target.is_file():
+    if target.is_file() and not rebuild:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
@@ -128,20 +160,29 @@ def load_library(source: Path, purpose: str, openmp: bool = False) -> ctypes.CDL
 
     ``purpose`` names what the kernel speeds up, for the warning; ``openmp`` builds it with
     OpenMP (pass :func:`shares_torch_openmp`). In mode ``off`` this returns None without
-    building; in mode ``on`` a failed build raises instead of warning. Callers cache the result
+    building; in mode ``on`` a failed build raises :class:`KernelUnavailableError` instead of
+    warning; an unknown mode raises ValueError (see :func:`mode`). Callers cache the result
     (one build and one warning per process).
     """
-    if mode() == "off":
+    selected = mode()
+    if selected == "off":
         return None
     try:
         cc = _compiler()
         if cc is None:
-            raise RuntimeError("no C compiler found (set $CC)")
-        return ctypes.CDLL(str(build(source, cc, openmp)))
+            raise RuntimeError("no C compiler found on PATH or in $CC")
+        try:
+            return ctypes.CDLL(str(build(source, cc, openmp)))
+        except OSError:
+            # a cached library that does not load (truncated, overwritten by another program)
+            # would otherwise fail forever: build it again, atomically replacing it
+            return ctypes.CDLL(str(build(source, cc, openmp, rebuild=True)))
     except Exception as err:  # any failure means: use the pure-PyTorch path
-        if mode() == "on":
-            raise RuntimeError(
-                f"{MODE_ENV}=on but the compiled kernel is unavailable: {err}"
+        if selected == "on":
+            reason = " ".join(str(err).split())
+            raise KernelUnavailableError(
+                f"{MODE_ENV}=on but the compiled {purpose} kernel is unavailable: {reason} "
+                f"(set {MODE_ENV}=auto to fall back to pure PyTorch)"
             ) from err
         warnings.warn(
             f"loraq: compiled {purpose} unavailable ({err}); using the pure-PyTorch path "
