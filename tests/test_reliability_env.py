@@ -1,4 +1,4 @@
-"""The environment is input too: a bad ``LORAQ_KERNELS`` value, or ``LORAQ_KERNELS=on`` on a
+"""The environment is input too: a bad ``LORAQ_KERNELS`` or ``LORAQ_CPU_BF16`` value, or ``LORAQ_KERNELS=on`` on a
 machine without a C compiler, ends as one line ``loraq <command>: error: ...`` and exit code 2,
 like every other user mistake (see test_reliability_cli.py); files other tools write (a UTF-8
 byte-order mark) are read."""
@@ -60,6 +60,11 @@ CASES = {
         lambda f: ["inspect", str(f["llama"])],
         ["LORAQ_KERNELS='fast'", "auto, off"],
     ),
+    "unknown LORAQ_CPU_BF16": (
+        {"LORAQ_CPU_BF16": "amx"},
+        lambda f: ["inspect", str(f["llama"])],
+        ["LORAQ_CPU_BF16='amx'", "auto, off"],
+    ),
     "LORAQ_KERNELS=on without a compiler": (
         {"LORAQ_KERNELS": "on", "CC": "/nonexistent/cc", "PATH": "{tmp}"},
         lambda f: ["train", str(f["config"])],
@@ -89,10 +94,13 @@ def test_bad_environment_gives_one_line_and_exit_code(
 
 @pytest.mark.parametrize("value", ["auto", "", "OFF", " on ", "0", "1", "true", "no"])
 def test_documented_kernel_values_are_accepted(monkeypatch, value: str) -> None:
+    from loraq.core import precision
     from loraq.native import build
 
     monkeypatch.setenv(build.MODE_ENV, value)
     assert build.mode() in build.MODE_VALUES
+    monkeypatch.setenv(precision.CPU_BF16_ENV, value)
+    assert precision.fast_bf16("cpu") in (True, False)
 
 
 def test_train_reads_a_tsv_with_a_byte_order_mark(world, capsys) -> None:

@@ -7,15 +7,16 @@ source, the flags, the compiler and the CPU, and written atomically. A cached li
 longer loads (truncated, overwritten) is built again. Without a compiler, or if the build fails,
 loraq warns once per kernel and the caller keeps its pure-PyTorch path.
 
-``LORAQ_KERNELS`` selects (case-insensitive; any other value is an error naming the variable):
+``LORAQ_KERNELS`` selects (spelled as every switch, :mod:`loraq.core.switches`; any other
+value is an error naming the variable):
 
-========  ===========================  =================================================
-value     also spelled                 meaning
-========  ===========================  =================================================
-``auto``  unset or empty               compiled if it builds, else pure PyTorch (default)
-``off``   ``0``, ``false``, ``no``     always pure PyTorch; nothing is compiled
-``on``    ``1``, ``true``, ``yes``     compiled, or a :class:`KernelUnavailableError`
-========  ===========================  =================================================
+========  =================================================
+value     meaning
+========  =================================================
+``auto``  compiled if it builds, else pure PyTorch (default)
+``off``   always pure PyTorch; nothing is compiled
+``on``    compiled, or a :class:`KernelUnavailableError`
+========  =================================================
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import warnings
 from pathlib import Path
 
 from ..core.errors import UserError
+from ..core.switches import SWITCH_VALUES, read_switch
 
 __all__ = [
     "MODE_ENV",
@@ -49,12 +51,8 @@ MODE_ENV = "LORAQ_KERNELS"
 _FLAGS = ("-O3", "-shared", "-fPIC", "-fno-fast-math", "-ffp-contract=off")
 # GNU, Intel and LLVM OpenMP runtimes, by file name
 _OPENMP_RUNTIME = re.compile(r"lib(gomp|iomp5|omp)([.-]|$)")
-#: Every accepted spelling of :data:`MODE_ENV`, by the mode it selects (table above).
-MODE_VALUES: dict[str, tuple[str, ...]] = {
-    "auto": ("auto", ""),
-    "off": ("off", "0", "false", "no"),
-    "on": ("on", "1", "true", "yes"),
-}
+#: Every accepted spelling of :data:`MODE_ENV`, by the mode it selects.
+MODE_VALUES = SWITCH_VALUES
 
 
 class KernelUnavailableError(UserError, RuntimeError):
@@ -67,14 +65,7 @@ def mode() -> str:
     Raises:
         ValueError: for a value outside :data:`MODE_VALUES`, naming the variable.
     """
-    value = os.environ.get(MODE_ENV, "auto").strip().lower()
-    for name, spellings in MODE_VALUES.items():
-        if value in spellings:
-            return name
-    allowed = ", ".join(s for spellings in MODE_VALUES.values() for s in spellings if s)
-    raise ValueError(
-        f"{MODE_ENV}={os.environ[MODE_ENV]!r} is not a known value: use one of {allowed}"
-    )
+    return read_switch(MODE_ENV)
 
 
 def shares_torch_openmp() -> bool:
