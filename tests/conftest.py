@@ -9,6 +9,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import importlib  # noqa: E402
 import importlib.util  # noqa: E402
+import math  # noqa: E402
 from types import ModuleType  # noqa: E402
 
 import pytest  # noqa: E402
@@ -20,6 +21,51 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+# ============================================================================ precision
+# Numbers a test compares depend on the compute dtype, and ``compute_dtype: auto`` depends on the
+# CPU (bf16 with AVX512-BF16/AMX, float32 without). So a test that compares numbers names its
+# dtype, and its bound comes from that dtype and the size of the reductions in between, never
+# from the error one CPU happened to show. ``LORAQ_CPU_BF16=on`` runs the suite as an AMX CPU.
+
+
+def tolerance(dtype: torch.dtype, reduction_size: int, depth: int = 1) -> float:
+    """Bound on ``|a - b| / max(1, |b|)`` for two computations of the same value in ``dtype``
+    that differ only in rounding: each through ``depth`` stacked reductions (sums of
+    ``reduction_size`` products: matmul inner size, layer width) that round differently (another
+    kernel, order, blocking; or one side in float32).
+
+    A sum of ``n`` rounded terms drifts like ``eps * sqrt(n)`` (a random walk of roundings); the
+    errors of stacked reductions add; the factor 8 keeps unlucky tails inside the bound.
+    """
+    return 8 * torch.finfo(dtype).eps * math.sqrt(reduction_size) * depth
+
+
+def assert_close_in(
+    got: torch.Tensor,
+    expected: torch.Tensor,
+    dtype: torch.dtype,
+    reduction_size: int,
+    depth: int = 1,
+) -> None:
+    """``got`` equals ``expected`` up to :func:`tolerance`, scaled by the size of ``expected``."""
+    scale = max(1.0, float(expected.detach().abs().max()))
+    bound = tolerance(dtype, reduction_size, depth) * scale
+    diff = float((got.detach().float() - expected.detach().float()).abs().max())
+    assert diff <= bound, (
+        f"max |difference| {diff:.3g} > {bound:.3g} ({dtype}, reductions of {reduction_size}, "
+        f"depth {depth})"
+    )
+
+
+@pytest.fixture
+def cpu_bf16(monkeypatch):
+    """Run the test as on a CPU with AVX512-BF16/AMX: ``compute_dtype: auto`` means bfloat16
+    (bf16 is emulated on other CPUs, so the path is tested everywhere, only slower)."""
+    from loraq.core.precision import CPU_BF16_ENV
+
+    monkeypatch.setenv(CPU_BF16_ENV, "on")
 
 
 class ReferenceLibrary:
