@@ -23,11 +23,11 @@ import yaml
 from safetensors.torch import load_file
 
 import loraq
+from conftest import tolerance
 from loraq.io.tensor_tree import load_tree
 from loraq.train import checkpoint as ckpt
 from loraq.train import distributed, load_config, train
 from loraq.train.config import ConfigError
-from conftest import tolerance
 from stories260k import STORIES
 from test_train_support import char_tokenizer, make_tiny_llama
 
