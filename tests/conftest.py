@@ -31,15 +31,19 @@ def _seed() -> None:
 
 
 def tolerance(dtype: torch.dtype, reduction_size: int, depth: int = 1) -> float:
-    """Bound on ``|a - b| / max(1, |b|)`` for two computations of the same value in ``dtype``
-    that differ only in rounding: each through ``depth`` stacked reductions (sums of
-    ``reduction_size`` products: matmul inner size, layer width) that round differently (another
-    kernel, order, blocking; or one side in float32).
+    """Bound on ``|a - b| / max(1, |b|)`` for two computations of the same value that differ only
+    in rounding: ``a`` computed in ``dtype`` (or both in ``dtype`` by other kernels), through
+    ``depth`` stacked layers, each summing ``reduction_size`` products (matmul inner size).
 
-    A sum of ``n`` rounded terms drifts like ``eps * sqrt(n)`` (a random walk of roundings); the
-    errors of stacked reductions add; the factor 8 keeps unlucky tails inside the bound.
+    Per layer: operands and results rounded to ``dtype`` cost ``eps(dtype)``; the sum itself
+    accumulates in float32 (PyTorch's rule for bf16/fp16 matmuls, on CPU and GPU) in some order,
+    which drifts like ``eps(float32) * sqrt(n)`` (a random walk of roundings). The layers' errors
+    are independent, so they add like a random walk too (``sqrt(depth)``); the factor 4 keeps
+    unlucky tails inside the bound.
     """
-    return 8 * torch.finfo(dtype).eps * math.sqrt(reduction_size) * depth
+    fp32 = torch.finfo(torch.float32).eps
+    per_layer = torch.finfo(dtype).eps + fp32 * math.sqrt(reduction_size)
+    return 4 * math.sqrt(depth) * per_layer
 
 
 def assert_close_in(
