@@ -205,16 +205,35 @@ def cnn_inputs(batch: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
 # ============================================================================ saved tiny runs
 # Tiny models saved as Hugging Face folders and the run configs over them, shared by the
 # train / cli / compare tests (the builders themselves live in test_train_support.py).
-def pattern_config(root, llama, lora: dict | None = None, **training):
+# Their lora section names float32 unless the test names another compute dtype: the run's own
+# default is "auto", which is bf16 on an AVX512-BF16/AMX CPU (see the precision section above).
+TEST_COMPUTE_DTYPE = "float32"
+
+
+def _lora_section(lora: dict, compute_dtype: str | None) -> dict:
+    """``lora`` with ``compute_dtype`` added where it names none (None: leave the run's default)."""
+    if compute_dtype is None:
+        return dict(lora)
+    return {"compute_dtype": compute_dtype, **lora}
+
+
+def pattern_config(
+    root,
+    llama,
+    lora: dict | None = None,
+    compute_dtype: str | None = TEST_COMPUTE_DTYPE,
+    **training,
+):
     """A causal-lm config over ``llama`` learning one fixed pattern (16 records), run folder
-    ``root/run``; ``training`` entries override the defaults."""
+    ``root/run``; ``training`` entries override the defaults; ``compute_dtype`` goes in the lora
+    section unless it names one (None: the run's default)."""
     from test_train_support import write_config, write_pattern_jsonl
 
     data = write_pattern_jsonl(root / "pattern.jsonl", n=16)
     body = {
         "model": {"path": str(llama), "task": "causal-lm"},
         "data": {"train": str(data), "eval": str(data), "max_length": 32},
-        "lora": lora or {"r": 8, "alpha": 16},
+        "lora": _lora_section(lora or {"r": 8, "alpha": 16}, compute_dtype),
         "training": {
             "batch_size": 4,
             "lr": 1e-2,
@@ -227,16 +246,19 @@ def pattern_config(root, llama, lora: dict | None = None, **training):
     return write_config(root / "config.yaml", body)
 
 
-def sentiment_config(root, bert, lora: dict | None = None, **training):
+def sentiment_config(
+    root, bert, lora: dict | None = None, compute_dtype: str | None = TEST_COMPUTE_DTYPE, **training
+):
     """A seq-cls config over ``bert`` on 64 trivially separable sentences, run folder
-    ``root/run``; ``training`` entries override the defaults."""
+    ``root/run``; ``training`` entries override the defaults; ``compute_dtype`` as in
+    :func:`pattern_config`."""
     from test_train_support import write_config, write_sentiment_tsv
 
     data = write_sentiment_tsv(root / "s.tsv", n=64)
     body = {
         "model": {"path": str(bert), "task": "seq-cls"},
         "data": {"train": str(data), "eval": str(data), "max_length": 16},
-        "lora": lora or {"r": 4, "alpha": 8},
+        "lora": _lora_section(lora or {"r": 4, "alpha": 8}, compute_dtype),
         "training": {
             "batch_size": 16,
             "lr": 1e-2,
