@@ -3,8 +3,8 @@
 Installing loraq needs no compiler. On first use a kernel source is compiled with the system C
 compiler (``$CC``, else ``cc``/``gcc``/``clang``) for this CPU (``-march=native`` where the
 compiler accepts it) into ``$LORAQ_CACHE_DIR`` (default ``~/.cache/loraq/kernels``), keyed by the
-source, the flags, the compiler and the CPU, and written atomically. A cached library that no
-longer loads (truncated, overwritten) is built again. Without a compiler, or if the build fails,
+source, the flags, the compiler and the CPU, and written atomically with its SHA-256 next to it:
+a cached library that no longer matches it (truncated, overwritten) is built again. Without a compiler, or if the build fails,
 loraq warns once per kernel and the caller keeps its pure-PyTorch path.
 
 ``LORAQ_KERNELS`` selects (spelled as every switch, :mod:`loraq.core.switches`; any other
@@ -109,9 +109,9 @@ def _cache_dir() -> Path:
     return Path(base) / "loraq" / "kernels"
 
 
-def build(source: Path, cc: str, openmp: bool = False, rebuild: bool = False) -> Path:
-    """Compile ``source`` into a shared library in the cache (reused when already there, unless
-    ``rebuild``); with ``openmp``, with ``-fopenmp`` (see :func:`shares_torch_openmp`)."""
+def build(source: Path, cc: str, openmp: bool = False) -> Path:
+    """Compile ``source`` into a shared library in the cache (reused when already there and
+    intact); with ``openmp``, with ``-fopenmp`` (see :func:`shares_torch_openmp`)."""
     flags = (*_FLAGS, "-fopenmp") if openmp else _FLAGS
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
     key = hashlib.sha256(
@@ -126,7 +126,7 @@ def build(source: Path, cc: str, openmp: bool = False, rebuild: bool = False) ->
         )
     ).hexdigest()[:20]
     target = _cache_dir() / f"{source.stem}-{key}.so"
-    if target.is_file() and not rebuild:
+    if _intact(target):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
@@ -137,6 +137,7 @@ def build(source: Path, cc: str, openmp: bool = False, rebuild: bool = False) ->
         for extra in (["-march=native"], []):  # some compilers/targets refuse -march=native
             done = subprocess.run(base + extra, capture_output=True, text=True, timeout=300)
             if done.returncode == 0:
+                _write_atomically(_digest_path(target), _digest(Path(tmp)).encode())
                 os.replace(tmp, target)  # atomic: concurrent builders all end with a whole file
                 return target
             errors = done.stderr.strip()[-500:]
@@ -144,6 +145,36 @@ def build(source: Path, cc: str, openmp: bool = False, rebuild: bool = False) ->
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _digest_path(library: Path) -> Path:
+    return library.with_name(library.name + ".sha256")
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _intact(library: Path) -> bool:
+    """Whether the cached ``library`` is the file its build wrote, checked against the digest
+    written next to it. Loading a damaged one is worse than an error: a truncated library whose
+    header survived maps pages past the end of the file, and touching them kills the process
+    (SIGBUS). A mismatch (or a cache from before digests) means: build again."""
+    try:
+        return _digest_path(library).read_text().strip() == _digest(library)
+    except (OSError, UnicodeDecodeError):
+        return False
 
 
 def load_library(source: Path, purpose: str, openmp: bool = False) -> ctypes.CDLL | None:
@@ -162,12 +193,7 @@ def load_library(source: Path, purpose: str, openmp: bool = False) -> ctypes.CDL
         cc = _compiler()
         if cc is None:
             raise RuntimeError("no C compiler found on PATH or in $CC")
-        try:
-            return ctypes.CDLL(str(build(source, cc, openmp)))
-        except OSError:
-            # a cached library that does not load (truncated, overwritten by another program)
-            # would otherwise fail forever: build it again, atomically replacing it
-            return ctypes.CDLL(str(build(source, cc, openmp, rebuild=True)))
+        return ctypes.CDLL(str(build(source, cc, openmp)))
     except Exception as err:  # any failure means: use the pure-PyTorch path
         if selected == "on":
             reason = " ".join(str(err).split())
