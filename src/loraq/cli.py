@@ -29,7 +29,10 @@ from pathlib import Path
 from loraq.compare import command as compare_command
 from loraq.core.dtypes import FLOAT_DTYPE_NAMES
 from loraq.core.errors import EXIT_ERROR, EXIT_INTERRUPTED, CliError, user_message
+from loraq.core.precision import CPU_BF16_ENV
+from loraq.core.switches import read_switch
 from loraq.io import export_command
+from loraq.native.build import MODE_ENV as KERNELS_ENV
 from loraq.train import combine_command
 from loraq.train.config import describe_keys
 from loraq.train.hub import hub_offline
@@ -504,6 +507,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_ERROR
     args.overrides = overrides
     try:
+        for switch in (KERNELS_ENV, CPU_BF16_ENV):  # refused up front, not when first read
+            read_switch(switch)
         with hub_offline():  # loraq reads local folders only; restored when the command ends
             return SUBCOMMANDS[args.command].run(args)
     except KeyboardInterrupt:
