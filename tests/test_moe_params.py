@@ -30,6 +30,7 @@ from loraq.model.surgery import (
     unload,
     unmerge,
 )
+from loraq.quant import QuantizedTensor
 
 peft = pytest.importorskip("peft")
 
@@ -318,8 +319,71 @@ def test_a_2d_parameter_is_adapted_like_peft():
     assert router.num_experts == 1 and (router.in_features, router.out_features) == (16, 4)
 
 
+# ---------------------------------------------------------------------------------- QLoRA
+def qlora(base: nn.Module, targets=EXPERTS) -> nn.Module:
+    return ours(base, targets, quant="nf4", compute_dtype="float32", blocksize=64)
+
+
+def test_quantized_experts_compute_dequantized_base_plus_delta():
+    base = qwen3_moe()
+    model = qlora(base, EXPERTS + [ROUTER])
+    wrapper = model.model.layers[0].mlp.experts
+    assert wrapper.is_quantized and wrapper.base_layer.is_quantized
+    assert "gate_up_proj" not in dict(wrapper.holder.named_parameters())  # held as NF4 only
+    assert len(wrapper.base_layer.base_records) == 4  # one record per expert
+    want = torch.stack(
+        [
+            QuantizedTensor.from_tensor(w, 64, "nf4", True).dequantize()
+            for w in base.model.layers[0].mlp.experts.gate_up_proj.detach()
+        ]
+    )
+    torch.testing.assert_close(wrapper.base_layer.base_param(), want, atol=0, rtol=0)
+    # The same adapters over the dequantized base, in PEFT, give the same logits.
+    dense = unload(copy.deepcopy(model), merge_adapters=False, dense=True)
+    assert not any(isinstance(m, ParamLoRA) for m in dense.modules())
+    twin = peft_twin(dense, model, EXPERTS + [ROUTER])
+    x = ids()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).logits, twin(x).logits, **TOL)
+    model.train()
+    model(x, labels=x).loss.backward()
+    assert {n for n, p in model.named_parameters() if p.grad is not None} == set(
+        adapter_state_dict(model)
+    )
+
+
+def test_quantized_experts_merge_unload_and_reload(tmp_path):
+    base = qwen3_moe()
+    model = qlora(base)
+    x = ids()
+    save_adapter(model, tmp_path)
+    with torch.no_grad():
+        before = model(x).logits
+    wrapper = model.model.layers[1].mlp.experts
+    with torch.no_grad():
+        want = wrapper.base_param() + wrapper.delta("default")
+        with pytest.warns(UserWarning, match="re-quantization"):
+            merge(model)
+        # Merging re-quantizes W + ΔW per expert, and reports how far that moved the weights.
+        got = wrapper.base_param()
+        requantized = torch.stack(
+            [QuantizedTensor.from_tensor(w, 64, "nf4", True).dequantize() for w in want]
+        )
+        torch.testing.assert_close(got, requantized, atol=0, rtol=0)
+        assert 0 < (got - want).abs().max() <= model.loraq_merge_error
+        unmerge(model)  # re-quantizes W again: the base drifts by up to one NF4 step
+    again = load_adapter(copy.deepcopy(base), tmp_path, quant="nf4", compute_dtype="float32")
+    assert again.model.layers[0].mlp.experts.is_quantized
+    exact = unload(copy.deepcopy(model), dense=True)
+    with torch.no_grad():
+        # quantization is deterministic: the reloaded QLoRA model is the saved model
+        torch.testing.assert_close(again(x).logits, before, atol=0, rtol=0)
+        torch.testing.assert_close(exact(x).logits, model(x).logits, **TOL)
+
+
 # ---------------------------------------------------------------------------------- training
-def test_loraq_train_trains_moe_experts(tmp_path):
+@pytest.mark.parametrize("quant", [None, "nf4"])
+def test_loraq_train_trains_moe_experts(tmp_path, quant):
     from conftest import pattern_config
     from loraq.train.config import load_config
     from loraq.train.loop import train
@@ -328,7 +392,7 @@ def test_loraq_train_trains_moe_experts(tmp_path):
     folder = tmp_path / "moe"
     qwen3_moe(vocab=260).save_pretrained(folder)
     byte_tokenizer().save_pretrained(folder)
-    lora = {"r": 4, "alpha": 8, "targets": [], "target_parameters": EXPERTS}
+    lora = {"r": 4, "alpha": 8, "targets": [], "target_parameters": EXPERTS, "quant": quant}
     path = pattern_config(tmp_path, folder, lora, max_steps=8, num_threads=1, eval_before=False)
     result = train(load_config(path, {"lora.compute_dtype": "float32"}), log=lambda s: None)
     assert result.losses[-1] < result.losses[0] - 0.5, result.losses

@@ -23,6 +23,15 @@ parameter              read as (in, out)    ``lora_A.weight``  ``ΔW``
 (rows grouped by expert) and ``B_e = B.view(out, r, E)[:, :, e]`` (columns interleaved by rank):
 PEFT's layout, kept so that files load both ways. Dropout, DoRA and bias are refused (the input
 of the delta cannot be separated from the module's routing), as in PEFT.
+
+**Quantized experts (QLoRA).** :meth:`ParamLoRA.quantize_base` stores the frozen parameter in a
+base format of :mod:`loraq.quant.formats`, one record per expert (each expert's matrix is
+quantized on its own, so an expert's blocks never straddle two experts), and removes it from the
+module. For each forward the stack is dequantized in the compute dtype and lent to the module as
+a plain attribute (with ``ΔW`` added), then taken back; merging re-quantizes (lossy, the change
+is returned, as :class:`~loraq.layers.lora.LoRALayer` does), and :meth:`ParamLoRA.release`
+gives the module back a dense parameter. PEFT keeps expert stacks dense (bitsandbytes has no 3-D
+layer), so a quantized expert base is loraq's own; its adapter files are the same.
 """
 
 from __future__ import annotations
@@ -36,6 +45,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from ..quant.formats import GGUF, BaseFormat, Record
 from .lora import adapter_scaling
 
 __all__ = ["ParamLoRA", "param_shape_facts"]
@@ -112,6 +122,13 @@ class ParamLoRA(nn.Module):
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self.adapters_disabled = False
+        # The quantized base (quantize_base): one record per expert (one for a 2-D weight),
+        # the stack's shape and the dtype it is dequantized to. None while the base is dense.
+        self.base_records: list[Record] | None = None
+        self._base_shape: torch.Size | None = None
+        self._compute_dtype: torch.dtype | None = None
+        self._base_format: BaseFormat | None = None
+        self._base_options: tuple[int | None, bool] = (None, True)  # blocksize, double_quant
 
     # ------------------------------------------------------------------ the adapted parameter
     @property
@@ -124,8 +141,8 @@ class ParamLoRA(nn.Module):
 
     @property
     def is_quantized(self) -> bool:
-        """Always False: the parameter is stored dense."""
-        return False
+        """True when the frozen parameter is held in a quantized format (:meth:`quantize_base`)."""
+        return self.base_records is not None
 
     @property
     def bias(self) -> None:
@@ -133,13 +150,84 @@ class ParamLoRA(nn.Module):
         return None
 
     @property
+    def base_shape(self) -> torch.Size:
+        """The shape of the adapted parameter (dense or quantized)."""
+        if self._base_shape is not None:
+            return self._base_shape
+        return self.base_param().shape
+
+    @property
     def is_3d(self) -> bool:
         """True for an expert stack ``(E, ., .)``, False for a 2-D weight."""
+        if self._base_shape is not None:
+            return len(self._base_shape) == 3
         return self.base_param().dim() == 3
 
     def base_param(self) -> torch.Tensor:
-        """The frozen parameter (never parametrized: read between forwards)."""
-        return self.holder._parameters[self.parameter_name]
+        """The frozen parameter (never parametrized: read between forwards); for a quantized
+        base, its dequantized stack in the compute dtype (a new tensor)."""
+        if self.base_records is None:
+            return self.holder._parameters[self.parameter_name]
+        experts = [r.dequantize(self._compute_dtype) for r in self.base_records]
+        return torch.stack(experts) if len(self._base_shape) == 3 else experts[0]
+
+    # ------------------------------------------------------------------ a quantized base
+    @torch.no_grad()
+    def quantize_base(
+        self,
+        fmt: BaseFormat,
+        *,
+        blocksize: int | None = None,
+        double_quant: bool = True,
+        compute_dtype: torch.dtype = torch.float32,
+    ) -> bool:
+        """Store the frozen parameter in ``fmt``, one record per expert; returns False (and
+        leaves it dense) when a GGUF format's blocks do not divide the rows, True otherwise."""
+        if self.base_records is not None:
+            return True
+        if self.merged_adapters:
+            raise RuntimeError("cannot quantize a merged base; call unmerge() first")
+        param = self.base_param()
+        if fmt.kind == GGUF and param.shape[-1] % fmt.blocksize:
+            return False
+        experts = list(param) if param.dim() == 3 else [param]
+        self.base_records = [fmt.quantize_tensor(e, blocksize, double_quant) for e in experts]
+        self._base_shape = param.shape
+        self._compute_dtype = compute_dtype
+        self._base_format, self._base_options = fmt, (blocksize, double_quant)
+        # A None entry keeps the parameter's place (PEFT nests wrappers in registration order)
+        # while nothing dense stays behind.
+        self.holder._parameters[self.parameter_name] = None
+        return True
+
+    def dequantize_base(self) -> None:
+        """Give the module back a dense parameter (the dequantized stack in the compute dtype);
+        merges after this are exact. Nothing to do for a dense base."""
+        if self.base_records is None:
+            return
+        dense = self.base_param()
+        self.base_records = None
+        self._base_shape = None
+        self.holder._parameters[self.parameter_name] = nn.Parameter(dense, requires_grad=False)
+
+    def release(self) -> nn.Module:
+        """The wrapped module with a dense parameter (for unloading); the wrapper is done."""
+        self.dequantize_base()
+        return self.base_layer
+
+    @contextlib.contextmanager
+    def _lent(self, names: list[str]) -> Iterator[None]:
+        # A quantized base has no parameter: the module finds the dequantized stack (plus ΔW)
+        # in its instance dict, which attribute lookup reads before nn.Module's registries.
+        weight = self.base_param()
+        if names:
+            weight = self._proxy(names, weight.dtype)(weight)
+        holder = self.holder
+        holder.__dict__[self.parameter_name] = weight
+        try:
+            yield
+        finally:
+            holder.__dict__.pop(self.parameter_name, None)
 
     @property
     def _swapped(self) -> bool:
@@ -219,23 +307,19 @@ class ParamLoRA(nn.Module):
         delta = torch.bmm(b, a) * s  # (E, out, in)
         return delta if self._swapped else delta.transpose(1, 2)
 
-    def _proxy(self, names: list[str]) -> _DeltaProxy:
-        param = self.base_param()
+    def _proxy(self, names: list[str], dtype: torch.dtype) -> _DeltaProxy:
         if len(names) == 1 and self.is_3d:
             b, a = self.expert_factors(names[0])
             lhs, rhs = (b, a) if self._swapped else (a.transpose(1, 2), b.transpose(1, 2))
-            return _DeltaProxy(
-                lhs.to(param.dtype), rhs.to(param.dtype), self.scaling[names[0]], None
-            )
+            return _DeltaProxy(lhs.to(dtype), rhs.to(dtype), self.scaling[names[0]], None)
         delta = sum(self.delta(n) for n in names)
-        return _DeltaProxy(None, None, 1.0, delta.to(param.dtype))
+        return _DeltaProxy(None, None, 1.0, delta.to(dtype))
 
     @contextlib.contextmanager
     def _adapted(self, names: list[str]) -> Iterator[None]:
         holder = self.holder
-        parametrize.register_parametrization(
-            holder, self.parameter_name, self._proxy(names), unsafe=True
-        )
+        proxy = self._proxy(names, self.base_param().dtype)
+        parametrize.register_parametrization(holder, self.parameter_name, proxy, unsafe=True)
         try:
             with parametrize.cached():
                 yield
@@ -247,11 +331,14 @@ class ParamLoRA(nn.Module):
     # ------------------------------------------------------------------ forward
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """The wrapped module's output, computed with ``W + ΔW`` of the active adapter."""
-        if self.adapters_disabled:
-            if self.merged_adapters:
-                self.unmerge()
-            return self.base_layer(*args, **kwargs)
+        if self.adapters_disabled and self.merged_adapters:
+            self.unmerge()
         active = [n for n in self.active_adapters if n in self.r and n not in self.merged_adapters]
+        if self.adapters_disabled:
+            active = []
+        if self.base_records is not None:
+            with self._lent(active):
+                return self.base_layer(*args, **kwargs)
         if not active:
             return self.base_layer(*args, **kwargs)
         with self._adapted(active):
@@ -260,16 +347,18 @@ class ParamLoRA(nn.Module):
     # ------------------------------------------------------------------ merge / unmerge
     @torch.no_grad()
     def merge(self, names: list[str] | None = None) -> float:
-        """Fold the given (default: active) adapters into the parameter; returns 0.0 (exact)."""
+        """Fold the given (default: active) adapters into the parameter. Returns the largest
+        absolute change re-quantizing the merged weight made (0.0 for a dense base)."""
         names = [
             n
             for n in (names or self.active_adapters)
             if n in self.r and n not in self.merged_adapters
         ]
+        worst = 0.0
         for name in names:
-            self._add_delta(name, 1.0)
+            worst = max(worst, self._add_delta(name, 1.0))
             self.merged_adapters.append(name)
-        return 0.0
+        return worst
 
     @torch.no_grad()
     def unmerge(self) -> None:
@@ -277,11 +366,23 @@ class ParamLoRA(nn.Module):
         while self.merged_adapters:
             self._add_delta(self.merged_adapters.pop(), -1.0)
 
-    def _add_delta(self, name: str, sign: float) -> None:
+    def _add_delta(self, name: str, sign: float) -> float:
         param = self.base_param()
         work = torch.float64 if param.dtype == torch.float64 else torch.float32
         merged = param.to(work) + sign * self.delta(name).detach().to(work)
-        param.copy_(merged.to(param.dtype))
+        if self.base_records is None:
+            param.copy_(merged.to(param.dtype))
+            return 0.0
+        self._requantize(merged)
+        return float((self.base_param().to(work) - merged).abs().max())
+
+    def _requantize(self, dense: torch.Tensor) -> None:
+        old = self.base_records
+        experts = list(dense) if dense.dim() == 3 else [dense]
+        self.base_records = [
+            self._base_format.quantize_tensor(e.to(r.dtype), *self._base_options)
+            for r, e in zip(old, experts, strict=True)
+        ]
 
     def extra_repr(self) -> str:
         return (

@@ -17,9 +17,10 @@ from ..layers.kinds import layer_kind
 from ..layers.lora import ADAPTER_STORES, LoRALayer, ModulesToSave
 from ..layers.param_lora import ParamLoRA
 from ..layers.protocol import QuantizedBase
+from ..quant.formats import base_format
 from .config import LoraConfig
 from .merging import Original, check_merge_target, measured_merge, prepare_merge_base
-from .quantize import dequantize_model, quantize_model
+from .quantize import compute_dtype_of, dequantize_model, quantize_model
 from .targeting import (
     candidate_modules,
     find_parameter_targets,
@@ -156,6 +157,13 @@ def _add_parameter_adapters(
         wrapper.add_adapter(
             adapter_name, config.r, config.alpha, init=config.init, use_rslora=config.use_rslora
         )
+        if config.quant is not None and not name_matches(module_name, config.quant_skip or []):
+            wrapper.quantize_base(
+                base_format(config.quant, "LoraConfig.quant"),
+                blocksize=config.blocksize,
+                double_quant=config.double_quant,
+                compute_dtype=compute_dtype_of(config, wrapper.base_param().device),
+            )
 
 
 def _apply_checked(
@@ -398,17 +406,26 @@ def unload(
         if not merge_adapters:
             raise ValueError("unload: merge_into needs merge_adapters=True")
         check_merge_target(into, original)
+        if into == "dequantized":
+            _dequantize_parameter_bases(model)
         with measured_merge(model, into, calibration) as report:
             prepare_merge_base(model, into, original, merge_dtype)
             report.max_weight_change = _unwrap(model, merge_adapters=True)
         return model
     if dense:  # without a merge: the adapters are dropped, the base becomes dense
+        _dequantize_parameter_bases(model)
         for _, layer in lora_layers(model):
             if layer.is_quantized:
                 layer.unmerge()
         dequantize_model(model)
     _unwrap(model, merge_adapters)
     return model
+
+
+def _dequantize_parameter_bases(model: nn.Module) -> None:
+    """Quantized expert stacks become dense parameters again (exact merges follow)."""
+    for _, layer in param_lora_layers(model):
+        layer.dequantize_base()
 
 
 def _unwrap(model: nn.Module, merge_adapters: bool) -> float:
@@ -423,7 +440,7 @@ def _unwrap(model: nn.Module, merge_adapters: bool) -> float:
         while isinstance(outer := model.get_submodule(name), ParamLoRA):
             if merge_adapters:
                 worst = max(worst, outer.merge())
-            set_submodule(model, name, outer.base_layer)
+            set_submodule(model, name, outer.release())
     for name, saved in list(_saved_modules(model)):
         active = saved.active_adapter
         keep = (

@@ -193,9 +193,18 @@ def find_parameter_targets(
     patterns = config.target_parameters or []
     if not patterns:
         return []
+    # A quantized stack leaves a None in its module's registry; its wrapper knows the shape.
+    quantized = {
+        (id(m.holder), m.parameter_name): m.base_shape
+        for m in model.modules()
+        if isinstance(m, ParamLoRA) and m.is_quantized
+    }
     chosen: list[tuple[str, str]] = []
     for name, module, wrapped in _parameter_holders(model):
-        for pname, param in module.named_parameters(recurse=False):
+        for pname, param in module._parameters.items():
+            shape = quantized.get((id(module), pname)) if param is None else param.shape
+            if shape is None:
+                continue
             key = f"{name}.{pname}" if name else pname
             if not name_matches(key, patterns):
                 continue
@@ -210,7 +219,7 @@ def find_parameter_targets(
                     "from LoraConfig.targets / modules_to_save (or set targets=[])"
                 )
             try:
-                param_shape_facts(tuple(param.shape), False)
+                param_shape_facts(tuple(shape), False)
             except ValueError as err:
                 raise ValueError(f"{where}: {err} supported") from None
             chosen.append((name, pname))
