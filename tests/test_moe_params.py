@@ -398,3 +398,16 @@ def test_loraq_train_trains_moe_experts(tmp_path, quant):
     assert result.losses[-1] < result.losses[0] - 0.5, result.losses
     saved = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
     assert saved["target_parameters"] == EXPERTS
+
+
+def test_adapter_file_with_other_rank_refused_and_model_unchanged(tmp_path):
+    base = qwen3_moe()
+    save_adapter(ours(base), tmp_path)
+    config_file = tmp_path / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps({**config, "r": 3}))
+    model = copy.deepcopy(base)
+    with pytest.raises(ValueError, match="lora_A.weight' has shape") as err:
+        load_adapter(model, tmp_path)
+    assert "\n" not in str(err.value)
+    assert not any(isinstance(m, ParamLoRA) for m in model.modules())
