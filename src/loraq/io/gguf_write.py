@@ -19,8 +19,10 @@ format the table of :mod:`loraq.quant.formats` marks ``gguf_export`` (``q8_0``, 
 ``q4_1``), or ``keep`` (unadapted GGUF-quantized tensors keep their exact blocks; adapted ones are
 re-quantized in their own block format, or :data:`KEEP_FALLBACK` for a read-only k-quant).
 Norms are always f32. The metadata (hyperparameters, tokenizer with ``tokenizer.ggml.pre`` and
-the chat template) is copied from the base GGUF when the model came from one, so llama.cpp
-tokenizes as transformers does.
+the chat template) is copied from the base GGUF when the model came from one; otherwise the
+hyperparameters come from the config and the tokenizer from the base's folder (or the
+``tokenizer`` argument), written by :mod:`loraq.io.gguf_tokenizer`, so llama.cpp tokenizes as
+transformers does.
 
 Files are written to a temporary sibling and renamed into place: nothing is left half-written.
 """
@@ -41,6 +43,8 @@ from ..quant.formats import DENSE_GGUF_TYPES, FORMATS, format_names
 from ..quant.gguf import quantize_gguf
 from .gguf_names import PERMUTED_ARCHITECTURES, gguf_row_order, hf_to_gguf_name
 from .gguf_read import open_gguf
+from .gguf_tokenizer import GGUFVocabulary, gguf_vocabulary, tokenizer_source, write_vocabulary
+from .model_folder import source_folder
 from .peft_format import PREFIX
 from .safe import FormatError, staged_file
 
@@ -218,11 +222,29 @@ def _config_metadata(writer: Any, model: nn.Module, arch: str) -> None:
     writer.add_vocab_size(cfg.vocab_size)
 
 
-def _write_merged(model: nn.Module, path: Path, dtype: str) -> None:
+def _vocabulary(model: nn.Module, tokenizer: Any) -> GGUFVocabulary | None:
+    """The vocabulary to write into a merged GGUF: ``tokenizer`` (a folder or a transformers
+    tokenizer) or the base folder's, padded to the embedding's rows; None (with a warning: the
+    file will not load in llama.cpp) when there is none."""
+    source = tokenizer if tokenizer is not None else tokenizer_source(source_folder(model))
+    if source is None:
+        import warnings
+
+        warnings.warn(
+            "export_gguf: no tokenizer found (pass tokenizer=...); llama.cpp refuses a model "
+            "GGUF without one",
+            stacklevel=3,
+        )
+        return None
+    return gguf_vocabulary(source, rows=model.get_input_embeddings().num_embeddings)
+
+
+def _write_merged(model: nn.Module, path: Path, dtype: str, tokenizer: Any = None) -> None:
     import gguf
 
     arch = gguf_architecture(model)
     copied = _base_metadata(model)
+    vocab = None if copied else _vocabulary(model, tokenizer)
     tensors: dict[str, tuple[np.ndarray, Any]] = {}
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
     for name, module in model.named_modules():
@@ -249,6 +271,8 @@ def _write_merged(model: nn.Module, path: Path, dtype: str) -> None:
                 writer.add_key_value(key, value, vtype, sub_type=sub)
         else:
             _config_metadata(writer, model, arch)
+            if vocab is not None:
+                write_vocabulary(writer, vocab)
         for name, (array, raw) in tensors.items():
             writer.add_tensor(name, array, raw_dtype=raw)
 
@@ -271,7 +295,11 @@ def _atomic_gguf(path: Path, arch: str, fill: Any) -> None:
 
 
 def export_gguf(
-    model: nn.Module, path: str | os.PathLike[str], merged: bool = False, dtype: str | None = None
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    merged: bool = False,
+    dtype: str | None = None,
+    tokenizer: Any = None,
 ) -> Path:
     """Write ``model``'s adapter (default) or the merged model as a GGUF file llama.cpp runs.
 
@@ -283,6 +311,10 @@ def export_gguf(
         merged: False: an adapter GGUF of the active adapter (``dtype`` ``f32``, the default, or
             ``f16``). True: the whole model with the adapters folded in (``dtype`` one of
             :data:`MERGED_DTYPES`, default ``keep`` for a GGUF base and ``f16`` otherwise).
+        tokenizer: merged files only: a tokenizer folder or transformers fast tokenizer whose
+            vocabulary, special tokens and chat template go into the file (see
+            :mod:`loraq.io.gguf_tokenizer`). Default: a GGUF base's own metadata, else the
+            tokenizer of the folder the base was loaded from.
 
     Raises:
         FormatError: an unsupported architecture, DoRA or non-linear adapters, a module with
@@ -294,7 +326,7 @@ def export_gguf(
         if dtype not in MERGED_DTYPES:
             raise FormatError(f"export_gguf: merged dtype {dtype!r} is not one of {MERGED_DTYPES}")
         with torch.no_grad():
-            _write_merged(model, target, dtype)
+            _write_merged(model, target, dtype, tokenizer)
     else:
         dtype = dtype or "f32"
         if dtype not in ADAPTER_DTYPES:
