@@ -54,12 +54,12 @@ def _checked_header(meta: dict[str, Any], arch: str, source: str) -> float:
     return float(alpha)
 
 
-def _factor_pairs(reader: Any, source: str) -> dict[str, dict[str, torch.Tensor]]:
+def _factor_pairs(reader: Any, arch: str, source: str) -> dict[str, dict[str, torch.Tensor]]:
     """transformers module path -> {"a": (r, in), "b": (out, r)} in float32."""
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for t in reader.tensors:
         suffix = next((s for s in _SUFFIXES if t.name.endswith(s)), None)
-        module = gguf_to_hf_name(t.name[: -len(suffix)]) if suffix else None
+        module = gguf_to_hf_name(t.name[: -len(suffix)], arch) if suffix else None
         if module is None:
             raise FormatError(f"{source}: tensor {t.name!r} is not a LoRA factor of a known layer")
         fmt, data, _ = tensor_value(t, source)
@@ -110,7 +110,7 @@ def load_gguf_adapter(
     reader = open_gguf(path)
     arch, cfg = gguf_architecture(model), model.config
     alpha = _checked_header(gguf_metadata(reader), arch, source)
-    pairs = _factor_pairs(reader, source)
+    pairs = _factor_pairs(reader, arch, source)
     r = _checked_rank(model, pairs, source)
     config = LoraConfig(r=r, alpha=alpha, dropout=0.0, targets=sorted(pairs))
     with model_transaction(model):

@@ -275,6 +275,17 @@ def write_vocabulary(writer: Any, vocab: GGUFVocabulary) -> None:
         writer.add_token_scores(vocab.scores)
     if vocab.merges:
         writer.add_token_merges(vocab.merges)
+    elif vocab.model == "gpt2":
+        # The gguf package writes no empty array; transformers then rebuilds the (no) merges
+        # from scores. llama.cpp wants the merges key for BPE and will refuse such a file.
+        import warnings
+
+        writer.add_token_scores([0.0] * len(vocab.tokens))
+        warnings.warn(
+            "export_gguf: the byte-level tokenizer has no merges; llama.cpp refuses a BPE "
+            "vocabulary without tokenizer.ggml.merges",
+            stacklevel=4,
+        )
     adders = {"bos": "add_bos_token_id", "eos": "add_eos_token_id"}
     adders.update(unk="add_unk_token_id", pad="add_pad_token_id")
     for name, token_id in vocab.special_ids.items():

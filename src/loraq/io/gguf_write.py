@@ -41,7 +41,13 @@ from ..layers.gguf import EmbeddingGGUF, LinearGGUF
 from ..layers.lora import LoRALayer
 from ..quant.formats import DENSE_GGUF_TYPES, FORMATS, format_names
 from ..quant.gguf import quantize_gguf
-from .gguf_names import PERMUTED_ARCHITECTURES, gguf_row_order, hf_to_gguf_name
+from .gguf_names import (
+    architecture,
+    architecture_of_model_type,
+    gguf_row_order,
+    hf_to_gguf_name,
+    permuted_heads,
+)
 from .gguf_read import open_gguf
 from .gguf_tokenizer import GGUFVocabulary, gguf_vocabulary, tokenizer_source, write_vocabulary
 from .model_folder import source_folder
@@ -58,8 +64,6 @@ MERGED_DTYPES = (*DENSE_GGUF_TYPES, *_EXPORT_FORMATS, "keep")
 ADAPTER_DTYPES = ("f32", "f16")
 #: ``keep``: the format an adapted matrix held in a read-only k-quant is re-quantized into.
 KEEP_FALLBACK = "q8_0"
-# transformers model_type -> llama.cpp general.architecture (llama.cpp writes Mistral as llama).
-_ARCH_OF_MODEL_TYPE = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
 # Metadata keys the reader synthesises or the writer sets itself.
 _OWN_KEYS = ("GGUF.", "general.architecture", "general.type", "general.file_type")
 
@@ -70,33 +74,22 @@ def gguf_architecture(model: nn.Module) -> str:
     if path is not None:
         return str(open_gguf(path).fields["general.architecture"].contents())
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type not in _ARCH_OF_MODEL_TYPE:
-        raise FormatError(
-            f"GGUF export supports transformers model types {sorted(_ARCH_OF_MODEL_TYPE)}, "
-            f"got {model_type!r}"
-        )
-    return _ARCH_OF_MODEL_TYPE[model_type]
+    return architecture_of_model_type(model_type).name
 
 
 def _heads(model: nn.Module, arch: str, module: str) -> int | None:
-    if arch not in PERMUTED_ARCHITECTURES:
-        return None
     cfg = model.config
-    if module.endswith("self_attn.q_proj"):
-        return cfg.num_attention_heads
-    if module.endswith("self_attn.k_proj"):
-        return cfg.num_key_value_heads
-    return None
+    return permuted_heads(arch, module, cfg.num_attention_heads, cfg.num_key_value_heads)
 
 
 def _to_gguf_rows(t: torch.Tensor, heads: int | None) -> torch.Tensor:
     return t if heads is None else t[gguf_row_order(t.shape[0], heads)]
 
 
-def _gguf_name(module: str) -> str:
-    name = hf_to_gguf_name(module.removeprefix(PREFIX))
+def _gguf_name(module: str, arch: str) -> str:
+    name = hf_to_gguf_name(module.removeprefix(PREFIX), arch)
     if name is None:
-        raise FormatError(f"module {module} has no GGUF tensor name (Llama-family layout expected)")
+        raise FormatError(f"module {module} has no GGUF tensor name in a {arch} model")
     return name
 
 
@@ -119,7 +112,7 @@ def _adapter_tensors(model: nn.Module, arch: str) -> tuple[dict[str, torch.Tenso
         alpha = scaling * r if alpha is None else alpha  # the first layer fixes the file's alpha
         a, b = (t.detach().float() for t in layer.adapter_weights(adapter))  # k-bit grid if set
         b = b * (scaling * r / alpha)
-        stem = _gguf_name(name) + ".weight"
+        stem = _gguf_name(name, arch) + ".weight"
         out[stem + ".lora_a"] = a
         out[stem + ".lora_b"] = _to_gguf_rows(b, _heads(model, arch, name))
     return out, float(alpha)
@@ -202,12 +195,32 @@ def _base_metadata(model: nn.Module) -> list[tuple[str, Any, Any, Any]]:
     return out
 
 
+def _rope_theta(cfg: Any) -> float:
+    """The RoPE base of the (full-attention) layers; refuses RoPE scaling, which is not written."""
+    params = getattr(cfg, "rope_parameters", None) or {}
+    per_layer_type = [p for p in params.values() if isinstance(p, dict)]  # Gemma 3
+    for p in per_layer_type or [params]:
+        kind = p.get("rope_type", "default")
+        if kind not in ("default", None):
+            raise FormatError(
+                f"GGUF export: RoPE scaling {kind!r} is not written to GGUF files (unscaled only)"
+            )
+    if per_layer_type:
+        params = params.get("full_attention", per_layer_type[0])
+    return float(params.get("rope_theta", getattr(cfg, "rope_theta", 10000.0)))
+
+
 def _config_metadata(writer: Any, model: nn.Module, arch: str) -> None:
     cfg = model.config
+    row = architecture(arch)
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    theta = (getattr(cfg, "rope_parameters", None) or {}).get(
-        "rope_theta", getattr(cfg, "rope_theta", 10000.0)
-    )
+    theta = _rope_theta(cfg)
+    for attribute in row.head_dim_attributes:  # llama.cpp derives these from the head size
+        if getattr(cfg, attribute, head_dim) != head_dim:
+            raise FormatError(
+                f"GGUF export: {arch} config has {attribute}={getattr(cfg, attribute)}, but "
+                f"llama.cpp uses the head size {head_dim}"
+            )
     writer.add_context_length(cfg.max_position_embeddings)
     writer.add_embedding_length(cfg.hidden_size)
     writer.add_block_count(cfg.num_hidden_layers)
@@ -220,6 +233,11 @@ def _config_metadata(writer: Any, model: nn.Module, arch: str) -> None:
     writer.add_key_length(head_dim)
     writer.add_value_length(head_dim)
     writer.add_vocab_size(cfg.vocab_size)
+    for p in row.hyperparameters:
+        value = getattr(cfg, p.attribute, None)
+        if value is not None:
+            add = writer.add_uint32 if p.kind is int else writer.add_float32
+            add(f"{arch}.{p.key}", p.kind(value))
 
 
 def _vocabulary(model: nn.Module, tokenizer: Any) -> GGUFVocabulary | None:
@@ -246,10 +264,11 @@ def _write_merged(model: nn.Module, path: Path, dtype: str, tokenizer: Any = Non
     copied = _base_metadata(model)
     vocab = None if copied else _vocabulary(model, tokenizer)
     tensors: dict[str, tuple[np.ndarray, Any]] = {}
-    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    row = architecture(arch)
+    tied = row.always_tied or bool(getattr(model.config, "tie_word_embeddings", False))
     for name, module in model.named_modules():
         plain = name.removeprefix(PREFIX)
-        target = hf_to_gguf_name(plain)
+        target = hf_to_gguf_name(plain, arch)
         if target is None or (target == "output" and tied):
             continue  # wrapper internals (base_layer, lora_A, ...) have no GGUF name
         if isinstance(module, (LoRALayer, nn.Linear, nn.Embedding, LinearGGUF, EmbeddingGGUF)):
@@ -262,7 +281,8 @@ def _write_merged(model: nn.Module, path: Path, dtype: str, tokenizer: Any = Non
                     None,
                 )
         elif hasattr(module, "weight") and isinstance(module.weight, torch.Tensor):  # norms
-            tensors[target + ".weight"] = (module.weight.detach().float().numpy(), None)
+            norm = module.weight.detach().float() + row.norm_offset  # Gemma's 1 + w
+            tensors[target + ".weight"] = (norm.numpy(), None)
 
     def fill(writer: Any) -> None:
         writer.add_type(gguf.GGUFType.MODEL)
@@ -304,7 +324,8 @@ def export_gguf(
     """Write ``model``'s adapter (default) or the merged model as a GGUF file llama.cpp runs.
 
     Args:
-        model: a Llama-family transformers model with loraq adapters (from ``loraq.apply`` /
+        model: a transformers model of an architecture in
+            :data:`loraq.io.gguf_names.ARCHITECTURES` with loraq adapters (from ``loraq.apply`` /
             ``load_adapter``, over a dense, NF4 or GGUF base; :func:`loraq.load_gguf` bases also
             pass their metadata and tokenizer through).
         path: the ``.gguf`` file to write (atomically).

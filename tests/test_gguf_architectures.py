@@ -1,0 +1,127 @@
+"""Every row of the architecture table round-trips: a tiny random model of it, written by our
+merged export, reads back through transformers' GGUF loader and through ``load_gguf`` with the
+original's logits; an adapter on it travels as an adapter GGUF and trains on the GGUF base."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import loraq
+from loraq.io.gguf_names import ARCHITECTURES, architecture_of_model_type
+from loraq.io.gguf_read import load_gguf, open_gguf
+from loraq.io.gguf_write import export_gguf
+from loraq.io.safe import FormatError
+from tiny_lm import byte_tokenizer, randomize_adapters, single_thread  # noqa: F401
+
+gguf = pytest.importorskip("gguf")
+
+_COMMON = dict(
+    vocab_size=260,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+)
+# Gemma: llama.cpp scales queries by the head size, transformers' GGUF reader by its default 256.
+_GEMMA = dict(_COMMON, num_attention_heads=2, num_key_value_heads=1, head_dim=256)
+_GEMMA.update(query_pre_attn_scalar=256, sliding_window=64)
+CONFIGS = {
+    "llama": ("LlamaConfig", _COMMON),
+    "mistral": ("MistralConfig", dict(_COMMON, sliding_window=None)),
+    "qwen2": ("Qwen2Config", _COMMON),
+    # transformers' GGUF reader does not read qwen3.attention.key_length: Qwen3Config's default
+    "qwen3": ("Qwen3Config", dict(_COMMON, head_dim=128)),
+    "phi3": ("Phi3Config", dict(_COMMON, pad_token_id=258, sliding_window=None)),
+    "gemma2": ("Gemma2Config", _GEMMA),
+    "gemma3": ("Gemma3TextConfig", _GEMMA),
+}
+# Which row each transformers model type is written as (llama.cpp writes Mistral as llama).
+WRITTEN_AS = {"mistral": "llama"}
+# The projections an adapter targets in each (Phi-3's are fused).
+TARGETS = {"phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]}
+
+
+def tiny(name: str, seed: int = 0):
+    """A random model of ``name``'s config class, its norms randomized too (so an offset shows)."""
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    cls, kwargs = CONFIGS[name]
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(getattr(transformers, cls)(**kwargs)).eval()
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if "norm" in pname:
+                p.copy_(torch.randn_like(p) * 0.2 + (0.0 if "gemma" in name else 1.0))
+    return model
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits.float()
+
+
+@pytest.fixture
+def ids():
+    torch.manual_seed(7)
+    return torch.randint(0, 256, (2, 10))
+
+
+def test_table_covers_the_tested_architectures():
+    assert set(ARCHITECTURES) == set(CONFIGS)
+    with pytest.raises(FormatError, match="'gpt2' is not supported; loraq writes .*gemma3_text"):
+        architecture_of_model_type("gpt2")
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_merged_export_reads_back_in_transformers_and_loraq(name, tmp_path, ids):
+    from transformers import AutoModelForCausalLM
+
+    hf = tiny(name)
+    path = export_gguf(
+        hf, tmp_path / "m.gguf", merged=True, dtype="f32", tokenizer=byte_tokenizer()
+    )
+    fields = open_gguf(path).fields
+    assert fields["general.architecture"].contents() == WRITTEN_AS.get(name, name)
+    want = logits(hf, ids)
+    ref = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name).eval()
+    torch.testing.assert_close(logits(ref, ids), want, atol=1e-4, rtol=1e-4)
+    ours, tokenizer = load_gguf(path)
+    assert tokenizer is not None
+    torch.testing.assert_close(logits(ours, ids), want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_adapter_export_and_training_on_the_gguf_base(name, tmp_path, ids):
+    base = tiny(name)
+    trained = copy.deepcopy(base)
+    targets = TARGETS.get(name, ["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"])
+    loraq.apply(trained, loraq.LoraConfig(r=4, alpha=8, targets=targets))
+    randomize_adapters(trained, 0.2)
+    adapter = export_gguf(trained, tmp_path / "a.gguf")
+    gguf_file = export_gguf(
+        base, tmp_path / "b.gguf", merged=True, dtype="f32", tokenizer=byte_tokenizer()
+    )
+    gguf_base, _ = load_gguf(gguf_file, tokenizer=False)
+    loraq.load_gguf_adapter(gguf_base, adapter)
+    torch.testing.assert_close(logits(gguf_base, ids), logits(trained, ids), atol=1e-5, rtol=1e-5)
+    # merged: the adapter folded in, read back by loraq
+    merged = export_gguf(
+        trained, tmp_path / "m.gguf", merged=True, dtype="f32", tokenizer=byte_tokenizer()
+    )
+    back, _ = load_gguf(merged, tokenizer=False)
+    torch.testing.assert_close(logits(back, ids), logits(trained, ids), atol=1e-4, rtol=1e-4)
+    # training on the GGUF base: the adapter's B gets a gradient
+    fresh, _ = load_gguf(gguf_file, tokenizer=False)
+    loraq.apply(fresh, loraq.LoraConfig(r=4, alpha=8, targets=targets))
+    fresh.train()
+    loss = fresh(ids, labels=ids).loss
+    loss.backward()
+    grads = [p.grad for n, p in fresh.named_parameters() if "lora_B" in n]
+    assert grads and all(g is not None for g in grads)
+    assert any(g.abs().sum() > 0 for g in grads)
