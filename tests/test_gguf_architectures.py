@@ -10,16 +10,17 @@ import pytest
 import torch
 
 import loraq
+from gguf_tokenizers import byte_level_folder
 from loraq.io.gguf_names import ARCHITECTURES, architecture_of_model_type
 from loraq.io.gguf_read import load_gguf, open_gguf
 from loraq.io.gguf_write import export_gguf
 from loraq.io.safe import FormatError
-from tiny_lm import byte_tokenizer, randomize_adapters, single_thread  # noqa: F401
+from tiny_lm import randomize_adapters, single_thread  # noqa: F401
 
 gguf = pytest.importorskip("gguf")
 
 _COMMON = dict(
-    vocab_size=260,
+    vocab_size=416,  # the tokenizer's 406 ids, and rows past them
     hidden_size=32,
     intermediate_size=48,
     num_hidden_layers=2,
@@ -66,6 +67,16 @@ def logits(model, ids):
         return model(ids).logits.float()
 
 
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    """A trained byte-level BPE (Llama 3 style) the files carry, so llama.cpp can load them."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(
+        byte_level_folder(tmp_path_factory.mktemp("tok"), "llama3")
+    )
+
+
 @pytest.fixture
 def ids():
     torch.manual_seed(7)
@@ -79,13 +90,11 @@ def test_table_covers_the_tested_architectures():
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
-def test_merged_export_reads_back_in_transformers_and_loraq(name, tmp_path, ids):
+def test_merged_export_reads_back_in_transformers_and_loraq(name, tmp_path, ids, tokenizer):
     from transformers import AutoModelForCausalLM
 
     hf = tiny(name)
-    path = export_gguf(
-        hf, tmp_path / "m.gguf", merged=True, dtype="f32", tokenizer=byte_tokenizer()
-    )
+    path = export_gguf(hf, tmp_path / "m.gguf", merged=True, dtype="f32", tokenizer=tokenizer)
     fields = open_gguf(path).fields
     assert fields["general.architecture"].contents() == WRITTEN_AS.get(name, name)
     want = logits(hf, ids)
@@ -97,7 +106,7 @@ def test_merged_export_reads_back_in_transformers_and_loraq(name, tmp_path, ids)
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
-def test_adapter_export_and_training_on_the_gguf_base(name, tmp_path, ids):
+def test_adapter_export_and_training_on_the_gguf_base(name, tmp_path, ids, tokenizer):
     base = tiny(name)
     trained = copy.deepcopy(base)
     targets = TARGETS.get(name, ["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"])
@@ -105,14 +114,14 @@ def test_adapter_export_and_training_on_the_gguf_base(name, tmp_path, ids):
     randomize_adapters(trained, 0.2)
     adapter = export_gguf(trained, tmp_path / "a.gguf")
     gguf_file = export_gguf(
-        base, tmp_path / "b.gguf", merged=True, dtype="f32", tokenizer=byte_tokenizer()
+        base, tmp_path / "b.gguf", merged=True, dtype="f32", tokenizer=tokenizer
     )
     gguf_base, _ = load_gguf(gguf_file, tokenizer=False)
     loraq.load_gguf_adapter(gguf_base, adapter)
     torch.testing.assert_close(logits(gguf_base, ids), logits(trained, ids), atol=1e-5, rtol=1e-5)
     # merged: the adapter folded in, read back by loraq
     merged = export_gguf(
-        trained, tmp_path / "m.gguf", merged=True, dtype="f32", tokenizer=byte_tokenizer()
+        trained, tmp_path / "m.gguf", merged=True, dtype="f32", tokenizer=tokenizer
     )
     back, _ = load_gguf(merged, tokenizer=False)
     torch.testing.assert_close(logits(back, ids), logits(trained, ids), atol=1e-4, rtol=1e-4)
@@ -125,3 +134,45 @@ def test_adapter_export_and_training_on_the_gguf_base(name, tmp_path, ids):
     grads = [p.grad for n, p in fresh.named_parameters() if "lora_B" in n]
     assert grads and all(g is not None for g in grads)
     assert any(g.abs().sum() > 0 for g in grads)
+
+
+@pytest.mark.llamacpp
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_llamacpp_runs_each_architecture(name, tmp_path, ids, tokenizer):
+    """llama.cpp's logits for our merged f32 file match transformers' (cosine per position),
+    and with an adapter GGUF on the base the adapter's effect matches loraq's."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    base = tiny(name)
+    trained = copy.deepcopy(base)
+    loraq.apply(
+        trained,
+        loraq.LoraConfig(
+            r=4, alpha=8, targets=TARGETS.get(name, ["q_proj", "v_proj", "down_proj"])
+        ),
+    )
+    randomize_adapters(trained, 0.2)
+    base_file = export_gguf(
+        base, tmp_path / "b.gguf", merged=True, dtype="f32", tokenizer=tokenizer
+    )
+    adapter_file = export_gguf(trained, tmp_path / "a.gguf")
+    prompt = ids[0].tolist()
+
+    def run(lora=None):
+        llm = llama_cpp.Llama(
+            model_path=str(base_file),
+            lora_path=lora,
+            n_ctx=64,
+            logits_all=True,
+            verbose=False,
+            use_extra_bufts=False,
+            n_threads=1,
+        )
+        llm.eval(prompt)
+        return torch.tensor(llm.scores[: len(prompt)], dtype=torch.float32)
+
+    cos = torch.nn.functional.cosine_similarity
+    want_base, want_trained = logits(base, ids[:1])[0], logits(trained, ids[:1])[0]
+    got_base, got_trained = run(), run(str(adapter_file))
+    assert cos(got_base, want_base, dim=-1).min() > 0.999
+    effect = cos(got_trained - got_base, want_trained - want_base, dim=-1)
+    assert effect.min() > 0.99, effect
