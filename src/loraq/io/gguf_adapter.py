@@ -85,6 +85,8 @@ def _checked_rank(model: nn.Module, pairs: dict, source: str) -> int:
             raise FormatError(f"{source}: the model has no module {module}") from None
         out_f, in_f = layer.weight.shape
         a, b = pair["a"], pair["b"]
+        if isinstance(layer, nn.Embedding):  # llama.cpp's flipped pair: a (vocab, r), b (dim, r)
+            a, (out_f, in_f) = a.t(), (in_f, out_f)
         if a.dim() != 2 or b.dim() != 2 or a.shape[1] != in_f or b.shape != (out_f, a.shape[0]):
             raise FormatError(
                 f"{source}: {module}: lora_a {tuple(a.shape)} / lora_b {tuple(b.shape)} do not "
@@ -122,6 +124,10 @@ def load_gguf_adapter(
             if heads is not None:  # llama.cpp's interleaved q/k rows back to transformers'
                 b = b[hf_row_order(b.shape[0], heads)]
             with torch.no_grad():
+                if adapter_name in layer.lora_embedding_A:  # stored flipped, see _checked_rank
+                    layer.lora_embedding_A[adapter_name].copy_(a.t())
+                    layer.lora_embedding_B[adapter_name].copy_(b)
+                    continue
                 layer.lora_A[adapter_name].weight.copy_(a)
                 layer.lora_B[adapter_name].weight.copy_(b)
     return model

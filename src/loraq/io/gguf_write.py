@@ -38,7 +38,8 @@ import torch
 from torch import nn
 
 from ..layers.gguf import EmbeddingGGUF, LinearGGUF
-from ..layers.lora import LoRALayer
+from ..layers.lora import LoRALayer, ModulesToSave
+from ..model.surgery import CONFIGS_ATTR
 from ..quant.formats import DENSE_GGUF_TYPES, FORMATS, format_names
 from ..quant.gguf import quantize_gguf
 from .gguf_names import (
@@ -94,27 +95,70 @@ def _gguf_name(module: str, arch: str) -> str:
 
 
 # ------------------------------------------------------------------------------------ adapter
+_MERGED_CARRIES = "; --merged carries it (loraq export --merged)"
+
+
+def _refuse_what_cannot_travel(model: nn.Module, layers: list[tuple[str, LoRALayer]]) -> None:
+    """An adapter GGUF holds LoRA pairs only: fully trained modules and trained biases would be
+    dropped, so they are refused, each with the module named."""
+    for name, module in model.named_modules():
+        if isinstance(module, ModulesToSave) and not module.adapters_disabled:
+            if module.active_adapter in module.modules_to_save:
+                raise FormatError(
+                    f"export_gguf: {name} is a modules_to_save module (trained in full, not a "
+                    f"LoRA pair), which an adapter GGUF cannot hold{_MERGED_CARRIES}"
+                )
+    active = {a for _, layer in layers for a in layer.active_adapters}
+    for adapter, config in getattr(model, CONFIGS_ATTR, {}).items():
+        if adapter in active and getattr(config, "bias", "none") != "none":
+            raise FormatError(
+                f"export_gguf: adapter {adapter!r} trains biases (bias={config.bias!r}), which "
+                f"an adapter GGUF cannot hold{_MERGED_CARRIES}"
+            )
+
+
+def _tied_head(model: nn.Module, arch: str) -> bool:
+    """The base file holds no ``output.weight`` (the head is the embedding)."""
+    return architecture(arch).always_tied or bool(
+        getattr(model.config, "tie_word_embeddings", False)
+    )
+
+
 def _adapter_tensors(model: nn.Module, arch: str) -> tuple[dict[str, torch.Tensor], float]:
+    """``<gguf tensor>.weight.lora_{a,b}`` of every adapted module, and the file's alpha.
+
+    llama.cpp applies LoRA to ``output`` as to any matrix, and to ``token_embd`` with the pair
+    flipped: it gathers rows of ``lora_a`` (vocab, r) by token id and multiplies by ``lora_b``
+    (embedding, r), so an embedding adapter's A is written transposed.
+    """
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALayer)]
     if not layers:
         raise FormatError("export_gguf: the model has no LoRA adapters")
+    _refuse_what_cannot_travel(model, layers)
     alpha = None
     out: dict[str, torch.Tensor] = {}
     for name, layer in layers:
         adapter = layer.active_adapters[0] if layer.active_adapters else None
-        if adapter is None or adapter not in layer.lora_A:
-            raise FormatError(f"export_gguf: {name} has no active linear LoRA adapter")
+        embedding = adapter is not None and adapter in layer.lora_embedding_A
+        if adapter is None or not (embedding or adapter in layer.lora_A):
+            raise FormatError(f"export_gguf: {name} has no active LoRA adapter")
         if layer.use_dora[adapter]:
             raise FormatError(
                 f"export_gguf: {name} uses DoRA, which llama.cpp adapters cannot hold"
+                + _MERGED_CARRIES
+            )
+        stem = _gguf_name(name, arch)
+        if stem == "output" and _tied_head(model, arch):
+            raise FormatError(
+                f"export_gguf: {name} has a LoRA adapter but the head is tied to the embedding, "
+                f"so llama.cpp's base file has no output.weight to apply it to{_MERGED_CARRIES}"
             )
         r, scaling = layer.r[adapter], layer.scaling[adapter]
         alpha = scaling * r if alpha is None else alpha  # the first layer fixes the file's alpha
         a, b = (t.detach().float() for t in layer.adapter_weights(adapter))  # k-bit grid if set
         b = b * (scaling * r / alpha)
-        stem = _gguf_name(name, arch) + ".weight"
-        out[stem + ".lora_a"] = a
-        out[stem + ".lora_b"] = _to_gguf_rows(b, _heads(model, arch, name))
+        out[stem + ".weight.lora_a"] = a.t().contiguous() if embedding else a
+        out[stem + ".weight.lora_b"] = _to_gguf_rows(b, _heads(model, arch, name))
     return out, float(alpha)
 
 
@@ -171,6 +215,8 @@ def _merged_tensor(model: nn.Module, name: str, module: nn.Module, dtype: str, a
         for adapter in module.active_adapters:
             if adapter not in module.merged_adapters:
                 weight = weight + module.delta_matrix(adapter).detach().float()
+        if isinstance(base, nn.Embedding):  # the adapter's orientation is (embedding, vocab)
+            weight = weight.t()
     elif isinstance(base, (LinearGGUF, EmbeddingGGUF)):
         weight = base.dequantize_weight(torch.float32)
     else:
@@ -257,6 +303,13 @@ def _vocabulary(model: nn.Module, tokenizer: Any) -> GGUFVocabulary | None:
     return gguf_vocabulary(source, rows=model.get_input_embeddings().num_embeddings)
 
 
+def _running_copy(module: ModulesToSave) -> nn.Module:
+    active = module.active_adapter
+    if not module.adapters_disabled and active in module.modules_to_save:
+        return module.modules_to_save[active]
+    return module.original_module
+
+
 def _write_merged(model: nn.Module, path: Path, dtype: str, tokenizer: Any = None) -> None:
     import gguf
 
@@ -269,8 +322,20 @@ def _write_merged(model: nn.Module, path: Path, dtype: str, tokenizer: Any = Non
     for name, module in model.named_modules():
         plain = name.removeprefix(PREFIX)
         target = hf_to_gguf_name(plain, arch)
-        if target is None or (target == "output" and tied):
+        if target is None:
             continue  # wrapper internals (base_layer, lora_A, ...) have no GGUF name
+        trained_head = isinstance(module, ModulesToSave) and _running_copy(module) is not (
+            module.original_module
+        )
+        if target == "output" and tied and not trained_head:
+            continue
+        if target == "output" and trained_head and row.always_tied:
+            raise FormatError(
+                f"export_gguf: {name} is trained apart from the embedding, but {arch} files "
+                "always tie the head to token_embd"
+            )
+        if isinstance(module, ModulesToSave):  # the trained copy the model runs
+            module = _running_copy(module)
         if isinstance(module, (LoRALayer, nn.Linear, nn.Embedding, LinearGGUF, EmbeddingGGUF)):
             tensors[target + ".weight"] = _merged_tensor(model, plain, module, dtype, arch)
             bias = getattr(module, "bias", None)
