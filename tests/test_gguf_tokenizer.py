@@ -167,3 +167,41 @@ def test_llamacpp_tokenizes_like_the_original(exported):
         want = original(text)["input_ids"]
         got = llm.tokenize(text.encode("utf-8"), add_bos=True, special=True)
         assert got == want, (name, text)
+
+
+def test_cli_merged_export_from_a_transformers_folder_carries_the_tokenizer(tmp_path, capsys):
+    """The issue's case: ``loraq export --merged`` over a folder base used to write no
+    tokenizer, which llama.cpp refuses."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import loraq
+    from loraq.cli import main
+    from loraq.io.gguf_read import load_gguf_tokenizer
+
+    folder = byte_level_folder(tmp_path / "base", "llama3")
+    original = AutoTokenizer.from_pretrained(folder)
+    tiny_model(len(original), folder)
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    loraq.apply(model, loraq.LoraConfig(r=2, alpha=4, targets=["q_proj"]))
+    loraq.save_adapter(model, tmp_path / "adapter")
+    out = tmp_path / "out" / "m.gguf"
+    out.parent.mkdir()
+    argv = ["export", "--format", "gguf", "--adapter", str(tmp_path / "adapter"), "--merged"]
+    assert main([*argv, "--base", str(folder), "--dtype", "f32", "--out", str(out)]) == 0
+    capsys.readouterr()
+    back = load_gguf_tokenizer(out)
+    for text in sample_strings(40):
+        assert back(text)["input_ids"] == original(text)["input_ids"], text
+    # modules_to_save cannot travel in an adapter GGUF: one line naming it, no file
+    saved = AutoModelForCausalLM.from_pretrained(folder)
+    loraq.apply(
+        saved, loraq.LoraConfig(r=2, alpha=4, targets=["q_proj"], modules_to_save=["lm_head"])
+    )
+    loraq.save_adapter(saved, tmp_path / "saved")
+    bad = tmp_path / "bad.gguf"
+    argv = ["export", "--format", "gguf", "--adapter", str(tmp_path / "saved"), "--out", str(bad)]
+    assert main([*argv, "--base", str(folder)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after transformers' progress bars
+    assert err.startswith("loraq export: error:")
+    assert "lm_head is a modules_to_save" in err and "--merged" in err
+    assert not bad.exists()
