@@ -141,7 +141,9 @@ def test_adapter_export_and_training_on_the_gguf_base(name, tmp_path, ids, token
 def test_llamacpp_runs_each_architecture(name, tmp_path, ids, tokenizer):
     """llama.cpp's logits for our merged f32 file match transformers' (cosine per position),
     and with an adapter GGUF on the base the adapter's effect matches loraq's."""
-    llama_cpp = pytest.importorskip("llama_cpp")
+    pytest.importorskip("llama_cpp")
+    from llamacpp_open import open_llama
+
     base = tiny(name)
     trained = copy.deepcopy(base)
     loraq.apply(
@@ -158,13 +160,12 @@ def test_llamacpp_runs_each_architecture(name, tmp_path, ids, tokenizer):
     prompt = ids[0].tolist()
 
     def run(lora=None):
-        llm = llama_cpp.Llama(
+        llm = open_llama(
             model_path=str(base_file),
             lora_path=lora,
             n_ctx=64,
             logits_all=True,
             verbose=False,
-            use_extra_bufts=False,
             n_threads=1,
         )
         llm.eval(prompt)

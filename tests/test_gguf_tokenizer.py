@@ -157,11 +157,11 @@ def test_merged_export_without_a_tokenizer_warns(tmp_path):
 
 @pytest.mark.llamacpp
 def test_llamacpp_tokenizes_like_the_original(exported):
-    llama_cpp = pytest.importorskip("llama_cpp")
+    pytest.importorskip("llama_cpp")
+    from llamacpp_open import open_llama
+
     name, original, path = exported
-    llm = llama_cpp.Llama(
-        model_path=str(path), vocab_only=True, verbose=False, use_extra_bufts=False
-    )
+    llm = open_llama(model_path=str(path), vocab_only=True, verbose=False)
     gap = LLAMACPP_GAPS.get(name, lambda text: False)
     for text in (t for t in sample_strings() if not gap(t)):
         want = original(text)["input_ids"]
