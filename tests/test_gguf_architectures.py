@@ -177,3 +177,48 @@ def test_llamacpp_runs_each_architecture(name, tmp_path, ids, tokenizer):
     assert cos(got_base, want_base, dim=-1).min() > 0.999
     effect = cos(got_trained - got_base, want_trained - want_base, dim=-1)
     assert effect.min() > 0.99, effect
+
+
+@pytest.mark.parametrize(
+    ("name", "changes", "words"),
+    [
+        (
+            "gemma2",
+            {"gemma2.attention.sliding_window": (0, gguf.GGUFValueType.UINT32)},
+            ["'gemma2.attention.sliding_window' is 0, outside"],
+        ),
+        (
+            "gemma2",
+            {"gemma2.final_logit_softcapping": (-1.0, gguf.GGUFValueType.FLOAT32)},
+            ["'gemma2.final_logit_softcapping' must be a number > 0"],
+        ),
+        (
+            "phi3",
+            {"phi3.feed_forward_length": (40, gguf.GGUFValueType.UINT32)},
+            ["'phi3.feed_forward_length' is 40", "blk.0.ffn_up.weight"],
+        ),
+    ],
+)
+def test_architecture_hyperparameters_are_checked(tmp_path, tokenizer, name, changes, words):
+    from test_gguf_hostile import rewrite
+
+    good = export_gguf(
+        tiny(name), tmp_path / "g.gguf", merged=True, dtype="f32", tokenizer=tokenizer
+    )
+    bad = rewrite(good, tmp_path / "bad.gguf", changes)
+    with pytest.raises(FormatError) as info:
+        load_gguf(bad)
+    for word in words:
+        assert word in str(info.value), (word, str(info.value))
+
+
+def test_export_refuses_what_the_file_cannot_say(tmp_path):
+    scaled = tiny("llama")
+    scaled.config.rope_parameters = {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}
+    with pytest.raises(FormatError, match="RoPE scaling 'linear'"):
+        export_gguf(scaled, tmp_path / "s.gguf", merged=True, dtype="f32")
+    gemma = tiny("gemma2")
+    gemma.config.query_pre_attn_scalar = 100
+    with pytest.raises(FormatError, match="query_pre_attn_scalar=100.*head size 256"):
+        export_gguf(gemma, tmp_path / "g.gguf", merged=True, dtype="f32")
+    assert not list(tmp_path.iterdir())
