@@ -222,3 +222,17 @@ def test_export_refuses_what_the_file_cannot_say(tmp_path):
     with pytest.raises(FormatError, match="query_pre_attn_scalar=100.*head size 256"):
         export_gguf(gemma, tmp_path / "g.gguf", merged=True, dtype="f32")
     assert not list(tmp_path.iterdir())
+
+
+def test_partial_rotary_phi_round_trips_through_load_gguf(tmp_path, ids, tokenizer):
+    """Phi-4-mini style: RoPE on the first half of each head (``rope.dimension_count``)."""
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    cfg = transformers.Phi3Config(**dict(CONFIGS["phi3"][1], partial_rotary_factor=0.5))
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    path = export_gguf(model, tmp_path / "p.gguf", merged=True, dtype="f32", tokenizer=tokenizer)
+    assert open_gguf(path).fields["phi3.rope.dimension_count"].contents() == 4  # of 8
+    back, _ = load_gguf(path, tokenizer=False)
+    torch.testing.assert_close(logits(back, ids), logits(model, ids), atol=1e-5, rtol=1e-5)

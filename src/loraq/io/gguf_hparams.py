@@ -198,7 +198,18 @@ def _row_hyperparameters(
 ) -> dict[str, Any]:
     """The config attributes of the architecture's own keys (each checked as its kind), and
     the ones llama.cpp derives from the head size."""
-    out: dict[str, Any] = dict.fromkeys(row.head_dim_attributes, h["attention.key_length"])
+    head_dim = h["attention.key_length"]
+    out: dict[str, Any] = dict.fromkeys(row.head_dim_attributes, head_dim)
+    key = f"{row.name}.rope.dimension_count"
+    if key in meta:
+        dims = _integer(meta, key, source, (2, head_dim))
+        if dims != head_dim and not row.partial_rotary:
+            raise FormatError(
+                f"{source}: metadata key {key!r} is {dims}, but {row.name} rotates whole heads "
+                f"of {head_dim}"
+            )
+        if dims != head_dim:
+            out["partial_rotary_factor"] = dims / head_dim
     for p in row.hyperparameters:
         key = f"{row.name}.{p.key}"
         if key not in meta:

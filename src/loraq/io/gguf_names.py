@@ -127,6 +127,11 @@ class Architecture:
     #: input embeddings are multiplied by ``sqrt(hidden_size)`` (Gemma, in transformers' and
     #: llama.cpp's code alike, not in the stored table).
     scaled_embedding: bool = False
+    #: RoPE turns only the first ``rope.dimension_count`` dims of each head (Phi-3 family:
+    #: transformers' ``partial_rotary_factor``).
+    partial_rotary: bool = False
+    #: the RoPE base llama.cpp uses on sliding-window layers (Gemma 3: fixed, not in the file).
+    sliding_rope_theta: float | None = None
     _back: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -162,6 +167,7 @@ ARCHITECTURES: Mapping[str, Architecture] = MappingProxyType(
                 _frozen(_PHI3),
                 fused_gate_up=True,
                 hyperparameters=(_SLIDING_WINDOW,),
+                partial_rotary=True,
             ),
             Architecture(
                 "gemma2",
@@ -184,6 +190,7 @@ ARCHITECTURES: Mapping[str, Architecture] = MappingProxyType(
                 hyperparameters=(_SLIDING_WINDOW,),
                 always_tied=True,
                 scaled_embedding=True,
+                sliding_rope_theta=10000.0,
             ),
         )
     }

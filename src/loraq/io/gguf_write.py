@@ -241,26 +241,37 @@ def _base_metadata(model: nn.Module) -> list[tuple[str, Any, Any, Any]]:
     return out
 
 
-def _rope_theta(cfg: Any) -> float:
-    """The RoPE base of the (full-attention) layers; refuses RoPE scaling, which is not written."""
+def _rope(cfg: Any, row: Any, head_dim: int) -> tuple[float, int]:
+    """(RoPE base of the full-attention layers, rotated dims per head); refuses RoPE scaling and
+    what else the file cannot say."""
     params = getattr(cfg, "rope_parameters", None) or {}
-    per_layer_type = [p for p in params.values() if isinstance(p, dict)]  # Gemma 3
-    for p in per_layer_type or [params]:
+    per_layer_type = {k: p for k, p in params.items() if isinstance(p, dict)}  # Gemma 3
+    for p in per_layer_type.values() or [params]:
         kind = p.get("rope_type", "default")
         if kind not in ("default", None):
             raise FormatError(
                 f"GGUF export: RoPE scaling {kind!r} is not written to GGUF files (unscaled only)"
             )
+    sliding = per_layer_type.get("sliding_attention", {}).get("rope_theta")
+    if sliding is not None and sliding != row.sliding_rope_theta:
+        raise FormatError(
+            f"GGUF export: sliding-window layers use RoPE base {sliding}, but llama.cpp's "
+            f"{row.name} uses {row.sliding_rope_theta}"
+        )
     if per_layer_type:
-        params = params.get("full_attention", per_layer_type[0])
-    return float(params.get("rope_theta", getattr(cfg, "rope_theta", 10000.0)))
+        params = per_layer_type.get("full_attention", next(iter(per_layer_type.values())))
+    factor = params.get("partial_rotary_factor", getattr(cfg, "partial_rotary_factor", 1.0))
+    if factor != 1.0 and not row.partial_rotary:
+        raise FormatError(f"GGUF export: {row.name} has no partial RoPE (factor {factor})")
+    theta = float(params.get("rope_theta", getattr(cfg, "rope_theta", 10000.0)))
+    return theta, int(head_dim * float(factor or 1.0))
 
 
 def _config_metadata(writer: Any, model: nn.Module, arch: str) -> None:
     cfg = model.config
     row = architecture(arch)
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    theta = _rope_theta(cfg)
+    theta, rope_dims = _rope(cfg, row, head_dim)
     for attribute in row.head_dim_attributes:  # llama.cpp derives these from the head size
         if getattr(cfg, attribute, head_dim) != head_dim:
             raise FormatError(
@@ -275,7 +286,7 @@ def _config_metadata(writer: Any, model: nn.Module, arch: str) -> None:
     writer.add_head_count_kv(cfg.num_key_value_heads)
     writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     writer.add_rope_freq_base(float(theta))
-    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_dimension_count(rope_dims)
     writer.add_key_length(head_dim)
     writer.add_value_length(head_dim)
     writer.add_vocab_size(cfg.vocab_size)
