@@ -160,7 +160,8 @@ def _checked_against_tensors(
 
 
 def model_config(meta: dict[str, Any], layout: GGUFLayout, source: str) -> Any:
-    """The transformers config of a Llama-family GGUF, every hyperparameter checked first (its
+    """The transformers config of a GGUF model (its architecture's row of
+    :data:`~loraq.io.gguf_names.ARCHITECTURES`), every hyperparameter checked first (its
     type, its range, and against the tensors), so that building the model is safe."""
     import transformers
 
