@@ -7,7 +7,7 @@
     loraq combine --adapter a=DIR --adapter b=DIR --weights 0.7,0.3 --out DIR
                                                      adapters -> one weighted adapter (TIES, ...)
     loraq export --format gguf --adapter DIR --out F adapter (or --merged model) as llama.cpp GGUF
-    loraq inspect PATH [--json]                      what an adapter / 4-bit checkpoint holds
+    loraq inspect PATH [--json]                      what an adapter / checkpoint / .gguf holds
     loraq compare [CONFIG.yaml] [--methods ...]      full vs LoRA vs QLoRA: memory, speed, quality
     loraq serve --base DIR [--adapter NAME=DIR ...]  many adapters behind an OpenAI-compatible API
 
@@ -355,7 +355,9 @@ def _export(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------- inspect
 def _inspect_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("path", help="adapter folder, model/4-bit checkpoint folder or .safetensors")
+    p.add_argument(
+        "path", help="adapter folder, model/4-bit checkpoint folder, .safetensors or .gguf"
+    )
     p.add_argument("--json", action="store_true", help="print the facts as JSON")
 
 
@@ -406,7 +408,11 @@ register(
 )
 register(
     "inspect",
-    Subcommand("what an adapter or (4-bit) checkpoint folder holds", _inspect_args, _inspect),
+    Subcommand(
+        "what an adapter, a (4-bit) checkpoint folder or a GGUF file holds",
+        _inspect_args,
+        _inspect,
+    ),
 )
 
 register(
