@@ -60,6 +60,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def parse_adapters(values: list[str]) -> dict[str, Path]:
     """``["a=DIR", ...]`` as ``{"a": Path(DIR)}``; one-line errors for a bad or repeated item."""
+    from loraq.io.peft_format import CONFIG_NAME, is_adapter_folder
+
     adapters: dict[str, Path] = {}
     for value in values:
         name, sep, folder = value.partition("=")
@@ -67,8 +69,8 @@ def parse_adapters(values: list[str]) -> dict[str, Path]:
             raise CliError(f"--adapter expects NAME=DIR, got {value!r}")
         if name in adapters:
             raise CliError(f"--adapter {name} is given twice")
-        if not (Path(folder) / "adapter_config.json").is_file():
-            raise CliError(f"--adapter {name}: '{folder}' holds no adapter_config.json")
+        if not is_adapter_folder(folder):
+            raise CliError(f"--adapter {name}: '{folder}' holds no {CONFIG_NAME}")
         adapters[name] = Path(folder)
     return adapters
 
