@@ -3,6 +3,7 @@ reference (same tiny Llama, same LoRA weights, data, lr and batch; float32 throu
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import warnings
@@ -312,3 +313,39 @@ def test_dpo_run_logs_rewards_learns_and_resumes_exactly(tmp_path, model_dir):
     lines_b = [r for r in read_metrics(tmp_path / "b" / "run" / "metrics.jsonl") if "loss" in r]
     for a, b in zip(lines, lines_b, strict=True):
         assert b["rewards/margins"] == pytest.approx(a["rewards/margins"], rel=1e-6, abs=1e-7)
+
+
+@pytest.mark.parametrize("quant", ["nf4", "int8", "q8_0", "q4_0"])
+def test_dpo_over_quantized_bases_uses_that_base_as_reference(tmp_path, model_dir, quant):
+    """Over a quantized base (bitsandbytes-style NF4 / int8, GGUF blocks) a fresh adapter's
+    first loss is exactly log 2: the reference is the same quantized model with adapters off
+    (a dense reference would differ); then the margin grows."""
+    cfg = dpo_config(tmp_path, model_dir, max_steps=2, lr=5e-2)
+    cfg.lora = dataclasses.replace(cfg.lora, quant=quant)
+    said = []
+    result = loop.train(cfg, log=said.append)
+    assert any(f"{quant} base" in line for line in said)
+    assert result.losses[0] == pytest.approx(math.log(2), abs=1e-6)
+    lines = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
+    assert lines[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-7)
+    assert lines[1]["rewards/margins"] > 0 and result.losses[1] < math.log(2)
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_ranks_follow_one_process_with_the_global_batch(tmp_path, model_dir, strategy):
+    """torchrun, 2 CPU ranks (gloo) with 2 pairs each: the losses and rewards of one process
+    with all 4 pairs per step."""
+    from test_distributed import WORKER, run_ranks
+
+    one = dpo_config(tmp_path / "one", model_dir, lr=5e-2)
+    loop.train(one, log=lambda line: None)
+    two = dpo_config(tmp_path / "two", model_dir, lr=5e-2, batch_size=2, distributed=strategy)
+    code, out, err = run_ranks(str(WORKER), str(tmp_path / "two" / "dpo.yaml"))
+    assert code == 0, err[-3000:]
+    assert f"distributed: {strategy} over 2 ranks" in out + err
+    want = [r for r in read_metrics(tmp_path / "one" / "run" / "metrics.jsonl") if "loss" in r]
+    got = [r for r in read_metrics(tmp_path / "two" / "run" / "metrics.jsonl") if "loss" in r]
+    assert len(got) == len(want) == STEPS
+    for a, b in zip(want, got, strict=True):
+        for key in ("loss", *preference.REWARD_KEYS):
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), key
