@@ -339,7 +339,7 @@ def test_two_ranks_follow_one_process_with_the_global_batch(tmp_path, model_dir,
 
     one = dpo_config(tmp_path / "one", model_dir, lr=5e-2)
     loop.train(one, log=lambda line: None)
-    two = dpo_config(tmp_path / "two", model_dir, lr=5e-2, batch_size=2, distributed=strategy)
+    dpo_config(tmp_path / "two", model_dir, lr=5e-2, batch_size=2, distributed=strategy)
     code, out, err = run_ranks(str(WORKER), str(tmp_path / "two" / "dpo.yaml"))
     assert code == 0, err[-3000:]
     assert f"distributed: {strategy} over 2 ranks" in out + err
