@@ -349,3 +349,17 @@ def test_two_ranks_follow_one_process_with_the_global_batch(tmp_path, model_dir,
     for a, b in zip(want, got, strict=True):
         for key in ("loss", *preference.REWARD_KEYS):
             assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), key
+
+
+def test_eval_set_gets_the_dpo_loss_and_rewards(tmp_path, model_dir):
+    """An eval set of pairs is scored by the DPO loss (log 2 before training: the policy is the
+    reference) and the reward means, as ``eval_...`` lines in metrics.jsonl."""
+    cfg = dpo_config(tmp_path, model_dir, max_steps=2, lr=5e-2, eval_before=True)
+    cfg.data.eval = cfg.data.train
+    result = loop.train(cfg, log=lambda line: None)
+    assert result.eval_before["eval_loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert result.eval_after["eval_loss"] < math.log(2)
+    assert result.eval_after["eval_rewards/margins"] > 0
+    evals = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [0, 2]
+    assert set(evals[-1]) >= {"eval_" + k for k in preference.REWARD_KEYS}
