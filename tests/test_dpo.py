@@ -363,3 +363,13 @@ def test_eval_set_gets_the_dpo_loss_and_rewards(tmp_path, model_dir):
     evals = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "eval_loss" in r]
     assert [r["step"] for r in evals] == [0, 2]
     assert set(evals[-1]) >= {"eval_" + k for k in preference.REWARD_KEYS}
+
+
+def test_cli_names_the_bad_record_in_one_line(tmp_path, model_dir, capsys):
+    from loraq import cli
+
+    dpo_config(tmp_path, model_dir, rows=[PAIRS[0], PAIRS[1], {"prompt": "a", "chosen": "b"}])
+    assert cli.main(["train", str(tmp_path / "dpo.yaml")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("loraq train: error: ") and "\n" not in err
+    assert "pairs.jsonl record 3 has no 'rejected' field" in err
