@@ -80,7 +80,7 @@ def _plot_rewards(ax, train: list[dict[str, Any]], evals: list[dict[str, Any]]) 
     ax.set_xlabel("step")
     ax.grid(alpha=0.3)
     ax.legend()
-    ax.set_title("rewards (chosen - rejected)")
+    ax.set_title("rewards: margin and accuracy (chosen vs rejected)")
 
 
 def plot_metrics(records: list[dict[str, Any]], path: str | Path, title: str = "") -> Path:
