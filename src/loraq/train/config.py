@@ -38,7 +38,14 @@ from typing import Any, Literal, Union
 import yaml
 
 from ..model.config import LoraConfig
-from .schema import SECTIONS, ConfigError, TrainConfig, lora_section
+from .schema import (
+    ADAPTER_METHODS,
+    PREFERENCE_METHODS,
+    SECTIONS,
+    ConfigError,
+    TrainConfig,
+    lora_section,
+)
 
 #: The built-in configuration that ``loraq train`` runs when given no config file.
 DEFAULTS_DIR = Path(__file__).resolve().parent / "defaults"
@@ -360,14 +367,22 @@ def validate(cfg: TrainConfig) -> None:
             raise ConfigError(
                 f"training.loraplus_lr_ratio must be > 0 or null, got {t.loraplus_lr_ratio}"
             )
-        if t.method != "lora":
-            raise ConfigError("training.loraplus_lr_ratio applies to training.method 'lora' only")
+        if t.method not in ADAPTER_METHODS:
+            raise ConfigError(
+                f"training.loraplus_lr_ratio applies to training.method {ADAPTER_METHODS} only"
+            )
     if t.distributed_timeout <= 0:
         raise ConfigError(
             f"training.distributed_timeout must be > 0 seconds, got {t.distributed_timeout}"
         )
     if t.max_grad_norm is not None and t.max_grad_norm < 0:
         raise ConfigError(f"training.max_grad_norm must be >= 0 or null, got {t.max_grad_norm}")
+    if t.beta <= 0:
+        raise ConfigError(f"training.beta must be > 0, got {t.beta}")
+    if t.method in PREFERENCE_METHODS and (m.task != "causal-lm" or d.packing):
+        raise ConfigError(
+            f"training.method '{t.method}' needs model.task 'causal-lm' and data.packing false"
+        )
     if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", t.device):
         raise ConfigError(
             f"training.device must be auto, cpu, cuda, cuda:N or mps, got {t.device!r}"

@@ -242,7 +242,10 @@ def pack(examples: list[dict[str, list[int]]], block_size: int) -> list[dict[str
 
 
 def collate(examples: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a list of examples to the longest; labels are padded with -100."""
+    """Right-pad a list of examples to the longest; labels are padded with -100. Preference
+    pairs (``{"chosen": ..., "rejected": ...}``) become the chosen rows, then the rejected."""
+    if "chosen" in examples[0]:
+        return collate([ex[k] for k in ("chosen", "rejected") for ex in examples], pad_id)
     width = max(len(ex["input_ids"]) for ex in examples)
     input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     attention = torch.zeros((len(examples), width), dtype=torch.long)
@@ -407,8 +410,9 @@ def tokenize_records(
     return pack(kept, d.max_length) if pack_blocks else kept
 
 
-def load_datasets(cfg: TrainConfig, tokenizer) -> Datasets:
-    """Read, split, label and tokenize the train and eval data that ``cfg.data`` names."""
+def load_datasets(cfg: TrainConfig, tokenizer, tokenize=tokenize_records) -> Datasets:
+    """Read, split, label and tokenize the train and eval data that ``cfg.data`` names;
+    ``tokenize`` has the signature of :func:`tokenize_records` (which it defaults to)."""
     d = cfg.data
     train_records = read_records(d.train, d.format)
     if not train_records:
@@ -446,10 +450,10 @@ def load_datasets(cfg: TrainConfig, tokenizer) -> Datasets:
                 f"'{d.label_column}': {labels}"
             )
 
-    train = tokenize_records(train_records, cfg, tokenizer, labels, d.train, pack_blocks=d.packing)
+    train = tokenize(train_records, cfg, tokenizer, labels, d.train, pack_blocks=d.packing)
     if not train:
         raise ConfigError(f"data.train '{d.train}' yields no training examples")
-    evaluation = tokenize_records(eval_records, cfg, tokenizer, labels, d.eval or d.train)
+    evaluation = tokenize(eval_records, cfg, tokenizer, labels, d.eval or d.train)
     return Datasets(
         train=train,
         eval=evaluation,

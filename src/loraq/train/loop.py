@@ -1,10 +1,12 @@
 """The training recipe: :func:`train` runs one fine-tuning from a TrainConfig, top to bottom.
 
-    session = setup(cfg)                   tokenizer + data -> model (+ LoRA / QLoRA)
+    session = setup(cfg)                   tokenizer + data (text, or preference pairs for dpo)
+                                           -> model (+ LoRA / QLoRA)
                                            -> AdamW + schedule -> resume? -> metrics.jsonl
     evaluate_session(session, 0)           the untrained baseline
     while steps remain:
-        stats = train_step(session)        grad accumulation, clip, optimizer + schedule step
+        stats = train_step(session)        grad accumulation (dpo: preference.micro_step),
+                                           clip, optimizer + schedule step
         log_step(session, stats)           metrics.jsonl line, progress bar
         evaluate_session / save_session_checkpoint   every eval_every / save_every steps
         (Ctrl-C: checkpoint and stop)
@@ -51,7 +53,7 @@ from tqdm.auto import tqdm
 from loraq.core.precision import autocast_for, resolve_compute_dtype
 from loraq.core.probes import auto_threads, peak_rss_bytes
 from loraq.train import checkpoint as ckpt
-from loraq.train import distributed, distributed_checkpoint
+from loraq.train import distributed, distributed_checkpoint, preference
 from loraq.train.config import TrainConfig, save_config
 from loraq.train.data import (
     Datasets,
@@ -59,6 +61,7 @@ from loraq.train.data import (
     batches_per_epoch,
     load_datasets,
     micro_batches,
+    tokenize_records,
 )
 from loraq.train.evaluation import evaluate, format_metrics, main_metric
 from loraq.train.metrics import MetricsWriter, plot_metrics, read_metrics
@@ -71,7 +74,9 @@ from loraq.train.modeling import (
 )
 from loraq.train.optim import make_optimizer, make_scheduler, total_steps_of
 from loraq.train.outputs import save_trained
+from loraq.train.preference_data import tokenize_pairs
 from loraq.train.result import TrainResult
+from loraq.train.schema import ADAPTER_METHODS, PREFERENCE_METHODS
 from loraq.train.signals import GracefulInterrupt, StopSignals
 
 #: What metrics.jsonl and the log say when the eval set (asked for by ``data.eval`` or
@@ -171,7 +176,8 @@ def setup(
     seed_everything(t.seed)
 
     tokenizer = load_tokenizer(cfg.model.path)
-    data = load_datasets(cfg, tokenizer)
+    tokenize = tokenize_pairs if learns_preferences(cfg) else tokenize_records
+    data = load_datasets(cfg, tokenizer, tokenize)
     if cfg.data.labels is None and data.labels is not None:
         cfg.data.labels = data.labels  # the resolved config records the label order
     log(
@@ -217,10 +223,17 @@ def setup(
     )  # fmt: skip
 
 
+def learns_preferences(cfg: TrainConfig) -> bool:
+    """True when ``training.method`` trains on preference pairs (``dpo``)."""
+    return cfg.training.method in PREFERENCE_METHODS
+
+
 def _method_text(cfg: TrainConfig, device: torch.device) -> str:
     t = cfg.training
     how = t.method if t.method == "full" else f"lora r={cfg.lora.r}"
-    if t.method == "lora" and cfg.lora.quant:
+    if learns_preferences(cfg):
+        how = f"{t.method} ({t.loss_type}, beta {t.beta}), {how}"
+    if t.method in ADAPTER_METHODS and cfg.lora.quant:
         how += f", {cfg.lora.quant} base"
     return how + f", {str(run_compute_dtype(cfg, device)).removeprefix('torch.')} compute"
 
@@ -229,7 +242,7 @@ def run_compute_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
     """The dtype a run computes in: the ``lora`` section's ``compute_dtype`` (``auto`` resolved
     for ``device``) for LoRA, float32 for full fine-tuning. Below float32 the forward runs under
     autocast, with float32 master weights, optimizer state and loss."""
-    if cfg.training.method != "lora":
+    if cfg.training.method not in ADAPTER_METHODS:
         return torch.float32
     return resolve_compute_dtype(cfg.lora.compute_dtype, device)
 
@@ -256,12 +269,14 @@ def _resume(cfg, out, model, optimizer, scheduler, log, main_process, dist):
 # ----------------------------------------------------------------------------- one step
 @dataclass
 class StepStats:
-    """One optimizer step: its loss (summed over micro-batches), non-pad tokens, lr and time."""
+    """One optimizer step: its loss (summed over micro-batches), non-pad tokens, lr and time;
+    ``rewards``: the step's reward means (preference methods, see :mod:`.preference`)."""
 
     loss: float
     tokens: int
     lr: float
     seconds: float
+    rewards: dict[str, float] = field(default_factory=dict)
 
 
 def train_step(session: Session) -> StepStats:
@@ -272,8 +287,17 @@ def train_step(session: Session) -> StepStats:
     t, state, model = session.cfg.training, session.state, session.stepping_model
     tick = time.time()
     loss_sum, tokens = 0.0, 0
+    pairs = preference.RewardSums() if learns_preferences(session.cfg) else None
     for i in range(t.grad_accum):
         micro = next(session.stream)
+        if pairs is not None:  # reference (adapters off) and policy forwards, DPO / IPO loss
+            part, n = preference.micro_step(
+                model, micro, pairs, beta=t.beta, loss_type=t.loss_type, grad_accum=t.grad_accum,
+                compute_dtype=run_compute_dtype(session.cfg, session.device),
+                device=session.device, info=session.dist, last=i == t.grad_accum - 1,
+            )  # fmt: skip
+            loss_sum, tokens = loss_sum + part, tokens + n
+            continue
         if session.dist.enabled:
             part, n = distributed.micro_step(
                 model, micro, task=session.cfg.model.task, grad_accum=t.grad_accum,
@@ -290,6 +314,9 @@ def train_step(session: Session) -> StepStats:
     if session.dist.enabled:  # the global batch's loss and tokens, the same on every rank
         loss_sum, tokens = distributed.agree([loss_sum, tokens], session.dist)
         tokens = int(tokens)
+    rewards = {}
+    if pairs is not None:
+        rewards = preference.RewardSums(*distributed.agree(pairs.as_list(), session.dist)).metrics()
     if not math.isfinite(loss_sum):
         raise FloatingPointError(f"loss is {loss_sum} at step {state.step + 1}; lower training.lr?")
     if t.max_grad_norm:
@@ -302,7 +329,7 @@ def train_step(session: Session) -> StepStats:
     state.step += 1
     state.epoch, state.batch_in_epoch = micro.epoch, micro.next_index
     state.tokens += tokens
-    return StepStats(loss_sum, tokens, lr, max(time.time() - tick, 1e-9))
+    return StepStats(loss_sum, tokens, lr, max(time.time() - tick, 1e-9), rewards)
 
 
 def log_step(session: Session, stats: StepStats) -> None:
@@ -321,6 +348,7 @@ def log_step(session: Session, stats: StepStats) -> None:
                 "loss": stats.loss,
                 "lr": stats.lr,
                 "tokens_per_s": round(stats.tokens / stats.seconds, 1),
+                **stats.rewards,
             }
         )
 
@@ -333,9 +361,15 @@ def evaluate_session(session: Session, step: int) -> dict[str, float]:
     cfg, state = session.cfg, session.state
     eval_bs = cfg.training.eval_batch_size or 2 * cfg.training.batch_size
     with autocast_for(run_compute_dtype(cfg, session.device), session.device):
-        scores = evaluate(
-            session.model, session.data.eval, cfg.model.task, eval_bs, session.data.pad_id
-        )
+        if learns_preferences(cfg):
+            t = cfg.training
+            scores = preference.evaluate_pairs(
+                session.model, session.data.eval, eval_bs, session.data.pad_id, t.beta, t.loss_type
+            )
+        else:
+            scores = evaluate(
+                session.model, session.data.eval, cfg.model.task, eval_bs, session.data.pad_id
+            )
     if not scores:
         session.say(f"step {step}: eval skipped: {NO_EVAL_TOKENS}")
         if session.metrics is not None:
@@ -390,7 +424,7 @@ def finish(session: Session, started: float) -> TrainResult:
     cfg, result, state, out = session.cfg, session.result, session.state, session.out
     with distributed.full_trainable(session.model, session.dist):  # FSDP2: the whole adapter
         if session.main_process:
-            folder = out / ("adapter" if cfg.training.method == "lora" else "model")
+            folder = out / ("adapter" if cfg.training.method in ADAPTER_METHODS else "model")
             save_trained(session.model, cfg, session.tokenizer, folder)
     if session.main_process:
         plot_metrics(read_metrics(out / "metrics.jsonl"), out / "loss.png", title=out.name)

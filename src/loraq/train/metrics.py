@@ -1,7 +1,9 @@
 """Run metrics: ``metrics.jsonl`` (one JSON object per line) and ``loss.png``.
 
 Training lines look like ``{"step": 12, "epoch": 0, "loss": 0.41, "lr": 0.0009, "tokens_per_s":
-5120.0}``; eval lines like ``{"step": 50, "eval_loss": 0.2, "eval_accuracy": 0.94}``.
+5120.0}``; eval lines like ``{"step": 50, "eval_loss": 0.2, "eval_accuracy": 0.94}``. Preference
+runs (``method: dpo``) add ``rewards/chosen``, ``rewards/rejected``, ``rewards/margins`` and
+``rewards/accuracies`` to both (``eval_rewards/...`` on eval lines).
 """
 
 from __future__ import annotations
@@ -66,8 +68,24 @@ def smooth(values: list[float], weight: float = 0.9) -> list[float]:
     return out
 
 
+def _plot_rewards(ax, train: list[dict[str, Any]], evals: list[dict[str, Any]]) -> None:
+    """Reward margin and accuracy per step (train, and eval as dots)."""
+    steps = [r["step"] for r in train]
+    ax.plot(steps, [r["rewards/margins"] for r in train], color="tab:purple", label="margin")
+    ax.plot(steps, [r["rewards/accuracies"] for r in train], color="tab:green", label="accuracy")
+    for key, color in (("margins", "tab:purple"), ("accuracies", "tab:green")):
+        if evals:
+            values = [r[f"eval_rewards/{key}"] for r in evals]
+            ax.plot([r["step"] for r in evals], values, "o", color=color, label=f"eval {key}")
+    ax.set_xlabel("step")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title("rewards: margin and accuracy (chosen vs rejected)")
+
+
 def plot_metrics(records: list[dict[str, Any]], path: str | Path, title: str = "") -> Path:
-    """Draw train loss (raw and smoothed) and eval loss per step, plus eval accuracy if any.
+    """Draw train loss (raw and smoothed) and eval loss per step, plus eval accuracy and the
+    reward margins and accuracies of preference runs, if any.
 
     Uses matplotlib's Agg backend (no display needed). Returns the image path.
     """
@@ -79,7 +97,8 @@ def plot_metrics(records: list[dict[str, Any]], path: str | Path, title: str = "
     train = [r for r in records if "loss" in r]
     evals = [r for r in records if "eval_loss" in r]
     accs = [r for r in records if "eval_accuracy" in r]
-    ncols = 2 if accs else 1
+    rewards = [r for r in records if "rewards/margins" in r]
+    ncols = 1 + bool(accs) + bool(rewards)
     fig, axes = plt.subplots(1, ncols, figsize=(6.5 * ncols, 4.2), squeeze=False)
     ax = axes[0][0]
     if train:
@@ -120,6 +139,10 @@ def plot_metrics(records: list[dict[str, Any]], path: str | Path, title: str = "
         ax2.set_ylim(0, 1.02)
         ax2.grid(alpha=0.3)
         ax2.set_title("eval accuracy")
+    if rewards:
+        _plot_rewards(
+            axes[0][ncols - 1], rewards, [r for r in records if "eval_rewards/margins" in r]
+        )
     fig.tight_layout()
     path = Path(path)
     tmp = path.with_name(path.stem + ".tmp" + path.suffix)

@@ -21,8 +21,15 @@ from ..model.config import LoraConfig
 Task = Literal["causal-lm", "seq-cls"]
 Schedule = Literal["cosine", "linear", "constant"]
 DataFormat = Literal["auto", "jsonl", "csv", "tsv", "text"]
-Method = Literal["lora", "full"]
+Method = Literal["lora", "full", "dpo"]
+PreferenceLoss = Literal["sigmoid", "ipo"]
 Distributed = Literal["auto", "none", "ddp", "fsdp"]
+
+
+#: The methods that train LoRA adapters (and save an adapter, not a model).
+ADAPTER_METHODS: tuple[str, ...] = ("lora", "dpo")
+#: The methods that learn from preference pairs (``prompt`` / ``chosen`` / ``rejected``).
+PREFERENCE_METHODS: tuple[str, ...] = ("dpo",)
 
 
 class ConfigError(ValueError):
@@ -98,8 +105,11 @@ class TrainingConfig:
     """How to optimise, log, evaluate and checkpoint.
 
     Attributes:
-        method: ``lora`` (adapters per the ``lora`` section, optionally over a quantized base)
-            or ``full`` (plain full fine-tuning of every weight; the ``lora`` section is ignored).
+        method: ``lora`` (adapters per the ``lora`` section, optionally over a quantized base),
+            ``full`` (plain full fine-tuning of every weight; the ``lora`` section is ignored)
+            or ``dpo`` (adapters as for ``lora``, trained by Direct Preference Optimization on
+            ``prompt`` / ``chosen`` / ``rejected`` records; the reference model is the same
+            model with its adapters disabled, see :mod:`loraq.train.preference`).
         epochs: passes over the training data (used when ``max_steps`` is None).
         max_steps: optimizer steps to run; overrides ``epochs``.
         batch_size: examples per micro-batch.
@@ -136,6 +146,10 @@ class TrainingConfig:
             adapters are sharded across ranks); ``auto`` is ``ddp`` under torchrun and ``none``
             otherwise. ``batch_size`` is per rank (see :mod:`loraq.train.distributed`).
         distributed_timeout: seconds a collective may wait for the other ranks before failing.
+        beta: ``method: dpo``: the strength of the pull towards the reference model (DPO's
+            beta; IPO's tau); the rewards logged are beta x the log-probability ratios.
+        loss_type: ``method: dpo``: ``sigmoid`` (DPO, Rafailov et al. 2023) or ``ipo`` (Azar
+            et al. 2023, on log-ratios averaged per completion token), as TRL's ``DPOTrainer``.
     """
 
     method: Method = "lora"
@@ -165,6 +179,8 @@ class TrainingConfig:
     progress: bool = True
     distributed: Distributed = "auto"
     distributed_timeout: float = 1800.0
+    beta: float = 0.1
+    loss_type: PreferenceLoss = "sigmoid"
 
 
 @dataclass
