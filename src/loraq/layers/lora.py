@@ -21,6 +21,7 @@ Parameter names follow PEFT (``lora_A.<adapter>.weight``, ``lora_embedding_A.<ad
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Any
 
@@ -36,6 +37,10 @@ from .kinds import SUPPORTED_TYPES, LayerKind, is_gpt2_conv1d, layer_kind
 from .merged_guard import guard_merged
 from .modules_to_save import ModulesToSave
 from .protocol import QuantizedBase
+
+# Versions come from one process-wide counter so that a layer whose state is put back from
+# outside (a rolled-back transaction) gets a version no stack cache has seen before.
+_VERSIONS = itertools.count(1)
 
 __all__ = [
     "ADAPTER_STORES",
@@ -195,7 +200,12 @@ class LoRALayer(nn.Module):
         return self._adapter_version
 
     def _note_change(self) -> None:
-        self._adapter_version += 1
+        self._adapter_version = next(_VERSIONS)
+
+    def note_restored(self) -> None:
+        """Say that this layer's state was put back from outside (e.g. by a rolled-back
+        :func:`loraq.model.transaction.model_transaction`): stacked copies made since are stale."""
+        self._note_change()
 
     def adapter_view(self, name: str) -> AdapterView:
         """Adapter ``name`` as an :class:`~loraq.layers.adapter_view.AdapterView` (KeyError if absent)."""

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..batching.stacks import note_adapter_change
+from ..layers.lora import LoRALayer
 
 
 def _shallow(state: dict[str, Any]) -> dict[str, Any]:
@@ -68,7 +68,9 @@ class ModelSnapshot:
             param.requires_grad_(flag)
         for tensor, data in self._tensors:
             tensor.copy_(data)
-        note_adapter_change()  # stacks cached inside the failed body describe a state now gone
+        for module, _ in self._modules:
+            if isinstance(module, LoRALayer):
+                module.note_restored()  # stacks cached inside the failed body describe a gone state
 
 
 @contextlib.contextmanager
