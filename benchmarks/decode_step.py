@@ -67,7 +67,9 @@ def profile_step(batch: DecodeBatch, steps: int, label: str, top: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="smollm2", choices=["smollm2", "stories", "smollm2-shape"])
+    parser.add_argument(
+        "--model", default="smollm2", choices=["smollm2", "stories", "smollm2-shape"]
+    )
     parser.add_argument("--batch", default="1,8")
     parser.add_argument("--adapters", default="0,1,8")
     parser.add_argument("--steps", type=int, default=20)
@@ -98,8 +100,10 @@ def main() -> None:
             wall[key].append(time.perf_counter() - t)
             cpu[key].append(time.process_time() - c)
     print(f"# load average after: {os.getloadavg()}, {args.steps} steps per configuration")
-    print(f"\n{'batch':>5} {'adapters':>8} {'wall ms':>8} {'cpu ms':>8} {'tok/s':>8} {'vs 1 adapter':>12}")
-    for (b, a), batch in configs.items():
+    print(
+        f"\n{'batch':>5} {'adapters':>8} {'wall ms':>8} {'cpu ms':>8} {'tok/s':>8} {'vs 1 adapter':>12}"
+    )
+    for b, a in configs:
         w, c = statistics.median(wall[(b, a)]), statistics.median(cpu[(b, a)])
         one = (b, 1) if (b, 1) in configs else None
         ratio = statistics.median(wall[one]) / w if one else float("nan")
