@@ -16,7 +16,7 @@ from ..core.precision import autocast_dtype
 from ..native.dequant import gguf_matmul
 from ..quant.gguf_tensor import GGUFTensor
 from .protocol import LAYOUT_LINEAR
-from .quantized import Embedding4bit, _linear_weight, _QuantizedLinear
+from .quantized import RECORD_PREFIX, Embedding4bit, _linear_weight, _QuantizedLinear
 
 __all__ = ["PACKED_MAX_ROWS", "EmbeddingGGUF", "LinearGGUF"]
 
@@ -73,7 +73,9 @@ class LinearGGUF(_QuantizedLinear):
         """``x @ W^T + b`` (see :class:`LinearGGUF`); a few rows read the blocks packed."""
         if self.reads_packed(x) and x.shape[-1] == self.in_features:
             flat = x.reshape(-1, self.in_features).contiguous()
-            out = gguf_matmul(flat, self.qweight.blocks, self.qweight.quant_type)
+            # the blocks buffer itself: building the qweight record validates it on every call
+            blocks = getattr(self, RECORD_PREFIX + "blocks")
+            out = gguf_matmul(flat, blocks, self._record_meta["quant_type"])
             if out is not None:
                 if self.bias is not None:
                     out += self.bias.to(out.dtype)
