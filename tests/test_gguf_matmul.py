@@ -60,9 +60,7 @@ def test_layer_takes_the_packed_path_only_where_it_applies(monkeypatch):
     layer = LinearGGUF.from_linear(nn.Linear(64, 32), "q4_1")
     calls = []
     real = cpu.gguf_matmul
-    monkeypatch.setattr(
-        "loraq.layers.gguf.gguf_matmul", lambda *a: calls.append(1) or real(*a)
-    )
+    monkeypatch.setattr("loraq.layers.gguf.gguf_matmul", lambda *a: calls.append(1) or real(*a))
     x = torch.randn(2, 3, 64)
     with torch.no_grad():
         out = layer(x)
@@ -78,7 +76,9 @@ def test_layer_takes_the_packed_path_only_where_it_applies(monkeypatch):
 
 def test_fallback_without_kernel_is_the_reference(monkeypatch):
     monkeypatch.setattr(cpu, "_library", lambda: None)
-    assert cpu.gguf_matmul(torch.randn(1, 64), torch.zeros(8, 40, dtype=torch.uint8), "q4_1") is None
+    assert (
+        cpu.gguf_matmul(torch.randn(1, 64), torch.zeros(8, 40, dtype=torch.uint8), "q4_1") is None
+    )
     layer = LinearGGUF.from_linear(nn.Linear(64, 8), "q4_1")
     x = torch.randn(2, 64)
     with torch.no_grad():
