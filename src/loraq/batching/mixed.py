@@ -195,6 +195,8 @@ class MixedBatch:
         self._rows_on: dict[torch.device, torch.Tensor] = {}
         self._masks: dict[tuple, torch.Tensor] = {}
         self._gathered: dict[LoRALayer, tuple] = {}
+        self._plan_stacks: dict[LoRALayer, tuple] = {}
+        self._to_cache = torch.zeros(0, dtype=torch.long)
         self._gathered_bytes = 0
 
     @classmethod
@@ -253,7 +255,8 @@ class MixedBatch:
         self._active = {
             layer: self.cache.stacks[layer] for layer in layers if check_layer(layer, self.plan)
         }
-        self._rows_on, self._masks, self._gathered = {}, {}, {}
+        self._to_cache = to_cache
+        self._rows_on, self._masks, self._gathered, self._plan_stacks = {}, {}, {}, {}
         self._gathered_bytes = 0
         self._generation = self.cache.generation
 
@@ -273,6 +276,21 @@ class MixedBatch:
             if self._gathered_bytes + size <= GATHER_CACHE_BYTES:
                 self._gathered[layer] = hit
                 self._gathered_bytes += size
+        return hit
+
+    def plan_stack(self, layer: LoRALayer, stack: LayerStack, rows: torch.Tensor) -> tuple:
+        """``(A, B, rows)`` over the plan's slots only: ``stack`` restricted to them (in plan
+        order) and each row's plan slot. With gradients ``stack`` is already the plan's; without,
+        it holds every adapter of the model, and the restriction is kept for the next forward
+        (the concatenated form then multiplies the plan's few adapters, not all of them)."""
+        if torch.is_grad_enabled():
+            return stack.a, stack.b, rows
+        hit = self._plan_stacks.get(layer)
+        if hit is None:
+            index = self._to_cache.to(stack.a.device)
+            plan_rows = self.plan.row_slot.to(rows.device)
+            hit = (stack.a.index_select(0, index), stack.b.index_select(0, index), plan_rows)
+            self._plan_stacks[layer] = hit
         return hit
 
     def slot_mask(self, rows: torch.Tensor, r_max: int, slots: int, dtype) -> torch.Tensor:
@@ -295,11 +313,12 @@ def _linear_delta(batch: MixedBatch, layer, x_in, stack: LayerStack, rows, unifo
     if uniform is not None and STRATEGY == "auto":
         hidden, b = torch.matmul(x_in, stack.a[uniform].t()), stack.b[uniform]
     else:
-        slots = stack.a.shape[0]
+        slots = len(batch.plan.slots)
         if use_concat(x_in.shape[0], x_in.shape[1], slots):
-            own = batch.slot_mask(rows, r_max, slots, x_in.dtype)
-            hidden = torch.matmul(x_in, stack.a.reshape(slots * r_max, in_f).t()) * own[:, None]
-            b = stack.b.reshape(slots * r_max, -1)  # hidden: (R, T, slots * r)
+            a_s, b_s, plan_rows = batch.plan_stack(layer, stack, rows)
+            own = batch.slot_mask(plan_rows, r_max, slots, x_in.dtype)
+            hidden = torch.matmul(x_in, a_s.reshape(slots * r_max, in_f).t()) * own[:, None]
+            b = b_s.reshape(slots * r_max, -1)  # hidden: (R, T, slots * r)
         else:
             a_rows, b_rows, _ = batch.row_weights(layer, stack, rows)
             hidden = torch.bmm(x_in, a_rows.transpose(1, 2))

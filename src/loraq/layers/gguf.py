@@ -12,11 +12,17 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..core.precision import autocast_dtype
+from ..native.dequant import gguf_matmul
 from ..quant.gguf_tensor import GGUFTensor
 from .protocol import LAYOUT_LINEAR
-from .quantized import Embedding4bit, _linear_weight, _QuantizedLinear
+from .quantized import RECORD_PREFIX, Embedding4bit, _linear_weight, _QuantizedLinear
 
-__all__ = ["EmbeddingGGUF", "LinearGGUF"]
+__all__ = ["PACKED_MAX_ROWS", "EmbeddingGGUF", "LinearGGUF"]
+
+#: Most input rows for which a forward reads the blocks packed (a decode step's few tokens);
+#: above it the whole weight is dequantized once and BLAS amortises it over the rows.
+PACKED_MAX_ROWS = 16
 
 
 class LinearGGUF(_QuantizedLinear):
@@ -47,6 +53,34 @@ class LinearGGUF(_QuantizedLinear):
         blocks (``in_features`` a multiple of 32); copies the bias and records the layout."""
         weight, layout = _linear_weight(linear)
         return cls(GGUFTensor.from_tensor(weight, quant_type), linear.bias, compute_dtype, layout)
+
+    def reads_packed(self, x: torch.Tensor) -> bool:
+        """Whether :meth:`forward` on ``x`` reads the blocks packed inside the dot products
+        (:func:`~loraq.native.dequant.gguf_matmul`): a float32 layer and input on CPU, at most
+        :data:`PACKED_MAX_ROWS` rows, no gradient to record, no autocast. Otherwise the whole
+        weight is dequantized and ``F.linear`` runs: the reference the packed path equals up
+        to float32 rounding of the sums."""
+        return (
+            x.device.type == "cpu"
+            and x.dtype == torch.float32
+            and self.compute_dtype == torch.float32
+            and x.numel() <= PACKED_MAX_ROWS * self.in_features
+            and not (torch.is_grad_enabled() and x.requires_grad)
+            and autocast_dtype("cpu") is None
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ W^T + b`` (see :class:`LinearGGUF`); a few rows read the blocks packed."""
+        if self.reads_packed(x) and x.shape[-1] == self.in_features:
+            flat = x.reshape(-1, self.in_features).contiguous()
+            # the blocks buffer itself: building the qweight record validates it on every call
+            blocks = getattr(self, RECORD_PREFIX + "blocks")
+            out = gguf_matmul(flat, blocks, self._record_meta["quant_type"])
+            if out is not None:
+                if self.bias is not None:
+                    out += self.bias.to(out.dtype)
+                return out.view(*x.shape[:-1], self.out_features)
+        return super().forward(x)
 
     def _quantize(self, weight: torch.Tensor) -> GGUFTensor:
         return GGUFTensor.from_tensor(weight, self.qweight.quant_type)

@@ -136,10 +136,15 @@ class QuantizedKind(LayerKind):
     def write_matrix(self, base: nn.Module, matrix: torch.Tensor) -> None:
         base.set_weight(matrix)
 
-    def fused_base(self, base: nn.Module, x: torch.Tensor, adapter_dtype: torch.dtype) -> FusedBase:
+    def fused_base(
+        self, base: nn.Module, x: torch.Tensor, adapter_dtype: torch.dtype
+    ) -> FusedBase | None:
         # Dequantized on demand in forward and again in backward, into the layer's scratch
         # buffer where it has one; no dense copy outlives the call. Called with no dtype it answers
         # in compute_dtype; fused.py passes the autocast dtype under autocast.
+        reads_packed = getattr(base, "reads_packed", None)
+        if reads_packed is not None and reads_packed(x):
+            return None  # its own forward reads the blocks packed: cheaper than dequantizing
         scratch = getattr(base, "scratch", None)
         return partial(base.dequantize_weight, scratch=scratch), base.bias
 

@@ -238,3 +238,110 @@ void loraq_dequant_gguf(const uint8_t* blocks, int kind, int64_t first_block, in
         }
     }
 }
+
+/* y = x W^T for a few rows of x, W given as GGUF blocks (kinds as loraq_dequant_gguf), read
+ * packed inside the dot products: each block is decoded into registers (the same float32 values
+ * loraq_dequant_gguf writes), never to memory, so a decode step moves the blocks' bytes once
+ * instead of writing and re-reading a dense copy. x: float32 (rows, in_features), contiguous;
+ * y: float32 (rows, out_features). in_features is a multiple of 32. Output row o is computed by
+ * one thread; rows of x go in groups of MATMUL_GROUP, each block decoded once per group.
+ * The sums are in a different order than a BLAS matmul's: equal within float32 rounding. */
+#define MATMUL_GROUP 4
+
+static inline void decode_block(const uint8_t* p, int kind, float* w) {
+    float d = half_to_float(p);
+    if (kind == 0) {
+        const int8_t* q = (const int8_t*)(p + 2);
+        for (int j = 0; j < 32; j++) w[j] = (float)q[j] * d;
+    } else if (kind == 1) {
+        for (int j = 0; j < 16; j++) {
+            w[j] = ((float)(p[2 + j] & 15) - 8.0f) * d;
+            w[j + 16] = ((float)(p[2 + j] >> 4) - 8.0f) * d;
+        }
+    } else {
+        float m = half_to_float(p + 2);
+        for (int j = 0; j < 16; j++) {
+            float lo = (float)(p[4 + j] & 15) * d, hi = (float)(p[4 + j] >> 4) * d;
+            w[j] = lo + m;
+            w[j + 16] = hi + m;
+        }
+    }
+}
+
+#if defined(__AVX2__) && defined(__FMA__)
+static inline float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* The block's 32 values as four vectors of 8 (elements 0-7, 8-15, 16-23, 24-31). */
+static inline void decode_block8(const uint8_t* p, int kind, __m256* w) {
+    __m256 d = _mm256_set1_ps(half_to_float(p));
+    if (kind == 0) {
+        for (int k = 0; k < 4; k++) {
+            __m128i q = _mm_loadl_epi64((const __m128i*)(p + 2 + 8 * k));
+            w[k] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)), d);
+        }
+        return;
+    }
+    const uint8_t* q = p + (kind == 1 ? 2 : 4);
+    __m128i bytes = _mm_loadu_si128((const __m128i*)q), m15 = _mm_set1_epi8(15);
+    __m128i lo = _mm_and_si128(bytes, m15), hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), m15);
+    __m256 v[4] = {
+        _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)),
+        _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))),
+        _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)),
+        _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))),
+    };
+    if (kind == 1) {
+        __m256 eight = _mm256_set1_ps(8.0f);
+        for (int k = 0; k < 4; k++) w[k] = _mm256_mul_ps(_mm256_sub_ps(v[k], eight), d);
+    } else {
+        __m256 m = _mm256_set1_ps(half_to_float(p + 2));
+        for (int k = 0; k < 4; k++) w[k] = _mm256_add_ps(_mm256_mul_ps(v[k], d), m);
+    }
+}
+#endif
+
+void loraq_gguf_matmul(const uint8_t* blocks, int kind, int64_t out_features, int64_t in_features,
+                       const float* x, int64_t rows, float* y) {
+    static const int64_t sizes[3] = {34, 18, 20};
+    const int64_t n_blocks = in_features / 32, row_bytes = n_blocks * sizes[kind];
+    #pragma omp parallel for schedule(static) if (out_features * in_features * rows >= PARALLEL_MIN_ELEMENTS)
+    for (int64_t o = 0; o < out_features; o++) {
+        const uint8_t* wrow = blocks + o * row_bytes;
+        for (int64_t r0 = 0; r0 < rows; r0 += MATMUL_GROUP) {
+            int64_t group = rows - r0 < MATMUL_GROUP ? rows - r0 : MATMUL_GROUP;
+#if defined(__AVX2__) && defined(__FMA__)
+            __m256 acc[MATMUL_GROUP];
+            for (int g = 0; g < MATMUL_GROUP; g++) acc[g] = _mm256_setzero_ps();
+            for (int64_t b = 0; b < n_blocks; b++) {
+                __m256 w[4];
+                decode_block8(wrow + b * sizes[kind], kind, w);
+                for (int64_t g = 0; g < group; g++) {
+                    const float* xb = x + (r0 + g) * in_features + b * 32;
+                    __m256 a = acc[g];
+                    for (int k = 0; k < 4; k++) a = _mm256_fmadd_ps(w[k], _mm256_loadu_ps(xb + 8 * k), a);
+                    acc[g] = a;
+                }
+            }
+            for (int64_t g = 0; g < group; g++) y[(r0 + g) * out_features + o] = hsum8(acc[g]);
+#else
+            float acc[MATMUL_GROUP] = {0};
+            for (int64_t b = 0; b < n_blocks; b++) {
+                float w[32];
+                decode_block(wrow + b * sizes[kind], kind, w);
+                for (int64_t g = 0; g < group; g++) {
+                    const float* xb = x + (r0 + g) * in_features + b * 32;
+                    float s = 0.0f;
+                    for (int j = 0; j < 32; j++) s += w[j] * xb[j];
+                    acc[g] += s;
+                }
+            }
+            for (int64_t g = 0; g < group; g++) y[(r0 + g) * out_features + o] = acc[g];
+#endif
+        }
+    }
+}

@@ -31,6 +31,7 @@ __all__ = [
     "dequantize_4bit_nested_into",
     "dequantize_8bit_into",
     "dequantize_gguf_into",
+    "gguf_matmul",
     "mode",
 ]
 
@@ -65,6 +66,16 @@ def _library() -> ctypes.CDLL | None:
         ctypes.c_int,
     ]
     lib.loraq_dequant_gguf.restype = None
+    lib.loraq_gguf_matmul.argtypes = [
+        ctypes.c_void_p,
+        ctypes.c_int,
+        ctypes.c_int64,
+        ctypes.c_int64,
+        ctypes.c_void_p,
+        ctypes.c_int64,
+        ctypes.c_void_p,
+    ]
+    lib.loraq_gguf_matmul.restype = None
     return lib
 
 
@@ -248,3 +259,44 @@ def dequantize_gguf_into(
         lambda lo, hi: lib.loraq_dequant_gguf(src, kind, lo, hi, dst, dtype), count, 32 * count
     )
     return True
+
+
+def gguf_matmul(x: torch.Tensor, blocks: torch.Tensor, quant_type: str) -> torch.Tensor | None:
+    """``x @ W^T`` with ``W`` the GGUF ``blocks`` (``q8_0``, ``q4_0``, ``q4_1``; uint8
+    ``(out_features, row_bytes)``) read packed inside the dot products; None if not handled.
+
+    ``x``: float32 ``(rows, in_features)`` on CPU, ``in_features`` a multiple of 32. The result
+    is float32 ``(rows, out_features)``; it equals ``x @ dequantize(W)^T`` up to float32
+    rounding of the sums (another summation order than BLAS). Handled only by the compiled
+    kernel; where it is off or the tensors do not fit, the caller dequantizes and uses
+    ``F.linear`` (the reference).
+    """
+    lib = _library()
+    if lib is None or quant_type not in _GGUF_KINDS:
+        return None
+    kind, size = _GGUF_KINDS[quant_type]
+    if x.dim() != 2 or blocks.dim() != 2:
+        return None
+    rows, in_features = x.shape
+    out_features = blocks.shape[0]
+    fits = (
+        type(x) is torch.Tensor  # not a FakeTensor or another subclass without real memory
+        and type(blocks) is torch.Tensor
+        and x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and x.is_contiguous()
+        and not x.requires_grad
+        and blocks.device.type == "cpu"
+        and blocks.dtype == torch.uint8
+        and blocks.is_contiguous()
+        and in_features % 32 == 0
+        and blocks.shape[1] == in_features // 32 * size
+    )
+    if not fits:
+        return None
+    y = torch.empty(rows, out_features, dtype=torch.float32)
+    if rows and out_features:
+        lib.loraq_gguf_matmul(
+            blocks.data_ptr(), kind, out_features, in_features, x.data_ptr(), rows, y.data_ptr()
+        )
+    return y

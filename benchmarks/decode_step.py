@@ -1,0 +1,117 @@
+"""One decode step of the serving engine: where the time goes, and what mixed adapters cost.
+
+    python benchmarks/decode_step.py [--model smollm2|stories|smollm2-shape] [--steps 20]
+                                     [--profile] [--adapters 0,1,8,64] [--batch 1,8]
+
+For each batch size and adapter count it fills a :class:`~loraq.generation.decode.DecodeBatch`
+(the loop ``loraq serve`` runs) with prompts of 16 tokens, the rows spread round-robin over
+the adapters (0: every row on the bare base), and times ``step()``: median wall and CPU ms per step over
+``--steps`` steps, every configuration taking its turn within each round (a shared machine
+slows them alike). ``--profile`` prints cProfile's top functions (own CPU time of the
+profiling thread, as a share of the step; compiled kernels count in their Python caller; with
+``--threads 1`` that is all the work) for each configuration. Ratios to compare: tokens/s of a batch over N
+adapters / the same batch on one adapter. The load average is printed with the results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from serve import base_model, with_adapters  # noqa: E402  (the serving benchmark's models)
+
+from loraq.generation.decode import DecodeBatch, SamplingParams, SequenceState  # noqa: E402
+
+
+def make_batch(model, rows: int, adapters: int, vocab: int, cache_len: int) -> DecodeBatch:
+    """A running batch of ``rows`` prompts of 16 tokens over ``adapters`` adapters (0: none)."""
+    gen = torch.Generator().manual_seed(0)
+    batch = DecodeBatch(model)  # per-row adapters, as the serving engine runs it
+    seqs = []
+    for i in range(rows):
+        prompt = torch.randint(1, vocab, (16,), generator=gen).tolist()
+        name = f"a{i % adapters}" if adapters else None
+        seqs.append(SequenceState(prompt, name, SamplingParams(max_new_tokens=1 << 20)))
+    batch.add(seqs)
+    for _ in range(cache_len):  # the cache a reply of a few dozen tokens has
+        batch.step()
+    return batch
+
+
+def profile_step(batch: DecodeBatch, steps: int, label: str, top: int) -> None:
+    """cProfile of ``steps`` steps on this thread's CPU clock (a preempted process does not
+    count the wait), functions by own time as shares of the total."""
+    import cProfile
+    import pstats
+
+    prof = cProfile.Profile(time.thread_time)
+    prof.enable()
+    for _ in range(steps):
+        batch.step()
+    prof.disable()
+    stats = pstats.Stats(prof).stats
+    total = sum(v[2] for v in stats.values())
+    print(f"\n### {label}: {1e3 * total / steps:.1f} ms CPU per step; top functions by own time")
+    print(f"{'function':<64} {'share':>7} {'calls/step':>11}")
+    for (file, line, name), v in sorted(stats.items(), key=lambda kv: -kv[1][2])[:top]:
+        where = f"{Path(file).name}:{line} {name}" if line else name
+        print(f"{where[-64:]:<64} {v[2] / total:>7.1%} {v[1] / steps:>11.1f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--model", default="smollm2", choices=["smollm2", "stories", "smollm2-shape"]
+    )
+    parser.add_argument("--batch", default="1,8")
+    parser.add_argument("--adapters", default="0,1,8")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--cache", type=int, default=16, help="decode steps before timing")
+    parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--top", type=int, default=15)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model, what = base_model(args.model)
+    counts = [int(c) for c in args.adapters.split(",")]
+    if max(counts) > 0:
+        with_adapters(model, max(counts))
+    model.eval()
+    vocab = model.config.vocab_size
+    sizes = [int(b) for b in args.batch.split(",")]
+    configs = {(b, a): make_batch(model, b, a, vocab, args.cache) for b in sizes for a in counts}
+    print(f"# decode step: {what}, threads={torch.get_num_threads()}, cache {16 + args.cache}")
+    print(f"# load average before: {os.getloadavg()}")
+    wall = {k: [] for k in configs}
+    cpu = {k: [] for k in configs}
+    for _ in range(args.steps):
+        for key, batch in configs.items():
+            t, c = time.perf_counter(), time.process_time()
+            batch.step()
+            wall[key].append(time.perf_counter() - t)
+            cpu[key].append(time.process_time() - c)
+    print(f"# load average after: {os.getloadavg()}, {args.steps} steps per configuration")
+    print(
+        f"\n{'batch':>5} {'adapters':>8} {'wall ms':>8} {'cpu ms':>8} {'tok/s':>8} {'vs 1 adapter':>12}"
+    )
+    for b, a in configs:
+        w, c = statistics.median(wall[(b, a)]), statistics.median(cpu[(b, a)])
+        one = (b, 1) if (b, 1) in configs else None
+        ratio = statistics.median(wall[one]) / w if one else float("nan")
+        print(f"{b:>5} {a:>8} {1e3 * w:>8.1f} {1e3 * c:>8.1f} {b / w:>8.1f} {ratio:>12.2f}")
+    if args.profile:
+        for (b, a), batch in configs.items():
+            profile_step(batch, 5, f"batch {b}, {a} adapters", args.top)
+
+
+if __name__ == "__main__":
+    main()
