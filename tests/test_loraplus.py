@@ -144,7 +144,10 @@ def test_config_key_is_declared_once_with_its_default() -> None:
         ({"loraplus_lr_ratio": 0}, "training.loraplus_lr_ratio must be > 0 or null, got 0"),
         ({"loraplus_lr_ratio": -2.0}, "training.loraplus_lr_ratio must be > 0"),
         ({"loraplus_lr_ratio": "x"}, "training.loraplus_lr_ratio"),
-        ({"loraplus_lr_ratio": 16, "method": "full"}, "applies to training.method 'lora' only"),
+        (
+            {"loraplus_lr_ratio": 16, "method": "full"},
+            "applies to training.method 'lora' or 'dpo' only",
+        ),
     ],
 )
 def test_bad_ratio_names_the_key(training: dict, message: str) -> None:

@@ -369,7 +369,8 @@ def validate(cfg: TrainConfig) -> None:
             )
         if t.method not in ADAPTER_METHODS:
             raise ConfigError(
-                f"training.loraplus_lr_ratio applies to training.method {ADAPTER_METHODS} only"
+                f"training.loraplus_lr_ratio applies to training.method "
+                f"{' or '.join(map(repr, ADAPTER_METHODS))} only"
             )
     if t.distributed_timeout <= 0:
         raise ConfigError(
