@@ -176,3 +176,27 @@ def calibration_inputs(
     batch = collate(examples, pad_id_of(tokenizer))
     batch.pop("labels", None)
     return batch
+
+
+def load_with_adapters(
+    model_path: str | None, adapters: dict[str, str | Path], dense_base: bool = False
+) -> tuple[nn.Module, Any]:
+    """``(model, tokenizer)``: the base (``model_path``, else the first adapter's base) with each
+    adapter of ``adapters`` loaded under its name, as :func:`load_trained` loads one (a QLoRA
+    adapter quantizes the base as its run did, unless ``dense_base``). A ``.gguf`` base keeps
+    its blocks. Adapters are loaded in order; the last one loaded is active."""
+    first = next(iter(adapters.values()), None)
+    if model_path is None and first is not None:
+        if not Path(first).is_dir():
+            raise ConfigError(f"adapter folder '{first}' does not exist")
+        model_path = adapter_base(first)
+    model, tokenizer, _ = load_trained(model_path=model_path, task="causal-lm")
+    for name, folder in adapters.items():
+        folder = Path(folder)
+        if not is_adapter_folder(folder):
+            raise ConfigError(f"'{folder}' holds no {CONFIG_NAME}: not an adapter folder")
+        try:
+            attach_adapter(model, folder, read_run_config(folder), dense_base, adapter_name=name)
+        except ValueError as err:
+            raise ConfigError(f"cannot load adapter '{folder}' onto {model_path}: {err}") from None
+    return model.eval(), tokenizer

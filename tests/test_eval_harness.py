@@ -1,0 +1,301 @@
+"""``loraq eval --tasks`` / ``--perplexity``: lm-eval on loraq models, checked against lm-eval.
+
+The tiny byte-level Llama of :mod:`tiny_lm` (fp32; adapters with ``compute_dtype: float32``)
+scores the shipped task ``examples/eval/loraq_tiny_mc`` (a few items: ``--limit``) three ways:
+lm-eval's own ``hf`` model (with ``peft=ADAPTER`` for the adapter), and ``loraq eval --tasks``
+in process with the base and two adapters in one table. Per-item log-likelihoods are sums over
+a few tokens of fp32 log-softmax values: they agree to 1e-4.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import loraq
+from loraq import cli
+from loraq.eval import command as eval_command
+from loraq.eval.offline import offline
+from loraq.eval.perplexity import perplexity, windows, word_count
+from tiny_lm import byte_tokenizer, randomize_adapters, single_thread, tiny_causal_lm  # noqa: F401
+
+lm_eval = pytest.importorskip("lm_eval")
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "eval"
+TASK = "loraq_tiny_mc"
+LIMIT = 4
+#: fp32 sums of a few log-probabilities each.
+ATOL = 1e-4
+TEXT = "Once upon a time there was a tiny model.\nIt read every byte  of this story twice.\n"
+
+
+def _train_adapter(base: Path, out: Path, seed: int) -> Path:
+    """A loraq adapter after a few optimizer steps on a line of text (B starts nonzero, so the
+    adapter changes the scores from the first step)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(base)
+    cfg = loraq.LoraConfig(r=4, alpha=8, targets="all-linear", compute_dtype="float32")
+    loraq.apply(model, cfg)
+    randomize_adapters(model)
+    ids = tok(["The sun rises in the east."], return_tensors="pt").input_ids
+    opt = torch.optim.AdamW(loraq.trainable_parameters(model), lr=1e-2)
+    model.train()
+    for _ in range(3):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    loraq.save_adapter(model, out)
+    return out
+
+
+def _save_base(path: Path) -> Path:
+    """The tiny model with exactly the tokenizer's 259 ids: lm-eval's ``peft=`` path resizes
+    the embeddings to ``len(tokenizer)`` first, which would drop the padded 260th logit and
+    shift every log-softmax."""
+    tokenizer = byte_tokenizer()
+    model = tiny_causal_lm()
+    model.resize_token_embeddings(len(tokenizer))
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("harness")
+    base = _save_base(root / "base")
+    return base, _train_adapter(base, root / "a", 1), _train_adapter(base, root / "b", 2)
+
+
+def _item_loglikelihoods(samples: list[dict]) -> dict[int, list[float]]:
+    """``{doc_id: [log-likelihood of each choice]}`` from lm-eval's logged samples."""
+    return {s["doc_id"]: [float(r[0][0]) for r in s["resps"]] for s in samples}
+
+
+def _lm_eval_hf(model_args: dict) -> dict:
+    from lm_eval.tasks import TaskManager
+
+    result = lm_eval.simple_evaluate(
+        model="hf",
+        model_args={"device": "cpu", "dtype": "float32", "batch_size": 1, **model_args},
+        tasks=[TASK],
+        limit=LIMIT,
+        task_manager=TaskManager(include_path=str(EXAMPLES)),
+        log_samples=True,
+    )
+    return result
+
+
+@pytest.fixture(scope="module")
+def three_ways(folders, tmp_path_factory):
+    """lm-eval's hf model on the base and with ``peft=a``; loraq eval with base, a and b."""
+    base, a, b = folders
+    out = tmp_path_factory.mktemp("scores") / "scores.json"
+    argv = ["eval", "--model", str(base), "--adapter", f"a={a}", "--adapter", f"b={b}"]
+    argv += ["--tasks", TASK, "--include-path", str(EXAMPLES), "--limit", str(LIMIT)]
+    assert cli.main([*argv, "--batch-size", "4", "--output", str(out)]) == 0
+    ours = json.loads(out.read_text())
+    theirs = {"base": _lm_eval_hf({"pretrained": str(base)})}
+    theirs["a"] = _lm_eval_hf({"pretrained": str(base), "peft": str(a)})
+    return ours, theirs
+
+
+def test_loraq_eval_agrees_with_lm_eval_hf_and_peft(three_ways):
+    ours, theirs = three_ways
+    assert ours["columns"] == ["base", "a", "b"]
+    for column in ("base", "a"):
+        mine = ours["scores"][column]
+        lls = _item_loglikelihoods(mine["samples"][TASK])
+        ref = _item_loglikelihoods(theirs[column]["samples"][TASK])
+        assert sorted(lls) == sorted(ref) and len(ref) == LIMIT
+        for doc_id, values in ref.items():
+            assert lls[doc_id] == pytest.approx(values, abs=ATOL, rel=0), column
+        for metric in ("acc,none", "acc_norm,none"):
+            assert mine["results"][TASK][metric] == theirs[column]["results"][TASK][metric]
+
+
+def test_each_adapter_gets_its_own_column(three_ways):
+    ours, _ = three_ways
+    cols = {c: _item_loglikelihoods(ours["scores"][c]["samples"][TASK]) for c in ours["columns"]}
+    # The adapters change the scores, each differently: a column is not the base scored again.
+    for one, other in (("base", "a"), ("base", "b"), ("a", "b")):
+        diffs = [abs(x - y) for d in cols[one] for x, y in zip(cols[one][d], cols[other][d])]
+        assert max(diffs) > 1e-2
+
+
+def test_table_has_one_column_per_variant(folders, capsys):
+    from loraq.eval.report import format_table
+
+    scores = {
+        name: {"results": {TASK: {"acc,none": v, "acc_stderr,none": 0.1, "sample_len": 4}}}
+        for name, v in (("base", 0.25), ("a", 0.5))
+    }
+    header, row = format_table(scores).splitlines()
+    assert header.split() == ["task", "metric", "base", "a"]
+    assert row.split() == [TASK, "acc", "0.2500", "±", "0.1000", "0.5000", "±", "0.1000"]
+
+
+def test_nf4_base_scores_through_lm_eval(folders):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from loraq.eval.harness import score_tasks
+    from loraq.eval.variants import variants
+
+    base, _, _ = folders
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    cfg = loraq.LoraConfig(r=4, targets="all-linear", quant="nf4", compute_dtype="float32")
+    loraq.apply(model, cfg, "q")
+    randomize_adapters(model)
+    tok = AutoTokenizer.from_pretrained(base)
+    scores = score_tasks(
+        model, tok, [TASK], variants(["q"]), include_path=[EXAMPLES], limit=2, log_samples=True
+    )
+    lls = {c: _item_loglikelihoods(s["samples"][TASK]) for c, s in scores.items()}
+    assert list(lls) == ["base", "q"]
+    assert all(math.isfinite(x) for doc in lls["q"].values() for x in doc)
+    assert lls["base"] != lls["q"]
+
+
+# ----------------------------------------------------------------------------- perplexity
+def test_windows_score_every_token_once():
+    for n, length, stride in [(1, 4, 4), (7, 4, 4), (7, 4, 2), (9, 4, 1), (3, 8, 5), (20, 6, 4)]:
+        scored = []
+        for start, end, first in windows(n, length, stride):
+            assert end - start <= length and start <= first - 1
+            scored += range(first, end + 1)
+        assert scored == list(range(1, n + 1))
+    with pytest.raises(ValueError, match="stride"):
+        windows(5, 4, 5)
+
+
+def _tiny(folders):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base = folders[0]
+    return AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval(), (
+        AutoTokenizer.from_pretrained(base)
+    )
+
+
+def test_perplexity_equals_lm_eval_rolling_loglikelihood(folders):
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    model, tok = _tiny(folders)
+    length = 16  # the text is ~90 tokens: several windows, the last one a partial block
+    lm = HFLM(pretrained=model, tokenizer=tok, max_length=length, batch_size=1)
+    request = Instance("loglikelihood_rolling", {}, (TEXT,), 0)
+    (reference,) = lm.loglikelihood_rolling([request], disable_tqdm=True)
+    ours = perplexity(model, tok, TEXT, max_length=length)
+    assert ours.loglikelihood == pytest.approx(reference, abs=ATOL * 10, rel=1e-6)
+    assert ours.word_perplexity == pytest.approx(math.exp(-reference / word_count(TEXT)), rel=1e-5)
+    n_bytes = len(TEXT.encode())
+    assert ours.bits_per_byte == pytest.approx(-reference / n_bytes / math.log(2), rel=1e-5)
+    assert ours.tokens == len(tok.encode(TEXT)) and ours.words == len(TEXT.split()) + 1
+
+
+def test_smaller_stride_gives_more_context(folders):
+    model, tok = _tiny(folders)
+    whole = perplexity(model, tok, TEXT, max_length=128)  # one window: stride cannot matter
+    assert perplexity(model, tok, TEXT, 128, stride=7).loglikelihood == pytest.approx(
+        whole.loglikelihood, abs=1e-3
+    )
+    short = perplexity(model, tok, TEXT, max_length=8)
+    strided = perplexity(model, tok, TEXT, max_length=8, stride=2)
+    assert strided.loglikelihood != pytest.approx(short.loglikelihood, abs=1e-3)
+
+
+def test_cli_perplexity_columns_and_merge(folders, tmp_path, capsys):
+    base, a, _ = folders
+    text = tmp_path / "story.txt"
+    text.write_text(TEXT)
+    argv = ["eval", "--model", str(base), "--adapter", str(a), "--perplexity", str(text)]
+    assert cli.main([*argv, "--max-length", "32", "--stride", "16", "--merge", "--json"]) == 0
+    scores = json.loads(capsys.readouterr().out)
+    assert list(scores) == ["base", "adapter", "adapter+merged"]
+    ll = {k: v["story.txt"]["loglikelihood"] for k, v in scores.items()}
+    assert ll["adapter"] == pytest.approx(ll["adapter+merged"], abs=1e-3)
+    assert abs(ll["adapter"] - ll["base"]) > 1e-2
+    assert scores["base"]["story.txt"]["stride"] == 16
+
+
+# ----------------------------------------------------------------------------- the command
+def test_offline_only_when_asked(folders, tmp_path, monkeypatch):
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    seen = []
+    model, tok = _tiny(folders)
+
+    def load(model_path, adapters, dense_base):
+        seen.append({k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")})
+        return model, tok
+
+    text = tmp_path / "t.txt"
+    text.write_text(TEXT)
+    parser = cli.build_parser()
+    for extra in ([], ["--offline"]):
+        args = parser.parse_args(["eval", "--model", "m", "--perplexity", str(text), *extra])
+        assert eval_command.run(args, load) == 0
+    assert seen == [
+        {"HF_HUB_OFFLINE": None, "HF_DATASETS_OFFLINE": None},
+        {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"},
+    ]
+    assert "HF_DATASETS_OFFLINE" not in os.environ  # restored
+    with offline():
+        from huggingface_hub import constants
+
+        assert constants.HF_HUB_OFFLINE
+    assert "HF_HUB_OFFLINE" not in os.environ
+
+
+def test_cli_eval_command_is_online_unless_asked(monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    seen = []
+    command = cli.SUBCOMMANDS["eval"]
+    monkeypatch.setattr(
+        command, "run", lambda args: seen.append(os.environ.get("HF_HUB_OFFLINE")) or 0
+    )
+    assert cli.main(["eval", "--model", "m", "--tasks", "x"]) == 0
+    assert seen == [None]
+
+
+def test_without_lm_eval_the_command_says_how_to_install(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "lm_eval", None)
+    assert cli.main(["eval", "--model", "m", "--tasks", TASK]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "pip install 'loraq[eval]'" in err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--model", "m"], "exactly one of --data"),
+        (["--model", "m", "--tasks", "t", "--perplexity", "f"], "exactly one of --data"),
+        (["--model", "m", "--tasks", "t", "--stride", "2"], "--stride applies to --perplexity"),
+        (["--adapter", "x", "--adapter", "y", "--tasks", "t"], "name each of several adapters"),
+        (["--adapter", "base=x", "--tasks", "t"], "'base' is taken"),
+        (["--adapter", "a=x", "--adapter", "b=y", "--merge", "--tasks", "t"], "--merge needs"),
+        (["--model", "m", "--tasks", "t", "--limit", "0"], "--limit must be positive"),
+    ],
+)
+def test_bad_options_are_one_line_errors(argv, message, capsys):
+    assert cli.main(["eval", *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+def test_unknown_task_names_the_task(folders, capsys):
+    base, _, _ = folders
+    argv = ["eval", "--model", str(base), "--tasks", "no_such_task_xyz", "--include-path"]
+    assert cli.main([*argv, str(EXAMPLES)]) == 2
+    assert "no_such_task_xyz" in capsys.readouterr().err
