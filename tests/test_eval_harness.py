@@ -9,6 +9,7 @@ a few tokens of fp32 log-softmax values: they agree to 1e-4.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -299,3 +300,75 @@ def test_unknown_task_names_the_task(folders, capsys):
     argv = ["eval", "--model", str(base), "--tasks", "no_such_task_xyz", "--include-path"]
     assert cli.main([*argv, str(EXAMPLES)]) == 2
     assert "no_such_task_xyz" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- logprobs
+def _two_adapter_model():
+    model = tiny_causal_lm()
+    for i, name in enumerate(("a", "b")):
+        torch.manual_seed(10 + i)
+        cfg = loraq.LoraConfig(r=4, alpha=8, targets="all-linear", compute_dtype="float32")
+        loraq.apply(model, cfg, name)
+    randomize_adapters(model)
+    return model.eval()
+
+
+def _reference_logprobs(model, adapter: str | None, ids: list[int]) -> torch.Tensor:
+    """log_softmax (fp32) of the model's logits over ``ids`` alone, with ``adapter`` active."""
+    context = loraq.disable_adapters(model) if adapter is None else contextlib.nullcontext()
+    if adapter is not None:
+        loraq.set_adapter(model, adapter)
+    with context, torch.no_grad():
+        logits = model(input_ids=torch.tensor([ids])).logits[0]
+    return torch.log_softmax(logits.float(), dim=-1)
+
+
+def test_decode_logprobs_equal_log_softmax_in_mixed_adapter_batches():
+    from loraq.generation.decode import SamplingParams, SequenceState, run_to_completion
+
+    model = _two_adapter_model()
+    rows = [  # (prompt, adapter, params): three adapters, scoring and sampling in one batch
+        ([256, 72, 101, 108], "a", SamplingParams(5, logprobs=3, prompt_logprobs=True)),
+        ([256, 9, 8, 7, 6, 5, 4], "b", SamplingParams(4, temperature=1.0, seed=3, logprobs=2)),
+        ([256, 40, 41], None, SamplingParams(0, logprobs=1, prompt_logprobs=True)),
+        ([256, 33], "a", SamplingParams(3)),
+    ]
+    seqs = [SequenceState(list(p), name, params) for p, name, params in rows]
+    run_to_completion(model, seqs, pad_token_id=258)
+    assert seqs[2].generated == [] and seqs[2].finish_reason == "length"
+    assert seqs[3].logprobs == [] and seqs[3].prompt_logprobs == []
+    for seq in seqs[:3]:
+        full = seq.prompt_ids + seq.generated
+        ref = _reference_logprobs(model, seq.adapter, full)
+        k = seq.params.logprobs
+        assert len(seq.logprobs) == len(seq.generated)
+        got = list(seq.prompt_logprobs[1:]) + seq.logprobs
+        first = 1 if seq.params.prompt_logprobs else len(seq.prompt_ids)
+        if seq.params.prompt_logprobs:
+            assert seq.prompt_logprobs[0] is None
+            assert len(seq.prompt_logprobs) == len(seq.prompt_ids)
+        for offset, item in enumerate(got):
+            pos = first + offset  # the token at pos is predicted from position pos - 1
+            assert item.token == full[pos]
+            assert item.logprob == pytest.approx(ref[pos - 1, full[pos]].item(), abs=1e-4)
+            values, ids = ref[pos - 1].topk(k)
+            assert [t for t, _ in item.top] == ids.tolist()
+            assert [v for _, v in item.top] == pytest.approx(values.tolist(), abs=1e-4)
+
+
+def test_sampled_logprobs_are_of_the_raw_distribution():
+    """Temperature changes which token is drawn, not the reported log-probability."""
+    from loraq.generation.decode import SamplingParams, SequenceState, run_to_completion
+
+    model = _two_adapter_model()
+    hot = SequenceState([256, 1, 2], "b", SamplingParams(6, temperature=5.0, seed=1, logprobs=0))
+    run_to_completion(model, [hot], pad_token_id=258)
+    ref = _reference_logprobs(model, "b", hot.prompt_ids + hot.generated)
+    for j, item in enumerate(hot.logprobs):
+        pos = len(hot.prompt_ids) + j
+        assert item.logprob == pytest.approx(ref[pos - 1, item.token].item(), abs=1e-4)
+        assert item.top == ()
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        SamplingParams(0)
+    with pytest.raises(ValueError, match="logprobs"):
+        SamplingParams(1, logprobs=-1)
