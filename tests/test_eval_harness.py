@@ -372,3 +372,28 @@ def test_sampled_logprobs_are_of_the_raw_distribution():
         SamplingParams(0)
     with pytest.raises(ValueError, match="logprobs"):
         SamplingParams(1, logprobs=-1)
+
+
+def test_quantized_checkpoint_base_with_an_adapter(folders, tmp_path, capsys):
+    """``--model`` a 4-bit folder written by loraq.save_quantized: loaded as stored (NF4)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from loraq.model.quantize import quantize_model
+
+    base, a, _ = folders
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    quantize_model(model, loraq.LoraConfig(targets="all-linear", quant="nf4"))
+    loraq.save_quantized(model, tmp_path / "nf4")
+    AutoTokenizer.from_pretrained(base).save_pretrained(tmp_path / "nf4")
+    text = tmp_path / "story.txt"
+    text.write_text(TEXT)
+    argv = ["eval", "--model", str(tmp_path / "nf4"), "--adapter", str(a)]
+    assert cli.main([*argv, "--perplexity", str(text), "--max-length", "32", "--json"]) == 0
+    scores = json.loads(capsys.readouterr().out)
+    expected = perplexity(model, AutoTokenizer.from_pretrained(base), TEXT, 32)
+    assert scores["base"]["story.txt"]["loglikelihood"] == pytest.approx(
+        expected.loglikelihood, abs=1e-3
+    )
+    dense = perplexity(*_tiny(folders), TEXT, 32)
+    assert abs(dense.loglikelihood - expected.loglikelihood) > 1e-2  # NF4 is not the dense base
+    assert abs(scores["adapter"]["story.txt"]["loglikelihood"] - expected.loglikelihood) > 1e-2

@@ -1,0 +1,74 @@
+"""Log-probabilities in OpenAI's two reply shapes, from the decode loop's :class:`TokenLogprob`.
+
+=========================================  ==================================================
+request                                    ``logprobs`` of a choice
+=========================================  ==================================================
+``/v1/completions`` ``logprobs: k``         ``{"tokens", "token_logprobs", "top_logprobs",
+(``echo: true``: the prompt's tokens        "text_offset"}``: parallel lists; ``top_logprobs``
+first, the very first with ``null``)        maps token text -> logprob (k likeliest)
+``/v1/chat/completions`` ``logprobs:        ``{"content": [{"token", "logprob", "bytes",
+true``, ``top_logprobs: k``                 "top_logprobs": [{"token", "logprob", "bytes"}]}]}``
+=========================================  ==================================================
+
+The values are of the model's raw distribution (before temperature, top-k and top-p), in float32,
+as :mod:`loraq.generation.decode` records them. A token's text is the tokenizer's decoding of that
+token alone; ``text_offset`` is where it starts in the choice's text (the prompt's text first
+when echoed).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from ..generation.decode import TokenLogprob
+
+
+def token_text(tokenizer: Any, token: int) -> str:
+    """The text of one token on its own (a piece of a multi-byte character decodes to U+FFFD)."""
+    return tokenizer.decode([token])
+
+
+def completion_logprobs(
+    tokenizer: Any,
+    items: Sequence[TokenLogprob | None],
+    tokens: Sequence[int],
+    start_offset: int = 0,
+) -> dict[str, list]:
+    """The ``logprobs`` object of a ``/v1/completions`` choice: one entry per token of ``tokens``
+    (``items[i]`` its logprob, None for an echoed first token), offsets from ``start_offset``."""
+    out: dict[str, list] = {
+        "tokens": [],
+        "token_logprobs": [],
+        "top_logprobs": [],
+        "text_offset": [],
+    }
+    offset = start_offset
+    for token, item in zip(tokens, items):
+        text = token_text(tokenizer, token)
+        out["tokens"].append(text)
+        out["text_offset"].append(offset)
+        offset += len(text)
+        if item is None:
+            out["token_logprobs"].append(None)
+            out["top_logprobs"].append(None)
+            continue
+        out["token_logprobs"].append(item.logprob)
+        top = item.top or ((item.token, item.logprob),)  # logprobs 0: the token itself
+        out["top_logprobs"].append({token_text(tokenizer, t): lp for t, lp in top})
+    return out
+
+
+def _entry(tokenizer: Any, token: int, logprob: float) -> dict[str, Any]:
+    text = token_text(tokenizer, token)
+    return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+
+def chat_logprobs(tokenizer: Any, items: Sequence[TokenLogprob]) -> dict[str, list]:
+    """The ``logprobs`` object of a ``/v1/chat/completions`` choice."""
+    content = []
+    for item in items:
+        entry = _entry(tokenizer, item.token, item.logprob)
+        entry["top_logprobs"] = [_entry(tokenizer, t, lp) for t, lp in item.top]
+        content.append(entry)
+    return {"content": content}
