@@ -58,18 +58,31 @@ def selected(model: nn.Module, variant: Variant) -> Iterator[nn.Module]:
     yield model
 
 
+@contextlib.contextmanager
+def _weights_kept_as_loaded(model: nn.Module) -> Iterator[None]:
+    """``HFLM`` calls ``model.tie_weights()``; a loraq model is loaded and tied already, and on a
+    quantized base (GGUF, NF4 embeddings) the tied tensors are blocks, not ``weight``
+    parameters, which transformers' tie_weights cannot find. A no-op for the duration."""
+    model.tie_weights = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        del model.tie_weights
+
+
 def harness_model(model: nn.Module, tokenizer: Any, batch_size: int, max_length: int | None):
     """lm-eval's ``HFLM`` around ``model``: its scoring, log-softmax in float32."""
     require_lm_eval()
     from lm_eval.models.huggingface import HFLM
 
-    return HFLM(
-        pretrained=model,
-        tokenizer=tokenizer,
-        batch_size=batch_size,
-        max_length=max_length,
-        softmax_dtype=torch.float32,
-    )
+    with _weights_kept_as_loaded(model):
+        return HFLM(
+            pretrained=model,
+            tokenizer=tokenizer,
+            batch_size=batch_size,
+            max_length=max_length,
+            softmax_dtype=torch.float32,
+        )
 
 
 def task_manager(include_path: list[str | Path] | None) -> Any:

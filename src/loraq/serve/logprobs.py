@@ -19,9 +19,50 @@ when echoed).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from ..generation.decode import TokenLogprob
+from .fields import field
+from .registry import ServeError
+
+#: ``--max-logprobs``: the most alternatives per token a request may ask for.
+DEFAULT_MAX_LOGPROBS = 20
+
+
+@dataclass(frozen=True)
+class LogprobOptions:
+    """What a request asks for: ``top`` alternatives per token (None: no logprobs at all) and,
+    for ``/v1/completions``, ``echo`` (the prompt's text, and its tokens' logprobs if any)."""
+
+    top: int | None = None
+    echo: bool = False
+
+
+def _bounded(value: int, name: str, limit: int) -> int:
+    if not 0 <= value <= limit:
+        raise ServeError(
+            400, f"{name} must be in 0..{limit} (the server's --max-logprobs), got {value}", name
+        )
+    return value
+
+
+def completion_options(body: dict, max_logprobs: int) -> LogprobOptions:
+    """``logprobs`` (an integer: alternatives per token) and ``echo`` of a completions body."""
+    top = field(body, "logprobs", (int,), None, "an integer")
+    echo = field(body, "echo", (bool,), False, "a boolean")
+    return LogprobOptions(None if top is None else _bounded(top, "logprobs", max_logprobs), echo)
+
+
+def chat_options(body: dict, max_logprobs: int) -> LogprobOptions:
+    """``logprobs`` (a boolean) and ``top_logprobs`` (alternatives) of a chat body."""
+    wanted = field(body, "logprobs", (bool,), False, "a boolean")
+    top = field(body, "top_logprobs", (int,), None, "an integer")
+    if top is not None and not wanted:
+        raise ServeError(400, "top_logprobs needs logprobs: true", "top_logprobs")
+    if not wanted:
+        return LogprobOptions()
+    return LogprobOptions(_bounded(top or 0, "top_logprobs", max_logprobs))
 
 
 def token_text(tokenizer: Any, token: int) -> str:
