@@ -341,7 +341,12 @@ def test_decode_logprobs_equal_log_softmax_in_mixed_adapter_batches():
         full = seq.prompt_ids + seq.generated
         ref = _reference_logprobs(model, seq.adapter, full)
         k = seq.params.logprobs
-        assert len(seq.logprobs) == len(seq.generated)
+        stopped = seq.finish_reason == "stop"  # by EOS: its logprob is reported too
+        assert len(seq.logprobs) == len(seq.generated) + stopped
+        if stopped:
+            full.append(seq.logprobs[-1].token)
+            ref = _reference_logprobs(model, seq.adapter, full[:-1])
+            ref = torch.cat([ref, ref[-1:]])  # the last row is unused: no token after EOS
         got = list(seq.prompt_logprobs[1:]) + seq.logprobs
         first = 1 if seq.params.prompt_logprobs else len(seq.prompt_ids)
         if seq.params.prompt_logprobs:
@@ -397,3 +402,179 @@ def test_quantized_checkpoint_base_with_an_adapter(folders, tmp_path, capsys):
     dense = perplexity(*_tiny(folders), TEXT, 32)
     assert abs(dense.loglikelihood - expected.loglikelihood) > 1e-2  # NF4 is not the dense base
     assert abs(scores["adapter"]["story.txt"]["loglikelihood"] - expected.loglikelihood) > 1e-2
+
+
+# ----------------------------------------------------------------------------- the server
+@pytest.fixture(scope="module")
+def live_server(folders):
+    """``loraq serve``'s app (base + adapters a and b) on 127.0.0.1 in this process."""
+    pytest.importorskip("fastapi")
+    pytest.importorskip("uvicorn")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from loraq.serve.app import ServeSettings, create_app
+    from loraq.serve.engine import Engine
+    from loraq.serve.registry import AdapterRegistry
+    from test_serve_hostile import LiveServer
+
+    base, a, b = folders
+    registry = AdapterRegistry(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32))
+    registry.add("a", a)
+    registry.add("b", b)
+    engine = Engine(registry, AutoTokenizer.from_pretrained(base), max_batch=8)
+    srv = LiveServer(create_app(engine, ServeSettings(context_length=128, max_logprobs=5)))
+    try:
+        yield srv
+    finally:
+        srv.close()
+
+
+@pytest.fixture(scope="module")
+def reference_model(folders):
+    from loraq.train.inference import load_with_adapters
+
+    base, a, b = folders
+    model, _ = load_with_adapters(str(base), {"a": str(a), "b": str(b)})
+    return model
+
+
+def _check_completion_logprobs(reference, adapter, logprobs: dict, ids: list[int], top: int):
+    """token_logprobs (echoed prompt first) and top_logprobs against log_softmax(logits)."""
+    tok = byte_tokenizer()
+    ref = _reference_logprobs(reference, adapter, ids)
+    assert logprobs["token_logprobs"][0] is None and logprobs["top_logprobs"][0] is None
+    assert len(logprobs["token_logprobs"]) >= len(ids)
+    for pos in range(1, len(ids)):
+        got = logprobs["token_logprobs"][pos]
+        assert got == pytest.approx(ref[pos - 1, ids[pos]].item(), abs=1e-4)
+        values, tokens = ref[pos - 1].topk(top)
+        # keyed by token text, as OpenAI's format is: tokens with one text share an entry
+        expected = {tok.decode([t]): v for t, v in zip(tokens.tolist(), values.tolist())}
+        assert logprobs["top_logprobs"][pos] == pytest.approx(expected, abs=1e-4)
+    offsets = logprobs["text_offset"]
+    assert offsets == sorted(offsets) and offsets[0] == 0
+
+
+def test_server_logprobs_equal_log_softmax_in_mixed_adapter_batches(live_server, reference_model):
+    import concurrent.futures as cf
+
+    prompts = {None: [256, 72, 105, 33, 10], "a": [256, 84, 104, 101], "b": [256, 1, 2, 3, 4, 5]}
+
+    def ask(adapter):
+        body = {"model": adapter or "base", "prompt": prompts[adapter], "max_tokens": 0}
+        body |= {"echo": True, "logprobs": 3}
+        with live_server.client() as client:
+            return adapter, client.post("/v1/completions", json=body)
+
+    with cf.ThreadPoolExecutor(6) as pool:  # every adapter at once, twice: shared batches
+        answers = list(pool.map(ask, [None, "a", "b"] * 2))
+    for adapter, response in answers:
+        assert response.status_code == 200, response.text
+        (choice,) = response.json()["choices"]
+        assert choice["finish_reason"] == "length"
+        ids = prompts[adapter]
+        assert len(choice["logprobs"]["tokens"]) == len(ids)
+        _check_completion_logprobs(reference_model, adapter, choice["logprobs"], ids, 3)
+
+
+def test_server_generated_logprobs_prompt_lists_and_chat(live_server, reference_model):
+    prompts = [[256, 40, 41, 42], [256, 50, 51]]
+    body = {"model": "a", "prompt": prompts, "max_tokens": 3, "temperature": 0}
+    with live_server.client() as client:
+        answer = client.post("/v1/completions", json={**body, "echo": True, "logprobs": 2}).json()
+        assert [c["index"] for c in answer["choices"]] == [0, 1]
+        from loraq.generation.decode import generate_ids
+
+        tok = byte_tokenizer()
+        loraq.set_adapter(reference_model, "a")
+        for ids, choice in zip(prompts, answer["choices"]):
+            generated = generate_ids(reference_model, ids, 3, eos_token_id=257).tolist()
+            assert choice["text"] == tok.decode(ids) + tok.decode(generated)
+            lp = choice["logprobs"]
+            assert len(lp["tokens"]) == len(ids) + max(
+                len(generated), 1 if len(generated) < 3 else 3
+            )
+            _check_completion_logprobs(reference_model, "a", lp, ids + generated, 2)
+        # without echo: the generated tokens only, greedy (each the likeliest of its position)
+        plain = client.post("/v1/completions", json={**body, "prompt": prompts[0], "logprobs": 1})
+        lp = plain.json()["choices"][0]["logprobs"]
+        assert all(v == max(t.values()) for v, t in zip(lp["token_logprobs"], lp["top_logprobs"]))
+        chat = {"model": "b", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+        chat["temperature"] = 0
+        reply = client.post(
+            "/v1/chat/completions", json={**chat, "logprobs": True, "top_logprobs": 2}
+        )
+        content = reply.json()["choices"][0]["logprobs"]["content"]
+        assert len(content) >= 1 and all(len(c["top_logprobs"]) == 2 for c in content)
+        assert content[0]["logprob"] == pytest.approx(content[0]["top_logprobs"][0]["logprob"])
+        too_many = client.post(
+            "/v1/chat/completions", json={**chat, "logprobs": True, "top_logprobs": 6}
+        )
+        assert too_many.status_code == 400
+        assert too_many.json()["error"]["param"] == "top_logprobs"
+        assert "--max-logprobs" in too_many.json()["error"]["message"]
+
+
+def test_lm_eval_local_completions_against_the_server(live_server, three_ways):
+    """(c): lm-eval's own OpenAI-completions client, unmodified, scores the task through the
+    server: the same per-item log-likelihoods as lm-eval's hf model with peft=a."""
+    pytest.importorskip("tenacity")  # lm-eval[api]: its API models need it
+    from lm_eval.tasks import TaskManager
+
+    _, theirs = three_ways
+    base = theirs["a"]["config"]["model_args"]["pretrained"]
+    result = lm_eval.simple_evaluate(
+        model="local-completions",
+        model_args={
+            "base_url": live_server.url + "/v1/completions",
+            "model": "a",
+            "tokenizer": base,
+            "tokenizer_backend": "huggingface",
+            "num_concurrent": 2,
+            "max_retries": 1,
+        },
+        tasks=[TASK],
+        limit=LIMIT,
+        task_manager=TaskManager(include_path=str(EXAMPLES)),
+        log_samples=True,
+    )
+    served = _item_loglikelihoods(result["samples"][TASK])
+    ref = _item_loglikelihoods(theirs["a"]["samples"][TASK])
+    for doc_id, values in ref.items():
+        assert served[doc_id] == pytest.approx(values, abs=ATOL, rel=0)
+    assert result["results"][TASK]["acc,none"] == theirs["a"]["results"][TASK]["acc,none"]
+
+
+def test_lm_eval_completions_payload_and_parser_against_the_server(
+    live_server, three_ways, folders
+):
+    """(c) on the wire, without lm-eval[api]'s extra packages: the request body lm-eval's
+    ``local-completions`` sends for a log-likelihood (``echo``, ``max_tokens: 1``,
+    ``logprobs: 1``, the prompt as token ids) and lm-eval's own parser of the reply give the
+    per-item log-likelihoods and greediness of lm-eval's hf model with ``peft=a``."""
+    from types import SimpleNamespace
+
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.models.openai_completions import LocalCompletionsAPI
+    from transformers import AutoTokenizer
+
+    _, theirs = three_ways
+    base = folders[0]
+    encoder = HFLM(
+        pretrained=str(base), tokenizer=AutoTokenizer.from_pretrained(base), device="cpu"
+    )
+    samples = theirs["a"]["samples"][TASK]
+    with live_server.client() as client:
+        for sample in samples:
+            for (context, continuation), resp in zip(sample["arguments"], sample["resps"]):
+                ctx, cont = encoder._encode_pair(context, continuation)
+                payload = LocalCompletionsAPI._create_payload(
+                    SimpleNamespace(model="a"), [ctx + cont], generate=False
+                )
+                reply = client.post("/v1/completions", json=payload)
+                assert reply.status_code == 200, reply.text
+                ((loglikelihood, greedy),) = LocalCompletionsAPI.parse_logprobs(
+                    reply.json(), ctxlens=[len(ctx)]
+                )
+                assert loglikelihood == pytest.approx(resp[0][0], abs=ATOL, rel=0)
+                assert greedy == resp[0][1]

@@ -114,7 +114,8 @@ class SequenceState:
     generated: list[int] = field(default_factory=list)
     finish_reason: str | None = None  # "stop" or "length" once finished
     generator: torch.Generator | None = None
-    #: One per generated token when ``params.logprobs`` is set.
+    #: One per generated token when ``params.logprobs`` is set (and one for the stop token
+    #: that ended the sequence, which ``generated`` leaves out).
     logprobs: list[TokenLogprob] = field(default_factory=list)
     #: One per prompt token when ``params.prompt_logprobs`` (the first None: nothing before it).
     prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)
@@ -234,7 +235,9 @@ class DecodeBatch:
                 continue
             before = len(seq.generated)
             seq.accept(token)
-            if i in scored and len(seq.generated) > before:  # a stop token is not reported
+            # a stop token is reported too (OpenAI's, vLLM's): a scorer reading the logprob
+            # of the one token after a prompt must find it whatever that token is
+            if i in scored and (len(seq.generated) > before or seq.finish_reason == "stop"):
                 seq.logprobs.append(scored[i])
         return tokens
 

@@ -26,9 +26,6 @@ from ..generation.decode import TokenLogprob
 from .fields import field
 from .registry import ServeError
 
-#: ``--max-logprobs``: the most alternatives per token a request may ask for.
-DEFAULT_MAX_LOGPROBS = 20
-
 
 @dataclass(frozen=True)
 class LogprobOptions:
@@ -113,3 +110,44 @@ def chat_logprobs(tokenizer: Any, items: Sequence[TokenLogprob]) -> dict[str, li
         entry["top_logprobs"] = [_entry(tokenizer, t, lp) for t, lp in item.top]
         content.append(entry)
     return {"content": content}
+
+
+def _kept(tokenizer: Any, items: Sequence[TokenLogprob], text: str) -> list[TokenLogprob]:
+    """The items whose tokens made ``text`` (a stop string may have cut the tail off)."""
+
+    def decoded(m: int) -> str:
+        return tokenizer.decode([i.token for i in items[:m]], skip_special_tokens=True)
+
+    if decoded(len(items)) == text:
+        return list(items)
+    m = len(items)
+    while m > 0 and not text.startswith(decoded(m)):
+        m -= 1
+    return list(items[:m])
+
+
+def choice_logprobs(
+    tokenizer: Any,
+    options: LogprobOptions,
+    chat: bool,
+    prompt_ids: Sequence[int],
+    prompt_text: str,
+    text: str,
+    sequence: Any,
+) -> tuple[str, dict | None]:
+    """``(text, logprobs)`` of one choice: the prompt's text first when echoed, and the
+    ``logprobs`` object asked for (None when none was) of the tokens behind that text."""
+    shown = prompt_text + text if options.echo and not chat else text
+    if options.top is None:
+        return shown, None
+    generated = _kept(tokenizer, sequence.logprobs, text)
+    if chat:
+        return shown, chat_logprobs(tokenizer, generated)
+    items: list[TokenLogprob | None] = []
+    tokens: list[int] = []
+    if options.echo:
+        items += sequence.prompt_logprobs
+        tokens += list(prompt_ids)
+    items += generated
+    tokens += [item.token for item in generated]
+    return shown, completion_logprobs(tokenizer, items, tokens)
