@@ -2,6 +2,8 @@
 
     loraq train [CONFIG.yaml] [--key value ...]     fine-tune (no CONFIG: the built-in default)
     loraq eval --adapter DIR --data FILE             loss/perplexity or accuracy on a file
+    loraq eval --adapter DIR --tasks T1,T2           lm-evaluation-harness tasks, in process
+    loraq eval --adapter DIR --perplexity FILE       sliding-window perplexity of a text
     loraq generate --adapter DIR "prompt"            greedy or sampled continuation
     loraq merge --adapter DIR --out DIR              adapter + base -> dense HF model folder
     loraq combine --adapter a=DIR --adapter b=DIR --weights 0.7,0.3 --out DIR
@@ -18,6 +20,7 @@ and a ``run`` function returning the exit code); add a command with :func:`regis
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -31,6 +34,7 @@ from loraq.core.dtypes import FLOAT_DTYPE_NAMES
 from loraq.core.errors import EXIT_ERROR, EXIT_INTERRUPTED, CliError, user_message
 from loraq.core.precision import CPU_BF16_ENV
 from loraq.core.switches import read_switch
+from loraq.eval import command as eval_command
 from loraq.io import export_command
 from loraq.native.build import MODE_ENV as KERNELS_ENV
 from loraq.train import combine_command
@@ -53,6 +57,8 @@ class Subcommand:
         passthrough: extra ``--key value`` words are collected in ``args.overrides`` instead of
             being argparse errors (``train`` uses this for config overrides).
         description: longer text for ``loraq <name> --help`` (defaults to ``help``).
+        needs_hub: run without :func:`hub_offline` (``eval``: lm-eval's hub tasks download
+            their data sets; the command goes offline only when the user asks).
     """
 
     help: str
@@ -60,6 +66,7 @@ class Subcommand:
     run: Callable[[argparse.Namespace], int]
     passthrough: bool = False
     description: str = ""
+    needs_hub: bool = False
 
 
 #: All subcommands by name. Planned: ``quantize`` (added by :func:`register` from its own
@@ -195,29 +202,17 @@ def _train(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------- eval
-def _eval_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--adapter", help="adapter folder (e.g. runs/default/adapter)")
-    p.add_argument("--model", help="base model folder or pkg:NAME (default: the adapter's)")
-    p.add_argument("--data", required=True, help="data file (.jsonl, .csv, .tsv, .txt)")
-    p.add_argument(
-        "--task", choices=["causal-lm", "seq-cls"], help="default: the adapter's, else causal-lm"
-    )
-    p.add_argument("--labels", help="seq-cls label names in class order, comma separated")
-    p.add_argument("--text-column", help="seq-cls text column (default: the run's, or 'text')")
-    p.add_argument("--label-column", help="seq-cls label column (default: the run's or 'label')")
-    p.add_argument(
-        "--max-length", type=positive_int, help="tokens per example (default: the run's)"
-    )
-    p.add_argument("--batch-size", type=positive_int, default=32)
-    p.add_argument("--json", action="store_true", help="print the metrics as JSON")
-    p.add_argument("--dense-base", action="store_true", help=DENSE_BASE_HELP)
-
-
 def _eval(args: argparse.Namespace) -> int:
     from loraq.train.config import from_flat
     from loraq.train.data import infer_labels, pad_id_of, read_records, tokenize_records
     from loraq.train.evaluation import evaluate, format_metrics
+    from loraq.train.inference import load_with_adapters
 
+    if eval_command.mode(args) != "data":
+        return eval_command.run(args, load_with_adapters)
+    if len(args.adapter) > 1:
+        raise CliError("--data scores one adapter; compare several with --tasks or --perplexity")
+    args.adapter = args.adapter[0] if args.adapter else None
     if not args.adapter and not args.model:
         raise CliError("loraq eval needs --adapter DIR or --model PATH")
     model, tokenizer, run = _load_for_inference(args, args.task)
@@ -383,7 +378,16 @@ register(
         description=TRAIN_HELP + describe_keys(),
     ),
 )
-register("eval", Subcommand("loss/perplexity or accuracy on a data file", _eval_args, _eval))
+register(
+    "eval",
+    Subcommand(
+        "lm-eval tasks, perplexity, or loss/accuracy on a data file",
+        eval_command.add_arguments,
+        _eval,
+        description=eval_command.EVAL_HELP,
+        needs_hub=True,
+    ),
+)
 register("generate", Subcommand("continue a prompt with a causal LM", _generate_args, _generate))
 register(
     "merge", Subcommand("fold an adapter into its base; save a dense model", _merge_args, _merge)
@@ -515,8 +519,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for switch in (KERNELS_ENV, CPU_BF16_ENV):  # refused up front, not when first read
             read_switch(switch)
-        with hub_offline():  # loraq reads local folders only; restored when the command ends
-            return SUBCOMMANDS[args.command].run(args)
+        command = SUBCOMMANDS[args.command]
+        # loraq reads local folders only; restored when the command ends
+        with contextlib.nullcontext() if command.needs_hub else hub_offline():
+            return command.run(args)
     except KeyboardInterrupt:
         print(f"loraq {args.command}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED

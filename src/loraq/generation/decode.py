@@ -17,6 +17,12 @@ remove      finished rows leave (rows dropped from the cache, all-padding column
 ==========  =================================================================================
 
 This is continuous batching: the serving engine calls ``add`` between steps as requests arrive.
+
+Log-probabilities (``SamplingParams.logprobs``, ``prompt_logprobs``) are of the model's raw
+distribution (log-softmax of the logits before temperature, top-k or top-p, as OpenAI reports
+them), computed in float32 whatever the compute dtype; they are recorded per token as
+:class:`TokenLogprob`. ``max_new_tokens=0`` with ``prompt_logprobs`` scores a prompt without
+generating: the row finishes at prefill.
 """
 
 from __future__ import annotations
@@ -36,12 +42,41 @@ from .text import ReplyText
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """A token, its log-probability under the model's raw distribution, and the ``top``
+    likeliest tokens at that position as ``(token, logprob)`` pairs, likeliest first."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+def token_logprobs(logits: torch.Tensor, tokens: Sequence[int], top: int) -> list[TokenLogprob]:
+    """One :class:`TokenLogprob` per row of ``logits`` (``(rows, vocab)``, any dtype; the
+    log-softmax is taken in float32) for the token of that row, with ``top`` alternatives."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logprobs.gather(-1, torch.as_tensor(tokens, device=logits.device)[:, None])[:, 0]
+    chosen_list = chosen.tolist()
+    if top > 0:
+        values, ids = logprobs.topk(min(top, logprobs.shape[-1]), dim=-1)
+        tops = [tuple(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
+    else:
+        tops = [()] * len(chosen_list)
+    return [TokenLogprob(int(t), c, tp) for t, c, tp in zip(tokens, chosen_list, tops)]
+
+
+@dataclass(frozen=True)
 class SamplingParams:
     """How one sequence is continued.
 
     ``temperature <= 0`` is greedy. ``seed`` makes sampling reproducible per sequence: a row
     sampled in a batch draws exactly what it would draw alone. Generation stops at any of
     ``stop_token_ids`` (not included in the output) or after ``max_new_tokens``.
+
+    ``logprobs`` (None: none) records each generated token's log-probability and its
+    ``logprobs`` likeliest alternatives (0: the token's own only); ``prompt_logprobs`` records
+    them for the prompt's tokens too (the first has none). ``max_new_tokens`` may be 0 only with
+    ``prompt_logprobs``: the prompt is scored, nothing is generated.
     """
 
     max_new_tokens: int = 64
@@ -50,12 +85,17 @@ class SamplingParams:
     top_p: float | None = None
     seed: int | None = None
     stop_token_ids: tuple[int, ...] = ()
+    logprobs: int | None = None
+    prompt_logprobs: bool = False
 
     def __post_init__(self) -> None:
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+        least = 0 if self.prompt_logprobs else 1
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < least:
             raise ValueError(
                 f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}"
             )
+        if self.logprobs is not None and (not isinstance(self.logprobs, int) or self.logprobs < 0):
+            raise ValueError(f"logprobs must be an integer >= 0, got {self.logprobs!r}")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
         if self.top_k is not None and self.top_k < 0:
@@ -74,6 +114,11 @@ class SequenceState:
     generated: list[int] = field(default_factory=list)
     finish_reason: str | None = None  # "stop" or "length" once finished
     generator: torch.Generator | None = None
+    #: One per generated token when ``params.logprobs`` is set (and one for the stop token
+    #: that ended the sequence, which ``generated`` leaves out).
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    #: One per prompt token when ``params.prompt_logprobs`` (the first None: nothing before it).
+    prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)
 
     def accept(self, token: int) -> None:
         """Record the next token and decide whether the sequence is finished."""
@@ -153,7 +198,7 @@ class DecodeBatch:
             self._mixed_cache = (key, mixed_batch(self.model, adapters))
         return self._mixed_cache[1]
 
-    def _forward(self, adapters, ids, mask, positions, cache):
+    def _forward(self, adapters, ids, mask, positions, cache, every_position: bool = False):
         batch = self._mixed(adapters) if self.per_row_adapters else None
         rows = contextlib.nullcontext() if batch is None else adapter_rows(self.model, batch)
         with rows:
@@ -162,7 +207,7 @@ class DecodeBatch:
                 attention_mask=mask.to(self._device),
                 position_ids=positions.to(self._device),
                 use_cache=True,
-                logits_to_keep=1,
+                logits_to_keep=0 if every_position else 1,
                 **{self._cache_arg: cache},
             )
         if batch is not None:
@@ -170,20 +215,52 @@ class DecodeBatch:
             # changes (adapters loaded or deleted) are still seen at every step.
             batch.check_versions = False
         new_cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+        if every_position:
+            return out.logits, new_cache
         return out.logits[:, -1, :].float(), new_cache
 
     def _sample(self, logits: torch.Tensor, seqs: list[SequenceState]) -> list[int]:
         tokens = logits.argmax(dim=-1).tolist()
         for i, seq in enumerate(seqs):
             p = seq.params
-            if p.temperature > 0:
+            if p.temperature > 0 and not seq.finished:
                 pick = sample_next(
                     logits[i : i + 1], p.temperature, p.top_k, p.top_p, seq.generator
                 )
                 tokens[i] = int(pick[0])
-        for seq, token in zip(seqs, tokens):
+        wanted = [i for i, s in enumerate(seqs) if s.params.logprobs is not None and not s.finished]
+        scored = dict(zip(wanted, self._logprobs(logits, seqs, tokens, wanted)))
+        for i, (seq, token) in enumerate(zip(seqs, tokens)):
+            if seq.finished:  # scored only (max_new_tokens 0): nothing to generate
+                continue
+            before = len(seq.generated)
             seq.accept(token)
+            # a stop token is reported too (OpenAI's, vLLM's): a scorer reading the logprob
+            # of the one token after a prompt must find it whatever that token is
+            if i in scored and (len(seq.generated) > before or seq.finish_reason == "stop"):
+                seq.logprobs.append(scored[i])
         return tokens
+
+    @staticmethod
+    def _logprobs(logits, seqs, tokens, rows: list[int]) -> list[TokenLogprob]:
+        out: list[TokenLogprob] = []
+        for i in rows:  # a row at a time: each has its own number of alternatives
+            out += token_logprobs(logits[i : i + 1], [tokens[i]], seqs[i].params.logprobs)
+        return out
+
+    @staticmethod
+    def _record_prompt(logits: torch.Tensor, seqs: list[SequenceState]) -> None:
+        """Prompt log-probabilities from the prefill's logits at every (left-padded) position."""
+        width = logits.shape[1]
+        for i, seq in enumerate(seqs):
+            if not seq.params.prompt_logprobs:
+                continue
+            prompt = seq.prompt_ids
+            start = width - len(prompt)  # logits at position p predict the token at p + 1
+            scored = token_logprobs(
+                logits[i, start : width - 1], prompt[1:], seq.params.logprobs or 0
+            )
+            seq.prompt_logprobs = [None, *scored]
 
     @torch.no_grad()
     def add(self, seqs: list[SequenceState]) -> None:
@@ -197,9 +274,16 @@ class DecodeBatch:
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         from transformers import DynamicCache
 
+        every_position = any(s.params.prompt_logprobs for s in seqs)
         logits, cache = self._forward(
-            [s.adapter for s in seqs], ids, mask, positions, DynamicCache()
+            [s.adapter for s in seqs], ids, mask, positions, DynamicCache(), every_position
         )
+        if every_position:
+            self._record_prompt(logits, seqs)
+            logits = logits[:, -1, :].float()
+        for seq in seqs:
+            if seq.params.max_new_tokens == 0:
+                seq.finish_reason = "length"
         tokens = self._sample(logits, seqs)
         last = torch.tensor(tokens, dtype=torch.long)
         next_pos = mask.sum(-1)

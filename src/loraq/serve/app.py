@@ -3,8 +3,11 @@
 ======================================  ===================================================
 route                                   answer
 ======================================  ===================================================
-``POST /v1/completions``                OpenAI text completion (``stream``: SSE chunks)
-``POST /v1/chat/completions``           OpenAI chat completion (the tokenizer's template)
+``POST /v1/completions``                OpenAI text completion (``stream``: SSE chunks); a
+                                        prompt string, token ids or a list of either;
+                                        ``logprobs: k``, ``echo``, ``max_tokens: 0`` (scoring)
+``POST /v1/chat/completions``           OpenAI chat completion (the tokenizer's template);
+                                        ``logprobs: true``, ``top_logprobs: k``
 ``GET /v1/models``                      the base and the adapters (``parent``: the base)
 ``POST /v1/adapters``                   ``{"name", "path"}``: load from under --adapter-dir
 ``DELETE /v1/adapters/{name}``          unload; waits for its requests (``force=false``: 409)
@@ -25,6 +28,8 @@ import asyncio
 import hmac
 import time
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
@@ -42,12 +47,15 @@ from .fields import (
     sampling,
     stops,
 )
+from .logprobs import LogprobOptions, chat_options, choice_logprobs, completion_options
 from .registry import ServeError, short_repr
-from .replies import Reply, collect, error_body, model_card, stream
+from .replies import Reply, error_body, model_card, outcome, stream
 
 __all__ = ["ServeSettings", "create_app", "error_body"]
 
 _UNLOAD_WAIT_S = 60.0
+#: The most prompts one completions request may hold (each is a row of the batch).
+MAX_PROMPTS = 64
 
 
 def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
@@ -99,6 +107,8 @@ class _Generator:
         self.engine = engine
         self.settings = settings
         self.char_limit = prompt_char_limit(engine.tokenizer, settings.context_length)
+        #: Token ids a prompt may hold: the model's embedding rows.
+        self.vocab_size = int(engine.registry.model.config.vocab_size)
 
     async def body(self, request: Request) -> dict:
         """The request's JSON object, within ``--max-body-bytes``."""
@@ -134,35 +144,106 @@ class _Generator:
             )
         return list(ids)
 
-    async def run(self, request: Request, body: dict, prompt_ids: list[int], chat: bool):
+    def check_ids(self, ids: list, field_name: str) -> list[int]:
+        """A prompt given as token ids: integers of the vocabulary, fewer than the context."""
+        vocab = self.vocab_size
+        if not ids:
+            raise ServeError(400, f"{field_name} is empty (0 tokens)", field_name)
+        for token in ids:
+            if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token < vocab:
+                raise ServeError(
+                    400,
+                    f"{field_name} holds {short_repr(token)}, not a token id in 0..{vocab - 1}",
+                    field_name,
+                )
+        if len(ids) >= self.settings.context_length:
+            raise ServeError(
+                400,
+                f"{field_name} is {len(ids)} tokens; the context length is "
+                f"{self.settings.context_length}",
+                field_name,
+            )
+        return ids
+
+    async def run(self, request: Request, body: dict, prompts: list[Prompt], chat: bool):
         adapter = self.adapter_of(body)
+        choose = chat_options if chat else completion_options
+        options = choose(body, self.settings.max_logprobs)
         max_tokens, temperature, top_p, top_k, seed = sampling(
-            body, self.settings, len(prompt_ids), self.settings.max_tokens_cap if chat else 16
+            body,
+            self.settings,
+            max(len(p.ids) for p in prompts),
+            self.settings.max_tokens_cap if chat else 16,
+            least=0 if options.echo else 1,
         )
         eos = self.engine.tokenizer.eos_token_id
         params = SamplingParams(
-            max_tokens, temperature, top_k or None, top_p, seed, () if eos is None else (eos,)
+            max_tokens,
+            temperature,
+            top_k or None,
+            top_p,
+            seed,
+            () if eos is None else (eos,),
+            logprobs=options.top,
+            # max_tokens 0 with echo scores the prompt: the prefill is the whole request
+            prompt_logprobs=options.echo and (options.top is not None or max_tokens == 0),
         )
         streamed = field(body, "stream", (bool,), False, "a boolean")
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue[dict] = asyncio.Queue()
-        req = EngineRequest(
-            prompt_ids,
-            adapter,
-            params,
-            lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev),
-            stops(body),
-        )
-        self.engine.submit(req)
-        reply = Reply(body["model"], chat)
-        if streamed:
-            return StreamingResponse(
-                stream(req, events, reply, request), media_type="text/event-stream"
+        if streamed and (len(prompts) > 1 or options != LogprobOptions()):
+            raise ServeError(
+                400, "stream is not supported with logprobs, echo or several prompts", "stream"
             )
+        loop = asyncio.get_running_loop()
+        queues: list[asyncio.Queue[dict]] = []
+        reqs: list[EngineRequest] = []
         try:
-            return await collect(req, events, reply)
+            for prompt in prompts:
+                events: asyncio.Queue[dict] = asyncio.Queue()
+                req = EngineRequest(
+                    prompt.ids,
+                    adapter,
+                    params,
+                    lambda ev, q=events: loop.call_soon_threadsafe(q.put_nowait, ev),
+                    stops(body),
+                )
+                self.engine.submit(req)
+                queues.append(events)
+                reqs.append(req)
+            reply = Reply(body["model"], chat)
+            if streamed:
+                (req,), (events,) = reqs, queues
+                reqs = []  # the stream frees its row itself
+                return StreamingResponse(
+                    stream(req, events, reply, request), media_type="text/event-stream"
+                )
+            results = await asyncio.gather(*(outcome(q) for q in queues))
         finally:
-            req.cancel()  # no-op when finished; frees the row if the client went away
+            for req in reqs:
+                req.cancel()  # no-op when finished; frees the rows if the client went away
+        for _, ev in results:
+            if ev["type"] == "error":
+                return JSONResponse(error_body(ev["status"], ev["message"]), ev["status"])
+        choices = []
+        for prompt, (text, done) in zip(prompts, results):
+            shown, logprobs = choice_logprobs(
+                self.engine.tokenizer,
+                options,
+                chat,
+                prompt.ids,
+                prompt.text,
+                text,
+                done["sequence"],
+            )
+            choices.append((shown, done, logprobs))
+        return JSONResponse(reply.full_choices(choices))
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One prompt of a request: its token ids and its text (echoed back with ``echo``)."""
+
+    ids: list[int]
+    text: str
 
 
 def _chat_messages(gen: _Generator, body: dict) -> list[dict[str, str]]:
@@ -199,22 +280,46 @@ def _chat_prompt(gen: _Generator, messages: list[dict[str, str]]) -> list[int]:
     return gen.encode(text, "messages", special=False)
 
 
+async def _completion_prompts(gen: _Generator, prompt: Any) -> list[Prompt]:
+    """The ``prompt`` field as prompts: a string, a list of token ids, or a list of either."""
+    is_ids = (
+        isinstance(prompt, list)
+        and bool(prompt)
+        and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)
+    )
+    many = [prompt] if isinstance(prompt, str) or is_ids else prompt
+    if not isinstance(many, list) or not many:
+        raise ServeError(
+            400, "prompt must be a string, a list of token ids, or a list of either", "prompt"
+        )
+    if len(many) > MAX_PROMPTS:
+        raise ServeError(400, f"prompt holds {len(many)} prompts; at most {MAX_PROMPTS}", "prompt")
+    prompts = []
+    for item in many:
+        if isinstance(item, list):
+            ids = gen.check_ids(item, "prompt")
+            text = await asyncio.to_thread(gen.engine.tokenizer.decode, ids)
+            prompts.append(Prompt(ids, text))
+            continue
+        if not isinstance(item, str):
+            raise ServeError(
+                400, "prompt must be a string, a list of token ids, or a list of either", "prompt"
+            )
+        if not item:  # OpenAI would start at its document separator; not every model has one
+            raise ServeError(400, "prompt is empty", "prompt")
+        gen.check_chars(len(item), "prompt")
+        check_text(item, "prompt")
+        prompts.append(Prompt(await asyncio.to_thread(gen.encode, item, "prompt"), item))
+    return prompts
+
+
 def _add_generation_routes(app: FastAPI, gen: _Generator) -> None:
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
         body = await gen.body(request)
-        prompt = body.get("prompt")
-        if isinstance(prompt, list) and len(prompt) == 1:
-            prompt = prompt[0]
-        if not isinstance(prompt, str):
-            raise ServeError(400, "prompt must be a string (or a list of one string)", "prompt")
-        if not prompt:  # OpenAI would start at its document separator; not every model has one
-            raise ServeError(400, "prompt is empty", "prompt")
-        gen.check_chars(len(prompt), "prompt")
-        check_text(prompt, "prompt")
+        prompts = body.get("prompt")
         gen.adapter_of(body)  # an unknown model is a 404 before any tokenizing
-        prompt_ids = await asyncio.to_thread(gen.encode, prompt, "prompt")
-        return await gen.run(request, body, prompt_ids, chat=False)
+        return await gen.run(request, body, await _completion_prompts(gen, prompts), chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
@@ -222,7 +327,7 @@ def _add_generation_routes(app: FastAPI, gen: _Generator) -> None:
         messages = _chat_messages(gen, body)
         gen.adapter_of(body)
         prompt_ids = await asyncio.to_thread(_chat_prompt, gen, messages)
-        return await gen.run(request, body, prompt_ids, chat=True)
+        return await gen.run(request, body, [Prompt(prompt_ids, "")], chat=True)
 
 
 def _add_adapter_routes(app: FastAPI, engine: Engine, settings: ServeSettings) -> None:

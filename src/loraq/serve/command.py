@@ -9,7 +9,7 @@ import socket
 import sys
 from pathlib import Path
 
-from .fields import DEFAULT_MAX_BODY_BYTES
+from .fields import DEFAULT_MAX_BODY_BYTES, ServeSettings
 
 SERVE_HELP = """\
 Serve a base model and any number of LoRA adapters behind an OpenAI-compatible HTTP API.
@@ -57,6 +57,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batch", type=int, default=32, help="sequences decoded together")
     p.add_argument("--max-queue", type=int, default=256, help="waiting requests before 429")
     p.add_argument("--max-tokens-cap", type=int, default=512, help="largest max_tokens accepted")
+    p.add_argument(
+        "--max-logprobs",
+        type=int,
+        default=ServeSettings.max_logprobs,
+        help="most alternatives per token a request may ask for (logprobs, top_logprobs)",
+    )
     p.add_argument(
         "--max-body-bytes",
         type=int,
@@ -124,6 +130,8 @@ def build_app(args: argparse.Namespace):
     pairs = _adapter_pairs(args.adapter)
     if args.max_body_bytes < 1:
         raise CliError(f"--max-body-bytes must be >= 1, got {args.max_body_bytes}")
+    if args.max_logprobs < 0:
+        raise CliError(f"--max-logprobs must be >= 0, got {args.max_logprobs}")
     if args.adapter_dir is not None and not Path(args.adapter_dir).is_dir():
         raise CliError(f"--adapter-dir {args.adapter_dir} is not a folder")
     try:
@@ -151,6 +159,7 @@ def build_app(args: argparse.Namespace):
         base_name=args.base_name,
         api_key=args.api_key or os.environ.get("LORAQ_API_KEY") or None,
         max_tokens_cap=args.max_tokens_cap,
+        max_logprobs=args.max_logprobs,
         context_length=context_length(model),
         max_body_bytes=args.max_body_bytes,
     )

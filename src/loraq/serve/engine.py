@@ -249,6 +249,7 @@ class Engine:
                 "finish_reason": seq.finish_reason,
                 "prompt_tokens": len(req.prompt_ids),
                 "completion_tokens": len(seq.generated),
+                "sequence": seq,  # its tokens and log-probabilities, for logprobs replies
             }
         )
         self._finish_metrics(req, "ok")

@@ -44,6 +44,8 @@ class ServeSettings:
     max_tokens_cap: int = 512
     context_length: int = 2048
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    #: ``--max-logprobs``: the most alternatives per token a request may ask for.
+    max_logprobs: int = 20
 
 
 def _too_large(limit: int) -> ServeError:
@@ -94,16 +96,19 @@ def _number(body: dict, name: str, default: float, ok: Callable[[float], bool], 
     return value
 
 
-def sampling(body: dict, settings: ServeSettings, prompt_len: int, default_max: int):
-    """``(max_tokens, temperature, top_p, top_k, seed)`` from the body, each checked."""
+def sampling(
+    body: dict, settings: ServeSettings, prompt_len: int, default_max: int, least: int = 1
+):
+    """``(max_tokens, temperature, top_p, top_k, seed)`` from the body, each checked;
+    ``least`` is the smallest max_tokens allowed (0 when a prompt is only scored: ``echo``)."""
     given = body.get("max_completion_tokens") is not None
     name = "max_completion_tokens" if given else "max_tokens"  # errors name the field sent
     max_tokens = field(body, name, (int,), None, "an integer")
     if max_tokens is None:
         max_tokens = max(1, min(default_max, settings.context_length - prompt_len))
-    if max_tokens < 1 or max_tokens > settings.max_tokens_cap:
+    if max_tokens < least or max_tokens > settings.max_tokens_cap:
         raise ServeError(
-            400, f"{name} must be in 1..{settings.max_tokens_cap}, got {max_tokens}", name
+            400, f"{name} must be in {least}..{settings.max_tokens_cap}, got {max_tokens}", name
         )
     if prompt_len + max_tokens > settings.context_length:
         raise ServeError(

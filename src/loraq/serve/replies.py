@@ -46,17 +46,25 @@ class Reply:
 
     def full(self, text: str, done: dict) -> dict[str, Any]:
         """The non-streaming response for ``text`` and the engine's ``done`` event."""
-        if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}}
-        else:
-            choice = {"index": 0, "text": text, "logprobs": None}
-        choice["finish_reason"] = done["finish_reason"]
-        usage = {
-            "prompt_tokens": done["prompt_tokens"],
-            "completion_tokens": done["completion_tokens"],
-            "total_tokens": done["prompt_tokens"] + done["completion_tokens"],
-        }
-        return {**self._base(self.object), "choices": [choice], "usage": usage}
+        return self.full_choices([(text, done, None)])
+
+    def full_choices(self, results: list[tuple[str, dict, dict | None]]) -> dict[str, Any]:
+        """The non-streaming response with one choice per ``(text, done event, logprobs)``
+        (several prompts of one completions request); usage is summed over them."""
+        choices = []
+        usage = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+        for index, (text, done, logprobs) in enumerate(results):
+            if self.chat:
+                choice = {"index": index, "message": {"role": "assistant", "content": text}}
+                choice["logprobs"] = logprobs
+            else:
+                choice = {"index": index, "text": text, "logprobs": logprobs}
+            choice["finish_reason"] = done["finish_reason"]
+            choices.append(choice)
+            usage["prompt_tokens"] += done["prompt_tokens"]
+            usage["completion_tokens"] += done["completion_tokens"]
+        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+        return {**self._base(self.object), "choices": choices, "usage": usage}
 
     def chunk(self, text: str | None, finish_reason: str | None = None, first: bool = False):
         """One streaming chunk (the first chat chunk carries the role)."""
@@ -70,17 +78,23 @@ class Reply:
         return {**self._base("text_completion"), "choices": [choice]}
 
 
-async def collect(req: EngineRequest, events: asyncio.Queue, reply: Reply) -> JSONResponse:
-    """The whole completion as one JSON response once the engine is done."""
+async def outcome(events: asyncio.Queue) -> tuple[str, dict]:
+    """The whole text of one request and its last event (``done`` or ``error``)."""
     parts: list[str] = []
     while True:
         ev = await events.get()
         if ev["type"] == "text":
             parts.append(ev["text"])
-        elif ev["type"] == "error":
-            return JSONResponse(error_body(ev["status"], ev["message"]), ev["status"])
         else:
-            return JSONResponse(reply.full("".join(parts), ev))
+            return "".join(parts), ev
+
+
+async def collect(req: EngineRequest, events: asyncio.Queue, reply: Reply) -> JSONResponse:
+    """The whole completion as one JSON response once the engine is done."""
+    text, ev = await outcome(events)
+    if ev["type"] == "error":
+        return JSONResponse(error_body(ev["status"], ev["message"]), ev["status"])
+    return JSONResponse(reply.full(text, ev))
 
 
 def _sse(data: dict | str) -> str:

@@ -23,7 +23,8 @@ from ..io.peft_format import (
     is_adapter_folder,
     load_adapter,
 )
-from ..io.safe import FormatError
+from ..io.quantized import load_quantized
+from ..io.safe import FormatError, read_json
 from .config import ConfigError, TrainConfig
 from .data import collate, pad_id_of, read_records, tokenize_records
 from .modeling import (
@@ -176,3 +177,46 @@ def calibration_inputs(
     batch = collate(examples, pad_id_of(tokenizer))
     batch.pop("labels", None)
     return batch
+
+
+def load_with_adapters(
+    model_path: str | None, adapters: dict[str, str | Path], dense_base: bool = False
+) -> tuple[nn.Module, Any]:
+    """``(model, tokenizer)``: the base (``model_path``, else the first adapter's base) with each
+    adapter of ``adapters`` loaded under its name, as :func:`load_trained` loads one (a QLoRA
+    adapter quantizes the base as its run did, unless ``dense_base``). A ``.gguf`` base keeps
+    its blocks; a 4-/8-bit checkpoint folder (``quantization_config`` in its ``config.json``,
+    written by :func:`loraq.save_quantized` or bitsandbytes) is read by :func:`loraq.load_quantized`.
+    Adapters are loaded in order; the last one loaded is active."""
+    first = next(iter(adapters.values()), None)
+    if model_path is None and first is not None:
+        if not Path(first).is_dir():
+            raise ConfigError(f"adapter folder '{first}' does not exist")
+        model_path = adapter_base(first)
+    quantized = bool(model_path) and _is_quantized_folder(model_path)
+    if quantized:
+        folder = resolve_model_path(str(model_path))
+        with quiet_transformers():
+            model = load_quantized(folder).to(resolve_device("auto"))
+        tokenizer = load_tokenizer(folder)
+    else:
+        model, tokenizer, _ = load_trained(model_path=model_path, task="causal-lm")
+    for name, folder in adapters.items():
+        folder = Path(folder)
+        if not is_adapter_folder(folder):
+            raise ConfigError(f"'{folder}' holds no {CONFIG_NAME}: not an adapter folder")
+        try:
+            # over a base stored quantized, the run's quantization options are already applied
+            run = read_run_config(folder)
+            attach_adapter(model, folder, run, dense_base or quantized, adapter_name=name)
+        except ValueError as err:
+            raise ConfigError(f"cannot load adapter '{folder}' onto {model_path}: {err}") from None
+    return model.eval(), tokenizer
+
+
+def _is_quantized_folder(path: str | Path) -> bool:
+    config = Path(path) / "config.json"
+    try:
+        return config.is_file() and "quantization_config" in read_json(config)
+    except FormatError:
+        return False
