@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["quantize_q4_k", "quantize_q5_k", "quantize_q6_k"]
+from ..native import kquant as kernel
+
+__all__ = ["quantize_kquant", "quantize_q4_k", "quantize_q5_k", "quantize_q6_k"]
 
 #: Elements of a k-quant super-block (ggml's ``QK_K``).
 QK_K = 256
@@ -242,16 +244,31 @@ def _q6_k_blocks(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
+_PYTORCH = {"q4_k": (_q4_k_blocks, 8), "q5_k": (_q5_k_blocks, 8), "q6_k": (_q6_k_blocks, 16)}
+
+
+def quantize_kquant(x: torch.Tensor, quant_type: str, compiled: bool = True) -> torch.Tensor:
+    """(n, 256) float32 super-blocks -> (n, type size) bytes of ``quant_type``, as llama.cpp's
+    reference quantizer writes them; ``compiled=False`` forces the PyTorch path (the kernel of
+    :mod:`loraq.native.kquant` writes the same bytes, faster)."""
+    x = x.contiguous()
+    out = torch.empty(x.shape[0], kernel.KERNEL_TYPES[quant_type], dtype=torch.uint8)
+    if compiled and kernel.quantize_kquant_into(x, quant_type, out):
+        return out
+    fn, sub = _PYTORCH[quant_type]
+    return _chunked(fn, x, sub)
+
+
 def quantize_q4_k(x: torch.Tensor) -> torch.Tensor:
-    """(n, 256) float32 super-blocks -> (n, 144) q4_k bytes, as llama.cpp's reference writes."""
-    return _chunked(_q4_k_blocks, x, 8)
+    """(n, 256) float32 super-blocks -> (n, 144) q4_k bytes (:func:`quantize_kquant`)."""
+    return quantize_kquant(x, "q4_k")
 
 
 def quantize_q5_k(x: torch.Tensor) -> torch.Tensor:
-    """(n, 256) float32 super-blocks -> (n, 176) q5_k bytes, as llama.cpp's reference writes."""
-    return _chunked(_q5_k_blocks, x, 8)
+    """(n, 256) float32 super-blocks -> (n, 176) q5_k bytes (:func:`quantize_kquant`)."""
+    return quantize_kquant(x, "q5_k")
 
 
 def quantize_q6_k(x: torch.Tensor) -> torch.Tensor:
-    """(n, 256) float32 super-blocks -> (n, 210) q6_k bytes, as llama.cpp's reference writes."""
-    return _chunked(_q6_k_blocks, x, 16)
+    """(n, 256) float32 super-blocks -> (n, 210) q6_k bytes (:func:`quantize_kquant`)."""
+    return quantize_kquant(x, "q6_k")
