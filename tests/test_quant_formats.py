@@ -84,7 +84,10 @@ def test_lists_of_accepted_formats_are_the_tables() -> None:
     assert tuple(choices) == WRITABLE
     from loraq.io.gguf_write import MERGED_DTYPES
 
-    assert MERGED_DTYPES == (*formats.DENSE_GGUF_TYPES, *format_names(gguf_export=True), "keep")
+    from loraq.io.gguf_recipes import recipe_names
+
+    assert recipe_names(mixed=False) == format_names(gguf_export=True)
+    assert MERGED_DTYPES == (*formats.DENSE_GGUF_TYPES, *recipe_names(), "keep")
 
 
 @pytest.mark.parametrize("name", ["q3_k", "int4", *READ_ONLY])
