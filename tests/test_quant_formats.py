@@ -82,9 +82,8 @@ def test_lists_of_accepted_formats_are_the_tables() -> None:
     assert QUANT_TYPES == (None, *WRITABLE)
     choices = next(a.choices for a in _serve_parser()._actions if a.dest == "quant")
     assert tuple(choices) == WRITABLE
-    from loraq.io.gguf_write import MERGED_DTYPES
-
     from loraq.io.gguf_recipes import recipe_names
+    from loraq.io.gguf_write import MERGED_DTYPES
 
     assert recipe_names(mixed=False) == format_names(gguf_export=True)
     assert MERGED_DTYPES == (*formats.DENSE_GGUF_TYPES, *recipe_names(), "keep")

@@ -81,7 +81,10 @@ def quantize_kquant_into(x: torch.Tensor, quant_type: str, out: torch.Tensor) ->
         fn(src, dst, 0, n)
         return True
     step = -(-n // workers)
-    jobs = [_pool(workers - 1).submit(fn, src, dst, lo, min(lo + step, n)) for lo in range(step, n, step)]
+    jobs = [
+        _pool(workers - 1).submit(fn, src, dst, lo, min(lo + step, n))
+        for lo in range(step, n, step)
+    ]
     fn(src, dst, 0, min(step, n))
     for job in jobs:
         job.result()  # ctypes releases the GIL, so the slices run in parallel
