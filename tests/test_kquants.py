@@ -6,20 +6,19 @@ values, the error of each super-block stays within one quantization step of its 
 sub-block, the compiled kernel and the PyTorch path write the same bytes, and the recipe
 table gives llama.cpp's per-tensor choices. The ``llamacpp`` group compares bytes with
 llama.cpp's own reference quantizer: ``ggml-quants.c`` compiled from a llama.cpp source tree
-(``LORAQ_LLAMA_CPP_SRC``), and ``llama_model_quantize`` through llama-cpp-python.
+(``LORAQ_LLAMA_CPP_SRC``, see ggml_reference.py), and ``llama_model_quantize`` through
+llama-cpp-python.
 """
 
 from __future__ import annotations
 
-import ctypes
-import os
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+import ggml_reference
 import loraq
 from conftest import ReferenceLibrary
 from loraq.io.gguf_read import load_gguf, open_gguf
@@ -312,48 +311,20 @@ def test_cli_exports_a_recipe(tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------- llama.cpp itself
-def _ggml_reference(tmp_path_factory) -> ctypes.CDLL:
-    """llama.cpp's ggml-quants.c (reference quantizers), compiled into a small library."""
-    root = os.environ.get("LORAQ_LLAMA_CPP_SRC")
-    source = Path(root or "/nonexistent") / "ggml" / "src" / "ggml-quants.c"
-    if not source.is_file():
-        pytest.skip("set LORAQ_LLAMA_CPP_SRC to a llama.cpp source tree")
-    build = tmp_path_factory.mktemp("ggml")
-    stubs = build / "stubs.c"  # the few ggml symbols ggml-quants.c links against
-    stubs.write_text(
-        "#include <stdlib.h>\n#include <stddef.h>\n"
-        "void ggml_abort(const char *f, int l, const char *fmt, ...) { abort(); }\n"
-        "size_t ggml_row_size(int t, long n) { abort(); }\n"
-        'const char *ggml_type_name(int t) { return "?"; }\n'
-        "size_t ggml_type_size(int t) { abort(); }\n"
-    )
-    lib = build / "libggmlq.so"
-    inc = [f"-I{source.parent.parent / 'include'}", f"-I{source.parent}"]
-    # llama.cpp builds ggml-quants.c without FMA contraction on x86-64 (ggml-base has no -march)
-    cmd = ["cc", "-O2", "-fPIC", "-shared", "-ffp-contract=off", *inc, str(source), str(stubs)]
-    subprocess.run([*cmd, "-o", str(lib), "-lm"], check=True, timeout=600)
-    return ctypes.CDLL(str(lib))
-
-
 @pytest.fixture(scope="module")
 def ggml(tmp_path_factory):
-    return _ggml_reference(tmp_path_factory)
+    if ggml_reference.source_file() is None:
+        pytest.skip(f"set {ggml_reference.SOURCE_ENV} to a llama.cpp source tree")
+    return ggml_reference.build(tmp_path_factory.mktemp("ggml"), ("-O2",))
 
 
 @pytest.mark.llamacpp
 @pytest.mark.parametrize("name", (*K_QUANTS, "q5_0", "q5_1", "q8_0"))
 def test_bytes_equal_llamacpp_reference_quantizer(ggml, name):
-    c_name = name[:-1] + "K" if name in K_QUANTS else name
-    fn = getattr(ggml, f"quantize_row_{c_name}_ref")
     for seed in range(2):
         for x in samples(seed).values():
-            x = x.contiguous()
             want = torch.empty(quantize_gguf(x, name).numel(), dtype=torch.uint8)
-            fn(
-                ctypes.c_void_p(x.data_ptr()),
-                ctypes.c_void_p(want.data_ptr()),
-                ctypes.c_int64(x.numel()),
-            )
+            ggml_reference.quantize(ggml, x, name, want)
             assert torch.equal(quantize_gguf(x, name).reshape(-1), want)
             if name in K_QUANTS:  # the PyTorch path too, not only the compiled kernel
                 pytorch = quantize_kquant(x.reshape(-1, 256), name, compiled=False)
