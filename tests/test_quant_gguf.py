@@ -276,7 +276,7 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.view(torch.int32 if t.dtype == torch.float32 else torch.int16)
 
 
-@pytest.mark.parametrize("name", ["q8_0", "q4_0", "q4_1"])  # the formats dequant.c decodes
+@pytest.mark.parametrize("name", ["q8_0", "q4_0", "q4_1", "q4_k", "q5_k", "q6_k"])  # dequant.c's
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_compiled_kernel_equals_the_pure_path_bit_for_bit(monkeypatch, name, dtype):
     from loraq.native import dequant as cpu
@@ -289,7 +289,8 @@ def test_compiled_kernel_equals_the_pure_path_bit_for_bit(monkeypatch, name, dty
     blocks = quantize_gguf(x, name)
     out = torch.empty(x.numel(), dtype=dtype)
     monkeypatch.setattr(cpu, "_PARALLEL_MIN", 1 << 16)  # slices across threads at this size
-    assert cpu.dequantize_gguf_into(blocks, name, 0, x.numel() // 32, out)  # several threads
+    count = x.numel() // block_size(name)
+    assert cpu.dequantize_gguf_into(blocks, name, 0, count, out)  # several threads
     with monkeypatch.context() as m:
         m.setattr(cpu, "_library", lambda: None)
         want = dequantize_gguf(blocks, name, x.shape, dtype)
