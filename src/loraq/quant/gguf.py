@@ -129,7 +129,7 @@ def _quantize_q4_1(x: torch.Tensor) -> torch.Tensor:
 
 def _fifth_bits(q: torch.Tensor) -> torch.Tensor:
     """(n, 32) codes 0..31 -> (n, 4) bytes: bit j of the little-endian uint32 is q[j]'s bit 4."""
-    bits = ((q >> 4) & 1).view(-1, 4, 8) << torch.arange(8, dtype=torch.uint8)
+    bits = ((q >> 4) & 1).view(-1, 4, 8) << torch.arange(8, dtype=torch.uint8, device=q.device)
     return bits.sum(dim=2, dtype=torch.uint8)
 
 
@@ -195,7 +195,7 @@ def _dequant_q4_1(b: torch.Tensor, out: torch.Tensor) -> None:
 
 def _unpack_fifth(qh: torch.Tensor, out: torch.Tensor) -> None:
     """Add bit 4 from the (n, 4) fifth-bit bytes to the nibbles already in ``out`` (n, 32)."""
-    bits = (qh.reshape(-1, 4, 1) >> torch.arange(8, dtype=torch.uint8)) & 1
+    bits = (qh.reshape(-1, 4, 1) >> torch.arange(8, dtype=torch.uint8, device=qh.device)) & 1
     out.add_(bits.reshape(-1, 32).to(out.dtype) * 16)
 
 
@@ -222,7 +222,8 @@ def _k_scale_min(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _nibble_groups(qs: torch.Tensor) -> torch.Tensor:
     """(n, 128) bytes -> (n, 8, 32) codes: each 32-byte group gives its low then high nibbles."""
-    g = qs.reshape(-1, 4, 1, 32) >> torch.tensor([0, 4], dtype=torch.uint8).view(1, 1, 2, 1)
+    shifts = torch.tensor([0, 4], dtype=torch.uint8, device=qs.device).view(1, 1, 2, 1)
+    g = qs.reshape(-1, 4, 1, 32) >> shifts
     return (g & 15).reshape(-1, 8, 32)
 
 
@@ -232,7 +233,9 @@ def _dequant_k(b: torch.Tensor, out: torch.Tensor, fifth_bits: bool) -> None:
     d = (_f16(b, 0) * sc).view(n, 8, 1)
     dm = (_f16(b, 2) * mn).view(n, 8, 1)
     if fifth_bits:
-        qh = b[:, 16:48].reshape(n, 1, 1, 32) >> torch.arange(8, dtype=torch.uint8).view(1, 1, 8, 1)
+        qh = b[:, 16:48].reshape(n, 1, 1, 32) >> torch.arange(
+            8, dtype=torch.uint8, device=b.device
+        ).view(1, 1, 8, 1)
         q = _nibble_groups(b[:, 48:]) | ((qh & 1).reshape(n, 8, 32) << 4)
     else:
         q = _nibble_groups(b[:, 16:])
@@ -249,11 +252,13 @@ def _dequant_q5_k(b: torch.Tensor, out: torch.Tensor) -> None:
 
 def _dequant_q6_k(b: torch.Tensor, out: torch.Tensor) -> None:
     n = b.shape[0]
-    ql = b[:, :128].reshape(n, 2, 1, 64) >> torch.tensor([0, 4], dtype=torch.uint8).view(1, 1, 2, 1)
+    ql = b[:, :128].reshape(n, 2, 1, 64) >> torch.tensor(
+        [0, 4], dtype=torch.uint8, device=b.device
+    ).view(1, 1, 2, 1)
     ql = (ql & 15).reshape(n, 8, 32)
-    qh = b[:, 128:192].reshape(n, 2, 1, 32) >> torch.tensor([0, 2, 4, 6], dtype=torch.uint8).view(
-        1, 1, 4, 1
-    )
+    qh = b[:, 128:192].reshape(n, 2, 1, 32) >> torch.tensor(
+        [0, 2, 4, 6], dtype=torch.uint8, device=b.device
+    ).view(1, 1, 4, 1)
     qh = (qh & 3).reshape(n, 8, 32)
     q = (ql | (qh << 4)).to(torch.int8) - 32
     scales = b[:, 192:208].contiguous().view(torch.int8).to(torch.float32)

@@ -131,7 +131,7 @@ def _affine_search(
 
 def _pack_scale_min(ls: torch.Tensor, lm: torch.Tensor) -> torch.Tensor:
     """(n, 8) 6-bit scale and min codes -> (n, 12) bytes in ggml's k4 layout."""
-    out = torch.empty(ls.shape[0], 12, dtype=torch.uint8)
+    out = torch.empty(ls.shape[0], 12, dtype=torch.uint8, device=ls.device)
     out[:, 0:4] = ls[:, :4] | ((ls[:, 4:] >> 4) << 6)
     out[:, 4:8] = lm[:, :4] | ((lm[:, 4:] >> 4) << 6)
     out[:, 8:12] = (ls[:, 4:] & 0xF) | ((lm[:, 4:] & 0xF) << 4)
@@ -181,7 +181,7 @@ def _q5_k_blocks(x: torch.Tensor) -> torch.Tensor:
     low = g & 15
     qs = (low[:, :, 0] | (low[:, :, 1] << 4)).reshape(-1, 128)
     # fifth bits: byte j, bit 2c (+1) holds element j (+32) of 64-value group c
-    shifts = torch.arange(8, dtype=torch.uint8).view(1, 4, 2, 1)
+    shifts = torch.arange(8, dtype=torch.uint8, device=x.device).view(1, 4, 2, 1)
     qh = ((g >> 4) << shifts).reshape(-1, 8, 32).sum(dim=1, dtype=torch.uint8)
     return torch.cat([header, qh, qs], dim=1)
 
@@ -237,7 +237,7 @@ def _q6_k_blocks(x: torch.Tensor) -> torch.Tensor:
     codes = q.t().reshape(n, 2, 4, 32).to(torch.uint8)  # halves of 128, quarters of 32
     low = codes & 15
     ql = torch.cat([low[:, :, 0] | (low[:, :, 2] << 4), low[:, :, 1] | (low[:, :, 3] << 4)], 2)
-    shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8).view(1, 1, 4, 1)
+    shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=x.device).view(1, 1, 4, 1)
     qh = ((codes >> 4) << shifts).sum(dim=2, dtype=torch.uint8)  # (n, 2, 32)
     out = torch.cat([ql.reshape(n, 128), qh.reshape(n, 64), sc_bytes, _f16_bytes(d)], dim=1)
     out[empty] = 0
@@ -252,7 +252,9 @@ def quantize_kquant(x: torch.Tensor, quant_type: str, compiled: bool = True) -> 
     reference quantizer writes them; ``compiled=False`` forces the PyTorch path (the kernel of
     :mod:`loraq.native.kquant` writes the same bytes, faster)."""
     x = x.contiguous()
-    out = torch.empty(x.shape[0], kernel.KERNEL_TYPES[quant_type], dtype=torch.uint8)
+    out = torch.empty(
+        x.shape[0], kernel.KERNEL_TYPES[quant_type], dtype=torch.uint8, device=x.device
+    )
     if compiled and kernel.quantize_kquant_into(x, quant_type, out):
         return out
     fn, sub = _PYTORCH[quant_type]
