@@ -12,6 +12,7 @@ llama-cpp-python.
 
 from __future__ import annotations
 
+import ctypes
 from pathlib import Path
 
 import numpy as np
@@ -342,7 +343,10 @@ def test_recipe_export_equals_llama_model_quantize(tmp_path, recipe):
     params.ftype = RECIPES[recipe].file_type
     params.nthread = 1
     theirs = tmp_path / "theirs.gguf"
-    assert llama_cpp.llama_model_quantize(str(f32).encode(), str(theirs).encode(), params) == 0
+    done = llama_cpp.llama_model_quantize(
+        str(f32).encode(), str(theirs).encode(), ctypes.byref(params)
+    )
+    assert done == 0
     mine = {t.name: t for t in open_gguf(ours).tensors}
     for t in open_gguf(theirs).tensors:
         assert mine[t.name].tensor_type == t.tensor_type, t.name
