@@ -54,7 +54,8 @@ _EXPORT_FORMATS = format_names(gguf_export=True)
 MERGED_DTYPES = (*DENSE_GGUF_TYPES, *recipe_names(), "keep")
 #: ``dtype`` values of an adapter GGUF's tensors (the ones llama.cpp's LoRA loader takes).
 ADAPTER_DTYPES = ("f32", "f16")
-#: ``keep``: the format an adapted matrix held in a read-only k-quant is re-quantized into.
+#: ``keep``: the format an adapted matrix is re-quantized into when loraq cannot write its own
+#: (every GGUF format it reads it also writes today).
 KEEP_FALLBACK = "q8_0"
 # transformers model_type -> llama.cpp general.architecture (llama.cpp writes Mistral as llama).
 _ARCH_OF_MODEL_TYPE = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
