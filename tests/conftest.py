@@ -9,6 +9,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import importlib  # noqa: E402
 import importlib.util  # noqa: E402
+import math  # noqa: E402
 from types import ModuleType  # noqa: E402
 
 import pytest  # noqa: E402
@@ -20,6 +21,55 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+# ============================================================================ precision
+# Numbers a test compares depend on the compute dtype, and ``compute_dtype: auto`` depends on the
+# CPU (bf16 with AVX512-BF16/AMX, float32 without). So a test that compares numbers names its
+# dtype, and its bound comes from that dtype and the size of the reductions in between, never
+# from the error one CPU happened to show. ``LORAQ_CPU_BF16=on`` runs the suite as an AMX CPU.
+
+
+def tolerance(dtype: torch.dtype, reduction_size: int, depth: int = 1) -> float:
+    """Bound on ``|a - b| / max(1, |b|)`` for two computations of the same value that differ only
+    in rounding: ``a`` computed in ``dtype`` (or both in ``dtype`` by other kernels), through
+    ``depth`` stacked layers, each summing ``reduction_size`` products (matmul inner size).
+
+    Per layer: operands and results rounded to ``dtype`` cost ``eps(dtype)``; the sum itself
+    accumulates in float32 (PyTorch's rule for bf16/fp16 matmuls, on CPU and GPU) in some order,
+    which drifts like ``eps(float32) * sqrt(n)`` (a random walk of roundings). The layers' errors
+    are independent, so they add like a random walk too (``sqrt(depth)``); the factor 4 keeps
+    unlucky tails inside the bound.
+    """
+    fp32 = torch.finfo(torch.float32).eps
+    per_layer = torch.finfo(dtype).eps + fp32 * math.sqrt(reduction_size)
+    return 4 * math.sqrt(depth) * per_layer
+
+
+def assert_close_in(
+    got: torch.Tensor,
+    expected: torch.Tensor,
+    dtype: torch.dtype,
+    reduction_size: int,
+    depth: int = 1,
+) -> None:
+    """``got`` equals ``expected`` up to :func:`tolerance`, scaled by the size of ``expected``."""
+    scale = max(1.0, float(expected.detach().abs().max()))
+    bound = tolerance(dtype, reduction_size, depth) * scale
+    diff = float((got.detach().float() - expected.detach().float()).abs().max())
+    assert diff <= bound, (
+        f"max |difference| {diff:.3g} > {bound:.3g} ({dtype}, reductions of {reduction_size}, "
+        f"depth {depth})"
+    )
+
+
+@pytest.fixture
+def cpu_bf16(monkeypatch):
+    """Run the test as on a CPU with AVX512-BF16/AMX: ``compute_dtype: auto`` means bfloat16
+    (bf16 is emulated on other CPUs, so the path is tested everywhere, only slower)."""
+    from loraq.core.precision import CPU_BF16_ENV
+
+    monkeypatch.setenv(CPU_BF16_ENV, "on")
 
 
 class ReferenceLibrary:
@@ -155,16 +205,35 @@ def cnn_inputs(batch: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
 # ============================================================================ saved tiny runs
 # Tiny models saved as Hugging Face folders and the run configs over them, shared by the
 # train / cli / compare tests (the builders themselves live in test_train_support.py).
-def pattern_config(root, llama, lora: dict | None = None, **training):
+# Their lora section names float32 unless the test names another compute dtype: the run's own
+# default is "auto", which is bf16 on an AVX512-BF16/AMX CPU (see the precision section above).
+TEST_COMPUTE_DTYPE = "float32"
+
+
+def _lora_section(lora: dict, compute_dtype: str | None) -> dict:
+    """``lora`` with ``compute_dtype`` added where it names none (None: leave the run's default)."""
+    if compute_dtype is None:
+        return dict(lora)
+    return {"compute_dtype": compute_dtype, **lora}
+
+
+def pattern_config(
+    root,
+    llama,
+    lora: dict | None = None,
+    compute_dtype: str | None = TEST_COMPUTE_DTYPE,
+    **training,
+):
     """A causal-lm config over ``llama`` learning one fixed pattern (16 records), run folder
-    ``root/run``; ``training`` entries override the defaults."""
+    ``root/run``; ``training`` entries override the defaults; ``compute_dtype`` goes in the lora
+    section unless it names one (None: the run's default)."""
     from test_train_support import write_config, write_pattern_jsonl
 
     data = write_pattern_jsonl(root / "pattern.jsonl", n=16)
     body = {
         "model": {"path": str(llama), "task": "causal-lm"},
         "data": {"train": str(data), "eval": str(data), "max_length": 32},
-        "lora": lora or {"r": 8, "alpha": 16},
+        "lora": _lora_section(lora or {"r": 8, "alpha": 16}, compute_dtype),
         "training": {
             "batch_size": 4,
             "lr": 1e-2,
@@ -177,16 +246,19 @@ def pattern_config(root, llama, lora: dict | None = None, **training):
     return write_config(root / "config.yaml", body)
 
 
-def sentiment_config(root, bert, lora: dict | None = None, **training):
+def sentiment_config(
+    root, bert, lora: dict | None = None, compute_dtype: str | None = TEST_COMPUTE_DTYPE, **training
+):
     """A seq-cls config over ``bert`` on 64 trivially separable sentences, run folder
-    ``root/run``; ``training`` entries override the defaults."""
+    ``root/run``; ``training`` entries override the defaults; ``compute_dtype`` as in
+    :func:`pattern_config`."""
     from test_train_support import write_config, write_sentiment_tsv
 
     data = write_sentiment_tsv(root / "s.tsv", n=64)
     body = {
         "model": {"path": str(bert), "task": "seq-cls"},
         "data": {"train": str(data), "eval": str(data), "max_length": 16},
-        "lora": lora or {"r": 4, "alpha": 8},
+        "lora": _lora_section(lora or {"r": 4, "alpha": 8}, compute_dtype),
         "training": {
             "batch_size": 16,
             "lr": 1e-2,

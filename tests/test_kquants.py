@@ -31,6 +31,8 @@ from loraq.quant.gguf import dequantize_gguf, quantize_gguf, type_size
 from loraq.quant.kquants import quantize_kquant
 
 gguf = ReferenceLibrary("gguf")
+# the tiny models here carry no tokenizer: their files are for loraq and llama-quantize only
+pytestmark = pytest.mark.filterwarnings("ignore:export_gguf. no tokenizer found:UserWarning")
 K_QUANTS = ("q4_k", "q5_k", "q6_k")
 #: Codes per sub-block minus one (the steps of the widest sub-block) and sub-block size.
 STEPS = {"q4_k": (15, 32), "q5_k": (31, 32), "q6_k": (63, 16)}

@@ -34,6 +34,7 @@ from loraq.io.gguf_read import load_gguf
 from loraq.io.gguf_write import export_gguf
 
 llama_cpp = pytest.importorskip("llama_cpp")
+from llamacpp_open import open_llama  # noqa: E402
 from test_io_gguf import smollm2_file  # noqa: E402
 
 pytestmark = [
@@ -81,11 +82,11 @@ def loraq_run(model, prompt: list[int]) -> Run:
     return Run(prompt, new, logits[len(prompt) - 1 : -1].float())
 
 
-def open_llama(path, lora=None):
+def open_model(path, lora=None):
     kwargs = dict(model_path=str(path), n_ctx=512, logits_all=True, verbose=False, n_threads=2)
     if lora is not None:
         kwargs["lora_path"] = str(lora)
-    return llama_cpp.Llama(**kwargs)
+    return open_llama(**kwargs)  # use_extra_bufts = False: no AMX crash in VMs
 
 
 def llamacpp_teacher_forced(llm, run: Run) -> torch.Tensor:
@@ -140,7 +141,7 @@ def adapted(model):
 def test_base_and_tokenizer_match_llamacpp(smollm2, base_run):
     _, tokenizer = smollm2
     ids = prompt_ids(tokenizer)
-    llm = open_llama(smollm2_file())
+    llm = open_model(smollm2_file())
     assert llm.tokenize(tokenizer.decode(ids).encode(), add_bos=False, special=True) == ids
     assert_llamacpp_agrees(llm, base_run, "base")
 
@@ -153,14 +154,14 @@ def test_adapter_and_merged_ggufs_run_in_llamacpp_as_in_loraq(smollm2, base_run,
         ours = loraq_run(lora, ids)
         assert ours.tokens != base_run.tokens, "the test adapter must change the continuation"
         path = export_gguf(lora, tmp_path / "adapter.gguf")
-        assert_llamacpp_agrees(open_llama(smollm2_file(), lora=path), ours, "base + adapter")
+        assert_llamacpp_agrees(open_model(smollm2_file(), lora=path), ours, "base + adapter")
         merged = export_gguf(lora, tmp_path / "merged.gguf", merged=True, dtype="f32")
-        assert_llamacpp_agrees(open_llama(merged), ours, "merged f32")
+        assert_llamacpp_agrees(open_model(merged), ours, "merged f32")
         # keep: unadapted blocks as they were, the file's tokenizer and chat template carried over
         kept = export_gguf(lora, tmp_path / "kept.gguf", merged=True, dtype="keep")
         kept_model, kept_tokenizer = load_gguf(kept)
         assert prompt_ids(kept_tokenizer) == ids
-        llm = open_llama(kept)
+        llm = open_model(kept)
         assert llm.tokenize(tokenizer.decode(ids).encode(), add_bos=False, special=True) == ids
         assert_llamacpp_agrees(llm, loraq_run(kept_model, ids), "merged keep")
     finally:

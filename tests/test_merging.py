@@ -213,7 +213,7 @@ def qlora_run(tmp_path_factory):
         {
             "model": {"path": str(llama), "task": "causal-lm"},
             "data": {"train": str(data), "eval": str(data), "max_length": 32},
-            "lora": {"r": 8, "alpha": 16, "quant": "nf4"},
+            "lora": {"r": 8, "alpha": 16, "quant": "nf4", "compute_dtype": "float32"},
             "training": {"batch_size": 4, "lr": 1e-2, "warmup_steps": 2, "progress": False},
         },
     )

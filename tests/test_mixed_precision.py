@@ -141,6 +141,7 @@ def test_resolve_compute_dtype() -> None:
 def test_fast_bf16_follows_the_cpu_flags(monkeypatch) -> None:
     from loraq.core import precision
 
+    monkeypatch.delenv(precision.CPU_BF16_ENV, raising=False)  # the CPU answers, not the override
     precision._cpu_has_fast_bf16.cache_clear()
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)

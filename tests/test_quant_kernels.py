@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 import pytest
@@ -73,6 +74,9 @@ def test_float16_and_foreign_layouts_use_the_pure_path(monkeypatch):
 
 
 def test_mode_off_and_unbuildable_fall_back(monkeypatch, tmp_path):
+    from loraq.core.errors import UserError
+    from loraq.native import build
+
     monkeypatch.setenv(cpu.MODE_ENV, "off")
     cpu._library.cache_clear()
     try:
@@ -87,7 +91,49 @@ def test_mode_off_and_unbuildable_fall_back(monkeypatch, tmp_path):
         assert dequantize_4bit(q).shape == (32, 32)  # the pure path still answers
         monkeypatch.setenv(cpu.MODE_ENV, "on")
         cpu._library.cache_clear()
-        with pytest.raises(RuntimeError, match="LORAQ_KERNELS=on but"):
+        with pytest.raises(build.KernelUnavailableError, match="LORAQ_KERNELS=on but"):
+            cpu.available()
+        assert issubclass(build.KernelUnavailableError, UserError)  # one line in the CLI
+    finally:
+        cpu._library.cache_clear()
+
+
+@needs_kernel
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "empty"])
+def test_a_damaged_cached_kernel_is_rebuilt(damage, tmp_path):
+    import subprocess
+
+    from loraq.native import build
+
+    env = {**os.environ, "LORAQ_CACHE_DIR": str(tmp_path), "LORAQ_KERNELS": "on"}
+    # the name dequant.py will look for (the default cache: this only learns the name)
+    cached = build.build(cpu._SOURCE, build._compiler(), openmp=build.shares_torch_openmp())
+    target = tmp_path / cached.name
+    good = cached.read_bytes()
+    target.write_bytes(
+        {"garbage": b"not a shared library", "truncated": good[:5000], "empty": b""}[damage]
+    )
+    # A truncated library whose ELF header survived kills the process that maps it (SIGBUS):
+    # load in a child, so a regression fails this test instead of the whole run.
+    probe = "from loraq.native import dequant; assert dequant.available()"
+    done = subprocess.run(
+        [sys.executable, "-W", "error::RuntimeWarning", "-c", probe],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert target.read_bytes()[:4] == b"\x7fELF" and len(target.read_bytes()) > 5000
+
+
+def test_unknown_kernel_mode_is_an_error_naming_the_variable(monkeypatch):
+    monkeypatch.setenv(cpu.MODE_ENV, "sometimes")
+    with pytest.raises(ValueError, match=r"LORAQ_KERNELS='sometimes'.*auto.*off.*on"):
+        cpu.mode()
+    cpu._library.cache_clear()
+    try:
+        with pytest.raises(ValueError, match="LORAQ_KERNELS"):
             cpu.available()
     finally:
         cpu._library.cache_clear()

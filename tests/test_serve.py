@@ -386,14 +386,48 @@ def test_limits_queue_full_chat_without_template_and_sigterm_drain(files):
         srv.kill()
 
 
+@pytest.mark.parametrize("presses", [1, 2])
+def test_ctrl_c_drains_and_a_second_exits_at_once_with_130_and_one_line(files, presses):
+    """One Ctrl-C lets the open stream finish; a second ends the process at once. Either way:
+    exit code 130, one line, no traceback."""
+    tmp, base, _, _ = files
+    srv = Server(["--base", str(base), "--max-tokens-cap", "1800"], tmp)
+    try:
+        with cf.ThreadPoolExecutor(1) as pool:
+            running = pool.submit(_stream_lines, srv, "base", 1500)
+            deadline = time.monotonic() + 15
+            while _metric(srv, "loraq_running_sequences") < 1:
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+            srv.proc.send_signal(signal.SIGINT)
+            if presses == 2:
+                time.sleep(0.3)  # the first press is being handled: the stream still runs
+                srv.proc.send_signal(signal.SIGINT)
+                assert srv.proc.wait(10) == 130
+                with pytest.raises(httpx.HTTPError):  # cut, not finished
+                    running.result(timeout=30)
+            else:
+                assert running.result(timeout=60)[-1] == "data: [DONE]"
+                assert srv.proc.wait(30) == 130
+        output = srv.output()
+        lines = [line for line in output.splitlines() if "interrupted" in line]
+        want = "loraq serve: interrupted" + (" twice" if presses == 2 else "")
+        assert len(lines) == 1 and lines[0].startswith(want), output
+        assert "Traceback" not in output and "Error" not in output, output
+    finally:
+        srv.kill()
+
+
 def test_serve_command_line_errors(tmp_path, capsys):
     from loraq.cli import main
 
-    assert main(["serve", "--base", str(tmp_path)]) == 2
+    anywhere = ["--port", "0"]  # the port is bound first: 8000 may be taken on this machine
+    assert main(["serve", "--base", str(tmp_path), *anywhere]) == 2
     assert "expected a transformers folder with config.json" in capsys.readouterr().err
-    assert main(["serve", "--base", str(tmp_path), "--adapter", "oops"]) == 2
+    assert main(["serve", "--base", str(tmp_path), "--adapter", "oops", *anywhere]) == 2
     assert "NAME=PATH" in capsys.readouterr().err
-    assert main(["serve", "--base", str(tmp_path), "--adapter-dir", str(tmp_path / "no")]) == 2
+    no_dir = ["--adapter-dir", str(tmp_path / "no"), *anywhere]
+    assert main(["serve", "--base", str(tmp_path), *no_dir]) == 2
     assert "is not a folder" in capsys.readouterr().err
 
 
@@ -431,7 +465,8 @@ def test_gguf_base_serves_adapters_equal_to_local_generation(files, tmp_path):
         dtype="q8_0",
     )  # fmt: skip
     model, own_tokenizer = loraq.load_gguf(gguf_file)
-    assert own_tokenizer is None  # the file carries no vocabulary: --tokenizer supplies it
+    # the base folder's tokenizer travels into the file; --tokenizer below still names it
+    assert own_tokenizer is not None
     loraq.apply(model, loraq.LoraConfig(r=4, alpha=8, targets="all-linear"), "g")
     torch.manual_seed(3)
     randomize_adapters(model, 0.5)
@@ -459,11 +494,15 @@ def test_gguf_base_serves_adapters_equal_to_local_generation(files, tmp_path):
 
 def test_gguf_base_command_line_errors(tmp_path, capsys):
     pytest.importorskip("gguf")
-    from loraq.cli import main
+    from loraq.cli import main as cli_main
     from loraq.io.gguf_write import export_gguf
     from tiny_lm import tiny_causal_lm
 
     gguf_file = export_gguf(tiny_causal_lm(), tmp_path / "m.gguf", merged=True, dtype="q8_0")
+
+    def main(argv: list[str]) -> int:  # the port is bound first: 8000 may be taken here
+        return cli_main([*argv, "--port", "0"])
+
     assert main(["serve", "--base", str(gguf_file)]) == 2
     assert "has no vocabulary; pass --tokenizer FOLDER" in capsys.readouterr().err
     assert main(["serve", "--base", str(gguf_file), "--quant", "nf4"]) == 2

@@ -40,6 +40,21 @@ def test_readers(tmp_path):
     assert read_records(tmp_path / "a.txt") == [{"text": "one"}, {"text": "two"}]
 
 
+@pytest.mark.parametrize("name", ["a.tsv", "a.csv", "a.jsonl", "a.txt"])
+def test_readers_skip_a_byte_order_mark(tmp_path, name):
+    # Excel and Notepad start UTF-8 files with U+FEFF: it must not become part of the header
+    body = {
+        "a.tsv": "text\tlabel\nhi\tneg\n",
+        "a.csv": "text,label\nhi,neg\n",
+        "a.jsonl": '{"text": "hi", "label": "neg"}\n',
+        "a.txt": "hi\n",
+    }[name]
+    (tmp_path / name).write_bytes(b"\xef\xbb\xbf" + body.encode("utf-8"))
+    records = read_records(tmp_path / name)
+    assert records[0]["text"] == "hi"
+    assert all("\ufeff" not in key for key in records[0])
+
+
 def test_reader_errors_name_the_file(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         read_records(tmp_path / "nope.jsonl")

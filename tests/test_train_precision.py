@@ -8,6 +8,7 @@ import pytest
 import torch
 import yaml
 
+from conftest import pattern_config
 from loraq import LoraConfig
 from loraq.core.precision import resolve_compute_dtype
 from loraq.model.quantize import quantize_model
@@ -35,7 +36,8 @@ def test_quantized_base_resolves_auto_for_its_device() -> None:
 
 def test_train_defaults_to_auto_and_records_it(tmp_path, llama) -> None:
     logs: list[str] = []
-    path = llama_config(tmp_path, llama, max_steps=2, eval_every=None)
+    lora = {"r": 8, "alpha": 16}  # no compute_dtype: the run's default applies
+    path = pattern_config(tmp_path, llama, lora, compute_dtype=None, max_steps=2, eval_every=None)
     train(load_config(path, {"lora.quant": "nf4"}), log=logs.append)
     saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert saved["lora"]["compute_dtype"] == "auto"

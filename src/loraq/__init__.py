@@ -26,6 +26,7 @@ from .model.combine import combine
 from .model.config import LoraConfig
 from .model.decompose import DecompositionReport, decompose
 from .model.loftq import loftq_report
+from .model.quantize import quantize_model
 from .model.summary import Summary, summary
 from .model.surgery import (
     active_adapter,
@@ -71,6 +72,7 @@ __all__ = [
     "combine",
     "config_of",
     "loftq_report",
+    "quantize_model",
     "decompose",
     "delete_adapter",
     "disable_adapters",

@@ -7,7 +7,7 @@
     loraq combine --adapter a=DIR --adapter b=DIR --weights 0.7,0.3 --out DIR
                                                      adapters -> one weighted adapter (TIES, ...)
     loraq export --format gguf --adapter DIR --out F adapter (or --merged model) as llama.cpp GGUF
-    loraq inspect PATH [--json]                      what an adapter / 4-bit checkpoint holds
+    loraq inspect PATH [--json]                      what an adapter / checkpoint / .gguf holds
     loraq compare [CONFIG.yaml] [--methods ...]      full vs LoRA vs QLoRA: memory, speed, quality
     loraq serve --base DIR [--adapter NAME=DIR ...]  many adapters behind an OpenAI-compatible API
 
@@ -28,13 +28,16 @@ from pathlib import Path
 # Light at import (dataclasses and yaml): torch loads only when a command runs.
 from loraq.compare import command as compare_command
 from loraq.core.dtypes import FLOAT_DTYPE_NAMES
-from loraq.core.errors import EXIT_ERROR, CliError, user_message
+from loraq.core.errors import EXIT_ERROR, EXIT_INTERRUPTED, CliError, user_message
+from loraq.core.precision import CPU_BF16_ENV
+from loraq.core.switches import read_switch
 from loraq.io import export_command
+from loraq.native.build import MODE_ENV as KERNELS_ENV
 from loraq.train import combine_command
 from loraq.train.config import describe_keys
 from loraq.train.hub import hub_offline
 
-EXIT_OK, EXIT_INTERRUPTED = 0, 130
+EXIT_OK = 0
 #: Shows the full traceback of every error (also ``LORAQ_DEBUG=1``); accepted anywhere.
 DEBUG_FLAG = "--debug"
 
@@ -330,9 +333,14 @@ def _merge(args: argparse.Namespace) -> int:
     batch = calibration_inputs(run, tokenizer, model)
     with quiet_transformers():
         export_merged(
-            model, args.out, args.dtype, merge_into=args.into, original=original, calibration=batch
+            model,
+            args.out,
+            args.dtype,
+            merge_into=args.into,
+            original=original,
+            calibration=batch,
+            tokenizer=tokenizer,
         )
-    tokenizer.save_pretrained(args.out)
     report = Path(args.out) / REPORT_FILE
     line = f": {MergeReport(**read_json(report)).format()}" if report.is_file() else ""
     print(f"merged model written to {args.out}{line}")
@@ -347,7 +355,9 @@ def _export(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------- inspect
 def _inspect_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("path", help="adapter folder, model/4-bit checkpoint folder or .safetensors")
+    p.add_argument(
+        "path", help="adapter folder, model/4-bit checkpoint folder, .safetensors or .gguf"
+    )
     p.add_argument("--json", action="store_true", help="print the facts as JSON")
 
 
@@ -398,7 +408,11 @@ register(
 )
 register(
     "inspect",
-    Subcommand("what an adapter or (4-bit) checkpoint folder holds", _inspect_args, _inspect),
+    Subcommand(
+        "what an adapter, a (4-bit) checkpoint folder or a GGUF file holds",
+        _inspect_args,
+        _inspect,
+    ),
 )
 
 register(
@@ -499,6 +513,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_ERROR
     args.overrides = overrides
     try:
+        for switch in (KERNELS_ENV, CPU_BF16_ENV):  # refused up front, not when first read
+            read_switch(switch)
         with hub_offline():  # loraq reads local folders only; restored when the command ends
             return SUBCOMMANDS[args.command].run(args)
     except KeyboardInterrupt:

@@ -26,6 +26,8 @@ import errno
 
 #: Exit code for an error the user can fix.
 EXIT_ERROR = 2
+#: Exit code after Ctrl-C (128 + SIGINT, as shells report it).
+EXIT_INTERRUPTED = 130
 
 
 class UserError(Exception):

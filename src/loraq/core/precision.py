@@ -12,7 +12,13 @@ any other CPU (AVX2-only, ARM, ...)         float32      bf16 GEMM is emulated: 
 other CUDA, MPS, ...                        float32      no fast bf16 path to rely on
 ==========================================  ===========  ===================================
 
-This module imports only the leaf ``loraq.core.dtypes``, so every layer may use it.
+``LORAQ_CPU_BF16`` overrides the CPU row (spelled as every switch, :mod:`loraq.core.switches`):
+``on`` treats this CPU as one with AVX512-BF16/AMX, ``off`` as one without, ``auto`` (default)
+asks the CPU. It lets the bf16 path most users' hardware runs be tested on an AVX2-only machine
+(bf16 is emulated there: correct, only slower), and an AMX machine run as a float32 one.
+
+This module imports only the leaves ``loraq.core.dtypes`` and ``loraq.core.switches``, so every
+layer may use it.
 """
 
 from __future__ import annotations
@@ -24,9 +30,11 @@ from pathlib import Path
 import torch
 
 from .dtypes import FLOAT_DTYPE_NAMES, FLOAT_DTYPES
+from .switches import read_switch
 
 __all__ = [
     "COMPUTE_DTYPE_NAMES",
+    "CPU_BF16_ENV",
     "autocast_dtype",
     "autocast_for",
     "fast_bf16",
@@ -35,6 +43,8 @@ __all__ = [
 
 #: Names accepted wherever a compute dtype is configured; ``auto`` picks per device (above).
 COMPUTE_DTYPE_NAMES: tuple[str, ...] = ("auto", *FLOAT_DTYPE_NAMES)
+#: Environment variable that overrides whether this CPU counts as bf16-capable (see above).
+CPU_BF16_ENV = "LORAQ_CPU_BF16"
 # CPU feature flags (Linux /proc/cpuinfo names) that give native bf16 dot products.
 _BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 
@@ -63,7 +73,12 @@ def _cpu_has_fast_bf16() -> bool:
 
 
 def fast_bf16(device: torch.device | str = "cpu") -> bool:
-    """Whether ``device`` runs bfloat16 matmuls natively (faster than float32)."""
+    """Whether ``device`` runs bfloat16 matmuls natively (faster than float32); for the CPU,
+    :data:`CPU_BF16_ENV` overrides the answer.
+
+    Raises:
+        ValueError: for a value of :data:`CPU_BF16_ENV` that is not a switch position.
+    """
     device = torch.device(device)
     if device.type == "cuda":
         if not torch.cuda.is_available():
@@ -73,7 +88,8 @@ def fast_bf16(device: torch.device | str = "cpu") -> bool:
         except TypeError:  # torch < 2.4 has no emulation flag
             return torch.cuda.is_bf16_supported()
     if device.type == "cpu":
-        return _cpu_has_fast_bf16()
+        forced = read_switch(CPU_BF16_ENV)  # read on every call: tests switch it per case
+        return _cpu_has_fast_bf16() if forced == "auto" else forced == "on"
     return False
 
 

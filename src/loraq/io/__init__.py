@@ -1,7 +1,9 @@
 """Files the ecosystem reads: PEFT adapter folders, bitsandbytes 4-bit checkpoints, merged exports,
 GGUF models and adapters for llama.cpp (:mod:`.gguf_read`, :mod:`.gguf_write`,
-:mod:`.gguf_adapter`, :mod:`.gguf_names`; :mod:`.gguf_header` checks a file's structure against
-its size and :mod:`.gguf_hparams` its hyperparameters before anything is built from them).
+:mod:`.gguf_adapter`; :mod:`.gguf_names` is THE table of architectures, :mod:`.gguf_tokenizer`
+writes a transformers tokenizer as GGUF metadata, :mod:`.gguf_inspect` describes a file;
+:mod:`.gguf_header` checks a file's structure against its size and :mod:`.gguf_hparams` its
+hyperparameters before anything is built from them).
 
 Weights are only ever read through safetensors or the format's own reader (the ``gguf``
 package for GGUF), and every write is atomic

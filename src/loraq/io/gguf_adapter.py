@@ -54,12 +54,12 @@ def _checked_header(meta: dict[str, Any], arch: str, source: str) -> float:
     return float(alpha)
 
 
-def _factor_pairs(reader: Any, source: str) -> dict[str, dict[str, torch.Tensor]]:
+def _factor_pairs(reader: Any, arch: str, source: str) -> dict[str, dict[str, torch.Tensor]]:
     """transformers module path -> {"a": (r, in), "b": (out, r)} in float32."""
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for t in reader.tensors:
         suffix = next((s for s in _SUFFIXES if t.name.endswith(s)), None)
-        module = gguf_to_hf_name(t.name[: -len(suffix)]) if suffix else None
+        module = gguf_to_hf_name(t.name[: -len(suffix)], arch) if suffix else None
         if module is None:
             raise FormatError(f"{source}: tensor {t.name!r} is not a LoRA factor of a known layer")
         fmt, data, _ = tensor_value(t, source)
@@ -85,6 +85,8 @@ def _checked_rank(model: nn.Module, pairs: dict, source: str) -> int:
             raise FormatError(f"{source}: the model has no module {module}") from None
         out_f, in_f = layer.weight.shape
         a, b = pair["a"], pair["b"]
+        if isinstance(layer, nn.Embedding):  # llama.cpp's flipped pair: a (vocab, r), b (dim, r)
+            a, (out_f, in_f) = a.t(), (in_f, out_f)
         if a.dim() != 2 or b.dim() != 2 or a.shape[1] != in_f or b.shape != (out_f, a.shape[0]):
             raise FormatError(
                 f"{source}: {module}: lora_a {tuple(a.shape)} / lora_b {tuple(b.shape)} do not "
@@ -110,7 +112,7 @@ def load_gguf_adapter(
     reader = open_gguf(path)
     arch, cfg = gguf_architecture(model), model.config
     alpha = _checked_header(gguf_metadata(reader), arch, source)
-    pairs = _factor_pairs(reader, source)
+    pairs = _factor_pairs(reader, arch, source)
     r = _checked_rank(model, pairs, source)
     config = LoraConfig(r=r, alpha=alpha, dropout=0.0, targets=sorted(pairs))
     with model_transaction(model):
@@ -122,6 +124,10 @@ def load_gguf_adapter(
             if heads is not None:  # llama.cpp's interleaved q/k rows back to transformers'
                 b = b[hf_row_order(b.shape[0], heads)]
             with torch.no_grad():
+                if adapter_name in layer.lora_embedding_A:  # stored flipped, see _checked_rank
+                    layer.lora_embedding_A[adapter_name].copy_(a.t())
+                    layer.lora_embedding_B[adapter_name].copy_(b)
+                    continue
                 layer.lora_A[adapter_name].weight.copy_(a)
                 layer.lora_B[adapter_name].weight.copy_(b)
     return model

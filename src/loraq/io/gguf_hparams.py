@@ -1,4 +1,4 @@
-"""The hyperparameters of a Llama-family GGUF, checked before a model is built from them.
+"""The hyperparameters of a GGUF model, checked before a model is built from them.
 
 A model is built on the meta device from the file's ``{arch}.*`` keys before its tensors are
 placed, so a key the tensors would contradict must be caught first: ``block_count = 2**31``
@@ -17,7 +17,7 @@ import re
 from typing import Any
 
 from .gguf_header import GGUFLayout, TensorLayout
-from .gguf_names import SUPPORTED_ARCHITECTURES
+from .gguf_names import Architecture, architecture
 from .safe import FormatError
 
 __all__ = ["HYPERPARAMETER_LIMITS", "check_vocabulary", "model_config"]
@@ -32,6 +32,7 @@ HYPERPARAMETER_LIMITS: dict[str, tuple[int, int]] = {
     "attention.key_length": (2, 1 << 14),
     "context_length": (1, 1 << 24),
     "vocab_size": (1, 1 << 24),
+    "attention.sliding_window": (1, 1 << 24),
 }
 _REQUIRED = ("block_count", "embedding_length", "feed_forward_length", "attention.head_count")
 _TOKEN_IDS = {
@@ -46,7 +47,6 @@ _PER_TOKEN = {
     "tokenizer.ggml.token_type": "array[int32]",
 }
 _BLOCK = re.compile(r"^blk\.(\d{1,9})\.")  # more digits than any block count: no block
-_CONFIG_CLASSES = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config"}
 
 
 def _integer(meta: dict[str, Any], key: str, source: str, limits: tuple[int, int]) -> int:
@@ -100,11 +100,7 @@ def _architecture(meta: dict[str, Any], source: str) -> str:
     arch = meta.get("general.architecture")
     if arch is None:
         raise FormatError(f"{source}: metadata key 'general.architecture' is missing")
-    if arch not in SUPPORTED_ARCHITECTURES:
-        raise FormatError(
-            f"{source}: general.architecture {arch!r} is not supported; loraq reads "
-            f"{SUPPORTED_ARCHITECTURES}"
-        )
+    architecture(str(arch), source)
     scaling = meta.get(f"{arch}.rope.scaling.type", "none")
     if scaling not in ("none", None):
         raise FormatError(f"{source}: {arch}.rope.scaling.type={scaling!r} is not supported")
@@ -138,14 +134,18 @@ def _checked_integers(meta: dict[str, Any], arch: str, source: str) -> dict[str,
     return h
 
 
-def _checked_against_tensors(layout: GGUFLayout, arch: str, h: dict[str, int], source: str) -> None:
+def _checked_against_tensors(
+    layout: GGUFLayout, row: Architecture, h: dict[str, int], source: str
+) -> None:
     """The block count, widths and head counts agree with the tensors that fix them."""
+    arch = row.name
     _checked_blocks(layout, f"{arch}.block_count", h["block_count"], source)
     head_dim = h["attention.key_length"]
     hidden, ffn = h["embedding_length"], h["feed_forward_length"]
+    up_rows = 2 * ffn if row.fused_gate_up else ffn  # Phi-3's ffn_up holds gate and up
     for key, value, tensor, axis in (
         (f"metadata key '{arch}.embedding_length' is {hidden}", hidden, "token_embd.weight", 0),
-        (f"metadata key '{arch}.feed_forward_length' is {ffn}", ffn, "blk.0.ffn_up.weight", 1),
+        (f"metadata key '{arch}.feed_forward_length' is {ffn}", up_rows, "blk.0.ffn_up.weight", 1),
     ):
         _matches(source, key, value, _tensor(layout, tensor), axis)
     for key, tensor in (
@@ -160,13 +160,15 @@ def _checked_against_tensors(layout: GGUFLayout, arch: str, h: dict[str, int], s
 
 
 def model_config(meta: dict[str, Any], layout: GGUFLayout, source: str) -> Any:
-    """The transformers config of a Llama-family GGUF, every hyperparameter checked first (its
+    """The transformers config of a GGUF model (its architecture's row of
+    :data:`~loraq.io.gguf_names.ARCHITECTURES`), every hyperparameter checked first (its
     type, its range, and against the tensors), so that building the model is safe."""
     import transformers
 
     arch = _architecture(meta, source)
+    row = architecture(arch, source)
     h = _checked_integers(meta, arch, source)
-    _checked_against_tensors(layout, arch, h, source)
+    _checked_against_tensors(layout, row, h, source)
     eps_key = f"{arch}.attention.layer_norm_rms_epsilon"
     kwargs: dict[str, Any] = dict(
         vocab_size=h.get("vocab_size"),
@@ -182,11 +184,42 @@ def model_config(meta: dict[str, Any], layout: GGUFLayout, source: str) -> Any:
         tie_word_embeddings=_tensor(layout, "output.weight") is None,
         **_token_ids(meta, _vocab_rows(layout), source),
     )
-    if arch == "mistral":
+    kwargs.update(_row_hyperparameters(meta, row, h, source))
+    if not row.config_head_dim:
         kwargs.pop("head_dim")
-    return getattr(transformers, _CONFIG_CLASSES[arch])(
+    if row.always_tied:
+        kwargs["tie_word_embeddings"] = True
+    return getattr(transformers, row.config_class)(
         **{k: v for k, v in kwargs.items() if v is not None}
     )
+
+
+def _row_hyperparameters(
+    meta: dict[str, Any], row: Architecture, h: dict[str, int], source: str
+) -> dict[str, Any]:
+    """The config attributes of the architecture's own keys (each checked as its kind), and
+    the ones llama.cpp derives from the head size."""
+    head_dim = h["attention.key_length"]
+    out: dict[str, Any] = dict.fromkeys(row.head_dim_attributes, head_dim)
+    key = f"{row.name}.rope.dimension_count"
+    if key in meta:
+        dims = _integer(meta, key, source, (2, head_dim))
+        if dims != head_dim and not row.partial_rotary:
+            raise FormatError(
+                f"{source}: metadata key {key!r} is {dims}, but {row.name} rotates whole heads "
+                f"of {head_dim}"
+            )
+        if dims != head_dim:
+            out["partial_rotary_factor"] = dims / head_dim
+    for p in row.hyperparameters:
+        key = f"{row.name}.{p.key}"
+        if key not in meta:
+            continue
+        if p.kind is int:
+            out[p.attribute] = _integer(meta, key, source, HYPERPARAMETER_LIMITS[p.key])
+        else:
+            out[p.attribute] = _positive_float(meta, key, source, 1.0)
+    return out
 
 
 def _token_ids(meta: dict[str, Any], rows: int | None, source: str) -> dict[str, int]:

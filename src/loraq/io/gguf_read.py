@@ -12,6 +12,7 @@ tokenizer and chat template come from transformers' GGUF tokenizer conversion.
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ from ..quant.formats import DENSE_GGUF_TYPES, GGUF, format_names
 from ..quant.gguf_tensor import GGUFTensor
 from .gguf_header import GGUF_MAGIC, GGUFLayout, check_gguf_layout
 from .gguf_hparams import check_vocabulary, model_config
-from .gguf_names import gguf_to_hf_name, hf_row_order, permuted_heads
+from .gguf_names import architecture, gguf_to_hf_name, hf_row_order, permuted_heads
 from .safe import FormatError
 
 __all__ = [
@@ -129,16 +130,18 @@ def tensor_value(t: Any, source: str) -> tuple[str, torch.Tensor, tuple[int, ...
     return type_name.lower(), torch.from_numpy(np.array(t.data, dtype=np.uint8)), shape
 
 
-def _collect(reader: Any, source: str) -> dict[str, dict[str, tuple[str, torch.Tensor, tuple]]]:
+def _collect(
+    reader: Any, arch: str, source: str
+) -> dict[str, dict[str, tuple[str, torch.Tensor, tuple]]]:
     """HF module path -> {"weight"/"bias": (format, data, shape)}."""
     modules: dict[str, dict[str, tuple[str, torch.Tensor, tuple]]] = {}
     for t in reader.tensors:
         if t.name in _IGNORED_TENSORS:
             continue
         stem, _, suffix = t.name.rpartition(".")
-        module = gguf_to_hf_name(stem)
+        module = gguf_to_hf_name(stem, arch)
         if module is None or suffix not in ("weight", "bias"):
-            raise FormatError(f"{source}: tensor {t.name!r} has no place in a Llama-family model")
+            raise FormatError(f"{source}: tensor {t.name!r} has no place in a {arch} model")
         modules.setdefault(module, {})[suffix] = tensor_value(t, source)
     return modules
 
@@ -167,14 +170,28 @@ def _build_linear(module: nn.Module, name: str, parts: dict, heads: int | None, 
     return LinearGGUF(GGUFTensor(data, shape, torch.float32, fmt), bias_t)
 
 
-def _build_embedding(module: nn.Module, name: str, parts: dict, source: str) -> nn.Module:
+def _scale_output(scale: float, module: nn.Module, args: Any, output: torch.Tensor):
+    return output * torch.tensor(scale, dtype=output.dtype)
+
+
+def _build_embedding(
+    module: nn.Module, name: str, parts: dict, scale: float | None, source: str
+) -> nn.Module:
+    """The embedding (``scale``: transformers' scaled-embedding class, or a quantized table
+    whose lookups are multiplied by ``scale``, as Gemma's are)."""
     fmt, data, shape = parts["weight"]
     _check_shape(name + ".weight", shape, module.weight.shape, source)
     if fmt == "dense":
-        new = nn.Embedding(shape[0], shape[1], padding_idx=module.padding_idx)
+        if scale is not None:
+            new = type(module)(shape[0], shape[1], module.padding_idx, embed_scale=scale)
+        else:
+            new = nn.Embedding(shape[0], shape[1], padding_idx=module.padding_idx)
         new.weight = nn.Parameter(data, requires_grad=False)
         return new
-    return EmbeddingGGUF(GGUFTensor(data, shape, torch.float32, fmt), module.padding_idx)
+    new = EmbeddingGGUF(GGUFTensor(data, shape, torch.float32, fmt), module.padding_idx)
+    if scale is not None:
+        new.register_forward_hook(functools.partial(_scale_output, scale))
+    return new
 
 
 def _tied_head(embedding: nn.Module) -> nn.Module:
@@ -188,6 +205,9 @@ def _tied_head(embedding: nn.Module) -> nn.Module:
 
 def _place(model: nn.Module, modules: dict, config: Any, arch: str, source: str) -> None:
     n_head, n_kv = config.num_attention_heads, config.num_key_value_heads
+    row = architecture(arch)
+    offset = row.norm_offset
+    scale = config.hidden_size**0.5 if row.scaled_embedding else None
     for name, parts in modules.items():
         try:
             module = model.get_submodule(name)
@@ -196,14 +216,14 @@ def _place(model: nn.Module, modules: dict, config: Any, arch: str, source: str)
         if "weight" not in parts:
             raise FormatError(f"{source}: {name} has a bias but no weight tensor")
         if isinstance(module, nn.Embedding):
-            new = _build_embedding(module, name, parts, source)
+            new = _build_embedding(module, name, parts, scale, source)
         elif isinstance(module, nn.Linear):
             heads = permuted_heads(arch, name, n_head, n_kv)
             new = _build_linear(module, name, parts, heads, source)
         else:  # a norm: its single weight vector
             fmt, data, shape = parts["weight"]
             _check_shape(name + ".weight", shape, module.weight.shape, source)
-            module.weight = nn.Parameter(data, requires_grad=False)
+            module.weight = nn.Parameter(data - offset, requires_grad=False)  # Gemma's w + 1
             continue
         set_submodule(model, name, new)
     if config.tie_word_embeddings:
@@ -226,7 +246,8 @@ def load_gguf(
 ) -> tuple[nn.Module, Any]:
     """``(model, tokenizer)`` from a GGUF file, its quantized tensors kept quantized.
 
-    Supported architectures: ``llama`` (incl. SmolLM2), ``mistral``, ``qwen2``. Tensors in the
+    Supported architectures: the rows of :data:`loraq.io.gguf_names.ARCHITECTURES` (llama incl.
+    SmolLM2, mistral, qwen2, qwen3, phi3, gemma2, gemma3). Tensors in the
     GGUF block formats of :mod:`loraq.quant.formats` (q8_0, q4_0, q4_1 and the k-quants) stay as
     the file's bytes (dequantized to ``dtype`` per matmul); F32/F16/BF16 tensors load as float32. The model is in eval mode,
     every parameter frozen, ready for :func:`loraq.apply`; ``model.loraq_gguf_path`` records
@@ -249,7 +270,7 @@ def load_gguf(
     with_tokenizer = tokenizer and "tokenizer.ggml.model" in meta
     if with_tokenizer:  # refused before the model is built, not after
         check_vocabulary(layout, source)
-    modules = _collect(reader, source)
+    modules = _collect(reader, meta["general.architecture"], source)
     if "model.embed_tokens" in modules:  # the table's rows are the vocabulary
         config.vocab_size = modules["model.embed_tokens"]["weight"][2][0]
     with torch.device("meta"):

@@ -20,8 +20,10 @@ of :mod:`.gguf_recipes` (a block format the table of :mod:`loraq.quant.formats` 
 per-tensor choices), or ``keep`` (unadapted GGUF-quantized tensors keep their exact blocks;
 adapted ones are re-quantized in their own block format).
 Norms are always f32. The metadata (hyperparameters, tokenizer with ``tokenizer.ggml.pre`` and
-the chat template) is copied from the base GGUF when the model came from one, so llama.cpp
-tokenizes as transformers does.
+the chat template) is copied from the base GGUF when the model came from one; otherwise the
+hyperparameters come from the config and the tokenizer from the base's folder (or the
+``tokenizer`` argument), written by :mod:`loraq.io.gguf_tokenizer`, so llama.cpp tokenizes as
+transformers does.
 
 Files are written to a temporary sibling and renamed into place: nothing is left half-written.
 """
@@ -37,14 +39,23 @@ import torch
 from torch import nn
 
 from ..layers.gguf import EmbeddingGGUF, LinearGGUF
-from ..layers.lora import LoRALayer
+from ..layers.lora import LoRALayer, ModulesToSave
+from ..model.surgery import CONFIGS_ATTR
 from ..quant.formats import DENSE_GGUF_TYPES, FORMATS, format_names
 from ..quant.gguf import quantize_gguf
-from .gguf_names import PERMUTED_ARCHITECTURES, gguf_row_order, hf_to_gguf_name
+from .gguf_names import (
+    architecture,
+    architecture_of_model_type,
+    gguf_row_order,
+    hf_to_gguf_name,
+    permuted_heads,
+)
 from .gguf_read import open_gguf
 from .gguf_recipes import RECIPES, plan_tensor_types, recipe_names
+from .gguf_tokenizer import GGUFVocabulary, gguf_vocabulary, tokenizer_source, write_vocabulary
+from .model_folder import source_folder
 from .peft_format import PREFIX
-from .safe import FormatError, staged_file
+from .safe import FormatError, check_replaceable, staged_file
 
 __all__ = ["MERGED_DTYPES", "export_gguf", "gguf_architecture"]
 
@@ -57,8 +68,6 @@ ADAPTER_DTYPES = ("f32", "f16")
 #: ``keep``: the format an adapted matrix is re-quantized into when loraq cannot write its own
 #: (every GGUF format it reads it also writes today).
 KEEP_FALLBACK = "q8_0"
-# transformers model_type -> llama.cpp general.architecture (llama.cpp writes Mistral as llama).
-_ARCH_OF_MODEL_TYPE = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
 # Metadata keys the reader synthesises or the writer sets itself.
 _OWN_KEYS = ("GGUF.", "general.architecture", "general.type", "general.file_type")
 
@@ -69,58 +78,90 @@ def gguf_architecture(model: nn.Module) -> str:
     if path is not None:
         return str(open_gguf(path).fields["general.architecture"].contents())
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type not in _ARCH_OF_MODEL_TYPE:
-        raise FormatError(
-            f"GGUF export supports transformers model types {sorted(_ARCH_OF_MODEL_TYPE)}, "
-            f"got {model_type!r}"
-        )
-    return _ARCH_OF_MODEL_TYPE[model_type]
+    return architecture_of_model_type(model_type).name
 
 
 def _heads(model: nn.Module, arch: str, module: str) -> int | None:
-    if arch not in PERMUTED_ARCHITECTURES:
-        return None
     cfg = model.config
-    if module.endswith("self_attn.q_proj"):
-        return cfg.num_attention_heads
-    if module.endswith("self_attn.k_proj"):
-        return cfg.num_key_value_heads
-    return None
+    return permuted_heads(arch, module, cfg.num_attention_heads, cfg.num_key_value_heads)
 
 
 def _to_gguf_rows(t: torch.Tensor, heads: int | None) -> torch.Tensor:
     return t if heads is None else t[gguf_row_order(t.shape[0], heads)]
 
 
-def _gguf_name(module: str) -> str:
-    name = hf_to_gguf_name(module.removeprefix(PREFIX))
+def _gguf_name(module: str, arch: str) -> str:
+    name = hf_to_gguf_name(module.removeprefix(PREFIX), arch)
     if name is None:
-        raise FormatError(f"module {module} has no GGUF tensor name (Llama-family layout expected)")
+        raise FormatError(f"module {module} has no GGUF tensor name in a {arch} model")
     return name
 
 
 # ------------------------------------------------------------------------------------ adapter
+_MERGED_CARRIES = "; --merged carries it (loraq export --merged)"
+
+
+def _refuse_what_cannot_travel(model: nn.Module, layers: list[tuple[str, LoRALayer]]) -> None:
+    """An adapter GGUF holds LoRA pairs only: fully trained modules and trained biases would be
+    dropped, so they are refused, each with the module named."""
+    for name, module in model.named_modules():
+        if isinstance(module, ModulesToSave) and not module.adapters_disabled:
+            if module.active_adapter in module.modules_to_save:
+                raise FormatError(
+                    f"export_gguf: {name} is a modules_to_save module (trained in full, not a "
+                    f"LoRA pair), which an adapter GGUF cannot hold{_MERGED_CARRIES}"
+                )
+    active = {a for _, layer in layers for a in layer.active_adapters}
+    for adapter, config in getattr(model, CONFIGS_ATTR, {}).items():
+        if adapter in active and getattr(config, "bias", "none") != "none":
+            raise FormatError(
+                f"export_gguf: adapter {adapter!r} trains biases (bias={config.bias!r}), which "
+                f"an adapter GGUF cannot hold{_MERGED_CARRIES}"
+            )
+
+
+def _tied_head(model: nn.Module, arch: str) -> bool:
+    """The base file holds no ``output.weight`` (the head is the embedding)."""
+    return architecture(arch).always_tied or bool(
+        getattr(model.config, "tie_word_embeddings", False)
+    )
+
+
 def _adapter_tensors(model: nn.Module, arch: str) -> tuple[dict[str, torch.Tensor], float]:
+    """``<gguf tensor>.weight.lora_{a,b}`` of every adapted module, and the file's alpha.
+
+    llama.cpp applies LoRA to ``output`` as to any matrix, and to ``token_embd`` with the pair
+    flipped: it gathers rows of ``lora_a`` (vocab, r) by token id and multiplies by ``lora_b``
+    (embedding, r), so an embedding adapter's A is written transposed.
+    """
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALayer)]
     if not layers:
         raise FormatError("export_gguf: the model has no LoRA adapters")
+    _refuse_what_cannot_travel(model, layers)
     alpha = None
     out: dict[str, torch.Tensor] = {}
     for name, layer in layers:
         adapter = layer.active_adapters[0] if layer.active_adapters else None
-        if adapter is None or adapter not in layer.lora_A:
-            raise FormatError(f"export_gguf: {name} has no active linear LoRA adapter")
+        embedding = adapter is not None and adapter in layer.lora_embedding_A
+        if adapter is None or not (embedding or adapter in layer.lora_A):
+            raise FormatError(f"export_gguf: {name} has no active LoRA adapter")
         if layer.use_dora[adapter]:
             raise FormatError(
                 f"export_gguf: {name} uses DoRA, which llama.cpp adapters cannot hold"
+                + _MERGED_CARRIES
+            )
+        stem = _gguf_name(name, arch)
+        if stem == "output" and _tied_head(model, arch):
+            raise FormatError(
+                f"export_gguf: {name} has a LoRA adapter but the head is tied to the embedding, "
+                f"so llama.cpp's base file has no output.weight to apply it to{_MERGED_CARRIES}"
             )
         r, scaling = layer.r[adapter], layer.scaling[adapter]
         alpha = scaling * r if alpha is None else alpha  # the first layer fixes the file's alpha
         a, b = (t.detach().float() for t in layer.adapter_weights(adapter))  # k-bit grid if set
         b = b * (scaling * r / alpha)
-        stem = _gguf_name(name) + ".weight"
-        out[stem + ".lora_a"] = a
-        out[stem + ".lora_b"] = _to_gguf_rows(b, _heads(model, arch, name))
+        out[stem + ".weight.lora_a"] = a.t().contiguous() if embedding else a
+        out[stem + ".weight.lora_b"] = _to_gguf_rows(b, _heads(model, arch, name))
     return out, float(alpha)
 
 
@@ -177,6 +218,8 @@ def _merged_tensor(model: nn.Module, name: str, module: nn.Module, dtype: str, a
         for adapter in module.active_adapters:
             if adapter not in module.merged_adapters:
                 weight = weight + module.delta_matrix(adapter).detach().float()
+        if isinstance(base, nn.Embedding):  # the adapter's orientation is (embedding, vocab)
+            weight = weight.t()
     elif isinstance(base, (LinearGGUF, EmbeddingGGUF)):
         weight = base.dequantize_weight(torch.float32)
     else:
@@ -216,12 +259,43 @@ def _base_metadata(model: nn.Module) -> list[tuple[str, Any, Any, Any]]:
     return out
 
 
+def _rope(cfg: Any, row: Any, head_dim: int) -> tuple[float, int]:
+    """(RoPE base of the full-attention layers, rotated dims per head); refuses RoPE scaling and
+    what else the file cannot say."""
+    params = getattr(cfg, "rope_parameters", None) or {}
+    per_layer_type = {k: p for k, p in params.items() if isinstance(p, dict)}  # Gemma 3
+    for p in per_layer_type.values() or [params]:
+        kind = p.get("rope_type", "default")
+        if kind not in ("default", None):
+            raise FormatError(
+                f"GGUF export: RoPE scaling {kind!r} is not written to GGUF files (unscaled only)"
+            )
+    sliding = per_layer_type.get("sliding_attention", {}).get("rope_theta")
+    if sliding is not None and sliding != row.sliding_rope_theta:
+        raise FormatError(
+            f"GGUF export: sliding-window layers use RoPE base {sliding}, but llama.cpp's "
+            f"{row.name} uses {row.sliding_rope_theta}"
+        )
+    if per_layer_type:
+        params = per_layer_type.get("full_attention", next(iter(per_layer_type.values())))
+    factor = params.get("partial_rotary_factor", getattr(cfg, "partial_rotary_factor", 1.0))
+    if factor != 1.0 and not row.partial_rotary:
+        raise FormatError(f"GGUF export: {row.name} has no partial RoPE (factor {factor})")
+    theta = float(params.get("rope_theta", getattr(cfg, "rope_theta", 10000.0)))
+    return theta, int(head_dim * float(factor or 1.0))
+
+
 def _config_metadata(writer: Any, model: nn.Module, arch: str) -> None:
     cfg = model.config
+    row = architecture(arch)
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    theta = (getattr(cfg, "rope_parameters", None) or {}).get(
-        "rope_theta", getattr(cfg, "rope_theta", 10000.0)
-    )
+    theta, rope_dims = _rope(cfg, row, head_dim)
+    for attribute in row.head_dim_attributes:  # llama.cpp derives these from the head size
+        if getattr(cfg, attribute, head_dim) != head_dim:
+            raise FormatError(
+                f"GGUF export: {arch} config has {attribute}={getattr(cfg, attribute)}, but "
+                f"llama.cpp uses the head size {head_dim}"
+            )
     writer.add_context_length(cfg.max_position_embeddings)
     writer.add_embedding_length(cfg.hidden_size)
     writer.add_block_count(cfg.num_hidden_layers)
@@ -230,25 +304,68 @@ def _config_metadata(writer: Any, model: nn.Module, arch: str) -> None:
     writer.add_head_count_kv(cfg.num_key_value_heads)
     writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     writer.add_rope_freq_base(float(theta))
-    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_dimension_count(rope_dims)
     writer.add_key_length(head_dim)
     writer.add_value_length(head_dim)
     writer.add_vocab_size(cfg.vocab_size)
+    for p in row.hyperparameters:
+        value = getattr(cfg, p.attribute, None)
+        if value is not None:
+            add = writer.add_uint32 if p.kind is int else writer.add_float32
+            add(f"{arch}.{p.key}", p.kind(value))
 
 
-def _write_merged(model: nn.Module, path: Path, dtype: str) -> None:
+def _vocabulary(model: nn.Module, tokenizer: Any) -> GGUFVocabulary | None:
+    """The vocabulary to write into a merged GGUF: ``tokenizer`` (a folder or a transformers
+    tokenizer) or the base folder's, padded to the embedding's rows; None (with a warning: the
+    file will not load in llama.cpp) when there is none."""
+    source = tokenizer if tokenizer is not None else tokenizer_source(source_folder(model))
+    if source is None:
+        import warnings
+
+        warnings.warn(
+            "export_gguf: no tokenizer found (pass tokenizer=...); llama.cpp refuses a model "
+            "GGUF without one",
+            stacklevel=3,
+        )
+        return None
+    return gguf_vocabulary(source, rows=model.get_input_embeddings().num_embeddings)
+
+
+def _running_copy(module: ModulesToSave) -> nn.Module:
+    active = module.active_adapter
+    if not module.adapters_disabled and active in module.modules_to_save:
+        return module.modules_to_save[active]
+    return module.original_module
+
+
+def _write_merged(model: nn.Module, path: Path, dtype: str, tokenizer: Any = None) -> None:
     import gguf
 
     arch = gguf_architecture(model)
     copied = _base_metadata(model)
+    vocab = None if copied else _vocabulary(model, tokenizer)
     tensors: dict[str, tuple[np.ndarray, Any] | None] = {}
     matrices: list[tuple[str, str, nn.Module]] = []  # (GGUF name, module name, module)
-    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    row = architecture(arch)
+    tied = row.always_tied or bool(getattr(model.config, "tie_word_embeddings", False))
     for name, module in model.named_modules():
         plain = name.removeprefix(PREFIX)
-        target = hf_to_gguf_name(plain)
-        if target is None or (target == "output" and tied):
+        target = hf_to_gguf_name(plain, arch)
+        if target is None:
             continue  # wrapper internals (base_layer, lora_A, ...) have no GGUF name
+        trained_head = isinstance(module, ModulesToSave) and _running_copy(module) is not (
+            module.original_module
+        )
+        if target == "output" and tied and not trained_head:
+            continue
+        if target == "output" and trained_head and row.always_tied:
+            raise FormatError(
+                f"export_gguf: {name} is trained apart from the embedding, but {arch} files "
+                "always tie the head to token_embd"
+            )
+        if isinstance(module, ModulesToSave):  # the trained copy the model runs
+            module = _running_copy(module)
         if isinstance(module, (LoRALayer, nn.Linear, nn.Embedding, LinearGGUF, EmbeddingGGUF)):
             tensors[target + ".weight"] = None  # filled below, in file order
             matrices.append((target + ".weight", plain, module))
@@ -260,7 +377,8 @@ def _write_merged(model: nn.Module, path: Path, dtype: str) -> None:
                     None,
                 )
         elif hasattr(module, "weight") and isinstance(module.weight, torch.Tensor):  # norms
-            tensors[target + ".weight"] = (module.weight.detach().float().numpy(), None)
+            norm = module.weight.detach().float() + row.norm_offset  # Gemma's 1 + w
+            tensors[target + ".weight"] = (norm.numpy(), None)
     types = _matrix_types(model, dtype, [(key, module) for key, _, module in matrices])
     for key, plain, module in matrices:
         tensors[key] = _merged_tensor(model, plain, module, types[key], arch)
@@ -275,6 +393,8 @@ def _write_merged(model: nn.Module, path: Path, dtype: str) -> None:
                 writer.add_key_value(key, value, vtype, sub_type=sub)
         else:
             _config_metadata(writer, model, arch)
+            if vocab is not None:
+                write_vocabulary(writer, vocab)
         for name, (array, raw) in tensors.items():
             writer.add_tensor(name, array, raw_dtype=raw)
 
@@ -297,30 +417,42 @@ def _atomic_gguf(path: Path, arch: str, fill: Any) -> None:
 
 
 def export_gguf(
-    model: nn.Module, path: str | os.PathLike[str], merged: bool = False, dtype: str | None = None
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    merged: bool = False,
+    dtype: str | None = None,
+    tokenizer: Any = None,
 ) -> Path:
     """Write ``model``'s adapter (default) or the merged model as a GGUF file llama.cpp runs.
 
     Args:
-        model: a Llama-family transformers model with loraq adapters (from ``loraq.apply`` /
+        model: a transformers model of an architecture in
+            :data:`loraq.io.gguf_names.ARCHITECTURES` with loraq adapters (from ``loraq.apply`` /
             ``load_adapter``, over a dense, NF4 or GGUF base; :func:`loraq.load_gguf` bases also
             pass their metadata and tokenizer through).
         path: the ``.gguf`` file to write (atomically).
         merged: False: an adapter GGUF of the active adapter (``dtype`` ``f32``, the default, or
             ``f16``). True: the whole model with the adapters folded in (``dtype`` one of
             :data:`MERGED_DTYPES`, default ``keep`` for a GGUF base and ``f16`` otherwise).
+        tokenizer: merged files only: a tokenizer folder or transformers fast tokenizer whose
+            vocabulary, special tokens and chat template go into the file (see
+            :mod:`loraq.io.gguf_tokenizer`). Default: a GGUF base's own metadata, else the
+            tokenizer of the folder the base was loaded from.
 
     Raises:
         FormatError: an unsupported architecture, DoRA or non-linear adapters, a module with
             no GGUF name, a bad ``dtype``.
+        FileExistsError: ``path`` exists and is not a regular file (a device node, a FIFO).
+        OSError: ENOSPC naming ``path`` for a full disk; no partial file is left.
     """
     target = Path(path)
+    check_replaceable(target)  # before the work: never replace a device node or FIFO
     if merged:
         dtype = dtype or ("keep" if getattr(model, "loraq_gguf_path", None) else "f16")
         if dtype not in MERGED_DTYPES:
             raise FormatError(f"export_gguf: merged dtype {dtype!r} is not one of {MERGED_DTYPES}")
         with torch.no_grad():
-            _write_merged(model, target, dtype)
+            _write_merged(model, target, dtype, tokenizer)
     else:
         dtype = dtype or "f32"
         if dtype not in ADAPTER_DTYPES:

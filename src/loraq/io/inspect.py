@@ -1,4 +1,4 @@
-"""``loraq inspect PATH``: what an adapter folder or a (4-bit) checkpoint holds.
+"""``loraq inspect PATH``: what an adapter folder, a (4-bit) checkpoint or a GGUF file holds.
 
 Only headers, configs and the tiny quant-state JSON tensors are read, so inspecting a large
 checkpoint is fast. Nothing is unpickled: a pickle-only folder gets the usual conversion hint.
@@ -18,6 +18,7 @@ from safetensors import safe_open
 from ..core.naming import adapted_module_of
 from ..layers.lora import adapter_scaling
 from .adapter_codes import PACKED_MAX_BITS
+from .gguf_inspect import format_gguf_inspection, inspect_gguf
 from .peft_config import ADAPTER_BITS_FIELD, lora_config_from_peft
 from .peft_format import CODES_WEIGHTS_NAME, CONFIG_NAME, PREFIX, WEIGHTS_NAME
 from .safe import (
@@ -221,7 +222,8 @@ def inspect_checkpoint(folder: Path) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------------- entry points
 def inspect_path(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Describe an adapter folder (one or several adapters) or a model checkpoint folder.
+    """Describe an adapter folder (one or several adapters), a model checkpoint folder, or a
+    GGUF file (``kind`` ``"gguf"``, see :func:`~loraq.io.gguf_inspect.inspect_gguf`).
 
     Returns a JSON-friendly dict with ``kind`` = ``"adapter"`` (with ``adapters``: one entry per
     adapter: rank, alpha, targets, parameter count, bytes, ...), ``"quantized"`` (a 4-/8-bit
@@ -238,6 +240,8 @@ def inspect_path(path: str | os.PathLike[str]) -> dict[str, Any]:
     if root.is_file():
         if root.name == CONFIG_NAME:
             root = root.parent
+        elif root.suffix.lower() == ".gguf":
+            return inspect_gguf(root)
         elif root.suffix == ".safetensors":
             header, metadata = read_safetensors_header(root)
             return {
@@ -251,7 +255,7 @@ def inspect_path(path: str | os.PathLike[str]) -> dict[str, Any]:
         else:
             if root.suffix in PICKLE_SUFFIXES:
                 refuse_pickle(root)
-            raise FormatError(f"{root}: loraq inspects folders and .safetensors files")
+            raise FormatError(f"{root}: loraq inspects folders, .safetensors and .gguf files")
     adapters = _adapter_folders(root)
     if adapters:
         infos = [inspect_adapter(folder, name) for name, folder in adapters]
@@ -276,6 +280,8 @@ def _size(n: int) -> str:
 def format_inspection(info: dict[str, Any]) -> str:
     """Human-readable text for :func:`inspect_path`'s result."""
     lines = []
+    if info["kind"] == "gguf":
+        return format_gguf_inspection(info)
     if info["kind"] == "adapter":
         lines.append(f"{info['path']}: {len(info['adapters'])} LoRA adapter(s)")
         for a in info["adapters"]:

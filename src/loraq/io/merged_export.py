@@ -23,6 +23,7 @@ from .quantized import write_quantized_files
 from .safe import (
     atomic_save_safetensors,
     atomic_write_json,
+    check_replaceable,
     model_weight_files,
     read_json,
     read_safetensors,
@@ -50,6 +51,7 @@ def export_merged(
     merge_into: str = "dequantized",
     original: Original | None = None,
     calibration: Any = None,
+    tokenizer: Any = None,
 ) -> Path:
     """Write the model with the active adapter merged in; returns the folder.
 
@@ -65,17 +67,23 @@ def export_merged(
     output space (:class:`~loraq.model.merging.MergeReport`) when a calibration batch was given or
     could be made (a model with ``config.vocab_size``).
 
+    Nothing is half-done: the arguments, ``original`` and ``path`` (absent or a folder) are
+    checked before the merge; the folder is staged and published whole, so a failure (a full
+    disk: ``OSError(ENOSPC)`` naming ``path``) leaves no partial folder and ``model`` unchanged.
+
     Args:
         model: a model with loraq adapters (or a plain / quantized model).
         path: output folder; written to a temporary sibling and moved into place.
         dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"`` (dense merges).
         merge_into, original, calibration: as for :func:`loraq.unload`.
+        tokenizer: saved into the folder with the weights (``save_pretrained``), if given.
     """
     if dtype not in EXPORT_DTYPES:
         raise ValueError(
             f"export_merged: dtype={dtype!r} is invalid; expected one of {list(EXPORT_DTYPES)}"
         )
     check_merge_target(merge_into, original)
+    check_replaceable(path, folder=True)
     # Dense merges happen in float32 even over a half-precision base, then round once to
     # ``dtype``; a dequantized GPT-2 Conv1D stays a Conv1D (each quantized layer records it).
     merge_dtype = None if merge_into == "requantize" else torch.float32
@@ -92,6 +100,8 @@ def export_merged(
             write_quantized_files(work, staging)
         else:
             _write_dense(work, model, staging, dtype)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
         if report.measured:
             atomic_write_json(staging / REPORT_FILE, report.to_dict())
     return Path(path)

@@ -1,6 +1,6 @@
 """``adapter_config.json`` as PEFT 0.21 writes it, to and from :class:`loraq.LoraConfig`.
 
-PEFT's LoRA config has 41 fields (listed in :data:`PEFT_LORA_DEFAULTS`). loraq maps twelve of them
+PEFT's LoRA config has 41 fields (listed in :data:`PEFT_LORA_DEFAULTS`). loraq maps thirteen of them
 to its own settings, treats a few as information only, and accepts the rest only at their
 default value: a non-default value means a feature loraq does not implement (per-layer ranks,
 layer selection, ...), and silently ignoring it would load a different model.
@@ -97,6 +97,7 @@ MAPPED_FIELDS = (
     "peft_type",
     "r",
     "target_modules",
+    "target_parameters",
     "use_dora",
     "use_rslora",
 )
@@ -182,6 +183,7 @@ def peft_config_dict(model: nn.Module, adapter: str, config: LoraConfig) -> dict
             "r": config.r,
             "revision": config.extra.get("revision"),
             "target_modules": targets,
+            "target_parameters": config.target_parameters,
             "task_type": task_type,
             "use_dora": config.use_dora,
             "use_rslora": config.use_rslora,
@@ -287,7 +289,10 @@ def lora_config_from_peft(
         _check_type(source, full, name, (bool,), "true or false")
     bias = _check_type(source, full, "bias", (str,), "a string")
     targets = _names(source, full, "target_modules")
-    if targets is None or targets == []:
+    target_parameters = _parameter_names(source, full["target_parameters"])
+    if target_parameters and not targets:
+        targets = []  # parameters only (PEFT adapts no module then)
+    elif targets is None or targets == []:
         raise _field_error(
             source,
             "target_modules",
@@ -328,6 +333,7 @@ def lora_config_from_peft(
             use_rslora=full["use_rslora"],
             use_dora=full["use_dora"],
             adapter_bits=bits,
+            target_parameters=target_parameters,
             extra=extra,
         )
     except ValueError as err:
@@ -354,6 +360,16 @@ def _peft_names(message: str) -> str:
         return message
     name = _LORAQ_TO_PEFT_NAME.get(match[1], match[1])
     return f"field {name!r}: {name}={match[2]}"
+
+
+def _parameter_names(source: str, value: Any) -> list[str] | None:
+    if value is None or value == []:
+        return None
+    if isinstance(value, list) and all(isinstance(v, str) and v for v in value):
+        return list(value)
+    raise _field_error(
+        source, "target_parameters", f"must be a list of parameter names or null, got {value!r}"
+    )
 
 
 def _loftq_from_peft(source: str, value: Any, init: str) -> tuple[int | None, int | None]:

@@ -14,6 +14,10 @@ in memory (loraq and PEFT)                  on disk
 ``<m>.base_layer.bias`` (bias != "none")    ``base_model.model.<m>.base_layer.bias``
 ==========================================  ==========================================
 
+Adapters on parameters (``target_parameters``) use the same keys at the module holding the
+parameter; a second parameter of that module nests one ``base_layer.`` deeper
+(``<m>.base_layer.lora_A.weight``), in PEFT's order (see :mod:`loraq.layers.param_lora`).
+
 Adapters trained with ``adapter_bits=k`` may instead be stored as integer codes (see
 :mod:`loraq.io.adapter_codes`) in ``adapter_model.codes.safetensors``; PEFT cannot read those, and
 the different file name makes it fail loudly instead of loading random weights.
@@ -30,6 +34,7 @@ from torch import nn
 
 from ..core.naming import disk_key, memory_key
 from ..layers.lora import LoRALayer, ModulesToSave
+from ..layers.param_lora import ParamLoRA
 from ..layers.protocol import QuantizedBase
 from ..model.config import LoraConfig
 from ..model.surgery import CONFIGS_ATTR, adapter_names, adapter_state_dict, apply
@@ -125,6 +130,9 @@ def expected_keys(model: nn.Module, adapter: str) -> set[str]:
         if adapter in wrapper.modules_to_save:
             for key in wrapper.modules_to_save[adapter].state_dict():
                 keys.add(f"{name}.modules_to_save.{adapter}.{key}")
+    for name, module in model.named_modules():  # target_parameters: one pair per parameter
+        if isinstance(module, ParamLoRA) and adapter in module.r:
+            keys |= {f"{name}.lora_A.{adapter}.weight", f"{name}.lora_B.{adapter}.weight"}
     return keys
 
 

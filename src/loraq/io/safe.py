@@ -9,7 +9,11 @@ Two rules hold for every file loraq reads or writes:
   the same folder and is moved into place with ``os.replace`` (atomic on POSIX and Windows). A
   folder of several files is staged whole in a sibling folder first (:func:`staged_folder`, the
   one folder writer: adapters, 4-bit checkpoints, merged models, training checkpoints and
-  results all go through it).
+  results all go through it). A failed write removes its temporary file or folder; one left by a
+  killed process (its name ends in the writer's pid) is removed by the next write to the same
+  path. A full disk is reported as ``OSError(ENOSPC)`` naming the target, whatever the writer
+  raised. Only a regular file (or a folder, for a folder) is ever replaced: a device node, FIFO
+  or socket at the path is refused (:func:`check_replaceable`).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import os
 import re
 import secrets
 import shutil
+import stat
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, NoReturn
@@ -131,7 +136,52 @@ def weights_file(folder: str | os.PathLike[str], name: str) -> Path:
 
 # ---------------------------------------------------------------------------------- writing
 def _temp_sibling(path: Path) -> Path:
-    return path.with_name(f"{path.name}.tmp-{secrets.token_hex(4)}")
+    return _writer_sibling(path, "tmp")
+
+
+_NODE_KINDS = (
+    (stat.S_ISFIFO, "a named pipe (FIFO)"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISDIR, "a folder"),
+    (stat.S_ISREG, "a regular file"),
+)
+
+
+def check_replaceable(path: str | os.PathLike[str], folder: bool = False) -> None:
+    """Raise ``FileExistsError`` naming ``path`` unless it is absent or what a write may replace:
+    a regular file (``folder=False``; through a symlink too) or a folder (``folder=True``).
+
+    Replacing a device node (``/dev/null``), a FIFO or a socket by a regular file would break
+    whatever uses it, so those are refused before any work is done.
+    """
+    path = Path(path)
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return  # absent, or a dangling symlink that the write replaces
+    except OSError:
+        return  # unreadable: the write itself reports it with its reason
+    if stat.S_ISDIR(mode) if folder else stat.S_ISREG(mode):
+        return
+    kind = next((name for test, name in _NODE_KINDS if test(mode)), "not a regular file")
+    wanted = "a folder" if folder else "a regular file"
+    raise FileExistsError(
+        f"{path} exists and is not {wanted} (it is {kind}); refusing to replace it"
+    )
+
+
+@contextlib.contextmanager
+def reporting_disk_full(target: str | os.PathLike[str]) -> Iterator[None]:
+    """Re-raise a full disk inside the body (:func:`is_disk_full`) as ``OSError(ENOSPC)``
+    naming ``target``."""
+    try:
+        yield
+    except Exception as err:
+        if is_disk_full(err):
+            raise OSError(errno.ENOSPC, "no space left on device", str(target)) from err
+        raise
 
 
 def _fsync_file(path: Path) -> None:
@@ -142,9 +192,10 @@ def _fsync_file(path: Path) -> None:
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
     """Write ``data`` to ``path`` via a temporary file and ``os.replace``."""
     path = Path(path)
+    check_replaceable(path)
     tmp = _temp_sibling(path)
     try:
-        with open(tmp, "xb") as f:
+        with reporting_disk_full(path), open(tmp, "xb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -157,13 +208,18 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
 def staged_file(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary sibling of ``path`` for a writer that needs a file name (the ``gguf``
     package's writer, say); on normal exit it is synced and moved onto ``path`` with
-    ``os.replace``. On an exception it is removed and ``path`` is untouched."""
+    ``os.replace``. On an exception it is removed and ``path`` is untouched; a full disk is
+    raised as ``OSError(ENOSPC)`` naming ``path``. ``path`` must be absent or a regular file
+    (:func:`check_replaceable`); temporary files of dead writers of ``path`` are removed first."""
     path = Path(path)
+    check_replaceable(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_orphans_of(path)
     tmp = _temp_sibling(path)
     try:
-        yield tmp
-        _fsync_file(tmp)
+        with reporting_disk_full(path):
+            yield tmp
+            _fsync_file(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -204,11 +260,13 @@ def atomic_save_safetensors(
 ) -> None:
     """Save ``tensors`` as safetensors (metadata ``{"format": "pt"}`` by default) atomically."""
     path = Path(path)
+    check_replaceable(path)
     meta = {"format": "pt", **(metadata or {})}
     tmp = _temp_sibling(path)
     try:
-        save_file(_unshare(tensors), str(tmp), metadata=meta)
-        _fsync_file(tmp)
+        with reporting_disk_full(path):
+            save_file(_unshare(tensors), str(tmp), metadata=meta)
+            _fsync_file(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -221,15 +279,24 @@ _ORPHAN = re.compile(r"\.(tmp|old)-(.+)-(\d+)")
 
 
 def _writer_sibling(target: Path, kind: str) -> Path:
-    return target.with_name(f".{kind}-{target.name}-{secrets.token_hex(4)}-{os.getpid()}")
+    token = secrets.token_hex(_SIBLING_TOKEN_BYTES)
+    return target.with_name(f".{kind}-{target.name}-{token}-{os.getpid()}")
+
+
+#: Random hex bytes in a writer's sibling name (two writers in one process never collide).
+_SIBLING_TOKEN_BYTES = 4
 
 
 def is_disk_full(err: BaseException) -> bool:
-    """True when ``err`` (an OSError, or a writer's own error type) means the disk is full."""
+    """True when ``err`` means the disk is full: ``OSError`` ENOSPC/EDQUOT, a writer's own error
+    saying so (safetensors' "os error 28" / ``StorageFull``), or numpy's short write
+    ("N requested and M written", what the ``gguf`` writer's ``tofile`` raises)."""
     if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
         return True
     text = str(err)
-    return "No space left on device" in text or "os error 28" in text
+    short_write = isinstance(err, OSError) and "requested and" in text and "written" in text
+    rust = "os error 28" in text or "StorageFull" in text  # safetensors' io::Error
+    return short_write or rust or "No space left on device" in text
 
 
 def _merge_into(staging: Path, target: Path) -> None:
@@ -267,23 +334,20 @@ def staged_folder(path: str | os.PathLike[str], *, replace: bool = False) -> Ite
     writer raised.
     """
     target = Path(path)
-    if target.exists() and not target.is_dir():
-        raise FileExistsError(f"{target} exists and is not a folder")
+    check_replaceable(target, folder=True)
     target.parent.mkdir(parents=True, exist_ok=True)
+    remove_orphans_of(target)
     staging = _writer_sibling(target, "tmp")
     staging.mkdir()  # honours the umask, unlike tempfile.mkdtemp's 0o700
     try:
-        yield staging
-        if not target.exists():
-            os.replace(staging, target)  # one atomic rename of the whole folder
-        elif replace:
-            _swap_in(staging, target)
-        else:
-            _merge_into(staging, target)
-    except Exception as err:
-        if is_disk_full(err):
-            raise OSError(errno.ENOSPC, "no space left on device", str(target)) from err
-        raise
+        with reporting_disk_full(target):
+            yield staging
+            if not target.exists():
+                os.replace(staging, target)  # one atomic rename of the whole folder
+            elif replace:
+                _swap_in(staging, target)
+            else:
+                _merge_into(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
@@ -323,6 +387,29 @@ def remove_orphans(folder: str | os.PathLike[str]) -> list[Path]:
         match = _ORPHAN.fullmatch(path.name)
         if match and path.is_dir() and not _pid_alive(int(match[3])):
             shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def remove_orphans_of(target: str | os.PathLike[str]) -> list[Path]:
+    """Remove the temporary files and folders that writers of ``target`` killed mid-write left
+    beside it (``.tmp-<name>-<hex>-<pid>``, ``.old-<name>-<hex>-<pid>`` of a process that is
+    gone); returns the removed. Only ``target``'s own siblings are touched."""
+    target = Path(target)
+    token = f"[0-9a-f]{{{2 * _SIBLING_TOKEN_BYTES}}}"
+    pattern = re.compile(rf"\.(tmp|old)-{re.escape(target.name)}-{token}-(\d+)")
+    removed: list[Path] = []
+    with contextlib.suppress(OSError):
+        for path in target.parent.iterdir():
+            match = pattern.fullmatch(path.name)
+            pid = int(match[2]) if match else None
+            # this process's own may be in use by another of its threads
+            if pid is None or pid == os.getpid() or _pid_alive(pid):
+                continue
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
             removed.append(path)
     return removed
 

@@ -21,6 +21,7 @@ Parameter names follow PEFT (``lora_A.<adapter>.weight``, ``lora_embedding_A.<ad
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Any
 
@@ -45,6 +46,10 @@ __all__ = [
     "is_gpt2_conv1d",
     "layer_kind",
 ]
+
+
+#: Source of :attr:`LoRALayer.adapter_version` values (see ``_note_change``).
+_ADAPTER_VERSIONS = itertools.count(1)
 
 
 def adapter_scaling(alpha: float, r: int, use_rslora: bool = False) -> float:
@@ -195,7 +200,10 @@ class LoRALayer(nn.Module):
         return self._adapter_version
 
     def _note_change(self) -> None:
-        self._adapter_version += 1
+        # Drawn from one process-wide counter, so a version is never handed out twice: a
+        # transaction that rolls a layer back restores its old version, and a stack cached
+        # inside the failed call (under a newer version) can never match a later state.
+        self._adapter_version = next(_ADAPTER_VERSIONS)
 
     def adapter_view(self, name: str) -> AdapterView:
         """Adapter ``name`` as an :class:`~loraq.layers.adapter_view.AdapterView` (KeyError if absent)."""

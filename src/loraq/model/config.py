@@ -75,6 +75,13 @@ class LoraConfig:
             (straight-through estimator), or ``None`` for float adapters.
         quant_embeddings: also store frozen ``nn.Embedding`` tables in NF4 (in ``quant``'s
             block format for the GGUF formats).
+        target_parameters: parameters (not modules) that get adapters, as PEFT's
+            ``target_parameters``: names ``"<module>.<param>"`` matched as a dotted suffix of the
+            full name (``"mlp.experts.gate_up_proj"``). A 3-D expert stack ``(E, ., .)`` gets one
+            rank-``r`` pair per expert, a 2-D weight one pair (see
+            :mod:`loraq.layers.param_lora`). ``targets=[]`` then adapts no module. Needs
+            ``dropout=0`` and no DoRA, PiSSA, LoftQ or ``adapter_bits`` (the delta is added to
+            the parameter, not to an output).
     """
 
     r: int = 8
@@ -95,6 +102,7 @@ class LoraConfig:
     quant_skip: list[str] | None = None
     adapter_bits: int | None = None
     quant_embeddings: bool = False
+    target_parameters: list[str] | None = None
     # PEFT fields that have no loraq setting are kept here so a PEFT file round-trips.
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
@@ -123,7 +131,9 @@ class LoraConfig:
             or not 0.0 <= self.dropout < 1.0
         ):
             raise _bad("dropout", self.dropout, "a probability in [0, 1)")
-        self.targets = _check_names("targets", self.targets, allow_all_linear=True)
+        self._check_target_parameters()
+        if not (self.targets == [] and self.target_parameters):  # []: parameters only
+            self.targets = _check_names("targets", self.targets, allow_all_linear=True)
         if self.exclude is not None:
             self.exclude = _check_names("exclude", self.exclude, allow_all_linear=False)
         if self.bias not in BIAS_MODES:
@@ -164,6 +174,39 @@ class LoraConfig:
             raise _bad("adapter_bits", self.adapter_bits, "None or an integer in 2..8")
         if not isinstance(self.extra, dict):
             raise _bad("extra", self.extra, "a dict")
+        self._check_parameter_conflicts()
+
+    def _check_target_parameters(self) -> None:
+        value = self.target_parameters
+        if value is None:
+            return
+        if isinstance(value, str):
+            value = [value]
+        if (
+            not isinstance(value, (list, tuple))
+            or not value
+            or not all(isinstance(v, str) and v for v in value)
+        ):
+            raise _bad("target_parameters", value, "None or a non-empty list of parameter names")
+        self.target_parameters = list(value)
+
+    def _check_parameter_conflicts(self) -> None:
+        if self.target_parameters is None:
+            return
+        # The delta is added to the parameter, so nothing can act on the adapter's own input
+        # or output (PEFT refuses the same).
+        conflicts = {
+            "dropout": (self.dropout != 0, "0 with target_parameters"),
+            "use_dora": (self.use_dora, "False with target_parameters"),
+            "init": (
+                self.init not in ("kaiming", "gaussian"),
+                "'kaiming' or 'gaussian' with target_parameters",
+            ),
+            "adapter_bits": (self.adapter_bits is not None, "None with target_parameters"),
+        }
+        for name, (bad, expected) in conflicts.items():
+            if bad:
+                raise _bad(name, getattr(self, name), expected)
 
     def replace(self, **changes: Any) -> LoraConfig:
         """A validated copy with some fields changed."""

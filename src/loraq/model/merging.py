@@ -33,6 +33,9 @@ from ..core.naming import unwrapped_name
 from ..layers.lora import LoRALayer
 from ..layers.protocol import LAYOUT_CONV1D, QuantizedBase
 from ..layers.quantized import Embedding4bit
+from ..quant.gguf_tensor import GGUFTensor
+from ..quant.qtensor import QuantizedTensor
+from .loftq import REPORT_ATTR as LOFTQ_REPORT_ATTR
 from .quantize import dequantize_model
 
 #: What an adapter can be merged into (``merge_into=``).
@@ -220,10 +223,13 @@ def _lookup(weights: Mapping[str, torch.Tensor], key: str, prefix: str) -> torch
 
 
 def original_tensors(model: nn.Module, original: Original) -> dict[str, torch.Tensor]:
-    """``{quantized layer name: its weight in original}``, every layer checked for presence
-    and dense shape (``ValueError`` naming the key), before anything changes."""
+    """``{quantized layer name: its weight in original}``, every layer checked before anything
+    changes (``ValueError`` naming the key): present, a dense floating tensor holding data (not
+    on the meta device, not sparse), the dense shape, finite, and the weights the layer was
+    quantized from (:func:`check_quantized_from`)."""
     weights = original.state_dict() if isinstance(original, nn.Module) else original
     prefix = getattr(model, "base_model_prefix", "")
+    loftq = bool(getattr(model, LOFTQ_REPORT_ATTR, None))
     found: dict[str, torch.Tensor] = {}
     for name in _quantized_names(model):
         key = unwrapped_name(name) + ".weight"
@@ -233,14 +239,132 @@ def original_tensors(model: nn.Module, original: Original) -> dict[str, torch.Te
                 f"merge_into='original': original= has no tensor {key!r} for the quantized "
                 "layer of that name"
             )
-        shape = _dense_shape(model.get_submodule(name))
+        _check_original_tensor(key, source)
+        module = model.get_submodule(name)
+        shape = _dense_shape(module)
         if tuple(source.shape) != shape:
             raise ValueError(
                 f"merge_into='original': original tensor {key!r} has shape "
                 f"{tuple(source.shape)}, the model's layer has {shape}"
             )
+        if not loftq:  # LoftQ quantized W - A·B on purpose: its base is not Q(W)
+            check_quantized_from(name, module, source)
         found[name] = source
     return found
+
+
+def _check_original_tensor(key: str, source: object) -> None:
+    if not isinstance(source, torch.Tensor):
+        raise ValueError(
+            f"merge_into='original': original {key!r} is a {type(source).__name__}, not a tensor"
+        )
+    if source.is_meta or source.layout != torch.strided:
+        where = "on the meta device (no data)" if source.is_meta else f"{source.layout}"
+        raise ValueError(
+            f"merge_into='original': original tensor {key!r} is {where}; a dense tensor "
+            "holding the weights is needed"
+        )
+    if not source.is_floating_point():
+        raise ValueError(
+            f"merge_into='original': original tensor {key!r} has dtype {source.dtype}; the "
+            "float weights the base was quantized from are needed"
+        )
+    if not bool(torch.isfinite(source).all()):
+        raise ValueError(f"merge_into='original': original tensor {key!r} holds NaN or Inf")
+
+
+#: How many times the format's own rounding error (of the original, re-quantized) the stored base
+#: may differ from the original's re-quantization. 0 for the very weights; a value on a rounding
+#: boundary that went the other way (another device, another dtype) moves one code step, up to
+#: twice the largest rounding error; weights of another model differ by 10x and more.
+MATCH_SLACK = 3.0
+
+
+def _requantized(module: nn.Module, weight: torch.Tensor) -> torch.Tensor | None:
+    """``deq(Q(weight))`` with the settings ``module`` was quantized with, or None for a
+    format loraq cannot produce (a k-quant read from a GGUF file)."""
+    record = module.qweight
+    weight = weight.to(device=record.device, dtype=record.dtype)
+    try:
+        if isinstance(module, QuantizedBase):
+            fresh = module._quantize(weight)
+        elif isinstance(record, GGUFTensor):
+            fresh = GGUFTensor.from_tensor(weight, record.quant_type)
+        else:
+            fresh = QuantizedTensor.from_tensor(
+                weight, record.blocksize, record.quant_type, record.double_quant
+            )
+    except (NotImplementedError, KeyError, ValueError):
+        return None
+    return fresh.dequantize(torch.float32)
+
+
+@torch.no_grad()
+def check_quantized_from(name: str, module: nn.Module, source: torch.Tensor) -> None:
+    """Raise ``ValueError`` naming ``name`` unless the quantized ``module`` is the quantization
+    of ``source`` (its dense weight, as stored in the original) within the format's error.
+
+    ``source`` is re-quantized with the module's own settings; the stored base may differ from
+    that by at most :data:`MATCH_SLACK` times the largest rounding error the re-quantization made.
+    Weights of another model with the same shapes differ by far more.
+    """
+    weight = source.detach()
+    if isinstance(module, QuantizedBase) and module.dense_layout == LAYOUT_CONV1D:
+        weight = weight.t()
+    expected = _requantized(module, weight) if weight.numel() else None
+    if expected is None:
+        return
+    stored = module.dequantize_weight(torch.float32).to(expected.device)
+    dense = weight.to(device=expected.device, dtype=torch.float32)
+    rounding = float((expected - dense).abs().max())
+    # An original stored in lower precision than the weights quantized (bf16 vs float32) moves
+    # every block's scale by up to that precision's relative rounding too.
+    precision = torch.finfo(source.dtype).eps * float(dense.abs().max())
+    tolerance = MATCH_SLACK * rounding + precision
+    gap = float((stored - expected).abs().max())
+    if gap > tolerance:
+        raise ValueError(
+            f"merge_into='original': the quantized layer {unwrapped_name(name)!r} is not a "
+            f"quantization of the original's weights (they differ from its re-quantization by "
+            f"up to {gap:.3g}, the format's error is {rounding:.3g}); pass the float model this "
+            "base was made from"
+        )
+
+
+def check_dense_original(model: nn.Module, original: Original) -> None:
+    """Raise ``ValueError`` naming the first adapted dense layer whose weight in ``original``
+    differs from the model's own beyond float rounding (a merge onto another model's weights).
+
+    A dense base is itself the weights the adapter trained on, so there ``original`` must equal
+    it; a layer ``original`` does not hold is not checked (a dense merge does not need it). Call
+    after any merged adapter was taken out of the base.
+    """
+    weights = original.state_dict() if isinstance(original, nn.Module) else original
+    prefix = getattr(model, "base_model_prefix", "")
+    for name, layer in model.named_modules():
+        if not isinstance(layer, LoRALayer) or layer.is_quantized:
+            continue
+        key = unwrapped_name(name) + ".weight"
+        source = _lookup(weights, key, prefix)
+        if source is None:
+            continue
+        _check_original_tensor(key, source)
+        base = layer.base_layer.weight.detach()
+        if tuple(source.shape) != tuple(base.shape):
+            raise ValueError(
+                f"merge_into='original': original tensor {key!r} has shape "
+                f"{tuple(source.shape)}, the model's layer has {tuple(base.shape)}"
+            )
+        dense = source.detach().to(device=base.device, dtype=torch.float32)
+        coarser = max(torch.finfo(source.dtype).eps, torch.finfo(base.dtype).eps)
+        tolerance = MATCH_SLACK * coarser * float(dense.abs().max()) if dense.numel() else 0.0
+        gap = float((base.float() - dense).abs().max()) if dense.numel() else 0.0
+        if gap > tolerance:
+            raise ValueError(
+                f"merge_into='original': the layer {unwrapped_name(name)!r} is not the "
+                f"original's (its weights differ by up to {gap:.3g}); pass the model this "
+                "adapter was trained on"
+            )
 
 
 def _dense_shape(module: nn.Module) -> tuple[int, ...]:
@@ -268,6 +392,8 @@ def prepare_merge_base(
     for _, module in model.named_modules():
         if isinstance(module, LoRALayer):
             module.unmerge()  # merge afresh onto the chosen base
+    if into == "original":
+        check_dense_original(model, original)
     if into == "requantize":
         return
     dequantize_model(model, dtype)

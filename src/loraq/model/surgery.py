@@ -10,16 +10,24 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..core.naming import SAVED_STORE
+from ..core.naming import SAVED_STORE, unwrapped_name
 from ..layers.adapter_quant import enable_adapter_quant
 from ..layers.dropout import plain_dropout, use_fast_dropout
 from ..layers.kinds import layer_kind
 from ..layers.lora import ADAPTER_STORES, LoRALayer, ModulesToSave
+from ..layers.param_lora import ParamLoRA
 from ..layers.protocol import QuantizedBase
+from ..quant.formats import base_format
 from .config import LoraConfig
 from .merging import Original, check_merge_target, measured_merge, prepare_merge_base
-from .quantize import dequantize_model, quantize_model
-from .targeting import candidate_modules, find_targets, name_matches, set_submodule
+from .quantize import compute_dtype_of, dequantize_model, quantize_model
+from .targeting import (
+    candidate_modules,
+    find_parameter_targets,
+    find_targets,
+    name_matches,
+    set_submodule,
+)
 from .transaction import model_transaction
 
 #: Attribute on the model holding ``{adapter_name: LoraConfig}``.
@@ -34,6 +42,20 @@ def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALayer]]:
     for name, module in model.named_modules():
         if isinstance(module, LoRALayer):
             yield name, module
+
+
+def param_lora_layers(model: nn.Module) -> Iterator[tuple[str, ParamLoRA]]:
+    """Every ``ParamLoRA`` (adapters on a parameter, ``target_parameters``) with its name."""
+    for name, module in model.named_modules():
+        if isinstance(module, ParamLoRA):
+            yield name, module
+
+
+def _all_adapter_layers(model: nn.Module) -> Iterator[LoRALayer | ParamLoRA]:
+    for _, layer in lora_layers(model):
+        yield layer
+    for _, layer in param_lora_layers(model):
+        yield layer
 
 
 def _saved_modules(model: nn.Module) -> Iterator[tuple[str, ModulesToSave]]:
@@ -86,12 +108,14 @@ def apply(
         raise ValueError(
             f"model already has an adapter named {adapter_name!r}; pick another adapter_name"
         )
-    if any(layer.merged_adapters for _, layer in lora_layers(model)):
+    if any(layer.merged_adapters for layer in _all_adapter_layers(model)):
         raise RuntimeError(
             "cannot add an adapter while adapters are merged; call loraq.unmerge(model) first"
         )
 
     targets = find_targets(model, config)
+    param_targets = find_parameter_targets(model, config, adapted=targets)
+    _check_parameter_sets(configs, config)
     saved = {name: _saved_module_matches(model, name) for name in config.modules_to_save or []}
     _check_targets(model, config, targets, allow_large_rank)
     protect = []
@@ -100,8 +124,46 @@ def apply(
             t for n in targets for t in model.get_submodule(n).state_dict(keep_vars=True).values()
         ]
     with model_transaction(model, protect):
-        _apply_checked(model, config, adapter_name, targets, saved)
+        _apply_checked(model, config, adapter_name, targets, saved, param_targets)
     return model
+
+
+def _check_parameter_sets(configs: dict[str, LoraConfig], config: LoraConfig) -> None:
+    # Each adapter's file names follow the nesting of the wrappers, which the first adapter
+    # fixed; PEFT refuses a different set for the same reason.
+    mine = set(config.target_parameters or [])
+    for other, other_config in configs.items():
+        theirs = set(other_config.target_parameters or [])
+        if mine and theirs and mine != theirs:
+            raise ValueError(
+                f"LoraConfig.target_parameters={sorted(mine)} differs from adapter {other!r}'s "
+                f"{sorted(theirs)}; all adapters on parameters must target the same ones"
+            )
+
+
+def _add_parameter_adapters(
+    model: nn.Module, config: LoraConfig, adapter_name: str, targets: list[tuple[str, str]]
+) -> None:
+    """Wrap each targeted parameter (reusing a wrapper an earlier adapter made) and add the
+    adapter; a new wrapper goes around what sits at the module's path, as PEFT nests them."""
+    for module_name, param_name in targets:
+        outer = model.get_submodule(module_name)
+        wrapper = outer
+        while isinstance(wrapper, ParamLoRA) and wrapper.parameter_name != param_name:
+            wrapper = wrapper.base_layer
+        if not isinstance(wrapper, ParamLoRA):
+            wrapper = ParamLoRA(outer, param_name)
+            set_submodule(model, module_name, wrapper)
+        wrapper.add_adapter(
+            adapter_name, config.r, config.alpha, init=config.init, use_rslora=config.use_rslora
+        )
+        if config.quant is not None and not name_matches(module_name, config.quant_skip or []):
+            wrapper.quantize_base(
+                base_format(config.quant, "LoraConfig.quant"),
+                blocksize=config.blocksize,
+                double_quant=config.double_quant,
+                compute_dtype=compute_dtype_of(config, wrapper.base_param().device),
+            )
 
 
 def _apply_checked(
@@ -110,6 +172,7 @@ def _apply_checked(
     adapter_name: str,
     targets: list[str],
     saved: dict[str, list[str]],
+    param_targets: list[tuple[str, str]] | None = None,
 ) -> None:
     configs: dict[str, LoraConfig] = getattr(model, CONFIGS_ATTR, {})
     loftq: dict = {}
@@ -135,6 +198,7 @@ def _apply_checked(
             _set_factors(module, adapter_name, loftq[name])
         if config.adapter_bits is not None:
             enable_adapter_quant(module, adapter_name, config.adapter_bits)
+    _add_parameter_adapters(model, config, adapter_name, param_targets or [])
 
     configs[adapter_name] = config
     setattr(model, CONFIGS_ATTR, configs)
@@ -223,7 +287,7 @@ def set_adapter(model: nn.Module, name: str) -> None:
     What trains is exactly the parameters :func:`adapter_state_dict` returns for ``name``.
     """
     _require_adapter(model, name)
-    merged = sorted({a for _, layer in lora_layers(model) for a in layer.merged_adapters})
+    merged = sorted({a for layer in _all_adapter_layers(model) for a in layer.merged_adapters})
     if merged and merged != [name]:
         # A merged adapter stays in the base weights whatever is active; switching without
         # unmerging would compute base + old + new. PEFT unmerges here too.
@@ -233,7 +297,7 @@ def set_adapter(model: nn.Module, name: str) -> None:
         unmerge(model)
     for param in model.parameters():
         param.requires_grad_(False)
-    for _, layer in lora_layers(model):
+    for layer in _all_adapter_layers(model):
         layer.active_adapters = [name] if name in layer.r else []
     for _, saved in _saved_modules(model):
         saved.active_adapter = name
@@ -244,7 +308,7 @@ def set_adapter(model: nn.Module, name: str) -> None:
 
 def active_adapter(model: nn.Module) -> str | None:
     """The active adapter's name, or None."""
-    for _, layer in lora_layers(model):
+    for layer in _all_adapter_layers(model):
         if layer.active_adapters:
             return layer.active_adapters[0]
     return None
@@ -253,7 +317,7 @@ def active_adapter(model: nn.Module) -> str | None:
 @contextlib.contextmanager
 def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     """Context manager: inside it the model computes exactly as the base model."""
-    layers = [m for _, m in lora_layers(model)] + [m for _, m in _saved_modules(model)]
+    layers = [*_all_adapter_layers(model)] + [m for _, m in _saved_modules(model)]
     previous = [m.adapters_disabled for m in layers]
     for m in layers:
         m.adapters_disabled = True
@@ -268,7 +332,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     """Remove adapter ``name`` from every layer; another adapter becomes active if it was."""
     _require_adapter(model, name)
     was_active = active_adapter(model) == name
-    for _, layer in lora_layers(model):
+    for layer in _all_adapter_layers(model):
         if name in layer.r:
             layer.delete_adapter(name)
     for _, saved in _saved_modules(model):
@@ -281,19 +345,37 @@ def delete_adapter(model: nn.Module, name: str) -> None:
         set_adapter(model, remaining[0])
 
 
+def _dense_base_weights(model: nn.Module, merged_only: bool = False) -> list[torch.Tensor]:
+    """The dense base weights a merge or unmerge writes in place (quantized bases get new
+    tensors instead), for :func:`~loraq.model.transaction.model_transaction` to protect;
+    ``merged_only``: just those of layers holding a merged adapter (what unmerging writes)."""
+    return [
+        layer.base_layer.weight
+        for _, layer in lora_layers(model)
+        if not layer.is_quantized and (layer.merged_adapters or not merged_only)
+    ] + [
+        layer.base_param()
+        for _, layer in param_lora_layers(model)
+        if not layer.is_quantized and (layer.merged_adapters or not merged_only)
+    ]
+
+
 def merge(model: nn.Module) -> nn.Module:
     """Fold the active adapter into the base weights (outputs unchanged up to rounding).
 
     On a quantized base the merged weight is re-quantized, which is lossy: the largest absolute
     weight change this caused is stored in ``model.loraq_merge_error`` and reported in a warning.
+    All or nothing: a failure in any layer leaves every layer (and the outputs) as it was.
     """
     worst = 0.0
     quantized = False
-    for _, layer in lora_layers(model):
-        worst = max(worst, layer.merge())
-        quantized = quantized or layer.is_quantized
+    with model_transaction(model, _dense_base_weights(model)):
+        for layer in _all_adapter_layers(model):
+            worst = max(worst, layer.merge())
+            quantized = quantized or layer.is_quantized
+        if quantized:
+            model.loraq_merge_error = worst
     if quantized:
-        model.loraq_merge_error = worst
         warnings.warn(
             f"merged adapters into a quantized base: re-quantization changed weights by up to {worst:.3g} "
             "(use loraq.unload(model, dense=True) for an exact dense merge)",
@@ -304,9 +386,10 @@ def merge(model: nn.Module) -> nn.Module:
 
 
 def unmerge(model: nn.Module) -> nn.Module:
-    """Undo :func:`merge`, restoring the base weights up to float rounding."""
-    for _, layer in lora_layers(model):
-        layer.unmerge()
+    """Undo :func:`merge`, restoring the base weights up to float rounding (all or nothing)."""
+    with model_transaction(model, _dense_base_weights(model, merged_only=True)):
+        for layer in _all_adapter_layers(model):
+            layer.unmerge()
     return model
 
 
@@ -334,6 +417,10 @@ def unload(
     random token ids when the model has ``config.vocab_size``) and ``model.loraq_merge_report``
     holds the largest output difference and the KL divergence (:class:`~loraq.model.merging.MergeReport`).
     ``merge_dtype`` (dense merges): the dtype every floating tensor is cast to before merging.
+
+    All or nothing: the arguments (and ``original``'s tensors) are checked before the model
+    changes, and a failure half-way (a layer that cannot be merged, out of memory) restores the
+    model exactly, bit for bit.
     """
     if merge_into is not None or (dense and merge_adapters):
         into = merge_into or "dequantized"
@@ -342,17 +429,30 @@ def unload(
         if not merge_adapters:
             raise ValueError("unload: merge_into needs merge_adapters=True")
         check_merge_target(into, original)
-        with measured_merge(model, into, calibration) as report:
+        with (
+            model_transaction(model, _dense_base_weights(model)),
+            measured_merge(model, into, calibration) as report,
+        ):
+            if into == "dequantized":
+                _dequantize_parameter_bases(model)
             prepare_merge_base(model, into, original, merge_dtype)
             report.max_weight_change = _unwrap(model, merge_adapters=True)
         return model
-    if dense:  # without a merge: the adapters are dropped, the base becomes dense
-        for _, layer in lora_layers(model):
-            if layer.is_quantized:
-                layer.unmerge()
-        dequantize_model(model)
-    _unwrap(model, merge_adapters)
+    with model_transaction(model, _dense_base_weights(model) if merge_adapters else []):
+        if dense:  # without a merge: the adapters are dropped, the base becomes dense
+            _dequantize_parameter_bases(model)
+            for _, layer in lora_layers(model):
+                if layer.is_quantized:
+                    layer.unmerge()
+            dequantize_model(model)
+        _unwrap(model, merge_adapters)
     return model
+
+
+def _dequantize_parameter_bases(model: nn.Module) -> None:
+    """Quantized expert stacks become dense parameters again (exact merges follow)."""
+    for _, layer in param_lora_layers(model):
+        layer.dequantize_base()
 
 
 def _unwrap(model: nn.Module, merge_adapters: bool) -> float:
@@ -363,6 +463,11 @@ def _unwrap(model: nn.Module, merge_adapters: bool) -> float:
         if merge_adapters:
             worst = max(worst, layer.merge())
         set_submodule(model, name, layer.base_layer)
+    for name in dict.fromkeys(unwrapped_name(n) for n, _ in param_lora_layers(model)):
+        while isinstance(outer := model.get_submodule(name), ParamLoRA):
+            if merge_adapters:
+                worst = max(worst, outer.merge())
+            set_submodule(model, name, outer.release())
     for name, saved in list(_saved_modules(model)):
         active = saved.active_adapter
         keep = (
@@ -400,6 +505,10 @@ def _adapter_tensors(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
                 out[f"{lname}.{store}.{name}"] = entry
         if config.bias == "lora_only" and layer.bias is not None:
             out[f"{lname}.base_layer.bias"] = layer.bias
+    for lname, layer in param_lora_layers(model):
+        if name in layer.r:
+            out[f"{lname}.lora_A.{name}.weight"] = layer.lora_A[name].weight
+            out[f"{lname}.lora_B.{name}.weight"] = layer.lora_B[name].weight
     for sname, wrapper in saved.items():
         if name in wrapper.modules_to_save:
             copy = wrapper.modules_to_save[name]

@@ -11,6 +11,7 @@ name patterns              :func:`name_matches` (PEFT's: regex fullmatch, or dot
 output heads               :func:`output_head_names` (left alone by ``"all-linear"``)
 modules that may change    :func:`candidate_modules` (the insides of wrappers are skipped)
 what ``targets`` selects   :func:`find_targets`
+``target_parameters``      :func:`find_parameter_targets` (PEFT's order, which fixes the nesting)
 replacing a module         :func:`set_submodule`
 a wrapped module's name    :func:`unwrapped_name` (drops ``base_layer`` / ``original_module``)
 =========================  ==================================================================
@@ -26,12 +27,14 @@ from torch import nn
 from ..core.naming import unwrapped_name
 from ..layers.kinds import SUPPORTED_TYPES, is_gpt2_conv1d, layer_kind
 from ..layers.lora import LoRALayer, ModulesToSave
+from ..layers.param_lora import ParamLoRA, param_shape_facts
 from ..layers.protocol import QuantizedBase
 from .config import LoraConfig
 
 __all__ = [
     "HEAD_NAMES",
     "candidate_modules",
+    "find_parameter_targets",
     "find_targets",
     "is_linear_like",
     "name_matches",
@@ -123,6 +126,8 @@ def candidate_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
 
 def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     """Full names of the modules ``config`` targets; raises if none match or a match is unsupported."""
+    if config.targets == []:  # adapters on parameters only (config checks target_parameters)
+        return []
     heads = output_head_names(model) if config.targets == "all-linear" else set()
     saved = config.modules_to_save or []
     chosen: list[str] = []
@@ -147,6 +152,87 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
         raise ValueError(
             f"LoraConfig.targets={config.targets!r} matched no module. "
             f"Some adaptable modules in this model: {examples}"
+        )
+    return chosen
+
+
+def _parameter_holders(model: nn.Module) -> Iterator[tuple[str, nn.Module, bool]]:
+    """``(unwrapped name, module, wrapped as a module)`` for every module that may hold a
+    targeted parameter, in ``named_modules`` order: ``ParamLoRA`` wrappers are seen through, a
+    ``LoRALayer`` / ``ModulesToSave`` stands for the module it wraps, adapter stores are skipped."""
+    skip: list[str] = []
+    for name, module in model.named_modules():
+        if any(name.startswith(prefix) for prefix in skip):
+            continue
+        if isinstance(module, LoRALayer):
+            skip.append(name + ".")
+            yield unwrapped_name(name), module.base_layer, True
+        elif isinstance(module, ModulesToSave):
+            skip.append(name + ".")
+            yield unwrapped_name(name), module.original_module, True
+        elif isinstance(module, ParamLoRA):
+            skip += [f"{name}.{store}." for store in ("lora_A", "lora_B", "lora_dropout")]
+        else:
+            yield unwrapped_name(name), module, False
+
+
+def find_parameter_targets(
+    model: nn.Module, config: LoraConfig, adapted: list[str] | None = None
+) -> list[tuple[str, str]]:
+    """``(module name, parameter name)`` pairs ``config.target_parameters`` selects, in PEFT's
+    order (modules as ``named_modules`` lists them, each module's own parameters in registration
+    order): the first pair of a module is wrapped innermost, which fixes the file's key names.
+
+    A pattern matches ``"<module>.<param>"`` exactly or as a dotted suffix (PEFT's rule).
+    ``adapted``: module names that ``targets`` selects (about to be wrapped as modules).
+
+    Raises:
+        ValueError: one line, when nothing matches (naming the patterns), or a match is a
+            parameter of the root module, of a module ``targets`` also adapts, or not 2-D/3-D.
+    """
+    patterns = config.target_parameters or []
+    if not patterns:
+        return []
+    # A quantized stack leaves a None in its module's registry; its wrapper knows the shape.
+    quantized = {
+        (id(m.holder), m.parameter_name): m.base_shape
+        for m in model.modules()
+        if isinstance(m, ParamLoRA) and m.is_quantized
+    }
+    chosen: list[tuple[str, str]] = []
+    for name, module, wrapped in _parameter_holders(model):
+        for pname, param in module._parameters.items():
+            shape = quantized.get((id(module), pname)) if param is None else param.shape
+            if shape is None:
+                continue
+            key = f"{name}.{pname}" if name else pname
+            if not name_matches(key, patterns):
+                continue
+            where = f"LoraConfig.target_parameters matched {key!r}"
+            if not name:
+                raise ValueError(
+                    f"{where}, a parameter of the root module, which cannot be wrapped"
+                )
+            if wrapped or name in (adapted or []):
+                raise ValueError(
+                    f"{where}, whose module is adapted or saved as a module already; remove it "
+                    "from LoraConfig.targets / modules_to_save (or set targets=[])"
+                )
+            try:
+                param_shape_facts(tuple(shape), False)
+            except ValueError as err:
+                raise ValueError(f"{where}: {err} supported") from None
+            chosen.append((name, pname))
+    if not chosen:
+        examples = [
+            f"{n}.{p}" if n else p
+            for n, m, _ in _parameter_holders(model)
+            for p, t in m.named_parameters(recurse=False)
+            if t.dim() == 3
+        ][:6]
+        raise ValueError(
+            f"LoraConfig.target_parameters={patterns!r} matched no parameter; "
+            f"3-D parameters in this model: {examples or 'none'}"
         )
     return chosen
 

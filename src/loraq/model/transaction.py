@@ -14,7 +14,10 @@ each module's attributes (shallow)     submodules swapped or wrapped, parameters
                                        buffers added or replaced, adapter tables
                                        (``r``, ``active_adapters``, ``loraq_configs`` ...)
 each parameter's ``requires_grad``     freezing and unfreezing
-copies of the ``protect`` tensors      tensors the body writes in place (PiSSA's residual)
+each parameter's ``.data`` (an alias)  ``model.to(dtype)``, which swaps a parameter's data
+                                       but keeps the ``Parameter`` object
+copies of the ``protect`` tensors      tensors the body writes in place (PiSSA's residual,
+                                       a dense base weight a merge adds ``B·A`` to)
 =====================================  ==================================================
 
 Modules and tensors created inside a failed transaction are dropped with it. Tensors that
@@ -43,6 +46,7 @@ class ModelSnapshot:
     def __init__(self, model: nn.Module, protect: Iterable[torch.Tensor] = ()) -> None:
         self._modules = [(m, _shallow(m.__dict__)) for m in model.modules()]
         self._flags = [(p, p.requires_grad) for p in model.parameters()]
+        self._data = [(p, p.data) for p in model.parameters()]
         seen: set[int] = set()
         self._tensors = []
         for t in protect:
@@ -56,6 +60,8 @@ class ModelSnapshot:
         for module, state in self._modules:
             module.__dict__.clear()
             module.__dict__.update(_shallow(state))
+        for param, data in self._data:
+            param.data = data
         for param, flag in self._flags:
             param.requires_grad_(flag)
         for tensor, data in self._tensors:

@@ -3,11 +3,20 @@
 Installing loraq needs no compiler. On first use a kernel source is compiled with the system C
 compiler (``$CC``, else ``cc``/``gcc``/``clang``) for this CPU (``-march=native`` where the
 compiler accepts it) into ``$LORAQ_CACHE_DIR`` (default ``~/.cache/loraq/kernels``), keyed by the
-source, the flags, the compiler and the CPU, and written atomically. Without a compiler, or if
-the build fails, loraq warns once per kernel and the caller keeps its pure-PyTorch path.
+source, the flags, the compiler and the CPU, and written atomically with its SHA-256 next to it:
+a cached library that no longer matches it (truncated, overwritten) is built again. Without a compiler, or if the build fails,
+loraq warns once per kernel and the caller keeps its pure-PyTorch path.
 
-``LORAQ_KERNELS`` selects: ``auto`` (default: compiled if it builds), ``off`` (always pure
-PyTorch), ``on`` (compiled, or raise).
+``LORAQ_KERNELS`` selects (spelled as every switch, :mod:`loraq.core.switches`; any other
+value is an error naming the variable):
+
+========  =================================================
+value     meaning
+========  =================================================
+``auto``  compiled if it builds, else pure PyTorch (default)
+``off``   always pure PyTorch; nothing is compiled
+``on``    compiled, or a :class:`KernelUnavailableError`
+========  =================================================
 """
 
 from __future__ import annotations
@@ -23,7 +32,18 @@ import tempfile
 import warnings
 from pathlib import Path
 
-__all__ = ["MODE_ENV", "build", "load_library", "mode", "shares_torch_openmp"]
+from ..core.errors import UserError
+from ..core.switches import SWITCH_VALUES, read_switch
+
+__all__ = [
+    "MODE_ENV",
+    "MODE_VALUES",
+    "KernelUnavailableError",
+    "build",
+    "load_library",
+    "mode",
+    "shares_torch_openmp",
+]
 
 #: Environment variable choosing ``auto`` / ``off`` / ``on`` (see the module docstring).
 MODE_ENV = "LORAQ_KERNELS"
@@ -31,18 +51,21 @@ MODE_ENV = "LORAQ_KERNELS"
 _FLAGS = ("-O3", "-shared", "-fPIC", "-fno-fast-math", "-ffp-contract=off")
 # GNU, Intel and LLVM OpenMP runtimes, by file name
 _OPENMP_RUNTIME = re.compile(r"lib(gomp|iomp5|omp)([.-]|$)")
-_OFF = ("off", "0", "false", "no")
-_ON = ("on", "1", "true", "yes")
+#: Every accepted spelling of :data:`MODE_ENV`, by the mode it selects.
+MODE_VALUES = SWITCH_VALUES
+
+
+class KernelUnavailableError(UserError, RuntimeError):
+    """``LORAQ_KERNELS=on`` but a kernel cannot be built or loaded (reported in one line)."""
 
 
 def mode() -> str:
-    """The selected mode: ``auto``, ``off`` or ``on`` (from :data:`MODE_ENV`)."""
-    value = os.environ.get(MODE_ENV, "auto").strip().lower()
-    if value in _OFF:
-        return "off"
-    if value in _ON:
-        return "on"
-    return "auto"
+    """The selected mode: ``auto``, ``off`` or ``on`` (from :data:`MODE_ENV`).
+
+    Raises:
+        ValueError: for a value outside :data:`MODE_VALUES`, naming the variable.
+    """
+    return read_switch(MODE_ENV)
 
 
 def shares_torch_openmp() -> bool:
@@ -87,8 +110,8 @@ def _cache_dir() -> Path:
 
 
 def build(source: Path, cc: str, openmp: bool = False) -> Path:
-    """Compile ``source`` into a shared library in the cache (reused when already there);
-    with ``openmp``, with ``-fopenmp`` (see :func:`shares_torch_openmp`)."""
+    """Compile ``source`` into a shared library in the cache (reused when already there and
+    intact); with ``openmp``, with ``-fopenmp`` (see :func:`shares_torch_openmp`)."""
     flags = (*_FLAGS, "-fopenmp") if openmp else _FLAGS
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
     key = hashlib.sha256(
@@ -103,7 +126,7 @@ def build(source: Path, cc: str, openmp: bool = False) -> Path:
         )
     ).hexdigest()[:20]
     target = _cache_dir() / f"{source.stem}-{key}.so"
-    if target.is_file():
+    if _intact(target):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
@@ -114,6 +137,7 @@ def build(source: Path, cc: str, openmp: bool = False) -> Path:
         for extra in (["-march=native"], []):  # some compilers/targets refuse -march=native
             done = subprocess.run(base + extra, capture_output=True, text=True, timeout=300)
             if done.returncode == 0:
+                _write_atomically(_digest_path(target), _digest(Path(tmp)).encode())
                 os.replace(tmp, target)  # atomic: concurrent builders all end with a whole file
                 return target
             errors = done.stderr.strip()[-500:]
@@ -123,25 +147,59 @@ def build(source: Path, cc: str, openmp: bool = False) -> Path:
             os.unlink(tmp)
 
 
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _digest_path(library: Path) -> Path:
+    return library.with_name(library.name + ".sha256")
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _intact(library: Path) -> bool:
+    """Whether the cached ``library`` is the file its build wrote, checked against the digest
+    written next to it. Loading a damaged one is worse than an error: a truncated library whose
+    header survived maps pages past the end of the file, and touching them kills the process
+    (SIGBUS). A mismatch (or a cache from before digests) means: build again."""
+    try:
+        return _digest_path(library).read_text().strip() == _digest(library)
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
 def load_library(source: Path, purpose: str, openmp: bool = False) -> ctypes.CDLL | None:
     """The compiled ``source``, or None (after one warning) when it cannot be built.
 
     ``purpose`` names what the kernel speeds up, for the warning; ``openmp`` builds it with
     OpenMP (pass :func:`shares_torch_openmp`). In mode ``off`` this returns None without
-    building; in mode ``on`` a failed build raises instead of warning. Callers cache the result
+    building; in mode ``on`` a failed build raises :class:`KernelUnavailableError` instead of
+    warning; an unknown mode raises ValueError (see :func:`mode`). Callers cache the result
     (one build and one warning per process).
     """
-    if mode() == "off":
+    selected = mode()
+    if selected == "off":
         return None
     try:
         cc = _compiler()
         if cc is None:
-            raise RuntimeError("no C compiler found (set $CC)")
+            raise RuntimeError("no C compiler found on PATH or in $CC")
         return ctypes.CDLL(str(build(source, cc, openmp)))
     except Exception as err:  # any failure means: use the pure-PyTorch path
-        if mode() == "on":
-            raise RuntimeError(
-                f"{MODE_ENV}=on but the compiled kernel is unavailable: {err}"
+        if selected == "on":
+            reason = " ".join(str(err).split())
+            raise KernelUnavailableError(
+                f"{MODE_ENV}=on but the compiled {purpose} kernel is unavailable: {reason} "
+                f"(set {MODE_ENV}=auto to fall back to pure PyTorch)"
             ) from err
         warnings.warn(
             f"loraq: compiled {purpose} unavailable ({err}); using the pure-PyTorch path "

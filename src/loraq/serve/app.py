@@ -13,8 +13,10 @@ route                                   answer
 ======================================  ===================================================
 
 Errors use OpenAI's body ``{"error": {"message", "type", "param", "code"}}``; a bad field is a
-400 naming it (:mod:`.fields`), an unknown model 404, a full queue 429 with ``Retry-After``.
-Response bodies and streams are built in :mod:`.replies`.
+400 naming it (:mod:`.fields`), an unknown model 404, a body over ``--max-body-bytes`` 413, a
+full queue 429 with ``Retry-After``. Response bodies and streams are built in :mod:`.replies`.
+Prompts are measured in characters first and tokenized on a worker thread, so a long prompt
+never holds up the event loop (``/health`` and the streams of other requests).
 """
 
 from __future__ import annotations
@@ -30,8 +32,17 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from ..generation.decode import SamplingParams
 from .engine import Engine
 from .engine import Request as EngineRequest
-from .fields import ServeSettings, field, json_body, sampling, stops
-from .registry import ServeError
+from .fields import (
+    ServeSettings,
+    check_prompt_chars,
+    check_text,
+    field,
+    json_body,
+    prompt_char_limit,
+    sampling,
+    stops,
+)
+from .registry import ServeError, short_repr
 from .replies import Reply, collect, error_body, model_card, stream
 
 __all__ = ["ServeSettings", "create_app", "error_body"]
@@ -62,13 +73,16 @@ def _add_errors_and_auth(app: FastAPI, engine: Engine, settings: ServeSettings) 
         engine.metrics.requests.inc(outcome="rejected")
         return JSONResponse(error_body(err.status, err.message, err.param), err.status, err.headers)
 
+    key = settings.api_key.encode("utf-8", "surrogateescape") if settings.api_key else None
+
     @app.middleware("http")
     async def _auth(request: Request, call_next):
-        if settings.api_key and request.url.path != "/health":
-            header = request.headers.get("authorization", "")
-            scheme, _, token = header.partition(" ")
+        if key is not None and request.url.path != "/health":
+            scheme, _, token = request.headers.get("authorization", "").partition(" ")
+            # Header values arrive decoded as latin-1; compared as the bytes the client sent,
+            # a non-ASCII key or token is just another key (compare_digest refuses such str).
             if scheme.lower() != "bearer" or not hmac.compare_digest(
-                token.strip(), settings.api_key
+                token.strip().encode("latin-1"), key
             ):
                 return JSONResponse(
                     error_body(401, "missing or wrong API key (Authorization: Bearer KEY)"),
@@ -84,6 +98,11 @@ class _Generator:
     def __init__(self, engine: Engine, settings: ServeSettings) -> None:
         self.engine = engine
         self.settings = settings
+        self.char_limit = prompt_char_limit(engine.tokenizer, settings.context_length)
+
+    async def body(self, request: Request) -> dict:
+        """The request's JSON object, within ``--max-body-bytes``."""
+        return await json_body(request, self.settings.max_body_bytes)
 
     def adapter_of(self, body: dict) -> str | None:
         name = body.get("model")
@@ -92,12 +111,23 @@ class _Generator:
         if name == self.settings.base_name:
             return None
         if not self.engine.registry.is_known(name):
-            raise ServeError(404, f"model {name!r} does not exist; see GET /v1/models", "model")
+            raise ServeError(
+                404, f"model {short_repr(name)} does not exist; see GET /v1/models", "model"
+            )
         return name
 
+    def check_chars(self, chars: int, field_name: str) -> None:
+        """A 400 naming ``field_name`` for a prompt too long to fit, before any tokenizing."""
+        check_prompt_chars(chars, self.char_limit, field_name, self.settings.context_length)
+
     def encode(self, text: str, field_name: str, special: bool = True) -> list[int]:
+        """``text``'s token ids, a 400 naming ``field_name`` unless they fit (a blocking call:
+        run it on a worker thread)."""
+        self.check_chars(len(text), field_name)
         ids = self.engine.tokenizer(text, add_special_tokens=special)["input_ids"]
         limit = self.settings.context_length
+        if not ids:
+            raise ServeError(400, f"{field_name} is empty (0 tokens)", field_name)
         if len(ids) >= limit:
             raise ServeError(
                 400, f"{field_name} is {len(ids)} tokens; the context length is {limit}", field_name
@@ -135,7 +165,8 @@ class _Generator:
             req.cancel()  # no-op when finished; frees the row if the client went away
 
 
-def _chat_prompt(gen: _Generator, body: dict) -> list[int]:
+def _chat_messages(gen: _Generator, body: dict) -> list[dict[str, str]]:
+    """The body's ``messages``, checked (types, a chat template, their length in characters)."""
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise ServeError(400, "messages must be a non-empty list", "messages")
@@ -144,34 +175,54 @@ def _chat_prompt(gen: _Generator, body: dict) -> list[int]:
             raise ServeError(400, f"messages[{i}] needs a string 'role'", "messages")
         if not isinstance(m.get("content"), str):
             raise ServeError(400, f"messages[{i}].content must be a string", "messages")
-    tokenizer = gen.engine.tokenizer
-    if not getattr(tokenizer, "chat_template", None):
+        check_text(m["role"] + m["content"], "messages", f"messages[{i}]")
+    if not getattr(gen.engine.tokenizer, "chat_template", None):
         raise ServeError(
             400, "the base model's tokenizer has no chat template; use /v1/completions", "messages"
         )
-    text = tokenizer.apply_chat_template(
-        [{"role": m["role"], "content": m["content"]} for m in messages],
-        tokenize=False,
-        add_generation_prompt=True,
-    )
+    gen.check_chars(sum(len(m["role"]) + len(m["content"]) for m in messages), "messages")
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def _chat_prompt(gen: _Generator, messages: list[dict[str, str]]) -> list[int]:
+    """The chat template applied to ``messages``, tokenized (blocking: run it on a thread)."""
+    from jinja2 import TemplateError
+
+    try:
+        text = gen.engine.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True
+        )
+    except TemplateError as err:  # templates raise for conversations they do not accept
+        raise ServeError(
+            400, f"messages: the chat template refused them: {err}", "messages"
+        ) from None
     return gen.encode(text, "messages", special=False)
 
 
 def _add_generation_routes(app: FastAPI, gen: _Generator) -> None:
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
-        body = await json_body(request)
+        body = await gen.body(request)
         prompt = body.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1:
             prompt = prompt[0]
         if not isinstance(prompt, str):
             raise ServeError(400, "prompt must be a string (or a list of one string)", "prompt")
-        return await gen.run(request, body, gen.encode(prompt, "prompt"), chat=False)
+        if not prompt:  # OpenAI would start at its document separator; not every model has one
+            raise ServeError(400, "prompt is empty", "prompt")
+        gen.check_chars(len(prompt), "prompt")
+        check_text(prompt, "prompt")
+        gen.adapter_of(body)  # an unknown model is a 404 before any tokenizing
+        prompt_ids = await asyncio.to_thread(gen.encode, prompt, "prompt")
+        return await gen.run(request, body, prompt_ids, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        body = await json_body(request)
-        return await gen.run(request, body, _chat_prompt(gen, body), chat=True)
+        body = await gen.body(request)
+        messages = _chat_messages(gen, body)
+        gen.adapter_of(body)
+        prompt_ids = await asyncio.to_thread(_chat_prompt, gen, messages)
+        return await gen.run(request, body, prompt_ids, chat=True)
 
 
 def _add_adapter_routes(app: FastAPI, engine: Engine, settings: ServeSettings) -> None:
@@ -186,20 +237,21 @@ def _add_adapter_routes(app: FastAPI, engine: Engine, settings: ServeSettings) -
 
     @app.post("/v1/adapters")
     async def add_adapter(request: Request):
-        body = await json_body(request)
+        body = await json_body(request, settings.max_body_bytes)
         name = await asyncio.to_thread(registry.add_runtime, body.get("name"), body.get("path"))
         return JSONResponse(model_card(name, int(time.time()), settings.base_name), 201)
 
     @app.delete("/v1/adapters/{name}")
     async def delete_adapter(name: str, force: bool = True):
-        registry.begin_unload(name)
+        registry.begin_unload(name)  # from now on new requests for it are 404s
         deadline = time.monotonic() + _UNLOAD_WAIT_S
-        while registry.in_use(name) > 0:
+        while registry.pending(name) > 0 or not await asyncio.to_thread(
+            registry.finish_unload, name
+        ):  # wait for its queued and running requests; the others never notice
             if not force or time.monotonic() > deadline:
                 registry.cancel_unload(name)
-                raise ServeError(409, f"adapter {name!r} has requests in flight", "name")
+                raise ServeError(409, f"adapter {short_repr(name)} has requests in flight", "name")
             await asyncio.sleep(0.02)
-        await asyncio.to_thread(registry.finish_unload, name)
         return {"id": name, "object": "model", "deleted": True}
 
 

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
+import socket
 import sys
 from pathlib import Path
+
+from .fields import DEFAULT_MAX_BODY_BYTES
 
 SERVE_HELP = """\
 Serve a base model and any number of LoRA adapters behind an OpenAI-compatible HTTP API.
@@ -18,8 +22,9 @@ Requests pick an adapter with the `model` field (the base by --base-name); rows 
 adapters share each forward pass (continuous batching). Routes: POST /v1/completions,
 POST /v1/chat/completions, GET /v1/models, POST /v1/adapters {"name","path"} (path relative to
 --adapter-dir, safetensors only), DELETE /v1/adapters/NAME, GET /health, GET /metrics.
-Binds 127.0.0.1 unless --host says otherwise. The API key may also come from LORAQ_API_KEY.
-SIGTERM or Ctrl-C finishes in-flight requests, then exits.
+Binds 127.0.0.1 unless --host says otherwise (--port 0: any free port, printed at start). The
+API key may also come from LORAQ_API_KEY. Request bodies over --max-body-bytes get a 413.
+SIGTERM or Ctrl-C finishes in-flight requests, then exits; a second Ctrl-C exits at once (130).
 """
 
 
@@ -53,12 +58,45 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-queue", type=int, default=256, help="waiting requests before 429")
     p.add_argument("--max-tokens-cap", type=int, default=512, help="largest max_tokens accepted")
     p.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=DEFAULT_MAX_BODY_BYTES,
+        help=f"largest request body; larger ones get a 413 (default: {DEFAULT_MAX_BODY_BYTES})",
+    )
+    p.add_argument(
         "--quant",
         choices=list(format_names(quantize=True)),
         default=None,
         help="quantize a dense base's Linear layers at load time",
     )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+
+
+def bind_listener(host: str, port: int) -> socket.socket:
+    """A socket bound to ``host:port`` (not yet listening), or a one-line :class:`CliError`.
+
+    Bound before the model loads, so a port in use or a bad host fails in a second, not after
+    the load, and as one line rather than uvicorn's log and exit code 3.
+    """
+    from ..core.errors import CliError
+
+    if not 0 <= port <= 65535:
+        raise CliError(f"--port must be in 0..65535, got {port}")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET  # as uvicorn chooses
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, family, socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+    except (OSError, UnicodeError) as err:
+        raise CliError(f"--host {host!r} is not an address of this machine ({err})") from None
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
+        sock.bind(address)
+    except OSError as err:
+        sock.close()
+        raise CliError(f"cannot listen on {host}:{port}: {err.strerror or err}") from None
+    return sock
 
 
 def _adapter_pairs(values: list[str]) -> list[tuple[str, Path]]:
@@ -84,6 +122,8 @@ def build_app(args: argparse.Namespace):
     from .registry import AdapterRegistry, ServeError
 
     pairs = _adapter_pairs(args.adapter)
+    if args.max_body_bytes < 1:
+        raise CliError(f"--max-body-bytes must be >= 1, got {args.max_body_bytes}")
     if args.adapter_dir is not None and not Path(args.adapter_dir).is_dir():
         raise CliError(f"--adapter-dir {args.adapter_dir} is not a folder")
     try:
@@ -112,6 +152,7 @@ def build_app(args: argparse.Namespace):
         api_key=args.api_key or os.environ.get("LORAQ_API_KEY") or None,
         max_tokens_cap=args.max_tokens_cap,
         context_length=context_length(model),
+        max_body_bytes=args.max_body_bytes,
     )
     return create_app(engine, settings)
 
@@ -130,9 +171,34 @@ def run(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    app = build_app(args)
-    print(f"loraq serve: listening on http://{args.host}:{args.port}", flush=True)
-    uvicorn.run(
-        app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=None
-    )
+    sock = bind_listener(args.host, args.port)
+    try:
+        app = build_app(args)
+    except BaseException:
+        sock.close()
+        raise
+    host, port = sock.getsockname()[:2]
+    shown = f"[{host}]" if ":" in host else host
+    print(f"loraq serve: listening on http://{shown}:{port}", flush=True)
+    config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=None)
+    _server_class(uvicorn)(config).run(sockets=[sock])
     return 0
+
+
+def _server_class(uvicorn):
+    """uvicorn's server, but a second Ctrl-C (while draining) exits at once with one line."""
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            if sig == signal.SIGINT and self.should_exit:
+                from ..core.errors import EXIT_INTERRUPTED
+
+                print(
+                    "loraq serve: interrupted twice; exiting without finishing the open requests",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                os._exit(EXIT_INTERRUPTED)  # no draining, no cancelled streams' tracebacks
+            super().handle_exit(sig, frame)
+
+    return Server

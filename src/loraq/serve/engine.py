@@ -87,12 +87,17 @@ class Engine:
         self._thread.start()
 
     def submit(self, request: Request) -> None:
-        """Queue ``request``; a full queue raises a 429 :class:`ServeError` with Retry-After."""
+        """Queue ``request``, reserving its adapter until it ends (an adapter's DELETE waits for
+        it); a full queue raises a 429 :class:`ServeError` with Retry-After."""
         if self._stop.is_set():
             raise ServeError(503, "the server is shutting down")
+        if not request.prompt_ids:
+            raise ServeError(400, "the prompt is empty (0 tokens)", "prompt")
+        self.registry.reserve(request.adapter)
         try:
             self._queue.put_nowait(request)
         except queue.Full:
+            self.registry.unreserve(request.adapter)
             raise ServeError(
                 429, "the request queue is full; retry shortly", headers={"Retry-After": "1"}
             ) from None
@@ -138,10 +143,15 @@ class Engine:
                 break
             candidates.append(req)
         self.metrics.queue_depth.set(self._queue.qsize() + len(self._waiting))
-        joining = []
+        joining, slot_wanted = [], False
         for req in candidates:
             if req.cancelled:
                 self._finish_metrics(req, "cancelled")
+                continue
+            if slot_wanted and req.adapter is not None:
+                # first come, first served: an earlier request waits for an adapter slot, so
+                # later ones let the resident adapters drain instead of starving it
+                self._waiting.append(req)
                 continue
             try:
                 held = self.registry.acquire(req.adapter)
@@ -153,6 +163,7 @@ class Engine:
             else:
                 if held:
                     self.registry.release(req.adapter)
+                slot_wanted = slot_wanted or not held
                 self._waiting.append(req)
         return joining
 
@@ -254,4 +265,6 @@ class Engine:
         self._finish_metrics(req, "error")
 
     def _finish_metrics(self, req: Request, outcome: str) -> None:
+        """Every request ends here exactly once: count it, give back its adapter reservation."""
         self.metrics.requests.inc(outcome=outcome)
+        self.registry.unreserve(req.adapter)

@@ -1,23 +1,38 @@
 """Reading OpenAI request bodies: every bad field is a 400 that names it.
 
-==================  =========================================================================
-function            checks
-==================  =========================================================================
-``json_body``       the body parses as JSON and is an object
-``field``           one field has the expected JSON type (booleans are not numbers)
-``sampling``        max_tokens against the cap and the context; temperature, top_p, top_k,
-                    seed, n
-``stops``           ``stop``: a non-empty string or a list of up to 4
-==================  =========================================================================
+======================  =====================================================================
+function                checks
+======================  =====================================================================
+``json_body``           at most ``max_body_bytes`` (a 413), parses as JSON, is an object
+``field``               one field has the expected JSON type (booleans are not numbers)
+``sampling``            max_tokens against the cap and the context; temperature, top_p,
+                        top_k, seed (finite, in range), n
+``stops``               ``stop``: a string or a list of up to 4, each 1..MAX_STOP_CHARS long
+``check_prompt_chars``  a prompt's length in characters, before it is tokenized
+``check_text``          text the tokenizer can take (no unpaired UTF-16 surrogate)
+======================  =====================================================================
+
+Nothing a client sends reaches the tokenizer or the engine unchecked: a bad value is a 400 here,
+never a 500 (or a failed batch) later.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from .registry import ServeError
+
+#: Default of ``--max-body-bytes``: room for a long context's prompt written as escaped JSON.
+DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
+#: Longest stop string: the engine checks each one against the text's end at every token.
+MAX_STOP_CHARS = 256
+#: The seeds ``torch.Generator.manual_seed`` accepts.
+SEED_RANGE = (-(2**63), 2**64 - 1)
 
 
 @dataclass
@@ -28,13 +43,28 @@ class ServeSettings:
     api_key: str | None = None
     max_tokens_cap: int = 512
     context_length: int = 2048
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
 
 
-async def json_body(request) -> dict:
-    """The request's JSON object (a 400 for malformed JSON or a non-object)."""
-    try:
-        body = json.loads(await request.body())
-    except (ValueError, UnicodeDecodeError) as err:
+def _too_large(limit: int) -> ServeError:
+    return ServeError(413, f"the request body is larger than --max-body-bytes ({limit} bytes)")
+
+
+async def json_body(request, limit: int = DEFAULT_MAX_BODY_BYTES) -> dict:
+    """The request's JSON object: a 413 past ``limit`` bytes (read no further), a 400 for
+    malformed JSON, invalid UTF-8 or a non-object."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise _too_large(limit)
+    chunks, size = [], 0
+    async for chunk in request.stream():  # a chunked body declares no length: count it
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(limit)
+        chunks.append(chunk)
+    try:  # on a worker thread: parsing megabytes would hold up /health and the streams
+        body = await asyncio.to_thread(json.loads, b"".join(chunks))
+    except (ValueError, UnicodeDecodeError, RecursionError) as err:
         raise ServeError(400, f"malformed JSON body: {err}") from None
     if not isinstance(body, dict):
         raise ServeError(400, "the JSON body must be an object")
@@ -51,35 +81,47 @@ def field(body: dict, name: str, kinds: tuple, default: Any = None, what: str = 
     return value
 
 
+def _number(body: dict, name: str, default: float, ok: Callable[[float], bool], what: str) -> float:
+    """A finite number field accepted by ``ok`` (NaN and Infinity, which Python's JSON reader
+    accepts, are refused)."""
+    value = field(body, name, (int, float), default, what)
+    try:
+        value = float(value)
+    except OverflowError:  # an integer too large for a float
+        value = math.inf
+    if not (math.isfinite(value) and ok(value)):
+        raise ServeError(400, f"{name} must be {what}, got {value}", name)
+    return value
+
+
 def sampling(body: dict, settings: ServeSettings, prompt_len: int, default_max: int):
     """``(max_tokens, temperature, top_p, top_k, seed)`` from the body, each checked."""
-    max_tokens = field(body, "max_tokens", (int,), None, "an integer")
-    max_tokens = field(body, "max_completion_tokens", (int,), max_tokens, "an integer")
+    given = body.get("max_completion_tokens") is not None
+    name = "max_completion_tokens" if given else "max_tokens"  # errors name the field sent
+    max_tokens = field(body, name, (int,), None, "an integer")
     if max_tokens is None:
         max_tokens = max(1, min(default_max, settings.context_length - prompt_len))
     if max_tokens < 1 or max_tokens > settings.max_tokens_cap:
         raise ServeError(
-            400,
-            f"max_tokens must be in 1..{settings.max_tokens_cap}, got {max_tokens}",
-            "max_tokens",
+            400, f"{name} must be in 1..{settings.max_tokens_cap}, got {max_tokens}", name
         )
     if prompt_len + max_tokens > settings.context_length:
         raise ServeError(
             400,
-            f"prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) exceeds the context "
+            f"prompt ({prompt_len} tokens) + {name} ({max_tokens}) exceeds the context "
             f"length {settings.context_length}",
-            "prompt" if prompt_len >= settings.context_length else "max_tokens",
+            "prompt" if prompt_len >= settings.context_length else name,
         )
-    temperature = float(field(body, "temperature", (int, float), 1.0, "a number in [0, 2]"))
-    if not 0 <= temperature <= 2:
-        raise ServeError(400, f"temperature must be in [0, 2], got {temperature}", "temperature")
-    top_p = float(field(body, "top_p", (int, float), 1.0, "a number in (0, 1]"))
-    if not 0 < top_p <= 1:
-        raise ServeError(400, f"top_p must be in (0, 1], got {top_p}", "top_p")
+    temperature = _number(body, "temperature", 1.0, lambda v: 0 <= v <= 2, "a number in [0, 2]")
+    top_p = _number(body, "top_p", 1.0, lambda v: 0 < v <= 1, "a number in (0, 1]")
     top_k = field(body, "top_k", (int,), None, "an integer")
     if top_k is not None and top_k < 0:
         raise ServeError(400, f"top_k must be >= 0, got {top_k}", "top_k")
     seed = field(body, "seed", (int,), None, "an integer")
+    if seed is not None and not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
+        raise ServeError(
+            400, f"seed must be in {SEED_RANGE[0]}..{SEED_RANGE[1]}, got {seed}", "seed"
+        )
     if field(body, "n", (int,), 1, "an integer") != 1:
         raise ServeError(400, "only n=1 is supported", "n")
     return max_tokens, temperature, top_p, top_k, seed
@@ -94,8 +136,49 @@ def stops(body: dict) -> tuple[str, ...]:
         stop = [stop]
     if (
         not isinstance(stop, list)
-        or not all(isinstance(s, str) and s for s in stop)
         or len(stop) > 4
+        or not all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in stop)
     ):
-        raise ServeError(400, "stop must be a non-empty string or a list of up to 4", "stop")
+        raise ServeError(
+            400,
+            f"stop must be a string or a list of up to 4, each of 1..{MAX_STOP_CHARS} characters",
+            "stop",
+        )
     return tuple(stop)
+
+
+def prompt_char_limit(tokenizer, context_length: int) -> int:
+    """The most characters a prompt that fits ``context_length`` tokens can have.
+
+    No token covers more characters than its vocabulary string has (byte-level vocabularies
+    spell one byte per character, and a character is at least one byte), so a longer prompt
+    cannot fit and is refused before the tokenizer spends time and memory on it.
+    """
+    longest = max((len(token) for token in tokenizer.get_vocab()), default=1)
+    return context_length * max(1, longest)
+
+
+def check_prompt_chars(chars: int, limit: int, field_name: str, context_length: int) -> None:
+    """A 400 naming ``field_name`` when a prompt of ``chars`` characters cannot fit the context."""
+    if chars > limit:
+        raise ServeError(
+            400,
+            f"{field_name} is {chars} characters; at most {limit} fit the context length "
+            f"{context_length}",
+            field_name,
+        )
+
+
+def check_text(text: str, field_name: str, label: str | None = None) -> None:
+    """A 400 naming ``field_name`` (``label`` in the message) for text that is not Unicode the
+    tokenizer can take: JSON's ``"\\ud800"`` escape decodes to an unpaired surrogate, which
+    has no UTF-8 form."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ServeError(
+            400,
+            f"{label or field_name} holds an unpaired UTF-16 surrogate "
+            f"({ascii(text[err.start])}) at character {err.start}",
+            field_name,
+        ) from None

@@ -6,6 +6,10 @@
 - At most ``max_resident`` adapters are loaded into the model at once; loading another evicts
   the least recently used one that no running request holds (it is reloaded on next use).
 - Every model mutation happens under ``model_lock``, which the engine also holds for each step.
+- Two counts per adapter: ``pending`` (requests accepted and not yet finished, queued or running)
+  and ``in_use`` (rows in the running batch). ``DELETE`` stops new reservations, waits for
+  ``pending`` to reach 0 and removes the adapter under ``model_lock`` only if both counts are
+  still 0, so no row ever runs on an adapter that is gone (which would fail the whole batch).
 """
 
 from __future__ import annotations
@@ -60,42 +64,62 @@ def resolve_under(root: Path, relative: object, field: str = "path") -> Path:
         raise ServeError(
             400, f"{field} must be a non-empty string relative to --adapter-dir", field
         )
+    try:
+        return _confined_folder(root, relative, field)
+    except (OSError, ValueError) as err:  # NUL, unpaired surrogate, name too long, ...
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+        raise ServeError(
+            400, f"{field} {short_repr(relative)} is not a usable path: {reason[:80]}", field
+        ) from None
+
+
+def _confined_folder(root: Path, relative: str, field: str) -> Path:
+    """:func:`resolve_under`'s checks on a string; the file system may raise on odd names."""
     rel = PurePosixPath(relative.replace("\\", "/"))
     if rel.is_absolute() or ".." in rel.parts or relative.startswith("~"):
         raise ServeError(
-            400, f"{field} {relative!r} must be relative to --adapter-dir, without '..'", field
+            400,
+            f"{field} {short_repr(relative)} must be relative to --adapter-dir, without '..'",
+            field,
         )
     base = root.resolve()
     folder = (base / rel).resolve()
     if not folder.is_relative_to(base):
-        raise ServeError(400, f"{field} {relative!r} leads outside --adapter-dir", field)
+        raise ServeError(400, f"{field} {short_repr(relative)} leads outside --adapter-dir", field)
     if not folder.is_dir():
         raise ServeError(
-            404, f"{field} {relative!r}: no such adapter folder under --adapter-dir", field
+            404,
+            f"{field} {short_repr(relative)}: no such adapter folder under --adapter-dir",
+            field,
         )
     for entry in folder.rglob("*"):
         if not entry.resolve().is_relative_to(base):
             raise ServeError(
-                400, f"{field} {relative!r}: {entry.name} links outside --adapter-dir", field
+                400,
+                f"{field} {short_repr(relative)}: {entry.name} links outside --adapter-dir",
+                field,
             )
         if entry.suffix in _PICKLE_SUFFIXES:
             raise ServeError(
                 400,
-                f"{field} {relative!r}: {entry.name} is a pickle file; only safetensors is loaded",
+                f"{field} {short_repr(relative)}: {entry.name} is a pickle file; only safetensors is loaded",
                 field,
             )
     if not any(folder.rglob("*.safetensors")):
-        raise ServeError(400, f"{field} {relative!r} holds no .safetensors adapter weights", field)
+        raise ServeError(
+            400, f"{field} {short_repr(relative)} holds no .safetensors adapter weights", field
+        )
     return folder
 
 
 @dataclass
 class AdapterEntry:
-    """One known adapter: its folder and how many running requests hold it."""
+    """One known adapter: its folder, its requests (accepted / running) and whether it leaves."""
 
     path: Path | None  # None: applied in code, cannot be reloaded, never evicted
-    in_use: int = 0
-    unloading: bool = False
+    in_use: int = 0  # rows in the running batch: the LRU must not evict it
+    pending: int = 0  # requests accepted and not finished: DELETE waits for them
+    unloading: bool = False  # DELETE under way: no new requests
 
 
 class AdapterRegistry:
@@ -194,20 +218,46 @@ class AdapterRegistry:
         return list(self._resident)
 
     # ------------------------------------------------------------------ use counts and LRU
-    def acquire(self, name: str | None) -> bool:
-        """Hold adapter ``name`` for one request, loading it if needed.
-
-        Returns False (and holds nothing) when every resident slot is held by running requests,
-        so the caller should retry later. Raises :class:`ServeError` for unknown adapters and
-        for adapters whose files fail to load.
-        """
+    def reserve(self, name: str | None) -> None:
+        """Count one accepted request for ``name`` (a 404 if unknown or being unloaded); every
+        reservation is given back once with :meth:`unreserve` when the request ends."""
         if name is None:
-            return True
+            return
         with self._lock:
             entry = self._entries.get(name)
             if entry is None or entry.unloading:
-                raise ServeError(404, f"model {name!r} does not exist", "model")
+                raise ServeError(404, f"model {short_repr(name)} does not exist", "model")
+            entry.pending += 1
+
+    def unreserve(self, name: str | None) -> None:
+        """Give back one reservation taken by :meth:`reserve`."""
+        if name is None:
+            return
+        with self._lock:
+            entry = self._entries.get(name)
+            if entry is not None:
+                entry.pending -= 1
+
+    def pending(self, name: str) -> int:
+        """Accepted requests for ``name`` not yet finished (queued or running)."""
+        entry = self._entries.get(name)
+        return 0 if entry is None else entry.pending
+
+    def acquire(self, name: str | None) -> bool:
+        """Hold adapter ``name`` for one running row, loading it if needed.
+
+        Returns False (and holds nothing) when every resident slot is held by running requests,
+        so the caller should retry later. Raises :class:`ServeError` for unknown adapters and
+        for adapters whose files fail to load. The check, the load and the count happen under
+        ``model_lock``, so :meth:`finish_unload` sees either the hold or no adapter.
+        """
+        if name is None:
+            return True
         with self.model_lock:
+            with self._lock:
+                entry = self._entries.get(name)
+            if entry is None:
+                raise ServeError(404, f"model {short_repr(name)} does not exist", "model")
             if name not in self._resident:
                 if not self._make_room():
                     return False
@@ -227,7 +277,7 @@ class AdapterRegistry:
                 entry.in_use -= 1
 
     def in_use(self, name: str) -> int:
-        """Running requests holding ``name``."""
+        """Running rows holding ``name``."""
         entry = self._entries.get(name)
         return 0 if entry is None else entry.in_use
 
@@ -262,7 +312,7 @@ class AdapterRegistry:
         with self._lock:
             entry = self._entries.get(name)
             if entry is None or entry.unloading:
-                raise ServeError(404, f"adapter {name!r} does not exist", "name")
+                raise ServeError(404, f"adapter {short_repr(name)} does not exist", "name")
             entry.unloading = True
             return entry
 
@@ -272,9 +322,20 @@ class AdapterRegistry:
             if name in self._entries:
                 self._entries[name].unloading = False
 
-    def finish_unload(self, name: str) -> None:
-        """Forget ``name`` and free its memory (its requests have finished)."""
+    def finish_unload(self, name: str) -> bool:
+        """Forget ``name`` and free its memory if no request holds or awaits it; returns False
+        (and changes nothing) while one still does."""
         with self.model_lock:
+            with self._lock:
+                entry = self._entries.get(name)
+                if entry is not None and (entry.pending > 0 or entry.in_use > 0):
+                    return False
+                self._entries.pop(name, None)
             self._unload_from_model(name)
-        with self._lock:
-            self._entries.pop(name, None)
+        return True
+
+
+def short_repr(name: str, limit: int = 80) -> str:
+    """``name`` quoted for an error message, cut short (a client chooses its length)."""
+    text = repr(name)
+    return text if len(text) <= limit else text[:limit] + "...'"

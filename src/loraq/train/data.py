@@ -71,7 +71,8 @@ def read_records(path: str | Path, format: str = "auto") -> list[dict[str, Any]]
         raise ConfigError(f"data file '{path}' does not exist")
     fmt = detect_format(path) if format == "auto" else format
     try:
-        text = path.read_text(encoding="utf-8")
+        # utf-8-sig: a byte-order mark (Excel and Notepad write one) is not part of the header
+        text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as err:
         raise ConfigError(
             f"data file '{path}' is not UTF-8 text (byte {err.start}: {err.reason})"
