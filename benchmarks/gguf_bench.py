@@ -11,6 +11,11 @@ Timed side by side in one process, interleaved round by round in a shuffled orde
 * quantize a 2048x2048 float32 weight to q8_0 / q4_0 / q4_1: loraq ``quantize_gguf`` vs
   ``gguf.quants.quantize`` (numpy), with loraq's NF4+DQ ``quantize_4bit`` for scale;
 * dequantize the same blocks to float32: loraq vs ``gguf.quants.dequantize`` and vs loraq's NF4;
+* k-quants (q4_k / q5_k / q6_k) on the same weight: quantize with loraq's compiled kernel vs
+  llama.cpp's reference quantizer (``quantize_row_<type>_ref`` built from
+  ``$LORAQ_LLAMA_CPP_SRC`` with the same flags, rows split over the same threads, as
+  llama-quantize does) and loraq's PyTorch path (timed on a 256-row slice, scaled to the
+  weight); dequantize with loraq vs ``gguf.quants.dequantize``;
 * with ``--smollm2``: greedy generation tokens/s on SmolLM2-135M with its Q4_1 base kept
   quantized vs the same model dequantized to dense float32, with peak RSS of each in a child
   process; and the adapter-GGUF vs merged-GGUF file sizes.
@@ -73,6 +78,56 @@ def bench_blocks(rounds: int) -> None:
                 "gguf package": lambda r=raw, q=qtype: gguf.quants.dequantize(r, q),
                 f"loraq {name}": lambda b=blocks, n=name: dequantize_gguf(b, n, w.shape),
                 "loraq nf4+dq": lambda: dequantize_4bit(nf4),
+            },
+            rounds,
+        )
+        report(f"dequantize {name} -> 2048x2048 float32", times, "gguf package")
+
+
+def bench_kquants(rounds: int, threads: int) -> None:
+    import sys
+    import tempfile
+    import time
+    from pathlib import Path
+
+    import gguf
+
+    from loraq.quant.kquants import quantize_kquant
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    import ggml_reference
+
+    torch.manual_seed(0)
+    w = torch.randn(2048, 2048) * 0.02
+    tmp = tempfile.mkdtemp()
+    ref = None
+    if ggml_reference.source_file() is not None:
+        ref = ggml_reference.build(Path(tmp), ("-O3", "-march=native"))
+    else:
+        print(f"\n(set {ggml_reference.SOURCE_ENV} to time llama.cpp's reference quantizer)")
+    for name in ("q4_k", "q5_k", "q6_k"):
+        ours = quantize_gguf(w, name)
+        contenders = {f"loraq {name} (C)": lambda n=name: quantize_gguf(w, n)}
+        if ref is not None:
+            out = torch.empty_like(ours)
+            ggml_reference.quantize(ref, w, name, out, threads)
+            assert torch.equal(out, ours), f"{name}: bytes differ from llama.cpp's"
+            contenders["llama.cpp ref"] = lambda n=name, o=out: ggml_reference.quantize(
+                ref, w, n, o, threads
+            )
+        times = interleaved(contenders, rounds)
+        part = w[:256].reshape(-1, 256)
+        start = time.perf_counter()
+        quantize_kquant(part, name, compiled=False)
+        times[f"loraq {name} (PyTorch)"] = [(time.perf_counter() - start) * w.shape[0] / 256]
+        base = "llama.cpp ref" if ref is not None else f"loraq {name} (C)"
+        report(f"quantize 2048x2048 float32 -> {name}", times, base)
+        qtype = getattr(gguf.GGMLQuantizationType, name.upper())
+        raw = ours.numpy()
+        times = interleaved(
+            {
+                "gguf package": lambda r=raw, q=qtype: gguf.quants.dequantize(r, q),
+                f"loraq {name}": lambda b=ours, n=name: dequantize_gguf(b, n, w.shape),
             },
             rounds,
         )
@@ -183,6 +238,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, {args.threads} threads")
     if not args.skip_blocks:
         bench_blocks(args.rounds)
+        bench_kquants(args.rounds, args.threads)
     if args.smollm2:
         bench_smollm2(args.rounds, args.new_tokens)
 

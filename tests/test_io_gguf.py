@@ -198,8 +198,8 @@ def test_export_refuses_dora_and_leaves_nothing_on_failure(tmp_path, monkeypatch
     dora = loraq.apply(tiny_llama(), loraq.LoraConfig(r=2, use_dora=True, targets=["q_proj"]))
     with pytest.raises(FormatError, match="q_proj uses DoRA"):
         export_gguf(dora, tmp_path / "d.gguf")
-    with pytest.raises(FormatError, match="merged dtype 'q5_0'"):
-        export_gguf(dora, tmp_path / "d.gguf", merged=True, dtype="q5_0")
+    with pytest.raises(FormatError, match="merged dtype 'q3_k'"):
+        export_gguf(dora, tmp_path / "d.gguf", merged=True, dtype="q3_k")
     model = loraq.apply(tiny_llama(), loraq.LoraConfig(r=2, targets=["q_proj"]))
 
     def boom(self, *args, **kwargs):

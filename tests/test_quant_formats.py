@@ -72,7 +72,8 @@ def _serve_parser() -> argparse.ArgumentParser:
 def test_every_writable_format_is_accepted_where_the_table_says(name: str) -> None:
     assert loraq.LoraConfig(quant=name).quant == name
     assert _serve_parser().parse_args(["--base", "b", "--quant", name]).quant == name
-    layer = loraq.QLoRALayer(nn.Linear(64, 8), rank=2, quant=name)
+    width = max(64, base_format(name).blocksize)  # a k-quant super-block holds 256 values
+    layer = loraq.QLoRALayer(nn.Linear(width, 8), rank=2, quant=name)
     assert isinstance(layer.base_layer, linear_class(base_format(name)))
     assert layer.base_layer.qweight.quant_type in (name, "int8")
 
@@ -81,9 +82,11 @@ def test_lists_of_accepted_formats_are_the_tables() -> None:
     assert QUANT_TYPES == (None, *WRITABLE)
     choices = next(a.choices for a in _serve_parser()._actions if a.dest == "quant")
     assert tuple(choices) == WRITABLE
+    from loraq.io.gguf_recipes import recipe_names
     from loraq.io.gguf_write import MERGED_DTYPES
 
-    assert MERGED_DTYPES == (*formats.DENSE_GGUF_TYPES, *format_names(gguf_export=True), "keep")
+    assert recipe_names(mixed=False) == format_names(gguf_export=True)
+    assert MERGED_DTYPES == (*formats.DENSE_GGUF_TYPES, *recipe_names(), "keep")
 
 
 @pytest.mark.parametrize("name", ["q3_k", "int4", *READ_ONLY])
@@ -104,7 +107,7 @@ def test_unknown_or_read_only_formats_are_refused_listing_the_tables_names(
         with pytest.raises(ValueError, match=f"loraq reads {name} but cannot quantize"):
             base_format(name).quantize_tensor(torch.randn(4, 256))
     else:
-        with pytest.raises(ValueError, match="q4_0, q4_1, q4_k"):
+        with pytest.raises(ValueError, match="q4_0, q4_1, q5_0, q5_1, q4_k"):
             base_format(name)
 
 

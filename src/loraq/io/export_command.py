@@ -27,9 +27,11 @@ Write an adapter (or the model merged with it) as a GGUF file llama.cpp runs.
   loraq export --format gguf --adapter runs/x/adapter --merged --dtype q8_0 --out model.gguf
 
 The base comes from the adapter's run config / adapter_config.json unless --base names a model
-folder or a .gguf file. --dtype for --merged: f32, f16, bf16, q8_0, q4_0, or keep (unadapted
-tensors of a GGUF base keep their exact blocks; the default for a GGUF base, f16 otherwise);
-for an adapter: f32 (default) or f16.
+folder or a .gguf file. --dtype for --merged: f32, f16, bf16; a block format (q8_0, q6_k,
+q4_k, q4_0, ...: every matrix in it); llama.cpp's mixed recipes q4_k_m, q4_k_s, q5_k_m, q5_k_s
+(the per-tensor types llama-quantize picks); or keep (unadapted tensors of a GGUF base keep
+their exact blocks; the default for a GGUF base, f16 otherwise); for an adapter: f32 (default)
+or f16.
 """
 
 

@@ -14,10 +14,11 @@ so ``alpha / r * lora_b @ lora_a`` is exactly the adapter's ``scaling * B @ A``;
 per-layer rank) needs no extra key: the factor in ``lora_b`` absorbs the difference.
 
 Merged model GGUF: every tensor of the model with the adapters folded in, llama.cpp's names and
-q/k order, in one of :data:`MERGED_DTYPES`: a dense type (``f32``, ``f16``, ``bf16``), a block
-format the table of :mod:`loraq.quant.formats` marks ``gguf_export`` (``q8_0``, ``q4_0``,
-``q4_1``), or ``keep`` (unadapted GGUF-quantized tensors keep their exact blocks; adapted ones are
-re-quantized in their own block format, or :data:`KEEP_FALLBACK` for a read-only k-quant).
+q/k order, in one of :data:`MERGED_DTYPES`: a dense type (``f32``, ``f16``, ``bf16``), a recipe
+of :mod:`.gguf_recipes` (a block format the table of :mod:`loraq.quant.formats` marks
+``gguf_export``, every matrix in it, or llama.cpp's mixed ``q4_k_m``, ``q5_k_m``, ... with its
+per-tensor choices), or ``keep`` (unadapted GGUF-quantized tensors keep their exact blocks;
+adapted ones are re-quantized in their own block format).
 Norms are always f32. The metadata (hyperparameters, tokenizer with ``tokenizer.ggml.pre`` and
 the chat template) is copied from the base GGUF when the model came from one; otherwise the
 hyperparameters come from the config and the tokenizer from the base's folder (or the
@@ -50,6 +51,7 @@ from .gguf_names import (
     permuted_heads,
 )
 from .gguf_read import open_gguf
+from .gguf_recipes import RECIPES, plan_tensor_types, recipe_names
 from .gguf_tokenizer import GGUFVocabulary, gguf_vocabulary, tokenizer_source, write_vocabulary
 from .model_folder import source_folder
 from .peft_format import PREFIX
@@ -59,11 +61,12 @@ __all__ = ["MERGED_DTYPES", "export_gguf", "gguf_architecture"]
 
 #: Block formats a merged GGUF's matrices can be written in.
 _EXPORT_FORMATS = format_names(gguf_export=True)
-#: ``dtype`` values of a merged GGUF.
-MERGED_DTYPES = (*DENSE_GGUF_TYPES, *_EXPORT_FORMATS, "keep")
+#: ``dtype`` values of a merged GGUF: dense types, recipes (block formats first), ``keep``.
+MERGED_DTYPES = (*DENSE_GGUF_TYPES, *recipe_names(), "keep")
 #: ``dtype`` values of an adapter GGUF's tensors (the ones llama.cpp's LoRA loader takes).
 ADAPTER_DTYPES = ("f32", "f16")
-#: ``keep``: the format an adapted matrix held in a read-only k-quant is re-quantized into.
+#: ``keep``: the format an adapted matrix is re-quantized into when loraq cannot write its own
+#: (every GGUF format it reads it also writes today).
 KEEP_FALLBACK = "q8_0"
 # Metadata keys the reader synthesises or the writer sets itself.
 _OWN_KEYS = ("GGUF.", "general.architecture", "general.type", "general.file_type")
@@ -224,6 +227,21 @@ def _merged_tensor(model: nn.Module, name: str, module: nn.Module, dtype: str, a
     return _dense_out(_to_gguf_rows(weight, heads), dtype)
 
 
+def _matrix_shape(module: nn.Module) -> tuple[int, ...]:
+    base = module.base_layer if isinstance(module, LoRALayer) else module
+    record = getattr(base, "qweight", None)
+    return tuple(record.shape if record is not None else base.weight.shape)
+
+
+def _matrix_types(model: nn.Module, dtype: str, matrices: list[tuple[str, nn.Module]]):
+    """``dtype`` per matrix: a recipe's per-tensor plan, else ``dtype`` for every one."""
+    if dtype not in RECIPES:
+        return {key: dtype for key, _ in matrices}
+    shapes = [(key, _matrix_shape(module)) for key, module in matrices]
+    plan = plan_tensor_types(dtype, shapes, model.config.num_hidden_layers)
+    return {key: plan[key] or "f32" for key, _ in matrices}
+
+
 def _base_metadata(model: nn.Module) -> list[tuple[str, Any, Any, Any]]:
     """(key, value, type, sub_type) of every base-GGUF metadata entry to copy."""
     import gguf
@@ -327,7 +345,8 @@ def _write_merged(model: nn.Module, path: Path, dtype: str, tokenizer: Any = Non
     arch = gguf_architecture(model)
     copied = _base_metadata(model)
     vocab = None if copied else _vocabulary(model, tokenizer)
-    tensors: dict[str, tuple[np.ndarray, Any]] = {}
+    tensors: dict[str, tuple[np.ndarray, Any] | None] = {}
+    matrices: list[tuple[str, str, nn.Module]] = []  # (GGUF name, module name, module)
     row = architecture(arch)
     tied = row.always_tied or bool(getattr(model.config, "tie_word_embeddings", False))
     for name, module in model.named_modules():
@@ -348,7 +367,8 @@ def _write_merged(model: nn.Module, path: Path, dtype: str, tokenizer: Any = Non
         if isinstance(module, ModulesToSave):  # the trained copy the model runs
             module = _running_copy(module)
         if isinstance(module, (LoRALayer, nn.Linear, nn.Embedding, LinearGGUF, EmbeddingGGUF)):
-            tensors[target + ".weight"] = _merged_tensor(model, plain, module, dtype, arch)
+            tensors[target + ".weight"] = None  # filled below, in file order
+            matrices.append((target + ".weight", plain, module))
             bias = getattr(module, "bias", None)
             if isinstance(bias, torch.Tensor):
                 heads = _heads(model, arch, plain)
@@ -359,9 +379,15 @@ def _write_merged(model: nn.Module, path: Path, dtype: str, tokenizer: Any = Non
         elif hasattr(module, "weight") and isinstance(module.weight, torch.Tensor):  # norms
             norm = module.weight.detach().float() + row.norm_offset  # Gemma's 1 + w
             tensors[target + ".weight"] = (norm.numpy(), None)
+    types = _matrix_types(model, dtype, [(key, module) for key, _, module in matrices])
+    for key, plain, module in matrices:
+        tensors[key] = _merged_tensor(model, plain, module, types[key], arch)
+    file_type = RECIPES[dtype].file_type if dtype in RECIPES else None
 
     def fill(writer: Any) -> None:
         writer.add_type(gguf.GGUFType.MODEL)
+        if file_type is not None:
+            writer.add_file_type(file_type)
         if copied:
             for key, value, vtype, sub in copied:
                 writer.add_key_value(key, value, vtype, sub_type=sub)

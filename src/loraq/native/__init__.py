@@ -4,5 +4,6 @@
 * :mod:`.bernoulli` - dropout masks drawn exactly as ``Tensor.bernoulli_`` draws them on CPU,
   and kept at one bit per element.
 
-The dequantize kernels of :mod:`loraq.native.dequant` are built by :mod:`.build` too.
+The dequantize kernels of :mod:`loraq.native.dequant` (blockwise and GGUF, k-quants included)
+and the k-quant quantizers of :mod:`loraq.native.kquant` are built by :mod:`.build` too.
 """

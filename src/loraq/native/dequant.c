@@ -345,3 +345,64 @@ void loraq_gguf_matmul(const uint8_t* blocks, int kind, int64_t out_features, in
         }
     }
 }
+
+/* GGUF k-quant super-blocks of 256 elements (see loraq.quant.gguf): kind 0 = q4_k, 1 = q5_k
+ * (d, dmin, 12 bytes of 6-bit scale/min codes, [q5_k: 32 bytes of fifth bits], 128 bytes of
+ * nibbles; q * (d * sc) - dmin * m), 2 = q6_k (128 bytes low nibbles, 64 bytes high two bits,
+ * 16 int8 scales, d; (q - 32) * (d * sc)). Every value equals gguf.quants' float32 result. */
+static inline void kquant_scale_min(const uint8_t* s, int j, int* sc, int* m) {
+    if (j < 4) {
+        *sc = s[j] & 63;
+        *m = s[j + 4] & 63;
+    } else {
+        *sc = (s[j + 4] & 15) | ((s[j - 4] >> 6) << 4);
+        *m = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
+    }
+}
+
+void loraq_dequant_kquant(const uint8_t* blocks, int kind, int64_t first_block, int64_t last_block,
+                          void* out, int dtype) {
+    static const int64_t sizes[3] = {144, 176, 210};
+    #pragma omp parallel for schedule(static) if ((last_block - first_block) * 256 >= PARALLEL_MIN_ELEMENTS)
+    for (int64_t b = first_block; b < last_block; b++) {
+        float vals[256];
+        const uint8_t* p = blocks + b * sizes[kind];
+        if (kind < 2) {
+            float d = half_to_float(p), dmin = half_to_float(p + 2);
+            const uint8_t* qs = p + (kind == 0 ? 16 : 48);
+            const uint8_t* qh = p + 16;
+            for (int j = 0; j < 8; j++) {
+                int sc, m;
+                kquant_scale_min(p + 4, j, &sc, &m);
+                float dj = d * (float)sc, mj = dmin * (float)m;
+                const uint8_t* q = qs + 32 * (j / 2);
+                int shift = 4 * (j % 2);
+                for (int l = 0; l < 32; l++) {
+                    int v = (q[l] >> shift) & 15;
+                    if (kind == 1) v |= ((qh[l] >> j) & 1) << 4;
+                    vals[32 * j + l] = (float)v * dj - mj;
+                }
+            }
+        } else {
+            float d = half_to_float(p + 208);
+            const int8_t* sc = (const int8_t*)(p + 192);
+            for (int h = 0; h < 2; h++) {
+                const uint8_t *ql = p + 64 * h, *qh = p + 128 + 32 * h;
+                for (int k = 0; k < 4; k++) {
+                    for (int l = 0; l < 32; l++) {
+                        int idx = 128 * h + 32 * k + l;
+                        int low = (ql[l + 32 * (k & 1)] >> (4 * (k >> 1))) & 15;
+                        int v = (low | (((qh[l] >> (2 * k)) & 3) << 4)) - 32;
+                        vals[idx] = (float)v * (d * (float)sc[idx / 16]);
+                    }
+                }
+            }
+        }
+        if (dtype == 0) {
+            memcpy((float*)out + b * 256, vals, sizeof vals);
+        } else {
+            uint16_t* o = (uint16_t*)out + b * 256;
+            for (int j = 0; j < 256; j++) o[j] = to_bf16(vals[j]);
+        }
+    }
+}

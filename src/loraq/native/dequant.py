@@ -76,6 +76,8 @@ def _library() -> ctypes.CDLL | None:
         ctypes.c_void_p,
     ]
     lib.loraq_gguf_matmul.restype = None
+    lib.loraq_dequant_kquant.argtypes = lib.loraq_dequant_gguf.argtypes
+    lib.loraq_dequant_kquant.restype = None
     return lib
 
 
@@ -226,27 +228,36 @@ def dequantize_8bit_into(
     return True
 
 
-#: GGUF formats the kernel handles: name -> (kind code in dequant.c, bytes per 32-element block).
-_GGUF_KINDS = {"q8_0": (0, 34), "q4_0": (1, 18), "q4_1": (2, 20)}
+#: GGUF formats the kernel handles: name -> (C function, kind code in dequant.c, bytes per
+#: block, elements per block).
+_GGUF_KINDS = {
+    "q8_0": ("loraq_dequant_gguf", 0, 34, 32),
+    "q4_0": ("loraq_dequant_gguf", 1, 18, 32),
+    "q4_1": ("loraq_dequant_gguf", 2, 20, 32),
+    "q4_k": ("loraq_dequant_kquant", 0, 144, 256),
+    "q5_k": ("loraq_dequant_kquant", 1, 176, 256),
+    "q6_k": ("loraq_dequant_kquant", 2, 210, 256),
+}
 
 
 def dequantize_gguf_into(
     blocks: torch.Tensor, quant_type: str, first_block: int, count: int, out: torch.Tensor
 ) -> bool:
-    """Write GGUF blocks ``[first_block, first_block + count)`` (``q8_0``, ``q4_0``, ``q4_1``)
-    into the flat ``out`` (``32 * count`` elements); False if not handled (see
-    :func:`dequantize_4bit_into`), and the caller uses :mod:`loraq.quant.gguf`'s PyTorch path."""
+    """Write GGUF blocks ``[first_block, first_block + count)`` (``q8_0``, ``q4_0``, ``q4_1``,
+    ``q4_k``, ``q5_k``, ``q6_k``) into the flat ``out`` (``count`` blocks of elements); False if
+    not handled (see :func:`dequantize_4bit_into`), and the caller uses
+    :mod:`loraq.quant.gguf`'s PyTorch path."""
     lib = _library()
     if lib is None or quant_type not in _GGUF_KINDS:
         return False
-    kind, size = _GGUF_KINDS[quant_type]
+    fn_name, kind, size, elements = _GGUF_KINDS[quant_type]
     flat = blocks.reshape(-1)
     fits = (
         out.device.type == "cpu"
         and out.dtype in _DTYPE_CODES
         and out.is_contiguous()
         and not out.requires_grad
-        and out.numel() == 32 * count
+        and out.numel() == elements * count
         and flat.device.type == "cpu"
         and flat.dtype == torch.uint8
         and flat.is_contiguous()
@@ -255,9 +266,8 @@ def dequantize_gguf_into(
     if not fits:
         return False
     src, dst, dtype = flat.data_ptr() + first_block * size, out.data_ptr(), _DTYPE_CODES[out.dtype]
-    _in_slices(
-        lambda lo, hi: lib.loraq_dequant_gguf(src, kind, lo, hi, dst, dtype), count, 32 * count
-    )
+    fn = getattr(lib, fn_name)
+    _in_slices(lambda lo, hi: fn(src, kind, lo, hi, dst, dtype), count, elements * count)
     return True
 
 

@@ -6,8 +6,9 @@ what loraq may do with each); every other package reads it. Below it, the math: 
 blockwise constants (:mod:`.codebooks`), pure math on tensors (:mod:`.blockwise`), the records
 that hold a quantized tensor, quantize with ``from_tensor`` and read/write their state-dict layout
 (:mod:`.qtensor` 4-bit, :mod:`.qtensor8` 8-bit, :mod:`.state_json` shared readers), and GGUF block
-math (:mod:`.gguf`, k-quants dequantize-only) with its record (:mod:`.gguf_tensor`). Imports run
-codebooks <- blockwise <- qtensor / qtensor8, gguf <- gguf_tensor, and all of them <- formats.
+math (:mod:`.gguf`; the k-quants' search in :mod:`.kquants`) with its record (:mod:`.gguf_tensor`).
+Imports run codebooks <- blockwise <- qtensor / qtensor8, kquants <- gguf <- gguf_tensor, and all
+of them <- formats.
 Only layers/ and above import this package; the layer of each format is in
 :mod:`loraq.layers.bases`.
 """

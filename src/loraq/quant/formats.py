@@ -9,18 +9,21 @@ int8     blockwise  8     256    QuantizedTensor8  yes       yes    -           
 q8_0     gguf       8     32     GGUFTensor        yes       yes    yes          8.5
 q4_0     gguf       4     32     GGUFTensor        yes       yes    yes          4.5
 q4_1     gguf       4     32     GGUFTensor        yes       yes    yes          5.0
-q4_k     gguf       4     256    GGUFTensor        -         yes    -            4.5
-q5_k     gguf       5     256    GGUFTensor        -         yes    -            5.5
-q6_k     gguf       6     256    GGUFTensor        -         yes    -            6.5625
+q5_0     gguf       5     32     GGUFTensor        yes       yes    yes          5.5
+q5_1     gguf       5     32     GGUFTensor        yes       yes    yes          6.0
+q4_k     gguf       4     256    GGUFTensor        yes       yes    yes          4.5
+q5_k     gguf       5     256    GGUFTensor        yes       yes    yes          5.5
+q6_k     gguf       6     256    GGUFTensor        yes       yes    yes          6.5625
 =======  =========  ====  =====  ================  ========  =====  ===========  ===============
 
 Columns: ``kind`` is ``blockwise`` (bitsandbytes-style flat blocks with float32 scales, code
 books in :mod:`.codebooks`) or ``gguf`` (llama.cpp's row blocks, :mod:`.gguf`); ``code`` the
 bits of one code; ``block`` the default block size (fixed for GGUF); ``record`` the class that
 holds a tensor in the format; ``quantize``: loraq writes it (``LoraConfig.quant``,
-``QLoRALayer(quant=...)``, ``loraq serve --quant``); ``train``: adapters train over a base held
-in it (read-only k-quants come from :func:`loraq.load_gguf`); ``gguf_export``: ``export_gguf``
-can write a merged model's tensors in it. Bits per parameter count codes and block scales
+``QLoRALayer(quant=...)``, ``loraq serve --quant``; the k-quants write llama.cpp's reference
+bytes, see :mod:`.kquants`); ``train``: adapters train over a base held in it;
+``gguf_export``: ``export_gguf`` can write a merged model's tensors in it (the mixed per-tensor
+recipes such as ``q4_k_m`` are in :mod:`.kquant_recipes`). Bits per parameter count codes and block scales
 (:meth:`BaseFormat.bits_per_param`; "DQ": with double quantization, LoraConfig's default).
 
 The layer class of each format is not here (quantized layers live above ``quant/``): it comes
@@ -147,9 +150,11 @@ FORMATS: dict[str, BaseFormat] = {
         _gguf("q8_0", 8, quantize=True),
         _gguf("q4_0", 4, quantize=True),
         _gguf("q4_1", 4, quantize=True),
-        _gguf("q4_k", 4, quantize=False),
-        _gguf("q5_k", 5, quantize=False),
-        _gguf("q6_k", 6, quantize=False),
+        _gguf("q5_0", 5, quantize=True),
+        _gguf("q5_1", 5, quantize=True),
+        _gguf("q4_k", 4, quantize=True),
+        _gguf("q5_k", 5, quantize=True),
+        _gguf("q6_k", 6, quantize=True),
     )
 }
 

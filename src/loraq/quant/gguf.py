@@ -9,6 +9,9 @@ format        block_size  type_size  one block, in byte order
 ``q8_0``      32          34         d f16, 32 x int8 q;                 x = q * d
 ``q4_0``      32          18         d f16, 16 bytes: q[j] low nibble, q[j+16] high; x = (q-8) * d
 ``q4_1``      32          20         d f16, m f16, 16 bytes as q4_0;     x = q * d + m
+``q5_0``      32          22         d f16, 4 bytes fifth bits (bit j: element j), 16 bytes as
+                                     q4_0;                               x = (q-16) * d
+``q5_1``      32          24         d f16, m f16, then as q5_0;         x = q * d + m
 ``q4_k``      256         144        d, dmin f16, 12 bytes of 6-bit scales/mins, 128 bytes nibbles
 ``q5_k``      256         176        as q4_k plus 32 bytes of fifth bits
 ``q6_k``      256         210        128 bytes low nibbles, 64 bytes high 2 bits, 16 int8 scales, d
@@ -17,8 +20,9 @@ format        block_size  type_size  one block, in byte order
 Every operation is the float32 arithmetic of ``gguf.quants`` (llama.cpp's own Python package) in
 the same order, so :func:`quantize_gguf` returns its bytes and :func:`dequantize_gguf` its values
 bit for bit (on CPU the compiled kernel of :mod:`loraq.native.dequant` computes q8_0 / q4_0 /
-q4_1 in one pass, with the same values). The k-quants are dequantize-only: their quantizers search scales iteratively, and
-real files only need to be read.
+q4_1 in one pass, with the same values). The k-quants' quantizers live in :mod:`.kquants`
+(``gguf.quants`` has none): they write llama.cpp's reference bytes. ``q5_0`` / ``q5_1`` are
+what llama.cpp falls back to when a row does not fit a ``q4_k`` / ``q5_k`` super-block.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import torch
 
 from ..native import dequant as cpu_kernels
 from ..native.pages import empty_for_write
+from .kquants import quantize_q4_k, quantize_q5_k, quantize_q6_k
 
 __all__ = [
     "GGUF_QUANT_TYPES",
@@ -122,13 +127,34 @@ def _quantize_q4_1(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([_f16_bytes(d), _f16_bytes(lo), _pack_halves(q)], dim=1)
 
 
+def _fifth_bits(q: torch.Tensor) -> torch.Tensor:
+    """(n, 32) codes 0..31 -> (n, 4) bytes: bit j of the little-endian uint32 is q[j]'s bit 4."""
+    bits = ((q >> 4) & 1).view(-1, 4, 8) << torch.arange(8, dtype=torch.uint8, device=q.device)
+    return bits.sum(dim=2, dtype=torch.uint8)
+
+
+def _quantize_q5_0(x: torch.Tensor) -> torch.Tensor:
+    signed_max = x.gather(1, x.abs().argmax(dim=1, keepdim=True))
+    d = signed_max / -16
+    q = torch.trunc(x * _reciprocal(d) + 16.5).clamp_(0, 31).to(torch.uint8)
+    return torch.cat([_f16_bytes(d), _fifth_bits(q), _pack_halves(q & 15)], dim=1)
+
+
+def _quantize_q5_1(x: torch.Tensor) -> torch.Tensor:
+    lo = x.amin(dim=1, keepdim=True)
+    d = (x.amax(dim=1, keepdim=True) - lo) / 31
+    q = torch.trunc((x - lo) * _reciprocal(d) + 0.5).clamp_(0, 31).to(torch.uint8)
+    return torch.cat([_f16_bytes(d), _f16_bytes(lo), _fifth_bits(q), _pack_halves(q & 15)], dim=1)
+
+
 @torch.no_grad()
 def quantize_gguf(tensor: torch.Tensor, quant_type: str) -> torch.Tensor:
-    """Quantize ``tensor`` into GGUF blocks of ``quant_type`` (``q8_0``, ``q4_0`` or ``q4_1``).
+    """Quantize ``tensor`` into GGUF blocks of ``quant_type`` (any of :data:`GGUF_TRAINABLE_TYPES`).
 
-    The tensor is read as float32; its last dimension must be a multiple of 32. Returns uint8 of
-    shape :func:`gguf_bytes_shape` whose bytes equal
-    ``gguf.quants.quantize(tensor.float().numpy(), GGMLQuantizationType.<TYPE>)``.
+    The tensor is read as float32; its last dimension must be a multiple of the block size (32,
+    or 256 for the k-quants). Returns uint8 of shape :func:`gguf_bytes_shape` whose bytes equal
+    ``gguf.quants.quantize(tensor.float().numpy(), GGMLQuantizationType.<TYPE>)`` for the
+    32-blocks and llama.cpp's reference quantizer (no importance matrix) for the k-quants.
     """
     _check_type(quant_type, writable=True)
     if not tensor.is_floating_point():
@@ -167,6 +193,24 @@ def _dequant_q4_1(b: torch.Tensor, out: torch.Tensor) -> None:
     _unpack_halves(b[:, 4:], out).mul_(_f16(b, 0)).add_(_f16(b, 2))
 
 
+def _unpack_fifth(qh: torch.Tensor, out: torch.Tensor) -> None:
+    """Add bit 4 from the (n, 4) fifth-bit bytes to the nibbles already in ``out`` (n, 32)."""
+    bits = (qh.reshape(-1, 4, 1) >> torch.arange(8, dtype=torch.uint8, device=qh.device)) & 1
+    out.add_(bits.reshape(-1, 32).to(out.dtype) * 16)
+
+
+def _dequant_q5_0(b: torch.Tensor, out: torch.Tensor) -> None:
+    _unpack_halves(b[:, 6:], out)
+    _unpack_fifth(b[:, 2:6], out)
+    out.sub_(16).mul_(_f16(b, 0))
+
+
+def _dequant_q5_1(b: torch.Tensor, out: torch.Tensor) -> None:
+    _unpack_halves(b[:, 8:], out)
+    _unpack_fifth(b[:, 4:8], out)
+    out.mul_(_f16(b, 0)).add_(_f16(b, 2))
+
+
 def _k_scale_min(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The eight 6-bit scales and mins packed in 12 bytes (q4_k / q5_k), as float32 (n, 8)."""
     s = scales.reshape(-1, 3, 4)
@@ -178,7 +222,8 @@ def _k_scale_min(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _nibble_groups(qs: torch.Tensor) -> torch.Tensor:
     """(n, 128) bytes -> (n, 8, 32) codes: each 32-byte group gives its low then high nibbles."""
-    g = qs.reshape(-1, 4, 1, 32) >> torch.tensor([0, 4], dtype=torch.uint8).view(1, 1, 2, 1)
+    shifts = torch.tensor([0, 4], dtype=torch.uint8, device=qs.device).view(1, 1, 2, 1)
+    g = qs.reshape(-1, 4, 1, 32) >> shifts
     return (g & 15).reshape(-1, 8, 32)
 
 
@@ -188,7 +233,9 @@ def _dequant_k(b: torch.Tensor, out: torch.Tensor, fifth_bits: bool) -> None:
     d = (_f16(b, 0) * sc).view(n, 8, 1)
     dm = (_f16(b, 2) * mn).view(n, 8, 1)
     if fifth_bits:
-        qh = b[:, 16:48].reshape(n, 1, 1, 32) >> torch.arange(8, dtype=torch.uint8).view(1, 1, 8, 1)
+        qh = b[:, 16:48].reshape(n, 1, 1, 32) >> torch.arange(
+            8, dtype=torch.uint8, device=b.device
+        ).view(1, 1, 8, 1)
         q = _nibble_groups(b[:, 48:]) | ((qh & 1).reshape(n, 8, 32) << 4)
     else:
         q = _nibble_groups(b[:, 16:])
@@ -205,11 +252,13 @@ def _dequant_q5_k(b: torch.Tensor, out: torch.Tensor) -> None:
 
 def _dequant_q6_k(b: torch.Tensor, out: torch.Tensor) -> None:
     n = b.shape[0]
-    ql = b[:, :128].reshape(n, 2, 1, 64) >> torch.tensor([0, 4], dtype=torch.uint8).view(1, 1, 2, 1)
+    ql = b[:, :128].reshape(n, 2, 1, 64) >> torch.tensor(
+        [0, 4], dtype=torch.uint8, device=b.device
+    ).view(1, 1, 2, 1)
     ql = (ql & 15).reshape(n, 8, 32)
-    qh = b[:, 128:192].reshape(n, 2, 1, 32) >> torch.tensor([0, 2, 4, 6], dtype=torch.uint8).view(
-        1, 1, 4, 1
-    )
+    qh = b[:, 128:192].reshape(n, 2, 1, 32) >> torch.tensor(
+        [0, 2, 4, 6], dtype=torch.uint8, device=b.device
+    ).view(1, 1, 4, 1)
     qh = (qh & 3).reshape(n, 8, 32)
     q = (ql | (qh << 4)).to(torch.int8) - 32
     scales = b[:, 192:208].contiguous().view(torch.int8).to(torch.float32)
@@ -296,11 +345,13 @@ _BLOCKS: dict[str, _BlockMath] = {
     "q8_0": _BlockMath(32, 34, _dequant_q8_0, _quantize_q8_0),
     "q4_0": _BlockMath(32, 18, _dequant_q4_0, _quantize_q4_0),
     "q4_1": _BlockMath(32, 20, _dequant_q4_1, _quantize_q4_1),
-    "q4_k": _BlockMath(256, 144, _dequant_q4_k),
-    "q5_k": _BlockMath(256, 176, _dequant_q5_k),
-    "q6_k": _BlockMath(256, 210, _dequant_q6_k),
+    "q5_0": _BlockMath(32, 22, _dequant_q5_0, _quantize_q5_0),
+    "q5_1": _BlockMath(32, 24, _dequant_q5_1, _quantize_q5_1),
+    "q4_k": _BlockMath(256, 144, _dequant_q4_k, quantize_q4_k),
+    "q5_k": _BlockMath(256, 176, _dequant_q5_k, quantize_q5_k),
+    "q6_k": _BlockMath(256, 210, _dequant_q6_k, quantize_q6_k),
 }
 #: Block formats this module dequantizes (what each is for: :mod:`loraq.quant.formats`).
 GGUF_QUANT_TYPES: tuple[str, ...] = tuple(_BLOCKS)
-#: Block formats it also quantizes (the k-quants are read-only).
+#: Block formats it also quantizes (all of them).
 GGUF_TRAINABLE_TYPES: tuple[str, ...] = tuple(n for n, b in _BLOCKS.items() if b.quantize)
