@@ -1,0 +1,255 @@
+"""README.md is a contract: every fenced block says how it is checked, and the run-in-CI ones run.
+
+Each fenced block in README.md is preceded by one mark line:
+
+- ``<!-- ci -->``: run here, on tiny inputs (placeholders such as ``my.yaml`` or
+  ``path/to/local/model`` are replaced by the fixture models below), so a renamed flag,
+  config key or function fails this file;
+- ``<!-- by-hand: REASON -->``: needs what CI has not got (a GPU, llama.cpp, minutes of
+  training, several processes, a download); REASON says which;
+- ``<!-- illustrative -->``: not a runnable example (a file tree, a sketch).
+
+Shell blocks run line by line: ``loraq ...`` through :func:`loraq.cli.main` in this process
+(what the ``loraq`` console script calls, minus the start-up cost of a new interpreter per
+line) with a bounded time each; ``pip install -e ".[EXTRA]"`` is checked against pyproject's
+extras. Python blocks run statement by statement in a namespace holding the names the README
+assumes (``model``, ``tokenizer``, ...), in a temporary working folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import shlex
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from conftest import pattern_config
+
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+MARK = re.compile(r"^<!-- (ci|by-hand: \S.*|illustrative) -->$")
+FENCE = re.compile(r"^```(\S*)\s*$")
+#: Seconds one README command or statement may take on the tiny fixtures.
+STEP_TIMEOUT_S = 60
+
+
+@dataclass(frozen=True)
+class Block:
+    """One fenced block of README.md."""
+
+    line: int  # 1-based line of the opening fence
+    lang: str
+    mark: str  # "ci", "by-hand: reason", "illustrative", or "" when unmarked
+    code: str
+
+    @property
+    def id(self) -> str:
+        first = next((s for s in self.code.splitlines() if s.strip()), "")
+        return f"{self.lang}:{first.strip()[:40]}"
+
+
+def readme_blocks(text: str) -> list[Block]:
+    """The fenced blocks of a Markdown text with the mark line before each (if any)."""
+    lines = text.splitlines()
+    blocks, i = [], 0
+    while i < len(lines):
+        opening = FENCE.match(lines[i])
+        if not opening:
+            i += 1
+            continue
+        end = next((j for j in range(i + 1, len(lines)) if lines[j].startswith("```")), None)
+        assert end is not None, f"README.md:{i + 1}: fence never closed"
+        before = next((s.strip() for s in reversed(lines[:i]) if s.strip()), "")
+        mark = MARK.match(before)
+        code = "\n".join(lines[i + 1 : end])
+        blocks.append(Block(i + 1, opening.group(1), mark.group(1) if mark else "", code))
+        i = end + 1
+    return blocks
+
+
+BLOCKS = readme_blocks(README.read_text(encoding="utf-8"))
+CI_BLOCKS = [b for b in BLOCKS if b.mark == "ci"]
+
+
+def test_every_fenced_block_is_marked():
+    unmarked = [f"README.md:{b.line} ({b.id})" for b in BLOCKS if not b.mark]
+    assert not unmarked, (
+        "mark each block with <!-- ci -->, <!-- by-hand: REASON --> or <!-- illustrative -->: "
+        + ", ".join(unmarked)
+    )
+    assert CI_BLOCKS, "no README block runs in CI"
+    for b in CI_BLOCKS:
+        assert b.lang in ("bash", "python"), f"README.md:{b.line}: a ci block is bash or python"
+
+
+def test_marks_are_read_and_unmarked_blocks_found():
+    text = "x\n<!-- ci -->\n```bash\nloraq train\n```\n\n```python\npass\n```\n"
+    text += "<!-- by-hand: needs a GPU -->\n\n```bash\nnvidia-smi\n```\n"
+    blocks = readme_blocks(text)
+    assert [(b.lang, b.mark, b.code) for b in blocks] == [
+        ("bash", "ci", "loraq train"),
+        ("python", "", "pass"),
+        ("bash", "by-hand: needs a GPU", "nvidia-smi"),
+    ]
+    assert not MARK.match("<!-- by-hand: -->")  # a by-hand mark gives its reason
+
+
+# ============================================================================ fixtures
+class StepTimeout(Exception):
+    """A README command or statement ran past :data:`STEP_TIMEOUT_S`."""
+
+
+@contextlib.contextmanager
+def time_limit(what: str, seconds: int = STEP_TIMEOUT_S):
+    """Raise :class:`StepTimeout` in this (main) thread when ``what`` runs past ``seconds``."""
+
+    def expire(signum, frame):
+        raise StepTimeout(f"{what!r} ran past {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.fixture(scope="module")
+def fixtures(tmp_path_factory, llama_dir, bert_dir):
+    """Tiny models standing in for the README's placeholders, and a config over the Llama."""
+    root = tmp_path_factory.mktemp("readme_fixtures")
+    config = pattern_config(root, llama_dir, save_every=1, output_dir="runs/lm")
+    eval_tsv = root / "sentiment_eval.tsv"  # the README's eval file, its first 16 rows
+    head = (ROOT / "examples" / "sentiment_eval.tsv").read_text(encoding="utf-8").splitlines()
+    eval_tsv.write_text("\n".join(head[:17]) + "\n", encoding="utf-8")
+    return {
+        "llama": str(llama_dir),
+        "bert": str(bert_dir),
+        "config": str(config),
+        "eval_tsv": str(eval_tsv),
+    }
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    """An empty working folder with the repository's ``examples/`` in it (as in a clone)."""
+    (tmp_path / "examples").symlink_to(ROOT / "examples", target_is_directory=True)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+# ============================================================================ shell blocks
+#: README placeholder words -> fixture words ("{name}" is a key of the ``fixtures`` fixture).
+#: Run folders are relative: the commands run in one working folder, in README order, so
+#: ``runs/default/adapter`` is what the bare ``loraq train`` line wrote there.
+PLACEHOLDERS = {
+    "my.yaml": "{config}",
+    "runs/x/adapter": "runs/lm/adapter",
+    "a=DIR": "a=runs/lm/adapter",
+    "b=DIR": "b=runs/lm/adapter",
+    "DIR": "{llama}",
+    "models/llama": "{llama}",
+    "support=out/support": "support=runs/lm/adapter",
+    "adapters/": "runs/",
+    "examples/sentiment_eval.tsv": "{eval_tsv}",
+}
+#: Words added to a command so that it runs in seconds on the fixtures.
+TINY_RUN = {
+    "train": ["--training.max_steps", "1", "--training.progress", "false"],
+    "generate": ["--max-new-tokens", "4"],
+}
+#: The built-in default (no CONFIG) on the tiny BERT instead of the real MiniLM.
+BUILT_IN_TINY = ["--model.path", "{bert}", "--data.max_train_samples", "32"]
+BUILT_IN_TINY += ["--data.max_eval_samples", "16"]
+#: Commands whose command line is parsed (flags, choices), not run: ``serve`` runs until
+#: stopped; ``compare`` starts a process per method (tests/test_compare.py runs it).
+PARSE_ONLY = {"serve", "compare"}
+
+
+def shell_commands(code: str) -> list[list[str]]:
+    """The commands of a shell block as argv lists (continuations joined, comments dropped)."""
+    commands = []
+    for line in code.replace("\\\n", " ").splitlines():
+        argv = shlex.split(line, comments=True)
+        if argv:
+            commands.append(argv)
+    return commands
+
+
+def tiny_argv(argv: list[str], fx: dict) -> list[str]:
+    """A ``loraq`` command's arguments with placeholders replaced and the tiny-run words added."""
+    words = [PLACEHOLDERS.get(w, w).format(**fx) for w in argv[1:]]
+    command = words[0]
+    extra = list(TINY_RUN.get(command, []))
+    if command == "train" and (len(words) == 1 or words[1].startswith("-")):
+        extra += [w.format(**fx) for w in BUILT_IN_TINY]
+    return words + extra
+
+
+def run_loraq(argv: list[str], fx: dict, capsys) -> None:
+    from loraq import cli
+
+    words = tiny_argv(argv, fx)
+    shown = "loraq " + " ".join(argv[1:])
+    if words[0] in PARSE_ONLY:
+        try:
+            cli.build_parser().parse_args(words)
+        except SystemExit as exc:
+            pytest.fail(f"{shown}: rejected by the argument parser: {capsys.readouterr().err}")
+            raise AssertionError from exc
+        return
+    with time_limit(shown):
+        code = cli.main(words)
+    out = capsys.readouterr()
+    assert code == 0, f"{shown} (run as loraq {' '.join(words)}) exited {code}:\n{out.err[-2000:]}"
+
+
+def pyproject_extras() -> set[str]:
+    """The names in pyproject.toml's ``[project.optional-dependencies]`` (no tomllib on 3.10)."""
+    text = (ROOT / "pyproject.toml").read_text(encoding="utf-8")
+    section = text.split("[project.optional-dependencies]", 1)[1].split("\n[", 1)[0]
+    return set(re.findall(r"^([A-Za-z][\w-]*)\s*=", section, flags=re.M))
+
+
+def check_pip_install(argv: list[str]) -> None:
+    """``pip install -e ".[extra]"`` names an extra of pyproject.toml; other installs are not
+    the README's business in CI (``.ci/run`` installs what the tests need)."""
+    extras = pyproject_extras()
+    for word in argv[2:]:
+        spec = re.fullmatch(r"\.\[([\w,-]+)\]", word)
+        if spec:
+            assert "-e" in argv, f"{' '.join(argv)}: install a clone editable (pip install -e)"
+            missing = set(spec.group(1).split(",")) - set(extras)
+            assert not missing, f"{' '.join(argv)}: no such extra {sorted(missing)}"
+        assert not re.fullmatch(r"loraq\[.*\]", word), "loraq is not on PyPI: install the clone"
+
+
+SHELL_CI = [b for b in CI_BLOCKS if b.lang == "bash"]
+
+
+@pytest.mark.parametrize("block", SHELL_CI, ids=[b.id for b in SHELL_CI])
+def test_readme_shell_block_runs(block, fixtures, workdir, capsys):
+    for argv in shell_commands(block.code):
+        if argv[0] == "loraq":
+            run_loraq(argv, fixtures, capsys)
+        elif argv[:2] == ["pip", "install"]:
+            check_pip_install(argv)
+        else:
+            pytest.fail(f"README.md:{block.line}: {argv[0]!r} cannot run in CI; mark it by-hand")
+
+
+def test_a_renamed_flag_fails(fixtures, workdir, capsys):
+    """The check bites: a flag the command line does not know is a failure, not a skip."""
+    with pytest.raises(AssertionError, match="exited 2"):
+        run_loraq(["loraq", "inspect", "runs/x/adapter", "--jsn"], fixtures, capsys)
+    with pytest.raises(pytest.fail.Exception, match="rejected"):
+        run_loraq(["loraq", "serve", "--base", "DIR", "--adaptr", "a=DIR"], fixtures, capsys)
+    with pytest.raises(AssertionError, match="no such extra"):
+        check_pip_install(["pip", "install", "-e", ".[ggfu]"])
+    with pytest.raises(AssertionError, match="not on PyPI"):
+        check_pip_install(["pip", "install", "loraq[gguf]"])
