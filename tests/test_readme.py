@@ -253,3 +253,128 @@ def test_a_renamed_flag_fails(fixtures, workdir, capsys):
         check_pip_install(["pip", "install", "-e", ".[ggfu]"])
     with pytest.raises(AssertionError, match="not on PyPI"):
         check_pip_install(["pip", "install", "loraq[gguf]"])
+
+
+# ============================================================================ Python blocks
+#: Words of the README's Python snippets -> fixtures (``{name}`` is a key of ``fixtures``).
+PY_PLACEHOLDERS = {
+    '"path/to/local/model"': '"{llama}"',
+    '"SmolLM2-135M-Instruct.Q4_1.gguf"': '"{gguf}"',
+    "loftq_iters=5": "loftq_iters=1",
+}
+#: What a snippet takes as already done, by a word it contains (run before it, in its namespace).
+PY_SETUP = {
+    "loraq.adapter_rows": (
+        "loraq.apply(model, cfg_a, adapter_name='a'); loraq.apply(model, cfg_b, adapter_name='b')"
+    ),
+}
+INPUT_IDS = [[5, 6, 7, 8, 9, 10], [11, 12, 13, 14, 15, 16], [3, 4, 5, 6, 7, 8], [9, 8, 7, 6, 5, 4]]
+
+
+def snippet_namespace(code: str, fx: dict) -> dict:
+    """The names README snippets use without defining them: a fresh tiny Llama ``model``, its
+    ``tokenizer``, ``input_ids``, ``prompts``, two adapter configs and the original weights."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import loraq
+
+    model = AutoModelForCausalLM.from_pretrained(fx["llama"]).eval()
+    ns = {
+        "loraq": loraq,
+        "torch": torch,
+        "model": model,
+        "tokenizer": AutoTokenizer.from_pretrained(fx["llama"]),
+        "input_ids": torch.tensor(INPUT_IDS),
+        "prompts": ["abc:", "hello", "xyz"],
+        "cfg_a": loraq.LoraConfig(r=4, alpha=8, compute_dtype="float32"),
+        "cfg_b": loraq.LoraConfig(r=8, alpha=8, compute_dtype="float32"),
+        "w": {k: v.clone() for k, v in model.state_dict().items()},
+    }
+    for word, setup in PY_SETUP.items():
+        if word in code:
+            exec(setup, ns)
+    return ns
+
+
+def snippet_source(code: str, fx: dict) -> str:
+    for word, fixture in PY_PLACEHOLDERS.items():
+        code = code.replace(word, fixture.format(**fx))
+    return code
+
+
+class TrainedLogits:
+    """The library snippet's promise: the adapter it saves loads back onto the quantized base
+    with the trained model's logits. ``...`` stands for training: B is made nonzero there."""
+
+    def __init__(self) -> None:
+        self.trained = None
+        self.checked = 0
+
+    def before(self, source: str, ns: dict) -> None:
+        from tiny_lm import randomize_adapters
+
+        if "save_adapter(" in source and "load_adapter" not in source and self.trained is None:
+            randomize_adapters(ns["model"])
+            self.trained = logits_of(ns["model"])
+
+    def after(self, source: str, ns: dict) -> None:
+        if "load_adapter(" in source and self.trained is not None:
+            loaded = logits_of(ns["model"])
+            # the same base bytes, adapter tensors and kernels: equal up to summation order
+            torch_close(loaded, self.trained, f"{source.strip()!r} changed the logits")
+            self.trained = None
+            self.checked += 1
+
+
+def logits_of(model):
+    import torch
+
+    # eval(): modules that apply / load_adapter add are in training mode (adapter dropout on)
+    model.eval()
+    with torch.no_grad():
+        return model(torch.tensor(INPUT_IDS)).logits.float()
+
+
+def torch_close(actual, expected, what: str) -> None:
+    err = (actual - expected).abs().max().item()
+    scale = expected.abs().max().item()
+    assert err <= 1e-5 * max(1.0, scale), f"{what}: max |Δlogit| {err:.3g}"
+
+
+def run_snippet(code: str, ns: dict, watcher: TrainedLogits) -> None:
+    """Execute ``code`` one top-level statement at a time (each with a time limit)."""
+    import ast
+
+    tree = ast.parse(code)
+    for stmt in tree.body:
+        source = ast.get_source_segment(code, stmt) or ""
+        watcher.before(source, ns)
+        with time_limit(source.splitlines()[0]):
+            exec(compile(ast.Module([stmt], []), "<README.md>", "exec"), ns)
+        watcher.after(source, ns)
+
+
+@pytest.fixture(scope="module")
+def gguf_fixture(tmp_path_factory, fixtures):
+    """The tiny Llama as a Q4_1 GGUF file (the README's SmolLM2 file, in small)."""
+    from transformers import AutoModelForCausalLM
+
+    import loraq
+
+    path = tmp_path_factory.mktemp("gguf") / "tiny.Q4_1.gguf"
+    model = AutoModelForCausalLM.from_pretrained(fixtures["llama"])
+    loraq.export_gguf(model, path, merged=True, dtype="q4_1")
+    return {**fixtures, "gguf": str(path)}
+
+
+PY_CI = [b for b in CI_BLOCKS if b.lang == "python"]
+
+
+@pytest.mark.parametrize("block", PY_CI, ids=[b.id for b in PY_CI])
+def test_readme_python_block_runs(block, gguf_fixture, workdir):
+    code = snippet_source(block.code, gguf_fixture)
+    watcher = TrainedLogits()
+    run_snippet(code, snippet_namespace(code, gguf_fixture), watcher)
+    if "save_adapter(" in code and "load_adapter(" in code:
+        assert watcher.checked, "the adapter saved was never loaded back and compared"
