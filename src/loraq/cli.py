@@ -79,6 +79,30 @@ def register(name: str, command: Subcommand) -> None:
     SUBCOMMANDS[name] = command
 
 
+class DefaultsHelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Descriptions as written; each option's help ends with the default the code uses.
+
+    The default is read from the option itself (``(default: %(default)s)``), so help and code
+    cannot disagree. Options without a default worth showing (None, False, an empty list) and
+    helps that already say where their default comes from (``default: the adapter's``) are left
+    as they are.
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (
+            "default" in text
+            or default is None
+            or default is False
+            or default is argparse.SUPPRESS
+            or default == []
+            or not action.option_strings
+        ):
+            return text
+        return f"{text} (default: %(default)s)".lstrip()
+
+
 class OneLineParser(argparse.ArgumentParser):
     """argparse, but a usage error is one line ``loraq <command>: error: ...`` (exit code 2)."""
 
@@ -259,10 +283,8 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("prompt", help="the text to continue")
     p.add_argument("--adapter", help="adapter folder (e.g. runs/x/adapter)")
     p.add_argument("--model", help="base model folder or pkg:NAME (default: the adapter's)")
-    p.add_argument("--max-new-tokens", type=positive_int, default=64)
-    p.add_argument(
-        "--temperature", type=non_negative_float, default=0.0, help="0 = greedy (default)"
-    )
+    p.add_argument("--max-new-tokens", type=positive_int, default=64, help="tokens to generate")
+    p.add_argument("--temperature", type=non_negative_float, default=0.0, help="0 = greedy")
     p.add_argument(
         "--top-k", type=positive_int, default=None, help="sample from the k likeliest tokens"
     )
@@ -299,7 +321,9 @@ def _merge_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="base model folder or pkg:NAME (default: the adapter's)")
     p.add_argument("--task", choices=["causal-lm", "seq-cls"], help="default: the adapter's")
     p.add_argument("--out", required=True, help="folder for the merged model")
-    p.add_argument("--dtype", default="float32", choices=list(FLOAT_DTYPE_NAMES))
+    p.add_argument(
+        "--dtype", default="float32", choices=list(FLOAT_DTYPE_NAMES), help="saved weights' dtype"
+    )
     p.add_argument("--dense-base", action="store_true", help=DENSE_BASE_HELP)
     p.add_argument(
         "--into",
@@ -476,7 +500,7 @@ def build_parser() -> argparse.ArgumentParser:
             name,
             help=command.help,
             description=command.description or command.help,
-            formatter_class=argparse.RawDescriptionHelpFormatter,
+            formatter_class=DefaultsHelpFormatter,
         )
         command.add_arguments(p)
     return parser

@@ -58,7 +58,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--methods",
         default=",".join(DEFAULT_METHODS),
-        help=f"comma-separated, or 'all' (default: all: {','.join(DEFAULT_METHODS)})",
+        help="comma-separated, or 'all'",
     )
     p.add_argument("--ranks", help="adapter ranks to sweep, e.g. 4,8,16 (default: the config's r)")
     p.add_argument(
@@ -67,7 +67,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help=f"optimizer steps per run (default: --training.max_steps if given, else {DEFAULT_STEPS})",
     )
-    p.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default: {DEFAULT_OUT})")
+    p.add_argument("--out", default=DEFAULT_OUT, help="output folder")
     p.add_argument(
         "--full-lr",
         type=float,

@@ -41,7 +41,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="folder to read the tokenizer from (default: the base's own; needed for a .gguf "
         "file without a vocabulary)",
     )
-    p.add_argument("--base-name", default="base", help="model id of the bare base (default: base)")
+    p.add_argument("--base-name", default="base", help="model id of the bare base")
     p.add_argument(
         "--adapter",
         action="append",
@@ -50,8 +50,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="an adapter folder to serve as model NAME (repeatable)",
     )
     p.add_argument("--adapter-dir", help="folder of adapter folders; run-time loads come from here")
-    p.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address")
+    p.add_argument("--port", type=int, default=8000, help="port")
     p.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY")
     p.add_argument("--max-adapters", type=int, default=64, help="adapters resident at once (LRU)")
     p.add_argument("--max-batch", type=int, default=32, help="sequences decoded together")
@@ -67,7 +67,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--max-body-bytes",
         type=int,
         default=DEFAULT_MAX_BODY_BYTES,
-        help=f"largest request body; larger ones get a 413 (default: {DEFAULT_MAX_BODY_BYTES})",
+        help="largest request body; larger ones get a 413",
     )
     p.add_argument(
         "--quant",

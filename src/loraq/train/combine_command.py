@@ -47,9 +47,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--weights", required=True, help="one weight per --adapter, comma separated (0.7,0.3)"
     )
-    p.add_argument("--method", default="linear", choices=list(COMBINE_METHODS))
+    p.add_argument(
+        "--method", default="linear", choices=list(COMBINE_METHODS), help="how to combine"
+    )
     p.add_argument("--density", type=float, help="fraction of entries kept (ties, dare, ...)")
-    p.add_argument("--majority-sign", default="total", choices=list(MAJORITY_SIGN_METHODS))
+    p.add_argument(
+        "--majority-sign",
+        default="total",
+        choices=list(MAJORITY_SIGN_METHODS),
+        help="TIES sign election",
+    )
     p.add_argument("--svd-rank", type=int, help="rank of an svd method's result")
     p.add_argument("--svd-clamp", type=float, help="clamp svd factors to this quantile")
     p.add_argument("--seed", type=int, default=0, help="torch seed (DARE's random masks)")
