@@ -195,7 +195,7 @@ def run_loraq(argv: list[str], fx: dict, capsys) -> None:
     from loraq import cli
 
     words = tiny_argv(argv, fx)
-    shown = "loraq " + " ".join(argv[1:])
+    shown = shlex.join(argv)
     if words[0] in PARSE_ONLY:
         try:
             cli.build_parser().parse_args(words)
@@ -206,7 +206,9 @@ def run_loraq(argv: list[str], fx: dict, capsys) -> None:
     with time_limit(shown):
         code = cli.main(words)
     out = capsys.readouterr()
-    assert code == 0, f"{shown} (run as loraq {' '.join(words)}) exited {code}:\n{out.err[-2000:]}"
+    assert code == 0, (
+        f"{shown} (run as loraq {shlex.join(words)}) exited {code}:\n{out.err[-2000:]}"
+    )
 
 
 def pyproject_extras() -> set[str]:
