@@ -12,7 +12,8 @@ Each fenced block in README.md is preceded by one mark line:
 Shell blocks run line by line: ``loraq ...`` through :func:`loraq.cli.main` in this process
 (what the ``loraq`` console script calls, minus the start-up cost of a new interpreter per
 line) with a bounded time each; ``pip install -e ".[EXTRA]"`` is checked against pyproject's
-extras. Python blocks run statement by statement in a namespace holding the names the README
+extras. Every ``loraq`` line of every shell block, by-hand ones included, must also get past
+the argument parser and the config key check. Python blocks run statement by statement in a namespace holding the names the README
 assumes (``model``, ``tokenizer``, ...), in a temporary working folder.
 """
 
@@ -380,3 +381,45 @@ def test_readme_python_block_runs(block, gguf_fixture, workdir):
     run_snippet(code, snippet_namespace(code, gguf_fixture), watcher)
     if "save_adapter(" in code and "load_adapter(" in code:
         assert watcher.checked, "the adapter saved was never loaded back and compared"
+
+
+# ============================================================================ every loraq line
+def loraq_words(argv: list[str]) -> list[str] | None:
+    """The words after ``loraq`` in a command (``loraq ...`` or ``torchrun ... -m loraq ...``)."""
+    if argv[0] == "loraq":
+        return argv[1:]
+    if "-m" in argv and argv[argv.index("-m") + 1 : argv.index("-m") + 2] == ["loraq"]:
+        return argv[argv.index("-m") + 2 :]
+    return None
+
+
+def check_parses(words: list[str]) -> None:
+    """``loraq WORDS`` gets past the argument parser and, for ``train``, the config key check."""
+    from loraq import cli
+    from loraq.train.config import parse_overrides, resolve_key
+
+    command = cli.SUBCOMMANDS[words[0]]
+    if command.passthrough:
+        head, overrides = cli._split_passthrough(words[1:])
+        cli.build_parser().parse_args([words[0], *head])
+        _, overrides = cli._pop_int_option(overrides, "--nproc")  # the launcher's own flag
+        for key in parse_overrides(overrides):
+            resolve_key(key)  # ConfigError naming the key and the nearest valid one
+    else:
+        cli.build_parser().parse_args(words)
+
+
+@pytest.mark.parametrize("block", BLOCKS, ids=[b.id for b in BLOCKS])
+def test_every_loraq_command_line_parses(block, capsys):
+    """Also in blocks run by hand: their flags and config keys exist (nothing runs)."""
+    if block.lang != "bash":
+        return
+    for argv in shell_commands(block.code):
+        words = loraq_words(argv)
+        if words:
+            try:
+                check_parses(words)
+            except SystemExit:
+                pytest.fail(
+                    f"README.md:{block.line}: {shlex.join(argv)}: {capsys.readouterr().err}"
+                )
