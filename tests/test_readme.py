@@ -360,14 +360,12 @@ def run_snippet(code: str, ns: dict, watcher: TrainedLogits) -> None:
 
 @pytest.fixture(scope="module")
 def gguf_fixture(tmp_path_factory, fixtures):
-    """The tiny Llama as a Q4_1 GGUF file (the README's SmolLM2 file, in small)."""
-    from transformers import AutoModelForCausalLM
-
+    """A tiny byte-level Llama as a Q4_1 GGUF file (the README's SmolLM2 file, in small)."""
     import loraq
+    from tiny_lm import byte_tokenizer, tiny_causal_lm
 
     path = tmp_path_factory.mktemp("gguf") / "tiny.Q4_1.gguf"
-    model = AutoModelForCausalLM.from_pretrained(fixtures["llama"])
-    loraq.export_gguf(model, path, merged=True, dtype="q4_1")
+    loraq.export_gguf(tiny_causal_lm(), path, merged=True, dtype="q4_1", tokenizer=byte_tokenizer())
     return {**fixtures, "gguf": str(path)}
 
 
