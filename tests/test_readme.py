@@ -173,13 +173,34 @@ PARSE_ONLY = {"serve", "compare"}
 
 
 def shell_commands(code: str) -> list[list[str]]:
-    """The commands of a shell block as argv lists (continuations joined, comments dropped)."""
+    """The commands of a shell block as argv lists: continuations joined, comments dropped,
+    ``a && b`` / ``a; b`` split, leading ``NAME=value`` environment words dropped."""
     commands = []
     for line in code.replace("\\\n", " ").splitlines():
-        argv = shlex.split(line, comments=True)
-        if argv:
-            commands.append(argv)
+        argv: list[str] = []
+        words = []
+        for word in shlex.split(line, comments=True):  # "a;" is the word a, then a separator
+            words += [word[:-1], ";"] if word.endswith(";") and word != ";" else [word]
+        for word in [*words, "&&"]:
+            if word in ("&&", ";"):
+                while argv and re.fullmatch(r"[A-Z_][A-Z0-9_]*=\S*", argv[0]):
+                    argv.pop(0)
+                if argv:
+                    commands.append(argv)
+                argv = []
+            else:
+                argv.append(word)
     return commands
+
+
+def test_shell_commands_are_split_like_a_shell():
+    code = "A=1 loraq x --k 'a b'  # note\npip install -e \".[dev]\" && B=2 loraq y \\\n  --z; ls"
+    assert shell_commands(code) == [
+        ["loraq", "x", "--k", "a b"],
+        ["pip", "install", "-e", ".[dev]"],
+        ["loraq", "y", "--z"],
+        ["ls"],
+    ]
 
 
 def tiny_argv(argv: list[str], fx: dict) -> list[str]:
@@ -408,11 +429,13 @@ def check_parses(words: list[str]) -> None:
 
 
 @pytest.mark.parametrize("block", BLOCKS, ids=[b.id for b in BLOCKS])
-def test_every_loraq_command_line_parses(block, capsys):
-    """Also in blocks run by hand: their flags and config keys exist (nothing runs)."""
+def test_every_loraq_and_pip_line_parses(block, capsys):
+    """Also in blocks run by hand: flags and config keys exist, extras exist (nothing runs)."""
     if block.lang != "bash":
         return
     for argv in shell_commands(block.code):
+        if argv[:2] == ["pip", "install"]:
+            check_pip_install(argv)
         words = loraq_words(argv)
         if words:
             try:
