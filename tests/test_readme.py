@@ -444,3 +444,45 @@ def test_every_loraq_and_pip_line_parses(block, capsys):
                 pytest.fail(
                     f"README.md:{block.line}: {shlex.join(argv)}: {capsys.readouterr().err}"
                 )
+
+
+# ============================================================================ flags in prose
+#: Flags of other programs that README prose names (llama.cpp's CLI, pip, cmake).
+OTHER_PROGRAMS_FLAGS = {"--lora", "--no-deps", "--build", "--target"}
+
+
+def known_flag(flag: str) -> bool:
+    """A ``loraq`` option, a train config key, a benchmark script's flag, or another tool's."""
+    from loraq import cli
+    from loraq.train.config import ConfigError, resolve_key
+
+    for parser in subcommand_parsers(cli).values():
+        if flag in parser._option_string_actions:
+            return True
+    if flag in (cli.DEBUG_FLAG, "--nproc") or flag in OTHER_PROGRAMS_FLAGS:
+        return True
+    try:
+        resolve_key(flag[2:])
+        return True
+    except ConfigError:
+        pass
+    return any(f'"{flag}"' in p.read_text(encoding="utf-8") for p in ROOT.glob("benchmarks/*.py"))
+
+
+def subcommand_parsers(cli) -> dict:
+    import argparse
+
+    parser = cli.build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(sub.choices)
+
+
+def test_flags_named_in_prose_exist():
+    """`--flag` in running text names a real option, so renaming one fails here too."""
+    prose = re.sub(r"```.*?```", "", README.read_text(encoding="utf-8"), flags=re.S)
+    spans = re.findall(r"`([^`]*)`", prose)
+    flags = {w for s in spans for w in s.split() if re.fullmatch(r"--[a-z][\w.-]*", w)}
+    assert len(flags) > 10, flags  # the search finds them
+    unknown = sorted(f for f in flags if not known_flag(f))
+    assert not unknown, f"README names flags nothing defines: {unknown}"
+    assert not known_flag("--no-such-flag")
