@@ -128,7 +128,10 @@ def fixtures(tmp_path_factory, llama_dir, bert_dir):
     eval_tsv = root / "sentiment_eval.tsv"  # the README's eval file, its first 16 rows
     head = (ROOT / "examples" / "sentiment_eval.tsv").read_text(encoding="utf-8").splitlines()
     eval_tsv.write_text("\n".join(head[:17]) + "\n", encoding="utf-8")
+    story = root / "story.txt"
+    story.write_text("Once upon a time a small robot learned to read. " * 40, encoding="utf-8")
     return {
+        "story": str(story),
         "llama": str(llama_dir),
         "bert": str(bert_dir),
         "config": str(config),
@@ -158,6 +161,7 @@ PLACEHOLDERS = {
     "support=out/support": "support=runs/lm/adapter",
     "adapters/": "runs/",
     "examples/sentiment_eval.tsv": "{eval_tsv}",
+    "story.txt": "{story}",
 }
 #: Words added to a command so that it runs in seconds on the fixtures.
 TINY_RUN = {
@@ -170,6 +174,9 @@ BUILT_IN_TINY += ["--data.max_eval_samples", "16"]
 #: Commands whose command line is parsed (flags, choices), not run: ``serve`` runs until
 #: stopped; ``compare`` starts a process per method (tests/test_compare.py runs it).
 PARSE_ONLY = {"serve", "compare"}
+#: Flags that make a command parse-only: lm-evaluation-harness runs take tens of seconds
+#: (tests/test_eval_harness.py runs them).
+PARSE_ONLY_WITH = {"--tasks"}
 
 
 def shell_commands(code: str) -> list[list[str]]:
@@ -218,7 +225,7 @@ def run_loraq(argv: list[str], fx: dict, capsys) -> None:
 
     words = tiny_argv(argv, fx)
     shown = shlex.join(argv)
-    if words[0] in PARSE_ONLY:
+    if words[0] in PARSE_ONLY or PARSE_ONLY_WITH & set(words):
         try:
             cli.build_parser().parse_args(words)
         except SystemExit as exc:
@@ -447,8 +454,8 @@ def test_every_loraq_and_pip_line_parses(block, capsys):
 
 
 # ============================================================================ flags in prose
-#: Flags of other programs that README prose names (llama.cpp's CLI, pip, cmake).
-OTHER_PROGRAMS_FLAGS = {"--lora", "--no-deps", "--build", "--target"}
+#: Flags of other programs that README prose names (llama.cpp's CLI, pip, cmake, lm_eval).
+OTHER_PROGRAMS_FLAGS = {"--lora", "--no-deps", "--build", "--target", "--model_args"}
 
 
 def known_flag(flag: str) -> bool:

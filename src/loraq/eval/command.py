@@ -95,7 +95,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--labels", help="seq-cls label names in class order, comma separated")
     p.add_argument("--text-column", help="seq-cls text column (default: the run's, or 'text')")
     p.add_argument("--label-column", help="seq-cls label column (default: the run's or 'label')")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=32, help="examples per forward pass")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
     p.add_argument(
         "--dense-base",
