@@ -22,6 +22,7 @@ from pathlib import Path, PurePosixPath
 
 from torch import nn
 
+from ..batching.rows import refuse_param_lora
 from ..io.peft_format import is_adapter_folder, load_adapter
 from ..model.surgery import adapter_names, delete_adapter
 
@@ -160,6 +161,7 @@ class AdapterRegistry:
         it is never evicted)."""
         if name not in adapter_names(self.model):
             raise ValueError(f"the model has no adapter {name!r}")
+        refuse_param_lora(self.model)  # the engine runs mixed-adapter batches
         with self._lock:
             self._entries[name] = AdapterEntry(path=None)
             self._resident[name] = None
@@ -300,6 +302,11 @@ class AdapterRegistry:
             raise ServeError(
                 500, f"adapter {name!r} failed to load from {path.name}: {err}"
             ) from err
+        try:  # the engine runs mixed-adapter batches, which adapters on parameters cannot join
+            refuse_param_lora(self.model)
+        except ValueError as err:
+            delete_adapter(self.model, name)
+            raise ServeError(400, f"adapter {name!r}: {err}") from None
         self._resident[name] = None
 
     def _unload_from_model(self, name: str) -> None:
