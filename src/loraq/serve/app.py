@@ -16,7 +16,9 @@ Errors use OpenAI's body ``{"error": {"message", "type", "param", "code"}}``; a 
 400 naming it (:mod:`.fields`), an unknown model 404, a body over ``--max-body-bytes`` 413, a
 full queue 429 with ``Retry-After``. Response bodies and streams are built in :mod:`.replies`.
 Prompts are measured in characters first and tokenized on a worker thread, so a long prompt
-never holds up the event loop (``/health`` and the streams of other requests).
+never holds up the event loop (``/health`` and the streams of other requests). A request's
+``model`` may combine adapters, ``"a*0.7+b*0.3"``: computed once (``loraq.combine``, method
+``cat``, exact) and cached (:mod:`.registry`); a bad combination is a 400 naming ``model``.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from .fields import (
     ServeSettings,
     check_prompt_chars,
     check_text,
+    combination,
     field,
     json_body,
     prompt_char_limit,
@@ -104,12 +107,17 @@ class _Generator:
         """The request's JSON object, within ``--max-body-bytes``."""
         return await json_body(request, self.settings.max_body_bytes)
 
-    def adapter_of(self, body: dict) -> str | None:
+    async def adapter_of(self, body: dict) -> str | None:
+        """The adapter that ``model`` names (None: the base); a combination of adapters
+        (``"a*0.7+b*0.3"``) is computed on its first request and cached (see the registry)."""
         name = body.get("model")
         if not isinstance(name, str):
             raise ServeError(400, "model must be a string naming the base or an adapter", "model")
         if name == self.settings.base_name:
             return None
+        sources = combination(name)
+        if sources is not None:
+            return await asyncio.to_thread(self.engine.registry.add_combination, sources)
         if not self.engine.registry.is_known(name):
             raise ServeError(
                 404, f"model {short_repr(name)} does not exist; see GET /v1/models", "model"
@@ -135,7 +143,7 @@ class _Generator:
         return list(ids)
 
     async def run(self, request: Request, body: dict, prompt_ids: list[int], chat: bool):
-        adapter = self.adapter_of(body)
+        adapter = await self.adapter_of(body)
         max_tokens, temperature, top_p, top_k, seed = sampling(
             body, self.settings, len(prompt_ids), self.settings.max_tokens_cap if chat else 16
         )
@@ -212,7 +220,7 @@ def _add_generation_routes(app: FastAPI, gen: _Generator) -> None:
             raise ServeError(400, "prompt is empty", "prompt")
         gen.check_chars(len(prompt), "prompt")
         check_text(prompt, "prompt")
-        gen.adapter_of(body)  # an unknown model is a 404 before any tokenizing
+        await gen.adapter_of(body)  # an unknown model is a 404 before any tokenizing
         prompt_ids = await asyncio.to_thread(gen.encode, prompt, "prompt")
         return await gen.run(request, body, prompt_ids, chat=False)
 
@@ -220,7 +228,7 @@ def _add_generation_routes(app: FastAPI, gen: _Generator) -> None:
     async def chat_completions(request: Request) -> Response:
         body = await gen.body(request)
         messages = _chat_messages(gen, body)
-        gen.adapter_of(body)
+        await gen.adapter_of(body)
         prompt_ids = await asyncio.to_thread(_chat_prompt, gen, messages)
         return await gen.run(request, body, prompt_ids, chat=True)
 
