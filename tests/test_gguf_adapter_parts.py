@@ -99,3 +99,35 @@ def test_lora_on_a_tied_head_is_refused(tmp_path):
     trained = adapted(base, loraq.LoraConfig(r=4, alpha=8, targets=["q_proj", "lm_head"]))
     with pytest.raises(FormatError, match="lm_head .*tied.*--merged carries it"):
         export_gguf(trained, tmp_path / "a.gguf")
+
+
+PARAMETER_TARGETS = ["self_attn.q_proj.weight", "mlp.down_proj.weight"]
+
+
+def parameter_adapted(base):
+    """A LoRA on 2-D weights given as parameters (``ParamLoRA``) besides one on v_proj."""
+    config = loraq.LoraConfig(r=4, alpha=8, targets=["v_proj"], target_parameters=PARAMETER_TARGETS)
+    return adapted(base, config)
+
+
+def test_adapter_gguf_refuses_lora_on_parameters(tmp_path):
+    trained = parameter_adapted(tiny_llama())
+    out = tmp_path / "a.gguf"
+    with pytest.raises(
+        FormatError, match=r"q_proj\.weight .*parameter.*--merged carries it"
+    ) as err:
+        export_gguf(trained, out)
+    assert "\n" not in str(err.value) and not out.exists()
+
+
+@pytest.mark.parametrize("merge_first", [False, True])
+def test_merged_export_carries_lora_on_parameters(tmp_path, ids, merge_first):
+    base = tiny_llama()
+    trained = parameter_adapted(base)
+    assert (logits(trained, ids) - logits(base, ids)).abs().max() > 1e-2  # the adapter acts
+    want = logits(trained, ids)
+    if merge_first:
+        loraq.merge(trained)
+    path = export_gguf(trained, tmp_path / "m.gguf", merged=True, dtype="f32")
+    back, _ = load_gguf(path)
+    torch.testing.assert_close(logits(back, ids), want, atol=1e-5, rtol=1e-5)

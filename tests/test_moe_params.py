@@ -411,3 +411,30 @@ def test_adapter_file_with_other_rank_refused_and_model_unchanged(tmp_path):
         load_adapter(model, tmp_path)
     assert "\n" not in str(err.value)
     assert not any(isinstance(m, ParamLoRA) for m in model.modules())
+
+
+# ------------------------------------------------------------------ paths that refuse or count
+def test_summary_counts_parameter_adapters_as_adapters():
+    model = ours(qwen3_moe())
+    stats = loraq.summary(model)
+    factors = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+    assert factors > 0 and stats.trainable_params == factors
+    itemsize = 4  # float32 factors
+    assert stats.bytes["adapters"] == factors * itemsize
+
+
+def test_combine_refuses_adapters_on_parameters():
+    model = ours(qwen3_moe())
+    loraq.apply(model, LoraConfig(r=2, alpha=4, targets=[], target_parameters=EXPERTS), "other")
+    before = set(loraq.adapter_names(model))
+    with pytest.raises(ValueError, match="combine: adapter 'default' adapts parameters") as err:
+        loraq.combine(model, {"default": 0.5, "other": 0.5}, name="both")
+    assert "\n" not in str(err.value) and set(loraq.adapter_names(model)) == before
+
+
+def test_mixed_adapter_batches_refuse_adapters_on_parameters():
+    model = ours(qwen3_moe())
+    with pytest.raises(ValueError, match=r"experts\.\w+ has adapters on a parameter") as err:
+        with loraq.adapter_rows(model, ["default", None]):
+            model(ids()[:2])
+    assert "\n" not in str(err.value)

@@ -279,6 +279,86 @@ def test_runtime_adapter_paths_are_confined(server, files):
         assert c.delete("/v1/adapters/alpha2", headers=AUTH).status_code == 404
 
 
+def test_combination_in_model_is_computed_once_and_cached(server, files):
+    """``"alpha*0.7+gamma*0.3"``: loraq.combine(method="cat") of the two on the first request,
+    the same adapter for the same sources in another order; bad combinations are 400s naming
+    ``model``; deleting a source forgets the combinations made from it."""
+    from transformers import AutoModelForCausalLM
+
+    _, base, _, adapters = files
+    local = AutoModelForCausalLM.from_pretrained(base)
+    for name in ("alpha", "gamma"):
+        loraq.load_adapter(local, adapters / name, adapter_name=name)
+    loraq.combine(local, {"alpha": 0.7, "gamma": 0.3}, method="cat", name="mix")
+    want = loraq.generate(local, byte_tokenizer(), PROMPTS[:2], ["mix"] * 2, max_new_tokens=12)
+    alone = loraq.generate(local, byte_tokenizer(), PROMPTS[:1], ["alpha"], max_new_tokens=12)
+    assert want[0] != alone[0]  # the combination is not just one of its sources
+    loraq.load_adapter(local, adapters / "gamma", adapter_name="gamma2")
+    loraq.combine(local, {"gamma2": 0.7, "gamma": 0.3}, method="cat", name="mix2")
+    again = loraq.generate(local, byte_tokenizer(), PROMPTS[:1], ["mix2"], max_new_tokens=12)
+    assert again[0] != want[0]
+    with server.client() as c:
+        for model, prompt, text in [
+            ("alpha*0.7+gamma*0.3", PROMPTS[0], want[0]),
+            (" gamma * 0.3 + alpha*0.7", PROMPTS[1], want[1]),  # the cached one
+        ]:
+            r = _complete(c, model, prompt)
+            assert r.status_code == 200, r.text
+            assert r.json()["choices"][0]["text"] == text and r.json()["model"] == model
+        listed = {m["id"] for m in c.get("/v1/models", headers=AUTH).json()["data"]}
+        assert listed == {"base", *ADAPTERS}  # a cached combination is no model of its own
+        for model, needle in [
+            ("alpha*0.7+nope*0.3", "'nope' in the combination is not an adapter"),
+            ("alpha*0.7+base*0.3", "'base' in the combination is not an adapter"),
+            ("alpha*x+gamma", "is not ADAPTER*WEIGHT"),
+            ("alpha*1e999+gamma", "not finite"),
+            ("alpha+gamma+beta+alpha2+x", "at most 4"),
+            ("alpha*0.5+alpha*0.5", "twice"),
+            ("alpha+beta", "adapt different modules"),
+        ]:
+            r = _complete(c, model, "hello")
+            error = r.json()["error"]
+            assert r.status_code == 400 and error["param"] == "model", r.text
+            assert needle in error["message"] and "\n" not in error["message"], r.text
+        r = c.post("/v1/adapters", json={"name": "alpha3", "path": "alpha"}, headers=AUTH)
+        assert r.status_code == 201, r.text
+        assert (
+            _complete(c, "alpha3*0.7+gamma*0.3", PROMPTS[0]).json()["choices"][0]["text"]
+            == (want[0])
+        )
+        assert c.delete("/v1/adapters/alpha3", headers=AUTH).status_code == 200
+        r = _complete(c, "alpha3*0.7+gamma*0.3", PROMPTS[0])
+        assert r.status_code == 400 and "'alpha3'" in r.json()["error"]["message"], r.text
+        # the name back with other weights: the cached combination was forgotten, not reused
+        r = c.post("/v1/adapters", json={"name": "alpha3", "path": "gamma"}, headers=AUTH)
+        assert r.status_code == 201, r.text
+        r = _complete(c, "alpha3*0.7+gamma*0.3", PROMPTS[0])
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == again[0], r.text
+        assert c.delete("/v1/adapters/alpha3", headers=AUTH).status_code == 200
+
+
+def test_registry_refuses_adapters_on_parameters(files, tmp_path):
+    """The engine runs mixed-adapter batches, which a ParamLoRA cannot join: loading such an
+    adapter is a one-line 400 and leaves the model without it."""
+    from transformers import AutoModelForCausalLM
+
+    from loraq.serve.registry import AdapterRegistry, ServeError
+
+    _, base, _, _ = files
+    trained = AutoModelForCausalLM.from_pretrained(base)
+    config = loraq.LoraConfig(r=2, alpha=4, targets=[], target_parameters=["down_proj.weight"])
+    loraq.apply(trained, config, "experts")
+    loraq.save_adapter(trained, tmp_path / "experts", adapter_name="experts")
+    model = AutoModelForCausalLM.from_pretrained(base)
+    registry = AdapterRegistry(model, adapter_dir=tmp_path)
+    with pytest.raises(ServeError, match="has adapters on a parameter") as err:
+        registry.add_runtime("experts", "experts")
+    assert err.value.status == 400 and "\n" not in err.value.message
+    assert loraq.adapter_names(model) == [] and registry.names() == []
+    with pytest.raises(ValueError, match="has adapters on a parameter"):
+        AdapterRegistry(trained).add_resident("experts")
+
+
 def _stream_lines(server, model: str, max_tokens: int, first_only: bool = False) -> list[str]:
     body = {
         "model": model,

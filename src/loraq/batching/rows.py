@@ -16,7 +16,7 @@ from collections.abc import Iterator, Sequence
 from torch import nn
 
 from ..layers.lora import LoRALayer
-from ..model.surgery import adapter_names, config_of, lora_layers
+from ..model.surgery import adapter_names, config_of, lora_layers, param_lora_layers
 from .mixed import MixedBatch, RowAdapters
 from .stacks import StackCache
 
@@ -29,12 +29,32 @@ def lora_layer_list(model: nn.Module) -> list[LoRALayer]:
     return [layer for _, layer in lora_layers(model)]
 
 
+def refuse_param_lora(model: nn.Module) -> None:
+    """Raise a one-line ``ValueError`` when ``model`` has adapters on parameters.
+
+    A :class:`~loraq.layers.param_lora.ParamLoRA` (``target_parameters``, MoE expert stacks)
+    swaps the whole parameter for one adapter per forward pass, so it cannot give each row its
+    own adapter: in a mixed batch every row would silently run the active one.
+    """
+    for name, layer in param_lora_layers(model):
+        if layer.r:
+            raise ValueError(
+                f"{name}.{layer.parameter_name} has adapters on a parameter "
+                f"(target_parameters: {sorted(layer.r)}); mixed-adapter batches support LoRA "
+                "layers only (run such adapters one at a time, without adapter_names)"
+            )
+
+
 def validate_row_names(model: nn.Module, names: Sequence[str | None]) -> list[str | None]:
-    """``names`` as a list, checked against the model's adapters (a clear error otherwise)."""
+    """``names`` as a list, checked against the model's adapters (a clear error otherwise).
+
+    Models with adapters on parameters are refused (:func:`refuse_param_lora`).
+    """
     if isinstance(names, str) or not isinstance(names, Sequence):
         raise TypeError(
             f"adapter_names must be a list with one adapter name (or None) per row, got {names!r}"
         )
+    refuse_param_lora(model)
     known = adapter_names(model)
     checked: set[str] = set()
     for i, name in enumerate(names):

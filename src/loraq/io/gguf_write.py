@@ -40,6 +40,7 @@ from torch import nn
 
 from ..layers.gguf import EmbeddingGGUF, LinearGGUF
 from ..layers.lora import LoRALayer, ModulesToSave
+from ..layers.param_lora import ParamLoRA
 from ..model.surgery import CONFIGS_ATTR
 from ..quant.formats import DENSE_GGUF_TYPES, FORMATS, format_names
 from ..quant.gguf import quantize_gguf
@@ -102,8 +103,9 @@ _MERGED_CARRIES = "; --merged carries it (loraq export --merged)"
 
 
 def _refuse_what_cannot_travel(model: nn.Module, layers: list[tuple[str, LoRALayer]]) -> None:
-    """An adapter GGUF holds LoRA pairs only: fully trained modules and trained biases would be
-    dropped, so they are refused, each with the module named."""
+    """An adapter GGUF holds LoRA pairs of modules only: fully trained modules, trained biases
+    and adapters on parameters (``ParamLoRA``, MoE expert stacks) would be dropped, so they are
+    refused, each with the module named."""
     for name, module in model.named_modules():
         if isinstance(module, ModulesToSave) and not module.adapters_disabled:
             if module.active_adapter in module.modules_to_save:
@@ -111,6 +113,16 @@ def _refuse_what_cannot_travel(model: nn.Module, layers: list[tuple[str, LoRALay
                     f"export_gguf: {name} is a modules_to_save module (trained in full, not a "
                     f"LoRA pair), which an adapter GGUF cannot hold{_MERGED_CARRIES}"
                 )
+    for name, module in model.named_modules():
+        if (
+            isinstance(module, ParamLoRA)
+            and module.active_adapters
+            and not module.adapters_disabled
+        ):
+            raise FormatError(
+                f"export_gguf: {name}.{module.parameter_name} has a LoRA adapter on a parameter "
+                f"(target_parameters), which an adapter GGUF cannot hold{_MERGED_CARRIES}"
+            )
     active = {a for _, layer in layers for a in layer.active_adapters}
     for adapter, config in getattr(model, CONFIGS_ATTR, {}).items():
         if adapter in active and getattr(config, "bias", "none") != "none":
@@ -135,9 +147,9 @@ def _adapter_tensors(model: nn.Module, arch: str) -> tuple[dict[str, torch.Tenso
     (embedding, r), so an embedding adapter's A is written transposed.
     """
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALayer)]
+    _refuse_what_cannot_travel(model, layers)
     if not layers:
         raise FormatError("export_gguf: the model has no LoRA adapters")
-    _refuse_what_cannot_travel(model, layers)
     alpha = None
     out: dict[str, torch.Tensor] = {}
     for name, layer in layers:
@@ -199,12 +211,30 @@ def _dense_out(t: torch.Tensor, dtype: str) -> tuple[np.ndarray, Any]:
     return t.numpy().astype(np.float32), None
 
 
+def _param_lora_weight(name: str, module: ParamLoRA) -> torch.Tensor:
+    """The weight of a module whose ``weight`` parameter has adapters (``target_parameters``),
+    with its active, unmerged adapters added (merged ones are in the parameter already)."""
+    if module.parameter_name != "weight" or module.is_3d:
+        raise FormatError(
+            f"export_gguf: {name}.{module.parameter_name} has adapters on a parameter that no "
+            "GGUF tensor holds (only a module's 2-D weight)"
+        )
+    weight = module.base_param().detach().float()
+    if not module.adapters_disabled:
+        for adapter in module.active_adapters:
+            if adapter in module.r and adapter not in module.merged_adapters:
+                weight = weight + module.delta(adapter).detach().float()
+    return weight
+
+
 def _merged_tensor(model: nn.Module, name: str, module: nn.Module, dtype: str, arch: str):
     """(array, raw type) of one matrix: kept blocks, or the merged weight written as ``dtype``."""
     import gguf
 
     heads = _heads(model, arch, name)
     base = module.base_layer if isinstance(module, LoRALayer) else module
+    if isinstance(module, ParamLoRA):
+        base = module.holder
     if dtype == "keep" and isinstance(base, (LinearGGUF, EmbeddingGGUF)):
         record = base.qweight
         if not isinstance(module, LoRALayer) or not module.active_adapters:
@@ -213,7 +243,9 @@ def _merged_tensor(model: nn.Module, name: str, module: nn.Module, dtype: str, a
         dtype = record.quant_type if record.quant_type in _EXPORT_FORMATS else KEEP_FALLBACK
     elif dtype == "keep":
         dtype = "f32"
-    if isinstance(module, LoRALayer):
+    if isinstance(module, ParamLoRA):
+        weight = _param_lora_weight(name, module)
+    elif isinstance(module, LoRALayer):
         weight = module.base_matrix().float()
         for adapter in module.active_adapters:
             if adapter not in module.merged_adapters:
@@ -228,6 +260,8 @@ def _merged_tensor(model: nn.Module, name: str, module: nn.Module, dtype: str, a
 
 
 def _matrix_shape(module: nn.Module) -> tuple[int, ...]:
+    if isinstance(module, ParamLoRA):
+        return tuple(module.base_param().shape)
     base = module.base_layer if isinstance(module, LoRALayer) else module
     record = getattr(base, "qweight", None)
     return tuple(record.shape if record is not None else base.weight.shape)
@@ -366,10 +400,12 @@ def _write_merged(model: nn.Module, path: Path, dtype: str, tokenizer: Any = Non
             )
         if isinstance(module, ModulesToSave):  # the trained copy the model runs
             module = _running_copy(module)
-        if isinstance(module, (LoRALayer, nn.Linear, nn.Embedding, LinearGGUF, EmbeddingGGUF)):
+        matrix_kinds = (LoRALayer, ParamLoRA, nn.Linear, nn.Embedding, LinearGGUF, EmbeddingGGUF)
+        if isinstance(module, matrix_kinds):
             tensors[target + ".weight"] = None  # filled below, in file order
             matrices.append((target + ".weight", plain, module))
-            bias = getattr(module, "bias", None)
+            holder = module.holder if isinstance(module, ParamLoRA) else module
+            bias = getattr(holder, "bias", None)
             if isinstance(bias, torch.Tensor):
                 heads = _heads(model, arch, plain)
                 tensors[target + ".bias"] = (

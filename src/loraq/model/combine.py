@@ -275,7 +275,8 @@ def _plan(
 
 
 def _check_sources(model: nn.Module, sources: list[str], configs: dict[str, LoraConfig]) -> None:
-    """The sources must adapt the same modules of the same base, without DoRA or saved modules."""
+    """The sources must adapt the same modules of the same base, without DoRA, saved modules
+    or adapters on parameters (``ParamLoRA``)."""
     targets: dict[str, list[str]] = getattr(model, TARGETS_ATTR)
     first = sources[0]
     base_key = "base_model_name_or_path"
@@ -285,6 +286,11 @@ def _check_sources(model: nn.Module, sources: list[str], configs: dict[str, Lora
             raise ValueError(
                 f"combine: adapter {source!r} uses DoRA; DoRA adapters cannot be combined "
                 "(their magnitudes do not add)"
+            )
+        if config.target_parameters:
+            raise ValueError(
+                f"combine: adapter {source!r} adapts parameters (target_parameters "
+                f"{config.target_parameters}), which combine does not support"
             )
         if config.modules_to_save:
             raise ValueError(

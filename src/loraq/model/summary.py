@@ -8,6 +8,7 @@ from torch import nn
 
 from ..core.naming import ADAPTER_STORES
 from ..layers.lora import LoRALayer, ModulesToSave
+from ..layers.param_lora import ParamLoRA
 from ..layers.protocol import quantized_weight_of
 
 
@@ -72,7 +73,7 @@ def summary(model: nn.Module, show: bool = False) -> Summary:
     """Count trainable/total parameters and bytes per part; print the table when ``show``."""
     kinds: dict[str, str] = {}
     for name, module in model.named_modules():
-        if isinstance(module, LoRALayer):
+        if isinstance(module, (LoRALayer, ParamLoRA)):  # ParamLoRA: adapters on parameters
             kinds[name] = "lora"
         elif isinstance(module, ModulesToSave):
             kinds[name] = "saved"

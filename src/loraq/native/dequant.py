@@ -284,7 +284,9 @@ def gguf_matmul(x: torch.Tensor, blocks: torch.Tensor, quant_type: str) -> torch
     lib = _library()
     if lib is None or quant_type not in _GGUF_KINDS:
         return None
-    kind, size = _GGUF_KINDS[quant_type]
+    fn_name, kind, size, _ = _GGUF_KINDS[quant_type]
+    if fn_name != "loraq_dequant_gguf":  # the packed matmul reads 32-element blocks only
+        return None
     if x.dim() != 2 or blocks.dim() != 2:
         return None
     rows, in_features = x.shape

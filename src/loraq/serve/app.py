@@ -19,7 +19,9 @@ Errors use OpenAI's body ``{"error": {"message", "type", "param", "code"}}``; a 
 400 naming it (:mod:`.fields`), an unknown model 404, a body over ``--max-body-bytes`` 413, a
 full queue 429 with ``Retry-After``. Response bodies and streams are built in :mod:`.replies`.
 Prompts are measured in characters first and tokenized on a worker thread, so a long prompt
-never holds up the event loop (``/health`` and the streams of other requests).
+never holds up the event loop (``/health`` and the streams of other requests). A request's
+``model`` may combine adapters, ``"a*0.7+b*0.3"``: computed once (``loraq.combine``, method
+``cat``, exact) and cached (:mod:`.registry`); a bad combination is a 400 naming ``model``.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from .fields import (
     ServeSettings,
     check_prompt_chars,
     check_text,
+    combination,
     field,
     json_body,
     prompt_char_limit,
@@ -114,12 +117,17 @@ class _Generator:
         """The request's JSON object, within ``--max-body-bytes``."""
         return await json_body(request, self.settings.max_body_bytes)
 
-    def adapter_of(self, body: dict) -> str | None:
+    async def adapter_of(self, body: dict) -> str | None:
+        """The adapter that ``model`` names (None: the base); a combination of adapters
+        (``"a*0.7+b*0.3"``) is computed on its first request and cached (see the registry)."""
         name = body.get("model")
         if not isinstance(name, str):
             raise ServeError(400, "model must be a string naming the base or an adapter", "model")
         if name == self.settings.base_name:
             return None
+        sources = combination(name)
+        if sources is not None:
+            return await asyncio.to_thread(self.engine.registry.add_combination, sources)
         if not self.engine.registry.is_known(name):
             raise ServeError(
                 404, f"model {short_repr(name)} does not exist; see GET /v1/models", "model"
@@ -166,7 +174,7 @@ class _Generator:
         return ids
 
     async def run(self, request: Request, body: dict, prompts: list[Prompt], chat: bool):
-        adapter = self.adapter_of(body)
+        adapter = await self.adapter_of(body)
         choose = chat_options if chat else completion_options
         options = choose(body, self.settings.max_logprobs)
         max_tokens, temperature, top_p, top_k, seed = sampling(
@@ -318,14 +326,14 @@ def _add_generation_routes(app: FastAPI, gen: _Generator) -> None:
     async def completions(request: Request) -> Response:
         body = await gen.body(request)
         prompts = body.get("prompt")
-        gen.adapter_of(body)  # an unknown model is a 404 before any tokenizing
+        await gen.adapter_of(body)  # an unknown model is a 404 before any tokenizing
         return await gen.run(request, body, await _completion_prompts(gen, prompts), chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         body = await gen.body(request)
         messages = _chat_messages(gen, body)
-        gen.adapter_of(body)
+        await gen.adapter_of(body)
         prompt_ids = await asyncio.to_thread(_chat_prompt, gen, messages)
         return await gen.run(request, body, [Prompt(prompt_ids, "")], chat=True)
 

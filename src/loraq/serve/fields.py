@@ -10,6 +10,7 @@ function                checks
 ``stops``               ``stop``: a string or a list of up to 4, each 1..MAX_STOP_CHARS long
 ``check_prompt_chars``  a prompt's length in characters, before it is tokenized
 ``check_text``          text the tokenizer can take (no unpaired UTF-16 surrogate)
+``combination``         ``model`` as a weighted sum of adapters (``"a*0.7+b*0.3"``), or None
 ======================  =====================================================================
 
 Nothing a client sends reaches the tokenizer or the engine unchecked: a bad value is a 400 here,
@@ -21,16 +22,21 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .registry import ServeError
+from .registry import NAME_PATTERN, ServeError, short_repr
 
 #: Default of ``--max-body-bytes``: room for a long context's prompt written as escaped JSON.
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
 #: Longest stop string: the engine checks each one against the text's end at every token.
 MAX_STOP_CHARS = 256
+#: Most adapters one ``model`` combination may name (each is a resident adapter's worth of work).
+MAX_COMBINATION_TERMS = 4
+#: A combination's weight: a plain decimal number, optionally negative (no ``+``: it joins terms).
+_WEIGHT = re.compile(r"^-?(?:\d+\.?\d*|\.\d+)(?:[eE]-?\d+)?$")
 #: The seeds ``torch.Generator.manual_seed`` accepts.
 SEED_RANGE = (-(2**63), 2**64 - 1)
 
@@ -187,3 +193,44 @@ def check_text(text: str, field_name: str, label: str | None = None) -> None:
             f"({ascii(text[err.start])}) at character {err.start}",
             field_name,
         ) from None
+
+
+def combination(model: str) -> tuple[tuple[str, float], ...] | None:
+    """``model`` read as a combination of adapters, ``"a*0.7+b*0.3"``: ``(name, weight)`` pairs
+    sorted by name (a term without ``*weight`` weighs 1), or None when ``model`` names one model
+    (adapter names hold neither ``*`` nor ``+``). A 400 naming ``model`` for bad syntax, a
+    weight that is not a finite number, a repeated adapter or more than
+    :data:`MAX_COMBINATION_TERMS` terms. Whether the adapters exist is the registry's to say.
+    """
+    if "*" not in model and "+" not in model:
+        return None
+    terms = model.split("+")
+    if len(terms) > MAX_COMBINATION_TERMS:
+        raise ServeError(
+            400,
+            f"model {short_repr(model)} combines {len(terms)} adapters; at most "
+            f"{MAX_COMBINATION_TERMS} may be combined",
+            "model",
+        )
+    pairs: dict[str, float] = {}
+    for term in terms:
+        name, star, weight = term.strip().partition("*")
+        name, weight = name.strip(), weight.strip()
+        if not NAME_PATTERN.match(name) or (star and not _WEIGHT.match(weight)):
+            raise ServeError(
+                400,
+                f"model {short_repr(model)}: term {short_repr(term)} is not ADAPTER*WEIGHT "
+                '(e.g. "a*0.7+b*0.3")',
+                "model",
+            )
+        value = float(weight) if star else 1.0
+        if not math.isfinite(value):
+            raise ServeError(
+                400, f"model {short_repr(model)}: weight {weight} is not finite", "model"
+            )
+        if name in pairs:
+            raise ServeError(
+                400, f"model {short_repr(model)} names adapter {name!r} twice", "model"
+            )
+        pairs[name] = value
+    return tuple(sorted(pairs.items()))

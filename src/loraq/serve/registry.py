@@ -10,6 +10,13 @@
   and ``in_use`` (rows in the running batch). ``DELETE`` stops new reservations, waits for
   ``pending`` to reach 0 and removes the adapter under ``model_lock`` only if both counts are
   still 0, so no row ever runs on an adapter that is gone (which would fail the whole batch).
+- A request's ``model`` may be a combination of known adapters (``"a*0.7+b*0.3"``, parsed by
+  :func:`~loraq.serve.fields.combination`). The first request computes it with
+  ``loraq.combine(..., method="cat")`` (exact: its delta is the weighted sum of the sources'
+  deltas, whatever their ranks), loading sources that are not resident only for that moment,
+  and caches it as an adapter under an internal name (:data:`COMBINATION_PREFIX`): resident and
+  evicted like any other (recomputed on next use), not listed in ``GET /v1/models``, and
+  forgotten when one of its sources is deleted.
 """
 
 from __future__ import annotations
@@ -22,12 +29,19 @@ from pathlib import Path, PurePosixPath
 
 from torch import nn
 
+from ..batching.rows import refuse_param_lora
 from ..io.peft_format import is_adapter_folder, load_adapter
+from ..model.combine import combine
 from ..model.surgery import adapter_names, delete_adapter
 
 #: Allowed adapter names: they become model ids in the API and module keys in the model.
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+#: How a ``model`` combination is computed: ``cat`` is exact for any ranks (the others approximate).
+COMBINATION_METHOD = "cat"
+#: Start of a cached combination's adapter name; ``~`` is outside :data:`NAME_PATTERN`, so no
+#: client-chosen adapter name can collide with one.
+COMBINATION_PREFIX = "combination~"
 
 
 class ServeError(Exception):
@@ -120,6 +134,7 @@ class AdapterEntry:
     in_use: int = 0  # rows in the running batch: the LRU must not evict it
     pending: int = 0  # requests accepted and not finished: DELETE waits for them
     unloading: bool = False  # DELETE under way: no new requests
+    sources: tuple[tuple[str, float], ...] = ()  # a combination: (adapter, weight) pairs
 
 
 class AdapterRegistry:
@@ -143,6 +158,8 @@ class AdapterRegistry:
         self._entries: dict[str, AdapterEntry] = {}
         self._resident: OrderedDict[str, None] = OrderedDict()
         self._lock = threading.Lock()
+        self._combinations: dict[tuple[tuple[str, float], ...], str] = {}  # sources -> name
+        self._combination_count = 0
 
     # ------------------------------------------------------------------ known adapters
     def add(self, name: str, path: Path) -> None:
@@ -160,6 +177,7 @@ class AdapterRegistry:
         it is never evicted)."""
         if name not in adapter_names(self.model):
             raise ValueError(f"the model has no adapter {name!r}")
+        refuse_param_lora(self.model)  # the engine runs mixed-adapter batches
         with self._lock:
             self._entries[name] = AdapterEntry(path=None)
             self._resident[name] = None
@@ -203,10 +221,42 @@ class AdapterRegistry:
             raise
         return name
 
-    def names(self) -> list[str]:
-        """Known adapter names (resident or not), in registration order."""
+    def add_combination(self, sources: tuple[tuple[str, float], ...]) -> str:
+        """The adapter name of the combination ``sources`` (``(adapter, weight)`` pairs sorted
+        by name), computed and cached on first use (see the module doc). A 400 naming
+        ``model`` for a source that is not a known adapter, or sources combine refuses."""
+        for source, _ in sources:
+            entry = self._entries.get(source)
+            if entry is None or entry.unloading or entry.sources:
+                raise ServeError(
+                    400,
+                    f"model: {short_repr(source)} in the combination is not an adapter of this "
+                    "server; see GET /v1/models",
+                    "model",
+                )
         with self._lock:
-            return [n for n, e in self._entries.items() if not e.unloading]
+            name = self._combinations.get(sources)
+            if name is not None and self.is_known(name):
+                return name
+            self._combination_count += 1
+            name = f"{COMBINATION_PREFIX}{self._combination_count}"
+            self._entries[name] = AdapterEntry(path=None, sources=sources)
+            self._combinations[sources] = name
+        try:  # computed now, so that a combination combine refuses is this request's 400
+            if self.acquire(name):
+                self.release(name)
+        except Exception:
+            with self._lock:
+                self._entries.pop(name, None)
+                self._combinations.pop(sources, None)
+            raise
+        return name
+
+    def names(self) -> list[str]:
+        """Known adapter names (resident or not), in registration order; cached combinations
+        are not listed."""
+        with self._lock:
+            return [n for n, e in self._entries.items() if not e.unloading and not e.sources]
 
     def is_known(self, name: str) -> bool:
         """True if ``name`` is a known adapter not being unloaded."""
@@ -261,7 +311,7 @@ class AdapterRegistry:
             if name not in self._resident:
                 if not self._make_room():
                     return False
-                self._load(name, entry.path)
+                self._load(name, entry)
             self._resident.move_to_end(name)
             with self._lock:
                 entry.in_use += 1
@@ -286,21 +336,58 @@ class AdapterRegistry:
             idle = [
                 n
                 for n in self._resident
-                if self._entries[n].in_use == 0 and self._entries[n].path is not None
+                if self._entries[n].in_use == 0
+                and (self._entries[n].path is not None or self._entries[n].sources)
             ]
             if not idle:
                 return False
             self._unload_from_model(idle[0])
         return True
 
-    def _load(self, name: str, path: Path) -> None:
+    def _load(self, name: str, entry: AdapterEntry) -> None:
+        if entry.sources:
+            self._combine(name, entry.sources)
+            self._resident[name] = None
+            return
         try:
-            load_adapter(self.model, path, adapter_name=name)
+            load_adapter(self.model, entry.path, adapter_name=name)
         except Exception as err:
             raise ServeError(
-                500, f"adapter {name!r} failed to load from {path.name}: {err}"
+                500, f"adapter {name!r} failed to load from {entry.path.name}: {err}"
             ) from err
+        try:  # the engine runs mixed-adapter batches, which adapters on parameters cannot join
+            refuse_param_lora(self.model)
+        except ValueError as err:
+            delete_adapter(self.model, name)
+            raise ServeError(400, f"adapter {name!r}: {err}") from None
         self._resident[name] = None
+
+    def _combine(self, name: str, sources: tuple[tuple[str, float], ...]) -> None:
+        """Add combination ``name`` to the model; sources not resident are loaded for the
+        moment only (under ``model_lock``, so no step sees them)."""
+        borrowed: list[str] = []
+        try:
+            for source, _ in sources:
+                with self._lock:
+                    entry = self._entries.get(source)
+                if entry is None or entry.unloading:
+                    raise ServeError(
+                        400, f"model: adapter {short_repr(source)} no longer exists", "model"
+                    )
+                if source not in adapter_names(self.model):
+                    load_adapter(self.model, entry.path, adapter_name=source)
+                    borrowed.append(source)
+            combine(self.model, dict(sources), method=COMBINATION_METHOD, name=name)
+        except ServeError:
+            raise
+        except Exception as err:
+            message = str(err).removeprefix("combine: ")
+            raise ServeError(
+                400, f"model: the combination cannot be made: {message}", "model"
+            ) from None
+        finally:
+            for source in borrowed:
+                delete_adapter(self.model, source)
 
     def _unload_from_model(self, name: str) -> None:
         if name in adapter_names(self.model):
@@ -332,7 +419,23 @@ class AdapterRegistry:
                     return False
                 self._entries.pop(name, None)
             self._unload_from_model(name)
+            self._forget_combinations_of(name)
         return True
+
+    def _forget_combinations_of(self, source: str) -> None:
+        """Cached combinations built from ``source`` (just deleted) take no new requests; idle
+        ones leave the model now, busy ones when the LRU evicts them."""
+        with self._lock:
+            stale = [(key, name) for key, name in self._combinations.items() if source in dict(key)]
+            for key, name in stale:
+                del self._combinations[key]
+                self._entries[name].unloading = True
+        for _, name in stale:
+            entry = self._entries[name]
+            if entry.pending == 0 and entry.in_use == 0:
+                with self._lock:
+                    self._entries.pop(name, None)
+                self._unload_from_model(name)
 
 
 def short_repr(name: str, limit: int = 80) -> str:
