@@ -5,8 +5,10 @@
 
 Runs :func:`loraq.train.train` with the config (and overrides, as ``loraq train`` reads them);
 at optimizer step K, rank R raises RuntimeError or sends itself SIGTERM. Each rank prints its
-resident quantized-base bytes before and after wrapping (``rank R base bytes A -> B``). Exit code 0 when the
-run finished or stopped on a signal (prints ``stopped at step N``), otherwise the exception's.
+resident quantized-base bytes before and after wrapping (``rank R base bytes A -> B``) and, after
+each step, a digest of its torch RNG state (``rank R step S rng HEX``: the stream its dropout
+masks come from). Exit code 0 when the run finished or stopped on a signal (prints ``stopped at
+step N``), otherwise the exception's.
 """
 
 from __future__ import annotations
@@ -41,6 +43,12 @@ def main() -> int:
     distributed.wrap = wrap_and_report
 
     def on_step(step: int, loss: float) -> None:
+        import hashlib
+
+        import torch
+
+        digest = hashlib.sha256(torch.get_rng_state().numpy().tobytes()).hexdigest()[:16]
+        print(f"rank {rank} step {step} rng {digest}", flush=True)
         if args.fault and rank == args.fault_rank and step == args.fault_step:
             if args.fault == "raise":
                 raise RuntimeError(f"injected failure on rank {rank} at step {step}")

@@ -24,12 +24,17 @@ How one optimizer step maps onto N ranks, each with ``training.batch_size`` = b:
     ===========================  ==========================================================
 
 So a run on N ranks follows the same trajectory as a run on one process with N times the batch,
-up to float rounding, whatever the lengths of the sequences on each rank.
+up to float rounding, whatever the lengths of the sequences on each rank, for a model without
+dropout. With dropout each rank draws its own masks (its generators are reseeded from the run's
+seed and its rank, :func:`rank_seed`), so the two runs agree only within dropout's noise; a
+rerun or a resume of the N-rank run repeats it exactly (every rank's RNG states are in the
+checkpoint, with the number of ranks, which a resume must match).
 
 Stopping: SIGINT or SIGTERM on any rank sets a flag; the flags are summed with the step's loss
 all-reduce, so every rank sees the stop at the same step, rank 0 writes one checkpoint and all
 exit cleanly. A rank that raises tears its process group down, so the other ranks' next
-collective fails instead of waiting (and torchrun stops the remaining ranks).
+collective fails instead of waiting (and torchrun stops the remaining ranks). A rank whose
+launcher dies gets SIGTERM (:func:`~loraq.train.signals.stop_with_parent`) and stops likewise.
 
 FSDP2 and the 4-bit base: see :func:`shard_model`.
 """
