@@ -466,7 +466,7 @@ def dropout_runs(tmp_path_factory, tiny_model):
 def test_with_dropout_each_rank_draws_its_own_masks(dropout_runs):
     digests = rng_digests(dropout_runs["out"])
     assert sorted(digests) == [(r, s) for r in range(2) for s in range(1, STEPS + 1)]
-    for step in range(1, STEPS + 1):  # not copies of one stream
+    for step in range(1, STEPS + 1):  # not copies of one stream, from the first step on
         assert digests[(0, step)] != digests[(1, step)], step
     assert len({digests[(0, s)] for s in range(1, STEPS + 1)}) == STEPS  # masks were drawn
 
@@ -524,9 +524,7 @@ def test_fsdp_trains_checkpoints_and_resumes_the_builtin_default_job(tmp_path):
     """The built-in job (MiniLM, its classifier head a modules_to_save, its own dropout) under
     FSDP on 2 ranks: the adapter and checkpoints are written after an eval, and resuming from
     a checkpoint reproduces the rest of the run."""
-    eval_rows = (Path(loraq.__file__).parents[2] / "examples" / "sentiment_eval.tsv").read_text(
-        encoding="utf-8"
-    )
+    eval_rows = (TESTS.parent / "examples" / "sentiment_eval.tsv").read_text(encoding="utf-8")
     small_eval = tmp_path / "eval.tsv"  # the eval's forward is what left the head gathered
     small_eval.write_text("".join(eval_rows.splitlines(keepends=True)[:17]), encoding="utf-8")
     common = [
