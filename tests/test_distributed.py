@@ -412,6 +412,9 @@ def test_world_size_of_a_checkpoint(tmp_path):
     assert ckpt.recorded_world_size(fake_checkpoint(tmp_path / "b", 1, None)) == 1
     assert ckpt.recorded_world_size(fake_checkpoint(tmp_path / "c", 1, None, rank_rng=3)) == 3
     assert ckpt.world_size_mismatch(tmp_path / "not-a-checkpoint", 2) is None
+    old = fake_checkpoint(tmp_path / "d", 1, None)
+    (old / ckpt.RESUME_JSON).unlink()  # loading it says what is wrong, not this check
+    assert ckpt.world_size_mismatch(old, 2) is None
 
 
 def test_rank_seeds_are_distinct_and_repeatable():

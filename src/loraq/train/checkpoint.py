@@ -246,12 +246,18 @@ def recorded_threads(path: str | Path | None) -> int | None:
     return read_state(path).num_threads
 
 
-def recorded_world_size(path: str | Path) -> int:
+def recorded_world_size(path: str | Path) -> int | None:
     """The number of ranks that wrote the checkpoint ``path``: its ``state.json``'s, or for an
-    older checkpoint that lacks it, the count of its per-rank RNG states (1 if none)."""
+    older checkpoint that lacks it, the count of its per-rank RNG states (1 if none); None
+    when the folder cannot tell (no ``state.json`` or no resume state: loading it reports)."""
+    path = Path(path)
+    if not (path / "state.json").is_file():
+        return None
     recorded = read_state(path).world_size
     if recorded is not None:
         return recorded
+    if not (path / RESUME_JSON).is_file():
+        return None
     rank_rng = read_rank_rng(path)
     return len(rank_rng) if rank_rng else 1
 
@@ -263,11 +269,9 @@ def world_size_mismatch(path: str | Path, world_size: int) -> str | None:
     checkpoint; on another number the run would silently read other examples, so it is
     refused rather than reinterpreted.
     """
-    if not (Path(path) / "state.json").is_file():
-        return None  # not a checkpoint: loading it reports that
     recorded = recorded_world_size(path)
-    if recorded == world_size:
-        return None
+    if recorded is None or recorded == world_size:
+        return None  # not a (readable) checkpoint: loading it reports that
     return (
         f"checkpoint '{path}' was written by {_ranks(recorded)} but this run has "
         f"{_ranks(world_size)}: resume it with --nproc {recorded} (or torchrun "
