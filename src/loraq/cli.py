@@ -151,7 +151,8 @@ overrides apply to the built-in default (examples/default.yaml).
 Writes to training.output_dir: adapter/ (PEFT layout), config.yaml (resolved), metrics.jsonl,
 loss.png and checkpoints/step-N/ (every training.save_every steps and on Ctrl-C). Ctrl-C once:
 checkpoint and stop (exit code 130); twice: abort. Under torchrun training.batch_size is per
-rank, rank 0 alone writes, and SIGINT/SIGTERM on any rank stops all ranks after one checkpoint.
+rank, rank 0 alone writes, SIGINT/SIGTERM on any rank (or on `--nproc`'s launcher) stops all ranks
+after one checkpoint (exit code 130), and a checkpoint resumes only on as many ranks as wrote it.
 
 Keys, with the values used when a config file leaves them out:
 """
