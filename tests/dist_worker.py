@@ -5,8 +5,10 @@
 
 Runs :func:`loraq.train.train` with the config (and overrides, as ``loraq train`` reads them);
 at optimizer step K, rank R raises RuntimeError or sends itself SIGTERM. Each rank prints its
-resident quantized-base bytes before and after wrapping (``rank R base bytes A -> B``). Exit code 0 when the
-run finished or stopped on a signal (prints ``stopped at step N``), otherwise the exception's.
+resident quantized-base bytes before and after wrapping (``rank R base bytes A -> B``) and, as
+each step starts, a digest of its torch RNG state (``rank R step S rng HEX``: the stream its
+dropout masks come from). Exit code 0 when the run finished or stopped on a signal (prints ``stopped at
+step N``), otherwise the exception's.
 """
 
 from __future__ import annotations
@@ -39,6 +41,22 @@ def main() -> int:
         return wrapped
 
     distributed.wrap = wrap_and_report
+
+    from loraq.train import loop
+
+    step_once = loop.train_step
+
+    def report_rng_and_step(session):
+        """Print this rank's torch RNG digest as the step starts (its dropout masks' stream)."""
+        import hashlib
+
+        import torch
+
+        digest = hashlib.sha256(torch.get_rng_state().numpy().tobytes()).hexdigest()[:16]
+        print(f"rank {rank} step {session.state.step + 1} rng {digest}", flush=True)
+        return step_once(session)
+
+    loop.train_step = report_rng_and_step
 
     def on_step(step: int, loss: float) -> None:
         if args.fault and rank == args.fault_rank and step == args.fault_step:

@@ -9,12 +9,15 @@ run; a rank that raises brings the job down within a timeout instead of hanging 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import signal
 import socket
+import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -84,7 +87,9 @@ def run_job(cmd: list[str], env: dict[str, str], timeout: float):
     return proc.returncode, out.decode(), err.decode()
 
 
-def write_run_config(folder: Path, model: Path, batch_size: int, name: str, **training) -> Path:
+def write_run_config(
+    folder: Path, model: Path, batch_size: int, name: str, dropout: float = 0.0, **training
+) -> Path:
     # Prompts and completions of different lengths: ranks see different token counts, and 10
     # examples in global batches of 4 end each epoch with 2, leaving rank 1 an empty share.
     rows = [
@@ -98,7 +103,13 @@ def write_run_config(folder: Path, model: Path, batch_size: int, name: str, **tr
         "data": {"train": str(data), "max_length": 32},
         # float32 named, not "auto": these runs test the distribution, and "auto" is bf16 on an
         # AVX512-BF16/AMX CPU, where one process and two ranks round differently
-        "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "quant": "nf4", "compute_dtype": "float32"},
+        "lora": {
+            "r": 4,
+            "alpha": 8,
+            "dropout": dropout,
+            "quant": "nf4",
+            "compute_dtype": "float32",
+        },  # fmt: skip
         "training": {
             "max_steps": STEPS,
             "batch_size": batch_size,
@@ -142,10 +153,16 @@ def assert_same_run(got: Path, want: Path, tol: float, weight_tol: float | None 
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def tiny_model(tmp_path_factory) -> Path:
+    """The tiny Llama (no dropout of its own)."""
+    return make_tiny_llama(tmp_path_factory.mktemp("model") / "llama")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tiny_model):
     """The tiny Llama; one process with batch 4; ``torchrun -m loraq train`` 2 x batch 2."""
     root = tmp_path_factory.mktemp("dist")
-    model = make_tiny_llama(root / "llama")
+    model = tiny_model
     single = write_run_config(root, model, batch_size=4, name="single")
     train(load_config(single), log=lambda s: None)
     ddp = write_run_config(root, model, batch_size=2, name="ddp")
@@ -169,6 +186,10 @@ def test_ddp_two_ranks_equal_one_process_with_twice_the_batch(runs):
     assert checkpoints == ["step-000002", "step-000004"]
     rngs = ckpt.read_rank_rng(runs["ddp"] / "checkpoints" / "step-000002")
     assert len(rngs) == 2 and all("torch" in r for r in rngs)
+    # Each rank reseeds from (seed, rank) before training: different streams, same model.
+    assert not torch.equal(rngs[0]["torch"], rngs[1]["torch"])
+    assert ckpt.read_state(runs["ddp"] / "checkpoints" / "step-000002").world_size == 2
+    assert ckpt.read_state(runs["single"] / "checkpoints" / "step-000002").world_size == 1
     assert (runs["ddp"] / "loss.png").is_file()
 
 
@@ -347,3 +368,278 @@ def test_fsdp_on_stories260k_equals_one_process_and_halves_the_base(tmp_path):
     # a near-zero gradient moves that element by up to lr-sized steps: a few of the thousands of
     # weights differ by ~2e-5 while every loss agrees to 1e-5.
     assert_same_run(tmp_path / "fsdp", tmp_path / "single", tol=1e-5, weight_tol=1e-4)
+
+
+# ----------------------------------------------------------------------------- world size
+def fake_checkpoint(run: Path, step: int, world_size: int | None, rank_rng: int = 0) -> Path:
+    """A checkpoint of a tiny model written by ``world_size`` ranks (None: a checkpoint of an
+    older version, which did not record it; ``rank_rng`` per-rank RNG states then tell)."""
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    state = ckpt.TrainState(step=step, world_size=world_size)
+    rngs = [ckpt.rng_state() for _ in range(rank_rng)] or None
+    return ckpt.save_checkpoint(run / "checkpoints", model, optimizer, scheduler, state, None, rngs)
+
+
+@pytest.mark.parametrize(
+    ("written", "rank_rng", "nproc", "names"),
+    [
+        (2, 0, None, ("2 ranks", "1 process")),  # 2 ranks -> one process
+        (2, 0, 3, ("2 ranks", "3 ranks")),  # 2 ranks -> 3 (refused by the launcher)
+        (1, 0, 2, ("1 process", "2 ranks")),  # one process -> 2 ranks
+        (None, 2, None, ("2 ranks", "1 process")),  # an older checkpoint: its rank RNG states
+    ],
+)
+def test_resume_under_another_world_size_is_refused_in_one_line(
+    tmp_path, tiny_model, capsys, written, rank_rng, nproc, names
+):
+    from loraq.cli import main
+
+    config = write_run_config(tmp_path, tiny_model, batch_size=2, name="run", max_steps=400)
+    found = fake_checkpoint(tmp_path / "run", 3, written, rank_rng)
+    args = ["train", str(config), "--resume"] + ([f"--nproc={nproc}"] if nproc else [])
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("loraq train: error: checkpoint"), err
+    assert all(name in err[0] for name in names) and str(found) in err[0]
+    # Nothing ran: no rank was started, no metrics written.
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_world_size_of_a_checkpoint(tmp_path):
+    assert ckpt.world_size_mismatch(fake_checkpoint(tmp_path / "a", 1, 2), 2) is None
+    assert ckpt.recorded_world_size(fake_checkpoint(tmp_path / "b", 1, None)) == 1
+    assert ckpt.recorded_world_size(fake_checkpoint(tmp_path / "c", 1, None, rank_rng=3)) == 3
+    assert ckpt.world_size_mismatch(tmp_path / "not-a-checkpoint", 2) is None
+    old = fake_checkpoint(tmp_path / "d", 1, None)
+    (old / ckpt.RESUME_JSON).unlink()  # loading it says what is wrong, not this check
+    assert ckpt.world_size_mismatch(old, 2) is None
+
+
+def test_rank_seeds_are_distinct_and_repeatable():
+    seeds = {distributed.rank_seed(seed, rank) for seed in range(4) for rank in range(8)}
+    assert len(seeds) == 32
+    assert distributed.rank_seed(7, 1) == distributed.rank_seed(7, 1)
+    torch.manual_seed(distributed.rank_seed(0, 1))  # within torch's seed range
+
+
+# ----------------------------------------------------------------------------- dropout
+#: Dropout of the tiny Llama's attention (the model's own) and of its LoRA layers.
+DROPOUT = 0.1
+
+
+def with_model_dropout(model: Path, folder: Path, p: float) -> Path:
+    """A copy of the model folder whose config turns on the model's own (attention) dropout."""
+    import shutil
+
+    shutil.copytree(model, folder)
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    config["attention_dropout"] = p
+    (folder / "config.json").write_text(json.dumps(config), encoding="utf-8")
+    return folder
+
+
+def rng_digests(out: str) -> dict[tuple[int, int], str]:
+    """``rank R step S rng HEX`` lines of the worker: {(R, S): HEX}."""
+    found = re.findall(r"rank (\d+) step (\d+) rng ([0-9a-f]+)", out)
+    return {(int(r), int(s)): h for r, s, h in found}
+
+
+@pytest.fixture(scope="module")
+def dropout_runs(tmp_path_factory, tiny_model):
+    """With dropout: one process with batch 4, 2 ranks x batch 2 (the worker, reporting every
+    rank's RNG state after each step)."""
+    root = tmp_path_factory.mktemp("dropout")
+    model = with_model_dropout(tiny_model, root / "llama", DROPOUT)
+    single = write_run_config(root, model, batch_size=4, name="single", dropout=DROPOUT)
+    train(load_config(single), log=lambda s: None)
+    ddp = write_run_config(root, model, batch_size=2, name="ddp", dropout=DROPOUT)
+    code, out, err = run_ranks(str(WORKER), str(ddp))
+    assert code == 0, err[-3000:]
+    return {
+        "root": root,
+        "model": model,
+        "single": root / "single",
+        "ddp": root / "ddp",
+        "out": out,
+    }
+
+
+def test_with_dropout_each_rank_draws_its_own_masks(dropout_runs):
+    digests = rng_digests(dropout_runs["out"])
+    assert sorted(digests) == [(r, s) for r in range(2) for s in range(1, STEPS + 1)]
+    for step in range(1, STEPS + 1):  # not copies of one stream, from the first step on
+        assert digests[(0, step)] != digests[(1, step)], step
+    assert len({digests[(0, s)] for s in range(1, STEPS + 1)}) == STEPS  # masks were drawn
+
+
+def dropout_noise(config: Path, draws: int = 16) -> float:
+    """Relative standard deviation of the first micro-batch's loss over ``draws`` dropout masks,
+    at the run's initial weights: the noise by which two runs with other masks may differ."""
+    from loraq.train.loop import setup
+
+    session = setup(load_config(config, ["--overwrite"]), log=lambda s: None)
+    session.metrics.close()
+    batch = next(session.stream).batch
+    values = []
+    with torch.no_grad():
+        for seed in range(draws):
+            torch.manual_seed(seed)
+            values.append(session.model(**batch).loss.item())
+    return statistics.stdev(values) / statistics.mean(values)
+
+
+def test_with_dropout_ranks_follow_one_process_within_noise(dropout_runs):
+    """Two ranks draw other masks than one process, so the runs agree only up to dropout's
+    noise: the same loss curve within it, not to float rounding."""
+    got, want = losses(dropout_runs["ddp"]), losses(dropout_runs["single"])
+    assert sorted(got) == sorted(want) == list(range(1, STEPS + 1))
+    noise = dropout_noise(dropout_runs["root"] / "single.yaml")
+    # Each run's step loss carries that noise (less: it averages grad_accum micro-batches);
+    # the difference of two independent runs sqrt(2) times it; 4 standard deviations.
+    bound = 4 * math.sqrt(2) * noise
+    gaps = [abs(got[s] - want[s]) / want[s] for s in want]
+    assert max(gaps) < bound, (gaps, bound)
+    assert max(gaps) > RANKS_TOL  # other masks indeed: not equal to rounding
+
+
+def test_with_dropout_sigterm_and_resume_reproduce_exactly(dropout_runs):
+    root = dropout_runs["root"]
+    config = write_run_config(
+        root, dropout_runs["model"], batch_size=2, name="stopped", dropout=DROPOUT
+    )
+    code, out, err = run_ranks(
+        str(WORKER), str(config), "--fault", "sigterm", "--fault-rank", "1", "--fault-step", "1"
+    )
+    assert code == 0, err[-3000:]
+    code, out, err = run_ranks(str(WORKER), str(config), "--resume")
+    assert code == 0, err[-3000:]
+    assert_same_run(root / "stopped", dropout_runs["ddp"], tol=1e-6)
+    # every rank continues its own stream where the checkpoint left it
+    want = rng_digests(dropout_runs["out"])
+    got = rng_digests(out)
+    assert got == {k: v for k, v in want.items() if k[1] > 1}
+
+
+# ----------------------------------------------------------------------------- FSDP, real job
+def test_fsdp_trains_checkpoints_and_resumes_the_builtin_default_job(tmp_path):
+    """The built-in job (MiniLM, its classifier head a modules_to_save, its own dropout) under
+    FSDP on 2 ranks: the adapter and checkpoints are written after an eval, and resuming from
+    a checkpoint reproduces the rest of the run."""
+    eval_rows = (TESTS.parent / "examples" / "sentiment_eval.tsv").read_text(encoding="utf-8")
+    small_eval = tmp_path / "eval.tsv"  # the eval's forward is what left the head gathered
+    small_eval.write_text("".join(eval_rows.splitlines(keepends=True)[:17]), encoding="utf-8")
+    common = [
+        "-m", "loraq", "train", "--training.distributed", "fsdp", "--max_steps", "2",
+        "--batch_size", "2", "--save_every", "1", "--eval_before", "false",
+        "--data.eval", str(small_eval), "--compute_dtype", "float32", "--progress", "false",
+        "--num_threads", "1",
+    ]  # fmt: skip
+    code, out, err = run_ranks(*common, "--output_dir", str(tmp_path / "full"))
+    assert code == 0, err[-3000:]
+    run = tmp_path / "full"
+    saved = adapter(run)
+    head = sorted(k for k in saved if ".classifier." in k)
+    assert head and all(saved[k].shape[0] == 2 for k in head)  # whole: 2 labels, not a shard
+    trainable = load_file(str(run / "checkpoints" / "step-000002" / "trainable.safetensors"))
+    weight = trainable["classifier.modules_to_save.default.weight"]
+    assert weight.shape == (2, 384)
+    # Resume from step 1 in another folder: step 2 again, the same adapter.
+    resumed = tmp_path / "resumed"
+    code, out, err = run_ranks(
+        *common, "--output_dir", str(resumed), "--resume", str(run / "checkpoints" / "step-000001")
+    )
+    assert code == 0, err[-3000:]
+    assert "resumed from" in out
+    assert losses(resumed)[2] == pytest.approx(losses(run)[2], rel=1e-6)
+    again = adapter(resumed)
+    assert set(again) == set(saved)
+    for key, tensor in saved.items():
+        torch.testing.assert_close(again[key], tensor, rtol=1e-6, atol=1e-6, msg=key)
+
+
+# ----------------------------------------------------------------------------- signals, --nproc
+def start_launcher(config: Path) -> tuple[subprocess.Popen, list[int]]:
+    """``loraq train CONFIG --nproc 2`` in its own process group, once it has done a step;
+    returns the process and its ranks' pids."""
+    cmd = [sys.executable, "-m", "loraq", "train", str(config), "--nproc", "2"]
+    proc = subprocess.Popen(
+        cmd, env=job_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
+    )
+    metrics = config.parent / config.stem / "metrics.jsonl"
+    for _ in range(int(JOB_TIMEOUT / 0.2)):
+        if metrics.is_file() and '"loss"' in metrics.read_text(encoding="utf-8"):
+            break
+        if proc.poll() is not None:
+            pytest.fail(f"the run ended early: {proc.communicate()[1].decode()[-3000:]}")
+        time.sleep(0.2)
+    else:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail("no step within the job timeout")
+    ranks = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True)
+    return proc, [int(pid) for pid in ranks.stdout.split()]
+
+
+def finish_job(proc: subprocess.Popen) -> tuple[int, str, str]:
+    try:
+        out, err = proc.communicate(timeout=JOB_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail("the launcher did not stop")
+    return proc.returncode, out.decode(), err.decode()
+
+
+def running(pids: list[int], wait_s: float) -> list[int]:
+    """The pids still running after up to ``wait_s`` seconds."""
+    deadline = time.time() + wait_s
+    alive = pids
+    while alive and time.time() < deadline:
+        time.sleep(0.2)
+        alive = [pid for pid in alive if Path(f"/proc/{pid}").exists() and not zombie(pid)]
+    return alive
+
+
+def zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.parametrize("how", ["sigterm", "ctrl-c"])
+def test_stopping_nproc_exits_130_with_one_line(tmp_path, tiny_model, how):
+    config = write_run_config(
+        tmp_path, tiny_model, batch_size=2, name="run", max_steps=10_000, save_every=None
+    )
+    proc, ranks = start_launcher(config)
+    assert len(ranks) == 2
+    if how == "sigterm":
+        os.kill(proc.pid, signal.SIGTERM)  # the launcher alone
+    else:
+        os.killpg(proc.pid, signal.SIGINT)  # a terminal's Ctrl-C: launcher and ranks
+    code, out, err = finish_job(proc)
+    assert code == 130, err[-3000:]
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err[-3000:]
+    newest = ckpt.latest_checkpoint(tmp_path / "run" / "checkpoints")
+    assert newest is not None
+    assert lines[0] == (
+        f"loraq train: interrupted; newest checkpoint {newest} (continue with --resume)"
+    )
+    assert running(ranks, 5) == []
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_killing_the_launcher_stops_its_ranks(tmp_path, tiny_model):
+    config = write_run_config(
+        tmp_path, tiny_model, batch_size=2, name="run", max_steps=10_000, save_every=None
+    )
+    proc, ranks = start_launcher(config)
+    assert len(ranks) == 2
+    os.kill(proc.pid, signal.SIGKILL)
+    finish_job(proc)
+    # The kernel sends each orphaned rank SIGTERM: they agree to stop and checkpoint.
+    assert running(ranks, 60) == []
+    assert ckpt.latest_checkpoint(tmp_path / "run" / "checkpoints") is not None

@@ -182,7 +182,8 @@ overrides apply to the built-in default (examples/default.yaml).
 Writes to training.output_dir: adapter/ (PEFT layout), config.yaml (resolved), metrics.jsonl,
 loss.png and checkpoints/step-N/ (every training.save_every steps and on Ctrl-C). Ctrl-C once:
 checkpoint and stop (exit code 130); twice: abort. Under torchrun training.batch_size is per
-rank, rank 0 alone writes, and SIGINT/SIGTERM on any rank stops all ranks after one checkpoint.
+rank, rank 0 alone writes, SIGINT/SIGTERM on any rank (or on `--nproc`'s launcher) stops all ranks
+after one checkpoint (exit code 130), and a checkpoint resumes only on as many ranks as wrote it.
 
 Keys, with the values used when a config file leaves them out:
 """
@@ -213,16 +214,33 @@ def _train(args: argparse.Namespace) -> int:
 
     nproc, overrides = _pop_int_option(args.overrides, "--nproc")
     if nproc is not None and "WORLD_SIZE" not in os.environ:
-        load_config(args.config, overrides)  # report config errors once, before any rank starts
-        from loraq.train.distributed import launch
+        from loraq.train.distributed import Dist, launch
+        from loraq.train.distributed_checkpoint import refuse_other_world_size
 
+        # config errors and a checkpoint of another world size: reported once, before any rank
+        # starts
+        cfg = load_config(args.config, overrides)
+        checkpoints = Path(cfg.training.output_dir) / "checkpoints"
+        refuse_other_world_size(cfg.training, checkpoints, Dist(world_size=nproc))
         failed = launch(nproc, ([args.config] if args.config else []) + overrides)
         if not failed:
             return EXIT_OK
-        return EXIT_INTERRUPTED if set(failed) == {EXIT_INTERRUPTED} else EXIT_ERROR
+        if set(failed) != {EXIT_INTERRUPTED}:
+            return EXIT_ERROR
+        _say_interrupted(checkpoints)
+        return EXIT_INTERRUPTED
     cfg = load_config(args.config, overrides)
     result = train(cfg)
     return EXIT_INTERRUPTED if result.interrupted else EXIT_OK
+
+
+def _say_interrupted(checkpoints: Path) -> None:
+    """The launcher's one line after its ranks stopped on a signal."""
+    from loraq.train.checkpoint import latest_checkpoint
+
+    newest = latest_checkpoint(checkpoints)
+    where = f"; newest checkpoint {newest} (continue with --resume)" if newest else ""
+    print(f"loraq train: interrupted{where}", file=sys.stderr)
 
 
 # ----------------------------------------------------------------------------- eval

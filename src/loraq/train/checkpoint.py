@@ -60,6 +60,9 @@ class TrainState:
         tokens: non-padding tokens seen in training so far.
         num_threads: torch CPU threads the run used (None in checkpoints of older versions); a
             resumed run reuses it so its float sums match an uninterrupted run's.
+        world_size: ranks the run used (1: one process; None in checkpoints of older
+            versions). ``batch_in_epoch`` counts global batches of ``world_size`` x
+            ``batch_size`` examples, so a resume needs the same number of ranks.
     """
 
     step: int = 0
@@ -69,6 +72,7 @@ class TrainState:
     best_step: int | None = None
     tokens: int = 0
     num_threads: int | None = None
+    world_size: int | None = None
 
 
 def rng_state() -> dict[str, Any]:
@@ -240,6 +244,46 @@ def recorded_threads(path: str | Path | None) -> int | None:
     if path is None or not (Path(path) / "state.json").is_file():
         return None
     return read_state(path).num_threads
+
+
+def recorded_world_size(path: str | Path) -> int | None:
+    """The number of ranks that wrote the checkpoint ``path``: its ``state.json``'s, or for an
+    older checkpoint that lacks it, the count of its per-rank RNG states (1 if none); None
+    when the folder cannot tell (no ``state.json`` or no resume state: loading it reports)."""
+    path = Path(path)
+    if not (path / "state.json").is_file():
+        return None
+    recorded = read_state(path).world_size
+    if recorded is not None:
+        return recorded
+    if not (path / RESUME_JSON).is_file():
+        return None
+    rank_rng = read_rank_rng(path)
+    return len(rank_rng) if rank_rng else 1
+
+
+def world_size_mismatch(path: str | Path, world_size: int) -> str | None:
+    """Why ``path`` cannot be resumed on ``world_size`` ranks (None: it can).
+
+    The data position and every rank's RNG states belong to the number of ranks that wrote the
+    checkpoint; on another number the run would silently read other examples, so it is
+    refused rather than reinterpreted.
+    """
+    recorded = recorded_world_size(path)
+    if recorded is None or recorded == world_size:
+        return None  # not a (readable) checkpoint: loading it reports that
+    return (
+        f"checkpoint '{path}' was written by {_ranks(recorded)} but this run has "
+        f"{_ranks(world_size)}: resume it with --nproc {recorded} (or torchrun "
+        f"--nproc_per_node {recorded}), or start afresh with --overwrite"
+        if recorded > 1
+        else f"checkpoint '{path}' was written by {_ranks(recorded)} but this run has "
+        f"{_ranks(world_size)}: resume it without --nproc, or start afresh with --overwrite"
+    )
+
+
+def _ranks(n: int) -> str:
+    return "1 process" if n == 1 else f"{n} ranks"
 
 
 # ----------------------------------------------------------------------------- resuming

@@ -24,12 +24,17 @@ How one optimizer step maps onto N ranks, each with ``training.batch_size`` = b:
     ===========================  ==========================================================
 
 So a run on N ranks follows the same trajectory as a run on one process with N times the batch,
-up to float rounding, whatever the lengths of the sequences on each rank.
+up to float rounding, whatever the lengths of the sequences on each rank, for a model without
+dropout. With dropout each rank draws its own masks (its generators are reseeded from the run's
+seed and its rank, :func:`rank_seed`), so the two runs agree only within dropout's noise; a
+rerun or a resume of the N-rank run repeats it exactly (every rank's RNG states are in the
+checkpoint, with the number of ranks, which a resume must match).
 
 Stopping: SIGINT or SIGTERM on any rank sets a flag; the flags are summed with the step's loss
 all-reduce, so every rank sees the stop at the same step, rank 0 writes one checkpoint and all
 exit cleanly. A rank that raises tears its process group down, so the other ranks' next
-collective fails instead of waiting (and torchrun stops the remaining ranks).
+collective fails instead of waiting (and torchrun stops the remaining ranks). A rank whose
+launcher dies gets SIGTERM (:func:`~loraq.train.signals.stop_with_parent`) and stops likewise.
 
 FSDP2 and the 4-bit base: see :func:`shard_model`.
 """
@@ -38,7 +43,9 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import logging
 import os
+import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
@@ -48,9 +55,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..core.errors import EXIT_INTERRUPTED
 from ..layers.quantized import RECORD_PREFIX, SHARDABLE_FIELDS, QuantizedModule
 from .config import ConfigError
 from .data import IGNORE_INDEX, MicroBatch
+from .signals import LAUNCHER_REPORTS_ENV, stop_with_parent
 
 #: The values of ``training.distributed``.
 STRATEGIES = ("auto", "none", "ddp", "fsdp")
@@ -131,6 +140,8 @@ def setup(requested: str, device: torch.device, timeout_s: float) -> tuple[Dist,
     """
     env = torchrun_env()
     strategy = resolve_strategy(requested, env is not None)
+    if env is not None:
+        stop_with_parent()  # a launcher killed with -9 must not leave its ranks running
     if strategy == "none":
         return Dist(), device
     if device.type == "cuda":
@@ -150,6 +161,19 @@ def setup(requested: str, device: torch.device, timeout_s: float) -> tuple[Dist,
         strategy=strategy,
     )
     return info, device
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """The seed of rank ``rank``'s random generators in a run seeded with ``seed``.
+
+    Every rank builds the model from ``seed`` itself (the same LoRA initialisation on every
+    rank), then reseeds with this value before training, so that dropout draws different
+    masks on each rank (as one process draws different masks for each example of its batch)
+    while a rerun or a resume repeats them exactly. Distinct for every (seed, rank) pair.
+    """
+    import numpy as np
+
+    return int(np.random.SeedSequence([seed, rank]).generate_state(1, np.uint64)[0])
 
 
 def ranks_on_this_machine() -> int:
@@ -243,12 +267,27 @@ def is_dtensor(t: Any) -> bool:
     return isinstance(t, DTensor)
 
 
+def reshard(model: nn.Module) -> None:
+    """Put every FSDP2 group of ``model`` back in its sharded state.
+
+    FSDP2 keeps the root group (embeddings, head, a ``modules_to_save`` copy) gathered after a
+    forward that has no backward (an eval), as plain tensors over its all-gather buffer; a
+    checkpoint or the saved adapter must see the sharded DTensors instead, whatever ran last.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
 @contextlib.contextmanager
 def full_trainable(model: nn.Module, info: Dist) -> Iterator[None]:
     """Within the block, every trainable parameter of an FSDP2 model is whole on every rank.
 
-    Entering all-gathers the trainable shards (adapters, modules_to_save; never the frozen
-    base); on leaving, each rank copies its shard back out of the (possibly changed) whole
+    Entering reshards every group (:func:`reshard`: an eval may have left the root gathered),
+    then all-gathers the trainable shards (adapters, modules_to_save, trained biases; never the
+    frozen base); on leaving, each rank copies its shard back out of the (possibly changed) whole
     tensor, so loading a checkpoint into the whole tensors on rank 0 and broadcasting works.
     Other strategies: nothing to do.
     """
@@ -257,6 +296,7 @@ def full_trainable(model: nn.Module, info: Dist) -> Iterator[None]:
         return
     from torch.distributed.tensor import distribute_tensor
 
+    reshard(model)
     swapped = []
     for module in model.modules():
         for name, param in list(module._parameters.items()):
@@ -394,16 +434,53 @@ def launch(nproc: int, train_args: list[str]) -> list[int]:
     """Run ``loraq train TRAIN_ARGS`` on ``nproc`` ranks of this machine with torchrun's own
     launcher (as ``torchrun --standalone --nproc_per_node NPROC -m loraq train ...``).
 
-    Returns the exit codes of the ranks that failed (empty when all succeeded).
+    Returns the exit codes of the ranks that failed (empty when all succeeded). A signal
+    that stops the launcher (SIGINT from Ctrl-C, SIGTERM) is forwarded by torchrun to
+    the ranks, which write one checkpoint and stop; then the result is ``[EXIT_INTERRUPTED]``.
     """
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
     args = parse_args(
         ["--standalone", f"--nproc_per_node={nproc}", "-m", "loraq", "train", *train_args]
     )
+    handled = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+    previous = {sig: signal.getsignal(sig) for sig in handled}  # torchrun replaces them
+    quiet = _QuietShutdown()
+    # A filter sees only its own logger's records: give it to each of torchrun's loggers.
+    loggers = [
+        logging.getLogger(name)
+        for name in list(logging.Logger.manager.loggerDict)
+        if name.startswith("torch.distributed")
+    ]
+    for logger in loggers:
+        logger.addFilter(quiet)
+    reports = os.environ.get(LAUNCHER_REPORTS_ENV)
+    os.environ[LAUNCHER_REPORTS_ENV] = "1"  # the ranks inherit it
     try:
         run(args)
     except ChildFailedError as err:
         return [failure.exitcode for failure in err.failures.values()]
+    except SignalException:
+        return [EXIT_INTERRUPTED]
+    finally:
+        for logger in loggers:
+            logger.removeFilter(quiet)
+        if reports is None:
+            os.environ.pop(LAUNCHER_REPORTS_ENV, None)
+        else:
+            os.environ[LAUNCHER_REPORTS_ENV] = reports
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     return []
+
+
+class _QuietShutdown(logging.Filter):
+    """Drops torchrun's warnings about a requested stop (``loraq train`` says it in one line);
+    its other records pass."""
+
+    NOISE = ("death signal", "closing signal", "termination signal")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(part in record.getMessage() for part in self.NOISE)

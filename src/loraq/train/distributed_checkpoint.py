@@ -9,13 +9,16 @@ states travel with the checkpoint, so a resumed run continues each rank's random
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from loraq.train.distributed import Dist, full_trainable, is_dtensor, unwrap
+
+if TYPE_CHECKING:
+    from loraq.train.schema import TrainingConfig
 
 
 def broadcast_object(obj: Any, info: Dist) -> Any:
@@ -25,6 +28,21 @@ def broadcast_object(obj: Any, info: Dist) -> Any:
     box = [obj if info.is_main else None]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def refuse_other_world_size(t: TrainingConfig, folder: Path, info: Dist) -> None:
+    """Raise ``ConfigError`` on every rank when the checkpoint ``training.resume`` picks in
+    ``folder`` was written by another number of ranks (rank 0 alone reads the folder)."""
+    from loraq.train.checkpoint import checkpoint_to_resume, world_size_mismatch
+    from loraq.train.config import ConfigError
+
+    problem = None
+    if info.is_main:
+        found = checkpoint_to_resume(t, folder)
+        problem = None if found is None else world_size_mismatch(found, info.world_size)
+    problem = broadcast_object(problem, info)
+    if problem is not None:
+        raise ConfigError(problem)
 
 
 def gather_rng(info: Dist) -> list[Any] | None:
@@ -39,8 +57,9 @@ def gather_rng(info: Dist) -> list[Any] | None:
 def restore_rank_rng(checkpoint: Path | None, info: Dist) -> None:
     """Give every rank its own RNG states back from rank 0's copy of ``checkpoint``.
 
-    A checkpoint without them (written by another number of ranks) leaves the states as the
-    checkpoint set them on rank 0 and the seed set them elsewhere.
+    A checkpoint of another number of ranks never gets here (:func:`refuse_other_world_size`);
+    one without them leaves the states as the checkpoint set them on rank 0 and the seed set
+    them elsewhere.
     """
     from loraq.train.checkpoint import read_rank_rng, set_rng_state
 

@@ -173,6 +173,7 @@ def setup(
         for folder in (out, out / "checkpoints"):
             ckpt.remove_orphans(folder)  # left by a run killed while writing
         ckpt.refuse_to_overwrite(t, out / "checkpoints")  # now, not after loading the model
+    distributed_checkpoint.refuse_other_world_size(t, out / "checkpoints", dist)
     seed_everything(t.seed)
 
     tokenizer = load_tokenizer(cfg.model.path)
@@ -199,13 +200,14 @@ def setup(
     if dist.enabled:  # DDP wraps; FSDP2 shards in place (then the model is its own wrapper)
         log(f"distributed: {dist.strategy} over {dist.world_size} ranks")
         wrapped = distributed.wrap(model if wrapped is None else wrapped, dist, device)
+        seed_everything(distributed.rank_seed(t.seed, dist.rank))  # each rank its own dropout
 
     total_steps = total_steps_of(t, len(data.train))
     optimizer = make_optimizer(wrapped if wrapped is not None else model, t)
     scheduler = make_scheduler(optimizer, t, total_steps)
 
     state, resumed_from = _resume(cfg, out, model, optimizer, scheduler, log, main_process, dist)
-    state.num_threads = threads
+    state.num_threads, state.world_size = threads, dist.world_size
     metrics = None
     if main_process:
         save_config(cfg, out / "config.yaml")
