@@ -5,6 +5,8 @@
   ``POST /v1/adapters`` requests, whose paths must stay under ``--adapter-dir``.
 - At most ``max_resident`` adapters are loaded into the model at once; loading another evicts
   the least recently used one that no running request holds (it is reloaded on next use).
+- Each load and each LRU eviction is counted in ``metrics`` (``GET /metrics``), so an operator
+  sees whether ``--max-adapters`` is too small for the traffic (a load on most requests).
 - Every model mutation happens under ``model_lock``, which the engine also holds for each step.
 - Two counts per adapter: ``pending`` (requests accepted and not yet finished, queued or running)
   and ``in_use`` (rows in the running batch). ``DELETE`` stops new reservations, waits for
@@ -24,6 +26,7 @@ from torch import nn
 
 from ..io.peft_format import is_adapter_folder, load_adapter
 from ..model.surgery import adapter_names, delete_adapter
+from .metrics import ServerMetrics
 
 #: Allowed adapter names: they become model ids in the API and module keys in the model.
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
@@ -132,6 +135,7 @@ class AdapterRegistry:
         base_name: str = "base",
         adapter_dir: Path | None = None,
         max_resident: int = 64,
+        metrics: ServerMetrics | None = None,
     ) -> None:
         if max_resident < 1:
             raise ValueError(f"--max-adapters must be >= 1, got {max_resident}")
@@ -139,6 +143,7 @@ class AdapterRegistry:
         self.base_name = base_name
         self.adapter_dir = None if adapter_dir is None else Path(adapter_dir).resolve()
         self.max_resident = max_resident
+        self.metrics = ServerMetrics() if metrics is None else metrics
         self.model_lock = threading.RLock()
         self._entries: dict[str, AdapterEntry] = {}
         self._resident: OrderedDict[str, None] = OrderedDict()
@@ -291,6 +296,7 @@ class AdapterRegistry:
             if not idle:
                 return False
             self._unload_from_model(idle[0])
+            self.metrics.adapter_evictions.inc()
         return True
 
     def _load(self, name: str, path: Path) -> None:
@@ -301,6 +307,7 @@ class AdapterRegistry:
                 500, f"adapter {name!r} failed to load from {path.name}: {err}"
             ) from err
         self._resident[name] = None
+        self.metrics.adapter_loads.inc()
 
     def _unload_from_model(self, name: str) -> None:
         if name in adapter_names(self.model):
