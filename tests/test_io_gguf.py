@@ -452,3 +452,31 @@ def test_adapter_gguf_with_block_quantized_factors_is_refused(tmp_path):
     ):
         loraq.load_gguf_adapter(model, path)
     assert not any(isinstance(m, loraq.LoRALayer) for m in model.modules())
+
+
+def test_layout_values_equal_the_gguf_readers_metadata(tmp_path):
+    """load_gguf reads metadata from check_gguf_layout, not gguf.GGUFReader: every value kind
+    (ints, floats, bools, strings, short arrays) equals the reader's; long arrays are left out."""
+    from loraq.io.gguf_header import SMALL_ARRAY_ITEMS, check_gguf_layout
+    from loraq.io.gguf_read import gguf_metadata, open_gguf
+
+    path = tmp_path / "meta.gguf"
+    writer = gguf.GGUFWriter(path, "llama")
+    writer.add_uint32("t.u32", 7)
+    writer.add_int64("t.i64", -3)
+    writer.add_float32("t.f32", 0.5)
+    writer.add_bool("t.flag", True)
+    writer.add_string("t.name", "héllo")
+    writer.add_array("t.ints", [1, 2, 3])
+    writer.add_array("t.words", ["a", "bc"])
+    writer.add_array("t.long", list(range(SMALL_ARRAY_ITEMS + 1)))
+    writer.add_tensor("x.weight", np.ones((2, 32), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    values = check_gguf_layout(path).values
+    reader = {k: v for k, v in gguf_metadata(open_gguf(path)).items() if not k.startswith("GGUF.")}
+    assert values == reader  # the reader adds GGUF.version and the counts: not file keys
+    assert values["t.flag"] is True and values["t.words"] == ["a", "bc"]
+    assert "t.long" not in values

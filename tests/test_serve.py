@@ -531,6 +531,30 @@ def test_adapter_dir_scan_skips_unsafe_folders(files, tmp_path):
     assert any("pickle" in m for m in skipped) and any("outside" in m for m in skipped)
 
 
+def test_lru_loads_and_evictions_are_counted_in_metrics(files):
+    """With one resident slot, alpha, beta, alpha load three times and evict twice; a
+    resident adapter used again loads nothing; /metrics' text shows both counters."""
+    from transformers import AutoModelForCausalLM
+
+    from loraq.serve.engine import Engine
+    from loraq.serve.registry import AdapterRegistry
+
+    _, base, _, adapters = files
+    registry = AdapterRegistry(
+        AutoModelForCausalLM.from_pretrained(base), adapter_dir=adapters, max_resident=1
+    )
+    registry.add_from_dir()
+    engine = Engine(registry, byte_tokenizer())
+    assert engine.metrics is registry.metrics
+    for name in ["alpha", "alpha", "beta", "alpha"]:
+        assert registry.acquire(name)
+        registry.release(name)
+    assert registry.resident() == ["alpha"]
+    text = engine.metrics.render()
+    assert "loraq_adapter_loads_total 3\n" in text
+    assert "loraq_adapter_evictions_total 2\n" in text
+
+
 def test_gguf_base_serves_adapters_equal_to_local_generation(files, tmp_path):
     """``--base model.gguf`` (q8_0 blocks kept quantized) with ``--tokenizer``: a real server's
     greedy completions equal loraq.generate over load_gguf with the same adapter."""

@@ -30,6 +30,7 @@ __all__ = [
     "GGUF_MAGIC",
     "GGUFLayout",
     "MAX_DIMS",
+    "SMALL_ARRAY_ITEMS",
     "SUPPORTED_VERSIONS",
     "TensorLayout",
     "check_gguf_layout",
@@ -43,6 +44,9 @@ SUPPORTED_VERSIONS: tuple[int, ...] = (2, 3)
 DEFAULT_ALIGNMENT = 32
 #: The most dimensions a tensor may have (ggml's GGML_MAX_DIMS).
 MAX_DIMS = 4
+#: Arrays of at most this many elements are read into :attr:`GGUFLayout.values` (hyperparameters
+#: such as per-layer head counts); longer ones (the vocabulary) are only bounds-checked.
+SMALL_ARRAY_ITEMS = 64
 _ALIGNMENT_KEY = "general.alignment"
 
 # GGUF value type id -> (name, struct code); STRING and ARRAY are read separately.
@@ -82,7 +86,10 @@ class GGUFLayout:
     """What :func:`check_gguf_layout` found: every count checked against the file's size.
 
     ``value_types`` maps each metadata key to its GGUF type name (``"uint32"``, ``"string"``,
-    ``"array[string]"``, ...) and ``array_lengths`` each array key to its element count.
+    ``"array[string]"``, ...), ``array_lengths`` each array key to its element count and
+    ``values`` each key to its value (bools as bool, strings decoded as UTF-8 with invalid bytes
+    replaced, arrays of at most :data:`SMALL_ARRAY_ITEMS` elements as lists; longer arrays left
+    out), so a model loads without a second parse of the file.
     """
 
     version: int
@@ -93,6 +100,7 @@ class GGUFLayout:
     value_types: dict[str, str]
     array_lengths: dict[str, int]
     tensors: tuple[TensorLayout, ...]
+    values: dict[str, Any]
 
 
 class _Cursor:
@@ -148,33 +156,50 @@ class _Cursor:
             raise self.fail(f"{what} {raw[:40]!r} is not UTF-8") from None
 
 
+def _scalar(cursor: _Cursor, type_id: int, what: str) -> Any:
+    name, code = _SCALARS[type_id]
+    value = cursor.read(code, what)
+    return bool(value) if name == "bool" else value
+
+
+def _string(cursor: _Cursor, what: str) -> str:
+    return cursor.raw_string(what).decode("utf-8", errors="replace")
+
+
 def _value(cursor: _Cursor, key: str, type_id: int, lengths: dict[str, int]) -> tuple[str, Any]:
-    """(type name, value for general.alignment else None); the cursor moves past the value."""
+    """(type name, value; None for an array over :data:`SMALL_ARRAY_ITEMS` elements); the
+    cursor moves past the value."""
     what = f"metadata key {key!r}"
     if type_id in _SCALARS:
-        name, code = _SCALARS[type_id]
-        return name, cursor.read(code, what)
+        return _SCALARS[type_id][0], _scalar(cursor, type_id, what)
     if type_id == _STRING:
-        cursor.skip_string(what)
-        return "string", None
+        return "string", _string(cursor, what)
     if type_id != _ARRAY:
         raise cursor.fail(f"{what} has unknown value type {type_id}")
     item_type = cursor.read("I", f"{what}: array type")
     if item_type == _STRING:
         n = cursor.count(f"{what}: array length", _LENGTH_BYTES)
         item = f"a string of {what}"
-        for _ in range(n):  # each string's length is checked; n fits the file (above)
-            cursor.skip_string(item)
+        if n <= SMALL_ARRAY_ITEMS:
+            value = [_string(cursor, item) for _ in range(n)]
+        else:
+            value = None
+            for _ in range(n):  # each string's length is checked; n fits the file (above)
+                cursor.skip_string(item)
         item_name = "string"
     elif item_type in _SCALARS:
         item_name, code = _SCALARS[item_type]
         itemsize = struct.calcsize(code)
         n = cursor.count(f"{what}: array length", itemsize)
-        cursor.skip(n * itemsize, what)
+        if n <= SMALL_ARRAY_ITEMS:
+            value = [_scalar(cursor, item_type, what) for _ in range(n)]
+        else:
+            value = None
+            cursor.skip(n * itemsize, what)
     else:  # llama.cpp refuses arrays of arrays too
         raise cursor.fail(f"{what} is an array of unsupported type {item_type}")
     lengths[key] = n
-    return f"array[{item_name}]", None
+    return f"array[{item_name}]", value
 
 
 def _tensor_info(cursor: _Cursor, index: int, quant_sizes: dict) -> TensorLayout:
@@ -244,16 +269,16 @@ def _walk(cursor: _Cursor) -> GGUFLayout:
         )
     value_types: dict[str, str] = {}
     lengths: dict[str, int] = {}
-    alignment = None
+    values: dict[str, Any] = {}
     for index in range(n_kv):
         key = cursor.text(f"metadata key {index}")
         if key in value_types:
             raise cursor.fail(f"metadata key {key!r} appears twice")
         type_id = cursor.read("I", f"metadata key {key!r}: type")
         value_types[key], value = _value(cursor, key, type_id, lengths)
-        if key == _ALIGNMENT_KEY:
-            alignment = value
-    align = _checked_alignment(cursor, value_types, alignment)
+        if value is not None:
+            values[key] = value
+    align = _checked_alignment(cursor, value_types, values.get(_ALIGNMENT_KEY))
     quant_sizes = _quant_sizes()
     tensors = [_tensor_info(cursor, i, quant_sizes) for i in range(n_tensors)]
     data_start = -(-cursor.pos // align) * align
@@ -274,7 +299,15 @@ def _walk(cursor: _Cursor) -> GGUFLayout:
                 f"{end}, past the end of the file ({cursor.size} bytes)"
             )
     return GGUFLayout(
-        version, cursor.order, align, data_start, cursor.size, value_types, lengths, tuple(tensors)
+        version,
+        cursor.order,
+        align,
+        data_start,
+        cursor.size,
+        value_types,
+        lengths,
+        tuple(tensors),
+        values,
     )
 
 

@@ -13,6 +13,7 @@ tokenizer and chat template come from transformers' GGUF tokenizer conversion.
 from __future__ import annotations
 
 import functools
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,13 @@ from ..layers.gguf import EmbeddingGGUF, LinearGGUF
 from ..model.targeting import set_submodule
 from ..quant.formats import DENSE_GGUF_TYPES, GGUF, format_names
 from ..quant.gguf_tensor import GGUFTensor
-from .gguf_header import GGUF_MAGIC, GGUFLayout, check_gguf_layout
+from .gguf_header import (
+    GGUF_MAGIC,
+    SMALL_ARRAY_ITEMS,
+    GGUFLayout,
+    TensorLayout,
+    check_gguf_layout,
+)
 from .gguf_hparams import check_vocabulary, model_config
 from .gguf_names import architecture, gguf_to_hf_name, hf_row_order, permuted_heads
 from .safe import FormatError
@@ -94,7 +101,7 @@ def open_gguf(path: str | os.PathLike[str]) -> Any:
     return read_gguf(path)[1]
 
 
-def gguf_metadata(reader: Any, skip_arrays_over: int = 64) -> dict[str, Any]:
+def gguf_metadata(reader: Any, skip_arrays_over: int = SMALL_ARRAY_ITEMS) -> dict[str, Any]:
     """Key -> value for the file's metadata (long arrays such as the vocabulary left out)."""
     out: dict[str, Any] = {}
     for key, field in reader.fields.items():
@@ -130,19 +137,43 @@ def tensor_value(t: Any, source: str) -> tuple[str, torch.Tensor, tuple[int, ...
     return type_name.lower(), torch.from_numpy(np.array(t.data, dtype=np.uint8)), shape
 
 
+# Dense GGUF tensor types -> their stored element type (bf16 is read as uint16, then widened).
+_DENSE_STORAGE = {"F32": "f4", "F16": "f2", "BF16": "u2"}
+
+
+def _file_tensor(file: Any, layout: GGUFLayout, t: TensorLayout) -> tuple[str, torch.Tensor, tuple]:
+    """(format, data, logical shape) of one tensor read straight from ``file`` into its own
+    buffer: uint8 ``(rows, row_bytes)`` blocks, or float32 for the dense types. One copy of the
+    bytes and no memory map kept alive, so peak memory stays near the file's size."""
+    shape = tuple(reversed(t.dims))
+    raw = torch.empty(t.nbytes, dtype=torch.uint8)
+    file.seek(layout.data_start + t.offset)
+    if file.readinto(raw.numpy()) != t.nbytes:  # the layout checked the size; a file cut since
+        raise FormatError(f"{file.name}: tensor {t.name!r} is cut short (the file changed?)")
+    if t.type_name in _DENSE_STORAGE:
+        stored = np.dtype(_DENSE_STORAGE[t.type_name]).newbyteorder(layout.byte_order)
+        values = raw.numpy().view(stored)
+        if t.type_name == "BF16":  # bfloat16 is the high half of a float32
+            values = (values.astype(np.uint32) << 16).view(np.float32)
+        return "dense", torch.from_numpy(values.astype(np.float32)).reshape(shape), shape
+    rows = math.prod(shape[:-1])
+    return t.type_name.lower(), raw.view(*shape[:-1], t.nbytes // max(rows, 1)), shape
+
+
 def _collect(
-    reader: Any, arch: str, source: str
+    path: str | os.PathLike[str], layout: GGUFLayout, arch: str, source: str
 ) -> dict[str, dict[str, tuple[str, torch.Tensor, tuple]]]:
-    """HF module path -> {"weight"/"bias": (format, data, shape)}."""
+    """HF module path -> {"weight"/"bias": (format, data, shape)}, read from the file."""
     modules: dict[str, dict[str, tuple[str, torch.Tensor, tuple]]] = {}
-    for t in reader.tensors:
-        if t.name in _IGNORED_TENSORS:
-            continue
-        stem, _, suffix = t.name.rpartition(".")
-        module = gguf_to_hf_name(stem, arch)
-        if module is None or suffix not in ("weight", "bias"):
-            raise FormatError(f"{source}: tensor {t.name!r} has no place in a {arch} model")
-        modules.setdefault(module, {})[suffix] = tensor_value(t, source)
+    with open(path, "rb", buffering=0) as file:
+        for t in layout.tensors:
+            if t.name in _IGNORED_TENSORS:
+                continue
+            stem, _, suffix = t.name.rpartition(".")
+            module = gguf_to_hf_name(stem, arch)
+            if module is None or suffix not in ("weight", "bias"):
+                raise FormatError(f"{source}: tensor {t.name!r} has no place in a {arch} model")
+            modules.setdefault(module, {})[suffix] = _file_tensor(file, layout, t)
     return modules
 
 
@@ -261,8 +292,10 @@ def load_gguf(
     from transformers import AutoModelForCausalLM
 
     source = str(path)
-    layout, reader = read_gguf(path)
-    meta = gguf_metadata(reader)
+    # The layout walk reads the metadata values too: no gguf.GGUFReader, whose parse of a
+    # large vocabulary takes seconds and holds its numpy views of every string in memory.
+    layout = check_gguf_layout(path)
+    meta = layout.values
     for t in layout.tensors:  # cheap, and a clearer reason than the shapes that follow
         if t.name not in _IGNORED_TENSORS:
             _check_tensor_type(t.name, t.type_name, source)
@@ -270,7 +303,7 @@ def load_gguf(
     with_tokenizer = tokenizer and "tokenizer.ggml.model" in meta
     if with_tokenizer:  # refused before the model is built, not after
         check_vocabulary(layout, source)
-    modules = _collect(reader, meta["general.architecture"], source)
+    modules = _collect(path, layout, meta["general.architecture"], source)
     if "model.embed_tokens" in modules:  # the table's rows are the vocabulary
         config.vocab_size = modules["model.embed_tokens"]["weight"][2][0]
     with torch.device("meta"):

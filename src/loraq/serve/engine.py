@@ -70,7 +70,9 @@ class Engine:
         self.registry = registry
         self.tokenizer = tokenizer
         self.max_batch = max_batch
-        self.metrics = metrics or ServerMetrics()
+        # one set of metrics for the engine and the registry (its LRU loads and evictions)
+        self.metrics = registry.metrics if metrics is None else metrics
+        registry.metrics = self.metrics
         self._queue: queue.Queue[Request] = queue.Queue(maxsize=max_queue)
         self._waiting: list[Request] = []  # admitted from the queue, adapter slot not yet free
         self._running: dict[int, Request] = {}

@@ -131,6 +131,14 @@ class ServerMetrics:
         self.queue_depth = Gauge("loraq_queue_depth", "Requests waiting to join the batch.")
         self.running = Gauge("loraq_running_sequences", "Sequences in the running batch.")
         self.adapters = Gauge("loraq_resident_adapters", "Adapters loaded in memory.")
+        self.adapter_loads = Counter(
+            "loraq_adapter_loads_total",
+            "Adapters loaded into the model (first use, or reloaded after an LRU eviction).",
+        )
+        self.adapter_evictions = Counter(
+            "loraq_adapter_evictions_total",
+            "Resident adapters evicted by the LRU to make room for another.",
+        )
         self.batch_size = Histogram(
             "loraq_batch_size", "Rows per forward step (prefill or decode).", BATCH_BUCKETS
         )

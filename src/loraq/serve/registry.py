@@ -5,6 +5,8 @@
   ``POST /v1/adapters`` requests, whose paths must stay under ``--adapter-dir``.
 - At most ``max_resident`` adapters are loaded into the model at once; loading another evicts
   the least recently used one that no running request holds (it is reloaded on next use).
+- Each load and each LRU eviction is counted in ``metrics`` (``GET /metrics``), so an operator
+  sees whether ``--max-adapters`` is too small for the traffic (a load on most requests).
 - Every model mutation happens under ``model_lock``, which the engine also holds for each step.
 - Two counts per adapter: ``pending`` (requests accepted and not yet finished, queued or running)
   and ``in_use`` (rows in the running batch). ``DELETE`` stops new reservations, waits for
@@ -33,6 +35,7 @@ from ..batching.rows import refuse_param_lora
 from ..io.peft_format import is_adapter_folder, load_adapter
 from ..model.combine import combine
 from ..model.surgery import adapter_names, delete_adapter
+from .metrics import ServerMetrics
 
 #: Allowed adapter names: they become model ids in the API and module keys in the model.
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
@@ -147,6 +150,7 @@ class AdapterRegistry:
         base_name: str = "base",
         adapter_dir: Path | None = None,
         max_resident: int = 64,
+        metrics: ServerMetrics | None = None,
     ) -> None:
         if max_resident < 1:
             raise ValueError(f"--max-adapters must be >= 1, got {max_resident}")
@@ -154,6 +158,7 @@ class AdapterRegistry:
         self.base_name = base_name
         self.adapter_dir = None if adapter_dir is None else Path(adapter_dir).resolve()
         self.max_resident = max_resident
+        self.metrics = ServerMetrics() if metrics is None else metrics
         self.model_lock = threading.RLock()
         self._entries: dict[str, AdapterEntry] = {}
         self._resident: OrderedDict[str, None] = OrderedDict()
@@ -342,6 +347,7 @@ class AdapterRegistry:
             if not idle:
                 return False
             self._unload_from_model(idle[0])
+            self.metrics.adapter_evictions.inc()
         return True
 
     def _load(self, name: str, entry: AdapterEntry) -> None:
@@ -361,6 +367,7 @@ class AdapterRegistry:
             delete_adapter(self.model, name)
             raise ServeError(400, f"adapter {name!r}: {err}") from None
         self._resident[name] = None
+        self.metrics.adapter_loads.inc()
 
     def _combine(self, name: str, sources: tuple[tuple[str, float], ...]) -> None:
         """Add combination ``name`` to the model; sources not resident are loaded for the
