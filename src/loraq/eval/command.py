@@ -115,9 +115,9 @@ def mode(args: argparse.Namespace) -> str:
     for name in ("batch_size", "max_length", "stride", "num_fewshot"):
         value = getattr(args, name)
         if value is not None and value < (0 if name == "num_fewshot" else 1):
-            raise CliError(f"--{name.replace('_', '-')} must be positive, got {value}")
+            raise CliError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
     if args.limit is not None and args.limit <= 0:
-        raise CliError(f"--limit must be positive, got {args.limit}")
+        raise CliError(f"--limit must be a positive integer, got {args.limit}")
     if args.stride is not None and chosen[0] != "perplexity":
         raise CliError("--stride applies to --perplexity only")
     return chosen[0]
