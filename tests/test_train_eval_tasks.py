@@ -203,3 +203,21 @@ def test_unknown_task_one_line_names_it(tmp_path, base, capsys):
     assert cli.main(["train", str(path)]) == 2
     err = _one_line(capsys)
     assert "training.eval_tasks" in err and "no_such_task_xyz" in err
+
+
+def test_plot_has_a_panel_for_the_task_scores(tmp_path):
+    """loss.png gains a panel (the figure one panel wider) when eval lines hold task scores."""
+    import struct
+
+    from loraq.train.metrics import plot_metrics
+
+    records = [{"step": s, "loss": 1.0 / s} for s in range(1, 5)]
+    records += [{"step": 4, "eval_loss": 0.3}]
+    scores = [{"step": s, f"{TASK_PREFIX}{TASK}/acc": 0.25 * s} for s in (0, 2, 4)]
+
+    def width(path: Path) -> int:
+        return struct.unpack(">I", path.read_bytes()[16:20])[0]  # the PNG header's IHDR width
+
+    plain = plot_metrics(records, tmp_path / "plain.png")
+    tasks = plot_metrics(records + scores, tmp_path / "tasks.png")
+    assert width(tasks) == 2 * width(plain)
