@@ -21,6 +21,7 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
+from timing import machine_line  # noqa: E402
 
 TARGETS = r".*encoder.*\.(query|key|value|dense)"
 METHODS = ("full", "peft", "loraq")
@@ -134,10 +135,10 @@ def main() -> None:
         if args.skip_memory
         else {m: peak_rss(m, args.memory_dropout, args.threads) for m in METHODS}
     )
+    print(machine_line())
     med = time_all(args.repeats, args.dropout)
-    print(
-        f"torch {torch.__version__}, {args.threads} threads, batch 32x128, r=8 on every encoder Linear"
-    )
+    print(f"batch 32x128, r=8 on every encoder Linear, {args.repeats} repeats")
+    print(machine_line())
     for m in METHODS:
         print(f"  step time {m:<6} {med[m]:.3f} s")
     print(
