@@ -232,6 +232,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--smollm2", action="store_true", help="also the SmolLM2 measurements")
     parser.add_argument("--skip-blocks", action="store_true", help="only the SmolLM2 part")
+    parser.add_argument(
+        "--skip-kquants", action="store_true", help="no k-quant part (its PyTorch twins are slow)"
+    )
     parser.add_argument("--new-tokens", type=int, default=32)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -239,7 +242,8 @@ def main() -> None:
     print(f"rounds {args.rounds}")
     if not args.skip_blocks:
         bench_blocks(args.rounds)
-        bench_kquants(args.rounds, args.threads)
+        if not args.skip_kquants:
+            bench_kquants(args.rounds, args.threads)
     if args.smollm2:
         bench_smollm2(args.rounds, args.new_tokens)
     print(machine_line())
