@@ -679,3 +679,51 @@ def test_lm_eval_completions_payload_and_parser_against_the_server(
                 )
                 assert loglikelihood == pytest.approx(resp[0][0], abs=ATOL, rel=0)
                 assert greedy == resp[0][1]
+
+
+GEN_TASK = "loraq_tiny_gen"
+
+
+def _generations(result: dict) -> dict[int, str]:
+    """``{doc_id: generated text}`` from lm-eval's logged samples of a generation task."""
+    return {s["doc_id"]: s["resps"][0][0] for s in result["samples"][GEN_TASK]}
+
+
+def test_lm_eval_local_completions_generation_task_against_the_server(live_server, folders):
+    """lm-eval's ``local-completions`` client, unmodified, runs a ``generate_until`` task
+    (the shipped ``loraq_tiny_gen``: greedy, stop strings, a token budget) through the server:
+    each item's text is what lm-eval's own ``hf`` model with ``peft=a`` generates."""
+    pytest.importorskip("tenacity")  # lm-eval[api]: its API models need it
+    from lm_eval.tasks import TaskManager
+
+    base, a, _ = folders
+    common = {
+        "tasks": [GEN_TASK],
+        "limit": LIMIT,
+        "task_manager": TaskManager(include_path=str(EXAMPLES)),
+        "log_samples": True,
+    }
+    theirs = lm_eval.simple_evaluate(
+        model="hf",
+        model_args={"pretrained": str(base), "peft": str(a), "device": "cpu", "dtype": "float32"},
+        **common,
+    )
+    served = lm_eval.simple_evaluate(
+        model="local-completions",
+        model_args={
+            "base_url": live_server.url + "/v1/completions",
+            "model": "a",
+            "tokenizer": str(base),
+            "tokenizer_backend": "huggingface",
+            "num_concurrent": 2,
+            "add_bos_token": True,
+            "max_retries": 1,
+        },
+        **common,
+    )
+    want = _generations(theirs)
+    # The tiny random model's greedy text is mostly blanks: the budget (8 byte tokens) holds.
+    assert len(want) == LIMIT and all(0 < len(text.encode()) <= 8 for text in want.values())
+    assert _generations(served) == want
+    metric = "exact_match,strip"
+    assert served["results"][GEN_TASK][metric] == theirs["results"][GEN_TASK][metric]
