@@ -384,6 +384,11 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(
             f"training.method '{t.method}' needs model.task 'causal-lm' and data.packing false"
         )
+    if t.method == "orpo" and t.loss_type != "sigmoid":
+        raise ConfigError(
+            f"training.loss_type applies to training.method 'dpo' only (ORPO has one loss), "
+            f"got {t.loss_type!r}"
+        )
     if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", t.device):
         raise ConfigError(
             f"training.device must be auto, cpu, cuda, cuda:N or mps, got {t.device!r}"
