@@ -62,7 +62,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--methods",
         default=",".join(DEFAULT_METHODS),
-        help="comma-separated, or 'all' (default: all; all but full for dpo / orpo)",
+        help="comma-separated, or 'all'; a dpo / orpo config leaves full out",
     )
     p.add_argument("--ranks", help="adapter ranks to sweep, e.g. 4,8,16 (default: the config's r)")
     p.add_argument(

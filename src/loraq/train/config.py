@@ -370,7 +370,7 @@ def validate(cfg: TrainConfig) -> None:
         if t.method not in ADAPTER_METHODS:
             raise ConfigError(
                 f"training.loraplus_lr_ratio applies to training.method "
-                f"{' or '.join(map(repr, ADAPTER_METHODS))} only"
+                f"{', '.join(map(repr, ADAPTER_METHODS[:-1]))} or {ADAPTER_METHODS[-1]!r} only"
             )
     if t.distributed_timeout <= 0:
         raise ConfigError(
