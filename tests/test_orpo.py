@@ -242,3 +242,16 @@ def test_two_ranks_follow_one_process_with_the_global_batch(tmp_path, model_dir)
     for a, b in zip(want, got, strict=True):
         for key in ("loss", *preference.REWARD_KEYS, *preference.ORPO_KEYS):
             assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), key
+
+
+def test_smollm2_example_configs_load():
+    """examples/smollm2_{dpo,orpo}.yaml: valid configs over the same shipped pairs."""
+    from pathlib import Path
+
+    from loraq.train.config import load_config
+
+    examples = Path(__file__).resolve().parents[1] / "examples"
+    for method in ("dpo", "orpo"):
+        cfg = load_config(examples / f"smollm2_{method}.yaml")
+        assert cfg.training.method == method
+        assert Path(cfg.data.train).is_file() and Path(cfg.data.eval).is_file()
