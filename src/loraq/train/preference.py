@@ -56,11 +56,15 @@ ORPO_KEYS = ("nll_loss", "log_odds_ratio", "log_odds_chosen")
 def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Per row, the summed log-probability (float32) of the labelled next tokens: position t's
     logits score token t+1 wherever ``labels[t+1] != -100``."""
+    return _labelled_sum(torch.log_softmax(logits[:, :-1].float(), dim=-1), labels)
+
+
+def _labelled_sum(logps: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per row, the sum of ``logps[t, labels[t+1]]`` over the labelled positions (``logps``:
+    the log-softmax of the logits without their last position)."""
     targets = labels[:, 1:]
-    mask = targets != IGNORE_INDEX
-    logps = torch.log_softmax(logits[:, :-1].float(), dim=-1)
     picked = logps.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return (picked * mask).sum(-1)
+    return (picked * (targets != IGNORE_INDEX)).sum(-1)
 
 
 def answer_lengths(labels: torch.Tensor) -> torch.Tensor:
@@ -166,12 +170,13 @@ def orpo_pair_losses(
     """
     labels = batch["labels"]
     inputs = {k: v for k, v in batch.items() if k != "labels"}
-    logits = model(**inputs).logits
-    avg = sequence_logps(logits, labels) / answer_lengths(labels).clamp(min=1)
+    # One log-softmax over the vocabulary serves both sums (it is the largest tensor here).
+    logps = torch.log_softmax(model(**inputs).logits[:, :-1].float(), dim=-1)
+    avg = _labelled_sum(logps, labels) / answer_lengths(labels).clamp(min=1)
     chosen, rejected = avg.chunk(2)
     odds_losses, log_odds = odds_ratio_loss(chosen, rejected, beta)
     nll_labels = chosen_nll_labels(batch)
-    nll_sums = -sequence_logps(logits[: chosen.numel()], nll_labels)
+    nll_sums = -_labelled_sum(logps[: chosen.numel()], nll_labels)
     if nll_weight is None:
         nll_weight = chosen.numel() / max(float(answer_lengths(nll_labels).sum()), 1.0)
     nll = nll_sums * nll_weight
