@@ -16,7 +16,6 @@ adapters / the same batch on one adapter. The load average is printed with the r
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
@@ -26,6 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from serve import base_model, with_adapters  # noqa: E402  (the serving benchmark's models)
+from timing import machine_line  # noqa: E402
 
 from loraq.generation.decode import DecodeBatch, SamplingParams, SequenceState  # noqa: E402
 
@@ -90,7 +90,7 @@ def main() -> None:
     sizes = [int(b) for b in args.batch.split(",")]
     configs = {(b, a): make_batch(model, b, a, vocab, args.cache) for b in sizes for a in counts}
     print(f"# decode step: {what}, threads={torch.get_num_threads()}, cache {16 + args.cache}")
-    print(f"# load average before: {os.getloadavg()}")
+    print(machine_line())
     wall = {k: [] for k in configs}
     cpu = {k: [] for k in configs}
     for _ in range(args.steps):
@@ -99,7 +99,8 @@ def main() -> None:
             batch.step()
             wall[key].append(time.perf_counter() - t)
             cpu[key].append(time.process_time() - c)
-    print(f"# load average after: {os.getloadavg()}, {args.steps} steps per configuration")
+    print(machine_line())
+    print(f"# {args.steps} steps per configuration")
     print(
         f"\n{'batch':>5} {'adapters':>8} {'wall ms':>8} {'cpu ms':>8} {'tok/s':>8} {'vs 1 adapter':>12}"
     )

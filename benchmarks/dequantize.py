@@ -21,7 +21,7 @@ import statistics
 from collections.abc import Callable
 
 import torch
-from timing import interleaved
+from timing import interleaved, machine_line
 
 from loraq.native import dequant as cpu
 from loraq.quant import dequantize_4bit, dequantize_8bit, quantize_4bit, quantize_8bit
@@ -63,7 +63,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"threads {torch.get_num_threads()}  compiled kernel: {cpu.available()}")
+    print(machine_line())
+    print(f"compiled kernel: {cpu.available()}, rounds {args.rounds}")
     torch.manual_seed(0)
     weight = torch.randn(args.rows, args.cols) * 0.02
     n = weight.numel()
@@ -96,6 +97,7 @@ def main() -> None:
         codes, state8 = bnbf.quantize_blockwise(weight, blocksize=256)
         fns["bitsandbytes"] = lambda: bnbf.dequantize_blockwise(codes, state8)
     report("8-bit blockwise -> float32", medians(interleaved(fns, args.rounds)), n)
+    print(machine_line())
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from timing import interleaved  # noqa: E402
+from timing import interleaved, machine_line  # noqa: E402
 
 from loraq.quant import dequantize_4bit, quantize_4bit  # noqa: E402
 from loraq.quant.gguf import dequantize_gguf, quantize_gguf  # noqa: E402
@@ -232,15 +232,21 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--smollm2", action="store_true", help="also the SmolLM2 measurements")
     parser.add_argument("--skip-blocks", action="store_true", help="only the SmolLM2 part")
+    parser.add_argument(
+        "--skip-kquants", action="store_true", help="no k-quant part (its PyTorch twins are slow)"
+    )
     parser.add_argument("--new-tokens", type=int, default=32)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {args.threads} threads")
+    print(machine_line())
+    print(f"rounds {args.rounds}")
     if not args.skip_blocks:
         bench_blocks(args.rounds)
-        bench_kquants(args.rounds, args.threads)
+        if not args.skip_kquants:
+            bench_kquants(args.rounds, args.threads)
     if args.smollm2:
         bench_smollm2(args.rounds, args.new_tokens)
+    print(machine_line())
 
 
 if __name__ == "__main__":

@@ -21,9 +21,12 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
+from timing import machine_line  # noqa: E402
 
 TARGETS = r".*encoder.*\.(query|key|value|dense)"
 METHODS = ("full", "peft", "loraq")
+#: ``--limit``: also time the input-gradient-only step that bounds any LoRA step from below.
+LIMIT = "limit"
 
 
 def build(method: str, dropout: float):
@@ -44,6 +47,13 @@ def build(method: str, dropout: float):
         import loraq
 
         loraq.apply(model, loraq.LoraConfig(r=8, alpha=16, dropout=dropout, targets=TARGETS))
+    elif method == LIMIT:
+        # The floor any adapter method stands on: every weight frozen, so backward computes only
+        # input gradients, down to the word embedding table, whose gradient (a scatter-add) is
+        # the one left on, for backward to have something to reach; SGD keeps the update cheap.
+        model.requires_grad_(False)
+        table = model.get_input_embeddings().weight.requires_grad_(True)
+        return model, torch.optim.SGD([table], lr=0.0)
     params = [p for p in model.parameters() if p.requires_grad]
     return model, torch.optim.AdamW(params, lr=1e-4)
 
@@ -66,15 +76,15 @@ def step(model, optimizer, inputs) -> float:
     return time.perf_counter() - start
 
 
-def time_all(repeats: int, dropout: float) -> dict[str, float]:
+def time_all(repeats: int, dropout: float, methods: tuple[str, ...] = METHODS) -> dict[str, float]:
     """Median step time per method, interleaved."""
     inputs = batch()
-    runs = {m: build(m, dropout) for m in METHODS}
-    for m in METHODS:  # warm-up
+    runs = {m: build(m, dropout) for m in methods}
+    for m in methods:  # warm-up
         step(*runs[m], inputs)
-    times: dict[str, list[float]] = {m: [] for m in METHODS}
+    times: dict[str, list[float]] = {m: [] for m in methods}
     for _ in range(repeats):
-        for m in METHODS:
+        for m in methods:
             times[m].append(step(*runs[m], inputs))
     return {m: statistics.median(t) for m, t in times.items()}
 
@@ -123,6 +133,9 @@ def main() -> None:
     parser.add_argument("--memory-dropout", type=float, default=0.05)
     parser.add_argument("--child", choices=METHODS)
     parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument(
+        "--limit", action="store_true", help="also time the frozen-weights step (the floor)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.child:
@@ -134,12 +147,14 @@ def main() -> None:
         if args.skip_memory
         else {m: peak_rss(m, args.memory_dropout, args.threads) for m in METHODS}
     )
-    med = time_all(args.repeats, args.dropout)
-    print(
-        f"torch {torch.__version__}, {args.threads} threads, batch 32x128, r=8 on every encoder Linear"
-    )
-    for m in METHODS:
+    print(machine_line())
+    med = time_all(args.repeats, args.dropout, METHODS + ((LIMIT,) if args.limit else ()))
+    print(f"batch 32x128, r=8 on every encoder Linear, {args.repeats} repeats")
+    print(machine_line())
+    for m in med:
         print(f"  step time {m:<6} {med[m]:.3f} s")
+    if LIMIT in med:
+        print(f"  limit / full = {med[LIMIT] / med['full']:.3f} (every weight frozen)")
     print(
         f"  loraq / full = {med['loraq'] / med['full']:.3f}   loraq / peft = {med['loraq'] / med['peft']:.3f}"
         f"   peft / full = {med['peft'] / med['full']:.3f}"

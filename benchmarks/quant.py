@@ -31,7 +31,7 @@ from collections.abc import Callable
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
-from timing import interleaved  # noqa: E402
+from timing import interleaved, machine_line  # noqa: E402
 from torch import nn  # noqa: E402
 
 from loraq.layers.quantized import Linear4bit  # noqa: E402
@@ -170,11 +170,13 @@ def main() -> None:
     parser.add_argument("--only", choices=("quant", "linear"), default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, rounds {args.rounds}")
+    print(machine_line())
+    print(f"rounds {args.rounds}")
     if args.only in (None, "quant"):
         bench_quantize(args.rounds)
     if args.only in (None, "linear"):
         bench_linear(args.rounds)
+    print(machine_line())
 
 
 if __name__ == "__main__":

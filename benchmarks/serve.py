@@ -20,7 +20,6 @@ Every adapter is rank 8 on all linear layers.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
@@ -36,6 +35,8 @@ from loraq.batching.rows import layer_rows
 from loraq.generation.decode import SamplingParams, SequenceState, run_to_completion
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from timing import machine_line  # noqa: E402
+
 from stories260k import STORIES, load_stories260k  # noqa: E402  (the tests' converter)
 
 
@@ -318,13 +319,13 @@ def main() -> int:
     _, what = base_model(args.model)
     print(f"# loraq serving benchmark: {what}, {args.clients} clients x {args.tokens} tokens, "
           f"{args.threads} threads, medians of {args.repeats}")  # fmt: skip
-    print("# load average at start: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
+    print(machine_line())
     if "layer" in sections:
         bench_layer(args.clients, 1, args.repeats * 5)
         bench_layer(8, 128, args.repeats * 3)
     if sections & {"engine", "peft"}:
         run_engine_and_peft(args, sections)
-    print("# load average at end: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
+    print(machine_line())
     return 0
 
 

@@ -34,6 +34,8 @@ import torch
 import loraq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from timing import machine_line  # noqa: E402
+
 from stories260k import STORIES, load_stories260k  # noqa: E402  (the tests' converter)
 from tiny_lm import byte_tokenizer  # noqa: E402
 
@@ -169,6 +171,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--stories", type=Path, default=STORIES, help="stories260K folder")
     args = p.parse_args()
+    print(machine_line())
     import httpx
 
     with tempfile.TemporaryDirectory(prefix="serve_adapters_") as tmp:
@@ -226,6 +229,7 @@ def main() -> None:
         "load_average": os.getloadavg(),
     }, indent=1))  # fmt: skip
     print("target: ratio >= 0.85")
+    print(machine_line())
 
 
 if __name__ == "__main__":

@@ -34,6 +34,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from timing import machine_line
+
 PROMPT = "Write a short story about a robot who learns to paint."
 ADAPTER_NAME = "chat"
 #: Run as the llama.cpp server process: patches the model defaults, then runs the server module.
@@ -251,7 +253,7 @@ def main() -> int:
           f"ratio {rss['loraq'] / rss['llama.cpp']:.2f}x")  # fmt: skip
     print(f"start-up to first /v1/models 200, s: loraq {startup['loraq']:.1f}, "
           f"llama.cpp {startup['llama.cpp']:.1f}")  # fmt: skip
-    print(f"load average {os.getloadavg()}, 1 run")
+    print(f"{machine_line()}, 1 run")
     return 0
 
 

@@ -27,6 +27,7 @@ from loraq.compare import (
     write_outputs,
 )
 from loraq.compare.command import split_compare_options as split_options
+from loraq.compare.report import size_text
 from loraq.train.config import load_config
 
 STEPS = 4
@@ -111,6 +112,23 @@ def test_table_relations_hold(compared):
     assert lora["saved_bytes"] < full["saved_bytes"] / 2
     assert lora["saved_files"] == ["adapter_model.safetensors"]
     assert a4["saved_files"] == ["adapter_model.codes.safetensors"]
+
+
+def test_printed_saved_file_is_the_bytes_written(compared):
+    # The README once quoted a 4-bit adapter as 436.93 KiB where the run wrote 271.91 KiB: the
+    # table's "saved file" must be the size of the weight files on disk, for every method.
+    lines = compared["stdout"].splitlines()
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    column = header.index("saved file")
+    for method, run in compared["runs"].items():
+        folder = Path(run["run_dir"]) / ("model" if method == "full" else "adapter")
+        written = sorted(folder.glob("*.safetensors"))
+        assert [f.name for f in written] == run["saved_files"] and written
+        on_disk = sum(f.stat().st_size for f in written)
+        assert run["saved_bytes"] == on_disk
+        row = next(line for line in lines if line.startswith(f"| {method} |"))
+        printed = [c.strip() for c in row.strip("|").split("|")][column]
+        assert printed == size_text(on_disk), (method, printed, on_disk)
 
 
 def _adapter_matrix_bytes(path: Path) -> tuple[int, int]:

@@ -15,8 +15,9 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "loraq"
 
 # The floors of the house, lowest first. A module may import modules of its own package and of
 # packages on lower floors only: never a higher floor, nor a sibling on its own floor (batching
-# and io, the two users of model, stay independent; so do train, serve and eval). compare runs
-# training (it imports train), so it sits a floor above it. "loraq" is the package's
+# and io, the two users of model, stay independent; so do train and serve). eval scores a model
+# it is handed and imports neither; train runs its tasks during training, so eval sits a floor
+# below them. compare runs training (it imports train), so it sits a floor above it. "loraq" is the package's
 # __init__, the public names; it and __main__ sit above the CLI.
 FLOORS: list[set[str]] = [
     {"core"},
@@ -26,7 +27,8 @@ FLOORS: list[set[str]] = [
     {"model"},
     {"batching", "io"},
     {"generation"},
-    {"train", "serve", "eval"},
+    {"eval"},
+    {"train", "serve"},
     {"compare"},
     {"cli"},
     {"loraq", "__main__"},

@@ -493,3 +493,101 @@ def test_flags_named_in_prose_exist():
     unknown = sorted(f for f in flags if not known_flag(f))
     assert not unknown, f"README names flags nothing defines: {unknown}"
     assert not known_flag("--no-such-flag")
+
+
+# ============================================================================ figures
+# Every measured ratio in README prose ("0.82×", "4.8x", "6.9–8.6×") sits in a *unit* that names
+# where it comes from: a script in benchmarks/, `loraq compare`, or a test that checks it. A
+# measured one (benchmark or compare) also names the kind of CPU it was measured on, since the
+# ratios differ between kinds. A unit is a heading's text, a paragraph opening with a bold
+# title (the Performance section's "**LoRA training step** ..."), or a top-level bullet; the
+# paragraphs and tables after one belong to it (a paragraph right after a bullet list starts a
+# new one).
+RATIO = re.compile(r"(?<![\w.])\d+(?:\.\d+)?(?:[–-]\d+(?:\.\d+)?)?[×x](?![\w×])")
+SOURCE = re.compile(r"benchmarks/\w+\.(?:py|sh)|loraq compare|tests/test_\w+\.py")
+MEASURED = re.compile(r"benchmarks/\w+\.(?:py|sh)|loraq compare")
+#: The kinds of CPU the Performance section defines (its machines list).
+CPU_KINDS = re.compile(r"AVX2-only|AVX512-BF16|AMX")
+
+
+@dataclass
+class Unit:
+    """A stretch of README prose that one source and machine statement covers."""
+
+    line: int
+    lines: list[str]
+
+    @property
+    def text(self) -> str:
+        return "\n".join(self.lines)
+
+
+def prose_units(text: str) -> list[Unit]:
+    """README prose (fenced blocks and HTML comments left out) cut into units, as above."""
+    units: list[Unit] = []
+    in_fence, after_blank = False, True
+    for number, line in enumerate(text.splitlines(), 1):
+        if line.startswith("```"):
+            in_fence = not in_fence
+            continue
+        if in_fence or line.startswith("<!--"):
+            continue
+        if not line.strip():
+            after_blank = True
+            continue
+        in_bullet = bool(units) and units[-1].lines[0].startswith("- ")
+        starts = line.startswith(("#", "**", "- ")) or (
+            after_blank and in_bullet and not line.startswith(("|", " "))
+        )
+        if starts or not units:
+            units.append(Unit(number, []))
+        units[-1].lines.append(line)
+        after_blank = False
+    return units
+
+
+UNITS = prose_units(README.read_text(encoding="utf-8"))
+
+
+def test_prose_units_and_ratios_are_found():
+    sample = (
+        "# T\n\nintro 0.84x and 4096x4096 and 2 × 2\n\n- a bullet 6.9–8.6×\n  more\n\n"
+        "after the list\n\n**Bold** head (`benchmarks/quant.py`, AMX)\n\n| a | 1.00× |\n\n(note)\n"
+        "```\n9.9x in code\n```\n"
+    )
+    units = prose_units(sample)
+    assert [u.line for u in units] == [1, 5, 8, 10]
+    assert [RATIO.findall(u.text) for u in units] == [["0.84x"], ["6.9–8.6×"], [], ["1.00×"]]
+    assert "(note)" in units[-1].text and "9.9x" not in units[-1].text
+    # The README itself: many figures, in many units.
+    assert sum(len(RATIO.findall(u.text)) for u in UNITS) > 50
+    assert len(UNITS) > 40
+
+
+def test_every_figure_names_its_source_and_machine():
+    """A measured ratio without its script, or without the CPU kind it holds on, fails here."""
+    missing = []
+    for unit in UNITS:
+        if not RATIO.search(unit.text):
+            continue
+        head = f"README.md:{unit.line} ({unit.lines[0][:50]}...)"
+        if not SOURCE.search(unit.text):
+            missing.append(f"{head}: no benchmarks/ script, `loraq compare` or test named")
+        elif MEASURED.search(unit.text) and not CPU_KINDS.search(unit.text):
+            missing.append(f"{head}: no CPU kind (AVX2-only, AVX512-BF16, AMX) named")
+    assert not missing, "figures without a source:\n" + "\n".join(missing)
+
+
+def test_named_benchmark_scripts_exist():
+    named = set(re.findall(r"benchmarks/\w+\.(?:py|sh)", README.read_text(encoding="utf-8")))
+    assert len(named) > 5
+    assert not sorted(n for n in named if not (ROOT / n).is_file())
+
+
+def test_the_intro_quotes_figures_rather_than_restating_them():
+    """One figure, one place: a ratio in the opening summary appears in Performance too."""
+    text = README.read_text(encoding="utf-8")
+    intro = text[: text.index("\n## ")]
+    performance = text[text.index("\n## Performance") :]
+    quoted = RATIO.findall(intro)
+    assert not [r for r in quoted if r not in performance], quoted

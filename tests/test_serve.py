@@ -224,6 +224,36 @@ def test_sampling_seed_and_stop(server, expected):
         assert cut["text"] == whole[: whole.find(stop)] and cut["finish_reason"] == "stop"
 
 
+def test_n_choices_are_independent_and_seeded(server):
+    """``n`` samples per prompt, ``choices[i].index`` in order; a seed gives the same choices on
+    every request, its first choice is the ``n=1`` sample, and other seeds give others."""
+    kw = {"temperature": 1.0, "max_tokens": 16, "seed": 7}
+    with server.client() as c:
+        one = _complete(c, "alpha", "hello", **kw).json()["choices"]
+        three = _complete(c, "alpha", "hello", n=3, **kw).json()
+        texts = [ch["text"] for ch in three["choices"]]
+        assert [ch["index"] for ch in three["choices"]] == [0, 1, 2]
+        assert len(set(texts)) == 3  # independent draws, not one sample three times
+        assert texts[0] == one[0]["text"]
+        again = _complete(c, "alpha", "hello", n=3, **kw).json()["choices"]
+        assert [ch["text"] for ch in again] == texts
+        other = _complete(c, "alpha", "hello", n=3, **{**kw, "seed": 8}).json()["choices"]
+        assert [ch["text"] for ch in other] != texts
+        assert three["usage"]["prompt_tokens"] == len(byte_tokenizer()("hello").input_ids)
+        assert {ch["finish_reason"] for ch in three["choices"]} == {"length"}  # (seeded)
+        assert three["usage"]["completion_tokens"] == 3 * 16
+        both = _complete(c, "alpha", ["hello", "zz"], n=2, **kw).json()["choices"]
+        assert [ch["index"] for ch in both] == [0, 1, 2, 3]
+        assert [ch["text"] for ch in both[:2]] == texts[:2]  # prompt 0's two choices
+        chat = {"model": "alpha", "messages": [{"role": "user", "content": "hi"}], **kw}
+        first = c.post("/v1/chat/completions", json={**chat, "n": 2}, headers=AUTH).json()
+        again = c.post("/v1/chat/completions", json={**chat, "n": 2}, headers=AUTH).json()
+        replies = [ch["message"]["content"] for ch in first["choices"]]
+        assert [ch["index"] for ch in first["choices"]] == [0, 1]
+        assert replies == [ch["message"]["content"] for ch in again["choices"]]
+        assert replies[0] != replies[1]
+
+
 @pytest.mark.parametrize(
     ("body", "status", "needle"),
     [

@@ -85,16 +85,35 @@ def harness_model(model: nn.Module, tokenizer: Any, batch_size: int, max_length:
         )
 
 
-def task_manager(include_path: list[str | Path] | None) -> Any:
-    """lm-eval's ``TaskManager`` with the folders of ``include_path`` added to its tasks."""
+def task_manager(
+    include_path: list[str | Path] | None, include_option: str = "--include-path"
+) -> Any:
+    """lm-eval's ``TaskManager`` with the folders of ``include_path`` added to its tasks (a
+    missing folder is a ``ValueError`` naming ``include_option``)."""
     require_lm_eval()
     from lm_eval.tasks import TaskManager
 
     folders = [str(Path(p)) for p in include_path or []]
     for folder in folders:
         if not Path(folder).is_dir():
-            raise ValueError(f"--include-path {folder}: no such folder")
+            raise ValueError(f"{include_option} {folder}: no such folder")
     return TaskManager(include_path=folders or None)
+
+
+def known_tasks(
+    tasks: list[str],
+    include_path: list[str | Path] | None,
+    option: str = "--tasks",
+    include_option: str = "--include-path",
+) -> Any:
+    """The ``TaskManager`` that knows every task of ``tasks``; an unknown one is a one-line
+    ``ValueError`` naming ``option`` and the task."""
+    manager = task_manager(include_path, include_option)
+    missing = [t for t in tasks if t not in manager.all_tasks]
+    if missing:
+        hint = "" if include_path else f" (local task YAMLs need {include_option} DIR)"
+        raise ValueError(f"{option}: unknown lm-eval task(s) {', '.join(missing)}{hint}")
+    return manager
 
 
 def score_tasks(
@@ -116,11 +135,7 @@ def score_tasks(
     ``log_samples`` the per-item ``samples``). Unknown task names are a ``ValueError``.
     """
     lm_eval = require_lm_eval()
-    manager = task_manager(include_path)
-    missing = [t for t in tasks if t not in manager.all_tasks]
-    if missing:
-        hint = "" if include_path else " (local task YAMLs need --include-path DIR)"
-        raise ValueError(f"--tasks: unknown lm-eval task(s) {', '.join(missing)}{hint}")
+    manager = known_tasks(tasks, include_path)
     lm = harness_model(model, tokenizer, batch_size, max_length)
     scores: dict[str, dict[str, Any]] = {}
     for variant in columns:

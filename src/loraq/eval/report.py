@@ -51,6 +51,22 @@ def _label(key: str) -> str:
     return metric if filt in ("", NO_FILTER) else f"{metric} ({filt})"
 
 
+def flat_metrics(results: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """lm-eval's ``results`` (``{task: {"acc,none": 0.5, "acc_stderr,none": ...}}``) as
+    ``{"task/acc": 0.5}``: every numeric score, no standard errors or counts; a filter other
+    than ``none`` stays in the name (``task/exact_match,strict-match``)."""
+    out: dict[str, float] = {}
+    for task, metrics in results.items():
+        for key, value in metrics.items():
+            if STDERR_MARK in key or key in NOT_METRICS or isinstance(value, bool):
+                continue
+            if isinstance(value, (int, float)):
+                metric, _, filt = key.partition(",")
+                name = metric if filt in ("", NO_FILTER) else key
+                out[f"{task}/{name}"] = float(value)
+    return out
+
+
 def format_table(scores: dict[str, dict[str, Any]]) -> str:
     """The aligned text table: a row per task and metric, a column per variant."""
     columns = list(scores)

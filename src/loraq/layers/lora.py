@@ -128,6 +128,18 @@ class LoRALayer(nn.Module):
                 adapter_name, rank, rank if alpha is None else alpha, dropout, **options
             )
             self.active_adapters = [adapter_name]
+        self.follow_base_mode()
+
+    def follow_base_mode(self) -> None:
+        """Put this layer and its adapter modules in the base layer's train/eval mode.
+
+        A layer added to a model in ``eval()`` mode must not draw adapter dropout at inference;
+        ``model.train()`` / ``model.eval()`` later set every module alike, as usual.
+        """
+        self.training = self.base_layer.training
+        for child in self.children():
+            if child is not self.base_layer:
+                child.train(self.training)
 
     # ------------------------------------------------------------------ shape facts of the base
     @property
@@ -326,6 +338,7 @@ class LoRALayer(nn.Module):
         self.lora_alpha[name] = alpha
         self.scaling[name] = adapter_scaling(alpha, r, use_rslora)
         self.use_dora[name] = use_dora
+        self.follow_base_mode()
         self._init_adapter(name, init)
         if use_dora:
             norm = (self.base_matrix().to(dtype) + self.delta_matrix(name).detach()).norm(dim=1)

@@ -20,6 +20,8 @@ class ModulesToSave(nn.Module):
         for param in module.parameters():
             param.requires_grad_(False)
         self.modules_to_save = nn.ModuleDict()
+        # in the wrapped module's train/eval mode, like the copies deepcopy makes of it
+        self.training = self.modules_to_save.training = module.training
         self.active_adapter: str | None = None
         self.adapters_disabled = False
 

@@ -129,6 +129,15 @@ class ParamLoRA(nn.Module):
         self._compute_dtype: torch.dtype | None = None
         self._base_format: BaseFormat | None = None
         self._base_options: tuple[int | None, bool] = (None, True)  # blocksize, double_quant
+        self.follow_base_mode()
+
+    def follow_base_mode(self) -> None:
+        """Put this wrapper and its adapter modules in the wrapped module's train/eval mode
+        (a wrapper added to a model in ``eval()`` mode stays in eval mode)."""
+        self.training = self.base_layer.training
+        for child in self.children():
+            if child is not self.base_layer:
+                child.train(self.training)
 
     # ------------------------------------------------------------------ the adapted parameter
     @property
@@ -264,6 +273,7 @@ class ParamLoRA(nn.Module):
         self.lora_alpha[name] = alpha
         self.scaling[name] = adapter_scaling(alpha, r, use_rslora)
         self.use_dora[name] = False
+        self.follow_base_mode()
         with torch.no_grad():
             if init == "kaiming":
                 nn.init.kaiming_uniform_(self.lora_A[name].weight, a=math.sqrt(5))

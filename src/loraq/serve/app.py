@@ -30,7 +30,7 @@ import asyncio
 import hmac
 import time
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -40,9 +40,12 @@ from ..generation.decode import SamplingParams
 from .engine import Engine
 from .engine import Request as EngineRequest
 from .fields import (
+    MAX_CHOICES,
     ServeSettings,
     check_prompt_chars,
     check_text,
+    choice_count,
+    choice_seeds,
     combination,
     field,
     json_body,
@@ -57,8 +60,6 @@ from .replies import Reply, error_body, model_card, outcome, stream
 __all__ = ["ServeSettings", "create_app", "error_body"]
 
 _UNLOAD_WAIT_S = 60.0
-#: The most prompts one completions request may hold (each is a row of the batch).
-MAX_PROMPTS = 64
 
 
 def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
@@ -196,21 +197,26 @@ class _Generator:
             # max_tokens 0 with echo scores the prompt: the prefill is the whole request
             prompt_logprobs=options.echo and (options.top is not None or max_tokens == 0),
         )
+        n = choice_count(body, len(prompts))
         streamed = field(body, "stream", (bool,), False, "a boolean")
-        if streamed and (len(prompts) > 1 or options != LogprobOptions()):
+        if streamed and (len(prompts) > 1 or n > 1 or options != LogprobOptions()):
             raise ServeError(
-                400, "stream is not supported with logprobs, echo or several prompts", "stream"
-            )
+                400, "stream is not supported with logprobs, echo, n > 1 or several prompts",
+                "stream",
+            )  # fmt: skip
+        # choice i * n + j: prompt i's j-th independent sample, each with its own generator
+        choice_params = [replace(params, seed=s) for s in choice_seeds(seed, n)]
+        rows = [(prompt, p) for prompt in prompts for p in choice_params]
         loop = asyncio.get_running_loop()
         queues: list[asyncio.Queue[dict]] = []
         reqs: list[EngineRequest] = []
         try:
-            for prompt in prompts:
+            for prompt, row_params in rows:
                 events: asyncio.Queue[dict] = asyncio.Queue()
                 req = EngineRequest(
                     prompt.ids,
                     adapter,
-                    params,
+                    row_params,
                     lambda ev, q=events: loop.call_soon_threadsafe(q.put_nowait, ev),
                     stops(body),
                 )
@@ -232,7 +238,7 @@ class _Generator:
             if ev["type"] == "error":
                 return JSONResponse(error_body(ev["status"], ev["message"]), ev["status"])
         choices = []
-        for prompt, (text, done) in zip(prompts, results):
+        for (prompt, _), (text, done) in zip(rows, results):
             shown, logprobs = choice_logprobs(
                 self.engine.tokenizer,
                 options,
@@ -243,7 +249,7 @@ class _Generator:
                 done["sequence"],
             )
             choices.append((shown, done, logprobs))
-        return JSONResponse(reply.full_choices(choices))
+        return JSONResponse(reply.full_choices(choices, per_prompt=n))
 
 
 @dataclass(frozen=True)
@@ -300,8 +306,8 @@ async def _completion_prompts(gen: _Generator, prompt: Any) -> list[Prompt]:
         raise ServeError(
             400, "prompt must be a string, a list of token ids, or a list of either", "prompt"
         )
-    if len(many) > MAX_PROMPTS:
-        raise ServeError(400, f"prompt holds {len(many)} prompts; at most {MAX_PROMPTS}", "prompt")
+    if len(many) > MAX_CHOICES:
+        raise ServeError(400, f"prompt holds {len(many)} prompts; at most {MAX_CHOICES}", "prompt")
     prompts = []
     for item in many:
         if isinstance(item, list):

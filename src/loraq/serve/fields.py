@@ -6,7 +6,9 @@ function                checks
 ``json_body``           at most ``max_body_bytes`` (a 413), parses as JSON, is an object
 ``field``               one field has the expected JSON type (booleans are not numbers)
 ``sampling``            max_tokens against the cap and the context; temperature, top_p,
-                        top_k, seed (finite, in range), n
+                        top_k, seed (finite, in range)
+``choice_count``        ``n``: 1..MAX_N choices per prompt, at most MAX_CHOICES in all
+``choice_seeds``        each choice's seed: the request's for the first, derived for the rest
 ``stops``               ``stop``: a string or a list of up to 4, each 1..MAX_STOP_CHARS long
 ``check_prompt_chars``  a prompt's length in characters, before it is tokenized
 ``check_text``          text the tokenizer can take (no unpaired UTF-16 surrogate)
@@ -20,6 +22,7 @@ never a 500 (or a failed batch) later.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import math
 import re
@@ -39,6 +42,10 @@ MAX_COMBINATION_TERMS = 4
 _WEIGHT = re.compile(r"^-?(?:\d+\.?\d*|\.\d+)(?:[eE]-?\d+)?$")
 #: The seeds ``torch.Generator.manual_seed`` accepts.
 SEED_RANGE = (-(2**63), 2**64 - 1)
+#: The most choices (``n``) a request may ask for per prompt.
+MAX_N = 16
+#: The most choices one request may produce in all (prompts x ``n``; each is a row of the batch).
+MAX_CHOICES = 64
 
 
 @dataclass
@@ -133,9 +140,33 @@ def sampling(
         raise ServeError(
             400, f"seed must be in {SEED_RANGE[0]}..{SEED_RANGE[1]}, got {seed}", "seed"
         )
-    if field(body, "n", (int,), 1, "an integer") != 1:
-        raise ServeError(400, "only n=1 is supported", "n")
     return max_tokens, temperature, top_p, top_k, seed
+
+
+def choice_count(body: dict, prompts: int) -> int:
+    """``n``: independent choices per prompt, 1..:data:`MAX_N`, and prompts x n at most
+    :data:`MAX_CHOICES`."""
+    n = field(body, "n", (int,), 1, "an integer")
+    if not 1 <= n <= MAX_N:
+        raise ServeError(400, f"n must be in 1..{MAX_N}, got {n}", "n")
+    if prompts * n > MAX_CHOICES:
+        raise ServeError(
+            400, f"n={n} for {prompts} prompts is {prompts * n} choices; at most {MAX_CHOICES}", "n"
+        )
+    return n
+
+
+def choice_seeds(seed: int | None, n: int) -> list[int | None]:
+    """The seed of each of ``n`` choices: ``seed`` itself for the first (so a choice does not
+    depend on ``n``), and for the others seeds derived from ``seed`` and the choice's index
+    (independent draws, the same on every request with that seed). No seed: None for each."""
+    if seed is None:
+        return [None] * n
+    derived = [
+        int.from_bytes(hashlib.blake2b(f"{seed}:{i}".encode(), digest_size=8).digest(), "little")
+        for i in range(1, n)
+    ]
+    return [seed, *derived]
 
 
 def stops(body: dict) -> tuple[str, ...]:

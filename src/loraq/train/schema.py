@@ -131,6 +131,14 @@ class TrainingConfig:
         output_dir: where the adapter, config, metrics, plot and checkpoints go.
         eval_every: evaluate every N steps (None: only before and after training).
         eval_before: evaluate once before the first step (the untrained baseline).
+        eval_tasks: lm-evaluation-harness task names (e.g. ``[loraq_tiny_mc]``) scored on the
+            model being trained at each evaluation (before, every ``eval_every`` steps, after),
+            in process, adapters active; the scores go into metrics.jsonl as
+            ``eval_task/TASK/METRIC`` and into loss.png. Needs ``pip install 'loraq[eval]'``
+            and ``model.task: causal-lm``; not under torchrun. None: off.
+        eval_include_path: folders of local lm-eval task YAMLs for ``eval_tasks`` (relative
+            to the config file), e.g. ``examples/eval``.
+        eval_task_limit: documents scored per task at each evaluation (None: all of them).
         save_every: write a resumable checkpoint every N steps (None: only on Ctrl-C).
         keep_checkpoints: keep only the newest N checkpoints.
         resume: ``true`` continues from the newest checkpoint in ``output_dir``; a path continues
@@ -174,6 +182,9 @@ class TrainingConfig:
     output_dir: str = "runs/loraq"
     eval_every: int | None = None
     eval_before: bool = True
+    eval_tasks: list[str] | None = None
+    eval_include_path: list[str] | None = None
+    eval_task_limit: int | None = 32
     save_every: int | None = None
     keep_checkpoints: int = 2
     resume: bool | str = False
