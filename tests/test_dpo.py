@@ -157,6 +157,30 @@ def test_pairs_mask_the_prompt_and_end_in_eos(model_dir):
             {"prompt": "a", "chosen": 3, "rejected": "c"},
             r"record 1 field 'chosen' must be a string",
         ),
+        (  # the answers differ only past max_length (64): truncated, they are one answer
+            {"prompt": "a", "chosen": "b" * 70 + "c", "rejected": "b" * 70 + "d"},
+            r"record 1 field 'rejected' equals 'chosen' within data.max_length=64",
+        ),
+        (
+            {**CHAT_PAIRS[0], "rejected": [{"role": "assistant"}]},
+            r"record 1 field 'rejected' message 1 needs a string 'content', got none",
+        ),
+        (
+            {**CHAT_PAIRS[0], "chosen": [{"role": 1, "content": "x"}]},
+            r"record 1 field 'chosen' message 1 needs a string 'role', got 1",
+        ),
+        (
+            {**CHAT_PAIRS[0], "prompt": ["Sky colour?"]},
+            r"record 1 field 'prompt' message 1 must be an object with 'role' and 'content'",
+        ),
+        (
+            {**CHAT_PAIRS[0], "chosen": []},
+            r"record 1 field 'chosen' is an empty list of chat messages",
+        ),
+        (
+            {**CHAT_PAIRS[0], "rejected": "blue"},
+            r"record 1 field 'rejected' must be a list of chat messages",
+        ),
     ],
 )
 def test_bad_records_get_one_line_naming_record_and_field(tmp_path, model_dir, record, message):
@@ -168,6 +192,19 @@ def test_bad_records_get_one_line_naming_record_and_field(tmp_path, model_dir, r
     with pytest.raises(ConfigError, match=message) as err:
         loop.load_datasets(cfg, tok, loop.tokenize_pairs)
     assert "\n" not in str(err.value) and "bad.jsonl" in str(err.value)
+
+
+def test_a_chat_template_that_refuses_a_record_is_named(model_dir):
+    """A template's own check (jinja's raise_exception, as in many chat templates) becomes one
+    line naming the record and field."""
+    tok = load_tokenizer(str(model_dir))
+    tok.chat_template = "{{ raise_exception('Conversation roles must alternate') }}"
+    with pytest.raises(ConfigError) as err:
+        preference_example(CHAT_PAIRS[0], tok, 64, "pairs.jsonl record 3")
+    assert str(err.value) == (
+        "pairs.jsonl record 3 field 'prompt': the chat template refused it: "
+        "Conversation roles must alternate"
+    )
 
 
 def test_dpo_config_is_checked(tmp_path, model_dir):

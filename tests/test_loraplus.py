@@ -146,7 +146,7 @@ def test_config_key_is_declared_once_with_its_default() -> None:
         ({"loraplus_lr_ratio": "x"}, "training.loraplus_lr_ratio"),
         (
             {"loraplus_lr_ratio": 16, "method": "full"},
-            "applies to training.method 'lora' or 'dpo' only",
+            "applies to training.method 'lora', 'dpo' or 'orpo' only",
         ),
     ],
 )

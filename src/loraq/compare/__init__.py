@@ -7,7 +7,10 @@ measurement anyone can rerun on their own model and data::
     loraq compare my.yaml --methods full,lora,qlora --ranks 4,8,16 --steps 50 --lr 1e-3
 
 Every run uses the same model, data, seed, token budget (steps x batch size, identical batches)
-and evaluation; only the method (and rank) changes. Each run is a separate Python process
+and evaluation; only the method (and rank) changes. A preference config (``training.method``
+``dpo`` or ``orpo``) trains every adapter method by that objective, and the metric compared is
+the eval pairs' reward accuracy (with the mean reward margin beside it); ``full`` is refused
+there. Each run is a separate Python process
 (``python -m loraq.compare.worker SPEC.json``) so that peak memories do not mix: the peak is
 the kernel's high-water mark of resident memory (``VmHWM`` in ``/proc/self/status``), which
 ``exec`` resets, unlike ``ru_maxrss``, which a child inherits from its parent.

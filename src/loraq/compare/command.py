@@ -19,10 +19,11 @@ from .methods import (
     DEFAULT_STEPS,
     FULL_LR_FACTOR,
     METHODS,
-    RESERVED_KEYS,
     CompareError,
+    default_methods,
     parse_methods,
     parse_ranks,
+    reserved_override,
 )
 
 COMPARE_HELP = f"""\
@@ -37,7 +38,10 @@ and the eval metric before and after. Each run is its own process (so peaks do n
 Same model, data, seed, batches and eval for every run; `full` uses --full-lr (default
 {FULL_LR_FACTOR:g} x lr: adapters want about 10x the learning rate of full fine-tuning).
 
-Methods (--methods, comma-separated; default: all):
+A dpo or orpo config (training.method, or --training.method dpo|orpo) trains every adapter
+method by that objective and reports the held-out pairs' reward accuracy and margin.
+
+Methods (--methods, comma-separated; default: all, less full for dpo / orpo):
 {chr(10).join(f"  {m.name:<10}{m.help}" for m in METHODS.values())}
 
 Any other --key value is an override of the train config (as for `loraq train`). Writes
@@ -58,7 +62,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--methods",
         default=",".join(DEFAULT_METHODS),
-        help="comma-separated, or 'all'",
+        help="comma-separated, or 'all'; a dpo / orpo config leaves full out",
     )
     p.add_argument("--ranks", help="adapter ranks to sweep, e.g. 4,8,16 (default: the config's r)")
     p.add_argument(
@@ -113,10 +117,10 @@ def run(args: argparse.Namespace) -> int:
     ):
         config = words.pop(0)  # `loraq compare --methods lora my.yaml`
     overrides = parse_overrides(words)
-    for key, why in RESERVED_KEYS.items():
-        if key in overrides:
+    for key, value in overrides.items():
+        why = reserved_override(key, value)
+        if why:
             raise CompareError(f"--{key} is set by loraq compare: {why}")
-    methods = parse_methods(own.get("methods", ",".join(DEFAULT_METHODS)))
     ranks = parse_ranks(own["ranks"]) if "ranks" in own else None
     steps: Any = own.get("steps", overrides.get("training.max_steps") or DEFAULT_STEPS)
     if isinstance(steps, str):
@@ -134,6 +138,7 @@ def run(args: argparse.Namespace) -> int:
                 f"--full-lr must be a number, finite and > 0, got {own['full_lr']!r}"
             )
     cfg = load_config(config, overrides)
+    methods = parse_methods(own.get("methods", ",".join(default_methods(cfg))))
     command = "loraq compare " + " ".join(
         [*([str(args.config)] if args.config else []), *(getattr(args, "overrides", []) or [])]
     )

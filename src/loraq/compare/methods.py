@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from loraq.train.config import ConfigError, TrainConfig, from_flat
+from loraq.train.schema import PREFERENCE_METHODS
 
 #: Optimizer steps per run when neither ``--steps`` nor ``--training.max_steps`` is given (the
 #: config's ``epochs`` do not apply: every run gets exactly this budget). With the built-in
@@ -30,7 +31,9 @@ DEFAULT_OUT = "runs/compare"
 SPEC_NAME, RESULT_NAME, LOG_NAME = "spec.json", "result.json", "worker.log"
 #: Training keys that compare sets itself (an override of them would be ignored or misleading).
 RESERVED_KEYS = {
-    "training.method": "use --methods",
+    "training.method": "use --methods (a preference objective may be set: "
+    + " or ".join(PREFERENCE_METHODS)
+    + ")",
     "training.resume": "every compare run starts afresh",
     "training.output_dir": "use --out",
 }
@@ -88,8 +91,32 @@ METHODS: dict[str, Method] = {
         ),
     )
 }
-#: What ``loraq compare`` runs when ``--methods`` is not given: all of them.
+#: What ``loraq compare`` runs when ``--methods`` is not given: all of them (all that train
+#: adapters for a preference config, see :func:`default_methods`).
 DEFAULT_METHODS = tuple(METHODS)
+
+
+def preference_objective(cfg: TrainConfig) -> str | None:
+    """The config's preference method (``dpo``, ``orpo``), which every adapter run keeps (the
+    compared methods change how the adapters are held, not what they learn); None for SFT."""
+    method = cfg.training.method
+    return method if method in PREFERENCE_METHODS else None
+
+
+def default_methods(cfg: TrainConfig) -> tuple[str, ...]:
+    """:data:`DEFAULT_METHODS`, less ``full`` for a preference config (loraq trains preferences
+    with adapters only: the reference is the model with its adapters off)."""
+    if preference_objective(cfg) is None:
+        return DEFAULT_METHODS
+    return tuple(m for m in DEFAULT_METHODS if METHODS[m].uses_rank)
+
+
+def reserved_override(key: str, value: Any) -> str | None:
+    """Why ``--key value`` may not be given to compare (see :data:`RESERVED_KEYS`), or None; a
+    preference objective for ``training.method`` is allowed."""
+    if key == "training.method" and value in PREFERENCE_METHODS:
+        return None
+    return RESERVED_KEYS.get(key)
 
 
 def parse_methods(text: str | Sequence[str]) -> list[str]:
@@ -170,19 +197,26 @@ def plan_runs(methods: Sequence[str], ranks: Sequence[int]) -> list[Run]:
 def run_config(
     cfg: TrainConfig, run: Run, folder: Path, threads: int, full_lr: float | None
 ) -> TrainConfig:
-    """A copy of ``cfg`` for one run: the method's settings, no mid-run eval or checkpoints,
-    no progress bar, the shared thread count, and ``folder`` as output."""
+    """A copy of ``cfg`` for one run: the method's settings (a preference config keeps its
+    objective), no mid-run eval or checkpoints, no progress bar, the shared thread count, and
+    ``folder`` as output. Raises :class:`CompareError` for ``full`` on a preference config."""
     flat: dict[str, Any] = {}
     for section in ("model", "data", "training"):
         flat.update({f"{section}.{k}": v for k, v in asdict(getattr(cfg, section)).items()})
     method = METHODS[run.method]
+    objective = preference_objective(cfg)
     lora = cfg.lora.to_dict()
+    if method.lora is None and objective is not None:
+        raise CompareError(
+            f"{run.slug}: training.method '{objective}' trains adapters only (its reference is "
+            f"the model with its adapters off); leave 'full' out of --methods"
+        )
     if method.lora is None:
         flat["training.method"] = "full"
         if full_lr is not None:
             flat["training.lr"] = full_lr
     else:
-        flat["training.method"] = "lora"
+        flat["training.method"] = objective or "lora"
         lora.update(method.lora)
         lora["r"] = run.rank
     flat.update({f"lora.{k}": v for k, v in lora.items()})

@@ -10,8 +10,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from loraq.train.preference import REWARD_KEYS
+
 #: The table's column for ``state_bytes``: computed from the weight bytes, so it says so.
 STATE_COLUMN = "weights+grads+AdamW (computed)"
+#: The metric compared for preference runs (``dpo``, ``orpo``): the share of held-out pairs
+#: whose chosen answer gets the higher reward; its neighbour, the mean reward margin.
+PREFERENCE_METRIC = "eval_" + REWARD_KEYS[3]
+MARGIN_METRIC = "eval_" + REWARD_KEYS[2]
 
 
 @dataclass
@@ -135,7 +141,7 @@ def format_table(report: CompareReport) -> str:
     runs = [r for r in report.runs if r.ok]
     metric = next((r.metric for r in runs if r.metric), "metric")
     # Which way is better (the metrics of loraq.train.loop.main_metric).
-    arrow = {"eval_accuracy": " ↑", "eval_loss": " ↓"}.get(metric, "")
+    arrow = {"eval_accuracy": " ↑", "eval_loss": " ↓", PREFERENCE_METRIC: " ↑"}.get(metric, "")
     full = next((r for r in runs if r.method == "full" and r.step_time_s), None)
     gpu = any(r.peak_gpu_bytes for r in runs)
 
@@ -174,6 +180,8 @@ def format_table(report: CompareReport) -> str:
         (metric.removeprefix("eval_") + arrow, lambda r: num_text(r.metric_final)),
         ("Δ vs start", lambda r: num_text(r.metric_delta, signed=True)),
     ]
+    if metric == PREFERENCE_METRIC:
+        columns.append(("reward margin ↑", lambda r: num_text(r.eval_after.get(MARGIN_METRIC))))
     lines = [
         "| " + " | ".join(name for name, _ in columns) + " |",
         "|" + "|".join("---" for _ in columns) + "|",
@@ -203,7 +211,8 @@ def format_markdown(report: CompareReport) -> str:
         f"{s['batch_size'] * s['grad_accum']} examples (max_length {s['max_length']}), "
         f"lr {s['lr']:g}"
         + (f" (full: {s['full_lr']:g})" if "full" in s.get("methods", ["full"]) else "")
-        + f", seed {s['seed']}.",
+        + f", seed {s['seed']}"
+        + (f"; objective {s['objective']} (beta {s['beta']:g})." if s.get("objective") else "."),
         f"Measured on {where}, {e['threads']} thread(s) on device {e['device']}; torch {e['torch']}, "
         f"python {e['python']}, loraq {e['loraq']}; total {report.wall_s:.0f} s.",
         "",
@@ -221,7 +230,14 @@ def format_markdown(report: CompareReport) -> str:
         "on (the steps and the final eval); *step time*: median after warm-up (× full: relative to full "
         "fine-tuning's); *tokens/s*: non-pad tokens per second of those steps; *Δ vs start*: "
         "change of the eval metric over the same model (same quantization, untrained head or "
-        "adapters) before training.",
+        "adapters) before training."
+        + (
+            " *rewards/accuracies*: the share of eval pairs whose chosen answer gets the higher "
+            "reward; *reward margin*: their mean chosen minus rejected reward (rewards as "
+            f"`loraq train`'s {s['objective']} logs them)."
+            if s.get("objective")
+            else ""
+        ),
         "",
         "Methods: " + "; ".join(f"`{m}`: {h}" for m, h in s.get("method_help", {}).items()) + ".",
     ]

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 from loraq.compare.methods import (
-    DEFAULT_METHODS,
     DEFAULT_OUT,
     DEFAULT_STEPS,
     FULL_LR_FACTOR,
@@ -29,9 +28,11 @@ from loraq.compare.methods import (
     SPEC_NAME,
     CompareError,
     Run,
+    default_methods,
     parse_methods,
     parse_ranks,
     plan_runs,
+    preference_objective,
     run_config,
 )
 from loraq.compare.plot import plot_report
@@ -138,7 +139,7 @@ def environment(threads: int, device: str) -> dict[str, Any]:
 
 def compare(
     cfg: TrainConfig,
-    methods: Sequence[str] = DEFAULT_METHODS,
+    methods: Sequence[str] | None = None,
     ranks: Sequence[int] | None = None,
     steps: int = DEFAULT_STEPS,
     out: str | Path = DEFAULT_OUT,
@@ -151,7 +152,8 @@ def compare(
 
     Args:
         cfg: the base configuration (model, data, lora settings, training hyper-parameters).
-        methods: names from :data:`METHODS`.
+        methods: names from :data:`METHODS` (None: :func:`default_methods`; with a ``dpo`` /
+            ``orpo`` config every adapter method trains by that objective).
         ranks: adapter ranks to sweep (default: the config's ``lora.r``, else 8).
         steps: optimizer steps per run (the same batches for every run).
         out: folder for ``compare.md/json/png`` and ``runs/``.
@@ -165,7 +167,7 @@ def compare(
     """
     from tqdm.auto import tqdm
 
-    methods = parse_methods(list(methods))
+    methods = parse_methods(list(methods if methods is not None else default_methods(cfg)))
     ranks = parse_ranks(list(ranks) if ranks is not None else [cfg.lora.r])
     if isinstance(steps, bool) or not isinstance(steps, int) or steps <= 0:
         raise CompareError(f"--steps must be a positive integer, got {steps!r}")
@@ -236,6 +238,8 @@ def run_settings(
             if k not in ("quant", "use_dora", "adapter_bits")
         },
         "method_help": {m: METHODS[m].help for m in methods},
+        "objective": preference_objective(cfg),
+        "beta": t.beta,
     }
 
 

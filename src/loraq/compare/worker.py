@@ -17,10 +17,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from loraq.compare.methods import RESULT_NAME, Run
-from loraq.compare.report import RunResult
+from loraq.compare.report import PREFERENCE_METRIC, RunResult
 from loraq.core.probes import peak_rss_bytes, read_proc_status, reset_peak_rss
 
 if TYPE_CHECKING:
+    from loraq.train.config import TrainConfig
     from loraq.train.result import TrainResult
 
 
@@ -59,7 +60,6 @@ def run_worker(spec_path: str | Path) -> RunResult:
     import transformers  # noqa: F401
 
     from loraq.train.config import from_dict
-    from loraq.train.evaluation import main_metric
     from loraq.train.loop import train
     from loraq.train.modeling import resolve_device
 
@@ -98,9 +98,20 @@ def run_worker(spec_path: str | Path) -> RunResult:
         res.train_peak_gpu_bytes = out.peak_gpu_bytes
     res.peak_gpu_bytes = max(out.peak_gpu_bytes, setup.get("gpu") or 0)
     record_sizes(res, out, folder)
-    record_speed_and_quality(res, out, main_metric(cfg.model.task)[0])
+    record_speed_and_quality(res, out, compared_metric(cfg))
     (folder / RESULT_NAME).write_text(json.dumps(asdict(res), indent=1), encoding="utf-8")
     return res
+
+
+def compared_metric(cfg: TrainConfig) -> str:
+    """The eval metric the report compares: the held-out pairs' reward accuracy for preference
+    runs (their eval loss depends on beta and the objective), else the task's main metric."""
+    from loraq.train.evaluation import main_metric
+    from loraq.train.schema import PREFERENCE_METHODS
+
+    if cfg.training.method in PREFERENCE_METHODS:
+        return PREFERENCE_METRIC
+    return main_metric(cfg.model.task)[0]
 
 
 def record_sizes(res: RunResult, out: TrainResult, folder: Path) -> None:

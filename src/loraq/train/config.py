@@ -374,7 +374,7 @@ def validate(cfg: TrainConfig) -> None:
         if t.method not in ADAPTER_METHODS:
             raise ConfigError(
                 f"training.loraplus_lr_ratio applies to training.method "
-                f"{' or '.join(map(repr, ADAPTER_METHODS))} only"
+                f"{', '.join(map(repr, ADAPTER_METHODS[:-1]))} or {ADAPTER_METHODS[-1]!r} only"
             )
     if t.distributed_timeout <= 0:
         raise ConfigError(
@@ -387,6 +387,11 @@ def validate(cfg: TrainConfig) -> None:
     if t.method in PREFERENCE_METHODS and (m.task != "causal-lm" or d.packing):
         raise ConfigError(
             f"training.method '{t.method}' needs model.task 'causal-lm' and data.packing false"
+        )
+    if t.method == "orpo" and t.loss_type != "sigmoid":
+        raise ConfigError(
+            f"training.loss_type applies to training.method 'dpo' only (ORPO has one loss), "
+            f"got {t.loss_type!r}"
         )
     if t.eval_tasks and m.task != "causal-lm":
         raise ConfigError("training.eval_tasks (lm-eval tasks) needs model.task 'causal-lm'")

@@ -246,7 +246,7 @@ def eval_batch_size(cfg: TrainConfig) -> int:
 
 
 def learns_preferences(cfg: TrainConfig) -> bool:
-    """True when ``training.method`` trains on preference pairs (``dpo``)."""
+    """True when ``training.method`` trains on preference pairs (``dpo``, ``orpo``)."""
     return cfg.training.method in PREFERENCE_METHODS
 
 
@@ -254,7 +254,8 @@ def _method_text(cfg: TrainConfig, device: torch.device) -> str:
     t = cfg.training
     how = t.method if t.method == "full" else f"lora r={cfg.lora.r}"
     if learns_preferences(cfg):
-        how = f"{t.method} ({t.loss_type}, beta {t.beta}), {how}"
+        loss = f"{t.loss_type}, " if t.method == "dpo" else ""
+        how = f"{t.method} ({loss}beta {t.beta}), {how}"
     if t.method in ADAPTER_METHODS and cfg.lora.quant:
         how += f", {cfg.lora.quant} base"
     return how + f", {str(run_compute_dtype(cfg, device)).removeprefix('torch.')} compute"
@@ -312,9 +313,10 @@ def train_step(session: Session) -> StepStats:
     pairs = preference.RewardSums() if learns_preferences(session.cfg) else None
     for i in range(t.grad_accum):
         micro = next(session.stream)
-        if pairs is not None:  # reference (adapters off) and policy forwards, DPO / IPO loss
+        if pairs is not None:  # DPO / IPO: reference (adapters off) and policy; ORPO: policy
             part, n = preference.micro_step(
-                model, micro, pairs, beta=t.beta, loss_type=t.loss_type, grad_accum=t.grad_accum,
+                model, micro, pairs, beta=t.beta, loss_type=t.loss_type, method=t.method,
+                grad_accum=t.grad_accum,
                 compute_dtype=run_compute_dtype(session.cfg, session.device),
                 device=session.device, info=session.dist, last=i == t.grad_accum - 1,
             )  # fmt: skip
@@ -338,7 +340,7 @@ def train_step(session: Session) -> StepStats:
         tokens = int(tokens)
     rewards = {}
     if pairs is not None:
-        rewards = preference.RewardSums(*distributed.agree(pairs.as_list(), session.dist)).metrics()
+        rewards = pairs.with_values(distributed.agree(pairs.as_list(), session.dist)).metrics()
     if not math.isfinite(loss_sum):
         raise FloatingPointError(f"loss is {loss_sum} at step {state.step + 1}; lower training.lr?")
     if t.max_grad_norm:
@@ -413,8 +415,9 @@ def _eval_set_scores(session: Session) -> dict[str, float]:
     if learns_preferences(cfg):
         t = cfg.training
         return preference.evaluate_pairs(
-            session.model, data.eval, eval_batch_size(cfg), data.pad_id, t.beta, t.loss_type
-        )
+            session.model, data.eval, eval_batch_size(cfg), data.pad_id, t.beta, t.loss_type,
+            t.method,
+        )  # fmt: skip
     return evaluate(session.model, data.eval, cfg.model.task, eval_batch_size(cfg), data.pad_id)
 
 

@@ -2,8 +2,9 @@
 
 Training lines look like ``{"step": 12, "epoch": 0, "loss": 0.41, "lr": 0.0009, "tokens_per_s":
 5120.0}``; eval lines like ``{"step": 50, "eval_loss": 0.2, "eval_accuracy": 0.94}``. Preference
-runs (``method: dpo``) add ``rewards/chosen``, ``rewards/rejected``, ``rewards/margins`` and
-``rewards/accuracies`` to both (``eval_rewards/...`` on eval lines). ``training.eval_tasks`` adds
+runs (``method: dpo`` or ``orpo``) add ``rewards/chosen``, ``rewards/rejected``,
+``rewards/margins`` and ``rewards/accuracies`` to both (``eval_rewards/...`` on eval lines);
+ORPO adds ``nll_loss``, ``log_odds_ratio`` and ``log_odds_chosen``. ``training.eval_tasks`` adds
 lm-eval's scores to eval lines as ``eval_task/TASK/METRIC`` (e.g. ``eval_task/loraq_tiny_mc/acc``).
 """
 

@@ -26,8 +26,27 @@ from .data import IGNORE_INDEX
 PAIR_FIELDS = ("prompt", "chosen", "rejected")
 
 
-def _is_chat(value: Any) -> bool:
-    return isinstance(value, list) and all(isinstance(m, dict) for m in value)
+#: The keys every chat message must hold: a string role; content as a string (or a list of
+#: content parts, which some chat templates render).
+MESSAGE_KEYS = {"role": (str,), "content": (str, list)}
+
+
+def _check_messages(messages: list, where: str, name: str) -> None:
+    """ConfigError naming the field and message of a malformed chat-message list."""
+    if not messages:
+        raise ConfigError(f"{where} field '{name}' is an empty list of chat messages")
+    for i, message in enumerate(messages, 1):
+        if not isinstance(message, dict):
+            raise ConfigError(
+                f"{where} field '{name}' message {i} must be an object with 'role' and "
+                f"'content', got {message!r:.60}"
+            )
+        for key, types in MESSAGE_KEYS.items():
+            if not isinstance(message.get(key), types):
+                got = "none" if key not in message else repr(message[key])[:60]
+                raise ConfigError(
+                    f"{where} field '{name}' message {i} needs a string '{key}', got {got}"
+                )
 
 
 def _check_fields(record: dict[str, Any], where: str) -> bool:
@@ -38,10 +57,12 @@ def _check_fields(record: dict[str, Any], where: str) -> bool:
                 f"{where} has no '{name}' field (fields: {sorted(record)}); a preference record "
                 "needs 'prompt', 'chosen' and 'rejected'"
             )
-    chat = _is_chat(record["prompt"])
+    chat = isinstance(record["prompt"], list)  # a list is chat messages, well formed or not
     for name in PAIR_FIELDS:
         value = record[name]
-        if not (_is_chat(value) if chat else isinstance(value, str)):
+        if chat and isinstance(value, list):
+            _check_messages(value, where, name)
+        elif chat or not isinstance(value, str):
             kind = "a list of chat messages (as 'prompt')" if chat else "a string (as 'prompt')"
             raise ConfigError(f"{where} field '{name}' must be {kind}, got {value!r:.60}")
     if record["chosen"] == record["rejected"]:
@@ -60,12 +81,18 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
-def _chat_ids(tokenizer, messages: list[dict], where: str, **kwargs) -> list[int]:
+def _chat_ids(tokenizer, messages: list[dict], where: str, name: str, **kwargs) -> list[int]:
     if not getattr(tokenizer, "chat_template", None):
         raise ConfigError(
             f"{where} field 'prompt' holds chat messages but the tokenizer has no chat template"
         )
-    out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, **kwargs)
+    try:
+        out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, **kwargs)
+    except Exception as err:  # the template's own checks (jinja2's raise_exception, ...)
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(
+            f"{where} field '{name}': the chat template refused it: {first}"
+        ) from None
     return list(out["input_ids"])
 
 
@@ -75,13 +102,14 @@ def preference_example(
     """Tokenize one pair: ``{"chosen": {"input_ids", "labels"}, "rejected": {...}}``.
 
     Sequences longer than ``max_length`` lose their end. Raises ConfigError naming the record
-    and field for a missing field, identical answers, or a prompt that leaves no room for an
-    answer within ``max_length``.
+    and field for a missing field, malformed chat messages, identical answers (also when they
+    differ only past ``max_length``), or a prompt that leaves no room for an answer within
+    ``max_length``.
     """
     if _check_fields(record, where):
-        prompt = _chat_ids(tokenizer, record["prompt"], where, add_generation_prompt=True)
+        prompt = _chat_ids(tokenizer, record["prompt"], where, "prompt", add_generation_prompt=True)
         full = {
-            k: _chat_ids(tokenizer, record["prompt"] + record[k], where) for k in PAIR_FIELDS[1:]
+            k: _chat_ids(tokenizer, record["prompt"] + record[k], where, k) for k in PAIR_FIELDS[1:]
         }
     else:
         eos = tokenizer.eos_token or ""
@@ -102,6 +130,11 @@ def preference_example(
             raise ConfigError(f"{where} field '{k}' has no tokens after the prompt")
         labels = [IGNORE_INDEX] * cut + ids[cut:]
         out[k] = {"input_ids": ids[:max_length], "labels": labels[:max_length]}
+    if out["chosen"] == out["rejected"]:  # they differ only past the cut: nothing to learn
+        raise ConfigError(
+            f"{where} field 'rejected' equals 'chosen' within data.max_length={max_length} "
+            "tokens (they differ only after it)"
+        )
     return out
 
 

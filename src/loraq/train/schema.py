@@ -21,15 +21,15 @@ from ..model.config import LoraConfig
 Task = Literal["causal-lm", "seq-cls"]
 Schedule = Literal["cosine", "linear", "constant"]
 DataFormat = Literal["auto", "jsonl", "csv", "tsv", "text"]
-Method = Literal["lora", "full", "dpo"]
+Method = Literal["lora", "full", "dpo", "orpo"]
 PreferenceLoss = Literal["sigmoid", "ipo"]
 Distributed = Literal["auto", "none", "ddp", "fsdp"]
 
 
 #: The methods that train LoRA adapters (and save an adapter, not a model).
-ADAPTER_METHODS: tuple[str, ...] = ("lora", "dpo")
+ADAPTER_METHODS: tuple[str, ...] = ("lora", "dpo", "orpo")
 #: The methods that learn from preference pairs (``prompt`` / ``chosen`` / ``rejected``).
-PREFERENCE_METHODS: tuple[str, ...] = ("dpo",)
+PREFERENCE_METHODS: tuple[str, ...] = ("dpo", "orpo")
 
 
 class ConfigError(ValueError):
@@ -109,7 +109,9 @@ class TrainingConfig:
             ``full`` (plain full fine-tuning of every weight; the ``lora`` section is ignored)
             or ``dpo`` (adapters as for ``lora``, trained by Direct Preference Optimization on
             ``prompt`` / ``chosen`` / ``rejected`` records; the reference model is the same
-            model with its adapters disabled, see :mod:`loraq.train.preference`).
+            model with its adapters disabled, see :mod:`loraq.train.preference`) or ``orpo``
+            (Odds Ratio Preference Optimization on the same records: no reference model; the
+            NLL of the chosen sequences plus beta x the odds-ratio term).
         epochs: passes over the training data (used when ``max_steps`` is None).
         max_steps: optimizer steps to run; overrides ``epochs``.
         batch_size: examples per micro-batch.
@@ -156,7 +158,9 @@ class TrainingConfig:
         distributed_timeout: seconds a collective may wait for the other ranks before failing.
         beta: ``method: dpo``: the strength of the pull towards the reference model (DPO's
             beta; IPO's tau); the rewards logged are beta x the log-probability ratios.
-        loss_type: ``method: dpo``: ``sigmoid`` (DPO, Rafailov et al. 2023) or ``ipo`` (Azar
+            ``method: orpo``: the weight of the odds-ratio term (ORPO's lambda); the rewards
+            logged are beta x the per-token mean log-probabilities.
+        loss_type: ``method: dpo`` only: ``sigmoid`` (DPO, Rafailov et al. 2023) or ``ipo`` (Azar
             et al. 2023, on log-ratios averaged per completion token), as TRL's ``DPOTrainer``.
     """
 
