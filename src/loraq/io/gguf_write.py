@@ -44,6 +44,7 @@ from ..layers.param_lora import ParamLoRA
 from ..model.surgery import CONFIGS_ATTR
 from ..quant.formats import DENSE_GGUF_TYPES, FORMATS, format_names
 from ..quant.gguf import quantize_gguf
+from .gguf_header import check_gguf_layout
 from .gguf_names import (
     architecture,
     architecture_of_model_type,
@@ -76,8 +77,8 @@ _OWN_KEYS = ("GGUF.", "general.architecture", "general.type", "general.file_type
 def gguf_architecture(model: nn.Module) -> str:
     """llama.cpp's ``general.architecture`` for ``model`` (the base GGUF's when loaded from one)."""
     path = getattr(model, "loraq_gguf_path", None)
-    if path is not None:
-        return str(open_gguf(path).fields["general.architecture"].contents())
+    if path is not None:  # the bounded header walk: no full parse of the vocabulary arrays
+        return str(check_gguf_layout(path).values["general.architecture"])
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     return architecture_of_model_type(model_type).name
 
