@@ -29,6 +29,7 @@ from .targeting import (
     set_submodule,
 )
 from .transaction import model_transaction
+from .walk import walk_modules, walk_parameters
 
 #: Attribute on the model holding ``{adapter_name: LoraConfig}``.
 CONFIGS_ATTR = "loraq_configs"
@@ -39,14 +40,14 @@ TARGETS_ATTR = "loraq_targets"
 # ---------------------------------------------------------------------------------- iteration
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALayer]]:
     """Every ``LoRALayer`` in ``model`` with its name."""
-    for name, module in model.named_modules():
+    for name, module in walk_modules(model):
         if isinstance(module, LoRALayer):
             yield name, module
 
 
 def param_lora_layers(model: nn.Module) -> Iterator[tuple[str, ParamLoRA]]:
     """Every ``ParamLoRA`` (adapters on a parameter, ``target_parameters``) with its name."""
-    for name, module in model.named_modules():
+    for name, module in walk_modules(model):
         if isinstance(module, ParamLoRA):
             yield name, module
 
@@ -295,7 +296,7 @@ def set_adapter(model: nn.Module, name: str) -> None:
             f"set_adapter({name!r}): unmerging adapter(s) {merged} first", UserWarning, stacklevel=2
         )
         unmerge(model)
-    for param in model.parameters():
+    for param in walk_parameters(model):
         param.requires_grad_(False)
     for layer in _all_adapter_layers(model):
         layer.active_adapters = [name] if name in layer.r else []
