@@ -38,7 +38,6 @@ from torch import nn
 
 from .walk import walk_modules, walk_parameters
 
-
 #: Containers copied by their own C ``copy()``: ``copy.copy`` takes its generic
 #: ``__reduce_ex__`` path for an ``OrderedDict`` (a module's hook tables), which made the
 #: snapshot of a model with 64 adapters (14,000 modules) cost a second.
