@@ -370,13 +370,36 @@ def load_adapter(
     Raises :class:`loraq.io.FormatError` (a ``ValueError``) for pickle files, unknown or
     unsupported config fields, corrupt safetensors, missing/unexpected keys and wrong shapes.
     """
+    _check_base_options(base_options, "load_adapter")
+    config, tensors, weights = read_adapter(path, adapter_name)
+    return install_adapter(model, config, tensors, weights, adapter_name, **base_options)
+
+
+def _check_base_options(base_options: dict[str, Any], caller: str) -> None:
     unknown = sorted(set(base_options) - set(BASE_OPTIONS))
     if unknown:
         raise TypeError(
-            f"load_adapter() got unexpected option(s) {unknown}; allowed: {list(BASE_OPTIONS)} "
+            f"{caller}() got unexpected option(s) {unknown}; allowed: {list(BASE_OPTIONS)} "
             "(the adapter's own settings come from adapter_config.json)"
         )
-    config, tensors, weights = read_adapter(path, adapter_name)
+
+
+def install_adapter(
+    model: nn.Module,
+    config: LoraConfig,
+    tensors: dict[str, torch.Tensor],
+    weights: Path,
+    adapter_name: str = "default",
+    **base_options: Any,
+) -> nn.Module:
+    """The second half of :func:`load_adapter`: add an adapter :func:`read_adapter` returned
+    (``config, tensors, weights``) to ``model``, all or nothing; returns ``model``.
+
+    Reading and parsing touch no model, so a server reads on a worker thread and holds its
+    model lock only for this part. ``tensors`` are copied, never kept, so one read may be
+    installed again later (after an eviction).
+    """
+    _check_base_options(base_options, "install_adapter")
     config = _drop_absent_saved_modules(model, config.replace(**base_options))
     # Check the file against its config and the model before allocating anything, then change
     # the model as one transaction: a failure leaves it exactly as it was.
