@@ -37,9 +37,16 @@ from ..layers.lora import LoRALayer, ModulesToSave
 from ..layers.param_lora import ParamLoRA
 from ..layers.protocol import QuantizedBase
 from ..model.config import LoraConfig
-from ..model.surgery import CONFIGS_ATTR, adapter_names, adapter_state_dict, apply
+from ..model.surgery import (
+    CONFIGS_ATTR,
+    adapter_names,
+    adapter_state_dict,
+    apply_planned,
+    plan_apply,
+)
 from ..model.targeting import find_targets
 from ..model.transaction import model_transaction
+from ..model.walk import walk_modules
 from . import adapter_codes
 from .adapter_check import check_adapter_shapes, check_finite
 from .peft_config import ADAPTER_BITS_FIELD, CONFIG_NAME, lora_config_from_peft, peft_config_dict
@@ -65,7 +72,7 @@ PREFIX = "base_model.model."
 def _wrappers(model: nn.Module) -> tuple[dict[str, LoRALayer], dict[str, ModulesToSave]]:
     layers: dict[str, LoRALayer] = {}
     saved: dict[str, ModulesToSave] = {}
-    for name, module in model.named_modules():
+    for name, module in walk_modules(model, skip_adapter_stores=True):
         if isinstance(module, LoRALayer):
             layers[name] = module
         elif isinstance(module, ModulesToSave):
@@ -405,16 +412,16 @@ def install_adapter(
     # the model as one transaction: a failure leaves it exactly as it was.
     check_adapter_shapes(model, config, find_targets(model, config), tensors, PREFIX, str(weights))
     onto_saved_base = config.init == "loftq" and config.quant is None
-    with model_transaction(model):
-        # A PEFT file may hold a rank above min(in, out); its tensors are checked above.
+    # A LoftQ base saved quantized (loraq.load_quantized) already holds LoftQ's Q: only A and
+    # B load. With quant= given instead, apply() replays LoftQ on dense weights.
+    # A PEFT file may hold a rank above min(in, out); its tensors are checked above.
+    applied = config.replace(init="kaiming") if onto_saved_base else config
+    plan = plan_apply(model, applied, adapter_name, allow_large_rank=True)
+    with model_transaction(model, plan.protect):  # one snapshot for apply and the tensors
+        apply_planned(model, plan)
         if onto_saved_base:
-            # A LoftQ base saved quantized (loraq.load_quantized) already holds LoftQ's Q: only
-            # A and B load. With quant= given instead, apply() replays LoftQ on dense weights.
-            apply(model, config.replace(init="kaiming"), adapter_name, allow_large_rank=True)
             getattr(model, CONFIGS_ATTR)[adapter_name] = config
             _require_quantized_bases(model, adapter_name, str(weights))
-        else:
-            apply(model, config, adapter_name, allow_large_rank=True)
         load_adapter_tensors(model, adapter_name, tensors, source=str(weights))
     return model
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -40,14 +40,14 @@ TARGETS_ATTR = "loraq_targets"
 # ---------------------------------------------------------------------------------- iteration
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALayer]]:
     """Every ``LoRALayer`` in ``model`` with its name."""
-    for name, module in walk_modules(model):
+    for name, module in walk_modules(model, skip_adapter_stores=True):
         if isinstance(module, LoRALayer):
             yield name, module
 
 
 def param_lora_layers(model: nn.Module) -> Iterator[tuple[str, ParamLoRA]]:
     """Every ``ParamLoRA`` (adapters on a parameter, ``target_parameters``) with its name."""
-    for name, module in walk_modules(model):
+    for name, module in walk_modules(model, skip_adapter_stores=True):
         if isinstance(module, ParamLoRA):
             yield name, module
 
@@ -60,7 +60,7 @@ def _all_adapter_layers(model: nn.Module) -> Iterator[LoRALayer | ParamLoRA]:
 
 
 def _saved_modules(model: nn.Module) -> Iterator[tuple[str, ModulesToSave]]:
-    for name, module in model.named_modules():
+    for name, module in walk_modules(model, skip_adapter_stores=True):
         if isinstance(module, ModulesToSave):
             yield name, module
 
@@ -96,6 +96,32 @@ def apply(
     parameters, not expressiveness) unless ``allow_large_rank=True``. Everything is checked
     before the model changes, and a call that raises leaves the model exactly as it was.
     """
+    plan = plan_apply(model, config, adapter_name, allow_large_rank=allow_large_rank)
+    with model_transaction(model, plan.protect):
+        apply_planned(model, plan)
+    return model
+
+
+class ApplyPlan(NamedTuple):
+    """What :func:`apply` checked and is about to do (:func:`plan_apply`)."""
+
+    config: LoraConfig
+    adapter_name: str
+    targets: list[str]
+    saved: dict[str, list[str]]
+    param_targets: list[tuple[str, str]] | None
+    #: tensors the change writes in place: the caller's transaction must protect them
+    protect: list[torch.Tensor]
+
+
+def plan_apply(
+    model: nn.Module,
+    config: LoraConfig,
+    adapter_name: str = "default",
+    *,
+    allow_large_rank: bool = False,
+) -> ApplyPlan:
+    """:func:`apply`'s checks, with no change to ``model``; raises what ``apply`` raises."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"apply() needs a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(config, LoraConfig):
@@ -124,9 +150,16 @@ def apply(
         protect = [
             t for n in targets for t in model.get_submodule(n).state_dict(keep_vars=True).values()
         ]
-    with model_transaction(model, protect):
-        _apply_checked(model, config, adapter_name, targets, saved, param_targets)
-    return model
+    return ApplyPlan(config, adapter_name, targets, saved, param_targets, protect)
+
+
+def apply_planned(model: nn.Module, plan: ApplyPlan) -> None:
+    """:func:`apply`'s changes, checked by :func:`plan_apply`. The caller holds a
+    ``model_transaction(model, plan.protect)`` (one snapshot for a larger change, as
+    ``install_adapter`` makes: a snapshot of a model with many adapters is not free)."""
+    _apply_checked(
+        model, plan.config, plan.adapter_name, plan.targets, plan.saved, plan.param_targets
+    )
 
 
 def _check_parameter_sets(configs: dict[str, LoraConfig], config: LoraConfig) -> None:
@@ -288,7 +321,8 @@ def set_adapter(model: nn.Module, name: str) -> None:
     What trains is exactly the parameters :func:`adapter_state_dict` returns for ``name``.
     """
     _require_adapter(model, name)
-    merged = sorted({a for layer in _all_adapter_layers(model) for a in layer.merged_adapters})
+    layers = list(_all_adapter_layers(model))  # unmerge below changes no wrapper
+    merged = sorted({a for layer in layers for a in layer.merged_adapters})
     if merged and merged != [name]:
         # A merged adapter stays in the base weights whatever is active; switching without
         # unmerging would compute base + old + new. PEFT unmerges here too.
@@ -298,7 +332,7 @@ def set_adapter(model: nn.Module, name: str) -> None:
         unmerge(model)
     for param in walk_parameters(model):
         param.requires_grad_(False)
-    for layer in _all_adapter_layers(model):
+    for layer in layers:
         layer.active_adapters = [name] if name in layer.r else []
     for _, saved in _saved_modules(model):
         saved.active_adapter = name

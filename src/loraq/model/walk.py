@@ -5,7 +5,9 @@ it yields passes through every enclosing generator; a model with 64 adapters has
 modules (each adapter adds a ``Linear`` per factor per layer), and adding one more adapter
 walks the model a dozen times. :func:`walk_modules` visits the same modules in the same
 pre-order with the same dotted names, each module once (as ``named_modules`` does), from one
-explicit stack.
+explicit stack. ``skip_adapter_stores`` leaves out the per-adapter modules inside adapter
+wrappers (each adapter's factors and dropout), which never hold another wrapper: a search for
+wrappers then walks the base model's size, however many adapters it carries.
 """
 
 from __future__ import annotations
@@ -14,12 +16,20 @@ from collections.abc import Iterator
 
 from torch import nn
 
+from ..core.naming import ADAPTER_STORES
+from ..layers.lora import LoRALayer
+from ..layers.param_lora import ParamLoRA
+
+#: Children of a ``LoRALayer`` / ``ParamLoRA`` holding one module per adapter.
+_PER_ADAPTER = frozenset((*ADAPTER_STORES, "lora_dropout"))
+
 
 def walk_modules(
-    model: nn.Module, stop_at: tuple[type, ...] = ()
+    model: nn.Module, stop_at: tuple[type, ...] = (), *, skip_adapter_stores: bool = False
 ) -> Iterator[tuple[str, nn.Module]]:
     """``(name, module)`` like ``model.named_modules()``; modules of a ``stop_at`` type are
-    yielded but not entered (their children are skipped)."""
+    yielded but not entered (their children are skipped), and with ``skip_adapter_stores``
+    neither are the per-adapter stores of adapter wrappers (see the module doc)."""
     seen: set[int] = set()
     stack: list[tuple[str, nn.Module]] = [("", model)]
     while stack:
@@ -30,10 +40,15 @@ def walk_modules(
         yield name, module
         if stop_at and isinstance(module, stop_at):
             continue
+        skip = (
+            _PER_ADAPTER
+            if skip_adapter_stores and isinstance(module, (LoRALayer, ParamLoRA))
+            else ()
+        )
         children = [
             (f"{name}.{key}" if name else key, child)
             for key, child in module._modules.items()
-            if child is not None
+            if child is not None and key not in skip
         ]
         stack.extend(reversed(children))
 
