@@ -153,6 +153,49 @@ def plan_apply(
     return ApplyPlan(config, adapter_name, targets, saved, param_targets, protect)
 
 
+def wrapped_targets(model: nn.Module, plan: ApplyPlan) -> list[LoRALayer] | None:
+    """The layers ``plan`` adds its adapter to, when they are all wrapped already and nothing
+    else changes (no quantization, LoftQ or PiSSA, no ``modules_to_save``, no adapters on
+    parameters, linear layers only); else None. Such a plan can be applied by
+    :func:`add_planned_to_wrapped`, touching those layers only."""
+    config = plan.config
+    if (
+        plan.saved
+        or plan.param_targets
+        or plan.protect
+        or config.quant is not None
+        or config.init not in ("kaiming", "gaussian")
+    ):
+        return None
+    layers = [model.get_submodule(name) for name in plan.targets]
+    if not all(isinstance(m, LoRALayer) and m.kind == "linear" for m in layers):
+        return None
+    return layers
+
+
+def add_planned_to_wrapped(model: nn.Module, plan: ApplyPlan, layers: list[LoRALayer]) -> None:
+    """``plan``'s adapter on ``layers`` (:func:`wrapped_targets`), at the cost of one adapter
+    however many the model holds: no walk of the model. Unlike :func:`apply` it activates
+    nothing and changes no ``requires_grad`` but its own (its parameters are frozen), which is
+    what a server adding adapters to a model in eval mode wants. The caller holds a
+    ``model_transaction`` over ``model`` and ``layers`` (``modules=``)."""
+    config = plan.config
+    options = {"init": config.init, "use_rslora": config.use_rslora, "use_dora": config.use_dora}
+    for layer in layers:
+        layer.add_adapter(plan.adapter_name, config.r, config.alpha, config.dropout, **options)
+        if config.adapter_bits is not None:
+            enable_adapter_quant(layer, plan.adapter_name, config.adapter_bits)
+        for param in layer.adapter_parameters(plan.adapter_name):
+            param.requires_grad_(False)
+        use_fast_dropout(layer.lora_dropout[plan.adapter_name])  # not every adapter's again
+    configs: dict[str, LoraConfig] = getattr(model, CONFIGS_ATTR, {})
+    configs[plan.adapter_name] = config
+    setattr(model, CONFIGS_ATTR, configs)
+    targets_by_adapter = getattr(model, TARGETS_ATTR, {})
+    targets_by_adapter[plan.adapter_name] = plan.targets
+    setattr(model, TARGETS_ATTR, targets_by_adapter)
+
+
 def apply_planned(model: nn.Module, plan: ApplyPlan) -> None:
     """:func:`apply`'s changes, checked by :func:`plan_apply`. The caller holds a
     ``model_transaction(model, plan.protect)`` (one snapshot for a larger change, as

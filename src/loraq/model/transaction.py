@@ -58,9 +58,19 @@ def _shallow(state: dict[str, Any]) -> dict[str, Any]:
 class ModelSnapshot:
     """The restorable state of ``model`` at construction time (see the module docs)."""
 
-    def __init__(self, model: nn.Module, protect: Iterable[torch.Tensor] = ()) -> None:
-        self._modules = [(m, _shallow(m.__dict__)) for _, m in walk_modules(model)]
-        params = walk_parameters(model)
+    def __init__(
+        self,
+        model: nn.Module,
+        protect: Iterable[torch.Tensor] = (),
+        modules: Iterable[nn.Module] | None = None,
+    ) -> None:
+        if modules is None:
+            self._modules = [(m, _shallow(m.__dict__)) for _, m in walk_modules(model)]
+            params = walk_parameters(model)
+        else:  # a change known to touch these modules only (their own attributes)
+            listed = list(dict.fromkeys(modules))
+            self._modules = [(m, _shallow(m.__dict__)) for m in listed]
+            params = [p for m in listed for p in m._parameters.values() if p is not None]
         self._flags = [(p, p.requires_grad) for p in params]
         self._data = [(p, p.data) for p in params]
         seen: set[int] = set()
@@ -86,10 +96,16 @@ class ModelSnapshot:
 
 @contextlib.contextmanager
 def model_transaction(
-    model: nn.Module, protect: Iterable[torch.Tensor] = ()
+    model: nn.Module,
+    protect: Iterable[torch.Tensor] = (),
+    modules: Iterable[nn.Module] | None = None,
 ) -> Iterator[ModelSnapshot]:
-    """Run the body; if it raises, restore ``model`` (and ``protect``) and re-raise."""
-    snapshot = ModelSnapshot(model, protect)
+    """Run the body; if it raises, restore ``model`` (and ``protect``) and re-raise.
+
+    ``modules``: when the body is known to change only these modules' own attributes (and
+    to create new modules), record just them, not the whole model.
+    """
+    snapshot = ModelSnapshot(model, protect, modules)
     try:
         yield snapshot
     except BaseException:

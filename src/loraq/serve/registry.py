@@ -484,7 +484,8 @@ class AdapterRegistry:
         try:
             if parsed is None:  # added to the model's resident set meanwhile? read it now
                 parsed = self._parsed(name, entry)
-            install_adapter(self.model, *parsed, adapter_name=name)
+            # the engine picks each row's adapter: activating one would walk the whole model
+            install_adapter(self.model, *parsed, adapter_name=name, activate=False)
         except ServeError:
             raise
         except Exception as err:
