@@ -66,3 +66,19 @@ def test_a_failed_install_leaves_the_model_as_it_was(saved):
     after = model.state_dict()
     assert after.keys() == before.keys()
     assert all(torch.equal(after[k], before[k]) for k in before)
+
+
+def test_adapters_added_to_a_model_in_eval_mode_stay_in_eval_mode(saved):
+    """A server calls model.eval() before loading adapters on demand: their wrappers and
+    dropout must not switch to training (dropout drawn at serving time)."""
+    model = tiny_causal_lm().eval()
+    loraq.apply(model, loraq.LoraConfig(r=4, dropout=0.5, targets="all-linear"), "a")
+    config, tensors, weights = read_adapter(saved, "new")
+    install_adapter(
+        model, config.replace(dropout=0.5), tensors, weights, adapter_name="new", activate=False
+    )
+    assert not any(m.training for m in model.modules())
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad(), loraq.adapter_rows(model, ["new"]):
+        first, second = model(ids).logits, model(ids).logits
+    assert torch.equal(first, second)

@@ -268,7 +268,9 @@ def _apply_checked(
     for name in targets:
         module = model.get_submodule(name)
         if not isinstance(module, LoRALayer):
-            module = LoRALayer(module)
+            # the wrapper keeps the module's mode: a model in eval mode (a server adding
+            # adapters after model.eval()) must not start drawing adapter dropout
+            module = LoRALayer(module).train(module.training)
             set_submodule(model, name, module)
         module.add_adapter(adapter_name, config.r, config.alpha, config.dropout, **options)
         if name in loftq:
