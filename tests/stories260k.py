@@ -11,7 +11,12 @@ from pathlib import Path
 
 import torch
 
-STORIES = Path(__file__).resolve().parents[2] / "shared" / "models" / "stories260K"
+_RELATIVE = Path("shared") / "models" / "stories260K"
+# ../shared beside the repository; a git worktree one level deeper finds the same folder
+STORIES = next(
+    (p / _RELATIVE for p in Path(__file__).resolve().parents[2:4] if (p / _RELATIVE).is_dir()),
+    Path(__file__).resolve().parents[2] / _RELATIVE,
+)
 #: The first words llama2.c's run.c prints for stories260K at temperature 0 (SOURCE.md).
 RUN_C_GREEDY = "Once upon a time, there was a little girl named Lily. She loved to play outside"
 

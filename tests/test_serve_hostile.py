@@ -273,15 +273,17 @@ def test_health_answers_while_a_prompt_is_tokenized(live):
 
 
 def _slow_loads(monkeypatch, delay: float, loading: threading.Event | None = None):
-    real = registry_module.load_adapter
+    """Each install of an adapter into the model (the part under the model lock; the folder
+    is read before it) takes ``delay`` seconds more."""
+    real = registry_module.install_adapter
 
-    def slow_load(model, path, adapter_name):
+    def slow_install(model, *parsed, adapter_name, **options):
         if loading is not None and adapter_name == "r2":
             loading.set()
         time.sleep(delay)
-        return real(model, path, adapter_name=adapter_name)
+        return real(model, *parsed, adapter_name=adapter_name, **options)
 
-    monkeypatch.setattr(registry_module, "load_adapter", slow_load)
+    monkeypatch.setattr(registry_module, "install_adapter", slow_install)
 
 
 def _stream_text(client, model: str, max_tokens: int) -> tuple[int, str]:

@@ -24,6 +24,12 @@ optimizer step, ``load_state_dict``) move the tensors' version counters; reading
 Python loop over every adapter tensor, so :meth:`StackCache.refresh` does it only when asked
 (``check_versions``): on every new batch plan, not on every decode step of the same plan.
 
+A rebuild is incremental: a layer's stack keeps the slices of every adapter whose tensors (by
+identity and version), scale and rank are unchanged since the last build, copied from the old
+stack, and stacks only the adapters that are new or changed (an adapter server loading one
+adapter into 64 re-stacks one, not 64). DoRA layers are always re-stacked whole (their scale
+depends on the base weight too).
+
 Layers are read only through their public contract (:mod:`loraq.layers.adapter_view`).
 """
 
@@ -52,16 +58,25 @@ class LayerStack(NamedTuple):
     dora: torch.Tensor | None
 
 
-def stack_layer(layer: LoRALayer, slots: Sequence[str | None], device: torch.device) -> LayerStack:
+def stack_layer(
+    layer: LoRALayer,
+    slots: Sequence[str | None],
+    device: torch.device,
+    views: dict[str, AdapterView] | None = None,
+) -> LayerStack:
     """The :class:`LayerStack` of ``layer`` (a ``LoRALayer``) for ``slots``.
 
     Slots whose name is None or absent from the layer are zeros (DoRA scale 1). Built from the
     adapters' forward weights (k-bit grids applied), so gradients flow back to them when enabled.
     The scale and the transpose of B are applied to the whole stack at once (a layer is a few
     tensor ops, not a few per adapter: a change of the adapter set re-stacks every layer).
-    Needs at least one of ``slots`` on the layer.
+    Needs at least one of ``slots`` on the layer. ``views``: the layer's adapter views, when the
+    caller has them already (reading a view is most of the cost of stacking small adapters).
     """
-    views = {n: layer.adapter_view(n) for n in slots if n is not None and n in layer.r}
+    if views is None:
+        views = {n: layer.adapter_view(n) for n in slots if n is not None and n in layer.r}
+    else:
+        views = {n: views[n] for n in slots if n is not None and n in views}
     if not views:
         raise ValueError(f"none of the adapters {list(slots[1:])} is on this layer")
     first = next(iter(views.values()))
@@ -125,6 +140,10 @@ class StackCache:
         self._tensors: list[torch.Tensor] = []
         self._versions: list[int] = []
         self._placement: tuple | None = None
+        # per layer: the slots its stack was built with and each adapter's identity key
+        self._built: dict[LoRALayer, tuple[tuple[str | None, ...], dict[str, tuple]]] = {}
+        #: adapters stacked from their tensors by the last rebuild (not copied from the old stack)
+        self.restacked = 0
 
     def __deepcopy__(self, memo: dict) -> StackCache:
         return StackCache()  # a copied model re-stacks its own (copied) adapters
@@ -162,18 +181,102 @@ class StackCache:
         for layer in layers:
             names.update(dict.fromkeys(layer.r))
         self.slots = (None, *names)
-        self.stacks = {}
+        old_stacks, old_built = self.stacks, self._built
+        self.stacks, self._built, self.restacked = {}, {}, 0
         tensors: list[torch.Tensor] = []
         for layer in layers:
             if layer.kind == "conv" or not layer.r:
                 continue
-            views = [layer.adapter_view(name) for name in layer.r]
-            for view in views:
+            views = {name: layer.adapter_view(name) for name in layer.r}
+            keys = {}
+            for name, view in views.items():
                 tensors.extend(view.tensors())
-            self.stacks[layer] = stack_layer(layer, self.slots, views[0].base_device)
+                keys[name] = _identity(view)
+            self.stacks[layer] = self._layer_stack(
+                layer, views, keys, old_stacks.get(layer), old_built.get(layer)
+            )
+            self._built[layer] = (self.slots, keys)
         self._layers = list(layers)
         self._layer_versions = layer_versions(layers)
         self._tensors = tensors
         self._versions = [t._version for t in tensors]
         self._placement = (tensors[0].device, tensors[0].dtype) if tensors else None
         self.generation += 1
+
+    def _layer_stack(
+        self,
+        layer: LoRALayer,
+        views: dict[str, AdapterView],
+        keys: dict[str, tuple],
+        old: LayerStack | None,
+        built: tuple[tuple[str | None, ...], dict[str, tuple]] | None,
+    ) -> LayerStack:
+        """``layer``'s stack over :attr:`slots`, reusing ``old`` for unchanged adapters."""
+        device = next(iter(views.values())).base_device
+        fresh = [n for n in self.slots[1:] if n in views]
+        kept: list[tuple[int, int]] = []  # (new slot, old slot)
+        r_max = max(v.rank for v in views.values())
+        reusable = (
+            old is not None
+            and built is not None
+            and old.dora is None
+            and not any(v.use_dora for v in views.values())
+            and old.a.device == device
+            and old.a.dtype == next(iter(views.values())).dtype
+        )
+        if reusable:
+            old_slots, old_keys = built
+            old_index = {n: i for i, n in enumerate(old_slots)}
+            kept = [
+                (i, old_index[n])
+                for i, n in enumerate(self.slots)
+                if n in views and n in old_index and _same(old_keys.get(n), keys[n])
+            ]
+            reused = {self.slots[i] for i, _ in kept}
+            fresh = [n for n in fresh if n not in reused]
+        self.restacked += len(fresh)
+        if not kept:
+            return stack_layer(layer, self.slots, device, views)
+        a = old.a.new_zeros((len(self.slots), r_max, old.a.shape[2]))
+        b = old.b.new_zeros((len(self.slots), r_max, old.b.shape[2]))
+        new_at = torch.tensor([i for i, _ in kept], device=device)
+        old_at = torch.tensor([j for _, j in kept], device=device)
+        # rows past an adapter's rank are zeros: the old padding narrows or widens freely
+        a.index_copy_(0, new_at, _to_rank(old.a.index_select(0, old_at), r_max))
+        b.index_copy_(0, new_at, _to_rank(old.b.index_select(0, old_at), r_max))
+        if fresh:
+            part = stack_layer(layer, (None, *fresh), device, views)
+            at = torch.tensor([self.slots.index(n) for n in fresh], device=device)
+            a.index_copy_(0, at, _to_rank(part.a[1:], r_max))
+            b.index_copy_(0, at, _to_rank(part.b[1:], r_max))
+        return LayerStack(a, b, None)
+
+
+def _to_rank(rows: torch.Tensor, r_max: int) -> torch.Tensor:
+    """``(n, r, features)`` slices cut or zero-padded to ``r_max`` along the rank."""
+    r = rows.shape[1]
+    return rows[:, :r_max] if r >= r_max else F.pad(rows, (0, 0, 0, r_max - r))
+
+
+def _identity(view: AdapterView) -> tuple:
+    """What a stacked slice of ``view`` depends on: its tensors (the objects themselves, so that
+    a freed one's ``id`` cannot come back as a new adapter's; their storage and in-place
+    version), scale, rank, k-bit grid and dtype. Equal keys (:func:`_same`): the slice holds."""
+    tensors = view.tensors()
+    return (
+        tensors,
+        tuple((t.data_ptr(), t._version) for t in tensors),
+        view.scale,
+        view.rank,
+        view.bits,
+        view.dtype,
+    )
+
+
+def _same(old: tuple | None, new: tuple) -> bool:
+    return (
+        old is not None
+        and len(old[0]) == len(new[0])
+        and all(x is y for x, y in zip(old[0], new[0]))
+        and old[1:] == new[1:]
+    )

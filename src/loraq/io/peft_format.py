@@ -37,9 +37,18 @@ from ..layers.lora import LoRALayer, ModulesToSave
 from ..layers.param_lora import ParamLoRA
 from ..layers.protocol import QuantizedBase
 from ..model.config import LoraConfig
-from ..model.surgery import CONFIGS_ATTR, adapter_names, adapter_state_dict, apply
+from ..model.surgery import (
+    CONFIGS_ATTR,
+    adapter_names,
+    adapter_state_dict,
+    add_planned_to_wrapped,
+    apply_planned,
+    plan_apply,
+    wrapped_targets,
+)
 from ..model.targeting import find_targets
 from ..model.transaction import model_transaction
+from ..model.walk import walk_modules
 from . import adapter_codes
 from .adapter_check import check_adapter_shapes, check_finite
 from .peft_config import ADAPTER_BITS_FIELD, CONFIG_NAME, lora_config_from_peft, peft_config_dict
@@ -65,7 +74,7 @@ PREFIX = "base_model.model."
 def _wrappers(model: nn.Module) -> tuple[dict[str, LoRALayer], dict[str, ModulesToSave]]:
     layers: dict[str, LoRALayer] = {}
     saved: dict[str, ModulesToSave] = {}
-    for name, module in model.named_modules():
+    for name, module in walk_modules(model, skip_adapter_stores=True):
         if isinstance(module, LoRALayer):
             layers[name] = module
         elif isinstance(module, ModulesToSave):
@@ -130,22 +139,31 @@ def expected_keys(model: nn.Module, adapter: str) -> set[str]:
         if adapter in wrapper.modules_to_save:
             for key in wrapper.modules_to_save[adapter].state_dict():
                 keys.add(f"{name}.modules_to_save.{adapter}.{key}")
-    for name, module in model.named_modules():  # target_parameters: one pair per parameter
+    for name, module in walk_modules(model, skip_adapter_stores=True):  # target_parameters
         if isinstance(module, ParamLoRA) and adapter in module.r:
             keys |= {f"{name}.lora_A.{adapter}.weight", f"{name}.lora_B.{adapter}.weight"}
     return keys
 
 
 def load_adapter_tensors(
-    model: nn.Module, adapter: str, tensors: dict[str, torch.Tensor], source: str
+    model: nn.Module,
+    adapter: str,
+    tensors: dict[str, torch.Tensor],
+    source: str,
+    *,
+    state: dict[str, torch.Tensor] | None = None,
 ) -> None:
     """Copy on-disk ``tensors`` into adapter ``adapter`` of ``model``; strict about keys/shapes.
+
+    ``state``: the model tensors the file may write, by model name (default: the whole
+    ``state_dict``; an adapter's own tensors when nothing else can be in its file).
 
     Raises :class:`FormatError` listing missing and unexpected keys, or naming a key whose shape
     differs from the model's (both shapes given).
     """
     _, saved = _wrappers(model)
-    state = model.state_dict(keep_vars=True)
+    if state is None:
+        state = model.state_dict(keep_vars=True)
     mapped: dict[str, tuple[str, torch.Tensor]] = {}
     unexpected: list[str] = []
     for key, tensor in tensors.items():
@@ -370,28 +388,70 @@ def load_adapter(
     Raises :class:`loraq.io.FormatError` (a ``ValueError``) for pickle files, unknown or
     unsupported config fields, corrupt safetensors, missing/unexpected keys and wrong shapes.
     """
+    _check_base_options(base_options, "load_adapter")
+    config, tensors, weights = read_adapter(path, adapter_name)
+    return install_adapter(model, config, tensors, weights, adapter_name, **base_options)
+
+
+def _check_base_options(base_options: dict[str, Any], caller: str) -> None:
     unknown = sorted(set(base_options) - set(BASE_OPTIONS))
     if unknown:
         raise TypeError(
-            f"load_adapter() got unexpected option(s) {unknown}; allowed: {list(BASE_OPTIONS)} "
+            f"{caller}() got unexpected option(s) {unknown}; allowed: {list(BASE_OPTIONS)} "
             "(the adapter's own settings come from adapter_config.json)"
         )
-    config, tensors, weights = read_adapter(path, adapter_name)
+
+
+def install_adapter(
+    model: nn.Module,
+    config: LoraConfig,
+    tensors: dict[str, torch.Tensor],
+    weights: Path,
+    adapter_name: str = "default",
+    *,
+    activate: bool = True,
+    **base_options: Any,
+) -> nn.Module:
+    """The second half of :func:`load_adapter`: add an adapter :func:`read_adapter` returned
+    (``config, tensors, weights``) to ``model``, all or nothing; returns ``model``.
+
+    Reading and parsing touch no model, so a server reads on a worker thread and holds its
+    model lock only for this part. ``tensors`` are copied, never kept, so one read may be
+    installed again later (after an eviction).
+
+    ``activate=False`` leaves the active adapter and every ``requires_grad`` flag as they are
+    (the new adapter's parameters frozen). When the adapter's layers are wrapped already (a
+    model holding other adapters over the same modules), it then touches those layers only,
+    so its cost is one adapter's, not the model's (:func:`loraq.model.surgery.add_planned_to_wrapped`).
+    """
+    _check_base_options(base_options, "install_adapter")
     config = _drop_absent_saved_modules(model, config.replace(**base_options))
     # Check the file against its config and the model before allocating anything, then change
     # the model as one transaction: a failure leaves it exactly as it was.
     check_adapter_shapes(model, config, find_targets(model, config), tensors, PREFIX, str(weights))
     onto_saved_base = config.init == "loftq" and config.quant is None
-    with model_transaction(model):
-        # A PEFT file may hold a rank above min(in, out); its tensors are checked above.
+    if not activate and not onto_saved_base:
+        plan = plan_apply(model, config, adapter_name, allow_large_rank=True)
+        layers = wrapped_targets(model, plan)
+        if layers is not None:
+            touched = [model, *layers, *(c for layer in layers for c in layer.children())]
+            with model_transaction(model, modules=touched):
+                add_planned_to_wrapped(model, plan, layers)
+                # nothing but the adapter's own tensors can be in its file here (linear
+                # layers only: no embedding base weights), and aliases of them load in place
+                state = adapter_state_dict(model, adapter_name)
+                load_adapter_tensors(model, adapter_name, tensors, str(weights), state=state)
+            return model
+    # A LoftQ base saved quantized (loraq.load_quantized) already holds LoftQ's Q: only A and
+    # B load. With quant= given instead, apply() replays LoftQ on dense weights.
+    # A PEFT file may hold a rank above min(in, out); its tensors are checked above.
+    applied = config.replace(init="kaiming") if onto_saved_base else config
+    plan = plan_apply(model, applied, adapter_name, allow_large_rank=True)
+    with model_transaction(model, plan.protect):  # one snapshot for apply and the tensors
+        apply_planned(model, plan)
         if onto_saved_base:
-            # A LoftQ base saved quantized (loraq.load_quantized) already holds LoftQ's Q: only
-            # A and B load. With quant= given instead, apply() replays LoftQ on dense weights.
-            apply(model, config.replace(init="kaiming"), adapter_name, allow_large_rank=True)
             getattr(model, CONFIGS_ATTR)[adapter_name] = config
             _require_quantized_bases(model, adapter_name, str(weights))
-        else:
-            apply(model, config, adapter_name, allow_large_rank=True)
         load_adapter_tensors(model, adapter_name, tensors, source=str(weights))
     return model
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -29,6 +29,7 @@ from .targeting import (
     set_submodule,
 )
 from .transaction import model_transaction
+from .walk import walk_modules, walk_parameters
 
 #: Attribute on the model holding ``{adapter_name: LoraConfig}``.
 CONFIGS_ATTR = "loraq_configs"
@@ -39,14 +40,14 @@ TARGETS_ATTR = "loraq_targets"
 # ---------------------------------------------------------------------------------- iteration
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALayer]]:
     """Every ``LoRALayer`` in ``model`` with its name."""
-    for name, module in model.named_modules():
+    for name, module in walk_modules(model, skip_adapter_stores=True):
         if isinstance(module, LoRALayer):
             yield name, module
 
 
 def param_lora_layers(model: nn.Module) -> Iterator[tuple[str, ParamLoRA]]:
     """Every ``ParamLoRA`` (adapters on a parameter, ``target_parameters``) with its name."""
-    for name, module in model.named_modules():
+    for name, module in walk_modules(model, skip_adapter_stores=True):
         if isinstance(module, ParamLoRA):
             yield name, module
 
@@ -59,7 +60,7 @@ def _all_adapter_layers(model: nn.Module) -> Iterator[LoRALayer | ParamLoRA]:
 
 
 def _saved_modules(model: nn.Module) -> Iterator[tuple[str, ModulesToSave]]:
-    for name, module in model.named_modules():
+    for name, module in walk_modules(model, skip_adapter_stores=True):
         if isinstance(module, ModulesToSave):
             yield name, module
 
@@ -95,6 +96,32 @@ def apply(
     parameters, not expressiveness) unless ``allow_large_rank=True``. Everything is checked
     before the model changes, and a call that raises leaves the model exactly as it was.
     """
+    plan = plan_apply(model, config, adapter_name, allow_large_rank=allow_large_rank)
+    with model_transaction(model, plan.protect):
+        apply_planned(model, plan)
+    return model
+
+
+class ApplyPlan(NamedTuple):
+    """What :func:`apply` checked and is about to do (:func:`plan_apply`)."""
+
+    config: LoraConfig
+    adapter_name: str
+    targets: list[str]
+    saved: dict[str, list[str]]
+    param_targets: list[tuple[str, str]] | None
+    #: tensors the change writes in place: the caller's transaction must protect them
+    protect: list[torch.Tensor]
+
+
+def plan_apply(
+    model: nn.Module,
+    config: LoraConfig,
+    adapter_name: str = "default",
+    *,
+    allow_large_rank: bool = False,
+) -> ApplyPlan:
+    """:func:`apply`'s checks, with no change to ``model``; raises what ``apply`` raises."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"apply() needs a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(config, LoraConfig):
@@ -123,9 +150,59 @@ def apply(
         protect = [
             t for n in targets for t in model.get_submodule(n).state_dict(keep_vars=True).values()
         ]
-    with model_transaction(model, protect):
-        _apply_checked(model, config, adapter_name, targets, saved, param_targets)
-    return model
+    return ApplyPlan(config, adapter_name, targets, saved, param_targets, protect)
+
+
+def wrapped_targets(model: nn.Module, plan: ApplyPlan) -> list[LoRALayer] | None:
+    """The layers ``plan`` adds its adapter to, when they are all wrapped already and nothing
+    else changes (no quantization, LoftQ or PiSSA, no ``modules_to_save``, no adapters on
+    parameters, linear layers only); else None. Such a plan can be applied by
+    :func:`add_planned_to_wrapped`, touching those layers only."""
+    config = plan.config
+    if (
+        plan.saved
+        or plan.param_targets
+        or plan.protect
+        or config.quant is not None
+        or config.init not in ("kaiming", "gaussian")
+    ):
+        return None
+    layers = [model.get_submodule(name) for name in plan.targets]
+    if not all(isinstance(m, LoRALayer) and m.kind == "linear" for m in layers):
+        return None
+    return layers
+
+
+def add_planned_to_wrapped(model: nn.Module, plan: ApplyPlan, layers: list[LoRALayer]) -> None:
+    """``plan``'s adapter on ``layers`` (:func:`wrapped_targets`), at the cost of one adapter
+    however many the model holds: no walk of the model. Unlike :func:`apply` it activates
+    nothing and changes no ``requires_grad`` but its own (its parameters are frozen), which is
+    what a server adding adapters to a model in eval mode wants. The caller holds a
+    ``model_transaction`` over ``model`` and ``layers`` (``modules=``)."""
+    config = plan.config
+    options = {"init": config.init, "use_rslora": config.use_rslora, "use_dora": config.use_dora}
+    for layer in layers:
+        layer.add_adapter(plan.adapter_name, config.r, config.alpha, config.dropout, **options)
+        if config.adapter_bits is not None:
+            enable_adapter_quant(layer, plan.adapter_name, config.adapter_bits)
+        for param in layer.adapter_parameters(plan.adapter_name):
+            param.requires_grad_(False)
+        use_fast_dropout(layer.lora_dropout[plan.adapter_name])  # not every adapter's again
+    configs: dict[str, LoraConfig] = getattr(model, CONFIGS_ATTR, {})
+    configs[plan.adapter_name] = config
+    setattr(model, CONFIGS_ATTR, configs)
+    targets_by_adapter = getattr(model, TARGETS_ATTR, {})
+    targets_by_adapter[plan.adapter_name] = plan.targets
+    setattr(model, TARGETS_ATTR, targets_by_adapter)
+
+
+def apply_planned(model: nn.Module, plan: ApplyPlan) -> None:
+    """:func:`apply`'s changes, checked by :func:`plan_apply`. The caller holds a
+    ``model_transaction(model, plan.protect)`` (one snapshot for a larger change, as
+    ``install_adapter`` makes: a snapshot of a model with many adapters is not free)."""
+    _apply_checked(
+        model, plan.config, plan.adapter_name, plan.targets, plan.saved, plan.param_targets
+    )
 
 
 def _check_parameter_sets(configs: dict[str, LoraConfig], config: LoraConfig) -> None:
@@ -191,7 +268,9 @@ def _apply_checked(
     for name in targets:
         module = model.get_submodule(name)
         if not isinstance(module, LoRALayer):
-            module = LoRALayer(module)
+            # the wrapper keeps the module's mode: a model in eval mode (a server adding
+            # adapters after model.eval()) must not start drawing adapter dropout
+            module = LoRALayer(module).train(module.training)
             set_submodule(model, name, module)
         module.add_adapter(adapter_name, config.r, config.alpha, config.dropout, **options)
         if name in loftq:
@@ -287,7 +366,8 @@ def set_adapter(model: nn.Module, name: str) -> None:
     What trains is exactly the parameters :func:`adapter_state_dict` returns for ``name``.
     """
     _require_adapter(model, name)
-    merged = sorted({a for layer in _all_adapter_layers(model) for a in layer.merged_adapters})
+    layers = list(_all_adapter_layers(model))  # unmerge below changes no wrapper
+    merged = sorted({a for layer in layers for a in layer.merged_adapters})
     if merged and merged != [name]:
         # A merged adapter stays in the base weights whatever is active; switching without
         # unmerging would compute base + old + new. PEFT unmerges here too.
@@ -295,9 +375,9 @@ def set_adapter(model: nn.Module, name: str) -> None:
             f"set_adapter({name!r}): unmerging adapter(s) {merged} first", UserWarning, stacklevel=2
         )
         unmerge(model)
-    for param in model.parameters():
+    for param in walk_parameters(model):
         param.requires_grad_(False)
-    for layer in _all_adapter_layers(model):
+    for layer in layers:
         layer.active_adapters = [name] if name in layer.r else []
     for _, saved in _saved_modules(model):
         saved.active_adapter = name

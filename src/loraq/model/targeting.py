@@ -30,6 +30,7 @@ from ..layers.lora import LoRALayer, ModulesToSave
 from ..layers.param_lora import ParamLoRA, param_shape_facts
 from ..layers.protocol import QuantizedBase
 from .config import LoraConfig
+from .walk import walk_modules
 
 __all__ = [
     "HEAD_NAMES",
@@ -115,13 +116,8 @@ def output_head_names(model: nn.Module) -> set[str]:
 
 def candidate_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     """``(name, module)`` pairs that may receive adapters; the insides of wrappers are skipped."""
-    skip: list[str] = []
-    for name, module in model.named_modules():
-        if any(name.startswith(prefix) for prefix in skip):
-            continue
-        if isinstance(module, (LoRALayer, ModulesToSave)):
-            skip.append(name + ".")
-        yield name, module
+    # most of a model with many adapters lies inside its wrappers: not walked
+    yield from walk_modules(model, stop_at=(LoRALayer, ModulesToSave))
 
 
 def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:

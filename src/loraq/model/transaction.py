@@ -29,24 +29,50 @@ from __future__ import annotations
 
 import contextlib
 import copy
+from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
 from torch import nn
 
+from .walk import walk_modules, walk_parameters
+
+#: Containers copied by their own C ``copy()``: ``copy.copy`` takes its generic
+#: ``__reduce_ex__`` path for an ``OrderedDict`` (a module's hook tables), which made the
+#: snapshot of a model with 64 adapters (14,000 modules) cost a second.
+_FAST_COPY = frozenset({dict, list, set, OrderedDict})
+
 
 def _shallow(state: dict[str, Any]) -> dict[str, Any]:
-    return {k: (copy.copy(v) if isinstance(v, (dict, list, set)) else v) for k, v in state.items()}
+    out = {}
+    for key, value in state.items():
+        if type(value) in _FAST_COPY:
+            value = value.copy()
+        elif isinstance(value, (dict, list, set)):
+            value = copy.copy(value)
+        out[key] = value
+    return out
 
 
 class ModelSnapshot:
     """The restorable state of ``model`` at construction time (see the module docs)."""
 
-    def __init__(self, model: nn.Module, protect: Iterable[torch.Tensor] = ()) -> None:
-        self._modules = [(m, _shallow(m.__dict__)) for m in model.modules()]
-        self._flags = [(p, p.requires_grad) for p in model.parameters()]
-        self._data = [(p, p.data) for p in model.parameters()]
+    def __init__(
+        self,
+        model: nn.Module,
+        protect: Iterable[torch.Tensor] = (),
+        modules: Iterable[nn.Module] | None = None,
+    ) -> None:
+        if modules is None:
+            self._modules = [(m, _shallow(m.__dict__)) for _, m in walk_modules(model)]
+            params = walk_parameters(model)
+        else:  # a change known to touch these modules only (their own attributes)
+            listed = list(dict.fromkeys(modules))
+            self._modules = [(m, _shallow(m.__dict__)) for m in listed]
+            params = [p for m in listed for p in m._parameters.values() if p is not None]
+        self._flags = [(p, p.requires_grad) for p in params]
+        self._data = [(p, p.data) for p in params]
         seen: set[int] = set()
         self._tensors = []
         for t in protect:
@@ -70,10 +96,16 @@ class ModelSnapshot:
 
 @contextlib.contextmanager
 def model_transaction(
-    model: nn.Module, protect: Iterable[torch.Tensor] = ()
+    model: nn.Module,
+    protect: Iterable[torch.Tensor] = (),
+    modules: Iterable[nn.Module] | None = None,
 ) -> Iterator[ModelSnapshot]:
-    """Run the body; if it raises, restore ``model`` (and ``protect``) and re-raise."""
-    snapshot = ModelSnapshot(model, protect)
+    """Run the body; if it raises, restore ``model`` (and ``protect``) and re-raise.
+
+    ``modules``: when the body is known to change only these modules' own attributes (and
+    to create new modules), record just them, not the whole model.
+    """
+    snapshot = ModelSnapshot(model, protect, modules)
     try:
         yield snapshot
     except BaseException:

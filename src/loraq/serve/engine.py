@@ -96,6 +96,8 @@ class Engine:
         if not request.prompt_ids:
             raise ServeError(400, "the prompt is empty (0 tokens)", "prompt")
         self.registry.reserve(request.adapter)
+        # its folder is read and parsed on a worker while it waits, not by the engine thread
+        self.registry.prefetch(request.adapter)
         try:
             self._queue.put_nowait(request)
         except queue.Full:
@@ -110,6 +112,7 @@ class Engine:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(timeout)
+        self.registry.close()
 
     @property
     def alive(self) -> bool:
@@ -145,10 +148,17 @@ class Engine:
                 break
             candidates.append(req)
         self.metrics.queue_depth.set(self._queue.qsize() + len(self._waiting))
-        joining, slot_wanted = [], False
+        joining, slot_wanted, reading = [], False, []
         for req in candidates:
             if req.cancelled:
                 self._finish_metrics(req, "cancelled")
+                continue
+            if not self.registry.is_ready(req.adapter):
+                # its folder is still being read: the running rows keep decoding meanwhile,
+                # and it takes no slot, so the requests behind it are not held up
+                self.registry.prefetch(req.adapter)
+                reading.append(req.adapter)
+                self._waiting.append(req)
                 continue
             if slot_wanted and req.adapter is not None:
                 # first come, first served: an earlier request waits for an adapter slot, so
@@ -167,6 +177,8 @@ class Engine:
                     self.registry.release(req.adapter)
                 slot_wanted = slot_wanted or not held
                 self._waiting.append(req)
+        if reading and not joining and not self._running:
+            self.registry.wait_for_reads(reading, 0.05)  # nothing to decode: no busy loop
         return joining
 
     def _prefill(self, joining: list[Request]) -> None:

@@ -7,6 +7,12 @@
   the least recently used one that no running request holds (it is reloaded on next use).
 - Each load and each LRU eviction is counted in ``metrics`` (``GET /metrics``), so an operator
   sees whether ``--max-adapters`` is too small for the traffic (a load on most requests).
+- A load is two parts. Reading and parsing the folder (disk, safetensors, config checks) runs on
+  a worker thread with no lock held, started by :meth:`AdapterRegistry.prefetch` as soon as a
+  request is accepted; concurrent requests for one adapter share one read. Parsed copies stay
+  on the host (least recently used dropped beyond :data:`HOST_CACHE_BYTES`; a file rewritten on
+  disk is read again), so an evicted adapter comes back without the disk. Only the install
+  into the model (:func:`~loraq.io.peft_format.install_adapter`) holds ``model_lock``.
 - Every model mutation happens under ``model_lock``, which the engine also holds for each step.
 - Two counts per adapter: ``pending`` (requests accepted and not yet finished, queued or running)
   and ``in_use`` (rows in the running batch). ``DELETE`` stops new reservations, waits for
@@ -23,17 +29,20 @@
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import re
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+import torch
 from torch import nn
 
 from ..batching.rows import refuse_param_lora
-from ..io.peft_format import is_adapter_folder, load_adapter
+from ..io.peft_format import install_adapter, is_adapter_folder, load_adapter, read_adapter
 from ..model.combine import combine
+from ..model.config import LoraConfig
 from ..model.surgery import adapter_names, delete_adapter
 from .metrics import ServerMetrics
 
@@ -45,6 +54,10 @@ COMBINATION_METHOD = "cat"
 #: Start of a cached combination's adapter name; ``~`` is outside :data:`NAME_PATTERN`, so no
 #: client-chosen adapter name can collide with one.
 COMBINATION_PREFIX = "combination~"
+#: Most bytes of parsed adapter tensors kept on the host for reloads after an eviction.
+HOST_CACHE_BYTES = 512 << 20
+#: Worker threads reading and parsing adapter folders (disk and parsing, not the model).
+READ_WORKERS = 2
 
 
 class ServeError(Exception):
@@ -165,6 +178,11 @@ class AdapterRegistry:
         self._lock = threading.Lock()
         self._combinations: dict[tuple[tuple[str, float], ...], str] = {}  # sources -> name
         self._combination_count = 0
+        # name -> (file stamp, read) of parsed folders, and the reads under way
+        self._host: OrderedDict[str, tuple[tuple, ParsedAdapter]] = OrderedDict()
+        self._host_bytes = 0
+        self._reads: dict[str, cf.Future] = {}
+        self._readers: cf.ThreadPoolExecutor | None = None
 
     # ------------------------------------------------------------------ known adapters
     def add(self, name: str, path: Path) -> None:
@@ -308,15 +326,18 @@ class AdapterRegistry:
         """
         if name is None:
             return True
+        with self._lock:
+            entry = self._entries.get(name)
+        if entry is None:
+            raise ServeError(404, f"model {short_repr(name)} does not exist", "model")
+        parsed = None
+        if name not in self._resident and entry.path is not None:
+            parsed = self._parsed(name, entry)  # disk and parsing: no lock held
         with self.model_lock:
-            with self._lock:
-                entry = self._entries.get(name)
-            if entry is None:
-                raise ServeError(404, f"model {short_repr(name)} does not exist", "model")
             if name not in self._resident:
                 if not self._make_room():
                     return False
-                self._load(name, entry)
+                self._load(name, entry, parsed)
             self._resident.move_to_end(name)
             with self._lock:
                 entry.in_use += 1
@@ -336,6 +357,111 @@ class AdapterRegistry:
         entry = self._entries.get(name)
         return 0 if entry is None else entry.in_use
 
+    # ------------------------------------------------------------------ reading off the lock
+    def is_ready(self, name: str | None) -> bool:
+        """True when :meth:`acquire` needs no disk for ``name``: no adapter, a resident one, a
+        parsed copy on the host, a finished read (its error is acquire's to raise), or none
+        possible (unknown, or no folder)."""
+        if name is None or name in self._resident:
+            return True
+        entry = self._entries.get(name)
+        if entry is None or entry.path is None:
+            return True
+        with self._lock:
+            if name in self._host:
+                return True
+            future = self._reads.get(name)
+        return future is not None and future.done()
+
+    def prefetch(self, name: str | None) -> None:
+        """Start reading ``name``'s folder on a worker thread unless it is resident, on the
+        host or being read already (returns at once; errors surface in :meth:`acquire`)."""
+        if self.is_ready(name):
+            return
+        entry = self._entries.get(name)
+        if entry is not None and entry.path is not None:
+            self._read_future(name, entry.path)
+
+    def wait_for_reads(self, names: list[str], timeout: float) -> None:
+        """Wait up to ``timeout`` seconds for the first read of ``names`` under way to end."""
+        with self._lock:
+            futures = [self._reads[n] for n in names if n in self._reads]
+        if futures:
+            cf.wait(futures, timeout, return_when=cf.FIRST_COMPLETED)
+
+    def close(self) -> None:
+        """Stop the reader threads (reads under way finish)."""
+        with self._lock:
+            readers, self._readers = self._readers, None
+        if readers is not None:
+            readers.shutdown(wait=False, cancel_futures=True)
+
+    def _read_future(self, name: str, path: Path) -> cf.Future:
+        """The read of ``name`` under way, or a new one: one read per adapter at a time."""
+        with self._lock:
+            future = self._reads.get(name)
+            if future is None or future.done():  # a finished read may be stale: read again
+                if self._readers is None:
+                    self._readers = cf.ThreadPoolExecutor(READ_WORKERS, "loraq-adapter-read")
+                future = self._readers.submit(self._read, name, path)
+                self._reads[name] = future
+            return future
+
+    def _read(self, name: str, path: Path) -> ParsedAdapter:
+        """Read and parse ``name`` (worker thread), keep the result on the host."""
+        try:
+            stamp = _stamp(path)
+            config, tensors, weights = read_adapter(path, adapter_name=name)
+            # owned copies, read from the disk here: the tensors safetensors returns map the
+            # file, and touching a mapping after the file was rewritten is a SIGBUS
+            parsed = (config, {key: t.clone() for key, t in tensors.items()}, weights)
+        except Exception as err:
+            raise ServeError(
+                500, f"adapter {name!r} failed to load from {path.name}: {err}"
+            ) from None
+        self._keep(name, stamp, parsed)
+        return parsed
+
+    def _parsed(self, name: str, entry: AdapterEntry) -> ParsedAdapter:
+        """``name``'s parsed folder: the host copy if its file is unchanged, else the read under
+        way or a new one, waited for (a failed read is forgotten, so the next request retries)."""
+        with self._lock:
+            held = self._host.get(name)
+        if held is not None:
+            if held[0] == _stamp(entry.path):
+                with self._lock:
+                    if name in self._host:
+                        self._host.move_to_end(name)
+                return held[1]
+            self._forget_host(name)
+        future = self._read_future(name, entry.path)
+        try:
+            return future.result()
+        finally:
+            with self._lock:
+                if self._reads.get(name) is future:
+                    del self._reads[name]
+
+    def _keep(self, name: str, stamp: tuple, parsed: ParsedAdapter) -> None:
+        size = _size(parsed)
+        if size > HOST_CACHE_BYTES:
+            return
+        with self._lock:
+            old = self._host.pop(name, None)
+            if old is not None:
+                self._host_bytes -= _size(old[1])
+            self._host[name] = (stamp, parsed)
+            self._host_bytes += size
+            while self._host_bytes > HOST_CACHE_BYTES:
+                _, (_, dropped) = self._host.popitem(last=False)
+                self._host_bytes -= _size(dropped)
+
+    def _forget_host(self, name: str) -> None:
+        with self._lock:
+            old = self._host.pop(name, None)
+            if old is not None:
+                self._host_bytes -= _size(old[1])
+
     def _make_room(self) -> bool:
         while len(self._resident) >= self.max_resident:
             idle = [
@@ -350,13 +476,18 @@ class AdapterRegistry:
             self.metrics.adapter_evictions.inc()
         return True
 
-    def _load(self, name: str, entry: AdapterEntry) -> None:
+    def _load(self, name: str, entry: AdapterEntry, parsed: ParsedAdapter | None) -> None:
         if entry.sources:
             self._combine(name, entry.sources)
             self._resident[name] = None
             return
         try:
-            load_adapter(self.model, entry.path, adapter_name=name)
+            if parsed is None:  # added to the model's resident set meanwhile? read it now
+                parsed = self._parsed(name, entry)
+            # the engine picks each row's adapter: activating one would walk the whole model
+            install_adapter(self.model, *parsed, adapter_name=name, activate=False)
+        except ServeError:
+            raise
         except Exception as err:
             raise ServeError(
                 500, f"adapter {name!r} failed to load from {entry.path.name}: {err}"
@@ -427,6 +558,7 @@ class AdapterRegistry:
                 self._entries.pop(name, None)
             self._unload_from_model(name)
             self._forget_combinations_of(name)
+        self._forget_host(name)
         return True
 
     def _forget_combinations_of(self, source: str) -> None:
@@ -443,6 +575,26 @@ class AdapterRegistry:
                 with self._lock:
                     self._entries.pop(name, None)
                 self._unload_from_model(name)
+
+
+#: What :func:`~loraq.io.peft_format.read_adapter` returns: ``(config, tensors, weights file)``.
+ParsedAdapter = tuple[LoraConfig, dict[str, torch.Tensor], Path]
+
+
+def _size(parsed: ParsedAdapter) -> int:
+    return sum(t.numel() * t.element_size() for t in parsed[1].values())
+
+
+def _stamp(folder: Path) -> tuple:
+    """What changes when an adapter folder's files are rewritten: each file's size and mtime."""
+    try:
+        return tuple(
+            (f.name, st.st_size, st.st_mtime_ns)
+            for f in sorted(folder.iterdir())
+            if f.is_file() and (st := f.stat())
+        )
+    except OSError:
+        return ()
 
 
 def short_repr(name: str, limit: int = 80) -> str:
