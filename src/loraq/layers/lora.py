@@ -334,9 +334,6 @@ class LoRALayer(nn.Module):
         else:
             self.lora_A[name], self.lora_B[name] = lora_a, lora_b
         self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        for store in (self.lora_A, self.lora_B, self.lora_dropout):
-            if name in store:
-                store[name].train(self.training)  # new modules start in training mode
         self.r[name] = r
         self.lora_alpha[name] = alpha
         self.scaling[name] = adapter_scaling(alpha, r, use_rslora)

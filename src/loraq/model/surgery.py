@@ -268,9 +268,7 @@ def _apply_checked(
     for name in targets:
         module = model.get_submodule(name)
         if not isinstance(module, LoRALayer):
-            # the wrapper keeps the module's mode: a model in eval mode (a server adding
-            # adapters after model.eval()) must not start drawing adapter dropout
-            module = LoRALayer(module).train(module.training)
+            module = LoRALayer(module)  # in the module's train/eval mode (follow_base_mode)
             set_submodule(model, name, module)
         module.add_adapter(adapter_name, config.r, config.alpha, config.dropout, **options)
         if name in loftq:
