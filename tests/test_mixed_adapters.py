@@ -48,14 +48,16 @@ BASES = {
 }
 
 
+@pytest.mark.parametrize("bare_row", [True, False], ids=["with-bare-row", "adapters-only"])
 @pytest.mark.parametrize("strategy", ["gather", "concat"])
 @pytest.mark.parametrize("kind", list(BASES))
-def test_mixed_rows_equal_each_adapter_alone(kind, strategy, monkeypatch):
+def test_mixed_rows_equal_each_adapter_alone(kind, strategy, bare_row, monkeypatch):
+    """Without a bare-base row the concatenated form leaves the zero slot out."""
     monkeypatch.setattr(mixed_op, "STRATEGY", strategy)
     make_base, make_x = BASES[kind]
     layer = _layer_with_adapters(make_base())
     names = [n for n in layer.r]
-    rows = names + [None] + names[::-1]
+    rows = names + ([None] if bare_row else []) + names[::-1]
     x = make_x(len(rows))
     with torch.no_grad():
         with layer_rows(layer, rows):

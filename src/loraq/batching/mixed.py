@@ -282,13 +282,17 @@ class MixedBatch:
         """``(A, B, rows)`` over the plan's slots only: ``stack`` restricted to them (in plan
         order) and each row's plan slot. With gradients ``stack`` is already the plan's; without,
         it holds every adapter of the model, and the restriction is kept for the next forward
-        (the concatenated form then multiplies the plan's few adapters, not all of them)."""
+        (the concatenated form then multiplies the plan's few adapters, not all of them, and
+        not the bare base's zero slot when no row runs without an adapter)."""
         if torch.is_grad_enabled():
             return stack.a, stack.b, rows
         hit = self._plan_stacks.get(layer)
         if hit is None:
             index = self._to_cache.to(stack.a.device)
             plan_rows = self.plan.row_slot.to(rows.device)
+            if not bool((self.plan.row_slot == 0).any()):
+                # no row runs the bare base: its all-zero slot would only add work
+                index, plan_rows = index[1:], plan_rows - 1
             hit = (stack.a.index_select(0, index), stack.b.index_select(0, index), plan_rows)
             self._plan_stacks[layer] = hit
         return hit
@@ -316,6 +320,7 @@ def _linear_delta(batch: MixedBatch, layer, x_in, stack: LayerStack, rows, unifo
         slots = len(batch.plan.slots)
         if use_concat(x_in.shape[0], x_in.shape[1], slots):
             a_s, b_s, plan_rows = batch.plan_stack(layer, stack, rows)
+            slots = a_s.shape[0]
             own = batch.slot_mask(plan_rows, r_max, slots, x_in.dtype)
             hidden = torch.matmul(x_in, a_s.reshape(slots * r_max, in_f).t()) * own[:, None]
             b = b_s.reshape(slots * r_max, -1)  # hidden: (R, T, slots * r)
