@@ -43,8 +43,11 @@ RANKS = (4, 8, 16, 32, 64)
 PROMPTS = ["Once upon a time", "The little dog", "She said", "One day, Tom", "In the park"]
 
 
-def base_folder(root: Path, stories: Path) -> tuple[Path, str]:
-    """A transformers folder (model + byte tokenizer) for the tiny base, and its description."""
+def base_folder(root: Path, stories: Path, exact_vocabulary: bool = False) -> tuple[Path, str]:
+    """A transformers folder (model + byte tokenizer) for the tiny base, and its description.
+
+    ``exact_vocabulary`` cuts the embeddings to the tokenizer's ids, as lm-eval's ``peft=`` path
+    does on loading (else its log-softmax would run over fewer logits than the server's)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     if (stories / "stories260K.bin").is_file():
@@ -56,9 +59,12 @@ def base_folder(root: Path, stories: Path) -> tuple[Path, str]:
             num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=512,
         )  # fmt: skip
         model, what = LlamaForCausalLM(cfg).eval(), "random Llama, stories260K shape"
+    tokenizer = byte_tokenizer()  # 259 byte-level ids, all inside the vocabulary
+    if exact_vocabulary:
+        model.resize_token_embeddings(len(tokenizer))
     folder = root / "base"
     model.save_pretrained(folder)
-    byte_tokenizer().save_pretrained(folder)  # 259 byte-level ids, all inside the vocabulary
+    tokenizer.save_pretrained(folder)
     return folder, what
 
 

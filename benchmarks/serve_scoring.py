@@ -41,35 +41,14 @@ import loraq
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from serve_adapters import Server  # noqa: E402  (loraq serve in a subprocess)
+from serve_adapters import Server, base_folder  # noqa: E402  (loraq serve in a subprocess)
 from timing import interleaved  # noqa: E402
 
-from stories260k import STORIES, load_stories260k  # noqa: E402  (the tests' converter)
-from tiny_lm import byte_tokenizer, randomize_adapters  # noqa: E402
+from stories260k import STORIES  # noqa: E402  (the tests' converter)
+from tiny_lm import randomize_adapters  # noqa: E402
 
 TASK = "loraq_tiny_mc"
 EXAMPLES = ROOT / "examples" / "eval"
-
-
-def base_folder(root: Path, stories: Path) -> tuple[Path, str]:
-    """The base (stories260K, vocabulary cut to the byte tokenizer's ids) and its tokenizer."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    if (stories / "stories260K.bin").is_file():
-        model, what = load_stories260k(stories), "stories260K"
-    else:
-        torch.manual_seed(0)
-        cfg = LlamaConfig(
-            vocab_size=512, hidden_size=64, intermediate_size=172, num_hidden_layers=5,
-            num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=512,
-        )  # fmt: skip
-        model, what = LlamaForCausalLM(cfg).eval(), "random Llama, stories260K shape"
-    tokenizer = byte_tokenizer()
-    model.resize_token_embeddings(len(tokenizer))
-    folder = root / "base"
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder, what
 
 
 def write_adapters(base: Path, root: Path, count: int) -> list[Path]:
@@ -113,7 +92,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="serve_scoring_") as tmp:
         root = Path(tmp)
-        base, what = base_folder(root, args.stories)
+        base, what = base_folder(root, args.stories, exact_vocabulary=True)
         adapters = write_adapters(base, root, args.adapters)
         requests = task_requests(args.repeat)
         hf = [

@@ -257,6 +257,22 @@ def _adapter_grads(model, strip=""):
     }
 
 
+def assert_steps_equal_trl(session, trainer, keys, steps: int) -> None:
+    """``steps`` of our training equal the steps TRL's ``trainer`` logged (loss and the metrics
+    ``keys``), and our trainable adapter weights then equal TRL's."""
+    logs = [h for h in trainer.state.log_history if "rewards/margins" in h]
+    assert len(logs) == steps
+    for step in range(steps):
+        stats = loop.train_step(session)
+        for key in keys:
+            assert stats.rewards[key] == pytest.approx(logs[step][key], abs=1e-5), (step, key)
+        assert stats.loss == pytest.approx(logs[step]["loss"], abs=1e-4)
+    theirs = {n.removeprefix("base_model.model."): p for n, p in trainer.model.named_parameters()}
+    for name, param in session.model.named_parameters():
+        if param.requires_grad:
+            torch.testing.assert_close(param, theirs[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
 @pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
 def test_equals_trl_dpo_trainer(tmp_path, model_dir, loss_type):
     """The first batch's loss, rewards and adapter gradients, then the adapter after 3 steps
@@ -295,16 +311,7 @@ def test_equals_trl_dpo_trainer(tmp_path, model_dir, loss_type):
     # Three optimizer steps each.
     trainer._metrics["train"].clear()
     trainer.train()
-    logs = [h for h in trainer.state.log_history if "rewards/margins" in h]
-    for step in range(STEPS):
-        stats = loop.train_step(session)
-        for key in preference.REWARD_KEYS:
-            assert stats.rewards[key] == pytest.approx(logs[step][key], abs=1e-5), (step, key)
-        assert stats.loss == pytest.approx(logs[step]["loss"], abs=1e-4)
-    theirs = {n.removeprefix("base_model.model."): p for n, p in trainer.model.named_parameters()}
-    for name, param in session.model.named_parameters():
-        if param.requires_grad:
-            torch.testing.assert_close(param, theirs[name], rtol=1e-4, atol=1e-5, msg=name)
+    assert_steps_equal_trl(session, trainer, preference.REWARD_KEYS, STEPS)
 
 
 def test_chat_pairs_tokenize_as_trl(tmp_path, model_dir):

@@ -18,7 +18,7 @@ from loraq.train.data import collate
 from loraq.train.metrics import read_metrics
 from loraq.train.modeling import load_tokenizer
 from loraq.train.preference_data import preference_example
-from test_dpo import PAIRS, _adapter_grads, dpo_config
+from test_dpo import PAIRS, _adapter_grads, assert_steps_equal_trl, dpo_config
 from tiny_lm import randomize_adapters, save_tiny_folder, single_thread  # noqa: F401
 
 LR, BETA, STEPS = 1e-2, 0.1, 3
@@ -170,17 +170,9 @@ def test_equals_trl_orpo_trainer(tmp_path, model_dir):
 
     trainer._stored_metrics.clear()
     trainer.train()
-    logs = [h for h in trainer.state.log_history if "rewards/margins" in h]
-    assert len(logs) == STEPS
-    for step in range(STEPS):
-        stats = loop.train_step(session)
-        for key in (*preference.REWARD_KEYS, *preference.ORPO_KEYS):
-            assert stats.rewards[key] == pytest.approx(logs[step][key], abs=1e-5), (step, key)
-        assert stats.loss == pytest.approx(logs[step]["loss"], abs=1e-4)
-    theirs = {n.removeprefix("base_model.model."): p for n, p in trainer.model.named_parameters()}
-    for name, param in session.model.named_parameters():
-        if param.requires_grad:
-            torch.testing.assert_close(param, theirs[name], rtol=1e-4, atol=1e-5, msg=name)
+    assert_steps_equal_trl(
+        session, trainer, (*preference.REWARD_KEYS, *preference.ORPO_KEYS), STEPS
+    )
 
 
 # ----------------------------------------------------------------------------- the run
