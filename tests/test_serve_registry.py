@@ -52,7 +52,7 @@ def _registry(base: Path, adapters: Path, max_resident: int):
 def counted_reads(monkeypatch):
     """Every read of an adapter folder by the registry, by name (each read takes 0.1 s, so
     concurrent requests overlap with it)."""
-    from loraq.serve import registry as module
+    from loraq.serve import adapter_reads as module
 
     reads: list[str] = []
     real = module.read_adapter

@@ -10,8 +10,8 @@
 - A load is two parts. Reading and parsing the folder (disk, safetensors, config checks) runs on
   a worker thread with no lock held, started by :meth:`AdapterRegistry.prefetch` as soon as a
   request is accepted; concurrent requests for one adapter share one read. Parsed copies stay
-  on the host (least recently used dropped beyond :data:`HOST_CACHE_BYTES`; a file rewritten on
-  disk is read again), so an evicted adapter comes back without the disk. Only the install
+  on the host (:mod:`loraq.serve.adapter_reads`; a file rewritten on disk is read again), so
+  an evicted adapter comes back without the disk. Only the install
   into the model (:func:`~loraq.io.peft_format.install_adapter`) holds ``model_lock``.
 - Every model mutation happens under ``model_lock``, which the engine also holds for each step.
 - Two counts per adapter: ``pending`` (requests accepted and not yet finished, queued or running)
@@ -29,21 +29,19 @@
 
 from __future__ import annotations
 
-import concurrent.futures as cf
 import re
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-import torch
 from torch import nn
 
 from ..batching.rows import refuse_param_lora
-from ..io.peft_format import install_adapter, is_adapter_folder, load_adapter, read_adapter
+from ..io.peft_format import install_adapter, is_adapter_folder, load_adapter
 from ..model.combine import combine
-from ..model.config import LoraConfig
 from ..model.surgery import adapter_names, delete_adapter
+from .adapter_reads import AdapterReadError, AdapterReads, ParsedAdapter
 from .metrics import ServerMetrics
 
 #: Allowed adapter names: they become model ids in the API and module keys in the model.
@@ -54,10 +52,6 @@ COMBINATION_METHOD = "cat"
 #: Start of a cached combination's adapter name; ``~`` is outside :data:`NAME_PATTERN`, so no
 #: client-chosen adapter name can collide with one.
 COMBINATION_PREFIX = "combination~"
-#: Most bytes of parsed adapter tensors kept on the host for reloads after an eviction.
-HOST_CACHE_BYTES = 512 << 20
-#: Worker threads reading and parsing adapter folders (disk and parsing, not the model).
-READ_WORKERS = 2
 
 
 class ServeError(Exception):
@@ -178,11 +172,7 @@ class AdapterRegistry:
         self._lock = threading.Lock()
         self._combinations: dict[tuple[tuple[str, float], ...], str] = {}  # sources -> name
         self._combination_count = 0
-        # name -> (file stamp, read) of parsed folders, and the reads under way
-        self._host: OrderedDict[str, tuple[tuple, ParsedAdapter]] = OrderedDict()
-        self._host_bytes = 0
-        self._reads: dict[str, cf.Future] = {}
-        self._readers: cf.ThreadPoolExecutor | None = None
+        self._reads = AdapterReads()
 
     # ------------------------------------------------------------------ known adapters
     def add(self, name: str, path: Path) -> None:
@@ -367,11 +357,7 @@ class AdapterRegistry:
         entry = self._entries.get(name)
         if entry is None or entry.path is None:
             return True
-        with self._lock:
-            if name in self._host:
-                return True
-            future = self._reads.get(name)
-        return future is not None and future.done()
+        return self._reads.ready(name)
 
     def prefetch(self, name: str | None) -> None:
         """Start reading ``name``'s folder on a worker thread unless it is resident, on the
@@ -380,87 +366,22 @@ class AdapterRegistry:
             return
         entry = self._entries.get(name)
         if entry is not None and entry.path is not None:
-            self._read_future(name, entry.path)
+            self._reads.start(name, entry.path)
 
     def wait_for_reads(self, names: list[str], timeout: float) -> None:
         """Wait up to ``timeout`` seconds for the first read of ``names`` under way to end."""
-        with self._lock:
-            futures = [self._reads[n] for n in names if n in self._reads]
-        if futures:
-            cf.wait(futures, timeout, return_when=cf.FIRST_COMPLETED)
+        self._reads.wait(names, timeout)
 
     def close(self) -> None:
         """Stop the reader threads (reads under way finish)."""
-        with self._lock:
-            readers, self._readers = self._readers, None
-        if readers is not None:
-            readers.shutdown(wait=False, cancel_futures=True)
-
-    def _read_future(self, name: str, path: Path) -> cf.Future:
-        """The read of ``name`` under way, or a new one: one read per adapter at a time."""
-        with self._lock:
-            future = self._reads.get(name)
-            if future is None or future.done():  # a finished read may be stale: read again
-                if self._readers is None:
-                    self._readers = cf.ThreadPoolExecutor(READ_WORKERS, "loraq-adapter-read")
-                future = self._readers.submit(self._read, name, path)
-                self._reads[name] = future
-            return future
-
-    def _read(self, name: str, path: Path) -> ParsedAdapter:
-        """Read and parse ``name`` (worker thread), keep the result on the host."""
-        try:
-            stamp = _stamp(path)
-            config, tensors, weights = read_adapter(path, adapter_name=name)
-            # owned copies, read from the disk here: the tensors safetensors returns map the
-            # file, and touching a mapping after the file was rewritten is a SIGBUS
-            parsed = (config, {key: t.clone() for key, t in tensors.items()}, weights)
-        except Exception as err:
-            raise ServeError(
-                500, f"adapter {name!r} failed to load from {path.name}: {err}"
-            ) from None
-        self._keep(name, stamp, parsed)
-        return parsed
+        self._reads.close()
 
     def _parsed(self, name: str, entry: AdapterEntry) -> ParsedAdapter:
-        """``name``'s parsed folder: the host copy if its file is unchanged, else the read under
-        way or a new one, waited for (a failed read is forgotten, so the next request retries)."""
-        with self._lock:
-            held = self._host.get(name)
-        if held is not None:
-            if held[0] == _stamp(entry.path):
-                with self._lock:
-                    if name in self._host:
-                        self._host.move_to_end(name)
-                return held[1]
-            self._forget_host(name)
-        future = self._read_future(name, entry.path)
+        """``name``'s parsed folder (:meth:`AdapterReads.parsed`); a failed read is a 500."""
         try:
-            return future.result()
-        finally:
-            with self._lock:
-                if self._reads.get(name) is future:
-                    del self._reads[name]
-
-    def _keep(self, name: str, stamp: tuple, parsed: ParsedAdapter) -> None:
-        size = _size(parsed)
-        if size > HOST_CACHE_BYTES:
-            return
-        with self._lock:
-            old = self._host.pop(name, None)
-            if old is not None:
-                self._host_bytes -= _size(old[1])
-            self._host[name] = (stamp, parsed)
-            self._host_bytes += size
-            while self._host_bytes > HOST_CACHE_BYTES:
-                _, (_, dropped) = self._host.popitem(last=False)
-                self._host_bytes -= _size(dropped)
-
-    def _forget_host(self, name: str) -> None:
-        with self._lock:
-            old = self._host.pop(name, None)
-            if old is not None:
-                self._host_bytes -= _size(old[1])
+            return self._reads.parsed(name, entry.path)
+        except AdapterReadError as err:
+            raise ServeError(500, str(err)) from None
 
     def _make_room(self) -> bool:
         while len(self._resident) >= self.max_resident:
@@ -558,7 +479,7 @@ class AdapterRegistry:
                 self._entries.pop(name, None)
             self._unload_from_model(name)
             self._forget_combinations_of(name)
-        self._forget_host(name)
+        self._reads.forget(name)
         return True
 
     def _forget_combinations_of(self, source: str) -> None:
@@ -575,26 +496,6 @@ class AdapterRegistry:
                 with self._lock:
                     self._entries.pop(name, None)
                 self._unload_from_model(name)
-
-
-#: What :func:`~loraq.io.peft_format.read_adapter` returns: ``(config, tensors, weights file)``.
-ParsedAdapter = tuple[LoraConfig, dict[str, torch.Tensor], Path]
-
-
-def _size(parsed: ParsedAdapter) -> int:
-    return sum(t.numel() * t.element_size() for t in parsed[1].values())
-
-
-def _stamp(folder: Path) -> tuple:
-    """What changes when an adapter folder's files are rewritten: each file's size and mtime."""
-    try:
-        return tuple(
-            (f.name, st.st_size, st.st_mtime_ns)
-            for f in sorted(folder.iterdir())
-            if f.is_file() and (st := f.stat())
-        )
-    except OSError:
-        return ()
 
 
 def short_repr(name: str, limit: int = 80) -> str:

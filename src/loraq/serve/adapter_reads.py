@@ -1,0 +1,151 @@
+"""Adapter folders read and parsed off the model lock, with parsed copies kept on the host.
+
+Reading an adapter (disk, safetensors, config checks) touches no model, so the registry starts
+it on a worker thread as soon as a request is accepted and holds its model lock only for the
+install. Concurrent requests for one adapter share one read. Parsed copies stay on the host,
+least recently used dropped beyond :data:`HOST_CACHE_BYTES`, so an evicted adapter comes back
+without the disk; a folder whose files changed (size or mtime) is read again.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import threading
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+
+from ..io.peft_format import read_adapter
+from ..model.config import LoraConfig
+
+#: Most bytes of parsed adapter tensors kept on the host for reloads after an eviction.
+HOST_CACHE_BYTES = 512 << 20
+#: Worker threads reading and parsing adapter folders (disk and parsing, not the model).
+READ_WORKERS = 2
+
+#: What :func:`~loraq.io.peft_format.read_adapter` returns: ``(config, tensors, weights file)``.
+ParsedAdapter = tuple[LoraConfig, dict[str, torch.Tensor], Path]
+
+
+class AdapterReadError(Exception):
+    """An adapter folder that could not be read or parsed (the message names it)."""
+
+
+class AdapterReads:
+    """Reads of adapter folders on worker threads, and the host cache of their results."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        # name -> (file stamp, read) of parsed folders, and the reads under way
+        self._host: OrderedDict[str, tuple[tuple, ParsedAdapter]] = OrderedDict()
+        self._host_bytes = 0
+        self._reads: dict[str, cf.Future] = {}
+        self._readers: cf.ThreadPoolExecutor | None = None
+
+    def ready(self, name: str) -> bool:
+        """True when :meth:`parsed` needs no disk read for ``name``: a copy on the host or a
+        finished read (whose error :meth:`parsed` raises)."""
+        with self._lock:
+            if name in self._host:
+                return True
+            future = self._reads.get(name)
+        return future is not None and future.done()
+
+    def start(self, name: str, path: Path) -> cf.Future:
+        """The read of ``name`` under way, or a new one: one read per adapter at a time."""
+        with self._lock:
+            future = self._reads.get(name)
+            if future is None or future.done():  # a finished read may be stale: read again
+                if self._readers is None:
+                    self._readers = cf.ThreadPoolExecutor(READ_WORKERS, "loraq-adapter-read")
+                future = self._readers.submit(self._read, name, path)
+                self._reads[name] = future
+            return future
+
+    def parsed(self, name: str, path: Path) -> ParsedAdapter:
+        """``name``'s parsed folder: the host copy if its files are unchanged, else the read
+        under way or a new one, waited for (a failed read is forgotten, so the next call
+        retries). Raises :class:`AdapterReadError`."""
+        with self._lock:
+            held = self._host.get(name)
+        if held is not None:
+            if held[0] == _stamp(path):
+                with self._lock:
+                    if name in self._host:
+                        self._host.move_to_end(name)
+                return held[1]
+            self.forget(name)
+        future = self.start(name, path)
+        try:
+            return future.result()
+        finally:
+            with self._lock:
+                if self._reads.get(name) is future:
+                    del self._reads[name]
+
+    def wait(self, names: list[str], timeout: float) -> None:
+        """Wait up to ``timeout`` seconds for the first read of ``names`` under way to end."""
+        with self._lock:
+            futures = [self._reads[n] for n in names if n in self._reads]
+        if futures:
+            cf.wait(futures, timeout, return_when=cf.FIRST_COMPLETED)
+
+    def forget(self, name: str) -> None:
+        """Drop ``name``'s host copy (its adapter was deleted, or its files changed)."""
+        with self._lock:
+            old = self._host.pop(name, None)
+            if old is not None:
+                self._host_bytes -= _size(old[1])
+
+    def close(self) -> None:
+        """Stop the reader threads (reads under way finish)."""
+        with self._lock:
+            readers, self._readers = self._readers, None
+        if readers is not None:
+            readers.shutdown(wait=False, cancel_futures=True)
+
+    def _read(self, name: str, path: Path) -> ParsedAdapter:
+        """Read and parse ``name`` (worker thread), keep the result on the host."""
+        try:
+            stamp = _stamp(path)
+            config, tensors, weights = read_adapter(path, adapter_name=name)
+            # owned copies, read from the disk here: the tensors safetensors returns map the
+            # file, and touching a mapping after the file was rewritten is a SIGBUS
+            parsed = (config, {key: t.clone() for key, t in tensors.items()}, weights)
+        except Exception as err:
+            raise AdapterReadError(
+                f"adapter {name!r} failed to load from {path.name}: {err}"
+            ) from None
+        self._keep(name, stamp, parsed)
+        return parsed
+
+    def _keep(self, name: str, stamp: tuple, parsed: ParsedAdapter) -> None:
+        size = _size(parsed)
+        if size > HOST_CACHE_BYTES:
+            return
+        with self._lock:
+            old = self._host.pop(name, None)
+            if old is not None:
+                self._host_bytes -= _size(old[1])
+            self._host[name] = (stamp, parsed)
+            self._host_bytes += size
+            while self._host_bytes > HOST_CACHE_BYTES:
+                _, (_, dropped) = self._host.popitem(last=False)
+                self._host_bytes -= _size(dropped)
+
+
+def _size(parsed: ParsedAdapter) -> int:
+    return sum(t.numel() * t.element_size() for t in parsed[1].values())
+
+
+def _stamp(folder: Path) -> tuple:
+    """What changes when an adapter folder's files are rewritten: each file's size and mtime."""
+    try:
+        return tuple(
+            (f.name, st.st_size, st.st_mtime_ns)
+            for f in sorted(folder.iterdir())
+            if f.is_file() and (st := f.stat())
+        )
+    except OSError:
+        return ()
