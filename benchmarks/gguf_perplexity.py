@@ -108,6 +108,8 @@ def perplexity(path: Path, text: str, ctx: int, chunks: int, threads: int) -> tu
             total += log_norm - row[chunk[position + 1]]
             count += 1
     del llm
+    if count == 0:
+        sys.exit(f"gguf_perplexity: the text has {len(tokens)} tokens, less than one --ctx chunk")
     return math.exp(total / count), count
 
 
@@ -120,6 +122,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--recipes", default="q4_k_m,q5_k_m,q6_k")
     args = parser.parse_args()
+    recipes = args.recipes.split(",")
+    unknown = [r for r in recipes if r not in RECIPES]
+    if unknown:
+        parser.error(f"--recipes: unknown {unknown}; known: {', '.join(sorted(RECIPES))}")
+    if args.ctx < 4 or args.chunks < 1:
+        parser.error("--ctx must be at least 4 and --chunks at least 1")
+    if importlib.util.find_spec("llama_cpp") is None:
+        sys.exit('gguf_perplexity: needs llama-cpp-python: pip install -e ".[llamacpp]"')
     text_file = args.text or next(p for p in DEFAULT_TEXTS if p.is_file())
     text = text_file.read_text(encoding="utf-8")
     source = smollm2_file()
@@ -131,7 +141,7 @@ def main() -> None:
         f32 = export_gguf(model, Path(folder) / "f32.gguf", merged=True, dtype="f32")
         for label, path in (("original Q4_1", source), ("loraq f32", f32)):
             rows.append((label, path, "-"))
-        for recipe in args.recipes.split(","):
+        for recipe in recipes:
             ours = export_gguf(model, Path(folder) / f"loraq-{recipe}.gguf", merged=True,
                                dtype=recipe)  # fmt: skip
             theirs = Path(folder) / f"llamacpp-{recipe}.gguf"
