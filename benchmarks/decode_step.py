@@ -2,6 +2,7 @@
 
     python benchmarks/decode_step.py [--model smollm2|stories|smollm2-shape] [--steps 20]
                                      [--profile] [--adapters 0,1,8,64] [--batch 1,8]
+                                     [--lean auto,off]
 
 For each batch size and adapter count it fills a :class:`~loraq.generation.decode.DecodeBatch`
 (the loop ``loraq serve`` runs) with prompts of 16 tokens, the rows spread round-robin over
@@ -16,6 +17,7 @@ adapters / the same batch on one adapter. The load average is printed with the r
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -28,11 +30,16 @@ from serve import base_model, with_adapters  # noqa: E402  (the serving benchmar
 from timing import machine_line  # noqa: E402
 
 from loraq.generation.decode import DecodeBatch, SamplingParams, SequenceState  # noqa: E402
+from loraq.generation.lean_step import LEAN_DECODE_ENV  # noqa: E402
 
 
-def make_batch(model, rows: int, adapters: int, vocab: int, cache_len: int) -> DecodeBatch:
-    """A running batch of ``rows`` prompts of 16 tokens over ``adapters`` adapters (0: none)."""
+def make_batch(
+    model, rows: int, adapters: int, vocab: int, cache_len: int, lean: str = "auto"
+) -> DecodeBatch:
+    """A running batch of ``rows`` prompts of 16 tokens over ``adapters`` adapters (0: none),
+    its decode steps lean or not as ``lean`` (a ``LORAQ_LEAN_DECODE`` value) says."""
     gen = torch.Generator().manual_seed(0)
+    os.environ[LEAN_DECODE_ENV] = lean
     batch = DecodeBatch(model)  # per-row adapters, as the serving engine runs it
     seqs = []
     for i in range(rows):
@@ -77,6 +84,9 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--top", type=int, default=15)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    parser.add_argument(
+        "--lean", default="auto", help="LORAQ_LEAN_DECODE values to compare, e.g. auto,off"
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -88,7 +98,13 @@ def main() -> None:
     model.eval()
     vocab = model.config.vocab_size
     sizes = [int(b) for b in args.batch.split(",")]
-    configs = {(b, a): make_batch(model, b, a, vocab, args.cache) for b in sizes for a in counts}
+    leans = args.lean.split(",")
+    configs = {
+        (b, a, lean): make_batch(model, b, a, vocab, args.cache, lean)
+        for b in sizes
+        for a in counts
+        for lean in leans
+    }
     print(f"# decode step: {what}, threads={torch.get_num_threads()}, cache {16 + args.cache}")
     print(machine_line())
     wall = {k: [] for k in configs}
@@ -102,16 +118,21 @@ def main() -> None:
     print(machine_line())
     print(f"# {args.steps} steps per configuration")
     print(
-        f"\n{'batch':>5} {'adapters':>8} {'wall ms':>8} {'cpu ms':>8} {'tok/s':>8} {'vs 1 adapter':>12}"
+        f"\n{'batch':>5} {'adapters':>8} {'lean':>5} {'wall ms':>8} {'cpu ms':>8} {'tok/s':>8}"
+        f" {'vs 1 adapter':>12} {'vs ' + leans[-1]:>8}"
     )
-    for b, a in configs:
-        w, c = statistics.median(wall[(b, a)]), statistics.median(cpu[(b, a)])
-        one = (b, 1) if (b, 1) in configs else None
-        ratio = statistics.median(wall[one]) / w if one else float("nan")
-        print(f"{b:>5} {a:>8} {1e3 * w:>8.1f} {1e3 * c:>8.1f} {b / w:>8.1f} {ratio:>12.2f}")
+    for b, a, lean in configs:
+        w, c = statistics.median(wall[(b, a, lean)]), statistics.median(cpu[(b, a, lean)])
+        one, other = (b, 1, lean), (b, a, leans[-1])
+        ratio = statistics.median(wall[one]) / w if one in configs else float("nan")
+        lean_ratio = statistics.median(wall[other]) / w
+        print(
+            f"{b:>5} {a:>8} {lean:>5} {1e3 * w:>8.1f} {1e3 * c:>8.1f} {b / w:>8.1f}"
+            f" {ratio:>12.2f} {lean_ratio:>8.2f}"
+        )
     if args.profile:
-        for (b, a), batch in configs.items():
-            profile_step(batch, 5, f"batch {b}, {a} adapters", args.top)
+        for (b, a, lean), batch in configs.items():
+            profile_step(batch, 5, f"batch {b}, {a} adapters, lean {lean}", args.top)
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ from torch import nn
 
 from ..batching.mixed import MixedBatch
 from ..batching.rows import adapter_rows, mixed_batch, validate_row_names
+from .lean_step import lean_decode_step
 from .sampling import sample_next
 from .text import ReplyText
 
@@ -186,6 +187,8 @@ class DecodeBatch:
         self._cache_arg = _cache_arg(model)
         self._device = next(model.parameters()).device
         self._mixed_cache: tuple | None = None
+        # decode steps skip transformers' per-layer machinery where the model allows it
+        self._lean_step = lean_decode_step(model)
 
     def __len__(self) -> int:
         return len(self.sequences)
@@ -198,10 +201,21 @@ class DecodeBatch:
             self._mixed_cache = (key, mixed_batch(self.model, adapters))
         return self._mixed_cache[1]
 
-    def _forward(self, adapters, ids, mask, positions, cache, every_position: bool = False):
+    @contextlib.contextmanager
+    def _rows(self, adapters):
+        """Each row runs its own adapter inside (a no-op without ``per_row_adapters``)."""
         batch = self._mixed(adapters) if self.per_row_adapters else None
-        rows = contextlib.nullcontext() if batch is None else adapter_rows(self.model, batch)
-        with rows:
+        if batch is None:
+            yield
+            return
+        with adapter_rows(self.model, batch):
+            yield
+        # Nothing edits adapter weights between the steps of one generation; structural
+        # changes (adapters loaded or deleted) are still seen at every step.
+        batch.check_versions = False
+
+    def _forward(self, adapters, ids, mask, positions, cache, every_position: bool = False):
+        with self._rows(adapters):
             out = self.model(
                 input_ids=ids.to(self._device),
                 attention_mask=mask.to(self._device),
@@ -210,10 +224,6 @@ class DecodeBatch:
                 logits_to_keep=0 if every_position else 1,
                 **{self._cache_arg: cache},
             )
-        if batch is not None:
-            # Nothing edits adapter weights between the steps of one generation; structural
-            # changes (adapters loaded or deleted) are still seen at every step.
-            batch.check_versions = False
         new_cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
         if every_position:
             return out.logits, new_cache
@@ -310,13 +320,19 @@ class DecodeBatch:
         if not self.sequences:
             return
         mask = torch.cat([self._mask, torch.ones(len(self), 1, dtype=torch.long)], dim=1)
-        logits, self._cache = self._forward(
-            [s.adapter for s in self.sequences],
-            self._last[:, None],
-            mask,
-            self._next_pos[:, None],
-            self._cache,
-        )
+        adapters = [s.adapter for s in self.sequences]
+        if self._lean_step is not None:
+            with self._rows(adapters):
+                logits = self._lean_step(
+                    self._last.to(self._device),
+                    self._next_pos.to(self._device),
+                    mask.to(self._device),
+                    self._cache,
+                )
+        else:
+            logits, self._cache = self._forward(
+                adapters, self._last[:, None], mask, self._next_pos[:, None], self._cache
+            )
         self._mask = mask
         self._next_pos = self._next_pos + 1
         self._last = torch.tensor(self._sample(logits, self.sequences), dtype=torch.long)

@@ -2,7 +2,8 @@
 
 Reading an adapter (disk, safetensors, config checks) touches no model, so the registry starts
 it on a worker thread as soon as a request is accepted and holds its model lock only for the
-install. Concurrent requests for one adapter share one read. Parsed copies stay on the host,
+install. Each read has a thread of its own that ends with it, so no OpenMP pool stays beside
+the engine's (see :mod:`loraq.core.threads`); at most :data:`READ_WORKERS` read at once. Concurrent requests for one adapter share one read. Parsed copies stay on the host,
 least recently used dropped beyond :data:`HOST_CACHE_BYTES`, so an evicted adapter comes back
 without the disk; a folder whose files changed (size or mtime) is read again.
 """
@@ -41,7 +42,8 @@ class AdapterReads:
         self._host: OrderedDict[str, tuple[tuple, ParsedAdapter]] = OrderedDict()
         self._host_bytes = 0
         self._reads: dict[str, cf.Future] = {}
-        self._readers: cf.ThreadPoolExecutor | None = None
+        self._slots = threading.BoundedSemaphore(READ_WORKERS)
+        self._closed = False
 
     def ready(self, name: str) -> bool:
         """True when :meth:`parsed` needs no disk read for ``name``: a copy on the host or a
@@ -57,10 +59,12 @@ class AdapterReads:
         with self._lock:
             future = self._reads.get(name)
             if future is None or future.done():  # a finished read may be stale: read again
-                if self._readers is None:
-                    self._readers = cf.ThreadPoolExecutor(READ_WORKERS, "loraq-adapter-read")
-                future = self._readers.submit(self._read, name, path)
+                future = cf.Future()
                 self._reads[name] = future
+                threading.Thread(
+                    target=self._run_read, args=(future, name, path),
+                    name="loraq-adapter-read", daemon=True,
+                ).start()  # fmt: skip
             return future
 
     def parsed(self, name: str, path: Path) -> ParsedAdapter:
@@ -99,11 +103,24 @@ class AdapterReads:
                 self._host_bytes -= _size(old[1])
 
     def close(self) -> None:
-        """Stop the reader threads (reads under way finish)."""
+        """Start no more reads: those waiting for a slot are cancelled; those under way finish."""
         with self._lock:
-            readers, self._readers = self._readers, None
-        if readers is not None:
-            readers.shutdown(wait=False, cancel_futures=True)
+            self._closed = True
+
+    def _run_read(self, future: cf.Future, name: str, path: Path) -> None:
+        """A reader thread: wait for a slot, read, hand the outcome to ``future``."""
+        with self._slots:
+            with self._lock:
+                closed = self._closed
+            if closed:
+                future.cancel()
+                return
+            if not future.set_running_or_notify_cancel():
+                return
+            try:
+                future.set_result(self._read(name, path))
+            except BaseException as err:
+                future.set_exception(err)
 
     def _read(self, name: str, path: Path) -> ParsedAdapter:
         """Read and parse ``name`` (worker thread), keep the result on the host."""

@@ -36,6 +36,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
+from ..core.threads import on_passing_thread
 from ..generation.decode import SamplingParams
 from .engine import Engine
 from .engine import Request as EngineRequest
@@ -128,7 +129,10 @@ class _Generator:
             return None
         sources = combination(name)
         if sources is not None:
-            return await asyncio.to_thread(self.engine.registry.add_combination, sources)
+            # torch work off the engine thread: on a thread that ends (core.threads)
+            return await asyncio.to_thread(
+                on_passing_thread, self.engine.registry.add_combination, sources
+            )
         if not self.engine.registry.is_known(name):
             raise ServeError(
                 404, f"model {short_repr(name)} does not exist; see GET /v1/models", "model"

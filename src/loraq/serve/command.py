@@ -9,6 +9,7 @@ import socket
 import sys
 from pathlib import Path
 
+from ..core.threads import on_passing_thread
 from .fields import DEFAULT_MAX_BODY_BYTES, ServeSettings
 
 SERVE_HELP = """\
@@ -182,7 +183,8 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     sock = bind_listener(args.host, args.port)
     try:
-        app = build_app(args)
+        # loaded off the main thread: the engine thread stays the one OpenMP pool (core.threads)
+        app = on_passing_thread(build_app, args, name="loraq-load")
     except BaseException:
         sock.close()
         raise

@@ -1,0 +1,181 @@
+"""A decode step without transformers' per-layer machinery, for the Llama family.
+
+One decode step feeds one token per row. Through ``model(...)`` it runs transformers' mask
+builder, rotary embedding, decorators and hub-kernel wrappers around every layer; for a small
+model that Python costs as much as the arithmetic. :class:`LeanDecodeStep` runs the same
+computation as a flat loop over the decoder layers: the causal mask is the batch's padding mask,
+the rotary tables are computed once per step, and every projection, MLP and embedding is still
+called as the model's own module, so LoRA layers, mixed-adapter rows, quantized or GGUF bases and
+``modules_to_save`` copies behave exactly as under ``model(...)``.
+
+Which models: transformers' ``llama``, ``mistral``, ``qwen2`` and ``qwen3`` causal LMs whose
+layers all use full attention (no sliding window), read from the model's structure; anything
+else returns None from :func:`lean_decode_step` and the caller keeps ``model(...)``. The
+result equals transformers' within float rounding (the same operations, the same attention
+kernel; tests compare the logits and the greedy tokens).
+
+``LORAQ_LEAN_DECODE`` (spelled as every switch, :mod:`loraq.core.switches`): ``auto`` (default)
+uses it where the model qualifies, ``off`` never, ``on`` raises :class:`LeanDecodeUnsupported`
+for a model that does not qualify.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..core.errors import UserError
+from ..core.switches import read_switch
+
+__all__ = [
+    "LEAN_DECODE_ENV",
+    "MODEL_TYPES",
+    "LeanDecodeStep",
+    "LeanDecodeUnsupported",
+    "lean_decode_step",
+]
+
+#: Environment variable choosing ``auto`` / ``off`` / ``on`` (see the module docstring).
+LEAN_DECODE_ENV = "LORAQ_LEAN_DECODE"
+#: transformers ``model_type`` values whose decoder layers the lean step runs.
+MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
+_RMS_NORMS = frozenset(f"{name}RMSNorm" for name in ("Llama", "Mistral", "Qwen2", "Qwen3"))
+
+
+class LeanDecodeUnsupported(UserError, ValueError):
+    """``LORAQ_LEAN_DECODE=on`` for a model the lean step cannot run; the message says why."""
+
+
+@dataclass(frozen=True)
+class _Layer:
+    """One decoder layer, its attention module and attention shape. The projections, norms and
+    MLP are looked up at every step: loading an adapter or ``modules_to_save`` replaces them."""
+
+    layer: nn.Module
+    attn: nn.Module
+    heads: int
+    kv_heads: int
+    head_dim: int
+    scaling: float
+
+
+def _rms_norm(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    # transformers' RMSNorm, inline (its module call costs more than its arithmetic here);
+    # anything else in a norm's place (a modules_to_save copy, another norm) runs as a module
+    if type(module).__name__ not in _RMS_NORMS:
+        return module(x)
+    dtype = x.dtype
+    h = x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + module.variance_epsilon)
+    return module.weight * h.to(dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _why_not(model: nn.Module) -> str | None:
+    """None if the lean step can run ``model``, else the reason."""
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in MODEL_TYPES:
+        return f"model_type {model_type!r} is not one of {sorted(MODEL_TYPES)}"
+    inner = getattr(model, "model", None)
+    needed = ("embed_tokens", "layers", "norm", "rotary_emb")
+    if inner is None or not all(hasattr(inner, n) for n in needed) or not hasattr(model, "lm_head"):
+        return "the model does not have the model.{embed_tokens,layers,norm,rotary_emb} layout"
+    if getattr(config, "pretraining_tp", 1) != 1:
+        return "pretraining_tp > 1"
+    if any(t != "full_attention" for t in getattr(config, "layer_types", None) or ()):
+        return "some layers use sliding-window attention"
+    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
+        return "the model uses sliding-window attention"
+    if getattr(config, "_attn_implementation", "sdpa") not in ("sdpa", "eager"):
+        return f"attention implementation {config._attn_implementation!r}"
+    for layer in inner.layers:
+        attn = getattr(layer, "self_attn", None)
+        parts = ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "scaling")
+        if attn is None or not all(hasattr(attn, p) for p in parts):
+            return "a decoder layer without q/k/v/o projections"
+        if not all(
+            hasattr(layer, p) for p in ("input_layernorm", "post_attention_layernorm", "mlp")
+        ):
+            return "a decoder layer without the Llama layout"
+    return None
+
+
+def _layer(layer: nn.Module, config) -> _Layer:
+    attn = layer.self_attn
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    return _Layer(layer, attn, heads, kv_heads, attn.head_dim, attn.scaling)
+
+
+class LeanDecodeStep:
+    """The decode step of a Llama-family causal LM (see the module doc).
+
+    Call it with the rows' next tokens, their position ids, the padding mask over the cache
+    *including* the new column, and the transformers ``DynamicCache`` of the running rows (one
+    layer per decoder layer, keys and values ``(rows, kv_heads, length, head_dim)``); it appends
+    the new keys and values to the cache and returns float32 logits ``(rows, vocab)``.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        why = _why_not(model)
+        if why is not None:
+            raise LeanDecodeUnsupported(
+                f"{LEAN_DECODE_ENV}=on but the lean decode step cannot run this model: {why}"
+            )
+        self.model = model
+        self._layers = [_layer(layer, model.config) for layer in model.model.layers]
+
+    @torch.no_grad()
+    def __call__(
+        self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache
+    ) -> torch.Tensor:
+        model, inner, rows = self.model, self.model.model, ids.shape[0]
+        x = inner.embed_tokens(ids.view(rows, 1))
+        cos, sin = inner.rotary_emb(x, positions.view(rows, 1))
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        keep = mask.view(rows, 1, 1, -1).bool()
+        for spec, kv in zip(self._layers, cache.layers):
+            layer = spec.layer
+            h = _rms_norm(layer.input_layernorm, x)
+            x = x + self._attention(spec, h, cos, sin, keep, kv)
+            x = x + layer.mlp(_rms_norm(layer.post_attention_layernorm, x))
+        x = _rms_norm(inner.norm, x)
+        return model.lm_head(x).view(rows, -1).float()
+
+    @staticmethod
+    def _attention(spec: _Layer, h, cos, sin, keep, kv) -> torch.Tensor:
+        attn, rows, dim = spec.attn, h.shape[0], spec.head_dim
+        q = attn.q_proj(h).view(rows, spec.heads, 1, dim)
+        k = attn.k_proj(h).view(rows, spec.kv_heads, 1, dim)
+        v = attn.v_proj(h).view(rows, spec.kv_heads, 1, dim)
+        q_norm = getattr(attn, "q_norm", None)
+        if q_norm is not None:  # Qwen3: a norm over each head
+            q, k = _rms_norm(q_norm, q), _rms_norm(attn.k_norm, k)
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        kv.keys = torch.cat([kv.keys, k], dim=-2)
+        kv.values = torch.cat([kv.values, v], dim=-2)
+        # one query token per row: its heads grouped under their key/value head, as
+        # transformers' sdpa path does, so no key or value is repeated
+        q = q.view(rows, spec.kv_heads, spec.heads // spec.kv_heads, dim)
+        out = F.scaled_dot_product_attention(
+            q, kv.keys, kv.values, attn_mask=keep, scale=spec.scaling
+        )
+        return attn.o_proj(out.reshape(rows, 1, spec.heads * dim))
+
+
+def lean_decode_step(model: nn.Module) -> LeanDecodeStep | None:
+    """The lean step for ``model``, or None where ``LORAQ_LEAN_DECODE`` is ``off`` or the model
+    does not qualify under ``auto`` (see the module doc)."""
+    switch = read_switch(LEAN_DECODE_ENV)
+    if switch == "off" or (switch == "auto" and _why_not(model) is not None):
+        return None
+    return LeanDecodeStep(model)

@@ -1,0 +1,70 @@
+"""loraq.core.threads.on_passing_thread: result and errors come back, and the OpenMP workers
+a parallel torch op starts on it end with it (the reason it exists: see the module doc)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from loraq.core.threads import on_passing_thread
+
+
+def test_returns_the_result_and_raises_the_error_on_the_caller():
+    caller = threading.get_ident()
+    assert on_passing_thread(lambda a, b=0: (a + b, threading.get_ident()), 2, b=3)[0] == 5
+    assert on_passing_thread(threading.get_ident) != caller
+
+    def fail():
+        raise KeyError("missing")
+
+    with pytest.raises(KeyError, match="missing"):
+        on_passing_thread(fail)
+
+
+def _threads() -> int:
+    return len(list(Path("/proc/self/task").iterdir()))
+
+
+def _settles_at(count: int, seconds: float = 10.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while _threads() != count and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return _threads() == count
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs /proc")
+@pytest.mark.skipif(
+    torch.get_num_threads() < 2 or "OpenMP" not in torch.__config__.parallel_info(),
+    reason="needs PyTorch's OpenMP with 2 or more threads",
+)
+def test_openmp_workers_started_on_it_end_with_it():
+    def parallel_op() -> None:
+        x = torch.randn(1 << 20)
+        for _ in range(3):
+            x = x * 1.0001 + 1.0  # well over the parallel grain: runs on an OpenMP team
+
+    before = _threads()
+    on_passing_thread(parallel_op)
+    # the workers leave as their master's thread ends, a moment after join() returns
+    assert _settles_at(before)
+
+    # the contrast that makes the test able to fail: a thread that stays keeps its workers
+    started, stop = threading.Event(), threading.Event()
+
+    def staying() -> None:
+        parallel_op()
+        started.set()
+        stop.wait(10)
+
+    keeper = threading.Thread(target=staying, daemon=True)
+    keeper.start()
+    started.wait(10)
+    try:
+        assert _threads() > before + 1  # the thread itself and at least one worker
+    finally:
+        stop.set()
+        keeper.join()
