@@ -201,3 +201,32 @@ def test_a_replaced_norm_runs_as_its_module():
 
     seen = torch.randn(3, 1, 8)
     assert torch.equal(lean_step._rms_norm(Doubling(), seen), 2 * seen)
+
+
+def test_long_generation_writes_in_place_and_equals_transformers():
+    # past MIN_ROOM positions the buffers grow once; between growths a step writes its one
+    # position into the buffer: the cache tensors are views with room after them
+    model = tiny("llama")
+    cache, mask, last, pos = prefill(model, [[5, 6, 7], [1, 2]])
+    theirs_cache = copy.deepcopy(cache)
+    step = LeanDecodeStep(model)
+    starts, full = [], 0
+    for _ in range(lean_step.MIN_ROOM + 20):
+        mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], dim=1)
+        ours = step(last, pos, mask, cache)
+        with torch.no_grad():
+            theirs = model(
+                input_ids=last[:, None],
+                attention_mask=mask,
+                position_ids=pos[:, None],
+                cache=theirs_cache,
+                logits_to_keep=1,
+            )
+        torch.testing.assert_close(ours, theirs.logits[:, -1].float(), **TOL)
+        keys = cache.layers[0].keys
+        full += keys.untyped_storage().nbytes() == keys.numel() * keys.element_size()
+        starts.append(keys.data_ptr())
+        last, pos = ours.argmax(-1), pos + 1
+    assert len(set(starts)) == 2  # the first buffer, and one more after it filled up
+    assert full == 1  # the step that filled the first one; torch.cat would be full every step
+    step.release()

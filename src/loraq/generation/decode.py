@@ -346,6 +346,8 @@ class DecodeBatch:
         self.sequences = [self.sequences[i] for i in keep]
         if not keep:
             self._cache = self._mask = self._last = self._next_pos = None
+            if self._lean_step is not None:
+                self._lean_step.release()
             return
         rows = torch.tensor(keep, dtype=torch.long)
         mask = self._mask[rows]

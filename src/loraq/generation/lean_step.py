@@ -4,7 +4,8 @@ One decode step feeds one token per row. Through ``model(...)`` it runs transfor
 builder, rotary embedding, decorators and hub-kernel wrappers around every layer; for a small
 model that Python costs as much as the arithmetic. :class:`LeanDecodeStep` runs the same
 computation as a flat loop over the decoder layers: the causal mask is the batch's padding mask,
-the rotary tables are computed once per step, and every projection, MLP and embedding is still
+the rotary tables are computed once per step, keys and values are written into buffers with
+room to grow (not copied whole at every step), and every projection, MLP and embedding is still
 called as the model's own module, so LoRA layers, mixed-adapter rows, quantized or GGUF bases and
 ``modules_to_save`` copies behave exactly as under ``model(...)``.
 
@@ -43,6 +44,9 @@ LEAN_DECODE_ENV = "LORAQ_LEAN_DECODE"
 #: transformers ``model_type`` values whose decoder layers the lean step runs.
 MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
 _RMS_NORMS = frozenset(f"{name}RMSNorm" for name in ("Llama", "Mistral", "Qwen2", "Qwen3"))
+#: Least number of free positions a grown key/value buffer gets (else half its length): a step
+#: then writes one position instead of copying the whole cache, as ``torch.cat`` does.
+MIN_ROOM = 64
 
 
 class LeanDecodeUnsupported(UserError, ValueError):
@@ -115,6 +119,43 @@ def _layer(layer: nn.Module, config) -> _Layer:
     return _Layer(layer, attn, heads, kv_heads, attn.head_dim, attn.scaling)
 
 
+class _Room:
+    """Key/value buffers with free positions after the cached ones, one per cache tensor.
+
+    A cache tensor that is the front of its buffer gets the new position written in place; any
+    other (the first step, or after the batch joined or dropped rows, which build new tensors)
+    is copied into a new buffer with room. Returned tensors are views of the buffers.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple[int, str], torch.Tensor] = {}
+
+    def append(self, key: tuple[int, str], old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+        """``torch.cat([old, new], dim=2)`` for ``(rows, heads, length, dim)`` tensors."""
+        rows, heads, length, dim = old.shape
+        buffer = self._buffers.get(key)
+        if buffer is None or not _is_front(old, buffer) or length == buffer.shape[2]:
+            buffer = old.new_empty(rows, heads, length + max(MIN_ROOM, length // 2), dim)
+            buffer[:, :, :length] = old
+            self._buffers[key] = buffer
+        buffer[:, :, length : length + 1] = new
+        return buffer[:, :, : length + 1]
+
+    def clear(self) -> None:
+        """Let the buffers go (the batch is empty)."""
+        self._buffers.clear()
+
+
+def _is_front(view: torch.Tensor, buffer: torch.Tensor) -> bool:
+    # a live buffer's memory belongs to it alone: the same start and strides mean a front view
+    return (
+        view.data_ptr() == buffer.data_ptr()
+        and view.stride() == buffer.stride()
+        and view.shape[:2] == buffer.shape[:2]
+        and view.shape[3] == buffer.shape[3]
+    )
+
+
 class LeanDecodeStep:
     """The decode step of a Llama-family causal LM (see the module doc).
 
@@ -132,6 +173,11 @@ class LeanDecodeStep:
             )
         self.model = model
         self._layers = [_layer(layer, model.config) for layer in model.model.layers]
+        self._room = _Room()
+
+    def release(self) -> None:
+        """Free the key/value buffers kept for the running rows (call when none are left)."""
+        self._room.clear()
 
     @torch.no_grad()
     def __call__(
@@ -142,16 +188,15 @@ class LeanDecodeStep:
         cos, sin = inner.rotary_emb(x, positions.view(rows, 1))
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         keep = mask.view(rows, 1, 1, -1).bool()
-        for spec, kv in zip(self._layers, cache.layers):
+        for index, (spec, kv) in enumerate(zip(self._layers, cache.layers)):
             layer = spec.layer
             h = _rms_norm(layer.input_layernorm, x)
-            x = x + self._attention(spec, h, cos, sin, keep, kv)
+            x = x + self._attention(spec, h, cos, sin, keep, kv, index)
             x = x + layer.mlp(_rms_norm(layer.post_attention_layernorm, x))
         x = _rms_norm(inner.norm, x)
         return model.lm_head(x).view(rows, -1).float()
 
-    @staticmethod
-    def _attention(spec: _Layer, h, cos, sin, keep, kv) -> torch.Tensor:
+    def _attention(self, spec: _Layer, h, cos, sin, keep, kv, index: int) -> torch.Tensor:
         attn, rows, dim = spec.attn, h.shape[0], spec.head_dim
         q = attn.q_proj(h).view(rows, spec.heads, 1, dim)
         k = attn.k_proj(h).view(rows, spec.kv_heads, 1, dim)
@@ -161,8 +206,8 @@ class LeanDecodeStep:
             q, k = _rms_norm(q_norm, q), _rms_norm(attn.k_norm, k)
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
-        kv.keys = torch.cat([kv.keys, k], dim=-2)
-        kv.values = torch.cat([kv.values, v], dim=-2)
+        kv.keys = self._room.append((index, "keys"), kv.keys, k)
+        kv.values = self._room.append((index, "values"), kv.values, v)
         # one query token per row: its heads grouped under their key/value head, as
         # transformers' sdpa path does, so no key or value is repeated
         q = q.view(rows, spec.kv_heads, spec.heads // spec.kv_heads, dim)
