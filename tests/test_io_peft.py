@@ -1,4 +1,4 @@
-"""Adapter files against real PEFT 0.21, both directions: same logits, same keys, same config."""
+"""Adapter files against real PEFT (0.22 layout), both directions: same logits, same keys, same config."""
 
 from __future__ import annotations
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import errno
 import json
 import os
@@ -100,6 +101,24 @@ def test_bad_config_names_the_field(tmp_path: Path, changes: dict, message: str)
     with pytest.raises(FormatError, match=message) as err:
         load_adapter(tiny_llama(), folder)
     assert "adapter_config.json" in str(err.value)
+
+
+def test_fields_of_a_later_peft_are_read_when_off(tmp_path: Path) -> None:
+    # a later PEFT writes every field it has, a new feature's at its default (PEFT 0.22 added
+    # astra_config: null): such a file loads as if the field were absent; switched on, the
+    # unknown feature is refused by name rather than silently ignored
+    model = loraq.apply(tiny_llama(), loraq.LoraConfig(r=4, alpha=8, targets=["q_proj"]))
+    folder = save_adapter(model, tmp_path / "a")
+    base = tiny_llama()
+    want = load_adapter(copy.deepcopy(base), folder)
+    _edit_config(folder, future_config=None, future_flag=False, future_map={}, future_list=[])
+    got = load_adapter(copy.deepcopy(base), folder)
+    ids = torch.tensor([[1, 2, 3]])
+    with torch.no_grad():
+        assert torch.equal(got(ids).logits, want(ids).logits)
+    _edit_config(folder, future_config={"rank": 2})
+    with pytest.raises(FormatError, match=r"unknown field\(s\) \['future_config'\]; .*null"):
+        load_adapter(tiny_llama(), folder)
 
 
 def test_missing_peft_type_and_bad_json(tmp_path: Path) -> None:

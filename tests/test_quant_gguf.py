@@ -312,3 +312,22 @@ def test_pure_path_equals_gguf_bitwise_too(monkeypatch, name):
     ref = gguf.quants.dequantize(raw, gguf_type(name))
     ours = dequantize_gguf(torch.from_numpy(raw), name, x.shape)
     np.testing.assert_array_equal(ours.numpy().view(np.uint32), ref.view(np.uint32))
+
+
+def test_compiled_kernel_reads_every_float16_scale_exactly():
+    # every float16 bit pattern (NaNs aside) as a q8_0 block scale with code 1: the kernel's
+    # half -> float conversion (F16C where the CPU has it, else bit arithmetic) must give the
+    # IEEE value numpy gives, subnormals, zeros of both signs and infinities included
+    from loraq.native import dequant as cpu
+
+    if cpu.mode() == "off" or not cpu.available():
+        pytest.skip("compiled kernel off or unbuildable here")
+    halves = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16)
+    halves = halves[~np.isnan(halves)]
+    blocks = np.zeros((len(halves), 34), dtype=np.uint8)
+    blocks[:, :2] = halves.view(np.uint8).reshape(-1, 2)
+    blocks[:, 2] = 1
+    out = torch.empty(len(halves) * 32, dtype=torch.float32)
+    assert cpu.dequantize_gguf_into(torch.from_numpy(blocks), "q8_0", 0, len(halves), out)
+    want = torch.from_numpy(halves.astype(np.float32))
+    assert torch.equal(_bits(out.view(-1, 32)[:, 0].contiguous()), _bits(want))

@@ -1,4 +1,4 @@
-"""``adapter_config.json`` as PEFT 0.21 writes it, to and from :class:`loraq.LoraConfig`.
+"""``adapter_config.json`` as PEFT 0.22 writes it, to and from :class:`loraq.LoraConfig`.
 
 PEFT's LoRA config has 41 fields (listed in :data:`PEFT_LORA_DEFAULTS`). loraq maps thirteen of them
 to its own settings, treats a few as information only, and accepts the rest only at their
@@ -22,17 +22,18 @@ from ..quant.formats import FORMATS
 from .safe import FormatError
 
 #: The PEFT release whose file layout loraq writes (recorded as ``peft_version``).
-PEFT_FORMAT_VERSION = "0.21.2"
+PEFT_FORMAT_VERSION = "0.22.0"
 #: The file of an adapter folder that holds this config.
 CONFIG_NAME = "adapter_config.json"
 #: Extra config field loraq adds for adapters saved as k-bit integer codes.
 ADAPTER_BITS_FIELD = "loraq_adapter_bits"
 
-#: Every field of PEFT 0.21.2's ``LoraConfig.to_dict()`` with its default value.
+#: Every field of PEFT 0.22.0's ``LoraConfig.to_dict()`` with its default value.
 PEFT_LORA_DEFAULTS: dict[str, Any] = {
     "alora_invocation_tokens": None,
     "alpha_pattern": {},
     "arrow_config": None,
+    "astra_config": None,
     "auto_mapping": None,
     "base_model_name_or_path": None,
     "bias": "none",
@@ -157,7 +158,7 @@ def _targets_conv1d(model: nn.Module, adapter: str) -> bool:
 
 
 def peft_config_dict(model: nn.Module, adapter: str, config: LoraConfig) -> dict[str, Any]:
-    """The full ``adapter_config.json`` object PEFT 0.21 would write for this adapter."""
+    """The full ``adapter_config.json`` object PEFT 0.22 would write for this adapter."""
     targets: str | list[str]
     if config.targets == "all-linear":
         # PEFT expands "all-linear" to the full module paths before saving; so do we.
@@ -246,12 +247,16 @@ def _checked_envelope(source: str, data: Mapping[str, Any]) -> dict[str, Any]:
     """``data`` over PEFT's defaults, once its field names, ``peft_type`` and the PEFT features
     loraq cannot honour have been checked."""
     known = set(PEFT_LORA_DEFAULTS) | {ADAPTER_BITS_FIELD}
-    unknown = sorted(set(data) - known)
+    # A later PEFT writes every field of its own, new features' at their defaults: a field
+    # loraq does not know is read only when it is off (null, false, empty), as it then is.
+    unknown = sorted(k for k in set(data) - known if not _is_off(data[k]))
     if unknown:
         raise FormatError(
             f"{source}: unknown field(s) {unknown}; loraq reads the fields of PEFT "
-            f"{PEFT_FORMAT_VERSION}'s LoraConfig (remove them if they are at their defaults)"
+            f"{PEFT_FORMAT_VERSION}'s LoraConfig, and unknown ones only when null, false or "
+            "empty (remove them if they are at their defaults)"
         )
+    data = {k: v for k, v in data.items() if k in known}
     if "peft_type" not in data:
         raise _field_error(source, "peft_type", "is missing; expected 'LORA'")
     full = {**PEFT_LORA_DEFAULTS, **data}

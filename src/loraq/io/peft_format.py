@@ -2,7 +2,7 @@
 
 A folder holds ``adapter_config.json`` (see :mod:`loraq.io.peft_config`) and
 ``adapter_model.safetensors``. Tensor keys are the in-memory names with the adapter name removed
-and ``base_model.model.`` in front, exactly as PEFT 0.21 writes them:
+and ``base_model.model.`` in front, exactly as PEFT 0.22 writes them:
 
 ==========================================  ==========================================
 in memory (loraq and PEFT)                  on disk
@@ -248,7 +248,7 @@ def save_adapter(
     dequantize: bool = False,
     save_embedding_layers: bool | None = None,
 ) -> Path:
-    """Write adapters in PEFT 0.21's layout; returns the folder.
+    """Write adapters in PEFT 0.22's layout; returns the folder.
 
     ``adapter_config.json`` (all 41 PEFT fields, sorted, ``indent=2``), ``adapter_model.safetensors``
     (metadata ``{"format": "pt"}``) and a short ``README.md`` (kept if one exists). The folder is

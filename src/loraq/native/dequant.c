@@ -18,7 +18,7 @@ int loraq_openmp(void) { return 1; }
 int loraq_openmp(void) { return 0; }
 #endif
 
-#ifdef __AVX2__
+#if defined(__AVX2__) || defined(__F16C__)
 #include <immintrin.h>
 #endif
 
@@ -183,6 +183,10 @@ void loraq_dequant8(const uint8_t* codes, const float* absmax, const float* code
  * `blocks` go to out[32 * b ...]; every value equals gguf.quants' float32 result. */
 static inline float half_to_float(const uint8_t* p) {
     uint16_t h = (uint16_t)(p[0] | (p[1] << 8));
+#ifdef __F16C__
+    /* the hardware conversion: exact, as the branches below (a signalling NaN comes back quiet) */
+    return _cvtsh_ss(h);
+#else
     uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1Fu, mant = h & 0x3FFu;
     uint32_t bits;
     if (exp == 0) {
@@ -204,6 +208,7 @@ static inline float half_to_float(const uint8_t* p) {
     float f;
     memcpy(&f, &bits, 4);
     return f;
+#endif
 }
 
 void loraq_dequant_gguf(const uint8_t* blocks, int kind, int64_t first_block, int64_t last_block,
