@@ -281,3 +281,33 @@ def test_fused_paths_match_dense_reference(rows: int, transposed: bool) -> None:
     zero = torch.zeros_like(b)
     base = torch.addmm(bias, x, weight.t())
     assert torch.equal(lora_linear(x, a, zero, 0.7, weight=weight, bias=bias), base)
+
+
+def test_zero_linear_is_an_nn_linear_without_its_init():
+    from loraq.layers.kinds import zero_linear
+
+    torch.manual_seed(0)
+    ours = zero_linear(6, 3, dtype=torch.float64)
+    real = nn.Linear(6, 3, bias=False, dtype=torch.float64)
+    assert type(ours) is nn.Linear and set(vars(ours)) == set(vars(real))
+    assert ours.state_dict().keys() == real.state_dict().keys() and ours.bias is None
+    assert ours.weight.dtype == torch.float64 and not ours.weight.any()
+    assert repr(ours) == repr(real)
+    with torch.no_grad():
+        ours.weight.copy_(real.weight)
+    x = torch.randn(2, 6, dtype=torch.float64)
+    assert torch.equal(ours(x), real(x))
+
+
+def test_an_adapter_loaded_next_draws_no_random_init_but_pissa_still_runs():
+    layer = loraq.LoRALayer(nn.Linear(8, 6))
+    state = torch.get_rng_state()
+    layer.add_adapter("loaded", 2, 4, loaded_next=True)
+    assert torch.equal(torch.get_rng_state(), state)  # no kaiming draw
+    assert not layer.lora_A["loaded"].weight.any() and not layer.lora_B["loaded"].weight.any()
+    layer.add_adapter("drawn", 2, 4)
+    assert not torch.equal(torch.get_rng_state(), state) and layer.lora_A["drawn"].weight.any()
+    # PiSSA also rewrites the base weight: that is not skipped
+    before = layer.base_layer.weight.detach().clone()
+    layer.add_adapter("pissa", 2, 4, init="pissa", loaded_next=True)
+    assert not torch.equal(layer.base_layer.weight, before)

@@ -434,7 +434,9 @@ def install_adapter(
         plan = plan_apply(model, config, adapter_name, allow_large_rank=True)
         layers = wrapped_targets(model, plan)
         if layers is not None:
-            touched = [model, *layers, *(c for layer in layers for c in layer.children())]
+            # the layers and their adapter tables; the base layers are not touched
+            touched = [model, *layers]
+            touched += [c for m in layers for c in m.children() if c is not m.base_layer]
             with model_transaction(model, modules=touched):
                 add_planned_to_wrapped(model, plan, layers)
                 # nothing but the adapter's own tensors can be in its file here (linear

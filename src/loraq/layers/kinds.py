@@ -43,6 +43,18 @@ def is_gpt2_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "weight")
 
 
+def zero_linear(in_features: int, out_features: int, **kw: Any) -> nn.Linear:
+    """``nn.Linear(in_features, out_features, bias=False, **kw)`` with a zero weight, built
+    without its random initialisation (most of the cost of a small layer: a server installs
+    thousands of them, each about to be overwritten by loaded values)."""
+    layer = nn.Linear.__new__(nn.Linear)
+    nn.Module.__init__(layer)
+    layer.in_features, layer.out_features = in_features, out_features
+    layer.weight = nn.Parameter(torch.zeros(out_features, in_features, **kw))
+    layer.register_parameter("bias", None)
+    return layer
+
+
 class LayerKind:
     """What a ``LoRALayer`` needs to know about its base: the defaults serve dense linear maps."""
 
@@ -89,6 +101,14 @@ class LayerKind:
         """Fresh (uninitialised) A and B for rank ``r``."""
         in_f, out_f = self.in_out(base)
         return nn.Linear(in_f, r, bias=False, **kw), nn.Linear(r, out_f, bias=False, **kw)
+
+    def new_zero_adapter(
+        self, base: nn.Module, r: int, **kw: Any
+    ) -> tuple[nn.Module | nn.Parameter, nn.Module | nn.Parameter]:
+        """A and B as :meth:`new_adapter` makes them, all zeros, drawing no random
+        initialisation: for an adapter whose tensors are loaded right after."""
+        in_f, out_f = self.in_out(base)
+        return zero_linear(in_f, r, **kw), zero_linear(r, out_f, **kw)
 
     def branch(
         self,
@@ -209,6 +229,12 @@ class ConvKind(LayerKind):
         )
         return a, conv(r, out_f, 1, 1, bias=False, **kw)
 
+    def new_zero_adapter(self, base: nn.Module, r: int, **kw: Any) -> tuple[nn.Module, nn.Module]:
+        a, b = self.new_adapter(base, r, **kw)
+        with torch.no_grad():
+            a.weight.zero_(), b.weight.zero_()
+        return a, b
+
     def branch(self, base, a_mod, b_mod, a, b, x):
         return b_mod._conv_forward(a_mod._conv_forward(x, a, None), b, None)
 
@@ -242,6 +268,8 @@ class EmbeddingKind(LayerKind):
     def new_adapter(self, base: nn.Module, r: int, **kw: Any) -> tuple[nn.Parameter, nn.Parameter]:
         a_shape, b_shape = self.factor_shapes(base, r)
         return nn.Parameter(torch.zeros(a_shape, **kw)), nn.Parameter(torch.zeros(b_shape, **kw))
+
+    new_zero_adapter = new_adapter  # zeros already
 
     def branch(self, base, a_mod, b_mod, a, b, x):
         hidden = F.embedding(

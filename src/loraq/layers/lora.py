@@ -41,12 +41,17 @@ from .protocol import QuantizedBase
 __all__ = [
     "ADAPTER_STORES",
     "SUPPORTED_TYPES",
+    "RANDOM_INITS",
     "LoRALayer",
     "ModulesToSave",
     "is_gpt2_conv1d",
     "layer_kind",
 ]
 
+
+#: Inits that only draw random A and B (nothing else changes): skipped for an adapter whose
+#: tensors are loaded right after (``add_adapter(loaded_next=True)``). PiSSA also edits the base.
+RANDOM_INITS = frozenset({"kaiming", "gaussian"})
 
 #: Source of :attr:`LoRALayer.adapter_version` values (see ``_note_change``).
 _ADAPTER_VERSIONS = itertools.count(1)
@@ -309,8 +314,14 @@ class LoRALayer(nn.Module):
         init: str = "kaiming",
         use_rslora: bool = False,
         use_dora: bool = False,
+        loaded_next: bool = False,
     ) -> None:
-        """Add adapter ``name`` (inactive until listed in ``active_adapters``)."""
+        """Add adapter ``name`` (inactive until listed in ``active_adapters``).
+
+        ``loaded_next``: every tensor of the adapter is loaded right after (a saved adapter
+        installed), so an ``init`` that only draws random factors (:data:`RANDOM_INITS`) is
+        skipped and the factors start at zero.
+        """
         if name in self.r:
             raise ValueError(f"adapter {name!r} already exists on this layer")
         if not isinstance(r, int) or r <= 0:
@@ -328,7 +339,9 @@ class LoRALayer(nn.Module):
         self._note_change()
         dtype = self._adapter_dtype()
         _, device = self._base_dtype_device()
-        lora_a, lora_b = self._kind.new_adapter(self.base_layer, r, dtype=dtype, device=device)
+        skip_init = loaded_next and init in RANDOM_INITS
+        make = self._kind.new_zero_adapter if skip_init else self._kind.new_adapter
+        lora_a, lora_b = make(self.base_layer, r, dtype=dtype, device=device)
         if isinstance(lora_a, nn.Parameter):
             self.lora_embedding_A[name], self.lora_embedding_B[name] = lora_a, lora_b
         else:
@@ -338,8 +351,13 @@ class LoRALayer(nn.Module):
         self.lora_alpha[name] = alpha
         self.scaling[name] = adapter_scaling(alpha, r, use_rslora)
         self.use_dora[name] = use_dora
-        self.follow_base_mode()
-        self._init_adapter(name, init)
+        # only the new adapter's modules: a layer holding many adapters (a server's resident
+        # set) must not walk all of them for each one it adds
+        for modules in (self.lora_A, self.lora_B, self.lora_dropout):
+            if name in modules:
+                modules[name].train(self.training)
+        if not skip_init:
+            self._init_adapter(name, init)
         if use_dora:
             norm = (self.base_matrix().to(dtype) + self.delta_matrix(name).detach()).norm(dim=1)
             self.lora_magnitude_vector[name] = nn.Parameter(norm.clone())

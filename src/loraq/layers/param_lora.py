@@ -273,7 +273,8 @@ class ParamLoRA(nn.Module):
         self.lora_alpha[name] = alpha
         self.scaling[name] = adapter_scaling(alpha, r, use_rslora)
         self.use_dora[name] = False
-        self.follow_base_mode()
+        for modules in (self.lora_A, self.lora_B, self.lora_dropout):  # the new adapter's only
+            modules[name].train(self.training)
         with torch.no_grad():
             if init == "kaiming":
                 nn.init.kaiming_uniform_(self.lora_A[name].weight, a=math.sqrt(5))

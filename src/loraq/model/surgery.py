@@ -178,11 +178,14 @@ def add_planned_to_wrapped(model: nn.Module, plan: ApplyPlan, layers: list[LoRAL
     however many the model holds: no walk of the model. Unlike :func:`apply` it activates
     nothing and changes no ``requires_grad`` but its own (its parameters are frozen), which is
     what a server adding adapters to a model in eval mode wants. The caller holds a
-    ``model_transaction`` over ``model`` and ``layers`` (``modules=``)."""
+    ``model_transaction`` over ``model`` and ``layers`` (``modules=``) and loads every tensor
+    of the adapter next: its factors start at zero, no random init drawn (``loaded_next``)."""
     config = plan.config
     options = {"init": config.init, "use_rslora": config.use_rslora, "use_dora": config.use_dora}
     for layer in layers:
-        layer.add_adapter(plan.adapter_name, config.r, config.alpha, config.dropout, **options)
+        layer.add_adapter(
+            plan.adapter_name, config.r, config.alpha, config.dropout, loaded_next=True, **options
+        )
         if config.adapter_bits is not None:
             enable_adapter_quant(layer, plan.adapter_name, config.adapter_bits)
         for param in layer.adapter_parameters(plan.adapter_name):
