@@ -409,3 +409,15 @@ def test_adapter_view_is_what_the_forward_uses():
     assert layer.adapter_view("d").tensors()[2] is layer.lora_magnitude_vector["d"]
     with pytest.raises(KeyError, match="no adapter 'zz'"):
         layer.adapter_view("zz")
+
+
+def test_decode_steps_gather_once_the_copies_are_reused():
+    from loraq.batching.mixed import use_concat
+
+    # a one-off forward of 8 one-token rows over 8 adapters: copying each row's slices costs
+    # more than multiplying all 8 side by side
+    assert use_concat(8, 1, 8)
+    # a decode step: the same rows come back, the copies are kept, only the work counts
+    assert not use_concat(8, 1, 8, reused=True)
+    assert use_concat(8, 1, 1, reused=True)  # a single slot: nothing to gather
+    assert not use_concat(8, 64, 8)  # long prompts gather either way

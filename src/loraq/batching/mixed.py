@@ -133,19 +133,21 @@ STRATEGY = "auto"
 _COPY_COST = 8
 
 
-def use_concat(rows: int, tokens_per_row: int, slots: int) -> bool:
+def use_concat(rows: int, tokens_per_row: int, slots: int, reused: bool = False) -> bool:
     """Whether the concatenated form beats the per-row gather for this batch.
 
     gather: each row copies its adapter's A and B (``rows * r * (in+out)`` elements) and then
     multiplies only them (``tokens * r * (in+out)``). concat: every token multiplies all slots'
     A and B stacked side by side (``tokens * slots * r * (in+out)``), then a mask keeps each
-    row's own slot: no copy, but work grows with the number of adapters. Decoding (one token per
-    row) over a few adapters favours concat; long prompts or many adapters favour gather.
+    row's own slot: no copy, but work grows with the number of adapters. ``reused``: the
+    gathered copies serve the following forward passes too (a decode step: the same rows step
+    after step, :meth:`MixedBatch.row_weights` keeps them), so their copy is not counted and
+    the gather wins whenever there is more than one slot.
     """
     if STRATEGY != "auto":
         return STRATEGY == "concat"
     tokens = rows * tokens_per_row
-    return tokens * slots <= tokens + _COPY_COST * rows
+    return tokens * slots <= tokens + (0 if reused else _COPY_COST * rows)
 
 
 #: Most bytes of per-row adapter slices a :class:`MixedBatch` keeps between forward passes.
@@ -318,7 +320,9 @@ def _linear_delta(batch: MixedBatch, layer, x_in, stack: LayerStack, rows, unifo
         hidden, b = torch.matmul(x_in, stack.a[uniform].t()), stack.b[uniform]
     else:
         slots = len(batch.plan.slots)
-        if use_concat(x_in.shape[0], x_in.shape[1], slots):
+        # one token per row without gradients: a decode step, whose rows come back next step
+        reused = x_in.shape[1] == 1 and not torch.is_grad_enabled()
+        if use_concat(x_in.shape[0], x_in.shape[1], slots, reused):
             a_s, b_s, plan_rows = batch.plan_stack(layer, stack, rows)
             slots = a_s.shape[0]
             own = batch.slot_mask(plan_rows, r_max, slots, x_in.dtype)
