@@ -35,6 +35,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.background import BackgroundTask
 
 from ..core.threads import on_passing_thread
 from ..generation.decode import SamplingParams
@@ -231,8 +232,12 @@ class _Generator:
             if streamed:
                 (req,), (events,) = reqs, queues
                 reqs = []  # the stream frees its row itself
+                # cancelled once the response ends, however it ends: a client that hangs up
+                # while a chunk is being sent leaves the generator suspended, not closed
                 return StreamingResponse(
-                    stream(req, events, reply, request), media_type="text/event-stream"
+                    stream(req, events, reply, request),
+                    media_type="text/event-stream",
+                    background=BackgroundTask(req.cancel),
                 )
             results = await asyncio.gather(*(outcome(q) for q in queues))
         finally:

@@ -14,6 +14,10 @@ from fastapi.responses import JSONResponse
 
 from .engine import Request as EngineRequest
 
+#: Seconds between checks that a streaming client is still connected (while tokens flow, and
+#: while none come).
+DISCONNECT_CHECK_S = 0.5
+
 
 def error_body(status: int, message: str, param: str | None = None) -> dict[str, Any]:
     """OpenAI's error object."""
@@ -110,13 +114,20 @@ async def stream(
 ) -> AsyncIterator[str]:
     """Server-sent events in OpenAI's chunk format; a client gone frees the request's row."""
     first = True
+    checked = time.monotonic()
     try:
         while True:
             try:
-                ev = await asyncio.wait_for(events.get(), timeout=1.0)
+                ev = await asyncio.wait_for(events.get(), timeout=DISCONNECT_CHECK_S)
             except asyncio.TimeoutError:
+                ev = None
+            # asked between events too: writes to a client that hung up do not fail, so a
+            # fast stream would otherwise run to its last token for nobody
+            if ev is None or time.monotonic() - checked >= DISCONNECT_CHECK_S:
+                checked = time.monotonic()
                 if await request.is_disconnected():
                     return
+            if ev is None:
                 continue
             if ev["type"] == "error":
                 yield _sse(error_body(ev["status"], ev["message"]))
