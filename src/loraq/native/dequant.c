@@ -251,7 +251,7 @@ void loraq_dequant_gguf(const uint8_t* blocks, int kind, int64_t first_block, in
  * y: float32 (rows, out_features). in_features is a multiple of 32. Output row o is computed by
  * one thread; rows of x go in groups of MATMUL_GROUP, each block decoded once per group.
  * The sums are in a different order than a BLAS matmul's: equal within float32 rounding. */
-#define MATMUL_GROUP 4
+#define MATMUL_GROUP 8
 
 static inline void decode_block(const uint8_t* p, int kind, float* w) {
     float d = half_to_float(p);
