@@ -87,6 +87,19 @@ def prefill(model, rows: list[list[int]]):
     return out.cache, mask, out.logits[:, -1].argmax(-1), mask.sum(-1)
 
 
+def transformers_step(model, last, pos, mask, cache) -> torch.Tensor:
+    """The reference: one decode step through transformers' own forward; float32 logits."""
+    with torch.no_grad():
+        out = model(
+            input_ids=last[:, None],
+            attention_mask=mask,
+            position_ids=pos[:, None],
+            cache=cache,
+            logits_to_keep=1,
+        )
+    return out.logits[:, -1].float()
+
+
 @pytest.mark.parametrize("name", sorted(CLAIMED))
 def test_one_step_equals_transformers_logits_and_cache(name):
     model = tiny(name)
@@ -94,16 +107,9 @@ def test_one_step_equals_transformers_logits_and_cache(name):
     ours_cache, theirs_cache = copy.deepcopy(cache), copy.deepcopy(cache)
     mask = torch.cat([mask, torch.ones(3, 1, dtype=torch.long)], dim=1)
     ours = LeanDecodeStep(model)(last, pos, mask, ours_cache)
-    with torch.no_grad():
-        out = model(
-            input_ids=last[:, None],
-            attention_mask=mask,
-            position_ids=pos[:, None],
-            cache=theirs_cache,
-            logits_to_keep=1,
-        )
-    torch.testing.assert_close(ours, out.logits[:, -1].float(), **TOL)
-    for mine, theirs in zip(ours_cache.layers, out.cache.layers):
+    theirs = transformers_step(model, last, pos, mask, theirs_cache)
+    torch.testing.assert_close(ours, theirs, **TOL)
+    for mine, theirs in zip(ours_cache.layers, theirs_cache.layers):
         torch.testing.assert_close(mine.keys, theirs.keys, **TOL)
         torch.testing.assert_close(mine.values, theirs.values, **TOL)
 
@@ -214,15 +220,8 @@ def test_long_generation_writes_in_place_and_equals_transformers():
     for _ in range(lean_step.MIN_ROOM + 20):
         mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], dim=1)
         ours = step(last, pos, mask, cache)
-        with torch.no_grad():
-            theirs = model(
-                input_ids=last[:, None],
-                attention_mask=mask,
-                position_ids=pos[:, None],
-                cache=theirs_cache,
-                logits_to_keep=1,
-            )
-        torch.testing.assert_close(ours, theirs.logits[:, -1].float(), **TOL)
+        theirs = transformers_step(model, last, pos, mask, theirs_cache)
+        torch.testing.assert_close(ours, theirs, **TOL)
         keys = cache.layers[0].keys
         full += keys.untyped_storage().nbytes() == keys.numel() * keys.element_size()
         starts.append(keys.data_ptr())

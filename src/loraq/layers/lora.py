@@ -135,13 +135,20 @@ class LoRALayer(nn.Module):
             self.active_adapters = [adapter_name]
         self.follow_base_mode()
 
-    def follow_base_mode(self) -> None:
+    def follow_base_mode(self, adapter: str | None = None) -> None:
         """Put this layer and its adapter modules in the base layer's train/eval mode.
 
         A layer added to a model in ``eval()`` mode must not draw adapter dropout at inference;
         ``model.train()`` / ``model.eval()`` later set every module alike, as usual.
+        ``adapter``: only that adapter's modules (one just added: a layer holding many adapters,
+        a server's resident set, must not walk them all for each one it adds).
         """
         self.training = self.base_layer.training
+        if adapter is not None:
+            for store in (self.lora_A, self.lora_B, self.lora_dropout):
+                if adapter in store:
+                    store[adapter].train(self.training)
+            return
         for child in self.children():
             if child is not self.base_layer:
                 child.train(self.training)
@@ -351,11 +358,7 @@ class LoRALayer(nn.Module):
         self.lora_alpha[name] = alpha
         self.scaling[name] = adapter_scaling(alpha, r, use_rslora)
         self.use_dora[name] = use_dora
-        # only the new adapter's modules: a layer holding many adapters (a server's resident
-        # set) must not walk all of them for each one it adds
-        for modules in (self.lora_A, self.lora_B, self.lora_dropout):
-            if name in modules:
-                modules[name].train(self.training)
+        self.follow_base_mode(name)
         if not skip_init:
             self._init_adapter(name, init)
         if use_dora:

@@ -131,10 +131,15 @@ class ParamLoRA(nn.Module):
         self._base_options: tuple[int | None, bool] = (None, True)  # blocksize, double_quant
         self.follow_base_mode()
 
-    def follow_base_mode(self) -> None:
+    def follow_base_mode(self, adapter: str | None = None) -> None:
         """Put this wrapper and its adapter modules in the wrapped module's train/eval mode
-        (a wrapper added to a model in ``eval()`` mode stays in eval mode)."""
+        (a wrapper added to a model in ``eval()`` mode stays in eval mode); ``adapter``: only
+        that adapter's modules (as :meth:`LoRALayer.follow_base_mode`)."""
         self.training = self.base_layer.training
+        if adapter is not None:
+            for store in (self.lora_A, self.lora_B, self.lora_dropout):
+                store[adapter].train(self.training)
+            return
         for child in self.children():
             if child is not self.base_layer:
                 child.train(self.training)
@@ -273,8 +278,7 @@ class ParamLoRA(nn.Module):
         self.lora_alpha[name] = alpha
         self.scaling[name] = adapter_scaling(alpha, r, use_rslora)
         self.use_dora[name] = False
-        for modules in (self.lora_A, self.lora_B, self.lora_dropout):  # the new adapter's only
-            modules[name].train(self.training)
+        self.follow_base_mode(name)
         with torch.no_grad():
             if init == "kaiming":
                 nn.init.kaiming_uniform_(self.lora_A[name].weight, a=math.sqrt(5))

@@ -3,9 +3,10 @@
 Reading an adapter (disk, safetensors, config checks) touches no model, so the registry starts
 it on a worker thread as soon as a request is accepted and holds its model lock only for the
 install. Each read has a thread of its own that ends with it, so no OpenMP pool stays beside
-the engine's (see :mod:`loraq.core.threads`); at most :data:`READ_WORKERS` read at once. Concurrent requests for one adapter share one read. Parsed copies stay on the host,
-least recently used dropped beyond :data:`HOST_CACHE_BYTES`, so an evicted adapter comes back
-without the disk; a folder whose files changed (size or mtime) is read again.
+the engine's (see :mod:`loraq.core.threads`); at most :data:`READ_WORKERS` read at once.
+Concurrent requests for one adapter share one read. Parsed copies stay on the host, least
+recently used dropped beyond :data:`HOST_CACHE_BYTES`, so an evicted adapter comes back without
+the disk; a folder whose files changed (size or mtime) is read again.
 """
 
 from __future__ import annotations
