@@ -228,4 +228,9 @@ def test_long_generation_writes_in_place_and_equals_transformers():
         last, pos = ours.argmax(-1), pos + 1
     assert len(set(starts)) == 2  # the first buffer, and one more after it filled up
     assert full == 1  # the step that filled the first one; torch.cat would be full every step
-    step.release()
+    step.release()  # the buffers go: the next step copies the cache into a new one
+    mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], dim=1)
+    held = cache.layers[0].keys
+    step(last, pos, mask, cache)
+    assert cache.layers[0].keys.data_ptr() != held.data_ptr()
+    assert torch.equal(cache.layers[0].keys[:, :, :-1], held)
