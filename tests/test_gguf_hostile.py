@@ -341,6 +341,22 @@ HYPERPARAMETER_CASES: dict[str, tuple[dict[str, tuple | None], list[str]]] = {
         },
         ["65 tokens", "64 rows"],
     ),
+    "byte-level merge without a space": (
+        {
+            "tokenizer.ggml.model": ("gpt2", V.STRING),
+            "tokenizer.ggml.tokens": TOKENS,
+            "tokenizer.ggml.merges": (["t1 t2", "t1t2"], V.ARRAY, V.STRING),
+        },
+        ["'tokenizer.ggml.merges' entry 1", "'t1t2'", "not 'left right'"],
+    ),
+    "byte-level merges of integers": (
+        {
+            "tokenizer.ggml.model": ("gpt2", V.STRING),
+            "tokenizer.ggml.tokens": TOKENS,
+            "tokenizer.ggml.merges": ([1, 2], V.ARRAY, V.UINT32),
+        },
+        ["'tokenizer.ggml.merges' must be array[string], not array[uint32]"],
+    ),
     "scores shorter than the vocabulary": (
         {
             "tokenizer.ggml.model": ("llama", V.STRING),
@@ -502,6 +518,7 @@ def test_a_big_endian_file_with_its_own_alignment_is_read(tmp_path) -> None:
     writer = gguf.GGUFWriter(path, "llama", endianess=gguf.GGUFEndian.BIG)
     writer.add_custom_alignment(64)
     writer.add_array("tokenizer.ggml.tokens", ["a", "bc", ""])
+    writer.add_array("tokenizer.ggml.token_type", [1, 3, 4])
     writer.add_tensor("a", np.arange(6, dtype=np.float32).reshape(2, 3))
     writer.add_tensor("b", np.ones((4, 32), dtype=np.float32))
     writer.write_header_to_file()
@@ -510,7 +527,10 @@ def test_a_big_endian_file_with_its_own_alignment_is_read(tmp_path) -> None:
     writer.close()
     layout = check_gguf_layout(path)
     assert (layout.byte_order, layout.alignment) == (">", 64)
-    assert layout.array_lengths == {"tokenizer.ggml.tokens": 3}
+    assert layout.array_lengths == {"tokenizer.ggml.tokens": 3, "tokenizer.ggml.token_type": 3}
+    full = check_gguf_layout(path, ["tokenizer.ggml.tokens", "tokenizer.ggml.token_type"])
+    assert full.values["tokenizer.ggml.tokens"] == ["a", "bc", ""]
+    assert full.values["tokenizer.ggml.token_type"] == [1, 3, 4]  # read big-endian
     ours = [
         (t.name, t.type_name, t.dims, layout.data_start + t.offset, t.nbytes)
         for t in layout.tensors

@@ -474,6 +474,8 @@ def test_layout_values_equal_the_gguf_readers_metadata(tmp_path):
     writer.add_array("t.ints", [1, 2, 3])
     writer.add_array("t.words", ["a", "bc"])
     writer.add_array("t.long", list(range(SMALL_ARRAY_ITEMS + 1)))
+    writer.add_array("t.flags", [True, False] * (SMALL_ARRAY_ITEMS // 2 + 1))
+    writer.add_array("t.many", [f"w{i}" for i in range(SMALL_ARRAY_ITEMS + 1)])
     writer.add_tensor("x.weight", np.ones((2, 32), dtype=np.float32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
@@ -483,4 +485,12 @@ def test_layout_values_equal_the_gguf_readers_metadata(tmp_path):
     reader = {k: v for k, v in gguf_metadata(open_gguf(path)).items() if not k.startswith("GGUF.")}
     assert values == reader  # the reader adds GGUF.version and the counts: not file keys
     assert values["t.flag"] is True and values["t.words"] == ["a", "bc"]
-    assert "t.long" not in values
+    assert "t.long" not in values and "t.many" not in values
+    # named arrays are read whatever their length, as the reader reads them
+    writer_words = [f"w{i}" for i in range(SMALL_ARRAY_ITEMS + 1)]
+    full = check_gguf_layout(path, ["t.long", "t.flags", "t.many"])
+    reader = gguf_metadata(open_gguf(path), skip_arrays_over=1 << 20)
+    for key in ("t.long", "t.flags", "t.many"):
+        assert full.values[key] == reader[key], key
+    assert full.values["t.many"] == writer_words
+    assert full.values["t.flags"] == [True, False] * (SMALL_ARRAY_ITEMS // 2 + 1)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import mmap
 import os
 import struct
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -166,9 +167,11 @@ def _string(cursor: _Cursor, what: str) -> str:
     return cursor.raw_string(what).decode("utf-8", errors="replace")
 
 
-def _value(cursor: _Cursor, key: str, type_id: int, lengths: dict[str, int]) -> tuple[str, Any]:
-    """(type name, value; None for an array over :data:`SMALL_ARRAY_ITEMS` elements); the
-    cursor moves past the value."""
+def _value(
+    cursor: _Cursor, key: str, type_id: int, lengths: dict[str, int], full: bool = False
+) -> tuple[str, Any]:
+    """(type name, value; None for an array over :data:`SMALL_ARRAY_ITEMS` elements unless
+    ``full``); the cursor moves past the value."""
     what = f"metadata key {key!r}"
     if type_id in _SCALARS:
         return _SCALARS[type_id][0], _scalar(cursor, type_id, what)
@@ -180,7 +183,7 @@ def _value(cursor: _Cursor, key: str, type_id: int, lengths: dict[str, int]) -> 
     if item_type == _STRING:
         n = cursor.count(f"{what}: array length", _LENGTH_BYTES)
         item = f"a string of {what}"
-        if n <= SMALL_ARRAY_ITEMS:
+        if n <= SMALL_ARRAY_ITEMS or full:
             value = [_string(cursor, item) for _ in range(n)]
         else:
             value = None
@@ -191,8 +194,12 @@ def _value(cursor: _Cursor, key: str, type_id: int, lengths: dict[str, int]) -> 
         item_name, code = _SCALARS[item_type]
         itemsize = struct.calcsize(code)
         n = cursor.count(f"{what}: array length", itemsize)
-        if n <= SMALL_ARRAY_ITEMS:
-            value = [_scalar(cursor, item_type, what) for _ in range(n)]
+        if n <= SMALL_ARRAY_ITEMS or full:
+            start = cursor.pos
+            cursor.skip(n * itemsize, what)
+            value = list(struct.unpack_from(f"{cursor.order}{n}{code}", cursor.buffer, start))
+            if item_name == "bool":
+                value = [bool(v) for v in value]
         else:
             value = None
             cursor.skip(n * itemsize, what)
@@ -244,7 +251,7 @@ def _checked_alignment(cursor: _Cursor, value_types: dict[str, str], alignment: 
     return int(alignment)
 
 
-def _walk(cursor: _Cursor) -> GGUFLayout:
+def _walk(cursor: _Cursor, full_arrays: frozenset[str] = frozenset()) -> GGUFLayout:
     if bytes(cursor.buffer[:4]) != GGUF_MAGIC:
         raise FormatError(
             f"{cursor.source}: not a GGUF file (starts with {bytes(cursor.buffer[:4])!r}, "
@@ -275,7 +282,7 @@ def _walk(cursor: _Cursor) -> GGUFLayout:
         if key in value_types:
             raise cursor.fail(f"metadata key {key!r} appears twice")
         type_id = cursor.read("I", f"metadata key {key!r}: type")
-        value_types[key], value = _value(cursor, key, type_id, lengths)
+        value_types[key], value = _value(cursor, key, type_id, lengths, key in full_arrays)
         if value is not None:
             values[key] = value
     align = _checked_alignment(cursor, value_types, values.get(_ALIGNMENT_KEY))
@@ -311,9 +318,13 @@ def _walk(cursor: _Cursor) -> GGUFLayout:
     )
 
 
-def check_gguf_layout(path: str | os.PathLike[str]) -> GGUFLayout:
+def check_gguf_layout(
+    path: str | os.PathLike[str], full_arrays: Collection[str] = ()
+) -> GGUFLayout:
     """The layout of the GGUF file at ``path``, every count, length, dimension and offset in it
     checked against the file's size (and llama.cpp's rules) before anything relies on it.
+    The arrays named in ``full_arrays`` (a vocabulary, its merges) are read into ``values``
+    whatever their length.
 
     Raises:
         FileNotFoundError: no such file. FormatError: naming the file and the key or tensor
@@ -333,4 +344,4 @@ def check_gguf_layout(path: str | os.PathLike[str]) -> GGUFLayout:
                 )
             raise FormatError(f"{source}: truncated or corrupt GGUF file ({size} bytes)")
         with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buffer:
-            return _walk(_Cursor(buffer, size, source))
+            return _walk(_Cursor(buffer, size, source), frozenset(full_arrays))

@@ -6,8 +6,10 @@ allocated), then puts each GGUF tensor in place: block-quantized matrices become
 file's bytes (q/k rows put back in transformers' order), dense ones (norms, f32/f16/bf16
 matrices) become ordinary frozen float32 parameters. Peak memory is about the file size.
 
-The container is read only through the ``gguf`` package (llama.cpp's own reader); the
-tokenizer and chat template come from transformers' GGUF tokenizer conversion.
+The container's layout and metadata are read by :func:`~loraq.io.gguf_header.check_gguf_layout`
+(every count bounded by the file's size). The tokenizer and chat template of a byte-level
+vocabulary are built from that metadata (:mod:`loraq.io.gguf_byte_level`); other vocabularies
+go through transformers' GGUF tokenizer conversion.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from ..layers.gguf import EmbeddingGGUF, LinearGGUF
 from ..model.targeting import set_submodule
 from ..quant.formats import DENSE_GGUF_TYPES, GGUF, format_names
 from ..quant.gguf_tensor import GGUFTensor
+from .gguf_byte_level import VOCABULARY_ARRAYS, byte_level_tokenizer
 from .gguf_header import (
     GGUF_MAGIC,
     SMALL_ARRAY_ITEMS,
@@ -282,7 +285,7 @@ def load_gguf(
     GGUF block formats of :mod:`loraq.quant.formats` (q8_0, q4_0, q4_1 and the k-quants) stay as
     the file's bytes (dequantized to ``dtype`` per matmul); F32/F16/BF16 tensors load as float32. The model is in eval mode,
     every parameter frozen, ready for :func:`loraq.apply`; ``model.loraq_gguf_path`` records
-    the file. ``tokenizer`` is transformers' conversion of the GGUF vocabulary with the chat
+    the file. ``tokenizer`` is the file's vocabulary as a transformers tokenizer with the chat
     template (None when ``tokenizer=False`` or the file has none).
 
     Raises:
@@ -294,7 +297,7 @@ def load_gguf(
     source = str(path)
     # The layout walk reads the metadata values too: no gguf.GGUFReader, whose parse of a
     # large vocabulary takes seconds and holds its numpy views of every string in memory.
-    layout = check_gguf_layout(path)
+    layout = check_gguf_layout(path, VOCABULARY_ARRAYS if tokenizer else ())
     meta = layout.values
     for t in layout.tensors:  # cheap, and a clearer reason than the shapes that follow
         if t.name not in _IGNORED_TENSORS:
@@ -317,7 +320,7 @@ def load_gguf(
     model.eval()
     model.loraq_gguf_path = str(Path(path).resolve())
     model.config._name_or_path = model.loraq_gguf_path  # saved adapters name this base
-    return model, (_converted_tokenizer(path) if with_tokenizer else None)
+    return model, (_converted_tokenizer(path, layout) if with_tokenizer else None)
 
 
 def load_gguf_tokenizer(path: str | os.PathLike[str]) -> Any:
@@ -327,14 +330,19 @@ def load_gguf_tokenizer(path: str | os.PathLike[str]) -> Any:
     truncated or hostile file is one FormatError naming it, not transformers' traceback.
     """
     source = str(path)
-    layout = check_gguf_layout(path)
+    layout = check_gguf_layout(path, VOCABULARY_ARRAYS)
     if "tokenizer.ggml.model" not in layout.value_types:
         raise FormatError(f"{source}: the GGUF file holds no tokenizer (no tokenizer.ggml.model)")
     check_vocabulary(layout, source)
-    return _converted_tokenizer(path)
+    return _converted_tokenizer(path, layout)
 
 
-def _converted_tokenizer(path: str | os.PathLike[str]) -> Any:
+def _converted_tokenizer(path: str | os.PathLike[str], layout: GGUFLayout) -> Any:
+    """The byte-level vocabularies built straight from ``layout`` (see
+    :mod:`loraq.io.gguf_byte_level`), any other through transformers' GGUF conversion."""
+    built = byte_level_tokenizer(layout, str(path))
+    if built is not None:
+        return built
     from transformers import AutoTokenizer
 
     file = Path(path).resolve()
