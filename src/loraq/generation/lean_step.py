@@ -30,6 +30,7 @@ from torch import nn
 
 from ..core.errors import UserError
 from ..core.switches import read_switch
+from .lean_model import RMSNorm
 
 __all__ = [
     "LEAN_DECODE_ENV",
@@ -69,7 +70,7 @@ class _Layer:
 def _rms_norm(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     # transformers' RMSNorm, inline (its module call costs more than its arithmetic here);
     # anything else in a norm's place (a modules_to_save copy, another norm) runs as a module
-    if type(module).__name__ not in _RMS_NORMS:
+    if type(module).__name__ not in _RMS_NORMS and type(module) is not RMSNorm:
         return module(x)
     dtype = x.dtype
     h = x.to(torch.float32)

@@ -20,7 +20,7 @@ from .gguf_header import GGUFLayout, TensorLayout
 from .gguf_names import Architecture, architecture
 from .safe import FormatError
 
-__all__ = ["HYPERPARAMETER_LIMITS", "check_vocabulary", "model_config"]
+__all__ = ["HYPERPARAMETER_LIMITS", "check_vocabulary", "config_arguments", "model_config"]
 
 #: ``{arch}.<key>`` -> the inclusive range an integer hyperparameter must lie in.
 HYPERPARAMETER_LIMITS: dict[str, tuple[int, int]] = {
@@ -165,6 +165,15 @@ def model_config(meta: dict[str, Any], layout: GGUFLayout, source: str) -> Any:
     type, its range, and against the tensors), so that building the model is safe."""
     import transformers
 
+    config_class, kwargs = config_arguments(meta, layout, source)
+    return getattr(transformers, config_class)(**kwargs)
+
+
+def config_arguments(
+    meta: dict[str, Any], layout: GGUFLayout, source: str
+) -> tuple[str, dict[str, Any]]:
+    """``(transformers config class name, its keyword arguments)`` of a GGUF model, every
+    hyperparameter checked as :func:`model_config` says (without importing transformers)."""
     arch = _architecture(meta, source)
     row = architecture(arch, source)
     h = _checked_integers(meta, arch, source)
@@ -189,9 +198,7 @@ def model_config(meta: dict[str, Any], layout: GGUFLayout, source: str) -> Any:
         kwargs.pop("head_dim")
     if row.always_tied:
         kwargs["tie_word_embeddings"] = True
-    return getattr(transformers, row.config_class)(
-        **{k: v for k, v in kwargs.items() if v is not None}
-    )
+    return row.config_class, {k: v for k, v in kwargs.items() if v is not None}
 
 
 def _row_hyperparameters(

@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,12 +37,13 @@ from .gguf_header import (
     TensorLayout,
     check_gguf_layout,
 )
-from .gguf_hparams import check_vocabulary, model_config
+from .gguf_hparams import check_vocabulary, config_arguments
 from .gguf_names import architecture, gguf_to_hf_name, hf_row_order, permuted_heads
 from .safe import FormatError
 
 __all__ = [
     "GGUF_MAGIC",
+    "ModelBuilder",
     "gguf_metadata",
     "gguf_model_file",
     "load_gguf",
@@ -275,8 +277,16 @@ def _materialize_computed(model: nn.Module, config: Any, source: str) -> None:
         raise FormatError(f"{source}: the GGUF file has no tensor for {', '.join(missing[:5])}")
 
 
+#: ``build(config_class, config_arguments)``: a model skeleton to hold a GGUF file's tensors
+#: (see :func:`load_gguf`), or None to use transformers' model.
+ModelBuilder = Callable[[str, dict[str, Any]], "nn.Module | None"]
+
+
 def load_gguf(
-    path: str | os.PathLike[str], dtype: torch.dtype = torch.float32, tokenizer: bool = True
+    path: str | os.PathLike[str],
+    dtype: torch.dtype = torch.float32,
+    tokenizer: bool = True,
+    build: ModelBuilder | None = None,
 ) -> tuple[nn.Module, Any]:
     """``(model, tokenizer)`` from a GGUF file, its quantized tensors kept quantized.
 
@@ -288,12 +298,15 @@ def load_gguf(
     the file. ``tokenizer`` is the file's vocabulary as a transformers tokenizer with the chat
     template (None when ``tokenizer=False`` or the file has none).
 
+    The model is transformers' class for the architecture, unless ``build`` (called on the meta
+    device with the transformers config class name and its checked arguments, ``vocab_size``
+    set from the embedding) returns another with the same module names and a ``config``
+    carrying those arguments as attributes, as :mod:`loraq.generation.lean_model` does.
+
     Raises:
         FileNotFoundError: no such file. FormatError: not GGUF, truncated or corrupt, an
             unsupported architecture or tensor type, a missing or misshaped tensor (named).
     """
-    from transformers import AutoModelForCausalLM
-
     source = str(path)
     # The layout walk reads the metadata values too: no gguf.GGUFReader, whose parse of a
     # large vocabulary takes seconds and holds its numpy views of every string in memory.
@@ -302,15 +315,21 @@ def load_gguf(
     for t in layout.tensors:  # cheap, and a clearer reason than the shapes that follow
         if t.name not in _IGNORED_TENSORS:
             _check_tensor_type(t.name, t.type_name, source)
-    config = model_config(meta, layout, source)
+    config_class, arguments = config_arguments(meta, layout, source)
     with_tokenizer = tokenizer and "tokenizer.ggml.model" in meta
     if with_tokenizer:  # refused before the model is built, not after
         check_vocabulary(layout, source)
     modules = _collect(path, layout, meta["general.architecture"], source)
     if "model.embed_tokens" in modules:  # the table's rows are the vocabulary
-        config.vocab_size = modules["model.embed_tokens"]["weight"][2][0]
+        arguments["vocab_size"] = modules["model.embed_tokens"]["weight"][2][0]
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+        model = None if build is None else build(config_class, dict(arguments))
+        if model is None:
+            import transformers
+
+            config = getattr(transformers, config_class)(**arguments)
+            model = transformers.AutoModelForCausalLM.from_config(config)
+    config = model.config
     _place(model, modules, config, meta["general.architecture"], source)
     _materialize_computed(model, config, source)
     for module in model.modules():

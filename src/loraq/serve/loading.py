@@ -5,7 +5,8 @@
 =====================================  ===============================================
 folder with ``quantization_config``    :func:`loraq.load_quantized` (4-bit/8-bit base)
 other transformers folder              ``AutoModelForCausalLM.from_pretrained``
-``*.gguf`` file                        :func:`loraq.load_gguf` (blocks kept quantized)
+``*.gguf`` file                        :func:`loraq.load_gguf` (blocks kept quantized; Llama and
+                                       Qwen 2/3 as :mod:`loraq.generation.lean_model`)
 =====================================  ===============================================
 
 The tokenizer is read from the same folder (for a GGUF file: converted from the file's
@@ -19,6 +20,7 @@ from pathlib import Path
 
 from torch import nn
 
+from ..generation.lean_model import build_lean_model
 from ..io.gguf_read import load_gguf
 from ..io.quantized import load_quantized
 
@@ -81,7 +83,7 @@ def _load_gguf(path: Path, quant: str | None, own_tokenizer: bool):
             f"--quant {quant} applies to dense bases; --base {path.name} is already quantized"
         )
     try:
-        return load_gguf(path, tokenizer=own_tokenizer)
+        return load_gguf(path, tokenizer=own_tokenizer, build=build_lean_model)
     except (OSError, ValueError) as err:
         raise BaseLoadError(f"--base {path}: {err}") from err
 
