@@ -15,7 +15,8 @@ it, so the server runs under a wrapper that patches ``llama_model_default_params
 ``tests/llamacpp_open.py`` does). Then, for each concurrency level and alternating between the
 two servers, that many streaming chat clients each send ``--rounds`` requests of ``--tokens``
 tokens. Printed per side: tokens/s (streamed content chunks over wall time), p50 time to first
-token, p50 inter-token latency, start-up time and peak RSS, and loraq / llama.cpp ratios.
+token, p50 inter-token latency, start-up time and peak RSS (overall, and up to the end of each
+level: the concurrency-1 row is the peak while serving one stream), and loraq / llama.cpp ratios.
 
 Exits 2 with one line when ``llama_cpp`` is not importable.
 """
@@ -233,6 +234,8 @@ def main() -> int:
                         side.url, clients, args.rounds, args.tokens
                     ).items():
                         row[f"{side.name}_{key}"] = value
+                    # the high-water mark so far: the peak up to and including this level
+                    row[f"{side.name}_peak_rss_mb"] = side.peak_rss_mb()
                 rows.append(row)
             rss = {s.name: s.peak_rss_mb() for s in sides}
             startup = {s.name: s.startup_s for s in sides}
@@ -242,10 +245,11 @@ def main() -> int:
     print(f"base {gguf.name}, adapter {folder}, threads {args.threads}, {args.tokens} tokens, "
           f"{args.rounds} request(s) per client, llama.cpp use_extra_bufts off: {amx}")  # fmt: skip
     print("conc | tokens/s loraq llama.cpp ratio | TTFT p50 s loraq llama.cpp ratio | "
-          "inter-token p50 ms loraq llama.cpp ratio")  # fmt: skip
+          "inter-token p50 ms loraq llama.cpp ratio | peak RSS MB so far loraq llama.cpp ratio")  # fmt: skip
     for r in rows:
         parts = [f"{r['concurrency']:>4}"]
-        for key, fmt in (("tokens_per_s", ".1f"), ("ttft_p50_s", ".2f"), ("itl_p50_ms", ".0f")):
+        columns = (("tokens_per_s", ".1f"), ("ttft_p50_s", ".2f"), ("itl_p50_ms", ".0f"))
+        for key, fmt in (*columns, ("peak_rss_mb", ".0f")):
             a, b = r[f"loraq_{key}"], r[f"llama.cpp_{key}"]
             parts.append(f"{a:{fmt}} {b:{fmt}} {a / b:.2f}x")
         print(" | ".join(parts))
