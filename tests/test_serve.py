@@ -539,6 +539,8 @@ def test_serve_command_line_errors(tmp_path, capsys):
     no_dir = ["--adapter-dir", str(tmp_path / "no"), *anywhere]
     assert main(["serve", "--base", str(tmp_path), *no_dir]) == 2
     assert "is not a folder" in capsys.readouterr().err
+    assert main(["serve", "--base", str(tmp_path), "--prefix-cache-mb", "-1", *anywhere]) == 2
+    assert "--prefix-cache-mb must be >= 0, got -1" in capsys.readouterr().err
 
 
 def test_adapter_dir_scan_skips_unsafe_folders(files, tmp_path):
@@ -618,10 +620,21 @@ def test_gguf_base_serves_adapters_equal_to_local_generation(files, tmp_path):
             for name in ("g", None):
                 for prompt, text in zip(prompts, want[name]):
                     body = {"model": name or "base", "prompt": prompt, "max_tokens": 8}
-                    reply = c.post("/v1/completions", json={**body, "temperature": 0})
-                    assert reply.status_code == 200, reply.text
-                    assert reply.json()["choices"][0]["text"] == text
+                    for _ in range(2):  # the second time from the prefix cache: the same text
+                        reply = c.post("/v1/completions", json={**body, "temperature": 0})
+                        assert reply.status_code == 200, reply.text
+                        assert reply.json()["choices"][0]["text"] == text
+            metrics = c.get("/metrics").text
         assert want["g"] != want[None]
+        line = next(
+            x for x in metrics.splitlines() if x.startswith("loraq_prefix_cache_hits_total")
+        )
+        hits = float(line.split()[-1])
+        from loraq.generation.prefix_cache import DEFAULT_MIN_TOKENS
+
+        # each repeat of a prompt long enough to share (first ones may share prefixes too)
+        long = [p for p in prompts if len(tok(p)["input_ids"]) > DEFAULT_MIN_TOKENS]
+        assert long and hits >= 2 * len(long)
     finally:
         srv.kill()
 

@@ -36,8 +36,10 @@ import torch
 from torch import nn
 
 from ..batching.mixed import MixedBatch
-from ..batching.rows import adapter_rows, mixed_batch, validate_row_names
+from ..batching.rows import adapter_rows, lora_layer_list, mixed_batch, validate_row_names
+from ..model.surgery import adapter_names
 from .lean_step import lean_decode_step
+from .prefix_cache import PrefixCache
 from .sampling import sample_next
 from .text import ReplyText
 
@@ -174,9 +176,19 @@ class DecodeBatch:
     """
 
     def __init__(
-        self, model: nn.Module, pad_token_id: int = 0, *, per_row_adapters: bool = True
+        self,
+        model: nn.Module,
+        pad_token_id: int = 0,
+        *,
+        per_row_adapters: bool = True,
+        prefix_cache: PrefixCache | None = None,
     ) -> None:
+        if prefix_cache is not None and not per_row_adapters:
+            raise ValueError(
+                "prefix_cache needs per_row_adapters=True (cached keys are kept per adapter)"
+            )
         self.model = model
+        self.prefix_cache = prefix_cache
         self.pad_token_id = pad_token_id
         self.per_row_adapters = per_row_adapters
         self.sequences: list[SequenceState] = []
@@ -280,14 +292,13 @@ class DecodeBatch:
         for seq in seqs:
             if seq.generator is None and seq.params.seed is not None:
                 seq.generator = torch.Generator(self._device).manual_seed(seq.params.seed)
-        ids, mask = _left_pad([s.prompt_ids for s in seqs], self.pad_token_id)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        from transformers import DynamicCache
-
+        reused = self._reused(seqs)
+        ids, mask, positions, past = self._prefill_inputs(seqs, reused)
         every_position = any(s.params.prompt_logprobs for s in seqs)
         logits, cache = self._forward(
-            [s.adapter for s in seqs], ids, mask, positions, DynamicCache(), every_position
+            [s.adapter for s in seqs], ids, mask, positions, past, every_position
         )
+        self._keep_prompts(seqs, cache, mask)
         if every_position:
             self._record_prompt(logits, seqs)
             logits = logits[:, -1, :].float()
@@ -302,6 +313,67 @@ class DecodeBatch:
         else:
             self._join(cache, mask, last, next_pos)
         self.sequences.extend(seqs)
+
+    def _reused(self, seqs: list[SequenceState]) -> list[tuple[int, list]]:
+        """Per sequence, the prompt positions the prefix cache has (0 without one)."""
+        if self.prefix_cache is None:
+            return [(0, [])] * len(seqs)
+        self.prefix_cache.check(self._adapter_state())
+        return [
+            (0, [])
+            if s.params.prompt_logprobs
+            else self.prefix_cache.lookup(s.adapter, s.prompt_ids)
+            for s in seqs
+        ]
+
+    def _adapter_state(self) -> tuple:
+        # what cached keys depend on besides the base: the adapters and their versions
+        layers = lora_layer_list(self.model)
+        return tuple(adapter_names(self.model)), tuple(layer.adapter_version for layer in layers)
+
+    def _prefill_inputs(self, seqs, reused):
+        """``(ids, mask, positions, cache)`` of a prefill whose rows start after their reused
+        positions: each row's cached keys left-padded to the longest, its remaining prompt
+        tokens left-padded after them (padding inside a row is masked like any other)."""
+        from transformers import DynamicCache
+
+        past = max(n for n, _ in reused)
+        rest = [s.prompt_ids[n:] for s, (n, _) in zip(seqs, reused)]
+        ids, rest_mask = _left_pad(rest, self.pad_token_id)
+        done = torch.tensor([n for n, _ in reused], dtype=torch.long)
+        positions = done[:, None] + (rest_mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache()
+        if past == 0:
+            return ids, rest_mask, positions, cache
+        mask = torch.cat(
+            [(torch.arange(past)[None, :] >= past - done[:, None]).long(), rest_mask], 1
+        )
+        sample = next(layers for n, layers in reused if n)  # shapes and dtype of the keys
+        for index, (k0, v0) in enumerate(sample):
+            keys, values = [], []
+            for n, layers in reused:
+                k, v = layers[index] if n else (k0[:, :, :0], v0[:, :, :0])
+                keys.append(_pad_left(k, past, 2))
+                values.append(_pad_left(v, past, 2))
+            cache.update(
+                torch.cat(keys).to(self._device), torch.cat(values).to(self._device), index
+            )
+        return ids, mask, positions, cache
+
+    def _keep_prompts(self, seqs, cache, mask) -> None:
+        """Hand each prompt's keys and values (its real positions) to the prefix cache."""
+        if self.prefix_cache is None:
+            return
+        for i, seq in enumerate(seqs):
+            real = mask[i].nonzero().flatten().to(self._device)
+            layers = [
+                (
+                    layer.keys[i : i + 1].index_select(2, real),
+                    layer.values[i : i + 1].index_select(2, real),
+                )
+                for layer in cache.layers
+            ]
+            self.prefix_cache.store(seq.adapter, seq.prompt_ids, layers)
 
     def _join(self, cache, mask, last, next_pos) -> None:
         width = max(self._mask.shape[1], mask.shape[1])

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from ..core.threads import on_passing_thread
+from ..generation.prefix_cache import DEFAULT_MAX_BYTES
 from .fields import DEFAULT_MAX_BODY_BYTES, ServeSettings
 
 SERVE_HELP = """\
@@ -57,6 +58,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-adapters", type=int, default=64, help="adapters resident at once (LRU)")
     p.add_argument("--max-batch", type=int, default=32, help="sequences decoded together")
     p.add_argument("--max-queue", type=int, default=256, help="waiting requests before 429")
+    p.add_argument(
+        "--prefix-cache-mb",
+        type=int,
+        default=DEFAULT_MAX_BYTES >> 20,
+        help="memory for recent prompts' keys and values, reused by prompts that begin the "
+        "same way (0: off)",
+    )
     p.add_argument("--max-tokens-cap", type=int, default=512, help="largest max_tokens accepted")
     p.add_argument(
         "--max-logprobs",
@@ -133,6 +141,8 @@ def build_app(args: argparse.Namespace):
         raise CliError(f"--max-body-bytes must be >= 1, got {args.max_body_bytes}")
     if args.max_logprobs < 0:
         raise CliError(f"--max-logprobs must be >= 0, got {args.max_logprobs}")
+    if args.prefix_cache_mb < 0:
+        raise CliError(f"--prefix-cache-mb must be >= 0, got {args.prefix_cache_mb}")
     if args.adapter_dir is not None and not Path(args.adapter_dir).is_dir():
         raise CliError(f"--adapter-dir {args.adapter_dir} is not a folder")
     try:
@@ -155,7 +165,13 @@ def build_app(args: argparse.Namespace):
             registry.release(name)
     except (ServeError, ValueError) as err:
         raise CliError(getattr(err, "message", str(err))) from None
-    engine = Engine(registry, tokenizer, max_batch=args.max_batch, max_queue=args.max_queue)
+    engine = Engine(
+        registry,
+        tokenizer,
+        max_batch=args.max_batch,
+        max_queue=args.max_queue,
+        prefix_cache_bytes=args.prefix_cache_mb << 20,
+    )
     settings = ServeSettings(
         base_name=args.base_name,
         api_key=args.api_key or os.environ.get("LORAQ_API_KEY") or None,

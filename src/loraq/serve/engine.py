@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..generation.decode import DecodeBatch, SamplingParams, SequenceState
+from ..generation.prefix_cache import DEFAULT_MAX_BYTES, PrefixCache
 from ..generation.text import ReplyText
 from .metrics import ServerMetrics
 from .registry import AdapterRegistry, ServeError
@@ -64,6 +65,7 @@ class Engine:
         max_batch: int = 32,
         max_queue: int = 256,
         metrics: ServerMetrics | None = None,
+        prefix_cache_bytes: int = DEFAULT_MAX_BYTES,
     ) -> None:
         if max_batch < 1 or max_queue < 1:
             raise ValueError(f"max_batch and max_queue must be >= 1, got {max_batch}, {max_queue}")
@@ -78,7 +80,12 @@ class Engine:
         self._running: dict[int, Request] = {}
         pad = tokenizer.pad_token_id
         pad = tokenizer.eos_token_id if pad is None else pad
-        self._batch = DecodeBatch(registry.model, 0 if pad is None else pad)
+        # prompts that begin as a recent one (a shared system prompt) reuse its keys and values
+        self.prefix_cache = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes else None
+        self._prefix_counts = (0, 0)  # (hits, reused tokens) already counted in the metrics
+        self._batch = DecodeBatch(
+            registry.model, 0 if pad is None else pad, prefix_cache=self.prefix_cache
+        )
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="loraq-engine", daemon=True)
 
@@ -203,6 +210,11 @@ class Engine:
                     self._running[req.id] = req
                     self.metrics.prompt_tokens.inc(len(req.prompt_ids))
         self.metrics.batch_size.observe(len(joining))
+        if self.prefix_cache is not None:
+            hits, reused = self.prefix_cache.hits, self.prefix_cache.reused_tokens
+            self.metrics.prefix_hits.inc(hits - self._prefix_counts[0])
+            self.metrics.prefix_reused_tokens.inc(reused - self._prefix_counts[1])
+            self._prefix_counts = (hits, reused)
 
     def _decode(self) -> None:
         self._batch.step()

@@ -128,6 +128,14 @@ class ServerMetrics:
         )
         self.prompt_tokens = Counter("loraq_prompt_tokens_total", "Prompt tokens prefilled.")
         self.generated_tokens = Counter("loraq_generated_tokens_total", "Tokens generated.")
+        self.prefix_hits = Counter(
+            "loraq_prefix_cache_hits_total",
+            "Prompts prefilled from a recent prompt's keys and values (a common prefix).",
+        )
+        self.prefix_reused_tokens = Counter(
+            "loraq_prefix_cache_reused_tokens_total",
+            "Prompt tokens whose keys and values came from the prefix cache, not a prefill.",
+        )
         self.queue_depth = Gauge("loraq_queue_depth", "Requests waiting to join the batch.")
         self.running = Gauge("loraq_running_sequences", "Sequences in the running batch.")
         self.adapters = Gauge("loraq_resident_adapters", "Adapters loaded in memory.")
