@@ -39,7 +39,8 @@ from ..batching.mixed import MixedBatch
 from ..batching.rows import adapter_rows, lora_layer_list, mixed_batch, validate_row_names
 from ..model.surgery import adapter_names
 from .lean_step import lean_decode_step
-from .prefix_cache import PrefixCache
+from .padding import pad_left
+from .prefix_cache import PrefixCache, keep_prompts, prefill_inputs
 from .sampling import sample_next
 from .text import ReplyText
 
@@ -145,25 +146,6 @@ class SequenceState:
 def _cache_arg(model: nn.Module) -> str:
     # transformers >= 5.2x calls the key/value cache `cache`; older versions `past_key_values`.
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
-def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
-        mask[i, width - len(row) :] = 1
-    return ids, mask
-
-
-def _pad_left(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
-    missing = width - t.shape[dim]
-    if missing == 0:
-        return t
-    shape = list(t.shape)
-    shape[dim] = missing
-    return torch.cat([t.new_zeros(shape), t], dim=dim)
 
 
 class DecodeBatch:
@@ -293,7 +275,9 @@ class DecodeBatch:
             if seq.generator is None and seq.params.seed is not None:
                 seq.generator = torch.Generator(self._device).manual_seed(seq.params.seed)
         reused = self._reused(seqs)
-        ids, mask, positions, past = self._prefill_inputs(seqs, reused)
+        ids, mask, positions, past = prefill_inputs(
+            [s.prompt_ids for s in seqs], reused, self.pad_token_id, self._device
+        )
         every_position = any(s.params.prompt_logprobs for s in seqs)
         logits, cache = self._forward(
             [s.adapter for s in seqs], ids, mask, positions, past, every_position
@@ -331,58 +315,16 @@ class DecodeBatch:
         layers = lora_layer_list(self.model)
         return tuple(adapter_names(self.model)), tuple(layer.adapter_version for layer in layers)
 
-    def _prefill_inputs(self, seqs, reused):
-        """``(ids, mask, positions, cache)`` of a prefill whose rows start after their reused
-        positions: each row's cached keys left-padded to the longest, its remaining prompt
-        tokens left-padded after them (padding inside a row is masked like any other)."""
-        from transformers import DynamicCache
-
-        past = max(n for n, _ in reused)
-        rest = [s.prompt_ids[n:] for s, (n, _) in zip(seqs, reused)]
-        ids, rest_mask = _left_pad(rest, self.pad_token_id)
-        done = torch.tensor([n for n, _ in reused], dtype=torch.long)
-        positions = done[:, None] + (rest_mask.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache()
-        if past == 0:
-            return ids, rest_mask, positions, cache
-        mask = torch.cat(
-            [(torch.arange(past)[None, :] >= past - done[:, None]).long(), rest_mask], 1
-        )
-        sample = next(layers for n, layers in reused if n)  # shapes and dtype of the keys
-        for index, (k0, v0) in enumerate(sample):
-            keys, values = [], []
-            for n, layers in reused:
-                k, v = layers[index] if n else (k0[:, :, :0], v0[:, :, :0])
-                keys.append(_pad_left(k, past, 2))
-                values.append(_pad_left(v, past, 2))
-            cache.update(
-                torch.cat(keys).to(self._device), torch.cat(values).to(self._device), index
-            )
-        return ids, mask, positions, cache
-
     def _keep_prompts(self, seqs, cache, mask) -> None:
-        """Hand each prompt's keys and values (its real positions) to the prefix cache."""
-        if self.prefix_cache is None:
-            return
-        for i, seq in enumerate(seqs):
-            real = mask[i].nonzero().flatten().to(self._device)
-            layers = [
-                (
-                    layer.keys[i : i + 1].index_select(2, real),
-                    layer.values[i : i + 1].index_select(2, real),
-                )
-                for layer in cache.layers
-            ]
-            self.prefix_cache.store(seq.adapter, seq.prompt_ids, layers)
+        if self.prefix_cache is not None:
+            keep_prompts(self.prefix_cache, [(s.adapter, s.prompt_ids) for s in seqs], cache, mask)
 
     def _join(self, cache, mask, last, next_pos) -> None:
         width = max(self._mask.shape[1], mask.shape[1])
         for old, new in zip(self._cache.layers, cache.layers):
-            old.keys = torch.cat([_pad_left(old.keys, width, 2), _pad_left(new.keys, width, 2)])
-            old.values = torch.cat(
-                [_pad_left(old.values, width, 2), _pad_left(new.values, width, 2)]
-            )
-        self._mask = torch.cat([_pad_left(self._mask, width, 1), _pad_left(mask, width, 1)])
+            old.keys = torch.cat([pad_left(old.keys, width, 2), pad_left(new.keys, width, 2)])
+            old.values = torch.cat([pad_left(old.values, width, 2), pad_left(new.values, width, 2)])
+        self._mask = torch.cat([pad_left(self._mask, width, 1), pad_left(mask, width, 1)])
         self._last = torch.cat([self._last, last])
         self._next_pos = torch.cat([self._next_pos, next_pos])
 

@@ -35,7 +35,16 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["DEFAULT_MAX_BYTES", "DEFAULT_MIN_TOKENS", "PrefixCache"]
+from .padding import left_pad, pad_left
+
+__all__ = [
+    "DEFAULT_MAX_BYTES",
+    "DEFAULT_MIN_TOKENS",
+    "LayerKV",
+    "PrefixCache",
+    "keep_prompts",
+    "prefill_inputs",
+]
 
 #: Default bound on the cached keys and values (``loraq serve --prefix-cache-mb``).
 DEFAULT_MAX_BYTES = 64 << 20
@@ -136,3 +145,59 @@ class PrefixCache:
         while self._bytes > self.max_bytes:
             _, old = self._entries.popitem(last=False)
             self._bytes -= old.nbytes
+
+
+def prefill_inputs(
+    prompts: Sequence[Sequence[int]],
+    reused: Sequence[tuple[int, LayerKV]],
+    pad_id: int,
+    device: torch.device,
+):
+    """``(ids, mask, positions, cache)`` of a prefill whose rows start after their reused
+    positions (:meth:`PrefixCache.lookup`'s ``(n, layers)``, ``(0, [])`` for none).
+
+    Each row's reused keys and values are left-padded to the longest and go into a fresh
+    transformers ``DynamicCache``; its remaining prompt tokens are left-padded after them
+    (padding inside a row is masked like any other). ``mask`` covers cache and tokens,
+    ``positions`` are the tokens' own. With nothing reused it is the plain left-padded prefill.
+    """
+    from transformers import DynamicCache
+
+    past = max(n for n, _ in reused)
+    ids, rest_mask = left_pad([list(p[n:]) for p, (n, _) in zip(prompts, reused)], pad_id)
+    done = torch.tensor([n for n, _ in reused], dtype=torch.long)
+    positions = done[:, None] + (rest_mask.cumsum(-1) - 1).clamp(min=0)
+    cache = DynamicCache()
+    if past == 0:
+        return ids, rest_mask, positions, cache
+    cached = (torch.arange(past)[None, :] >= past - done[:, None]).long()
+    sample = next(layers for n, layers in reused if n)  # the keys' shapes and dtype
+    for index, (k0, v0) in enumerate(sample):
+        keys, values = [], []
+        for n, layers in reused:
+            k, v = layers[index] if n else (k0[:, :, :0], v0[:, :, :0])
+            keys.append(pad_left(k, past, 2))
+            values.append(pad_left(v, past, 2))
+        cache.update(torch.cat(keys).to(device), torch.cat(values).to(device), index)
+    return ids, torch.cat([cached, rest_mask], 1), positions, cache
+
+
+def keep_prompts(
+    store: PrefixCache,
+    rows: Sequence[tuple[str | None, Sequence[int]]],
+    cache,
+    mask: torch.Tensor,
+) -> None:
+    """Hand each prefilled row's prompt keys and values (the positions ``mask`` marks real in
+    ``cache``, a ``DynamicCache`` of those rows) to ``store`` under ``(adapter, prompt)``."""
+    for i, (adapter, prompt) in enumerate(rows):
+        layers = []
+        for layer in cache.layers:
+            real = mask[i].nonzero().flatten().to(layer.keys.device)
+            layers.append(
+                (
+                    layer.keys[i : i + 1].index_select(2, real),
+                    layer.values[i : i + 1].index_select(2, real),
+                )
+            )
+        store.store(adapter, prompt, layers)
