@@ -49,6 +49,7 @@ def test_the_cache_is_bounded_least_recently_used_first_and_cleared_on_a_new_fin
     assert cache.lookup("a", list(range(9)))[0] == 8
     cache.store("a", list(range(300, 340)), _kv(40))  # alone larger than the bound: not kept
     assert len(cache) == 2
+    assert cache.keeps(8, one) and not cache.keeps(40, 5 * one) and not cache.keeps(1, 1)
     cache.check("state 1")
     assert len(cache) == 0  # the first fingerprint differs from "none yet"
     cache.store("a", list(range(8)), _kv(8))
@@ -144,3 +145,10 @@ def test_a_change_of_adapters_drops_the_cached_prefixes():
 def test_prefix_cache_needs_per_row_adapters(model):
     with pytest.raises(ValueError, match="per_row_adapters"):
         DecodeBatch(model, prefix_cache=PrefixCache(), per_row_adapters=False)
+
+
+def test_prompts_larger_than_the_bound_are_not_kept(model):
+    cache = PrefixCache(max_bytes=1024, min_tokens=4)  # less than one prompt's keys
+    batch = DecodeBatch(model, 258, prefix_cache=cache)
+    batch.add([SequenceState(SHARED + [1], "a", SamplingParams(max_new_tokens=1))])
+    assert len(cache) == 0 and cache.nbytes == 0

@@ -129,6 +129,11 @@ class PrefixCache:
         self.reused_tokens += best
         return best, [(k[:, :, :best], v[:, :, :best]) for k, v in found.layers]
 
+    def keeps(self, tokens: int, nbytes: int) -> bool:
+        """Whether :meth:`store` would keep a prompt of ``tokens`` tokens and ``nbytes`` bytes
+        of keys and values (ask before copying them)."""
+        return tokens >= self.min_tokens and nbytes <= self.max_bytes
+
     def store(self, adapter: str | None, prompt: Sequence[int], layers: LayerKV) -> None:
         """Keep ``prompt``'s keys and values (one ``(1, kv_heads, len(prompt), head_dim)`` pair
         per layer, owned by the cache from now on) unless it is shorter than ``min_tokens`` or
@@ -138,7 +143,7 @@ class PrefixCache:
             self._entries.move_to_end(key)
             return
         nbytes = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in layers)
-        if len(prompt) < self.min_tokens or nbytes > self.max_bytes:
+        if not self.keeps(len(prompt), nbytes):
             return
         self._entries[key] = _Entry(adapter, key[1], layers, nbytes)
         self._bytes += nbytes
@@ -190,7 +195,14 @@ def keep_prompts(
 ) -> None:
     """Hand each prefilled row's prompt keys and values (the positions ``mask`` marks real in
     ``cache``, a ``DynamicCache`` of those rows) to ``store`` under ``(adapter, prompt)``."""
+    per_token = sum(
+        (layer.keys.shape[1] * layer.keys.shape[3]) * layer.keys.element_size()
+        + (layer.values.shape[1] * layer.values.shape[3]) * layer.values.element_size()
+        for layer in cache.layers
+    )
     for i, (adapter, prompt) in enumerate(rows):
+        if not store.keeps(len(prompt), per_token * len(prompt)):
+            continue  # not copied at all
         layers = []
         for layer in cache.layers:
             real = mask[i].nonzero().flatten().to(layer.keys.device)
