@@ -25,6 +25,9 @@ def _kv(tokens: int, value: float = 1.0, layers: int = 2):
 def test_lookup_takes_the_longest_common_prefix_of_the_same_adapter():
     cache = PrefixCache(max_bytes=1 << 20, min_tokens=3)
     cache.store("a", [1, 2, 3, 4, 5], _kv(5, 1.0))
+    assert cache.holds("a", [1, 2, 3, 4, 5]) and not cache.holds("b", [1, 2, 3, 4, 5])
+    cache.store("a", [1, 2, 3, 4, 5], [])  # held already: kept as it is, made most recent
+    assert float(cache.lookup("a", [1, 2, 3, 4, 5, 6])[1][0][0][0, 0, 0, 0]) == 1
     cache.store("a", [1, 2, 3, 9, 9, 9], _kv(6, 2.0))
     cache.store("b", [1, 2, 3, 4, 5, 6], _kv(6, 3.0))
     n, layers = cache.lookup("a", [1, 2, 3, 4, 7])
@@ -34,7 +37,7 @@ def test_lookup_takes_the_longest_common_prefix_of_the_same_adapter():
     assert cache.lookup("a", [1, 2, 3, 4, 5])[0] == 4
     assert cache.lookup("a", [1, 2, 7])[0] == 0  # 2 < min_tokens
     assert cache.lookup(None, [1, 2, 3, 4, 5, 6])[0] == 0  # the bare base has nothing cached
-    assert (cache.hits, cache.misses, cache.reused_tokens) == (2, 2, 8)
+    assert (cache.hits, cache.misses, cache.reused_tokens) == (3, 2, 13)
 
 
 def test_the_cache_is_bounded_least_recently_used_first_and_cleared_on_a_new_fingerprint():

@@ -129,6 +129,10 @@ class PrefixCache:
         self.reused_tokens += best
         return best, [(k[:, :, :best], v[:, :, :best]) for k, v in found.layers]
 
+    def holds(self, adapter: str | None, prompt: Sequence[int]) -> bool:
+        """Whether ``prompt`` under ``adapter`` is cached already (its keys need no copy)."""
+        return (adapter, tuple(prompt)) in self._entries
+
     def keeps(self, tokens: int, nbytes: int) -> bool:
         """Whether :meth:`store` would keep a prompt of ``tokens`` tokens and ``nbytes`` bytes
         of keys and values (ask before copying them)."""
@@ -201,6 +205,9 @@ def keep_prompts(
         for layer in cache.layers
     )
     for i, (adapter, prompt) in enumerate(rows):
+        if store.holds(adapter, prompt):
+            store.store(adapter, prompt, [])  # only marks it recently used
+            continue
         if not store.keeps(len(prompt), per_token * len(prompt)):
             continue  # not copied at all
         layers = []
