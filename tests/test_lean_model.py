@@ -174,3 +174,23 @@ def test_the_mask_is_causal_masks_padding_and_leaves_no_row_empty():
                 # a padding query sees only itself: its output is unused, and no key is NaN
                 want = [k for k in range(position + 1) if padding[row, k]] or [position]
                 assert seen == want, (past, row, query, seen)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_and_rotate_are_transformers_arithmetic(dtype):
+    """The pure functions the lean model and the lean decode step share, against transformers'
+    own formulas: the same floats."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
+
+    from loraq.generation.lean_model import rms_norm, rotate, signed_sin
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 4, 64).to(dtype)
+    norm = LlamaRMSNorm(64, eps=1e-5).to(dtype)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(64))
+        assert torch.equal(rms_norm(x, norm.weight, 1e-5), norm(x))
+    cos, sin = torch.randn(2, 4, 64).to(dtype), torch.randn(2, 4, 64).to(dtype)  # (rows, pos, dim)
+    q, k = apply_rotary_pos_emb(x, x * 2, cos, sin, unsqueeze_dim=1)
+    cos, signed = cos.unsqueeze(1), signed_sin(sin.unsqueeze(1))
+    assert torch.equal(rotate(x, cos, signed), q) and torch.equal(rotate(x * 2, cos, signed), k)

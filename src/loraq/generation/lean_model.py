@@ -4,8 +4,10 @@ Importing transformers' Llama modeling pulls in ``torch._dynamo``, ``torch.distr
 and sympy: seconds of start-up and about 200 MB of memory before a weight is read. A GGUF base
 served by ``loraq serve`` needs none of it: :class:`LeanLlamaForCausalLM` is the same network
 as transformers' ``LlamaForCausalLM`` / ``Qwen2ForCausalLM`` / ``Qwen3ForCausalLM`` (the same
-operations in the same order, the same module names), so adapters, PEFT files, mixed-adapter
-batches, :mod:`loraq.generation.lean_step` and ``DecodeBatch`` work on it unchanged.
+float32 products in the same order, the same module names), so adapters, PEFT files,
+mixed-adapter batches, :mod:`loraq.generation.lean_step` and ``DecodeBatch`` work on it
+unchanged. Its RMSNorm and RoPE are the pure functions :func:`rms_norm` and :func:`rotate`,
+which the lean decode step uses too.
 
 =====================  =======================================================================
 part                   as transformers computes it
@@ -48,6 +50,9 @@ __all__ = [
     "LeanModelUnsupported",
     "LeanOutput",
     "RMSNorm",
+    "rms_norm",
+    "rotate",
+    "signed_sin",
     "attention_mask_4d",
     "build_lean_model",
     "lean_config",
@@ -139,10 +144,19 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The normalized ``x``, in ``x``'s dtype."""
-        dtype = x.dtype
-        h = x.to(torch.float32)
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
-        return self.weight * h.to(dtype)
+        return rms_norm(x, self.weight, self.variance_epsilon)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """transformers' Llama RMSNorm of ``x`` over its last dimension: ``weight * x / rms(x)``
+    with the statistics in float32, the result in ``x``'s dtype. Float32 inputs take
+    ``F.rms_norm``, the same float32 products in one call."""
+    if x.dtype == torch.float32 and weight.dtype == torch.float32:
+        return F.rms_norm(x, weight.shape, weight, eps)
+    dtype = x.dtype
+    h = x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(dtype)
 
 
 class RotaryEmbedding(nn.Module):
@@ -164,9 +178,18 @@ class RotaryEmbedding(nn.Module):
         return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+def signed_sin(sin: torch.Tensor) -> torch.Tensor:
+    """``sin`` with its first half negated, for :func:`rotate`: transformers'
+    ``rotate_half(x) * sin`` is then ``x.roll(half, -1) * signed``, the same products in two
+    operations instead of five."""
+    half = sin.shape[-1] // 2
+    return torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, signed: torch.Tensor) -> torch.Tensor:
+    """RoPE as transformers applies it, ``x * cos + rotate_half(x) * sin``, with ``signed``
+    from :func:`signed_sin` (``(-a) * s`` and ``a * (-s)`` are the same float)."""
+    return x * cos + x.roll(x.shape[-1] // 2, -1) * signed
 
 
 class Attention(nn.Module):
@@ -197,9 +220,8 @@ class Attention(nn.Module):
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
+        cos, signed = cos.unsqueeze(1), signed_sin(sin.unsqueeze(1))
+        q, k = rotate(q, cos, signed), rotate(k, cos, signed)
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
         groups = self.heads // self.kv_heads

@@ -30,7 +30,7 @@ from torch import nn
 
 from ..core.errors import UserError
 from ..core.switches import read_switch
-from .lean_model import RMSNorm
+from .lean_model import RMSNorm, rms_norm, rotate, signed_sin
 
 __all__ = [
     "LEAN_DECODE_ENV",
@@ -72,25 +72,7 @@ def _rms_norm(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     # anything else in a norm's place (a modules_to_save copy, another norm) runs as a module
     if type(module).__name__ not in _RMS_NORMS and type(module) is not RMSNorm:
         return module(x)
-    if x.dtype == torch.float32 and module.weight.dtype == torch.float32:
-        # the same float32 products in one call (tests compare it with the module)
-        return F.rms_norm(x, module.weight.shape, module.weight, module.variance_epsilon)
-    dtype = x.dtype
-    h = x.to(torch.float32)
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + module.variance_epsilon)
-    return module.weight * h.to(dtype)
-
-
-def _signed_sin(sin: torch.Tensor) -> torch.Tensor:
-    """``sin`` with its first half negated: ``rotate_half(x) * sin`` is then
-    ``x.roll(half, -1) * signed``, the same products in two operations instead of five."""
-    half = sin.shape[-1] // 2
-    return torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
-    # transformers' x * cos + rotate_half(x) * sin: (-a) * s and a * (-s) are the same float
-    return x * cos + x.roll(x.shape[-1] // 2, -1) * signed_sin
+    return rms_norm(x, module.weight, module.variance_epsilon)
 
 
 def _why_not(model: nn.Module) -> str | None:
@@ -197,7 +179,7 @@ class LeanDecodeStep:
         model, inner, rows = self.model, self.model.model, ids.shape[0]
         x = inner.embed_tokens(ids.view(rows, 1))
         cos, sin = inner.rotary_emb(x, positions.view(rows, 1))
-        cos, sin = cos.unsqueeze(1), _signed_sin(sin.unsqueeze(1))
+        cos, sin = cos.unsqueeze(1), signed_sin(sin.unsqueeze(1))
         keep = mask.view(rows, 1, 1, -1).bool()
         for index, (spec, kv) in enumerate(zip(self._layers, cache.layers)):
             layer = spec.layer
@@ -215,7 +197,7 @@ class LeanDecodeStep:
         q_norm = getattr(attn, "q_norm", None)
         if q_norm is not None:  # Qwen3: a norm over each head
             q, k = _rms_norm(q_norm, q), _rms_norm(attn.k_norm, k)
-        q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
         kv.keys = self._room.append((index, "keys"), kv.keys, k)
         kv.values = self._room.append((index, "values"), kv.values, v)
         # one query token per row: its heads grouped under their key/value head, as

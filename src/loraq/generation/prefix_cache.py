@@ -141,7 +141,8 @@ class PrefixCache:
     def store(self, adapter: str | None, prompt: Sequence[int], layers: LayerKV) -> None:
         """Keep ``prompt``'s keys and values (one ``(1, kv_heads, len(prompt), head_dim)`` pair
         per layer, owned by the cache from now on) unless it is shorter than ``min_tokens`` or
-        alone larger than ``max_bytes``; older prompts go until the rest fits."""
+        alone larger than ``max_bytes``; older prompts go until the rest fits. A prompt held
+        already is only made the most recent (``layers`` unread: ``[]`` will do)."""
         key = (adapter, tuple(prompt))
         if key in self._entries:
             self._entries.move_to_end(key)
@@ -210,13 +211,12 @@ def keep_prompts(
             continue
         if not store.keeps(len(prompt), per_token * len(prompt)):
             continue  # not copied at all
-        layers = []
-        for layer in cache.layers:
-            real = mask[i].nonzero().flatten().to(layer.keys.device)
-            layers.append(
-                (
-                    layer.keys[i : i + 1].index_select(2, real),
-                    layer.values[i : i + 1].index_select(2, real),
-                )
+        real = mask[i].nonzero().flatten().to(cache.layers[0].keys.device)
+        layers = [
+            (
+                layer.keys[i : i + 1].index_select(2, real),
+                layer.values[i : i + 1].index_select(2, real),
             )
+            for layer in cache.layers
+        ]
         store.store(adapter, prompt, layers)

@@ -77,6 +77,12 @@ def byte_to_unicode() -> dict[int, str]:
     return table
 
 
+@cache
+def _byte_alphabet() -> frozenset[str]:
+    """The characters of :func:`byte_to_unicode`: every token of a byte-level vocabulary."""
+    return frozenset(byte_to_unicode().values())
+
+
 def _pre_tokenizer(name: str) -> Any | None:
     from tokenizers import Regex, pre_tokenizers
 
@@ -96,8 +102,7 @@ def _pre_tokenizer(name: str) -> Any | None:
 
 
 def _vocabulary(tokens: list[str]) -> dict[str, int]:
-    spelling = byte_to_unicode()
-    alphabet = set(spelling.values())
+    spelling, alphabet = byte_to_unicode(), _byte_alphabet()
     return {
         token if set(token) <= alphabet else "".join(spelling[b] for b in token.encode()): index
         for index, token in enumerate(tokens)
@@ -179,7 +184,7 @@ def byte_level_tokenizer(layout: GGUFLayout, source: str) -> Any | None:
     backend.pre_tokenizer = pre
     backend.decoder = decoders.ByteLevel()
     types = values.get(_TYPES) or ()
-    alphabet = set(byte_to_unicode().values())
+    alphabet = _byte_alphabet()
     # llama.cpp's converter marks a few raw-spelled tokens CONTROL: in a byte-level vocabulary
     # they are unreachable, and adding them would grow the vocabulary past the embedding
     control = [t for t, k in zip(tokens, types) if k == CONTROL and set(t) <= alphabet]
