@@ -25,15 +25,15 @@ def test_returns_the_result_and_raises_the_error_on_the_caller():
         on_passing_thread(fail)
 
 
-def _threads() -> int:
-    return len(list(Path("/proc/self/task").iterdir()))
+def _thread_ids() -> set[int]:
+    return {int(task.name) for task in Path("/proc/self/task").iterdir()}
 
 
-def _settles_at(count: int, seconds: float = 10.0) -> bool:
+def _all_gone(ids: set[int], seconds: float = 10.0) -> bool:
     deadline = time.monotonic() + seconds
-    while _threads() != count and time.monotonic() < deadline:
+    while ids & _thread_ids() and time.monotonic() < deadline:
         time.sleep(0.01)
-    return _threads() == count
+    return not ids & _thread_ids()
 
 
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs /proc")
@@ -55,16 +55,26 @@ def _check_workers_end_with_their_thread() -> None:
         for _ in range(3):
             x = x * 1.0001 + 1.0  # well over the parallel grain: runs on an OpenMP team
 
-    before = _threads()
-    on_passing_thread(parallel_op)
+    # Threads are told apart by id, not counted: a thread an earlier test left behind may end
+    # (or a pool elsewhere start) meanwhile, and a count would then never settle.
+    before = _thread_ids()
+
+    def op_and_its_threads() -> set[int]:
+        parallel_op()
+        return _thread_ids() - before  # this thread and the workers its parallel op started
+
+    started_here = on_passing_thread(op_and_its_threads)
+    assert len(started_here) > 1  # the passing thread and at least one worker
     # the workers leave as their master's thread ends, a moment after join() returns
-    assert _settles_at(before)
+    assert _all_gone(started_here)
 
     # the contrast that makes the test able to fail: a thread that stays keeps its workers
     started, stop = threading.Event(), threading.Event()
+    kept: set[int] = set()
 
     def staying() -> None:
         parallel_op()
+        kept.update(_thread_ids() - before)
         started.set()
         stop.wait(10)
 
@@ -72,7 +82,7 @@ def _check_workers_end_with_their_thread() -> None:
     keeper.start()
     started.wait(10)
     try:
-        assert _threads() > before + 1  # the thread itself and at least one worker
+        assert len(kept) > 1 and not _all_gone(kept, seconds=0.5)
     finally:
         stop.set()
         keeper.join()
