@@ -10,12 +10,19 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import importlib  # noqa: E402
 import importlib.util  # noqa: E402
 import math  # noqa: E402
+import signal  # noqa: E402
 from types import ModuleType  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+# The Ctrl-C tests model a terminal's Ctrl-C. A suite started with SIGINT ignored (under nohup,
+# or as a background job of a shell without job control) would hand that to every server and
+# trainer it starts, and they would rightly not react; a handler here gives them the default.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(autouse=True)
