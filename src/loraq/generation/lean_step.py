@@ -30,7 +30,9 @@ from torch import nn
 
 from ..core.errors import UserError
 from ..core.switches import read_switch
+from ..native.lean_layer import run_layer
 from .lean_model import RMSNorm, rms_norm, rotate, signed_sin
+from .native_step import native_layers
 
 __all__ = [
     "LEAN_DECODE_ENV",
@@ -123,14 +125,21 @@ class _Room:
     def __init__(self) -> None:
         self._buffers: dict[tuple[int, str], torch.Tensor] = {}
 
-    def append(self, key: tuple[int, str], old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
-        """``torch.cat([old, new], dim=2)`` for ``(rows, heads, length, dim)`` tensors."""
+    def reserve(self, key: tuple[int, str], old: torch.Tensor) -> torch.Tensor:
+        """The buffer of ``key``: ``old`` (``(rows, heads, length, dim)``) at its front and room
+        for at least one more position after it."""
         rows, heads, length, dim = old.shape
         buffer = self._buffers.get(key)
         if buffer is None or not _is_front(old, buffer) or length == buffer.shape[2]:
             buffer = old.new_empty(rows, heads, length + max(MIN_ROOM, length // 2), dim)
             buffer[:, :, :length] = old
             self._buffers[key] = buffer
+        return buffer
+
+    def append(self, key: tuple[int, str], old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+        """``torch.cat([old, new], dim=2)`` for ``(rows, heads, length, dim)`` tensors."""
+        length = old.shape[2]
+        buffer = self.reserve(key, old)
         buffer[:, :, length : length + 1] = new
         return buffer[:, :, : length + 1]
 
@@ -167,10 +176,14 @@ class LeanDecodeStep:
         self.model = model
         self._layers = [_layer(layer, model.config) for layer in model.model.layers]
         self._room = _Room()
+        # layers the compiled layer runs, where they qualify (None: every layer in PyTorch)
+        self._native = native_layers(model)
 
     def release(self) -> None:
         """Free the key/value buffers kept for the running rows (call when none are left)."""
         self._room.clear()
+        if self._native is not None:
+            self._native.clear()
 
     @torch.no_grad()
     def __call__(
@@ -179,15 +192,41 @@ class LeanDecodeStep:
         model, inner, rows = self.model, self.model.model, ids.shape[0]
         x = inner.embed_tokens(ids.view(rows, 1))
         cos, sin = inner.rotary_emb(x, positions.view(rows, 1))
+        compiled = None
+        if self._native is not None and self._native.runs(x):
+            x = x.clone(memory_format=torch.contiguous_format)  # compiled layers write into it
+            compiled = (
+                cos.reshape(rows, -1).contiguous(),
+                sin.reshape(rows, -1).contiguous(),
+                mask.to(torch.uint8).contiguous(),
+            )
         cos, sin = cos.unsqueeze(1), signed_sin(sin.unsqueeze(1))
         keep = mask.view(rows, 1, 1, -1).bool()
         for index, (spec, kv) in enumerate(zip(self._layers, cache.layers)):
+            if compiled is not None and self._compiled_layer(spec, kv, index, x, *compiled):
+                continue
             layer = spec.layer
             h = _rms_norm(layer.input_layernorm, x)
             x = x + self._attention(spec, h, cos, sin, keep, kv, index)
             x = x + layer.mlp(_rms_norm(layer.post_attention_layernorm, x))
         x = _rms_norm(inner.norm, x)
         return model.lm_head(x).view(rows, -1).float()
+
+    def _compiled_layer(self, spec: _Layer, kv, index: int, x, cos, sin, keep) -> bool:
+        """Run decoder layer ``index`` on ``x`` in place through the compiled layer; False
+        (nothing done) where it does not qualify (:mod:`loraq.generation.native_step`)."""
+        rows, length = x.shape[0], kv.keys.shape[2]
+        if keep.shape[1] != length + 1 or kv.keys.dtype != torch.float32:
+            return False
+        keys = self._room.reserve((index, "keys"), kv.keys)
+        values = self._room.reserve((index, "values"), kv.values)
+        shape = (spec.heads, spec.kv_heads, spec.head_dim, spec.scaling)
+        layer_spec = self._native.spec(spec.layer, shape, keys, values, rows)
+        if layer_spec is None:
+            return False
+        run_layer(layer_spec, x.view(rows, -1), length, cos, sin, keep)
+        kv.keys, kv.values = keys[:, :, : length + 1], values[:, :, : length + 1]
+        return True
 
     def _attention(self, spec: _Layer, h, cos, sin, keep, kv, index: int) -> torch.Tensor:
         attn, rows, dim = spec.attn, h.shape[0], spec.head_dim

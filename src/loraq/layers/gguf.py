@@ -71,6 +71,14 @@ class LinearGGUF(_QuantizedLinear):
             and autocast_dtype("cpu") is None
         )
 
+    def packed_blocks(self) -> tuple[torch.Tensor, str] | None:
+        """``(blocks, quant_type)`` for compiled code that reads the weight packed as
+        :meth:`forward` does (uint8 blocks ``(out_features, row_bytes)``), or None where
+        :meth:`forward` never would: a compute dtype other than float32."""
+        if self.compute_dtype != torch.float32:
+            return None
+        return getattr(self, RECORD_PREFIX + "blocks"), self._record_meta["quant_type"]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ W^T + b`` (see :class:`LinearGGUF`); a few rows read the blocks packed."""
         if self.reads_packed(x) and x.shape[-1] == self.in_features:

@@ -33,6 +33,7 @@ __all__ = [
     "dequantize_gguf_into",
     "gguf_matmul",
     "mode",
+    "packed_matmul",
 ]
 
 _SOURCE = Path(__file__).with_name("dequant.c")
@@ -312,3 +313,18 @@ def gguf_matmul(x: torch.Tensor, blocks: torch.Tensor, quant_type: str) -> torch
             blocks.data_ptr(), kind, out_features, in_features, x.data_ptr(), rows, y.data_ptr()
         )
     return y
+
+
+def packed_matmul(quant_type: str) -> tuple[int, int] | None:
+    """``(address, kind)`` of the compiled packed matmul behind :func:`gguf_matmul` for
+    ``quant_type``, for compiled code that calls it directly (:mod:`loraq.native.lean_layer`);
+    None where :func:`gguf_matmul` would not handle the type or the kernel is unavailable.
+    The C signature: ``void (const uint8_t* blocks, int kind, int64_t out_features,
+    int64_t in_features, const float* x, int64_t rows, float* y)``."""
+    lib = _library()
+    if lib is None or quant_type not in _GGUF_KINDS:
+        return None
+    fn_name, kind, _, _ = _GGUF_KINDS[quant_type]
+    if fn_name != "loraq_dequant_gguf":
+        return None
+    return ctypes.cast(lib.loraq_gguf_matmul, ctypes.c_void_p).value, kind

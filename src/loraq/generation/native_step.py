@@ -1,0 +1,271 @@
+"""Which decoder layers of a lean decode step the compiled layer runs, and their specs.
+
+:class:`~loraq.generation.lean_step.LeanDecodeStep` hands each decoder layer to the compiled
+layer of :mod:`loraq.native.lean_layer` when the layer and the step qualify, and runs it as
+PyTorch operations otherwise, layer by layer (the two share the residual stream and the key and
+value buffers). A layer qualifies when:
+
+* every projection is a :class:`~loraq.layers.gguf.LinearGGUF` in float32 whose blocks the
+  packed matmul reads, bare or under a :class:`~loraq.layers.lora.LoRALayer` in eval mode whose
+  adapters are off or merged, or run per row by a mixed-adapter batch
+  (:func:`loraq.adapter_rows`, as every decode batch does) with plain LoRA adapters (no DoRA);
+* its norms are RMSNorms and its MLP the SiLU-gated one of the Llama family.
+
+The step qualifies with at most :data:`NATIVE_MAX_ROWS` rows of float32 activations. Anything
+else (another base, a ``modules_to_save`` copy in a projection's place, DoRA, bfloat16) runs as
+before. ``LORAQ_LEAN_NATIVE`` (spelled as every switch, :mod:`loraq.core.switches`): ``auto``
+(default) uses the compiled layer where it qualifies and the kernels build, ``off`` never,
+``on`` as ``auto`` but an error where the compiled layer cannot be built.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..batching.mixed import MixedBatch
+from ..core.switches import read_switch
+from ..layers.gguf import PACKED_MAX_ROWS, LinearGGUF
+from ..layers.lora import LoRALayer
+from ..native import lean_layer
+from ..native.build import MODE_ENV, KernelUnavailableError
+from ..native.dequant import packed_matmul
+from .lean_model import MLP, RMSNorm
+
+__all__ = ["NATIVE_ENV", "NATIVE_MAX_ROWS", "NativeLayers", "native_layers"]
+
+#: Environment variable choosing ``auto`` / ``off`` (see the module docstring).
+NATIVE_ENV = "LORAQ_LEAN_NATIVE"
+#: Most rows a step runs through the compiled layer: its projections read the blocks packed,
+#: which the GGUF layers themselves stop doing above this many rows (the whole weight is then
+#: dequantized once and BLAS amortises it over the rows).
+NATIVE_MAX_ROWS = PACKED_MAX_ROWS
+_RMS_NORMS = frozenset(f"{name}RMSNorm" for name in ("Llama", "Mistral", "Qwen2", "Qwen3"))
+_MLPS = frozenset(f"{name}MLP" for name in ("Llama", "Mistral", "Qwen2", "Qwen3"))
+_CPU = torch.device("cpu")
+_NO_LORA = {"lora_a": 0, "lora_b": 0, "rank": 0, "row_slots": 0}
+
+
+def _norm(module: nn.Module | None) -> tuple[int, float] | None:
+    """``(weight address, eps)`` of an RMSNorm in float32, else None."""
+    if module is None or (type(module).__name__ not in _RMS_NORMS and type(module) is not RMSNorm):
+        return None
+    weight = module.weight
+    if weight.dtype != torch.float32 or not weight.is_contiguous() or weight.device.type != "cpu":
+        return None
+    return weight.data_ptr(), float(module.variance_epsilon)
+
+
+def _adapters(module: LoRALayer, base: nn.Module, rows: int) -> dict[str, int] | None:
+    """The LoRA fields of a projection under ``module`` (over ``base``); None when it cannot
+    run compiled."""
+    if module.training:  # adapter dropout
+        return None
+    hook = module.row_hook
+    if module.adapters_disabled:
+        return None if module.merged_adapters else _NO_LORA  # the forward would unmerge them
+    if hook is None:
+        unmerged = [n for n in module.active_adapters if n in module.r]
+        return None if set(unmerged) - set(module.merged_adapters) else _NO_LORA
+    if not isinstance(hook, MixedBatch):
+        return None
+    selection = hook.select(module, _CPU)
+    if selection is None or selection[2] == 0:  # none of the plan's adapters, or all rows bare
+        return _NO_LORA
+    stack, row_slots, _ = selection
+    a, b = stack.a, stack.b
+    fits = (
+        stack.dora is None
+        and a.dtype == b.dtype == torch.float32
+        and a.is_contiguous()
+        and b.is_contiguous()
+        and row_slots.dtype == torch.long
+        and row_slots.is_contiguous()
+        and tuple(row_slots.shape) == (rows,)
+        and a.shape[2] == getattr(base, "in_features", None)
+        and b.shape[2] == getattr(base, "out_features", None)
+    )
+    if not fits:
+        return None
+    return {
+        "lora_a": a.data_ptr(),
+        "lora_b": b.data_ptr(),
+        "rank": a.shape[1],
+        "row_slots": row_slots.data_ptr(),
+    }
+
+
+def _projection(module: nn.Module, rows: int, matmul: list[int]) -> dict[str, int] | None:
+    """A projection's spec fields, or None; ``matmul`` collects the packed matmul's address."""
+    lora = _NO_LORA
+    base = module
+    if isinstance(module, LoRALayer):
+        base = module.base_layer
+        lora = _adapters(module, base, rows)
+        if lora is None:
+            return None
+    if not isinstance(base, LinearGGUF) or type(base).forward is not LinearGGUF.forward:
+        return None
+    packed = base.packed_blocks()
+    if packed is None:
+        return None
+    blocks, quant_type = packed
+    found = packed_matmul(quant_type)
+    bias = base.bias
+    if found is None or (
+        bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous())
+    ):
+        return None
+    matmul.append(found[0])
+    return {
+        "blocks": blocks.data_ptr(),
+        "kind": found[1],
+        "out": base.out_features,
+        "in": base.in_features,
+        "bias": 0 if bias is None else bias.data_ptr(),
+        **lora,
+    }
+
+
+def _state(module: nn.Module) -> tuple:
+    """What a projection's spec fields depend on that may change between steps."""
+    if not isinstance(module, LoRALayer):
+        return (module,)
+    hook = module.row_hook
+    if isinstance(hook, MixedBatch):
+        hook.select(module, _CPU)  # brings the batch's stacks up to date
+        return (module, hook, hook.cache.generation, module.adapters_disabled, module.training)
+    active, merged = tuple(module.active_adapters), tuple(module.merged_adapters)
+    return (module, hook, module.adapters_disabled, active, merged, module.training)
+
+
+class NativeLayers:
+    """Builds the compiled layer's spec for each decoder layer of one model, step by step."""
+
+    def __init__(self, model: nn.Module) -> None:
+        config = model.config
+        self.hidden = config.hidden_size
+        self.intermediate = config.intermediate_size
+        self._silu = getattr(config, "hidden_act", "silu") == "silu"
+        # per decoder layer: (what its spec was built from, the spec or None); see spec()
+        self._specs: dict[nn.Module, tuple[tuple, torch.Tensor | None]] = {}
+
+    def clear(self) -> None:
+        """Forget the kept specs (their buffers are let go: the batch is empty)."""
+        self._specs.clear()
+
+    def runs(self, x: torch.Tensor) -> bool:
+        """Whether a step on residual stream ``x`` ``(rows, 1, hidden)`` may use compiled layers."""
+        return (
+            x.dtype == torch.float32
+            and x.device.type == "cpu"
+            and 0 < x.shape[0] <= NATIVE_MAX_ROWS
+            and x.shape[-1] == self.hidden
+        )
+
+    def spec(
+        self,
+        layer: nn.Module,
+        shape: tuple[int, int, int, float],
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        rows: int,
+    ) -> torch.Tensor | None:
+        """The spec of decoder ``layer`` (attention ``shape``: heads, key/value heads, head
+        dim, scaling) with its key and value buffers, or None when it does not qualify (see the
+        module doc). The buffers: float32 ``(rows, kv_heads, capacity, head_dim)``, alike in
+        strides, unit stride in the last dimension.
+
+        A layer's spec is kept from step to step and built again only when something it was
+        built from changed: a module in the layer, a LoRA layer's row hook, adapter state or
+        stacked weights (the batch's stack generation), the buffers or the row count.
+        """
+        attn, mlp = layer.self_attn, layer.mlp
+        modules = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj)
+        modules += (mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+        key = (
+            layer.input_layernorm,
+            layer.post_attention_layernorm,
+            getattr(attn, "q_norm", None),
+            getattr(attn, "k_norm", None),
+            mlp,
+            tuple(_state(m) for m in modules),
+            keys.data_ptr(),
+            values.data_ptr(),
+            keys.stride(),
+            tuple(keys.shape),
+            rows,
+        )
+        kept = self._specs.get(layer)
+        if kept is not None and kept[0] == key:
+            return kept[1]
+        spec = self._build(layer, modules, shape, keys, values, rows)
+        self._specs[layer] = (key, spec)
+        return spec
+
+    def _build(self, layer, modules, shape, keys, values, rows) -> torch.Tensor | None:
+        heads, kv_heads, head_dim, scaling = shape
+        buffers_fit = (
+            keys.dtype == values.dtype == torch.float32
+            and keys.stride() == values.stride()
+            and keys.shape == values.shape
+            and keys.stride(-1) == 1
+            and tuple(keys.shape[:2]) == (rows, kv_heads)
+            and keys.shape[3] == head_dim
+        )
+        if not buffers_fit:
+            return None
+        if not self._silu or not (type(layer.mlp) is MLP or type(layer.mlp).__name__ in _MLPS):
+            return None
+        attn = layer.self_attn
+        norm_in, norm_post = _norm(layer.input_layernorm), _norm(layer.post_attention_layernorm)
+        if norm_in is None or norm_post is None:
+            return None
+        q_norm = getattr(attn, "q_norm", None)
+        qk = (0, 0.0), (0, 0.0)
+        if q_norm is not None:
+            qk = _norm(q_norm), _norm(getattr(attn, "k_norm", None))
+            if None in qk:
+                return None
+        matmul: list[int] = []
+        projections = [_projection(m, rows, matmul) for m in modules]
+        if None in projections or len(set(matmul)) != 1:
+            return None
+        fields = {
+            "matmul": matmul[0],
+            "hidden": self.hidden,
+            "heads": heads,
+            "kv_heads": kv_heads,
+            "head_dim": head_dim,
+            "intermediate": self.intermediate,
+            "eps": norm_in[1],
+            "scaling": scaling,
+            "norm_in": norm_in[0],
+            "norm_post": norm_post[0],
+            "q_norm": qk[0][0],
+            "k_norm": qk[1][0],
+            "qk_eps": qk[0][1],
+            "keys": keys.data_ptr(),
+            "values": values.data_ptr(),
+            "cache_row_stride": keys.stride(0),
+            "cache_head_stride": keys.stride(1),
+        }
+        if norm_post[1] != norm_in[1] or qk[0][1] != qk[1][1]:
+            return None  # one eps per pair in the spec
+        return torch.tensor(lean_layer.layer_spec(fields, projections), dtype=torch.int64)
+
+
+def native_layers(model: nn.Module) -> NativeLayers | None:
+    """The compiled layers for ``model``'s lean step, or None where ``LORAQ_LEAN_NATIVE`` is
+    ``off`` or the compiled layer is unavailable (under ``on``: an error saying so)."""
+    switch = read_switch(NATIVE_ENV)
+    if switch == "off":
+        return None
+    if not lean_layer.available():
+        if switch == "on":
+            raise KernelUnavailableError(
+                f"{NATIVE_ENV}=on but the compiled decode layer is unavailable "
+                f"(see {MODE_ENV}; set {NATIVE_ENV}=auto to run the layers in PyTorch)"
+            )
+        return None
+    return NativeLayers(model)
