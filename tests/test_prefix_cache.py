@@ -130,6 +130,25 @@ def test_prefilling_from_cached_prefixes_generates_what_a_full_prefill_does(mode
     assert cache.reused_tokens == 20 + 22 + 10
 
 
+def test_a_repeated_prompt_is_prefilled_by_a_decode_step(model, monkeypatch):
+    # every prompt of a group found whole in the cache leaves one token per row: the lean
+    # step runs that as a decode step, not the model's forward, and generates the same
+    forwards = []
+    real = DecodeBatch._forward
+    monkeypatch.setattr(
+        DecodeBatch, "_forward", lambda *a, **k: forwards.append(1) or real(*a, **k)
+    )
+    first = [(SHARED + [1, 2, 3], "a", False), (SHARED + [4], "b", False)]
+    arrivals = [first, [(SHARED + [1, 2, 3], "a", False)], list(reversed(first))]
+    want = _run(model, arrivals)
+    forwards.clear()
+    got = _run(model, arrivals, PrefixCache(min_tokens=4))
+    assert len(forwards) == 1  # the first group only: the later ones were cache hits
+    assert [tokens for tokens, _ in got] == [tokens for tokens, _ in want]
+    for (_, lp_got), (_, lp_want) in zip(got, want):
+        assert abs(lp_got - lp_want) < 1e-4  # float32 rounding of other-shaped products
+
+
 def test_a_change_of_adapters_drops_the_cached_prefixes():
     model = tiny_causal_lm(layers=1, hidden=16)
     config = loraq.LoraConfig(r=2, alpha=4, targets="all-linear")

@@ -279,9 +279,14 @@ class DecodeBatch:
             [s.prompt_ids for s in seqs], reused, self.pad_token_id, self._device
         )
         every_position = any(s.params.prompt_logprobs for s in seqs)
-        logits, cache = self._forward(
-            [s.adapter for s in seqs], ids, mask, positions, past, every_position
+        adapters = [s.adapter for s in seqs]
+        logits = (
+            None if every_position else self._prefill_as_step(adapters, ids, mask, positions, past)
         )
+        if logits is not None:
+            cache = past
+        else:
+            logits, cache = self._forward(adapters, ids, mask, positions, past, every_position)
         self._keep_prompts(seqs, cache, mask)
         if every_position:
             self._record_prompt(logits, seqs)
@@ -297,6 +302,20 @@ class DecodeBatch:
         else:
             self._join(cache, mask, last, next_pos)
         self.sequences.extend(seqs)
+
+    def _prefill_as_step(self, adapters, ids, mask, positions, past) -> torch.Tensor | None:
+        """Logits of a prefill that has one token left per row after the prefix cache's keys
+        (a repeated prompt): that is a decode step, run by the lean step (and its compiled
+        layers) instead of the model's forward. None where it is not one, or no lean step."""
+        if self._lean_step is None or ids.shape[1] != 1 or len(past.layers) == 0:
+            return None
+        with self._rows(adapters):
+            return self._lean_step(
+                ids[:, 0].to(self._device),
+                positions[:, 0].to(self._device),
+                mask.to(self._device),
+                past,
+            )
 
     def _reused(self, seqs: list[SequenceState]) -> list[tuple[int, list]]:
         """Per sequence, the prompt positions the prefix cache has (0 without one)."""
