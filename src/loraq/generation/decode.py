@@ -181,6 +181,7 @@ class DecodeBatch:
         self._cache_arg = _cache_arg(model)
         self._device = next(model.parameters()).device
         self._mixed_cache: tuple | None = None
+        self._lora_layers: tuple[tuple, list] | None = None  # (adapter names, their layers)
         # decode steps skip transformers' per-layer machinery where the model allows it
         self._lean_step = lean_decode_step(model)
 
@@ -330,9 +331,13 @@ class DecodeBatch:
         ]
 
     def _adapter_state(self) -> tuple:
-        # what cached keys depend on besides the base: the adapters and their versions
-        layers = lora_layer_list(self.model)
-        return tuple(adapter_names(self.model)), tuple(layer.adapter_version for layer in layers)
+        # what cached keys depend on besides the base: the adapters and their versions. The
+        # LoRA layers are found again only when the adapter names change (as MixedBatch does):
+        # a walk over every module at every request would cost more than the version reads.
+        names = tuple(adapter_names(self.model))
+        if self._lora_layers is None or self._lora_layers[0] != names:
+            self._lora_layers = (names, lora_layer_list(self.model))
+        return names, tuple(layer.adapter_version for layer in self._lora_layers[1])
 
     def _keep_prompts(self, seqs, cache, mask) -> None:
         if self.prefix_cache is not None:

@@ -43,6 +43,8 @@ NATIVE_MAX_ROWS = PACKED_MAX_ROWS
 _RMS_NORMS = frozenset(f"{name}RMSNorm" for name in ("Llama", "Mistral", "Qwen2", "Qwen3"))
 _MLPS = frozenset(f"{name}MLP" for name in ("Llama", "Mistral", "Qwen2", "Qwen3"))
 _CPU = torch.device("cpu")
+_BUFFER_NAMES = ("keys", "values", "cache_row_stride", "cache_head_stride")
+_BUFFER_FIELDS = tuple(lean_layer.LAYER_FIELDS.index(name) for name in _BUFFER_NAMES)
 _NO_LORA = {"lora_a": 0, "lora_b": 0, "rank": 0, "row_slots": 0}
 
 
@@ -147,11 +149,14 @@ class NativeLayers:
         self.hidden = config.hidden_size
         self.intermediate = config.intermediate_size
         self._silu = getattr(config, "hidden_act", "silu") == "silu"
-        # per decoder layer: (what its spec was built from, the spec or None); see spec()
+        # per decoder layer: (what its spec was built from, the spec or None), and the same
+        # for its layout (the spec less its key/value buffers); see spec()
         self._specs: dict[nn.Module, tuple[tuple, torch.Tensor | None]] = {}
+        self._layouts: dict[nn.Module, tuple[tuple, list[int] | None]] = {}
 
     def clear(self) -> None:
-        """Forget the kept specs (their buffers are let go: the batch is empty)."""
+        """Forget the kept specs (their buffers are let go: the batch is empty). The layouts
+        stay: the next request on the same adapters needs them again."""
         self._specs.clear()
 
     def runs(self, x: torch.Tensor) -> bool:
@@ -178,43 +183,43 @@ class NativeLayers:
 
         A layer's spec is kept from step to step and built again only when something it was
         built from changed: a module in the layer, a LoRA layer's row hook, adapter state or
-        stacked weights (the batch's stack generation), the buffers or the row count.
+        stacked weights (the batch's stack generation), the row count, or (rebuilding only
+        their fields) the buffers.
         """
         attn, mlp = layer.self_attn, layer.mlp
         modules = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj)
         modules += (mlp.gate_proj, mlp.up_proj, mlp.down_proj)
-        key = (
+        built_from = (
             layer.input_layernorm,
             layer.post_attention_layernorm,
             getattr(attn, "q_norm", None),
             getattr(attn, "k_norm", None),
             mlp,
             tuple(_state(m) for m in modules),
-            keys.data_ptr(),
-            values.data_ptr(),
-            keys.stride(),
-            tuple(keys.shape),
             rows,
         )
+        key = (built_from, keys.data_ptr(), values.data_ptr(), keys.stride(), tuple(keys.shape))
         kept = self._specs.get(layer)
         if kept is not None and kept[0] == key:
             return kept[1]
-        spec = self._build(layer, modules, shape, keys, values, rows)
+        # new buffers alone (a prefill's, a grown one) keep the rest of the spec
+        layout = self._layouts.get(layer)
+        if layout is None or layout[0] != built_from:
+            layout = (built_from, self._layout(layer, modules, shape, rows))
+            self._layouts[layer] = layout
+        spec = None
+        if layout[1] is not None and _buffers_fit(keys, values, rows, shape):
+            values_ = list(layout[1])
+            buffer_fields = (keys.data_ptr(), values.data_ptr(), keys.stride(0), keys.stride(1))
+            for index, value in zip(_BUFFER_FIELDS, buffer_fields):
+                values_[index] = value
+            spec = torch.tensor(values_, dtype=torch.int64)
         self._specs[layer] = (key, spec)
         return spec
 
-    def _build(self, layer, modules, shape, keys, values, rows) -> torch.Tensor | None:
+    def _layout(self, layer, modules, shape, rows) -> list[int] | None:
+        """The spec values of ``layer`` with its buffer fields 0, or None (not qualified)."""
         heads, kv_heads, head_dim, scaling = shape
-        buffers_fit = (
-            keys.dtype == values.dtype == torch.float32
-            and keys.stride() == values.stride()
-            and keys.shape == values.shape
-            and keys.stride(-1) == 1
-            and tuple(keys.shape[:2]) == (rows, kv_heads)
-            and keys.shape[3] == head_dim
-        )
-        if not buffers_fit:
-            return None
         if not self._silu or not (type(layer.mlp) is MLP or type(layer.mlp).__name__ in _MLPS):
             return None
         attn = layer.self_attn
@@ -227,6 +232,8 @@ class NativeLayers:
             qk = _norm(q_norm), _norm(getattr(attn, "k_norm", None))
             if None in qk:
                 return None
+        if norm_post[1] != norm_in[1] or qk[0][1] != qk[1][1]:
+            return None  # one eps per pair in the spec
         matmul: list[int] = []
         projections = [_projection(m, rows, matmul) for m in modules]
         if None in projections or len(set(matmul)) != 1:
@@ -245,14 +252,21 @@ class NativeLayers:
             "q_norm": qk[0][0],
             "k_norm": qk[1][0],
             "qk_eps": qk[0][1],
-            "keys": keys.data_ptr(),
-            "values": values.data_ptr(),
-            "cache_row_stride": keys.stride(0),
-            "cache_head_stride": keys.stride(1),
+            **dict.fromkeys(_BUFFER_NAMES, 0),
         }
-        if norm_post[1] != norm_in[1] or qk[0][1] != qk[1][1]:
-            return None  # one eps per pair in the spec
-        return torch.tensor(lean_layer.layer_spec(fields, projections), dtype=torch.int64)
+        return lean_layer.layer_spec(fields, projections)
+
+
+def _buffers_fit(keys: torch.Tensor, values: torch.Tensor, rows: int, shape) -> bool:
+    _, kv_heads, head_dim, _ = shape
+    return (
+        keys.dtype == values.dtype == torch.float32
+        and keys.stride() == values.stride()
+        and keys.shape == values.shape
+        and keys.stride(-1) == 1
+        and tuple(keys.shape[:2]) == (rows, kv_heads)
+        and keys.shape[3] == head_dim
+    )
 
 
 def native_layers(model: nn.Module) -> NativeLayers | None:
