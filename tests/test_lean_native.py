@@ -99,6 +99,19 @@ def test_every_packed_block_type(quant_type, monkeypatch, compiled_calls):
     torch.testing.assert_close(ours, theirs, **TOL)
 
 
+@pytest.mark.parametrize("name", ["llama", "qwen3"])
+def test_float32_weights_run_compiled_too(name, monkeypatch, compiled_calls):
+    # plain nn.Linear projections (a transformers folder, stories260K): the dense kind, with
+    # mixed adapters; a width no GGUF block divides (CLAIMED's 32 wide, 48 inner)
+    model = with_adapters(tiny(name), {"a": 4, "b": 8})
+    ours = _generate(model, monkeypatch, "auto", ("a", None, "b"))
+    assert compiled_calls
+    compiled_calls.clear()
+    theirs = _generate(model, monkeypatch, "off", ("a", None, "b"))
+    assert not compiled_calls
+    _assert_same_generation(ours, theirs)
+
+
 def _generate(model, monkeypatch, switch: str, adapters, prompts=None):
     monkeypatch.setenv(NATIVE_ENV, switch)
     prompts = prompts or [[5, 6, 7, 8, 9], [3, 4], [1, 2, 3, 4, 5, 6, 7], [9, 8], [4, 4, 4]]
@@ -192,6 +205,16 @@ def test_more_rows_than_the_limit_run_in_pytorch(monkeypatch, compiled_calls):
     model = gguf_model("llama")
     _step_both(model, monkeypatch, [[5, 6], [1, 2, 3], [4]])
     assert not compiled_calls
+    _step_both(model, monkeypatch, [[5, 6], [1, 2, 3]])
+    assert compiled_calls
+
+
+def test_float32_projections_past_the_work_bound_run_in_pytorch(monkeypatch, compiled_calls):
+    model = tiny("llama")  # 32 wide, 48 inner: 2 rows x 32 x 48 multiply-adds at most
+    monkeypatch.setattr(native_step, "DENSE_MAX_WORK", 2 * 32 * 48 - 1)
+    _step_both(model, monkeypatch, [[5, 6], [1, 2, 3]])
+    assert not compiled_calls
+    monkeypatch.setattr(native_step, "DENSE_MAX_WORK", 2 * 32 * 48)
     _step_both(model, monkeypatch, [[5, 6], [1, 2, 3]])
     assert compiled_calls
 

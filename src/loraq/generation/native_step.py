@@ -6,8 +6,9 @@ PyTorch operations otherwise, layer by layer (the two share the residual stream 
 value buffers). A layer qualifies when:
 
 * every projection is a :class:`~loraq.layers.gguf.LinearGGUF` in float32 whose blocks the
-  packed matmul reads, bare or under a :class:`~loraq.layers.lora.LoRALayer` in eval mode whose
-  adapters are off or merged, or run per row by a mixed-adapter batch
+  packed matmul reads, or a plain ``nn.Linear`` with float32 weights, bare or under a
+  :class:`~loraq.layers.lora.LoRALayer` in eval mode whose adapters are off or merged, or run
+  per row by a mixed-adapter batch
   (:func:`loraq.adapter_rows`, as every decode batch does) with plain LoRA adapters (no DoRA);
 * its norms are RMSNorms and its MLP the SiLU-gated one of the Llama family.
 
@@ -32,7 +33,7 @@ from ..native.build import MODE_ENV, KernelUnavailableError
 from ..native.dequant import packed_matmul
 from .lean_model import MLP, RMSNorm
 
-__all__ = ["NATIVE_ENV", "NATIVE_MAX_ROWS", "NativeLayers", "native_layers"]
+__all__ = ["DENSE_MAX_WORK", "NATIVE_ENV", "NATIVE_MAX_ROWS", "NativeLayers", "native_layers"]
 
 #: Environment variable choosing ``auto`` / ``off`` (see the module docstring).
 NATIVE_ENV = "LORAQ_LEAN_NATIVE"
@@ -40,6 +41,10 @@ NATIVE_ENV = "LORAQ_LEAN_NATIVE"
 #: which the GGUF layers themselves stop doing above this many rows (the whole weight is then
 #: dequantized once and BLAS amortises it over the rows).
 NATIVE_MAX_ROWS = PACKED_MAX_ROWS
+#: Most multiply-adds (rows x in x out) of a float32 projection the compiled layer runs: it
+#: multiplies with vector dot products, and past this BLAS's blocked matmul, which reuses each
+#: loaded weight across many rows, costs less than the Python the compiled layer saves.
+DENSE_MAX_WORK = 1 << 24
 _RMS_NORMS = frozenset(f"{name}RMSNorm" for name in ("Llama", "Mistral", "Qwen2", "Qwen3"))
 _MLPS = frozenset(f"{name}MLP" for name in ("Llama", "Mistral", "Qwen2", "Qwen3"))
 _CPU = torch.device("cpu")
@@ -106,27 +111,44 @@ def _projection(module: nn.Module, rows: int, matmul: list[int]) -> dict[str, in
         lora = _adapters(module, base, rows)
         if lora is None:
             return None
-    if not isinstance(base, LinearGGUF) or type(base).forward is not LinearGGUF.forward:
+    weights = _weights(base, rows, matmul)
+    bias = getattr(base, "bias", None)
+    if weights is None or (bias is not None and not _float32_cpu(bias)):
         return None
-    packed = base.packed_blocks()
-    if packed is None:
-        return None
-    blocks, quant_type = packed
-    found = packed_matmul(quant_type)
-    bias = base.bias
-    if found is None or (
-        bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous())
-    ):
-        return None
-    matmul.append(found[0])
     return {
-        "blocks": blocks.data_ptr(),
-        "kind": found[1],
+        **weights,
         "out": base.out_features,
         "in": base.in_features,
         "bias": 0 if bias is None else bias.data_ptr(),
         **lora,
     }
+
+
+def _float32_cpu(tensor: torch.Tensor) -> bool:
+    return (
+        type(tensor) in (torch.Tensor, nn.Parameter)  # real memory, not a subclass's
+        and tensor.dtype == torch.float32
+        and tensor.device.type == "cpu"
+        and tensor.is_contiguous()
+    )
+
+
+def _weights(base: nn.Module, rows: int, matmul: list[int]) -> dict[str, int] | None:
+    """``blocks`` and ``kind`` of a bare projection: GGUF blocks read packed, or float32
+    weights of a plain ``nn.Linear`` (up to :data:`DENSE_MAX_WORK`); None for anything else."""
+    if type(base) is nn.Linear:
+        work = rows * base.in_features * base.out_features
+        if not _float32_cpu(base.weight) or work > DENSE_MAX_WORK:
+            return None
+        return {"blocks": base.weight.data_ptr(), "kind": lean_layer.DENSE_KIND}
+    if not isinstance(base, LinearGGUF) or type(base).forward is not LinearGGUF.forward:
+        return None
+    packed = base.packed_blocks()
+    found = None if packed is None else packed_matmul(packed[1])
+    if found is None:
+        return None
+    matmul.append(found[0])
+    return {"blocks": packed[0].data_ptr(), "kind": found[1]}
 
 
 def _state(module: nn.Module) -> tuple:
@@ -236,10 +258,10 @@ class NativeLayers:
             return None  # one eps per pair in the spec
         matmul: list[int] = []
         projections = [_projection(m, rows, matmul) for m in modules]
-        if None in projections or len(set(matmul)) != 1:
+        if None in projections or len(set(matmul)) > 1:
             return None
         fields = {
-            "matmul": matmul[0],
+            "matmul": matmul[0] if matmul else 0,
             "hidden": self.hidden,
             "heads": heads,
             "kv_heads": kv_heads,

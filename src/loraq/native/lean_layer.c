@@ -5,7 +5,7 @@
  * applies it, grouped-query attention over the cached keys and values, the output projection,
  * the SiLU-gated MLP, both residual adds) without the few hundred small tensor operations a
  * layer costs from Python. Projections read their GGUF blocks packed, through the packed matmul
- * of dequant.c, whose address the spec carries; each projection adds its bias and, per row, the
+ * of dequant.c, whose address the spec carries, or float32 weights; each projection adds its bias and, per row, the
  * row's LoRA adapter from the stacked weights of loraq.batching.stacks (A: slots x rank x in,
  * B: slots x rank x out with the scale folded in). Sums run in another order than PyTorch's:
  * results equal the reference within float32 rounding.
@@ -52,6 +52,10 @@ enum {
 
 int64_t loraq_lean_spec_size(void) { return L_PROJ + PROJECTIONS * P_SIZE; }
 
+/* A projection's P_KIND for float32 weights (P_BLOCKS then points at them); any other kind is the
+ * packed matmul's (dequant.c). */
+#define DENSE_KIND -1
+
 /* Below this many multiply-adds a loop over rows runs on one thread: waking the pool costs more. */
 #define PARALLEL_MIN_WORK 262144
 
@@ -60,6 +64,15 @@ static double as_double(int64_t bits) {
     memcpy(&value, &bits, sizeof value);
     return value;
 }
+
+#if defined(__AVX2__) && defined(__FMA__)
+static inline float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+#endif
 
 static inline float dot(const float* a, const float* b, int64_t n) {
     int64_t i = 0;
@@ -71,10 +84,7 @@ static inline float dot(const float* a, const float* b, int64_t n) {
 #elif defined(__AVX2__) && defined(__FMA__)
     __m256 acc = _mm256_setzero_ps();
     for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    sum = _mm_cvtss_f32(s);
+    sum = hsum8(acc);
 #else
     sum = 0.0f;
 #endif
@@ -92,10 +102,56 @@ static void rms_norm(const float* x, const float* weight, double eps, int64_t n,
     for (int64_t i = 0; i < n; i++) out[i] = weight[i] * (x[i] * scale);
 }
 
+/* y = x @ W^T for float32 weights W (n_out x n_in, row-major): a projection of kind DENSE_KIND.
+ * Rows go in groups of DENSE_GROUP, each weight vector loaded once per group (as the packed
+ * matmul decodes each block once per group of rows). */
+#define DENSE_GROUP 8
+static void dense_matmul(const float* w, int64_t n_out, int64_t n_in, const float* x, int64_t rows, float* y) {
+    #pragma omp parallel for schedule(static) if (n_out * n_in * rows >= PARALLEL_MIN_WORK)
+    for (int64_t o = 0; o < n_out; o++) {
+        const float* wrow = w + o * n_in;
+        for (int64_t r0 = 0; r0 < rows; r0 += DENSE_GROUP) {
+            const int64_t group = rows - r0 < DENSE_GROUP ? rows - r0 : DENSE_GROUP;
+            float sums[DENSE_GROUP];
+            int64_t i = 0;
+#if defined(__AVX512F__)
+            __m512 acc[DENSE_GROUP];
+            for (int g = 0; g < DENSE_GROUP; g++) acc[g] = _mm512_setzero_ps();
+            for (; i + 16 <= n_in; i += 16) {
+                __m512 wv = _mm512_loadu_ps(wrow + i);
+                for (int64_t g = 0; g < group; g++)
+                    acc[g] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + (r0 + g) * n_in + i), acc[g]);
+            }
+            for (int64_t g = 0; g < group; g++) sums[g] = _mm512_reduce_add_ps(acc[g]);
+#elif defined(__AVX2__) && defined(__FMA__)
+            __m256 acc[DENSE_GROUP];
+            for (int g = 0; g < DENSE_GROUP; g++) acc[g] = _mm256_setzero_ps();
+            for (; i + 8 <= n_in; i += 8) {
+                __m256 wv = _mm256_loadu_ps(wrow + i);
+                for (int64_t g = 0; g < group; g++)
+                    acc[g] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + (r0 + g) * n_in + i), acc[g]);
+            }
+            for (int64_t g = 0; g < group; g++) sums[g] = hsum8(acc[g]);
+#else
+            for (int64_t g = 0; g < group; g++) sums[g] = 0.0f;
+#endif
+            for (int64_t g = 0; g < group; g++) {
+                const float* xr = x + (r0 + g) * n_in;
+                float sum = sums[g];
+                for (int64_t k = i; k < n_in; k++) sum += wrow[k] * xr[k];
+                y[(r0 + g) * n_out + o] = sum;
+            }
+        }
+    }
+}
+
 /* out = in @ W^T (+ bias) (+ each row's LoRA delta), in: rows x P_IN, out: rows x P_OUT. */
 static void project(const int64_t* p, matmul_fn matmul, const float* in, int64_t rows, float* out) {
     const int64_t n_in = p[P_IN], n_out = p[P_OUT];
-    matmul((const uint8_t*)p[P_BLOCKS], (int)p[P_KIND], n_out, n_in, in, rows, out);
+    if (p[P_KIND] == DENSE_KIND)
+        dense_matmul((const float*)p[P_BLOCKS], n_out, n_in, in, rows, out);
+    else
+        matmul((const uint8_t*)p[P_BLOCKS], (int)p[P_KIND], n_out, n_in, in, rows, out);
     const float* bias = (const float*)p[P_BIAS];
     if (bias)
         for (int64_t r = 0; r < rows; r++) add_scaled(out + r * n_out, 1.0f, bias, n_out);

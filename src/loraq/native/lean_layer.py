@@ -3,7 +3,8 @@
 :mod:`loraq.generation.lean_step` runs a Llama-family decode step as a loop of PyTorch
 operations; for a batch of a few rows on a small model their Python and dispatch cost more than
 their arithmetic. ``lean_layer.c`` runs one whole decoder layer in one call: the same arithmetic
-in float32, the projections through the packed GGUF matmul of :mod:`loraq.native.dequant`,
+in float32, the projections through the packed GGUF matmul of :mod:`loraq.native.dequant` (or
+over float32 weights),
 each row's LoRA adapter from the stacked weights of :mod:`loraq.batching.stacks`. Its results
 equal the PyTorch step's within float32 rounding (tests compare the two).
 
@@ -26,6 +27,7 @@ import torch
 from .build import load_library, shares_torch_openmp
 
 __all__ = [
+    "DENSE_KIND",
     "LAYER_FIELDS",
     "PROJECTIONS",
     "PROJECTION_FIELDS",
@@ -39,7 +41,7 @@ _SOURCE = Path(__file__).with_name("lean_layer.c")
 
 #: The layer's own fields, in the order of the spec (``lean_layer.c``'s ``L_*``).
 LAYER_FIELDS = (
-    "matmul",  # address of the packed matmul (dequant.packed_matmul)
+    "matmul",  # address of the packed matmul (dequant.packed_matmul), 0 with dense weights only
     "hidden",
     "heads",
     "kv_heads",
@@ -70,6 +72,9 @@ PROJECTION_FIELDS = (
     "rank",
     "row_slots",
 )
+#: A projection's ``kind`` for float32 weights (``blocks`` then holds their address, rows of
+#: ``in`` values); any other kind is the packed matmul's (:func:`~loraq.native.dequant.packed_matmul`).
+DENSE_KIND = -1
 #: The projections of a layer, in the order of the spec.
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 #: Number of int64 values in a layer spec.
