@@ -167,6 +167,34 @@ def test_an_adapter_loaded_mid_generation_is_seen(monkeypatch, compiled_calls):
         torch.testing.assert_close(torch.tensor(logprobs), torch.tensor(their_logprobs), **TOL)
 
 
+def test_a_merge_between_generations_is_seen(monkeypatch, compiled_calls):
+    # one batch without per-row adapters runs the active adapter: unmerged, its layers stay in
+    # PyTorch; a merge re-quantizes the GGUF blocks into new tensors, and the layers kept from
+    # before must be built again on them (not run on the old blocks, which they hold)
+    outputs, calls = {}, {}
+    for switch in ("auto", "off"):
+        monkeypatch.setenv(NATIVE_ENV, switch)
+        model = with_adapters(gguf_model("llama"), {"a": 8})
+        batch = DecodeBatch(model, 0, per_row_adapters=False)
+        runs = []
+        for merged in (False, True):
+            if merged:
+                with pytest.warns(UserWarning, match="re-quantization"):
+                    loraq.merge(model)
+            seq = SequenceState([5, 6, 7], None, SamplingParams(6, logprobs=0))
+            batch.add([seq])
+            while not seq.finished:
+                batch.step()
+            batch.remove([seq])
+            runs.append((seq.generated, [lp.logprob for lp in seq.logprobs]))
+            calls[switch, merged] = len(compiled_calls)
+        outputs[switch] = runs
+    assert calls["auto", False] == 0 < calls["auto", True]
+    for ours, theirs in zip(outputs["auto"], outputs["off"]):
+        assert ours[0] == theirs[0]
+        torch.testing.assert_close(torch.tensor(ours[1]), torch.tensor(theirs[1]), **TOL)
+
+
 def test_growing_buffers_over_a_long_generation(monkeypatch, compiled_calls):
     model = with_adapters(gguf_model("qwen2"), {"a": 8})
     prompts = [[5, 6, 7], [1, 2]]

@@ -151,16 +151,31 @@ def _weights(base: nn.Module, rows: int, matmul: list[int]) -> dict[str, int] | 
     return {"blocks": packed[0].data_ptr(), "kind": found[1]}
 
 
+def _tensors(module: nn.Module) -> tuple[torch.Tensor, ...]:
+    """The tensors whose addresses a projection's record holds: its weight (or GGUF blocks)
+    and bias, under a LoRA layer its base layer's. A layout keeps them referenced, so that
+    none is freed while a spec points into it."""
+    base = module.base_layer if isinstance(module, LoRALayer) else module
+    packed = base.packed_blocks() if isinstance(base, LinearGGUF) else None
+    weight = packed[0] if packed is not None else getattr(base, "weight", None)
+    bias = getattr(base, "bias", None)
+    return tuple(t for t in (weight, bias) if isinstance(t, torch.Tensor))
+
+
 def _state(module: nn.Module) -> tuple:
-    """What a projection's spec fields depend on that may change between steps."""
+    """What a projection's spec fields depend on that may change between steps: the module
+    and, under a LoRA layer, its adapters' state (a merge re-quantizes GGUF blocks into new
+    tensors, and shows in ``merged_adapters``)."""
     if not isinstance(module, LoRALayer):
         return (module,)
     hook = module.row_hook
+    merged = tuple(module.merged_adapters)
     if isinstance(hook, MixedBatch):
         hook.select(module, _CPU)  # brings the batch's stacks up to date
-        return (module, hook, hook.cache.generation, module.adapters_disabled, module.training)
-    active, merged = tuple(module.active_adapters), tuple(module.merged_adapters)
-    return (module, hook, module.adapters_disabled, active, merged, module.training)
+        generation = hook.cache.generation
+        return (module, hook, generation, merged, module.adapters_disabled, module.training)
+    active = tuple(module.active_adapters)
+    return (module, hook, merged, active, module.adapters_disabled, module.training)
 
 
 class NativeLayers:
@@ -174,7 +189,7 @@ class NativeLayers:
         # per decoder layer: (what its spec was built from, the spec or None), and the same
         # for its layout (the spec less its key/value buffers); see spec()
         self._specs: dict[nn.Module, tuple[tuple, torch.Tensor | None]] = {}
-        self._layouts: dict[nn.Module, tuple[tuple, list[int] | None]] = {}
+        self._layouts: dict[nn.Module, tuple[tuple, list[int] | None, list]] = {}
 
     def clear(self) -> None:
         """Forget the kept specs (their buffers are let go: the batch is empty). The layouts
@@ -211,11 +226,14 @@ class NativeLayers:
         attn, mlp = layer.self_attn, layer.mlp
         modules = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj)
         modules += (mlp.gate_proj, mlp.up_proj, mlp.down_proj)
-        built_from = (
+        norms = (
             layer.input_layernorm,
             layer.post_attention_layernorm,
             getattr(attn, "q_norm", None),
             getattr(attn, "k_norm", None),
+        )
+        built_from = (
+            norms,
             mlp,
             tuple(_state(m) for m in modules),
             rows,
@@ -227,7 +245,12 @@ class NativeLayers:
         # new buffers alone (a prefill's, a grown one) keep the rest of the spec
         layout = self._layouts.get(layer)
         if layout is None or layout[0] != built_from:
-            layout = (built_from, self._layout(layer, modules, shape, rows))
+            # the layout holds the tensors its addresses point into: none can be freed under it
+            held = [t for m in modules for t in _tensors(m)]
+            held += [
+                n.weight for n in norms if isinstance(getattr(n, "weight", None), torch.Tensor)
+            ]
+            layout = (built_from, self._layout(layer, modules, shape, rows), held)
             self._layouts[layer] = layout
         spec = None
         if layout[1] is not None and _buffers_fit(keys, values, rows, shape):
