@@ -2,7 +2,7 @@
 
     python benchmarks/decode_step.py [--model smollm2|stories|smollm2-shape] [--steps 20]
                                      [--profile] [--adapters 0,1,8,64] [--batch 1,8]
-                                     [--lean auto,off]
+                                     [--lean auto,off] [--native auto,off]
 
 For each batch size and adapter count it fills a :class:`~loraq.generation.decode.DecodeBatch`
 (the loop ``loraq serve`` runs) with prompts of 16 tokens, the rows spread round-robin over
@@ -11,7 +11,10 @@ the adapters (0: every row on the bare base), and times ``step()``: median wall 
 slows them alike). ``--profile`` prints cProfile's top functions (own CPU time of the
 profiling thread, as a share of the step; compiled kernels count in their Python caller; with
 ``--threads 1`` that is all the work) for each configuration. Ratios to compare: tokens/s of a batch over N
-adapters / the same batch on one adapter. The load average is printed with the results.
+adapters / the same batch on one adapter. ``--native`` compares the lean step with its layers
+compiled (``LORAQ_LEAN_NATIVE=auto``) and as PyTorch operations (``off``); the last column is
+against the last value of ``--native`` (or, with one, of ``--lean``). The load average is
+printed with the results.
 """
 
 from __future__ import annotations
@@ -31,15 +34,24 @@ from timing import machine_line  # noqa: E402
 
 from loraq.generation.decode import DecodeBatch, SamplingParams, SequenceState  # noqa: E402
 from loraq.generation.lean_step import LEAN_DECODE_ENV  # noqa: E402
+from loraq.generation.native_step import NATIVE_ENV  # noqa: E402
 
 
 def make_batch(
-    model, rows: int, adapters: int, vocab: int, cache_len: int, lean: str = "auto"
+    model,
+    rows: int,
+    adapters: int,
+    vocab: int,
+    cache_len: int,
+    lean: str = "auto",
+    native: str = "auto",
 ) -> DecodeBatch:
     """A running batch of ``rows`` prompts of 16 tokens over ``adapters`` adapters (0: none),
-    its decode steps lean or not as ``lean`` (a ``LORAQ_LEAN_DECODE`` value) says."""
+    its decode steps lean or not as ``lean`` (a ``LORAQ_LEAN_DECODE`` value) says, their
+    layers compiled or not as ``native`` (a ``LORAQ_LEAN_NATIVE`` value) says."""
     gen = torch.Generator().manual_seed(0)
     os.environ[LEAN_DECODE_ENV] = lean
+    os.environ[NATIVE_ENV] = native
     batch = DecodeBatch(model)  # per-row adapters, as the serving engine runs it
     seqs = []
     for i in range(rows):
@@ -87,6 +99,9 @@ def main() -> None:
     parser.add_argument(
         "--lean", default="auto", help="LORAQ_LEAN_DECODE values to compare, e.g. auto,off"
     )
+    parser.add_argument(
+        "--native", default="auto", help="LORAQ_LEAN_NATIVE values to compare, e.g. auto,off"
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -98,12 +113,13 @@ def main() -> None:
     model.eval()
     vocab = model.config.vocab_size
     sizes = [int(b) for b in args.batch.split(",")]
-    leans = args.lean.split(",")
+    leans, natives = args.lean.split(","), args.native.split(",")
     configs = {
-        (b, a, lean): make_batch(model, b, a, vocab, args.cache, lean)
+        (b, a, lean, native): make_batch(model, b, a, vocab, args.cache, lean, native)
         for b in sizes
         for a in counts
         for lean in leans
+        for native in natives
     }
     print(f"# decode step: {what}, threads={torch.get_num_threads()}, cache {16 + args.cache}")
     print(machine_line())
@@ -117,22 +133,27 @@ def main() -> None:
             cpu[key].append(time.process_time() - c)
     print(machine_line())
     print(f"# {args.steps} steps per configuration")
+    by_native = len(natives) > 1
+    versus = natives[-1] if by_native else leans[-1]
     print(
-        f"\n{'batch':>5} {'adapters':>8} {'lean':>5} {'wall ms':>8} {'cpu ms':>8} {'tok/s':>8}"
-        f" {'vs 1 adapter':>12} {'vs ' + leans[-1]:>8}"
+        f"\n{'batch':>5} {'adapters':>8} {'lean':>5} {'native':>6} {'wall ms':>8} {'cpu ms':>8}"
+        f" {'tok/s':>8} {'vs 1 adapter':>12} {'vs ' + versus:>8}"
     )
-    for b, a, lean in configs:
-        w, c = statistics.median(wall[(b, a, lean)]), statistics.median(cpu[(b, a, lean)])
-        one, other = (b, 1, lean), (b, a, leans[-1])
+    for key in configs:
+        b, a, lean, native = key
+        w, c = statistics.median(wall[key]), statistics.median(cpu[key])
+        one = (b, 1, lean, native)
+        other = (b, a, lean, natives[-1]) if by_native else (b, a, leans[-1], native)
         ratio = statistics.median(wall[one]) / w if one in configs else float("nan")
-        lean_ratio = statistics.median(wall[other]) / w
+        versus_ratio = statistics.median(wall[other]) / w
         print(
-            f"{b:>5} {a:>8} {lean:>5} {1e3 * w:>8.1f} {1e3 * c:>8.1f} {b / w:>8.1f}"
-            f" {ratio:>12.2f} {lean_ratio:>8.2f}"
+            f"{b:>5} {a:>8} {lean:>5} {native:>6} {1e3 * w:>8.1f} {1e3 * c:>8.1f} {b / w:>8.1f}"
+            f" {ratio:>12.2f} {versus_ratio:>8.2f}"
         )
     if args.profile:
-        for (b, a, lean), batch in configs.items():
-            profile_step(batch, 5, f"batch {b}, {a} adapters, lean {lean}", args.top)
+        for (b, a, lean, native), batch in configs.items():
+            label = f"batch {b}, {a} adapters, lean {lean}, native {native}"
+            profile_step(batch, 5, label, args.top)
 
 
 if __name__ == "__main__":
