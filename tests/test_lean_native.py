@@ -19,7 +19,7 @@ from loraq.generation.native_step import NATIVE_ENV, native_layers
 from loraq.layers.gguf import LinearGGUF
 from loraq.native import lean_layer
 from loraq.native.build import MODE_ENV, KernelUnavailableError
-from test_lean_step import CLAIMED, prefill, tiny
+from test_lean_step import CLAIMED, prefill, tiny, with_adapters
 
 pytestmark = pytest.mark.skipif(not lean_layer.available(), reason="no C compiler")
 
@@ -43,18 +43,6 @@ def gguf_model(name: str, quant_type: str = "q4_1"):
             for n in names:
                 setattr(parent, n, LinearGGUF.from_linear(getattr(parent, n), quant_type))
     return model
-
-
-def with_adapters(model, ranks: dict[str, int], dora: bool = False):
-    for i, (name, rank) in enumerate(ranks.items()):
-        config = loraq.LoraConfig(r=rank, alpha=2 * rank, targets="all-linear", use_dora=dora)
-        loraq.apply(model, config, name)
-        torch.manual_seed(10 + i)
-        with torch.no_grad():
-            for pname, p in model.named_parameters():
-                if f"lora_B.{name}" in pname or (pname.endswith("lora_B") and name in pname):
-                    p.normal_(0, 0.2)
-    return model.eval()
 
 
 @pytest.fixture
@@ -104,12 +92,7 @@ def test_float32_weights_run_compiled_too(name, monkeypatch, compiled_calls):
     # plain nn.Linear projections (a transformers folder, stories260K): the dense kind, with
     # mixed adapters; a width no GGUF block divides (CLAIMED's 32 wide, 48 inner)
     model = with_adapters(tiny(name), {"a": 4, "b": 8})
-    ours = _generate(model, monkeypatch, "auto", ("a", None, "b"))
-    assert compiled_calls
-    compiled_calls.clear()
-    theirs = _generate(model, monkeypatch, "off", ("a", None, "b"))
-    assert not compiled_calls
-    _assert_same_generation(ours, theirs)
+    _generate_both(model, monkeypatch, compiled_calls, ("a", None, "b"))
 
 
 def _generate(model, monkeypatch, switch: str, adapters, prompts=None):
@@ -123,6 +106,18 @@ def _generate(model, monkeypatch, switch: str, adapters, prompts=None):
     return [s.generated for s in seqs], [[lp.logprob for lp in s.logprobs] for s in seqs]
 
 
+def _generate_both(model, monkeypatch, compiled_calls, adapters):
+    """Generate with compiled layers (some must run) and as PyTorch operations (none may),
+    assert the two agree, and return the PyTorch run."""
+    ours = _generate(model, monkeypatch, "auto", adapters)
+    assert compiled_calls
+    compiled_calls.clear()
+    theirs = _generate(model, monkeypatch, "off", adapters)
+    assert not compiled_calls
+    _assert_same_generation(ours, theirs)
+    return theirs
+
+
 def _assert_same_generation(ours, theirs):
     assert ours[0] == theirs[0]
     for mine, their in zip(ours[1], theirs[1]):
@@ -132,12 +127,7 @@ def _assert_same_generation(ours, theirs):
 @pytest.mark.parametrize("name", ["llama", "qwen3"])
 def test_mixed_ranks_and_bare_rows_joining_and_leaving(name, monkeypatch, compiled_calls):
     model = with_adapters(gguf_model(name), {"a": 4, "b": 16})
-    ours = _generate(model, monkeypatch, "auto", ("a", None, "b"))
-    assert compiled_calls
-    compiled_calls.clear()
-    theirs = _generate(model, monkeypatch, "off", ("a", None, "b"))
-    assert not compiled_calls
-    _assert_same_generation(ours, theirs)
+    theirs = _generate_both(model, monkeypatch, compiled_calls, ("a", None, "b"))
     # and the adapters change the tokens, so the comparison can fail
     assert _generate(model, monkeypatch, "off", (None,))[1] != theirs[1]
 

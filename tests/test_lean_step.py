@@ -60,9 +60,12 @@ def tiny(name: str, table=CLAIMED, seed: int = 0):
     return model
 
 
-def with_adapters(model, names=("a", "b")):
-    for i, name in enumerate(names):
-        loraq.apply(model, loraq.LoraConfig(r=4, alpha=8, targets="all-linear"), name)
+def with_adapters(model, ranks: dict[str, int] | None = None, dora: bool = False):
+    """``model`` in eval mode with random adapters of ``ranks`` (name -> rank; default a and b
+    of rank 4) on every linear, alpha twice the rank, DoRA if ``dora``."""
+    for i, (name, rank) in enumerate((ranks or {"a": 4, "b": 4}).items()):
+        config = loraq.LoraConfig(r=rank, alpha=2 * rank, targets="all-linear", use_dora=dora)
+        loraq.apply(model, config, name)
         torch.manual_seed(10 + i)
         with torch.no_grad():
             for pname, p in model.named_parameters():
@@ -154,7 +157,7 @@ def test_adapters_loaded_after_the_batch_was_made_are_used(monkeypatch):
             DecodeBatch(model, 0),
             SequenceState([5, 6, 7], "late", SamplingParams(8, logprobs=0)),
         )
-    with_adapters(model, ("late",))
+    with_adapters(model, {"late": 4})
     for batch, seq in runs.values():
         batch.add([seq])
         while not seq.finished:
