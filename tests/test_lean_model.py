@@ -194,3 +194,19 @@ def test_rms_norm_and_rotate_are_transformers_arithmetic(dtype):
     q, k = apply_rotary_pos_emb(x, x * 2, cos, sin, unsqueeze_dim=1)
     cos, signed = cos.unsqueeze(1), signed_sin(sin.unsqueeze(1))
     assert torch.equal(rotate(x, cos, signed), q) and torch.equal(rotate(x * 2, cos, signed), k)
+
+
+def test_is_rms_norm_knows_the_llama_family_norms_and_nothing_else():
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+    from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
+
+    from loraq.generation.lean_model import RMSNorm, is_rms_norm
+
+    assert is_rms_norm(RMSNorm(8, 1e-6))
+    assert is_rms_norm(LlamaRMSNorm(8)) and is_rms_norm(Qwen3RMSNorm(8))
+
+    class Subclass(RMSNorm):  # may compute anything: called as a module
+        pass
+
+    assert not is_rms_norm(Subclass(8, 1e-6))
+    assert not is_rms_norm(torch.nn.LayerNorm(8)) and not is_rms_norm(None)

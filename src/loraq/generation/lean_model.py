@@ -50,6 +50,7 @@ __all__ = [
     "LeanModelUnsupported",
     "LeanOutput",
     "RMSNorm",
+    "is_rms_norm",
     "rms_norm",
     "rotate",
     "signed_sin",
@@ -145,6 +146,19 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The normalized ``x``, in ``x``'s dtype."""
         return rms_norm(x, self.weight, self.variance_epsilon)
+
+
+_TRANSFORMERS_RMS_NORMS = frozenset(
+    f"{name}RMSNorm" for name in ("Llama", "Mistral", "Qwen2", "Qwen3")
+)
+
+
+def is_rms_norm(module: nn.Module | None) -> bool:
+    """Whether ``module`` computes :func:`rms_norm` with its ``weight`` and
+    ``variance_epsilon``: this module's :class:`RMSNorm` or transformers' Llama-family one
+    (by class name: matched without importing transformers). Anything else in a norm's place
+    (a ``modules_to_save`` copy, another norm) is not."""
+    return type(module) is RMSNorm or type(module).__name__ in _TRANSFORMERS_RMS_NORMS
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -31,7 +31,7 @@ from torch import nn
 from ..core.errors import UserError
 from ..core.switches import read_switch
 from ..native.lean_layer import run_layer
-from .lean_model import RMSNorm, rms_norm, rotate, signed_sin
+from .lean_model import is_rms_norm, rms_norm, rotate, signed_sin
 from .native_step import native_layers
 
 __all__ = [
@@ -46,7 +46,6 @@ __all__ = [
 LEAN_DECODE_ENV = "LORAQ_LEAN_DECODE"
 #: transformers ``model_type`` values whose decoder layers the lean step runs.
 MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
-_RMS_NORMS = frozenset(f"{name}RMSNorm" for name in ("Llama", "Mistral", "Qwen2", "Qwen3"))
 #: Least number of free positions a grown key/value buffer gets (else half its length): a step
 #: then writes one position instead of copying the whole cache, as ``torch.cat`` does.
 MIN_ROOM = 64
@@ -72,7 +71,7 @@ class _Layer:
 def _rms_norm(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     # transformers' RMSNorm, inline (its module call costs more than its arithmetic here);
     # anything else in a norm's place (a modules_to_save copy, another norm) runs as a module
-    if type(module).__name__ not in _RMS_NORMS and type(module) is not RMSNorm:
+    if not is_rms_norm(module):
         return module(x)
     return rms_norm(x, module.weight, module.variance_epsilon)
 

@@ -31,7 +31,7 @@ from ..layers.lora import LoRALayer
 from ..native import lean_layer
 from ..native.build import MODE_ENV, KernelUnavailableError
 from ..native.dequant import packed_matmul
-from .lean_model import MLP, RMSNorm
+from .lean_model import MLP, is_rms_norm
 
 __all__ = ["DENSE_MAX_WORK", "NATIVE_ENV", "NATIVE_MAX_ROWS", "NativeLayers", "native_layers"]
 
@@ -45,7 +45,6 @@ NATIVE_MAX_ROWS = PACKED_MAX_ROWS
 #: multiplies with vector dot products, and past this BLAS's blocked matmul, which reuses each
 #: loaded weight across many rows, costs less than the Python the compiled layer saves.
 DENSE_MAX_WORK = 1 << 24
-_RMS_NORMS = frozenset(f"{name}RMSNorm" for name in ("Llama", "Mistral", "Qwen2", "Qwen3"))
 _MLPS = frozenset(f"{name}MLP" for name in ("Llama", "Mistral", "Qwen2", "Qwen3"))
 _CPU = torch.device("cpu")
 _BUFFER_NAMES = ("keys", "values", "cache_row_stride", "cache_head_stride")
@@ -55,7 +54,7 @@ _NO_LORA = {"lora_a": 0, "lora_b": 0, "rank": 0, "row_slots": 0}
 
 def _norm(module: nn.Module | None) -> tuple[int, float] | None:
     """``(weight address, eps)`` of an RMSNorm in float32, else None."""
-    if module is None or (type(module).__name__ not in _RMS_NORMS and type(module) is not RMSNorm):
+    if not is_rms_norm(module):
         return None
     weight = module.weight
     if weight.dtype != torch.float32 or not weight.is_contiguous() or weight.device.type != "cpu":

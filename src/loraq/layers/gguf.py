@@ -84,8 +84,8 @@ class LinearGGUF(_QuantizedLinear):
         if self.reads_packed(x) and x.shape[-1] == self.in_features:
             flat = x.reshape(-1, self.in_features).contiguous()
             # the blocks buffer itself: building the qweight record validates it on every call
-            blocks = getattr(self, RECORD_PREFIX + "blocks")
-            out = gguf_matmul(flat, blocks, self._record_meta["quant_type"])
+            blocks, quant_type = self.packed_blocks()
+            out = gguf_matmul(flat, blocks, quant_type)
             if out is not None:
                 if self.bias is not None:
                     out += self.bias.to(out.dtype)
