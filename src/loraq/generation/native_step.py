@@ -56,10 +56,9 @@ def _norm(module: nn.Module | None) -> tuple[int, float] | None:
     """``(weight address, eps)`` of an RMSNorm in float32, else None."""
     if not is_rms_norm(module):
         return None
-    weight = module.weight
-    if weight.dtype != torch.float32 or not weight.is_contiguous() or weight.device.type != "cpu":
+    if not _float32_cpu(module.weight):
         return None
-    return weight.data_ptr(), float(module.variance_epsilon)
+    return module.weight.data_ptr(), float(module.variance_epsilon)
 
 
 def _adapters(module: LoRALayer, base: nn.Module, rows: int) -> dict[str, int] | None:
