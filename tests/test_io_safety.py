@@ -233,6 +233,48 @@ def test_corrupt_safetensors_names_the_file(tmp_path: Path, damage: str) -> None
         load_adapter(tiny_llama(), folder)
 
 
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "empty"])
+def test_corrupt_safetensors_read_whole_names_the_file(tmp_path: Path, damage: str) -> None:
+    path = _saved(tmp_path) / "adapter_model.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(
+        {"truncate": data[: len(data) // 2], "garbage": b"\x00" * 7 + b"junk", "empty": b""}[damage]
+    )
+    with pytest.raises(FormatError, match=rf"{path}.*not a readable safetensors file"):
+        read_safetensors(path, owned=True)
+
+
+def test_tensors_read_whole_survive_a_rewrite_of_their_file(tmp_path: Path) -> None:
+    """``owned=True`` (what a server's adapter reads use): nothing maps the file, so a file
+    rewritten or truncated afterwards changes none of the tensors read before."""
+    path = tmp_path / "w.safetensors"
+    first = {f"t{i}": torch.full((64, 64), float(i)) for i in range(4)}
+    save_file(first, path)
+    owned, metadata = read_safetensors(path, owned=True)
+    mapped, _ = read_safetensors(path)
+    assert metadata == {} and owned.keys() == first.keys()
+    path.write_bytes(b"")  # truncated in place: a mapping of it would fault when touched
+    save_file({k: -v for k, v in first.items()}, path)
+    for key, tensor in first.items():
+        assert torch.equal(owned[key], tensor)
+    del mapped
+
+
+def test_a_nan_among_many_tensors_is_named(tmp_path: Path) -> None:
+    from loraq.io.adapter_check import check_finite
+
+    tensors = {f"t{i}": torch.randn(3, 5) for i in range(40)}
+    tensors["codes"] = torch.zeros(4, dtype=torch.uint8)
+    tensors["half"] = torch.randn(8, dtype=torch.float16)
+    check_finite(tensors, "f.safetensors")
+    for key, bad in (("t17", float("nan")), ("half", float("-inf"))):
+        poisoned = dict(tensors)
+        poisoned[key] = tensors[key].clone()
+        poisoned[key].view(-1)[2] = bad
+        with pytest.raises(FormatError, match=rf"f\.safetensors: tensor '{key}' holds NaN or Inf"):
+            check_finite(poisoned, "f.safetensors")
+
+
 def test_missing_folder_and_files(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_adapter(tiny_llama(), tmp_path / "nope")

@@ -22,7 +22,7 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 uvicorn = pytest.importorskip("uvicorn")
 
-from loraq.serve import registry as registry_module  # noqa: E402
+from loraq.batching.pool import AdapterPool  # noqa: E402
 from loraq.serve.app import ServeSettings, create_app  # noqa: E402
 from loraq.serve.engine import Engine  # noqa: E402
 from loraq.serve.registry import AdapterRegistry  # noqa: E402
@@ -273,17 +273,17 @@ def test_health_answers_while_a_prompt_is_tokenized(live):
 
 
 def _slow_loads(monkeypatch, delay: float, loading: threading.Event | None = None):
-    """Each install of an adapter into the model (the part under the model lock; the folder
-    is read before it) takes ``delay`` seconds more."""
-    real = registry_module.install_adapter
+    """Each write of an adapter into the registry's pool (the part under the model lock; the
+    folder is read before it) takes ``delay`` seconds more."""
+    real = AdapterPool.load
 
-    def slow_install(model, *parsed, adapter_name, **options):
-        if loading is not None and adapter_name == "r2":
+    def slow_load(pool, name, factors):
+        if loading is not None and name == "r2":
             loading.set()
         time.sleep(delay)
-        return real(model, *parsed, adapter_name=adapter_name, **options)
+        return real(pool, name, factors)
 
-    monkeypatch.setattr(registry_module, "install_adapter", slow_install)
+    monkeypatch.setattr(AdapterPool, "load", slow_load)
 
 
 def _stream_text(client, model: str, max_tokens: int) -> tuple[int, str]:

@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from ..layers.lora import LoRALayer
-from .stacks import LayerStack, StackCache, layer_versions, stack_layer
+from .stacks import LayerStack, StackCache, check_layer, layer_versions, stack_layer
 
 
 @dataclass(frozen=True)
@@ -74,30 +74,6 @@ class RowAdapters:
     def rows(self) -> int:
         """Number of batch rows the plan covers."""
         return int(self.row_slot.shape[0])
-
-
-def check_layer(layer: LoRALayer, plan: RowAdapters) -> list[str]:
-    """Names of the plan's adapters present on ``layer``; raises for what mixing cannot do."""
-    if layer.kind == "conv":
-        raise TypeError(
-            "mixed-adapter batches are not supported on convolution layers "
-            f"({type(layer.base_layer).__name__}); run one adapter per batch instead"
-        )
-    if layer.merged_adapters:
-        raise RuntimeError(
-            f"adapters {layer.merged_adapters} are merged into this layer's base; call "
-            "loraq.unmerge(model) before running a mixed-adapter batch"
-        )
-    present = [n for n in plan.slots[1:] if n in layer.r]
-    if layer.training:
-        for name in present:
-            view = layer.adapter_view(name)
-            if view.use_dora and view.dropout_p > 0:
-                raise ValueError(
-                    f"mixed-adapter training does not support DoRA adapter {name!r} with dropout "
-                    f"{view.dropout_p}; set its dropout to 0 or train it on its own"
-                )
-    return present
 
 
 def _row_dropout(layer: LoRALayer, plan: RowAdapters, x: torch.Tensor):
@@ -225,8 +201,9 @@ class MixedBatch:
 
     def select(self, layer: LoRALayer, device: torch.device) -> Selection | None:
         """``layer``'s stack and row slots, or None when it has none of the plan's adapters."""
-        if torch.is_grad_enabled():  # training: stacks built in the autograd graph
-            if not check_layer(layer, self.plan):
+        if torch.is_grad_enabled() and self.cache.builds_in_graph:
+            # training: stacks built in the autograd graph
+            if not check_layer(layer, self.plan.slots):
                 return None
             stack = stack_layer(layer, self.plan.slots, device)
             return stack, self.plan.row_slot.to(device), self.plan.uniform
@@ -246,7 +223,7 @@ class MixedBatch:
         self._ready = True
         if self._generation == self.cache.generation:
             return
-        index = {name: i for i, name in enumerate(self.cache.slots)}
+        index = self.cache.slot_index()
         missing = [n for n in self.plan.slots[1:] if n not in index]
         if missing:
             raise ValueError(f"adapters {missing} are no longer in the model")
@@ -254,9 +231,7 @@ class MixedBatch:
         self._row_slot = to_cache[self.plan.row_slot]
         plan_uniform = self.plan.uniform
         self._uniform = None if plan_uniform is None else int(to_cache[plan_uniform])
-        self._active = {
-            layer: self.cache.stacks[layer] for layer in layers if check_layer(layer, self.plan)
-        }
+        self._active = self.cache.active_stacks(layers, self.plan.slots)
         self._to_cache = to_cache
         self._rows_on, self._masks, self._gathered, self._plan_stacks = {}, {}, {}, {}
         self._gathered_bytes = 0

@@ -18,6 +18,7 @@ from torch import nn
 from ..layers.lora import LoRALayer
 from ..model.surgery import adapter_names, config_of, lora_layers, param_lora_layers
 from .mixed import MixedBatch, RowAdapters
+from .pool import AdapterPool
 from .stacks import StackCache
 
 # where a model keeps its stacked adapter weights for mixed batches (built on first use)
@@ -79,10 +80,17 @@ def mixed_batch(
     model: nn.Module,
     names: Sequence[str | None] | RowAdapters,
     layers: list[LoRALayer] | None = None,
+    *,
+    pool: AdapterPool | None = None,
 ) -> MixedBatch:
     """A :class:`~loraq.batching.mixed.MixedBatch` for ``model``: the plan, checked, and the
     model's stacked-weight cache. Reuse it across forward passes with the same rows (a decode
-    loop) so that the row -> adapter selection is made once; pass it to :func:`adapter_rows`."""
+    loop) so that the row -> adapter selection is made once; pass it to :func:`adapter_rows`.
+
+    With ``pool`` (an :class:`~loraq.batching.pool.AdapterPool` of ``model``) the rows run the
+    pool's resident adapters instead of the model's own."""
+    if pool is not None:
+        return _pool_batch(pool, names)
     if isinstance(names, RowAdapters):
         plan = names
         validate_row_names(model, list(plan.slots[1:]))
@@ -98,6 +106,24 @@ def mixed_batch(
         layers,
         model_key=lambda: tuple(adapter_names(model)),
     )
+
+
+def _pool_batch(pool: AdapterPool, names: Sequence[str | None] | RowAdapters) -> MixedBatch:
+    plan = names if isinstance(names, RowAdapters) else None
+    listed = list(plan.slots[1:]) if plan is not None else names
+    if isinstance(listed, str) or not isinstance(listed, Sequence):
+        raise TypeError(
+            f"adapter_names must be a list with one adapter name (or None) per row, got {names!r}"
+        )
+    for i, name in enumerate(listed):
+        if name is not None and name not in pool:
+            raise ValueError(
+                f"adapter_names[{i}]={name!r} is not resident in the adapter pool; resident: "
+                f"{pool.names()}"
+            )
+    if plan is None:
+        plan = RowAdapters.from_names(list(listed))
+    return MixedBatch(plan, pool, lambda: pool.layers, model_key=lambda: pool.layout)
 
 
 @contextlib.contextmanager

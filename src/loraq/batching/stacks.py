@@ -50,6 +50,31 @@ def layer_versions(layers: Sequence[LoRALayer]) -> list[int]:
     return [layer.adapter_version for layer in layers]
 
 
+def check_layer(layer: LoRALayer, slots: Sequence[str | None]) -> list[str]:
+    """Names of ``slots`` (a plan's adapters; ``slots[0]`` is None) present on ``layer``;
+    raises for what mixing cannot do."""
+    if layer.kind == "conv":
+        raise TypeError(
+            "mixed-adapter batches are not supported on convolution layers "
+            f"({type(layer.base_layer).__name__}); run one adapter per batch instead"
+        )
+    if layer.merged_adapters:
+        raise RuntimeError(
+            f"adapters {layer.merged_adapters} are merged into this layer's base; call "
+            "loraq.unmerge(model) before running a mixed-adapter batch"
+        )
+    present = [n for n in slots[1:] if n in layer.r]
+    if layer.training:
+        for name in present:
+            view = layer.adapter_view(name)
+            if view.use_dora and view.dropout_p > 0:
+                raise ValueError(
+                    f"mixed-adapter training does not support DoRA adapter {name!r} with dropout "
+                    f"{view.dropout_p}; set its dropout to 0 or train it on its own"
+                )
+    return present
+
+
 class LayerStack(NamedTuple):
     """One layer's adapters stacked by slot (see the module table)."""
 
@@ -153,6 +178,20 @@ class StackCache:
 
     def __setstate__(self, state: dict) -> None:
         self.__init__()
+
+    #: With gradients a mixed batch stacks the layers' adapters in the autograd graph instead.
+    builds_in_graph = True
+
+    def slot_index(self) -> dict[str | None, int]:
+        """``{adapter: slot}`` of every stacked adapter, with None (no adapter) at 0."""
+        return {name: i for i, name in enumerate(self.slots)}
+
+    def active_stacks(
+        self, layers: Sequence[LoRALayer], slots: Sequence[str | None]
+    ) -> dict[LoRALayer, LayerStack]:
+        """The stacks of ``layers`` holding at least one of ``slots`` (a plan's adapters, None
+        first), each layer checked by :func:`check_layer`."""
+        return {layer: self.stacks[layer] for layer in layers if check_layer(layer, slots)}
 
     def refresh(
         self, layers: list[LoRALayer], versions: list[int], *, check_versions: bool

@@ -71,6 +71,13 @@ def memory_key(disk_key: str, adapter: str) -> str | None:
     return None
 
 
+def split_disk_key(disk_key: str) -> tuple[str, str] | None:
+    """``(module, store)`` of a LoRA tensor's on-disk key (no prefix), ``store`` one of
+    :data:`ADAPTER_STORES` (``"m.lora_A.weight"`` -> ``("m", "lora_A")``); None otherwise."""
+    match = _MODULE_FACTOR.fullmatch(disk_key) or _PARAMETER_STORE.fullmatch(disk_key)
+    return None if match is None else (match[1], match[2])
+
+
 def disk_key(name: str, adapter: str) -> str:
     """The on-disk key (no prefix) of the in-memory name of adapter ``adapter``'s tensor."""
     parts = name.split(".")

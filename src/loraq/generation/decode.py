@@ -29,13 +29,14 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from ..batching.mixed import MixedBatch
+from ..batching.pool import AdapterPool
 from ..batching.rows import adapter_rows, lora_layer_list, mixed_batch, validate_row_names
 from ..model.surgery import adapter_names
 from .lean_step import lean_decode_step
@@ -154,7 +155,9 @@ class DecodeBatch:
     With ``per_row_adapters`` (the default) each row runs its sequence's ``adapter`` (None: the
     bare base) through :func:`~loraq.batching.rows.adapter_rows`; without, every row runs the
     model as it is set up (its active adapters, ``modules_to_save``, a plain model) and the
-    sequences' ``adapter`` is ignored.
+    sequences' ``adapter`` is ignored. With ``adapter_pool`` (an
+    :class:`~loraq.batching.pool.AdapterPool` of ``model``, what ``loraq serve`` keeps) the rows'
+    adapters are the pool's resident ones, not the model's own.
     """
 
     def __init__(
@@ -164,6 +167,7 @@ class DecodeBatch:
         *,
         per_row_adapters: bool = True,
         prefix_cache: PrefixCache | None = None,
+        adapter_pool: AdapterPool | None = None,
     ) -> None:
         if prefix_cache is not None and not per_row_adapters:
             raise ValueError(
@@ -171,6 +175,7 @@ class DecodeBatch:
             )
         self.model = model
         self.prefix_cache = prefix_cache
+        self.adapter_pool = adapter_pool
         self.pad_token_id = pad_token_id
         self.per_row_adapters = per_row_adapters
         self.sequences: list[SequenceState] = []
@@ -193,7 +198,7 @@ class DecodeBatch:
         # the stacked weights are made once per change of the rows, not once per step or layer.
         key = tuple(adapters)
         if self._mixed_cache is None or self._mixed_cache[0] != key:
-            self._mixed_cache = (key, mixed_batch(self.model, adapters))
+            self._mixed_cache = (key, mixed_batch(self.model, adapters, pool=self.adapter_pool))
         return self._mixed_cache[1]
 
     @contextlib.contextmanager
@@ -326,11 +331,18 @@ class DecodeBatch:
         return [
             (0, [])
             if s.params.prompt_logprobs
-            else self.prefix_cache.lookup(s.adapter, s.prompt_ids)
+            else self.prefix_cache.lookup(self._prefix_key(s.adapter), s.prompt_ids)
             for s in seqs
         ]
 
+    def _prefix_key(self, adapter: str | None) -> Hashable:
+        # over a pool, cached keys belong to one load of an adapter: a reload is a new key, and
+        # other adapters coming and going leave them valid
+        return adapter if self.adapter_pool is None else self.adapter_pool.identity(adapter)
+
     def _adapter_state(self) -> tuple:
+        if self.adapter_pool is not None:
+            return ("pool", id(self.adapter_pool))
         # what cached keys depend on besides the base: the adapters and their versions. The
         # LoRA layers are found again only when the adapter names change (as MixedBatch does):
         # a walk over every module at every request would cost more than the version reads.
@@ -341,7 +353,8 @@ class DecodeBatch:
 
     def _keep_prompts(self, seqs, cache, mask) -> None:
         if self.prefix_cache is not None:
-            keep_prompts(self.prefix_cache, [(s.adapter, s.prompt_ids) for s in seqs], cache, mask)
+            prompts = [(self._prefix_key(s.adapter), s.prompt_ids) for s in seqs]
+            keep_prompts(self.prefix_cache, prompts, cache, mask)
 
     def _join(self, cache, mask, last, next_pos) -> None:
         width = max(self._mask.shape[1], mask.shape[1])

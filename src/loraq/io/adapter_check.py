@@ -30,6 +30,14 @@ from .safe import FormatError
 
 def check_finite(tensors: dict[str, torch.Tensor], source: str) -> None:
     """Raise :class:`FormatError` naming the first floating tensor that holds NaN or Inf."""
+    floats = [t for t in tensors.values() if t.is_floating_point()]
+    by_dtype: dict[tuple, list[torch.Tensor]] = {}
+    for tensor in floats:
+        by_dtype.setdefault((tensor.dtype, tensor.device), []).append(tensor.reshape(-1))
+    # one check over all tensors of a dtype (an adapter holds many small ones); the tensor
+    # to name is looked for only when it fails
+    if all(bool(torch.isfinite(torch.cat(group)).all()) for group in by_dtype.values()):
+        return
     for key, tensor in tensors.items():
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise FormatError(f"{source}: tensor {key!r} holds NaN or Inf values")

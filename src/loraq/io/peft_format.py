@@ -324,22 +324,24 @@ def _adapter_folder(path: Path, adapter_name: str) -> Path:
 
 
 def read_adapter(
-    path: str | os.PathLike[str], adapter_name: str = "default"
+    path: str | os.PathLike[str], adapter_name: str = "default", *, owned: bool = False
 ) -> tuple[LoraConfig, dict[str, torch.Tensor], Path]:
     """Read and check an adapter folder without touching a model: ``(config, tensors, weights file)``.
 
-    Tensors are float, whatever the file stored (integer codes are decoded).
+    Tensors are float, whatever the file stored (integer codes are decoded). ``owned=True``:
+    no tensor maps the weights file (it is read into memory whole; see
+    :func:`~loraq.io.safe.read_safetensors`), so they stay valid when the file is rewritten.
     """
     folder = _adapter_folder(Path(path), adapter_name)
     config_file = folder / CONFIG_NAME
     config, bits = lora_config_from_peft(read_json(config_file), source=str(config_file))
     if bits is not None:
         weights = weights_file(folder, CODES_WEIGHTS_NAME)
-        tensors, _ = read_safetensors(weights)
+        tensors, _ = read_safetensors(weights, owned=owned)
         tensors = adapter_codes.decode(tensors, bits, source=str(weights))
     else:
         weights = weights_file(folder, WEIGHTS_NAME)
-        tensors, _ = read_safetensors(weights)
+        tensors, _ = read_safetensors(weights, owned=owned)
     check_finite(tensors, str(weights))
     return config, tensors, weights
 

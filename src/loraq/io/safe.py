@@ -92,10 +92,25 @@ def _open_safetensors(path: Path) -> Iterator[Any]:
 
 
 def read_safetensors(
-    path: str | os.PathLike[str],
+    path: str | os.PathLike[str], *, owned: bool = False
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """All tensors of a safetensors file and its metadata; a corrupt file's error names it."""
+    """All tensors of a safetensors file and its metadata; a corrupt file's error names it.
+
+    ``owned=True`` reads the whole file into memory first (at most its size), so no tensor maps
+    the file: a later rewrite of the file cannot reach them. Meant for small files (adapters);
+    the metadata is then not read (an empty dict)."""
     path = Path(path)
+    if owned:
+        from safetensors.torch import load
+
+        try:
+            return load(path.read_bytes()), {}
+        except OSError as err:
+            raise FormatError(f"{path} cannot be read: {err.strerror or err}") from None
+        except Exception as err:  # safetensors' own error for a corrupt header or data
+            raise FormatError(
+                f"{path} is not a readable safetensors file (truncated or corrupt?): {err}"
+            ) from None
     with _open_safetensors(path) as f:
         try:
             tensors = {key: f.get_tensor(key) for key in f.keys()}

@@ -9,6 +9,7 @@ name                   what it is
 =====================  ============================================================================
 :class:`AdapterView`   one adapter of one layer as plain facts: rank, scale, dropout, dtype, shape,
                        the base's dtype and device, and its factors A and B as the forward uses them
+:class:`LayerFactors`  one adapter's factors for one layer as plain tensors, as a file holds them
 :class:`RowHook`       an object that computes the whole output of a layer; while
                        ``layer.row_hook`` is set (and adapters are not disabled) ``forward`` calls
                        it instead of running the layer's own adapters
@@ -26,7 +27,7 @@ clears it), so the import graph keeps running downward.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import torch
 
@@ -70,6 +71,23 @@ class AdapterView:
     def tensors(self) -> tuple[torch.Tensor, ...]:
         """Every stored tensor the adapter's output depends on (A, B and DoRA's magnitude)."""
         return (self.a, self.b) if self.magnitude is None else (self.a, self.b, self.magnitude)
+
+
+class LayerFactors(NamedTuple):
+    """One adapter's tensors for one layer, as an adapter file holds them: what code that keeps
+    adapters outside the layer's own tables (a serving pool) reads and checks.
+
+    ``a`` is ``(rank, in)`` and ``b`` ``(out, rank)`` (an embedding's ``in`` is its vocabulary);
+    ``delta = scale * b @ a``. ``magnitude`` is DoRA's ``(out,)`` vector, or None.
+    ``base_weight``: the base layer's own weight when the file carries it (PEFT saves adapted
+    embeddings' weights by default), which the adapter was trained on; else None.
+    """
+
+    a: torch.Tensor
+    b: torch.Tensor
+    scale: float
+    magnitude: torch.Tensor | None = None
+    base_weight: torch.Tensor | None = None
 
 
 @runtime_checkable

@@ -216,6 +216,16 @@ class LoRALayer(nn.Module):
         dtype, _ = self._base_dtype_device()
         return torch.float64 if dtype == torch.float64 else torch.float32
 
+    @property
+    def adapter_dtype(self) -> torch.dtype:
+        """The dtype this layer's adapters compute in (float32; float64 over a float64 base)."""
+        return self._adapter_dtype()
+
+    @property
+    def base_device(self) -> torch.device:
+        """The device of the base weight (where adapter tensors for this layer belong)."""
+        return self._base_dtype_device()[1]
+
     # ------------------------------------------------------------------ the public adapter view
     @property
     def adapter_version(self) -> int:

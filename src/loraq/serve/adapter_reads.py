@@ -127,10 +127,9 @@ class AdapterReads:
         """Read and parse ``name`` (worker thread), keep the result on the host."""
         try:
             stamp = _stamp(path)
-            config, tensors, weights = read_adapter(path, adapter_name=name)
-            # owned copies, read from the disk here: the tensors safetensors returns map the
-            # file, and touching a mapping after the file was rewritten is a SIGBUS
-            parsed = (config, {key: t.clone() for key, t in tensors.items()}, weights)
+            # owned tensors, read from the disk here: a tensor mapping the file would be a
+            # SIGBUS to touch after the file was rewritten
+            parsed = read_adapter(path, adapter_name=name, owned=True)
         except Exception as err:
             raise AdapterReadError(
                 f"adapter {name!r} failed to load from {path.name}: {err}"

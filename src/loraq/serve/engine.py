@@ -84,7 +84,10 @@ class Engine:
         self.prefix_cache = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes else None
         self._prefix_counts = (0, 0)  # (hits, reused tokens) already counted in the metrics
         self._batch = DecodeBatch(
-            registry.model, 0 if pad is None else pad, prefix_cache=self.prefix_cache
+            registry.model,
+            0 if pad is None else pad,
+            prefix_cache=self.prefix_cache,
+            adapter_pool=registry.pool,
         )
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="loraq-engine", daemon=True)

@@ -3,16 +3,18 @@
 - Known adapters come from ``--adapter NAME=PATH`` (trusted: the operator typed them), from the
   sub-folders of ``--adapter-dir`` that hold an ``adapter_config.json``, and from run-time
   ``POST /v1/adapters`` requests, whose paths must stay under ``--adapter-dir``.
-- At most ``max_resident`` adapters are loaded into the model at once; loading another evicts
-  the least recently used one that no running request holds (it is reloaded on next use).
+- At most ``max_resident`` adapters are resident at once, as slots of the registry's
+  :class:`~loraq.batching.pool.AdapterPool` (no modules are added to the model: a load writes
+  a few tensors per adapted layer, an eviction zeroes them); loading another evicts the least
+  recently used one that no running request holds (it is reloaded on next use).
 - Each load and each LRU eviction is counted in ``metrics`` (``GET /metrics``), so an operator
   sees whether ``--max-adapters`` is too small for the traffic (a load on most requests).
 - A load is two parts. Reading and parsing the folder (disk, safetensors, config checks) runs on
   a worker thread with no lock held, started by :meth:`AdapterRegistry.prefetch` as soon as a
   request is accepted; concurrent requests for one adapter share one read. Parsed copies stay
   on the host (:mod:`loraq.serve.adapter_reads`; a file rewritten on disk is read again), so
-  an evicted adapter comes back without the disk. Only the install
-  into the model (:func:`~loraq.io.peft_format.install_adapter`) holds ``model_lock``.
+  an evicted adapter comes back without the disk. Only the write
+  into the pool (:meth:`~loraq.batching.pool.AdapterPool.load`) holds ``model_lock``.
 - Every model mutation happens under ``model_lock``, which the engine also holds for each step.
 - Two counts per adapter: ``pending`` (requests accepted and not yet finished, queued or running)
   and ``in_use`` (rows in the running batch). ``DELETE`` stops new reservations, waits for
@@ -21,8 +23,8 @@
 - A request's ``model`` may be a combination of known adapters (``"a*0.7+b*0.3"``, parsed by
   :func:`~loraq.serve.fields.combination`). The first request computes it with
   ``loraq.combine(..., method="cat")`` (exact: its delta is the weighted sum of the sources'
-  deltas, whatever their ranks), loading sources that are not resident only for that moment,
-  and caches it as an adapter under an internal name (:data:`COMBINATION_PREFIX`): resident and
+  deltas, whatever their ranks) in the model's own layers, loading the sources there only for
+  that moment, copies it into the pool and caches it as an adapter under an internal name (:data:`COMBINATION_PREFIX`): resident and
   evicted like any other (recomputed on next use), not listed in ``GET /v1/models``, and
   forgotten when one of its sources is deleted.
 """
@@ -37,10 +39,12 @@ from pathlib import Path, PurePosixPath
 
 from torch import nn
 
+from ..batching.pool import AdapterPool, PoolError
 from ..batching.rows import refuse_param_lora
-from ..io.peft_format import install_adapter, is_adapter_folder, load_adapter
+from ..io.peft_factors import ParameterAdapterError, layer_factors
+from ..io.peft_format import is_adapter_folder, load_adapter
 from ..model.combine import combine
-from ..model.surgery import adapter_names, delete_adapter
+from ..model.surgery import adapter_names, config_of, delete_adapter
 from .adapter_reads import AdapterReadError, AdapterReads, ParsedAdapter
 from .metrics import ServerMetrics
 
@@ -173,6 +177,8 @@ class AdapterRegistry:
         self._combinations: dict[tuple[tuple[str, float], ...], str] = {}  # sources -> name
         self._combination_count = 0
         self._reads = AdapterReads()
+        #: the resident adapters, as slots the engine's mixed batches read (no modules)
+        self.pool = AdapterPool(model, max_resident)
 
     # ------------------------------------------------------------------ known adapters
     def add(self, name: str, path: Path) -> None:
@@ -191,6 +197,13 @@ class AdapterRegistry:
         if name not in adapter_names(self.model):
             raise ValueError(f"the model has no adapter {name!r}")
         refuse_param_lora(self.model)  # the engine runs mixed-adapter batches
+        if config_of(self.model, name).modules_to_save:
+            raise ValueError(
+                f"adapter {name!r} has modules_to_save; mixed-adapter batches support LoRA "
+                "layers only"
+            )
+        with self.model_lock:
+            self.pool.load_from_model(name)
         with self._lock:
             self._entries[name] = AdapterEntry(path=None)
             self._resident[name] = None
@@ -402,28 +415,25 @@ class AdapterRegistry:
             self._combine(name, entry.sources)
             self._resident[name] = None
             return
+        if parsed is None:  # added to the model's resident set meanwhile? read it now
+            parsed = self._parsed(name, entry)
+        config, tensors, weights = parsed
         try:
-            if parsed is None:  # added to the model's resident set meanwhile? read it now
-                parsed = self._parsed(name, entry)
-            # the engine picks each row's adapter: activating one would walk the whole model
-            install_adapter(self.model, *parsed, adapter_name=name, activate=False)
-        except ServeError:
-            raise
-        except Exception as err:
+            self.pool.load(name, layer_factors(config, tensors, weights.name))
+        except ParameterAdapterError as err:
+            # the engine runs mixed-adapter batches, which adapters on parameters cannot join
+            raise ServeError(400, f"adapter {name!r}: {err}") from None
+        except (PoolError, ValueError) as err:
             raise ServeError(
                 500, f"adapter {name!r} failed to load from {entry.path.name}: {err}"
-            ) from err
-        try:  # the engine runs mixed-adapter batches, which adapters on parameters cannot join
-            refuse_param_lora(self.model)
-        except ValueError as err:
-            delete_adapter(self.model, name)
-            raise ServeError(400, f"adapter {name!r}: {err}") from None
+            ) from None
         self._resident[name] = None
         self.metrics.adapter_loads.inc()
 
     def _combine(self, name: str, sources: tuple[tuple[str, float], ...]) -> None:
-        """Add combination ``name`` to the model; sources not resident are loaded for the
-        moment only (under ``model_lock``, so no step sees them)."""
+        """Add combination ``name`` to the pool: its sources go into the model's own layers for
+        the moment only (under ``model_lock``, so no step sees them), ``loraq.combine`` makes
+        it there, and the pool copies it."""
         borrowed: list[str] = []
         try:
             for source, _ in sources:
@@ -437,6 +447,8 @@ class AdapterRegistry:
                     load_adapter(self.model, entry.path, adapter_name=source)
                     borrowed.append(source)
             combine(self.model, dict(sources), method=COMBINATION_METHOD, name=name)
+            borrowed.append(name)
+            self.pool.load_from_model(name)
         except ServeError:
             raise
         except Exception as err:
@@ -449,7 +461,9 @@ class AdapterRegistry:
                 delete_adapter(self.model, source)
 
     def _unload_from_model(self, name: str) -> None:
-        if name in adapter_names(self.model):
+        if name in self.pool:
+            self.pool.evict(name)
+        if name in adapter_names(self.model):  # an adapter applied in code (add_resident)
             delete_adapter(self.model, name)
         self._resident.pop(name, None)
 
