@@ -266,8 +266,11 @@ def test_a_nan_among_many_tensors_is_named(tmp_path: Path) -> None:
     tensors = {f"t{i}": torch.randn(3, 5) for i in range(40)}
     tensors["codes"] = torch.zeros(4, dtype=torch.uint8)
     tensors["half"] = torch.randn(8, dtype=torch.float16)
+    tensors["bf16"] = torch.randn(8, dtype=torch.bfloat16)
+    tensors["big"] = torch.zeros(1 << 20)  # checked by torch, the small ones by numpy
     check_finite(tensors, "f.safetensors")
-    for key, bad in (("t17", float("nan")), ("half", float("-inf"))):
+    cases = [("t17", float("nan")), ("half", float("-inf")), ("bf16", float("nan"))]
+    for key, bad in [*cases, ("bf16", float("inf")), ("big", float("inf"))]:
         poisoned = dict(tensors)
         poisoned[key] = tensors[key].clone()
         poisoned[key].view(-1)[2] = bad

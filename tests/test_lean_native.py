@@ -95,14 +95,14 @@ def test_float32_weights_run_compiled_too(name, monkeypatch, compiled_calls):
     _generate_both(model, monkeypatch, compiled_calls, ("a", None, "b"))
 
 
-def _generate(model, monkeypatch, switch: str, adapters, prompts=None):
+def _generate(model, monkeypatch, switch: str, adapters, prompts=None, pool=None):
     monkeypatch.setenv(NATIVE_ENV, switch)
     prompts = prompts or [[5, 6, 7, 8, 9], [3, 4], [1, 2, 3, 4, 5, 6, 7], [9, 8], [4, 4, 4]]
     seqs = [
         SequenceState(p, adapters[i % len(adapters)], SamplingParams(6 + 3 * i, logprobs=0))
         for i, p in enumerate(prompts)
     ]
-    run_to_completion(model, seqs, max_batch=3)
+    run_to_completion(model, seqs, max_batch=3, adapter_pool=pool)
     return [s.generated for s in seqs], [[lp.logprob for lp in s.logprobs] for s in seqs]
 
 
@@ -130,6 +130,25 @@ def test_mixed_ranks_and_bare_rows_joining_and_leaving(name, monkeypatch, compil
     theirs = _generate_both(model, monkeypatch, compiled_calls, ("a", None, "b"))
     # and the adapters change the tokens, so the comparison can fail
     assert _generate(model, monkeypatch, "off", (None,))[1] != theirs[1]
+
+
+def test_rows_over_an_adapter_pool_read_each_slots_own_rank(monkeypatch, compiled_calls):
+    """A serving pool's stacks carry each slot's rank (the compiled layer reads no padding):
+    generation over the pool, compiled and not, equals the model's own adapters'."""
+    from loraq.batching.pool import AdapterPool
+
+    model = with_adapters(gguf_model("llama"), {"a": 4, "b": 16})
+    pool = AdapterPool(model, capacity=3)
+    pool.load_from_model("b")
+    pool.load_from_model("a")
+    layer = next(iter(pool.ranks("a")))
+    assert pool.stacks[layer].ranks.tolist()[:3] == [0, 16, 4]
+    rows = ("a", None, "b")
+    ours = _generate(model, monkeypatch, "auto", rows, pool=pool)
+    assert compiled_calls
+    compiled_calls.clear()
+    _assert_same_generation(ours, _generate(model, monkeypatch, "off", rows, pool=pool))
+    _assert_same_generation(ours, _generate(model, monkeypatch, "off", rows))
 
 
 def test_an_adapter_loaded_mid_generation_is_seen(monkeypatch, compiled_calls):
@@ -271,3 +290,42 @@ def test_run_layer_and_layer_spec_refuse_bad_input():
     del fields["keys"]
     with pytest.raises(KeyError, match="keys"):
         lean_layer.layer_spec(fields, [projection] * 7)
+
+
+def test_lora_rows_equals_each_rows_own_adapter_product():
+    """The per-row LoRA kernel mixed batches use without gradients: ``out += (x A_s^T) B_s`` for
+    each row's slot ``s``, reading only each slot's own rank when the ranks are given."""
+    gen = torch.Generator().manual_seed(0)
+    slots, rank, n_in, n_out, rows, tokens = 4, 8, 40, 24, 5, 3
+    own = torch.tensor([0, 8, 3, 5])  # slot 0 is the bare base
+    a = torch.randn(slots, rank, n_in, generator=gen)
+    b = torch.randn(slots, rank, n_out, generator=gen)
+    for s, r in enumerate(own.tolist()):  # a stack's rows past a slot's rank are zeros
+        a[s, r:] = 0
+        b[s, r:] = 0
+    x = torch.randn(rows, tokens, n_in, generator=gen)
+    row_slots = torch.tensor([2, 0, 1, 3, 2])
+    base = torch.randn(rows, tokens, n_out, generator=gen)
+    want = base + torch.stack([x[i] @ a[s].T @ b[s] for i, s in enumerate(row_slots.tolist())])
+    # float32, sums of 40 then 8 products: a few ulps of values of order 10
+    for ranks in (own, None, torch.tensor([0, 99, 99, 99])):  # a rank past the stack's: clamped
+        out = base.clone()
+        lean_layer.lora_rows(x, out, a, b, row_slots, ranks)
+        torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-4)
+
+
+def test_lora_rows_refuses_bad_input():
+    a, b = torch.zeros(3, 2, 4), torch.zeros(3, 2, 5)
+    x, out, rows = torch.zeros(2, 1, 4), torch.zeros(2, 1, 5), torch.tensor([0, 2])
+    lean_layer.lora_rows(x, out, a, b, rows)
+    bad = [
+        ((x.double(), out, a, b, rows), r"CPU torch.float32 tensor of shape \(2, 1, 4\), got"),
+        ((x, out[:, :, :4], a, b, rows), r"shape \(2, 1, 5\)"),
+        ((x, out, a, b, rows.int()), r"torch.int64 tensor of shape \(2,\)"),
+        ((x, out, a, b, rows, torch.zeros(2, dtype=torch.long)), r"shape \(3,\)"),
+        ((x, out, a, b, torch.tensor([0, 3])), r"row_slots must lie in \[0, 3\), got \[0, 3\]"),
+        ((x, out, a, b, torch.tensor([-1, 0])), r"row_slots must lie in \[0, 3\)"),
+    ]
+    for args, message in bad:
+        with pytest.raises(ValueError, match=message):
+            lean_layer.lora_rows(*args)

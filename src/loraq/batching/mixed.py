@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from ..layers.lora import LoRALayer
+from ..native import lean_layer
 from .stacks import LayerStack, StackCache, check_layer, layer_versions, stack_layer
 
 
@@ -304,6 +305,8 @@ def _linear_delta(batch: MixedBatch, layer, x_in, stack: LayerStack, rows, unifo
             hidden = torch.matmul(x_in, a_s.reshape(slots * r_max, in_f).t()) * own[:, None]
             b = b_s.reshape(slots * r_max, -1)  # hidden: (R, T, slots * r)
         else:
+            if out is not None and _compiled_rows(x_in, out, stack, rows):
+                return out
             a_rows, b_rows, _ = batch.row_weights(layer, stack, rows)
             hidden = torch.bmm(x_in, a_rows.transpose(1, 2))
             if out is None:
@@ -314,6 +317,22 @@ def _linear_delta(batch: MixedBatch, layer, x_in, stack: LayerStack, rows, unifo
     flat = out.view(-1, out.shape[-1])
     flat.addmm_(hidden.reshape(flat.shape[0], -1), b)
     return out
+
+
+def _compiled_rows(x_in: torch.Tensor, out: torch.Tensor, stack: LayerStack, rows) -> bool:
+    """Add each row's delta into ``out`` with the compiled kernel (no per-row copies of the
+    stacks, no products with the zero rows past a slot's rank); False when it does not apply
+    (not float32 on CPU, or no compiler), and nothing was done."""
+    if not (
+        x_in.device.type == "cpu"
+        and x_in.dtype == out.dtype == stack.a.dtype == torch.float32
+        and stack.a.is_contiguous()
+        and stack.b.is_contiguous()
+        and lean_layer.available()
+    ):
+        return False
+    lean_layer.lora_rows(x_in.contiguous(), out, stack.a, stack.b, rows, stack.ranks)
+    return True
 
 
 def mixed_forward(

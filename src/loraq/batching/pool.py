@@ -13,7 +13,10 @@ tensor      shape                        content
 ``b``       ``(slots, r_max, out)``      each slot's B transposed, its scale folded in
 ``dora``    ``(slots, out)`` or None     DoRA's ``m / ||W + sBA||`` (1 for other slots); None
                                          until a DoRA adapter is loaded on the layer
+``ranks``   ``(slots,)`` int64           each slot's rank (0: free), so a kernel reads no zeros
 ==========  ===========================  ====================================================
+
+A free slot's rows are all zeros: a load writes only its rank's rows.
 
 - :meth:`AdapterPool.load` writes one adapter into a free slot of each layer it adapts (a few
   tensor copies per layer) and :meth:`AdapterPool.evict` zeroes them again: no module is
@@ -192,6 +195,7 @@ class AdapterPool:
                 stack = self.stacks[layer]
                 stack.a[slot].zero_()
                 stack.b[slot].zero_()
+                stack.ranks[slot] = 0
                 if stack.dora is not None:
                     stack.dora[slot].fill_(1)
                 self._shrink(layer)
@@ -256,9 +260,10 @@ class AdapterPool:
         return len(self.slots)
 
     def _prepare(self, name: str, plans: dict[LoRALayer, LayerFactors]) -> tuple[int, list]:
-        """The slot and, per layer, ``(layer, stack, rank, A, B^T scaled, DoRA scale)`` to
-        write: stacks that must grow are new tensors (every layer's when the slot count grows:
-        all stacks keep one row count, so any slot indexes any of them); nothing changes yet."""
+        """The slot and, per layer, ``(layer, stack, factors, DoRA scale)`` to write: what can
+        fail (allocations: stacks that must grow are new tensors, every layer's when the slot
+        count grows, as all stacks keep one row count; DoRA's norms) happens here, and nothing
+        of the pool changes yet."""
         slot = self._free_slot()
         rows = self._rows
         while rows <= slot:
@@ -266,32 +271,27 @@ class AdapterPool:
         writes = []
         with torch.no_grad():
             for layer, f in plans.items():
-                dtype, device = layer.adapter_dtype, layer.base_device
-                rank = f.a.shape[0]
-                a = f.a.to(device=device, dtype=dtype)
-                b = (f.b.to(device=device, dtype=dtype) * f.scale).t()
-                dora = None if f.magnitude is None else _dora_scale(layer, a, b, f.magnitude)
-                stack = _fitted(self.stacks.get(layer), layer, rows, rank, dora is not None)
-                writes.append((layer, stack, rank, a, b, dora))
+                dora = None if f.magnitude is None else _dora_scale(layer, f)
+                stack = _fitted(self.stacks.get(layer), layer, rows, f.a.shape[0], dora is not None)
+                writes.append((layer, stack, f, dora))
             if rows != self._rows:
                 for layer, stack in self.stacks.items():
                     if layer not in plans:
-                        writes.append(
-                            (layer, _fitted(stack, layer, rows, 0, False), 0, None, None, None)
-                        )
+                        writes.append((layer, _fitted(stack, layer, rows, 0, False), None, None))
         self._next_rows = rows
         return slot, writes
 
     def _commit(self, name: str, slot: int, writes: list) -> None:
         with torch.no_grad():
-            for layer, stack, rank, a, b, dora in writes:
+            for layer, stack, f, dora in writes:
                 self.stacks[layer] = stack
-                if a is None:  # grown only
+                if f is None:  # grown only
                     continue
-                stack.a[slot, :rank].copy_(a)
-                stack.a[slot, rank:].zero_()
-                stack.b[slot, :rank].copy_(b)
-                stack.b[slot, rank:].zero_()
+                # a free slot's rows are all zeros (fresh, or zeroed by evict): write the rank's
+                rank = f.a.shape[0]
+                stack.a[slot, :rank].copy_(f.a)
+                torch.mul(f.b.t(), f.scale, out=stack.b[slot, :rank])
+                stack.ranks[slot] = rank
                 if stack.dora is not None:
                     stack.dora[slot].copy_(dora if dora is not None else 1)
                 self._ranks.setdefault(layer, {})[name] = rank
@@ -309,7 +309,7 @@ class AdapterPool:
         if need * 2 <= stack.a.shape[1]:
             dora = None if stack.dora is None else stack.dora.clone()
             self.stacks[layer] = LayerStack(
-                stack.a[:, :need].clone(), stack.b[:, :need].clone(), dora
+                stack.a[:, :need].clone(), stack.b[:, :need].clone(), dora, stack.ranks.clone()
             )
 
 
@@ -328,7 +328,7 @@ def _fitted(
         a = torch.zeros(rows, rank, layer.in_features, dtype=dtype, device=device)
         b = torch.zeros(rows, rank, layer.out_features, dtype=dtype, device=device)
         scales = torch.ones(rows, layer.out_features, dtype=dtype, device=device) if dora else None
-        return LayerStack(a, b, scales)
+        return LayerStack(a, b, scales, torch.zeros(rows, dtype=torch.long, device=device))
     old_rows, r_max = stack.a.shape[0], stack.a.shape[1]
     if rows <= old_rows and rank <= r_max and (stack.dora is not None or not dora):
         return stack
@@ -342,13 +342,14 @@ def _fitted(
         scales = stack.a.new_ones(rows, stack.b.shape[2])
         if stack.dora is not None:
             scales[:old_rows] = stack.dora
-    return LayerStack(a, b, scales)
+    ranks = stack.ranks.new_zeros(rows)
+    ranks[:old_rows] = stack.ranks
+    return LayerStack(a, b, scales, ranks)
 
 
-def _dora_scale(
-    layer: LoRALayer, a: torch.Tensor, b_scaled_t: torch.Tensor, magnitude: torch.Tensor
-) -> torch.Tensor:
+def _dora_scale(layer: LoRALayer, factors: LayerFactors) -> torch.Tensor:
     """DoRA's column scale ``m / ||W + s B A||`` (rows of ``M``), as a mixed batch applies it."""
-    weight = layer.base_matrix().to(a.dtype)
-    norm = (weight + b_scaled_t.t() @ a).norm(dim=1)
-    return magnitude.to(a.dtype) / norm
+    dtype = layer.adapter_dtype
+    a, b = factors.a.to(dtype), factors.b.to(dtype)
+    norm = (layer.base_matrix().to(dtype) + factors.scale * (b @ a)).norm(dim=1)
+    return factors.magnitude.to(dtype) / norm

@@ -81,6 +81,9 @@ class LayerStack(NamedTuple):
     a: torch.Tensor
     b: torch.Tensor
     dora: torch.Tensor | None
+    #: each slot's own rank, int64 ``(slots,)`` (its rows of ``a`` and ``b`` past it are zeros),
+    #: where the stack keeps it (:mod:`loraq.batching.pool`); else None
+    ranks: torch.Tensor | None = None
 
 
 def stack_layer(

@@ -424,16 +424,19 @@ def run_to_completion(
     pad_token_id: int = 0,
     on_token: Callable[[SequenceState], None] | None = None,
     per_row_adapters: bool = True,
+    adapter_pool: AdapterPool | None = None,
 ) -> list[SequenceState]:
     """Generate every sequence to its end, at most ``max_batch`` at a time (continuous batching).
 
     ``on_token(seq)`` is called after each new token of ``seq`` and may call ``seq.stop()``.
-    ``per_row_adapters``: as in :class:`DecodeBatch`.
+    ``per_row_adapters``, ``adapter_pool``: as in :class:`DecodeBatch`.
     """
     if max_batch < 1:
         raise ValueError(f"max_batch must be >= 1, got {max_batch}")
     pending = list(seqs)
-    batch = DecodeBatch(model, pad_token_id, per_row_adapters=per_row_adapters)
+    batch = DecodeBatch(
+        model, pad_token_id, per_row_adapters=per_row_adapters, adapter_pool=adapter_pool
+    )
     was_training = model.training
     if was_training:  # eval() walks every module: skip it when there is nothing to switch
         model.eval()

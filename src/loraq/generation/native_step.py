@@ -49,7 +49,7 @@ _MLPS = frozenset(f"{name}MLP" for name in ("Llama", "Mistral", "Qwen2", "Qwen3"
 _CPU = torch.device("cpu")
 _BUFFER_NAMES = ("keys", "values", "cache_row_stride", "cache_head_stride")
 _BUFFER_FIELDS = tuple(lean_layer.LAYER_FIELDS.index(name) for name in _BUFFER_NAMES)
-_NO_LORA = {"lora_a": 0, "lora_b": 0, "rank": 0, "row_slots": 0}
+_NO_LORA = {"lora_a": 0, "lora_b": 0, "rank": 0, "row_slots": 0, "slot_ranks": 0}
 
 
 def _norm(module: nn.Module | None) -> tuple[int, float] | None:
@@ -90,6 +90,11 @@ def _adapters(module: LoRALayer, base: nn.Module, rows: int) -> dict[str, int] |
         and a.shape[2] == getattr(base, "in_features", None)
         and b.shape[2] == getattr(base, "out_features", None)
     )
+    ranks = stack.ranks
+    if ranks is not None and not (
+        ranks.dtype == torch.long and ranks.is_contiguous() and tuple(ranks.shape) == (a.shape[0],)
+    ):
+        ranks = None  # read every row of the stack
     if not fits:
         return None
     return {
@@ -97,6 +102,7 @@ def _adapters(module: LoRALayer, base: nn.Module, rows: int) -> dict[str, int] |
         "lora_b": b.data_ptr(),
         "rank": a.shape[1],
         "row_slots": row_slots.data_ptr(),
+        "slot_ranks": 0 if ranks is None else ranks.data_ptr(),
     }
 
 

@@ -19,6 +19,7 @@ DoRA adds ``lora_magnitude_vector`` of shape ``(out,)`` (``embedding_dim`` is ne
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -30,17 +31,28 @@ from .safe import FormatError
 
 def check_finite(tensors: dict[str, torch.Tensor], source: str) -> None:
     """Raise :class:`FormatError` naming the first floating tensor that holds NaN or Inf."""
-    floats = [t for t in tensors.values() if t.is_floating_point()]
-    by_dtype: dict[tuple, list[torch.Tensor]] = {}
-    for tensor in floats:
-        by_dtype.setdefault((tensor.dtype, tensor.device), []).append(tensor.reshape(-1))
-    # one check over all tensors of a dtype (an adapter holds many small ones); the tensor
-    # to name is looked for only when it fails
-    if all(bool(torch.isfinite(torch.cat(group)).all()) for group in by_dtype.values()):
-        return
     for key, tensor in tensors.items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        if tensor.is_floating_point() and not _all_finite(tensor):
             raise FormatError(f"{source}: tensor {key!r} holds NaN or Inf values")
+
+
+#: Below this many elements a tensor is checked by numpy on the calling thread: a torch op that
+#: goes parallel would start an OpenMP team on a server's short-lived adapter-reading thread.
+SERIAL_CHECK_MAX = 1 << 20
+# exponent bits all set = Inf or NaN, for the dtypes numpy cannot hold as floats
+_EXPONENT_MASKS = {torch.bfloat16: (torch.int16, 0x7F80)}
+
+
+def _all_finite(tensor: torch.Tensor) -> bool:
+    if tensor.device.type != "cpu" or tensor.numel() >= SERIAL_CHECK_MAX:
+        return bool(torch.isfinite(tensor).all())
+    mask = _EXPONENT_MASKS.get(tensor.dtype)
+    if mask is not None:
+        bits = tensor.detach().contiguous().view(mask[0]).numpy()
+        return not bool(((bits & mask[1]) == mask[1]).any())
+    if tensor.dtype in (torch.float16, torch.float32, torch.float64):
+        return bool(np.isfinite(tensor.detach().numpy()).all())
+    return bool(torch.isfinite(tensor).all())
 
 
 def expected_shapes(module: nn.Module, r: int, dora: bool) -> dict[str, tuple[int, ...]]:

@@ -7,7 +7,8 @@
  * layer costs from Python. Projections read their GGUF blocks packed, through the packed matmul
  * of dequant.c, whose address the spec carries, or float32 weights; each projection adds its bias and, per row, the
  * row's LoRA adapter from the stacked weights of loraq.batching.stacks (A: slots x rank x in,
- * B: slots x rank x out with the scale folded in). Sums run in another order than PyTorch's:
+ * B: slots x rank x out with the scale folded in; optionally each slot's own rank, below which
+ * its rows hold the adapter and past which zeros). Sums run in another order than PyTorch's:
  * results equal the reference within float32 rounding.
  *
  * The spec is an int64 array laid out by the L_* and P_* indices below, which
@@ -26,7 +27,19 @@
 typedef void (*matmul_fn)(const uint8_t*, int, int64_t, int64_t, const float*, int64_t, float*);
 
 /* One projection's record. */
-enum { P_BLOCKS, P_KIND, P_OUT, P_IN, P_BIAS, P_LORA_A, P_LORA_B, P_RANK, P_ROW_SLOTS, P_SIZE };
+enum {
+    P_BLOCKS,
+    P_KIND,
+    P_OUT,
+    P_IN,
+    P_BIAS,
+    P_LORA_A,
+    P_LORA_B,
+    P_RANK,
+    P_ROW_SLOTS,
+    P_SLOT_RANKS,
+    P_SIZE
+};
 enum { Q, K, V, O, GATE, UP, DOWN, PROJECTIONS };
 /* The layer's record; the projections' records follow at L_PROJ, in the order above. */
 enum {
@@ -145,6 +158,38 @@ static void dense_matmul(const float* w, int64_t n_out, int64_t n_in, const floa
     }
 }
 
+/* out[r, t] += B_s^T (A_s x[r, t]) for each row r's slot s = slots[r] and each of its tokens t:
+ * x is rows x tokens x n_in, out rows x tokens x n_out, A slots x rank x n_in, B slots x rank x
+ * n_out (B transposed, its scale folded in). slot_ranks (or NULL) gives each slot's own rank: its
+ * rows of A and B past it are zeros, so no dot is spent on them. */
+static void lora_rows(const float* x, int64_t rows, int64_t tokens, int64_t n_in, float* out,
+                      int64_t n_out, const float* lora_a, const float* lora_b, int64_t rank,
+                      const int64_t* slots, const int64_t* slot_ranks) {
+    const int64_t items = rows * tokens;
+    #pragma omp parallel for schedule(static) if (items * rank * (n_in + n_out) >= PARALLEL_MIN_WORK)
+    for (int64_t i = 0; i < items; i++) {
+        const int64_t r = i / tokens, slot = slots[r];
+        const float* a = lora_a + slot * rank * n_in;
+        const float* b = lora_b + slot * rank * n_out;
+        const int64_t own = slot_ranks && slot_ranks[slot] < rank ? slot_ranks[slot] : rank;
+        for (int64_t j = 0; j < own; j++) {
+            float hidden = dot(a + j * n_in, x + i * n_in, n_in);
+            if (hidden != 0.0f) add_scaled(out + i * n_out, hidden, b + j * n_out, n_out);
+        }
+    }
+}
+
+/* The entry for lora_rows (loraq.native.lean_layer.lora_rows checks the shapes); -1, with nothing
+ * done, when a row's slot is not one of the n_slots stacked. */
+int loraq_lora_rows(const float* x, int64_t rows, int64_t tokens, int64_t n_in, float* out,
+                    int64_t n_out, const float* lora_a, const float* lora_b, int64_t n_slots,
+                    int64_t rank, const int64_t* slots, const int64_t* slot_ranks) {
+    for (int64_t r = 0; r < rows; r++)
+        if (slots[r] < 0 || slots[r] >= n_slots) return -1;
+    lora_rows(x, rows, tokens, n_in, out, n_out, lora_a, lora_b, rank, slots, slot_ranks);
+    return 0;
+}
+
 /* out = in @ W^T (+ bias) (+ each row's LoRA delta), in: rows x P_IN, out: rows x P_OUT. */
 static void project(const int64_t* p, matmul_fn matmul, const float* in, int64_t rows, float* out) {
     const int64_t n_in = p[P_IN], n_out = p[P_OUT];
@@ -157,17 +202,8 @@ static void project(const int64_t* p, matmul_fn matmul, const float* in, int64_t
         for (int64_t r = 0; r < rows; r++) add_scaled(out + r * n_out, 1.0f, bias, n_out);
     const float *lora_a = (const float*)p[P_LORA_A], *lora_b = (const float*)p[P_LORA_B];
     if (!lora_a) return;
-    const int64_t rank = p[P_RANK];
-    const int64_t* slots = (const int64_t*)p[P_ROW_SLOTS];
-    #pragma omp parallel for schedule(static) if (rows * rank * (n_in + n_out) >= PARALLEL_MIN_WORK)
-    for (int64_t r = 0; r < rows; r++) {
-        const float* a = lora_a + slots[r] * rank * n_in;
-        const float* b = lora_b + slots[r] * rank * n_out;
-        for (int64_t j = 0; j < rank; j++) {
-            float hidden = dot(a + j * n_in, in + r * n_in, n_in);
-            if (hidden != 0.0f) add_scaled(out + r * n_out, hidden, b + j * n_out, n_out);
-        }
-    }
+    lora_rows(in, rows, 1, n_in, out, n_out, lora_a, lora_b, p[P_RANK],
+              (const int64_t*)p[P_ROW_SLOTS], (const int64_t*)p[P_SLOT_RANKS]);
 }
 
 /* RoPE as transformers applies it: x * cos + rotate_half(x) * sin, for each head of a row. */

@@ -60,7 +60,8 @@ LAYER_FIELDS = (
     "cache_head_stride",  # elements between kv heads of both buffers
 )
 #: Each projection's fields (``P_*``): its packed blocks and kind, its shape, its bias, and its
-#: rows' adapters: stacked A ``(slots, rank, in)``, B ``(slots, rank, out)`` and each row's slot.
+#: rows' adapters: stacked A ``(slots, rank, in)``, B ``(slots, rank, out)``, each row's slot
+#: and, or 0, each slot's own rank (int64 ``(slots,)``: the stack's rows past it are zeros).
 PROJECTION_FIELDS = (
     "blocks",
     "kind",
@@ -71,6 +72,7 @@ PROJECTION_FIELDS = (
     "lora_b",
     "rank",
     "row_slots",
+    "slot_ranks",
 )
 #: A projection's ``kind`` for float32 weights (``blocks`` then holds their address, rows of
 #: ``in`` values); any other kind is the packed matmul's (:func:`~loraq.native.dequant.packed_matmul`).
@@ -100,6 +102,18 @@ def _library() -> ctypes.CDLL | None:
         ctypes.c_void_p,
     ]
     lib.loraq_lean_layer.restype = ctypes.c_int
+    lib.loraq_lora_rows.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64] + [
+        ctypes.c_int64,
+        ctypes.c_void_p,
+        ctypes.c_int64,
+        ctypes.c_void_p,
+        ctypes.c_void_p,
+        ctypes.c_int64,
+        ctypes.c_int64,
+        ctypes.c_void_p,
+        ctypes.c_void_p,
+    ]
+    lib.loraq_lora_rows.restype = ctypes.c_int
     return lib
 
 
@@ -174,3 +188,57 @@ def run_layer(
     )
     if status != 0:
         raise RuntimeError("the compiled decode layer ran out of memory for its scratch")
+
+
+def lora_rows(
+    x: torch.Tensor,
+    out: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    row_slots: torch.Tensor,
+    slot_ranks: torch.Tensor | None = None,
+) -> None:
+    """Add each row's LoRA delta into ``out`` in place, reading its adapter from the stacks.
+
+    ``x``: float32 ``(rows, tokens, in)``; ``out``: float32 ``(rows, tokens, out)``; ``a``:
+    ``(slots, rank, in)`` and ``b``: ``(slots, rank, out)`` stacked as
+    :mod:`loraq.batching.stacks` does (B transposed, its scale folded in); ``row_slots``: int64
+    ``(rows,)``, each row's slot; ``slot_ranks``: int64 ``(slots,)``, each slot's own rank (its
+    rows past it are zeros and are skipped), or None to read every row. All contiguous on CPU.
+    The same sums as ``out += (x @ A_s^T) @ B_s`` row by row, in another order.
+
+    Raises:
+        RuntimeError: when the compiled kernels are unavailable.
+        ValueError: for tensors of the wrong dtype, shape or layout, or a slot out of range.
+    """
+    lib = _library()
+    if lib is None:
+        raise RuntimeError("the compiled decode layer is unavailable (see loraq.native.build)")
+    rows, tokens, n_in = x.shape
+    slots, rank, n_out = b.shape
+    checks = [
+        (x, torch.float32, (rows, tokens, n_in)),
+        (out, torch.float32, (rows, tokens, n_out)),
+        (a, torch.float32, (slots, rank, n_in)),
+        (b, torch.float32, (slots, rank, n_out)),
+        (row_slots, torch.int64, (rows,)),
+    ]
+    if slot_ranks is not None:
+        checks.append((slot_ranks, torch.int64, (slots,)))
+    for tensor, dtype, shape in checks:
+        if (
+            tensor.dtype != dtype
+            or tuple(tensor.shape) != shape
+            or not tensor.is_contiguous()
+            or tensor.device.type != "cpu"
+        ):
+            raise ValueError(
+                f"lora_rows: expected a contiguous CPU {dtype} tensor of shape {shape}, got "
+                f"{tensor.dtype} {tuple(tensor.shape)} on {tensor.device}"
+            )
+    status = lib.loraq_lora_rows(
+        x.data_ptr(), rows, tokens, n_in, out.data_ptr(), n_out, a.data_ptr(), b.data_ptr(),
+        slots, rank, row_slots.data_ptr(), 0 if slot_ranks is None else slot_ranks.data_ptr(),
+    )  # fmt: skip
+    if status != 0:
+        raise ValueError(f"lora_rows: row_slots must lie in [0, {slots}), got {row_slots.tolist()}")
