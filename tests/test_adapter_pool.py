@@ -303,3 +303,22 @@ def test_layer_factors_groups_each_module_with_the_configs_scale(saved):
     assert one.scale == pytest.approx(8 / 8**0.5)  # rsLoRA: alpha / sqrt(r)
     key = "base_model.model.model.layers.1.mlp.down_proj.lora_A.weight"
     assert torch.equal(one.a, tensors[key])
+
+
+def test_a_slot_taken_again_keeps_nothing_of_its_last_adapter(saved):
+    """An eviction only frees the slot; the next load into it clears what the evicted adapter
+    left past its own rank and on the layers it does not adapt (the stacks keep rank 16)."""
+    model = tiny_causal_lm()
+    pool = AdapterPool(model, capacity=2)
+    pool.load("r8", _factors(saved, "r8"))  # slot 1, all linear layers
+    pool.load("r16", _factors(saved, "r16"))  # slot 2: the stacks stay 16 wide
+    pool.evict("r8")
+    pool.load("r2", _factors(saved, "r2"))  # slot 1 again: rows 2..8 of r8 must go
+    layer = next(iter(pool.ranks("r2")))
+    assert pool.stacks[layer].a.shape[1] == 16 and pool.slots.index("r2") == 1
+    assert not pool.stacks[layer].a[1, 2:].any() and not pool.stacks[layer].b[1, 2:].any()
+    pool.evict("r2")
+    pool.load("attn", _factors(saved, "attn"))  # q and v only: r2's other layers cleared
+    names = ["attn", "r16", None]
+    ids = _ids(3, seed=3)
+    _close(_pooled(model, pool, names, ids), _reference(saved, names, ids))

@@ -55,14 +55,14 @@ def counted_reads(monkeypatch):
     from loraq.serve import adapter_reads as module
 
     reads: list[str] = []
-    real = module.read_adapter
+    real = module.read_adapter_bytes
 
-    def slow_read(path, adapter_name="default", **options):
+    def slow_read(path, adapter_name="default"):
         reads.append(adapter_name)
         time.sleep(0.1)
-        return real(path, adapter_name, **options)
+        return real(path, adapter_name)
 
-    monkeypatch.setattr(module, "read_adapter", slow_read)
+    monkeypatch.setattr(module, "read_adapter_bytes", slow_read)
     return reads
 
 

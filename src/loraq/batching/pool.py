@@ -13,14 +13,16 @@ tensor      shape                        content
 ``b``       ``(slots, r_max, out)``      each slot's B transposed, its scale folded in
 ``dora``    ``(slots, out)`` or None     DoRA's ``m / ||W + sBA||`` (1 for other slots); None
                                          until a DoRA adapter is loaded on the layer
-``ranks``   ``(slots,)`` int64           each slot's rank (0: free), so a kernel reads no zeros
+``ranks``   ``(slots,)`` int64           each slot's rank, so a kernel reads no zeros
 ==========  ===========================  ====================================================
 
-A free slot's rows are all zeros: a load writes only its rank's rows.
+A taken slot's rows past its adapter's rank, and on layers it does not adapt, are zeros. An
+eviction only forgets the slot (no row reads a free one); the next load into it writes its
+rank's rows and zeroes only what the evicted adapter left beyond them.
 
-- :meth:`AdapterPool.load` writes one adapter into a free slot of each layer it adapts (a few
-  tensor copies per layer) and :meth:`AdapterPool.evict` zeroes them again: no module is
-  created, no other adapter is touched. Layers not yet wrapped in a
+- :meth:`AdapterPool.load` writes one adapter into a free slot of each layer it adapts (two
+  tensor copies per layer) and :meth:`AdapterPool.evict` frees the slot: no module is created,
+  no other adapter is touched. Layers not yet wrapped in a
   :class:`~loraq.layers.lora.LoRALayer` are wrapped (with no adapter of their own) on the first
   load that adapts them; their output is unchanged.
 - Everything is checked before anything changes (shapes, kinds, ranks, room), so a refused
@@ -85,6 +87,8 @@ class AdapterPool:
         self._by_path: dict[str, LoRALayer] = {}
         self._ranks: dict[LoRALayer, dict[str, int]] = {}  # per layer: resident adapter -> rank
         self._loads: dict[str, int] = {}  # adapter -> its load's number (see identity)
+        # per free slot: the layers an evicted adapter left rows in, and how many
+        self._stale: dict[int, dict[LoRALayer, int]] = {}
         self._rows = min(FIRST_SLOTS, capacity + 1)  # every stack's slot count (slot 0 too)
         self._next_rows = self._rows
 
@@ -188,17 +192,16 @@ class AdapterPool:
         if name not in self._loads:
             raise KeyError(f"adapter {name!r} is not in the pool")
         slot = self.slots.index(name)
+        written = {}
         with torch.no_grad():
             for layer, ranks in self._ranks.items():
-                if ranks.pop(name, None) is None:
-                    continue
-                stack = self.stacks[layer]
-                stack.a[slot].zero_()
-                stack.b[slot].zero_()
-                stack.ranks[slot] = 0
-                if stack.dora is not None:
-                    stack.dora[slot].fill_(1)
-                self._shrink(layer)
+                rank = ranks.pop(name, None)
+                if rank is not None:
+                    written[layer] = rank
+                    self._shrink(layer)
+        # no row reads a free slot: its rows are zeroed when it is taken again, and only those
+        # the next adapter does not overwrite (most loads then zero nothing)
+        self._stale[slot] = written
         slots = list(self.slots)
         slots[slot] = None
         while len(slots) > 1 and slots[-1] is None:
@@ -282,12 +285,25 @@ class AdapterPool:
         return slot, writes
 
     def _commit(self, name: str, slot: int, writes: list) -> None:
+        stale = self._stale.pop(slot, {})
+        new_ranks = {w[0]: w[2].a.shape[0] for w in writes if w[2] is not None}
         with torch.no_grad():
-            for layer, stack, f, dora in writes:
+            for layer, stack, _, _ in writes:
                 self.stacks[layer] = stack
+            for layer, rows in stale.items():  # what the slot's last adapter left
+                stack = self.stacks[layer]
+                keep = new_ranks.get(layer, 0)
+                if rows > keep:
+                    stack.a[slot, keep:rows].zero_()
+                    stack.b[slot, keep:rows].zero_()
+                if not keep:
+                    stack.ranks[slot] = 0
+                    if stack.dora is not None:
+                        stack.dora[slot].fill_(1)
+            for layer, stack, f, dora in writes:
                 if f is None:  # grown only
                     continue
-                # a free slot's rows are all zeros (fresh, or zeroed by evict): write the rank's
+                # the slot's rows past the rank are zeros (fresh, or cleared just above)
                 rank = f.a.shape[0]
                 stack.a[slot, :rank].copy_(f.a)
                 torch.mul(f.b.t(), f.scale, out=stack.b[slot, :rank])

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -57,6 +57,8 @@ from .safe import (
     FormatError,
     atomic_save_safetensors,
     atomic_write_json,
+    parse_safetensors,
+    read_bytes,
     read_json,
     read_safetensors,
     refuse_pickle,
@@ -323,25 +325,56 @@ def _adapter_folder(path: Path, adapter_name: str) -> Path:
     raise FormatError(f"{path} has no {CONFIG_NAME}")
 
 
+class AdapterBytes(NamedTuple):
+    """An adapter folder read and not yet parsed (:func:`read_adapter_bytes`): its config, the
+    bits of its integer codes (None: float weights), its weights file and that file's bytes."""
+
+    config: LoraConfig
+    bits: int | None
+    weights: Path
+    data: bytes
+
+
+def read_adapter_bytes(path: str | os.PathLike[str], adapter_name: str = "default") -> AdapterBytes:
+    """The disk half of :func:`read_adapter`: the folder's config, checked, and its weights
+    file's bytes. Little work besides the reads, so a server runs it on a worker thread and
+    parses (:func:`parse_adapter_bytes`) where the tensors are wanted."""
+    folder = _adapter_folder(Path(path), adapter_name)
+    config_file = folder / CONFIG_NAME
+    config, bits = lora_config_from_peft(read_json(config_file), source=str(config_file))
+    weights = weights_file(folder, WEIGHTS_NAME if bits is None else CODES_WEIGHTS_NAME)
+    return AdapterBytes(config, bits, weights, read_bytes(weights))
+
+
+def parse_adapter_bytes(read: AdapterBytes) -> tuple[LoraConfig, dict[str, torch.Tensor], Path]:
+    """The other half of :func:`read_adapter`: ``(config, tensors, weights file)`` of what
+    :func:`read_adapter_bytes` read; the tensors own their memory."""
+    tensors = parse_safetensors(read.data, read.weights)
+    if read.bits is not None:
+        tensors = adapter_codes.decode(tensors, read.bits, source=str(read.weights))
+    check_finite(tensors, str(read.weights))
+    return read.config, tensors, read.weights
+
+
 def read_adapter(
     path: str | os.PathLike[str], adapter_name: str = "default", *, owned: bool = False
 ) -> tuple[LoraConfig, dict[str, torch.Tensor], Path]:
     """Read and check an adapter folder without touching a model: ``(config, tensors, weights file)``.
 
     Tensors are float, whatever the file stored (integer codes are decoded). ``owned=True``:
-    no tensor maps the weights file (it is read into memory whole; see
-    :func:`~loraq.io.safe.read_safetensors`), so they stay valid when the file is rewritten.
+    no tensor maps the weights file (it is read into memory whole, as
+    :func:`read_adapter_bytes` and :func:`parse_adapter_bytes` do), so they stay valid when the
+    file is rewritten.
     """
+    if owned:
+        return parse_adapter_bytes(read_adapter_bytes(path, adapter_name))
     folder = _adapter_folder(Path(path), adapter_name)
     config_file = folder / CONFIG_NAME
     config, bits = lora_config_from_peft(read_json(config_file), source=str(config_file))
+    weights = weights_file(folder, WEIGHTS_NAME if bits is None else CODES_WEIGHTS_NAME)
+    tensors, _ = read_safetensors(weights)
     if bits is not None:
-        weights = weights_file(folder, CODES_WEIGHTS_NAME)
-        tensors, _ = read_safetensors(weights, owned=owned)
         tensors = adapter_codes.decode(tensors, bits, source=str(weights))
-    else:
-        weights = weights_file(folder, WEIGHTS_NAME)
-        tensors, _ = read_safetensors(weights, owned=owned)
     check_finite(tensors, str(weights))
     return config, tensors, weights
 

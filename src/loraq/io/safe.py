@@ -101,16 +101,7 @@ def read_safetensors(
     the metadata is then not read (an empty dict)."""
     path = Path(path)
     if owned:
-        from safetensors.torch import load
-
-        try:
-            return load(path.read_bytes()), {}
-        except OSError as err:
-            raise FormatError(f"{path} cannot be read: {err.strerror or err}") from None
-        except Exception as err:  # safetensors' own error for a corrupt header or data
-            raise FormatError(
-                f"{path} is not a readable safetensors file (truncated or corrupt?): {err}"
-            ) from None
+        return parse_safetensors(read_bytes(path), path), {}
     with _open_safetensors(path) as f:
         try:
             tensors = {key: f.get_tensor(key) for key in f.keys()}
@@ -119,6 +110,30 @@ def read_safetensors(
                 f"{path} is not a readable safetensors file (truncated or corrupt?): {err}"
             ) from None
         return tensors, dict(f.metadata() or {})
+
+
+def read_bytes(path: str | os.PathLike[str]) -> bytes:
+    """The whole content of file ``path`` (as much as the file holds); errors name it."""
+    path = Path(path)
+    if path.suffix in PICKLE_SUFFIXES:
+        refuse_pickle(path)
+    try:
+        return path.read_bytes()
+    except OSError as err:
+        raise FormatError(f"{path} cannot be read: {err.strerror or err}") from None
+
+
+def parse_safetensors(data: bytes, path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file's content ``data`` (read from ``path``, which errors
+    name); they own their memory (copies of ``data``'s slices)."""
+    from safetensors.torch import load
+
+    try:
+        return load(data)
+    except Exception as err:  # safetensors' own error for a corrupt header or data
+        raise FormatError(
+            f"{path} is not a readable safetensors file (truncated or corrupt?): {err}"
+        ) from None
 
 
 def read_safetensors_header(

@@ -1,9 +1,9 @@
-"""Adapter folders read and parsed off the model lock, with parsed copies kept on the host.
+"""Adapter folders read off the model lock, with parsed copies kept on the host.
 
-Reading an adapter (disk, safetensors, config checks) touches no model, so the registry starts
-it on a worker thread as soon as a request is accepted and holds its model lock only for the
-install. Each read has a thread of its own that ends with it, so no OpenMP pool stays beside
-the engine's (see :mod:`loraq.core.threads`); at most :data:`READ_WORKERS` read at once.
+Reading an adapter's files touches no model, so the registry starts it on a worker thread as
+soon as a request is accepted; the thread reads bytes only, and the one that wants the adapter
+parses them (safetensors, finiteness) when it does, which holds no lock either. Each read has
+a thread of its own that ends with it; at most :data:`READ_WORKERS` read at once.
 Concurrent requests for one adapter share one read. Parsed copies stay on the host, least
 recently used dropped beyond :data:`HOST_CACHE_BYTES`, so an evicted adapter comes back without
 the disk; a folder whose files changed (size or mtime) is read again.
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from ..io.peft_format import read_adapter
+from ..io.peft_format import AdapterBytes, parse_adapter_bytes, read_adapter_bytes
 from ..model.config import LoraConfig
 
 #: Most bytes of parsed adapter tensors kept on the host for reloads after an eviction.
@@ -70,8 +70,8 @@ class AdapterReads:
 
     def parsed(self, name: str, path: Path) -> ParsedAdapter:
         """``name``'s parsed folder: the host copy if its files are unchanged, else the read
-        under way or a new one, waited for (a failed read is forgotten, so the next call
-        retries). Raises :class:`AdapterReadError`."""
+        under way or a new one, waited for and parsed here (a failed read is forgotten, so the
+        next call retries). Raises :class:`AdapterReadError`."""
         with self._lock:
             held = self._host.get(name)
         if held is not None:
@@ -81,13 +81,26 @@ class AdapterReads:
                         self._host.move_to_end(name)
                 return held[1]
             self.forget(name)
-        future = self.start(name, path)
+        with self._lock:
+            future = self._reads.get(name)  # a prefetch's, finished or not
+        if future is None:
+            future = self.start(name, path)
         try:
-            return future.result()
+            stamp, read = future.result()
         finally:
             with self._lock:
                 if self._reads.get(name) is future:
                     del self._reads[name]
+        if stamp != _stamp(path):  # the files changed since that read: read them again
+            return self.parsed(name, path)
+        try:
+            parsed = parse_adapter_bytes(read)
+        except Exception as err:
+            raise AdapterReadError(
+                f"adapter {name!r} failed to load from {path.name}: {err}"
+            ) from None
+        self._keep(name, stamp, parsed)
+        return parsed
 
     def wait(self, names: list[str], timeout: float) -> None:
         """Wait up to ``timeout`` seconds for the first read of ``names`` under way to end."""
@@ -123,19 +136,16 @@ class AdapterReads:
             except BaseException as err:
                 future.set_exception(err)
 
-    def _read(self, name: str, path: Path) -> ParsedAdapter:
-        """Read and parse ``name`` (worker thread), keep the result on the host."""
+    def _read(self, name: str, path: Path) -> tuple[tuple, AdapterBytes]:
+        """Read ``name``'s folder (worker thread): its files' stamp and bytes. Only the disk:
+        parsing is Python and torch work, which beside a busy engine thread would take the
+        interpreter lock and cores from it; the caller of :meth:`parsed` does it."""
         try:
-            stamp = _stamp(path)
-            # owned tensors, read from the disk here: a tensor mapping the file would be a
-            # SIGBUS to touch after the file was rewritten
-            parsed = read_adapter(path, adapter_name=name, owned=True)
+            return _stamp(path), read_adapter_bytes(path, adapter_name=name)
         except Exception as err:
             raise AdapterReadError(
                 f"adapter {name!r} failed to load from {path.name}: {err}"
             ) from None
-        self._keep(name, stamp, parsed)
-        return parsed
 
     def _keep(self, name: str, stamp: tuple, parsed: ParsedAdapter) -> None:
         size = _size(parsed)
