@@ -167,6 +167,29 @@ def _string(cursor: _Cursor, what: str) -> str:
     return cursor.raw_string(what).decode("utf-8", errors="replace")
 
 
+def _strings(cursor: _Cursor, n: int, item: str, keep: bool) -> list[str] | None:
+    """``n`` length-prefixed strings (decoded as :func:`_string` does when ``keep``, else only
+    skipped, each length checked against the file first); the cursor moves past them. One
+    tight loop: a vocabulary holds about 100,000 of them."""
+    buffer, size, pos = cursor.buffer, cursor.size, cursor.pos
+    length_at = struct.Struct(cursor.order + "Q").unpack_from
+    out: list[str] = []
+    for _ in range(n):
+        start = pos + _LENGTH_BYTES
+        if start <= size:
+            (length,) = length_at(buffer, pos)
+            if length <= size - start:
+                if keep:
+                    out.append(str(buffer[start : start + length], "utf-8", "replace"))
+                pos = start + length
+                continue
+        cursor.pos = pos
+        cursor.skip_string(item)  # raises, naming the string and the bytes left
+        raise cursor.fail(f"{item} does not fit the file")
+    cursor.pos = pos
+    return out if keep else None
+
+
 def _value(
     cursor: _Cursor, key: str, type_id: int, lengths: dict[str, int], full: bool = False
 ) -> tuple[str, Any]:
@@ -182,13 +205,7 @@ def _value(
     item_type = cursor.read("I", f"{what}: array type")
     if item_type == _STRING:
         n = cursor.count(f"{what}: array length", _LENGTH_BYTES)
-        item = f"a string of {what}"
-        if n <= SMALL_ARRAY_ITEMS or full:
-            value = [_string(cursor, item) for _ in range(n)]
-        else:
-            value = None
-            for _ in range(n):  # each string's length is checked; n fits the file (above)
-                cursor.skip_string(item)
+        value = _strings(cursor, n, f"a string of {what}", n <= SMALL_ARRAY_ITEMS or full)
         item_name = "string"
     elif item_type in _SCALARS:
         item_name, code = _SCALARS[item_type]
