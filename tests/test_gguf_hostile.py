@@ -115,6 +115,16 @@ STRUCTURE_CASES: dict[str, tuple[bytes, list[str]]] = {
         gguf_bytes([kv_array("tokenizer.ggml.tokens", STR, 1 << 40, gstr("x"))]),
         ["'tokenizer.ggml.tokens'", "array length is 1099511627776"],
     ),
+    "a string inside an array claims 2**60 bytes": (
+        gguf_bytes(
+            [kv_array("tokenizer.ggml.tokens", STR, 2, gstr("x") + struct.pack("<Q", 1 << 60))]
+        ),
+        ["a string of metadata key 'tokenizer.ggml.tokens'", str(1 << 60), "remain"],
+    ),
+    "an array's strings end before its length": (
+        gguf_bytes([kv_array("general.tags", STR, 3, gstr("x" * 20) + gstr("y" * 20))]),
+        ["a string of metadata key 'general.tags'", "needs 8 bytes", "0 remain"],
+    ),
     "string claims 2**60 bytes": (
         gguf_bytes([kv("general.name", STR, struct.pack("<Q", 1 << 60) + b"abc")]),
         ["'general.name'", str(1 << 60)],
