@@ -1,7 +1,7 @@
 """1,000 adapters behind ``loraq serve``, 64 resident: random-adapter traffic vs one adapter.
 
     python benchmarks/serve_adapters.py [--adapters 1000] [--resident 64] [--requests 256]
-        [--concurrency 32] [--tokens 16] [--runs 3] [--threads 2]
+        [--concurrency 32] [--tokens 16] [--runs 3] [--threads 2] [--distinct-prompts]
 
 Starts ``loraq serve`` on 127.0.0.1 with a tiny base (stories260K from ``--stories``, default
 ../shared/models/stories260K beside the repository; else a random Llama of its shape), saved
@@ -142,13 +142,17 @@ class Server:
         self.log.close()
 
 
-def run_load(url: str, models: list[str], tokens: int, concurrency: int) -> tuple[float, int]:
-    """(wall seconds, generated tokens) for one completion per entry of ``models``."""
+def run_load(
+    url: str, models: list[str], tokens: int, concurrency: int, distinct: bool = False
+) -> tuple[float, int]:
+    """(wall seconds, generated tokens) for one completion per entry of ``models``; with
+    ``distinct`` every prompt ends with its own number (no prefix-cache hits on either side)."""
     import httpx
 
     def one(i: int, model: str) -> int:
+        prompt = PROMPTS[i % len(PROMPTS)] + (f" {i}." if distinct else "")
         body = {
-            "model": model, "prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": tokens,
+            "model": model, "prompt": prompt, "max_tokens": tokens,
             "temperature": 1.0, "seed": i,
         }  # fmt: skip
         reply = client.post(url + "/v1/completions", json=body, timeout=600)
@@ -176,6 +180,12 @@ def main() -> None:
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--stories", type=Path, default=STORIES, help="stories260K folder")
+    p.add_argument(
+        "--distinct-prompts",
+        action="store_true",
+        help="end every prompt with its own number: the prefix cache then helps neither side "
+        "(by default the one-adapter side reuses the 5 repeating prompts' keys)",
+    )
     args = p.parse_args()
     print(machine_line())
     import httpx
@@ -213,7 +223,9 @@ def main() -> None:
                 single = [names[0]] * args.requests
                 spread = [rng.choice(names) for _ in range(args.requests)]
                 for label, models, out in (("one", single, one_tps), ("random", spread, mixed_tps)):
-                    wall, done = run_load(server.url, models, args.tokens, args.concurrency)
+                    wall, done = run_load(
+                        server.url, models, args.tokens, args.concurrency, args.distinct_prompts
+                    )
                     out.append(done / wall)
                     print(f"run {run + 1} {label:>6}: {done} tokens in {wall:.2f} s = "
                           f"{done / wall:.1f} tokens/s")  # fmt: skip
@@ -226,7 +238,7 @@ def main() -> None:
     ratios = [m / o for m, o in zip(mixed_tps, one_tps)]
     print(json.dumps({
         "requests_per_load": args.requests, "concurrency": args.concurrency,
-        "max_tokens": args.tokens, "runs": args.runs,
+        "max_tokens": args.tokens, "runs": args.runs, "distinct_prompts": args.distinct_prompts,
         "one_adapter_tokens_per_s": round(statistics.median(one_tps), 1),
         f"random_of_{args.adapters}_tokens_per_s": round(statistics.median(mixed_tps), 1),
         "ratio_random_vs_one": round(statistics.median(ratios), 3),
