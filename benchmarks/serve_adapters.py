@@ -2,6 +2,7 @@
 
     python benchmarks/serve_adapters.py [--adapters 1000] [--resident 64] [--requests 256]
         [--concurrency 32] [--tokens 16] [--runs 3] [--threads 2] [--distinct-prompts]
+        [--prefix-cache-mb MB]
 
 Starts ``loraq serve`` on 127.0.0.1 with a tiny base (stories260K from ``--stories``, default
 ../shared/models/stories260K beside the repository; else a random Llama of its shape), saved
@@ -181,6 +182,13 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--stories", type=Path, default=STORIES, help="stories260K folder")
     p.add_argument(
+        "--prefix-cache-mb",
+        type=int,
+        default=None,
+        help="the server's --prefix-cache-mb (0: off; default: the server's own). The one-adapter "
+        "side's repeated prompts are answered from the cache, which random adapters cannot share",
+    )
+    p.add_argument(
         "--distinct-prompts",
         action="store_true",
         help="end every prompt with its own number: the prefix cache then helps neither side "
@@ -211,6 +219,11 @@ def main() -> None:
                 str(max(256, args.requests)),
                 "--threads",
                 str(args.threads),
+                *(
+                    []
+                    if args.prefix_cache_mb is None
+                    else ["--prefix-cache-mb", str(args.prefix_cache_mb)]
+                ),
             ],  # fmt: skip
             root / "server.log",
         )
@@ -239,6 +252,7 @@ def main() -> None:
     print(json.dumps({
         "requests_per_load": args.requests, "concurrency": args.concurrency,
         "max_tokens": args.tokens, "runs": args.runs, "distinct_prompts": args.distinct_prompts,
+        "prefix_cache_mb": args.prefix_cache_mb,
         "one_adapter_tokens_per_s": round(statistics.median(one_tps), 1),
         f"random_of_{args.adapters}_tokens_per_s": round(statistics.median(mixed_tps), 1),
         "ratio_random_vs_one": round(statistics.median(ratios), 3),
