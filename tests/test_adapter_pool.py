@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import loraq
+from loraq.batching import pool as pool_module
 from loraq.batching.pool import AdapterPool, PoolError
 from loraq.batching.rows import adapter_rows, mixed_batch
 from loraq.generation.decode import DecodeBatch, SamplingParams, SequenceState
@@ -82,7 +83,10 @@ def _close(got, want):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
-def test_rows_over_the_pool_match_each_adapter_run_alone(saved):
+@pytest.mark.parametrize("writes", ["compiled", "tensor operations"])
+def test_rows_over_the_pool_match_each_adapter_run_alone(saved, writes, monkeypatch):
+    if writes == "tensor operations":  # the fallback where no compiler exists
+        monkeypatch.setattr(pool_module.slot_kernels, "write_slots", lambda _: False)
     model = tiny_causal_lm()
     pool = AdapterPool(model, capacity=8)
     for name in CONFIGS:

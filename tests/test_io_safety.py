@@ -276,6 +276,12 @@ def test_a_nan_among_many_tensors_is_named(tmp_path: Path) -> None:
         poisoned[key].view(-1)[2] = bad
         with pytest.raises(FormatError, match=rf"f\.safetensors: tensor '{key}' holds NaN or Inf"):
             check_finite(poisoned, "f.safetensors")
+    # all float32 (an adapter file's usual content): one compiled scan where a compiler exists
+    only32 = {f"t{i}": torch.randn(3, 5) for i in range(40)}
+    check_finite(only32, "f.safetensors")
+    only32["t33"][1, 4] = float("nan")
+    with pytest.raises(FormatError, match=r"tensor 't33' holds NaN or Inf"):
+        check_finite(only32, "f.safetensors")
 
 
 def test_missing_folder_and_files(tmp_path: Path) -> None:

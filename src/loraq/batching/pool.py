@@ -50,6 +50,7 @@ from ..layers.kinds import layer_kind
 from ..layers.lora import LoRALayer
 from ..model.surgery import lora_layers
 from ..model.targeting import set_submodule
+from ..native import slots as slot_kernels
 from .stacks import LayerStack
 
 #: Kinds of layer the pool runs adapters on (convolutions take no per-row adapters).
@@ -69,7 +70,11 @@ class AdapterPool:
     """Up to ``capacity`` adapters of ``model``, resident as slots of per-layer stacks (see the
     module doc). ``slots``, ``stacks``, ``generation`` and the methods :meth:`refresh`,
     :meth:`slot_index` and :meth:`active_stacks` are what a ``MixedBatch`` reads, as from a
-    :class:`~loraq.batching.stacks.StackCache`."""
+    :class:`~loraq.batching.stacks.StackCache`.
+
+    Not thread-safe: loads, evictions and the forward passes that read the stacks must not
+    overlap (``loraq serve`` runs them all under its model lock).
+    """
 
     #: Mixed batches over the pool read its stacks as they are, with or without gradients.
     builds_in_graph = False
@@ -188,7 +193,8 @@ class AdapterPool:
         self._commit(name, slot, writes)
 
     def evict(self, name: str) -> None:
-        """Empty ``name``'s slot in every layer (KeyError when it is not resident)."""
+        """Free ``name``'s slot (KeyError when it is not resident); a layer's stack narrows
+        once the adapters left need at most half of its rank."""
         if name not in self._loads:
             raise KeyError(f"adapter {name!r} is not in the pool")
         slot = self.slots.index(name)
@@ -300,17 +306,19 @@ class AdapterPool:
                     stack.ranks[slot] = 0
                     if stack.dora is not None:
                         stack.dora[slot].fill_(1)
-            for layer, stack, f, dora in writes:
-                if f is None:  # grown only
-                    continue
-                # the slot's rows past the rank are zeros (fresh, or cleared just above)
-                rank = f.a.shape[0]
-                stack.a[slot, :rank].copy_(f.a)
-                torch.mul(f.b.t(), f.scale, out=stack.b[slot, :rank])
-                stack.ranks[slot] = rank
+            # the slot's rows past each rank are zeros (fresh, or cleared just above)
+            factored = [w for w in writes if w[2] is not None]
+            one_call = [(f.a, f.b, st.a, st.b, st.ranks, slot, f.scale) for _, st, f, _ in factored]
+            if not slot_kernels.write_slots(one_call):
+                for _, stack, f, _ in factored:
+                    rank = f.a.shape[0]
+                    stack.a[slot, :rank].copy_(f.a)
+                    torch.mul(f.b.t(), f.scale, out=stack.b[slot, :rank])
+                    stack.ranks[slot] = rank
+            for layer, stack, f, dora in factored:
                 if stack.dora is not None:
                     stack.dora[slot].copy_(dora if dora is not None else 1)
-                self._ranks.setdefault(layer, {})[name] = rank
+                self._ranks.setdefault(layer, {})[name] = f.a.shape[0]
         slots = list(self.slots) + [None] * (slot + 1 - len(self.slots))
         slots[slot] = name
         self.slots = tuple(slots)

@@ -26,13 +26,17 @@ from torch import nn
 from ..layers.kinds import layer_kind
 from ..layers.lora import LoRALayer
 from ..model.config import LoraConfig
+from ..native import slots as slot_kernels
 from .safe import FormatError
 
 
 def check_finite(tensors: dict[str, torch.Tensor], source: str) -> None:
     """Raise :class:`FormatError` naming the first floating tensor that holds NaN or Inf."""
-    for key, tensor in tensors.items():
-        if tensor.is_floating_point() and not _all_finite(tensor):
+    floats = {k: t for k, t in tensors.items() if t.is_floating_point()}
+    if slot_kernels.first_nonfinite(list(floats.values())) == -1:
+        return  # all float32 on CPU, checked in one compiled call
+    for key, tensor in floats.items():
+        if not _all_finite(tensor):
             raise FormatError(f"{source}: tensor {key!r} holds NaN or Inf values")
 
 

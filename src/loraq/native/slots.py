@@ -1,0 +1,114 @@
+"""A serving pool's per-load work in one compiled call each (``slots.c``), with PyTorch twins.
+
+:class:`~loraq.batching.pool.AdapterPool` writes an adapter into one slot of every layer it
+adapts: A's rows as they are, B transposed with the scale folded in (:func:`write_slots`).
+:mod:`loraq.io.adapter_check` checks that an adapter file holds no NaN or Inf
+(:func:`first_nonfinite`). Done as tensor operations each costs a few per layer or per tensor,
+more than the copies for a small adapter; here each is one call. Results are the same bits as
+``torch.mul(b.t(), scale)`` and ``torch.isfinite`` give (tests compare). Built on first use like
+every kernel (:mod:`loraq.native.build`, ``LORAQ_KERNELS``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import struct
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from .build import load_library
+
+__all__ = ["SlotWrite", "available", "first_nonfinite", "write_slots"]
+
+_SOURCE = Path(__file__).with_name("slots.c")
+_RECORD = 9  # int64 values per layer record (slots.c's S_SIZE)
+
+#: One layer's write: ``(a, b, stack_a, stack_b, stack_ranks, slot, scale)``: ``a`` ``(rank,
+#: in)`` and ``b`` ``(out, rank)`` as the file holds them, the layer's stacks (``(slots, r_max,
+#: in)``, ``(slots, r_max, out)``, int64 ``(slots,)``; :mod:`loraq.batching.stacks`) and the slot.
+SlotWrite = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int, float]
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    lib = load_library(_SOURCE, "adapter slot writes")
+    if lib is None:
+        return None
+    lib.loraq_slot_record_size.argtypes, lib.loraq_slot_record_size.restype = [], ctypes.c_int64
+    if lib.loraq_slot_record_size() != _RECORD:  # the C layout and this one drifted apart
+        raise RuntimeError("slots.c and slots.py disagree on the record size")
+    lib.loraq_write_slots.argtypes = [ctypes.c_void_p, ctypes.c_int64]
+    lib.loraq_write_slots.restype = None
+    lib.loraq_first_nonfinite.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+    lib.loraq_first_nonfinite.restype = ctypes.c_int64
+    return lib
+
+
+def available() -> bool:
+    """Whether the compiled kernels are in use (builds them on the first call)."""
+    return _library() is not None
+
+
+def _plain_f32(tensor: torch.Tensor) -> bool:
+    return tensor.dtype == torch.float32 and tensor.device.type == "cpu" and tensor.is_contiguous()
+
+
+def write_slots(writes: Sequence[SlotWrite]) -> bool:
+    """For every write, ``stack_a[slot, :rank] = a``, ``stack_b[slot, :rank] = b.t() * scale``
+    (as ``torch.mul`` rounds it) and ``stack_ranks[slot] = rank``, in one call; False (nothing
+    written) when the kernels are unavailable or a tensor is not a contiguous CPU tensor
+    (float32; the ranks int64) of the shapes :data:`SlotWrite` describes."""
+    lib = _library()
+    if lib is None:
+        return False
+    values: list[int] = []
+    for a, b, stack_a, stack_b, ranks, slot, scale in writes:
+        rank, n_in = a.shape
+        n_out = b.shape[0]
+        slots, r_max = stack_a.shape[:2]
+        if not (
+            _plain_f32(a)
+            and _plain_f32(b)
+            and _plain_f32(stack_a)
+            and _plain_f32(stack_b)
+            and tuple(b.shape) == (n_out, rank)
+            and tuple(stack_a.shape) == (slots, r_max, n_in)
+            and tuple(stack_b.shape) == (slots, r_max, n_out)
+            and ranks.dtype == torch.int64
+            and ranks.device.type == "cpu"
+            and ranks.is_contiguous()
+            and tuple(ranks.shape) == (slots,)
+            and 0 <= slot < slots
+            and rank <= r_max
+        ):
+            return False
+        bits = struct.unpack("<i", struct.pack("<f", scale))[0]
+        values += [
+            a.data_ptr(),
+            b.data_ptr(),
+            stack_a.data_ptr() + slot * r_max * n_in * 4,
+            stack_b.data_ptr() + slot * r_max * n_out * 4,
+            ranks.data_ptr() + slot * 8,
+            rank,
+            n_in,
+            n_out,
+            bits,
+        ]
+    records = torch.tensor(values, dtype=torch.int64)
+    lib.loraq_write_slots(records.data_ptr(), len(writes))
+    return True
+
+
+def first_nonfinite(tensors: Sequence[torch.Tensor]) -> int | None:
+    """The index of the first of ``tensors`` (contiguous float32 on CPU) holding a NaN or an
+    Inf, -1 when none does, or None when the kernels are unavailable or a tensor is of another
+    kind (then nothing was checked)."""
+    lib = _library()
+    if lib is None or not all(_plain_f32(t) for t in tensors):
+        return None
+    addresses = torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64)
+    lengths = torch.tensor([t.numel() for t in tensors], dtype=torch.int64)
+    return int(lib.loraq_first_nonfinite(addresses.data_ptr(), lengths.data_ptr(), len(tensors)))
