@@ -151,9 +151,9 @@ def _run(engine, requests, timeout: float = 120.0) -> dict[int, dict]:
 
         return emit
 
-    for i, (adapter, prompt, tokens) in enumerate(requests):
+    for i, (adapter, prompt, tokens, *stops) in enumerate(requests):
         params = SamplingParams(max_new_tokens=tokens)
-        engine.submit(Request(prompt, adapter, params, emit_for(i)))
+        engine.submit(Request(prompt, adapter, params, emit_for(i), tuple(stops)))
     assert finished.wait(timeout)
     return done
 
@@ -212,3 +212,46 @@ def test_evictions_while_a_request_runs_leave_its_tokens_unchanged(files):
     assert done[0]["completion_tokens"] == alone["completion_tokens"]
     assert "loraq_adapter_evictions_total" in registry.metrics.render()
     assert registry.metrics.adapter_evictions.value() >= 3
+
+
+@pytest.mark.usefixtures("single_thread")
+def test_unforeseen_failures_fail_their_own_request_and_the_engine_goes_on(files, monkeypatch):
+    """An exception the engine does not expect, in a request's set-up before its prefill or in
+    its adapter's load, is that request's 500: the others of its group are served, its adapter
+    hold is given back, and the engine keeps serving."""
+    from loraq.serve import engine as engine_module
+    from loraq.serve.engine import Engine
+
+    real_reply = engine_module.ReplyText
+
+    def reply_text(tokenizer, stops):
+        if "boom" in stops:
+            raise RuntimeError("reply text broke")
+        return real_reply(tokenizer, stops)
+
+    monkeypatch.setattr(engine_module, "ReplyText", reply_text)
+    registry = _registry(*files, max_resident=4)
+    real_acquire = registry.acquire
+
+    def acquire(name):
+        if name == "gamma":
+            raise RuntimeError("disk on fire")
+        return real_acquire(name)
+
+    monkeypatch.setattr(registry, "acquire", acquire)
+    engine = Engine(registry, byte_tokenizer())
+    engine.start()
+    try:
+        prompt = list(b"Once upon")
+        done = _run(
+            engine, [("alpha", prompt, 4, "boom"), ("beta", prompt, 4), ("gamma", prompt, 4)]
+        )
+        again = _run(engine, [("alpha", prompt, 4)])
+    finally:
+        engine.stop(30)
+    assert done[0]["type"] == "error" and done[0]["status"] == 500
+    assert "prefill failed: RuntimeError: reply text broke" in done[0]["message"]
+    assert done[1]["type"] == "done" and done[1]["completion_tokens"] == 4
+    assert done[2]["type"] == "error" and "'gamma' failed to load" in done[2]["message"]
+    assert again[0]["type"] == "done"
+    assert registry.in_use("alpha") == 0 and registry.in_use("beta") == 0

@@ -48,6 +48,7 @@ class Request:
     seq: SequenceState | None = None
     reply: ReplyText | None = None  # the text of seq.generated, built token by token
     last_token_at: float | None = None
+    ended: bool = False  # set once its end is counted (done, error or cancelled)
 
     def cancel(self) -> None:
         """Abandon the request (client gone): its row leaves the batch at the next step."""
@@ -143,8 +144,13 @@ class Engine:
                     elif self._running:
                         self._decode()
             except Exception as err:  # a failed decode step fails the rows it ran
+                message = f"generation failed: {type(err).__name__}: {err}"
                 for req in list(self._running.values()):
-                    self._fail(req, 500, f"generation failed: {type(err).__name__}: {err}")
+                    self._fail(req, 500, message)
+                for req in joining:  # a prefill that failed before its rows joined
+                    if not req.ended and req.id not in self._running:
+                        self.registry.release(req.adapter)
+                        self._reply_error(req, 500, message)
             self._deliver()
 
     def _admit(self, block: bool) -> list[Request]:
@@ -180,6 +186,10 @@ class Engine:
             except ServeError as err:
                 self._reply_error(req, err.status, err.message)
                 continue
+            except Exception as err:  # an unforeseen load failure fails this request only
+                message = f"adapter {req.adapter!r} failed to load: {type(err).__name__}: {err}"
+                self._reply_error(req, 500, message)
+                continue
             if held and len(joining) < room:
                 joining.append(req)
             else:
@@ -192,9 +202,20 @@ class Engine:
         return joining
 
     def _prefill(self, joining: list[Request]) -> None:
+        ready = []
         for req in joining:
-            req.seq = SequenceState(list(req.prompt_ids), req.adapter, req.params)
-            req.reply = ReplyText(self.tokenizer, req.stops)
+            try:
+                req.seq = SequenceState(list(req.prompt_ids), req.adapter, req.params)
+                req.reply = ReplyText(self.tokenizer, req.stops)
+            except Exception as err:  # fails this request only
+                req.seq = None
+                self.registry.release(req.adapter)
+                self._reply_error(req, 500, f"prefill failed: {type(err).__name__}: {err}")
+                continue
+            ready.append(req)
+        joining = ready
+        if not joining:
+            return
         groups = [joining]
         try:
             self._batch.add([r.seq for r in joining])
@@ -296,5 +317,6 @@ class Engine:
 
     def _finish_metrics(self, req: Request, outcome: str) -> None:
         """Every request ends here exactly once: count it, give back its adapter reservation."""
+        req.ended = True
         self.metrics.requests.inc(outcome=outcome)
         self.registry.unreserve(req.adapter)
