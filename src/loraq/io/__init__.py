@@ -1,4 +1,5 @@
-"""Files the ecosystem reads: PEFT adapter folders, bitsandbytes 4-bit checkpoints, merged exports,
+"""Files the ecosystem reads: PEFT adapter folders (:mod:`.peft_format`; :mod:`.peft_factors`
+groups a file's factors by module for the serving pool), bitsandbytes 4-bit checkpoints, merged exports,
 GGUF models and adapters for llama.cpp (:mod:`.gguf_read`, :mod:`.gguf_write`,
 :mod:`.gguf_adapter`; :mod:`.gguf_names` is THE table of architectures, :mod:`.gguf_tokenizer`
 writes a transformers tokenizer as GGUF metadata, :mod:`.gguf_inspect` describes a file;
