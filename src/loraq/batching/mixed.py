@@ -42,6 +42,7 @@ import torch.nn.functional as F
 
 from ..layers.lora import LoRALayer
 from ..native import lean_layer
+from .pool import AdapterPool
 from .stacks import LayerStack, StackCache, check_layer, layer_versions, stack_layer
 
 
@@ -141,8 +142,9 @@ class MixedBatch:
     It is the :class:`~loraq.layers.adapter_view.RowHook` that :func:`loraq.adapter_rows`
     installs on each layer. ``find_layers()`` lists the model's LoRA layers; it is called again
     whenever ``model_key()`` (the model's adapter names, say) or a known layer's
-    ``adapter_version`` changes (new adapters may wrap new layers). ``cache`` holds the model's
-    stacked weights.
+    ``adapter_version`` changes (new adapters may wrap new layers). ``cache`` holds the
+    stacked weights: the model's own adapters (a :class:`~loraq.batching.stacks.StackCache`)
+    or a server's resident ones (an :class:`~loraq.batching.pool.AdapterPool`).
     ``check_versions``: whether the next forward re-reads every adapter tensor's version
     counter to catch in-place edits (a decode loop turns it off after its first step with a
     plan, since nothing edits adapters between its steps; structural changes are always seen).
@@ -151,7 +153,7 @@ class MixedBatch:
     def __init__(
         self,
         plan: RowAdapters,
-        cache: StackCache,
+        cache: StackCache | AdapterPool,
         find_layers: Callable[[], list[LoRALayer]],
         layers: list[LoRALayer] | None = None,
         *,
