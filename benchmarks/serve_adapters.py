@@ -2,7 +2,7 @@
 
     python benchmarks/serve_adapters.py [--adapters 1000] [--resident 64] [--requests 256]
         [--concurrency 32] [--tokens 16] [--runs 3] [--threads 2] [--distinct-prompts]
-        [--prefix-cache-mb MB]
+        [--prefix-cache-mb MB] [--shape stories|smollm2]
 
 Starts ``loraq serve`` on 127.0.0.1 with a tiny base (stories260K from ``--stories``, default
 ../shared/models/stories260K beside the repository; else a random Llama of its shape), saved
@@ -44,14 +44,28 @@ RANKS = (4, 8, 16, 32, 64)
 PROMPTS = ["Once upon a time", "The little dog", "She said", "One day, Tom", "In the park"]
 
 
-def base_folder(root: Path, stories: Path, exact_vocabulary: bool = False) -> tuple[Path, str]:
+#: ``--shape smollm2``: a random Llama of SmolLM2-135M's width (its first 4 of 30 layers).
+SMOLLM2_WIDTH = dict(
+    vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=4,
+    num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048,
+)  # fmt: skip
+
+
+def base_folder(
+    root: Path, stories: Path, exact_vocabulary: bool = False, shape: str = "stories"
+) -> tuple[Path, str]:
     """A transformers folder (model + byte tokenizer) for the tiny base, and its description.
 
     ``exact_vocabulary`` cuts the embeddings to the tokenizer's ids, as lm-eval's ``peft=`` path
-    does on loading (else its log-softmax would run over fewer logits than the server's)."""
+    does on loading (else its log-softmax would run over fewer logits than the server's).
+    ``shape="smollm2"``: a random Llama of :data:`SMOLLM2_WIDTH` instead."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    if (stories / "stories260K.bin").is_file():
+    if shape == "smollm2":
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(LlamaConfig(**SMOLLM2_WIDTH)).eval()
+        what = "random Llama, SmolLM2-135M width, 4 layers"
+    elif (stories / "stories260K.bin").is_file():
         model, what = load_stories260k(stories), "stories260K"
     else:
         torch.manual_seed(0)
@@ -182,6 +196,13 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--stories", type=Path, default=STORIES, help="stories260K folder")
     p.add_argument(
+        "--shape",
+        choices=("stories", "smollm2"),
+        default="stories",
+        help="the base: stories260K (or a random Llama of its shape), or a random Llama of "
+        "SmolLM2-135M's width with 4 layers",
+    )
+    p.add_argument(
         "--prefix-cache-mb",
         type=int,
         default=None,
@@ -201,7 +222,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="serve_adapters_") as tmp:
         root = Path(tmp)
         t = time.perf_counter()
-        base, what = base_folder(root, args.stories)
+        base, what = base_folder(root, args.stories, shape=args.shape)
         names = write_adapters(base, root / "adapters", args.adapters)
         print(f"base: {what}; {len(names)} adapters (ranks {RANKS}) written in "
               f"{time.perf_counter() - t:.1f} s")  # fmt: skip
