@@ -21,7 +21,7 @@ from loraq.io.peft_factors import ParameterAdapterError, layer_factors
 from loraq.io.peft_format import read_adapter
 from loraq.io.safe import FormatError
 from loraq.layers.adapter_view import LayerFactors
-from tiny_lm import randomize_adapters, single_thread, tiny_causal_lm  # noqa: F401
+from tiny_lm import randomize_adapters, rows_run_alone, single_thread, tiny_causal_lm  # noqa: F401
 
 # name -> LoraConfig options; ranks differ so that stacks must grow and shrink
 CONFIGS = {
@@ -57,16 +57,8 @@ def _reference(root, names, ids) -> torch.Tensor:
     model = tiny_causal_lm()
     for name in dict.fromkeys(n for n in names if n is not None):
         loraq.load_adapter(model, root / name, adapter_name=name)
-    rows = []
     with torch.no_grad():
-        for i, name in enumerate(names):
-            if name is None:
-                with loraq.disable_adapters(model):
-                    rows.append(model(ids[i : i + 1]).logits)
-            else:
-                loraq.set_adapter(model, name)
-                rows.append(model(ids[i : i + 1]).logits)
-    return torch.cat(rows)
+        return rows_run_alone(model, names, ids)
 
 
 def _pooled(model, pool, names, ids) -> torch.Tensor:

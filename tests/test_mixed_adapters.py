@@ -15,7 +15,7 @@ from loraq.batching.mixed import MixedBatch, RowAdapters
 from loraq.batching.rows import layer_rows
 from loraq.layers.adapter_quant import enable_adapter_quant
 from loraq.layers.qlora import QLoRALayer
-from tiny_lm import randomize_adapters, single_thread  # noqa: F401
+from tiny_lm import randomize_adapters, rows_run_alone, single_thread  # noqa: F401
 
 
 def _layer_with_adapters(base: nn.Module) -> loraq.LoRALayer:
@@ -253,19 +253,6 @@ def test_stacked_weights_cache_follows_edits_and_replacements():
         assert not torch.allclose(out[:1], first[:1])
 
 
-def _reference_rows(model, names, ids):
-    """Each row run alone with its own adapter (or the bare base)."""
-    rows = []
-    for i, name in enumerate(names):
-        if name is None:
-            with loraq.disable_adapters(model):
-                rows.append(model(ids[i : i + 1]).logits)
-        else:
-            loraq.set_adapter(model, name)
-            rows.append(model(ids[i : i + 1]).logits)
-    return torch.cat(rows)
-
-
 def test_model_stacks_are_built_once_per_adapter_set_and_follow_changes():
     torch.manual_seed(4)
     model = tiny_llama()
@@ -278,7 +265,7 @@ def test_model_stacks_are_built_once_per_adapter_set_and_follow_changes():
         for names in plans:
             with loraq.adapter_rows(model, names):
                 mixed = model(ids).logits
-            torch.testing.assert_close(mixed, _reference_rows(model, names, ids))
+            torch.testing.assert_close(mixed, rows_run_alone(model, names, ids))
         cache = model.__dict__["_loraq_mixed_stacks"]
         assert cache.generation == 1  # new row plans reuse the stacked weights
         for name, p in model.named_parameters():
@@ -287,7 +274,7 @@ def test_model_stacks_are_built_once_per_adapter_set_and_follow_changes():
         names = plans[0]
         with loraq.adapter_rows(model, names):
             mixed = model(ids).logits
-        torch.testing.assert_close(mixed, _reference_rows(model, names, ids))
+        torch.testing.assert_close(mixed, rows_run_alone(model, names, ids))
         assert cache.generation == 2
         loraq.delete_adapter(model, "b")
         with pytest.raises(ValueError, match="'b' is not an adapter"):
@@ -297,7 +284,7 @@ def test_model_stacks_are_built_once_per_adapter_set_and_follow_changes():
         randomize_adapters(model)
         with loraq.adapter_rows(model, names):
             mixed = model(ids).logits
-        torch.testing.assert_close(mixed, _reference_rows(model, names, ids))
+        torch.testing.assert_close(mixed, rows_run_alone(model, names, ids))
 
 
 def test_reused_mixed_batch_sees_adapters_added_on_new_layers_between_passes():
@@ -319,7 +306,7 @@ def test_reused_mixed_batch_sees_adapters_added_on_new_layers_between_passes():
         randomize_adapters(model)
         with loraq.adapter_rows(model, batch):
             mixed = model(ids).logits
-        torch.testing.assert_close(mixed, _reference_rows(model, names, ids))
+        torch.testing.assert_close(mixed, rows_run_alone(model, names, ids))
 
 
 def test_mixed_batch_refuses_an_adapter_deleted_while_it_is_reused():

@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import loraq
+
 CHAT_TEMPLATE = (
     "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}<assistant>{% endif %}"
@@ -84,3 +86,17 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def rows_run_alone(model: torch.nn.Module, names, ids: torch.Tensor) -> torch.Tensor:
+    """Logits of each row of ``ids`` run alone with its own adapter of ``model`` active (a name
+    of ``names``), or the bare base (None): the reference a mixed-adapter batch must equal."""
+    rows = []
+    for i, name in enumerate(names):
+        if name is None:
+            with loraq.disable_adapters(model):
+                rows.append(model(ids[i : i + 1]).logits)
+        else:
+            loraq.set_adapter(model, name)
+            rows.append(model(ids[i : i + 1]).logits)
+    return torch.cat(rows)
