@@ -40,11 +40,11 @@ from pathlib import Path, PurePosixPath
 from torch import nn
 
 from ..batching.pool import AdapterPool, PoolError
-from ..batching.rows import refuse_param_lora
+from ..batching.rows import validate_row_names
 from ..io.peft_factors import ParameterAdapterError, layer_factors
 from ..io.peft_format import is_adapter_folder, load_adapter
 from ..model.combine import combine
-from ..model.surgery import adapter_names, config_of, delete_adapter
+from ..model.surgery import adapter_names, delete_adapter
 from .adapter_reads import AdapterReadError, AdapterReads, ParsedAdapter
 from .metrics import ServerMetrics
 
@@ -194,14 +194,7 @@ class AdapterRegistry:
     def add_resident(self, name: str) -> None:
         """Register adapter ``name`` that is already in the model (library use: no folder, so
         it is never evicted)."""
-        if name not in adapter_names(self.model):
-            raise ValueError(f"the model has no adapter {name!r}")
-        refuse_param_lora(self.model)  # the engine runs mixed-adapter batches
-        if config_of(self.model, name).modules_to_save:
-            raise ValueError(
-                f"adapter {name!r} has modules_to_save; mixed-adapter batches support LoRA "
-                "layers only"
-            )
+        validate_row_names(self.model, [name])  # the engine runs mixed-adapter batches
         with self.model_lock:
             self.pool.load_from_model(name)
         with self._lock:
