@@ -19,7 +19,6 @@ DoRA adds ``lora_magnitude_vector`` of shape ``(out,)`` (``embedding_dim`` is ne
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -36,27 +35,8 @@ def check_finite(tensors: dict[str, torch.Tensor], source: str) -> None:
     if slot_kernels.first_nonfinite(list(floats.values())) == -1:
         return  # all float32 on CPU, checked in one compiled call
     for key, tensor in floats.items():
-        if not _all_finite(tensor):
+        if not bool(torch.isfinite(tensor).all()):
             raise FormatError(f"{source}: tensor {key!r} holds NaN or Inf values")
-
-
-#: Below this many elements a tensor is checked by numpy on the calling thread: a torch op that
-#: goes parallel would start an OpenMP team on a server's short-lived adapter-reading thread.
-SERIAL_CHECK_MAX = 1 << 20
-# exponent bits all set = Inf or NaN, for the dtypes numpy cannot hold as floats
-_EXPONENT_MASKS = {torch.bfloat16: (torch.int16, 0x7F80)}
-
-
-def _all_finite(tensor: torch.Tensor) -> bool:
-    if tensor.device.type != "cpu" or tensor.numel() >= SERIAL_CHECK_MAX:
-        return bool(torch.isfinite(tensor).all())
-    mask = _EXPONENT_MASKS.get(tensor.dtype)
-    if mask is not None:
-        bits = tensor.detach().contiguous().view(mask[0]).numpy()
-        return not bool(((bits & mask[1]) == mask[1]).any())
-    if tensor.dtype in (torch.float16, torch.float32, torch.float64):
-        return bool(np.isfinite(tensor.detach().numpy()).all())
-    return bool(torch.isfinite(tensor).all())
 
 
 def expected_shapes(module: nn.Module, r: int, dora: bool) -> dict[str, tuple[int, ...]]:

@@ -335,14 +335,32 @@ class AdapterBytes(NamedTuple):
     data: bytes
 
 
+def _adapter_files(
+    path: str | os.PathLike[str], adapter_name: str
+) -> tuple[LoraConfig, int | None, Path]:
+    """An adapter folder's config (checked), the bits of its integer codes (None: float
+    weights) and its weights file."""
+    folder = _adapter_folder(Path(path), adapter_name)
+    config_file = folder / CONFIG_NAME
+    config, bits = lora_config_from_peft(read_json(config_file), source=str(config_file))
+    return config, bits, weights_file(folder, WEIGHTS_NAME if bits is None else CODES_WEIGHTS_NAME)
+
+
+def _float_tensors(
+    tensors: dict[str, torch.Tensor], bits: int | None, weights: Path
+) -> dict[str, torch.Tensor]:
+    """A weights file's tensors as floats (integer codes decoded), checked for NaN and Inf."""
+    if bits is not None:
+        tensors = adapter_codes.decode(tensors, bits, source=str(weights))
+    check_finite(tensors, str(weights))
+    return tensors
+
+
 def read_adapter_bytes(path: str | os.PathLike[str], adapter_name: str = "default") -> AdapterBytes:
     """The disk half of :func:`read_adapter`: the folder's config, checked, and its weights
     file's bytes. Little work besides the reads, so a server runs it on a worker thread and
     parses (:func:`parse_adapter_bytes`) where the tensors are wanted."""
-    folder = _adapter_folder(Path(path), adapter_name)
-    config_file = folder / CONFIG_NAME
-    config, bits = lora_config_from_peft(read_json(config_file), source=str(config_file))
-    weights = weights_file(folder, WEIGHTS_NAME if bits is None else CODES_WEIGHTS_NAME)
+    config, bits, weights = _adapter_files(path, adapter_name)
     return AdapterBytes(config, bits, weights, read_bytes(weights))
 
 
@@ -350,10 +368,7 @@ def parse_adapter_bytes(read: AdapterBytes) -> tuple[LoraConfig, dict[str, torch
     """The other half of :func:`read_adapter`: ``(config, tensors, weights file)`` of what
     :func:`read_adapter_bytes` read; the tensors own their memory."""
     tensors = parse_safetensors(read.data, read.weights)
-    if read.bits is not None:
-        tensors = adapter_codes.decode(tensors, read.bits, source=str(read.weights))
-    check_finite(tensors, str(read.weights))
-    return read.config, tensors, read.weights
+    return read.config, _float_tensors(tensors, read.bits, read.weights), read.weights
 
 
 def read_adapter(
@@ -368,15 +383,9 @@ def read_adapter(
     """
     if owned:
         return parse_adapter_bytes(read_adapter_bytes(path, adapter_name))
-    folder = _adapter_folder(Path(path), adapter_name)
-    config_file = folder / CONFIG_NAME
-    config, bits = lora_config_from_peft(read_json(config_file), source=str(config_file))
-    weights = weights_file(folder, WEIGHTS_NAME if bits is None else CODES_WEIGHTS_NAME)
+    config, bits, weights = _adapter_files(path, adapter_name)
     tensors, _ = read_safetensors(weights)
-    if bits is not None:
-        tensors = adapter_codes.decode(tensors, bits, source=str(weights))
-    check_finite(tensors, str(weights))
-    return config, tensors, weights
+    return config, _float_tensors(tensors, bits, weights), weights
 
 
 def _drop_absent_saved_modules(model: nn.Module, config: LoraConfig) -> LoraConfig:

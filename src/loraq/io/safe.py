@@ -92,16 +92,13 @@ def _open_safetensors(path: Path) -> Iterator[Any]:
 
 
 def read_safetensors(
-    path: str | os.PathLike[str], *, owned: bool = False
+    path: str | os.PathLike[str],
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """All tensors of a safetensors file and its metadata; a corrupt file's error names it.
 
-    ``owned=True`` reads the whole file into memory first (at most its size), so no tensor maps
-    the file: a later rewrite of the file cannot reach them. Meant for small files (adapters);
-    the metadata is then not read (an empty dict)."""
+    The tensors may map the file; :func:`read_bytes` then :func:`parse_safetensors` gives
+    tensors that own their memory (a later rewrite of the file cannot reach them)."""
     path = Path(path)
-    if owned:
-        return parse_safetensors(read_bytes(path), path), {}
     with _open_safetensors(path) as f:
         try:
             tensors = {key: f.get_tensor(key) for key in f.keys()}
