@@ -95,7 +95,6 @@ class AdapterPool:
         # per free slot: the layers an evicted adapter left rows in, and how many
         self._stale: dict[int, dict[LoRALayer, int]] = {}
         self._rows = min(FIRST_SLOTS, capacity + 1)  # every stack's slot count (slot 0 too)
-        self._next_rows = self._rows
 
     # ------------------------------------------------------------------ what batches read
     @property
@@ -159,7 +158,7 @@ class AdapterPool:
         flags = [(p, p.requires_grad) for path in bare for p in targets[path].parameters()]
         try:
             layers = {path: _as_lora_layer(t) for path, t in targets.items()}
-            slot, writes = self._prepare(name, {layers[path]: f for path, f in factors.items()})
+            slot, rows, writes = self._prepare({layers[p]: f for p, f in factors.items()})
         except BaseException:
             for param, flag in flags:
                 param.requires_grad_(flag)
@@ -168,7 +167,7 @@ class AdapterPool:
             set_submodule(self.model, path, layers[path])
             self.layout += 1
         self._by_path.update(layers)
-        self._commit(name, slot, writes)
+        self._commit(name, slot, rows, writes)
 
     def load_from_model(self, name: str) -> None:
         """Make adapter ``name`` of the model's own layers resident too (its factors as the
@@ -189,8 +188,8 @@ class AdapterPool:
             self._by_path[path] = layer
         if not plans:
             raise PoolError(f"the model has no adapter {name!r} on LoRA layers")
-        slot, writes = self._prepare(name, plans)
-        self._commit(name, slot, writes)
+        slot, rows, writes = self._prepare(plans)
+        self._commit(name, slot, rows, writes)
 
     def evict(self, name: str) -> None:
         """Free ``name``'s slot (KeyError when it is not resident); a layer's stack narrows
@@ -268,11 +267,11 @@ class AdapterPool:
                 return i
         return len(self.slots)
 
-    def _prepare(self, name: str, plans: dict[LoRALayer, LayerFactors]) -> tuple[int, list]:
-        """The slot and, per layer, ``(layer, stack, factors, DoRA scale)`` to write: what can
-        fail (allocations: stacks that must grow are new tensors, every layer's when the slot
-        count grows, as all stacks keep one row count; DoRA's norms) happens here, and nothing
-        of the pool changes yet."""
+    def _prepare(self, plans: dict[LoRALayer, LayerFactors]) -> tuple[int, int, list]:
+        """The slot, the stacks' slot count after the load and, per layer, ``(layer, stack,
+        factors, DoRA scale)`` to write: what can fail (allocations: stacks that must grow are
+        new tensors, every layer's when the slot count grows, as all stacks keep one row count;
+        DoRA's norms) happens here, and nothing of the pool changes yet."""
         slot = self._free_slot()
         rows = self._rows
         while rows <= slot:
@@ -287,21 +286,20 @@ class AdapterPool:
                 for layer, stack in self.stacks.items():
                     if layer not in plans:
                         writes.append((layer, _fitted(stack, layer, rows, 0, False), None, None))
-        self._next_rows = rows
-        return slot, writes
+        return slot, rows, writes
 
-    def _commit(self, name: str, slot: int, writes: list) -> None:
+    def _commit(self, name: str, slot: int, rows: int, writes: list) -> None:
         stale = self._stale.pop(slot, {})
         new_ranks = {w[0]: w[2].a.shape[0] for w in writes if w[2] is not None}
         with torch.no_grad():
             for layer, stack, _, _ in writes:
                 self.stacks[layer] = stack
-            for layer, rows in stale.items():  # what the slot's last adapter left
+            for layer, left in stale.items():  # what the slot's last adapter left
                 stack = self.stacks[layer]
                 keep = new_ranks.get(layer, 0)
-                if rows > keep:
-                    stack.a[slot, keep:rows].zero_()
-                    stack.b[slot, keep:rows].zero_()
+                if left > keep:
+                    stack.a[slot, keep:left].zero_()
+                    stack.b[slot, keep:left].zero_()
                 if not keep:
                     stack.ranks[slot] = 0
                     if stack.dora is not None:
@@ -323,7 +321,7 @@ class AdapterPool:
         slots[slot] = name
         self.slots = tuple(slots)
         self._loads[name] = next(_LOADS)
-        self._rows = self._next_rows
+        self._rows = rows
         self.generation += 1
 
     def _shrink(self, layer: LoRALayer) -> None:
