@@ -188,6 +188,14 @@ def _state(model, pool):
             },
             "model.embed_tokens (embedding) cannot take DoRA",
         ),
+        (
+            lambda f: {
+                **f,
+                "model.norm": LayerFactors(torch.zeros(2, 32), torch.zeros(32, 2), 1.0),
+            },
+            "adapts model.norm (LlamaRMSNorm); the adapter pool runs adapters on linear, "
+            "conv1d_gpt2, embedding layers",
+        ),
         (lambda f: {}, "adapts no module"),
     ],
 )

@@ -179,10 +179,7 @@ class AdapterPool:
                 continue
             view = layer.adapter_view(name)
             if layer.kind not in POOL_KINDS:
-                raise PoolError(
-                    f"adapter {name!r} adapts {path} ({layer.kind}); the adapter pool runs "
-                    f"adapters on {', '.join(POOL_KINDS)} layers"
-                )
+                raise _unservable(name, path, layer.kind)
             a, b = view.factors()
             plans[layer] = LayerFactors(a.detach(), b.detach(), view.scale, view.magnitude)
             self._by_path[path] = layer
@@ -236,10 +233,7 @@ class AdapterPool:
         base = module.base_layer if isinstance(module, LoRALayer) else module
         kind = layer_kind(base)
         if kind is None or kind.name not in POOL_KINDS:
-            raise PoolError(
-                f"adapter {name!r} adapts {path} ({type(base).__name__}); the adapter pool runs "
-                f"adapters on {', '.join(POOL_KINDS)} layers"
-            )
+            raise _unservable(name, path, type(base).__name__)
         in_f, out_f = kind.in_out(base)
         r = factors.a.shape[0]
         if tuple(factors.a.shape) != (r, in_f) or tuple(factors.b.shape) != (out_f, r) or r < 1:
@@ -333,6 +327,15 @@ class AdapterPool:
             self.stacks[layer] = LayerStack(
                 stack.a[:, :need].clone(), stack.b[:, :need].clone(), dora, stack.ranks.clone()
             )
+
+
+def _unservable(name: str, path: str, what: str) -> PoolError:
+    """The error for adapter ``name`` on module ``path`` (``what`` it is), a kind the pool does
+    not run."""
+    return PoolError(
+        f"adapter {name!r} adapts {path} ({what}); the adapter pool runs adapters on "
+        f"{', '.join(POOL_KINDS)} layers"
+    )
 
 
 def _as_lora_layer(module: nn.Module) -> LoRALayer:
