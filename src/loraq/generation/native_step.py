@@ -90,13 +90,13 @@ def _adapters(module: LoRALayer, base: nn.Module, rows: int) -> dict[str, int] |
         and a.shape[2] == getattr(base, "in_features", None)
         and b.shape[2] == getattr(base, "out_features", None)
     )
+    if not fits:
+        return None
     ranks = stack.ranks
     if ranks is not None and not (
         ranks.dtype == torch.long and ranks.is_contiguous() and tuple(ranks.shape) == (a.shape[0],)
     ):
         ranks = None  # read every row of the stack
-    if not fits:
-        return None
     return {
         "lora_a": a.data_ptr(),
         "lora_b": b.data_ptr(),
