@@ -326,3 +326,69 @@ def test_a_slot_taken_again_keeps_nothing_of_its_last_adapter(saved):
     names = ["attn", "r16", None]
     ids = _ids(3, seed=3)
     _close(_pooled(model, pool, names, ids), _reference(saved, names, ids))
+
+
+def test_staged_reloads_write_what_checked_loads_write(saved, tmp_path, monkeypatch):
+    """A staged adapter of a layout the pool has loaded before skips the checks and is written
+    by one compiled call: the stacks must hold the same bits as the checked path writes, after
+    evictions that leave wider or narrower adapters' rows in the slot."""
+    if not pool_module.slot_kernels.available():
+        pytest.skip("no C compiler")
+    copies = {}  # more adapters of two layouts, each with its own weights
+    for base, count in (("r2", 3), ("r16", 2)):
+        for i in range(count):
+            model = tiny_causal_lm()
+            loraq.apply(model, loraq.LoraConfig(**CONFIGS[base]), "x")
+            torch.manual_seed(200 + 10 * i + len(copies))
+            randomize_adapters(model, 0.3)
+            loraq.save_adapter(model, tmp_path / f"{base}_{i}", adapter_name="x")
+            copies[f"{base}_{i}"] = _factors(tmp_path, f"{base}_{i}")
+    placed = []
+    real_place = pool_module.slot_kernels.place_slot
+    monkeypatch.setattr(
+        pool_module.slot_kernels,
+        "place_slot",
+        lambda *a: placed.append(a[3]) or real_place(*a),
+    )
+    staged_model, checked_model = tiny_causal_lm(), tiny_causal_lm()
+    staged, checked = AdapterPool(staged_model, 2), AdapterPool(checked_model, 2)
+
+    def same_stacks():
+        paths = {m: p for model in (staged_model, checked_model) for p, m in model.named_modules()}
+        want = {paths[layer]: stack for layer, stack in checked.stacks.items()}
+        assert sorted(want) == sorted(paths[layer] for layer in staged.stacks)
+        for layer, got in staged.stacks.items():
+            for g, w in zip(got, want[paths[layer]]):
+                assert (g is None and w is None) or torch.equal(g, w), paths[layer]
+
+    for step in ["+r2_0", "+r16_0", "-r2_0", "+r16_1", "-r16_0", "+r2_1", "-r16_1", "+r2_2"]:
+        name = step[1:]
+        for pool, factors in ((staged, pool_module.stage_factors(copies[name])),
+                              (checked, copies[name])):  # fmt: skip
+            pool.load(name, factors) if step[0] == "+" else pool.evict(name)
+        same_stacks()
+    # r16_1, r2_1 and r2_2: layouts loaded before, each into a slot another adapter left (r2_0's
+    # narrower rows, r16_0's wider ones to clear, r16_1's past the narrowed stack)
+    assert placed == [1, 2, 1]
+    assert staged.slots == checked.slots
+    names = ["r2_1", "r2_2", None]
+    ids = _ids(3, seed=4)
+    _close(_pooled(staged_model, staged, names, ids), _pooled(checked_model, checked, names, ids))
+
+
+def test_staging_is_order_free_and_leaves_dora_to_the_checked_path(saved):
+    factors = _factors(saved, "r8")
+    forward = pool_module.stage_factors(factors)
+    backward = pool_module.stage_factors(dict(reversed(list(factors.items()))))
+    assert forward.layout == backward.layout and torch.equal(forward.records, backward.records)
+    assert forward.nbytes == sum(f.a.nbytes + f.b.nbytes for f in factors.values())
+    dora = pool_module.stage_factors(_factors(saved, "dora"))
+    assert dora.records is None
+    model = tiny_causal_lm()
+    pool = AdapterPool(model, capacity=2)
+    pool.load("dora", dora)
+    pool.evict("dora")
+    pool.load("dora", dora)  # again: still through the checks, still right
+    names = ["dora", None]
+    ids = _ids(2, seed=5)
+    _close(_pooled(model, pool, names, ids), _reference(saved, names, ids))

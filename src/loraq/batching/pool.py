@@ -22,7 +22,10 @@ rank's rows and zeroes only what the evicted adapter left beyond them.
 
 - :meth:`AdapterPool.load` writes one adapter into a free slot of each layer it adapts (two
   tensor copies per layer) and :meth:`AdapterPool.evict` frees the slot: no module is created,
-  no other adapter is touched. Layers not yet wrapped in a
+  no other adapter is touched. A server that swaps adapters on most requests stages each one
+  once (:func:`stage_factors`, kept with its host copy): loads of a staged adapter whose layout
+  (modules and shapes) the pool has loaded before skip the per-layer checks and write every
+  layer in one compiled call (:func:`loraq.native.slots.place_slot`). Layers not yet wrapped in a
   :class:`~loraq.layers.lora.LoRALayer` are wrapped (with no adapter of their own) on the first
   load that adapts them; their output is unchanged.
 - Everything is checked before anything changes (shapes, kinds, ranks, room), so a refused
@@ -41,6 +44,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Hashable, Iterable, Sequence
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -59,6 +63,42 @@ POOL_KINDS = ("linear", "conv1d_gpt2", "embedding")
 FIRST_SLOTS = 4
 
 _LOADS = itertools.count(1)
+
+
+class StagedFactors(NamedTuple):
+    """An adapter's per-module factors made ready for repeated loads (:func:`stage_factors`).
+
+    ``layout`` is ``((path, rank, in, out), ...)`` in ``factors``' order (by path): adapters of one layout
+    pass the same checks, so the pool checks a layout once. ``records`` are the compiled write's
+    records of the factors (:func:`loraq.native.slots.factor_records`), or None where that write
+    cannot be used (no compiler, DoRA, a base weight carried, factors not float32 on the CPU):
+    such adapters load through the checked path every time. ``nbytes``: the factors' bytes.
+    """
+
+    factors: dict[str, LayerFactors]
+    layout: tuple[tuple[str, int, int, int], ...]
+    records: torch.Tensor | None
+    nbytes: int
+
+
+def stage_factors(factors: dict[str, LayerFactors]) -> StagedFactors:
+    """``factors`` (as :func:`loraq.io.peft_factors.layer_factors` gives them) staged for
+    :meth:`AdapterPool.load`; the tensors are kept as they are and must not change."""
+    factors = dict(sorted(factors.items()))  # one order per layout, whatever the file's
+    layout = tuple((path, f.a.shape[0], f.a.shape[-1], f.b.shape[0]) for path, f in factors.items())
+    plain = all(f.magnitude is None and f.base_weight is None for f in factors.values())
+    records = (
+        slot_kernels.factor_records([(f.a, f.b, f.scale) for f in factors.values()])
+        if plain and factors
+        else None
+    )
+    nbytes = sum(
+        t.numel() * t.element_size()
+        for f in factors.values()
+        for t in (f.a, f.b, f.magnitude, f.base_weight)
+        if t is not None
+    )
+    return StagedFactors(factors, layout, records, nbytes)
 
 
 class PoolError(ValueError):
@@ -95,6 +135,12 @@ class AdapterPool:
         # per free slot: the layers an evicted adapter left rows in, and how many
         self._stale: dict[int, dict[LoRALayer, int]] = {}
         self._rows = min(FIRST_SLOTS, capacity + 1)  # every stack's slot count (slot 0 too)
+        # staged loads: per checked layout, its layers and their rows in the table of stacks
+        # the compiled write reads (rebuilt when a stack is replaced; None: not all float32 CPU)
+        self._plans: dict[tuple, tuple[tuple[LoRALayer, ...], torch.Tensor]] = {}
+        self._table_rows: dict[LoRALayer, int] = {}
+        self._table: torch.Tensor | None = None
+        self._table_stale = True
 
     # ------------------------------------------------------------------ what batches read
     @property
@@ -144,11 +190,26 @@ class AdapterPool:
         }
 
     # ------------------------------------------------------------------ loading and eviction
-    def load(self, name: str, factors: dict[str, LayerFactors]) -> None:
+    def load(self, name: str, factors: dict[str, LayerFactors] | StagedFactors) -> None:
         """Make adapter ``name`` resident from its per-module ``factors`` (module paths in
-        ``model``, as :func:`loraq.io.peft_factors.layer_factors` gives them). Raises
-        :class:`PoolError` (nothing changed) for a name already resident, a full pool, or
-        factors that do not fit their module."""
+        ``model``, as :func:`loraq.io.peft_factors.layer_factors` gives them; or those staged by
+        :func:`stage_factors`, which reload faster). Raises :class:`PoolError` (nothing changed)
+        for a name already resident, a full pool, or factors that do not fit their module."""
+        staged = factors if isinstance(factors, StagedFactors) else None
+        plan = None if staged is None or staged.records is None else self._plans.get(staged.layout)
+        if plan is not None:
+            self._check_room(name)
+            layers, rows = plan
+            slot, slot_count, writes = self._prepare(dict(zip(layers, staged.factors.values())))
+            self._commit(name, slot, slot_count, writes, (staged.records, rows))
+            return
+        self._load_checked(name, factors if staged is None else staged.factors)
+        if staged is not None and staged.records is not None:
+            layers = tuple(self._by_path[path] for path in staged.factors)
+            self._plans[staged.layout] = (layers, self._rows_of(layers))
+
+    def _load_checked(self, name: str, factors: dict[str, LayerFactors]) -> None:
+        """:meth:`load`, every factor checked against its module."""
         self._check_room(name)
         if not factors:
             raise PoolError(f"adapter {name!r} adapts no module")
@@ -166,6 +227,7 @@ class AdapterPool:
         for path in bare:  # nothing can fail from here on
             set_submodule(self.model, path, layers[path])
             self.layout += 1
+            self._plans.clear()
         self._by_path.update(layers)
         self._commit(name, slot, rows, writes)
 
@@ -282,13 +344,28 @@ class AdapterPool:
                         writes.append((layer, _fitted(stack, layer, rows, 0, False), None, None))
         return slot, rows, writes
 
-    def _commit(self, name: str, slot: int, rows: int, writes: list) -> None:
+    def _commit(
+        self,
+        name: str,
+        slot: int,
+        rows: int,
+        writes: list,
+        staged: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> None:
+        """Take ``slot`` for ``name`` with ``writes`` (:meth:`_prepare`'s); ``staged``: the
+        staged adapter's records and their table rows, written in one compiled call (which also
+        zeroes what the slot's last adapter left on those layers) where it can be."""
         stale = self._stale.pop(slot, {})
         new_ranks = {w[0]: w[2].a.shape[0] for w in writes if w[2] is not None}
         with torch.no_grad():
             for layer, stack, _, _ in writes:
-                self.stacks[layer] = stack
+                if self.stacks.get(layer) is not stack:
+                    self.stacks[layer] = stack
+                    self._table_stale = True
+            placed = staged is not None and self._place(slot, *staged)
             for layer, left in stale.items():  # what the slot's last adapter left
+                if placed and layer in new_ranks:
+                    continue  # zeroed by the compiled write
                 stack = self.stacks[layer]
                 keep = new_ranks.get(layer, 0)
                 if left > keep:
@@ -301,7 +378,7 @@ class AdapterPool:
             # the slot's rows past each rank are zeros (fresh, or cleared just above)
             factored = [w for w in writes if w[2] is not None]
             one_call = [(f.a, f.b, st.a, st.b, st.ranks, slot, f.scale) for _, st, f, _ in factored]
-            if not slot_kernels.write_slots(one_call):
+            if not placed and not slot_kernels.write_slots(one_call):
                 for _, stack, f, _ in factored:
                     rank = f.a.shape[0]
                     stack.a[slot, :rank].copy_(f.a)
@@ -318,6 +395,35 @@ class AdapterPool:
         self._rows = rows
         self.generation += 1
 
+    def _rows_of(self, layers: Sequence[LoRALayer]) -> torch.Tensor:
+        """``layers``' rows in the table of stacks (new layers get new rows)."""
+        for layer in layers:
+            if layer not in self._table_rows:
+                self._table_rows[layer] = len(self._table_rows)
+                self._table_stale = True
+        return torch.tensor([self._table_rows[layer] for layer in layers], dtype=torch.int64)
+
+    def _place(self, slot: int, records: torch.Tensor, rows: torch.Tensor) -> bool:
+        """The compiled write of staged ``records`` into ``slot`` (see :meth:`_commit`); False
+        (nothing written) where it cannot run."""
+        if self._table_stale:
+            order = sorted(self._table_rows, key=self._table_rows.__getitem__)
+            stacks = [self.stacks.get(layer) for layer in order]
+            table = [
+                None if st is None else slot_kernels.stack_row(st.a, st.b, st.ranks)
+                for st in stacks
+            ]
+            # a layer without float32 CPU stacks (or none yet): the checked path writes
+            self._table = (
+                None
+                if None in table
+                else torch.tensor(table, dtype=torch.int64).view(len(table), -1)
+            )
+            self._table_stale = False
+        if self._table is None:
+            return False
+        return slot_kernels.place_slot(self._table, records, rows, slot)
+
     def _shrink(self, layer: LoRALayer) -> None:
         """Narrow ``layer``'s stack once its adapters need at most half of its rank."""
         stack = self.stacks[layer]
@@ -327,6 +433,7 @@ class AdapterPool:
             self.stacks[layer] = LayerStack(
                 stack.a[:, :need].clone(), stack.b[:, :need].clone(), dora, stack.ranks.clone()
             )
+            self._table_stale = True
 
 
 def _unservable(name: str, path: str, what: str) -> PoolError:

@@ -6,7 +6,8 @@ parses them (safetensors, finiteness) when it does, which holds no lock either. 
 a thread of its own that ends with it; at most :data:`READ_WORKERS` read at once.
 Concurrent requests for one adapter share one read. Parsed copies stay on the host, least
 recently used dropped beyond :data:`HOST_CACHE_BYTES`, so an evicted adapter comes back without
-the disk; a folder whose files changed (size or mtime) is read again.
+the disk; a folder whose files changed (size or mtime) is read again. The owner may turn each
+parsed folder into what it loads from (``prepare``, run once per read): the host keeps that.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ from __future__ import annotations
 import concurrent.futures as cf
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -35,12 +38,18 @@ class AdapterReadError(Exception):
 
 
 class AdapterReads:
-    """Reads of adapter folders on worker threads, and the host cache of their results."""
+    """Reads of adapter folders on worker threads, and the host cache of their results.
 
-    def __init__(self) -> None:
+    ``prepare(name, parsed)`` (default: none) turns a parsed folder into what :meth:`parsed`
+    returns and the host keeps; its exceptions reach the caller of :meth:`parsed` as they are, and nothing is
+    kept then."""
+
+    def __init__(self, prepare: Callable[[str, ParsedAdapter], Any] | None = None) -> None:
+        self._prepare = prepare
         self._lock = threading.Lock()
-        # name -> (file stamp, read) of parsed folders, and the reads under way
-        self._host: OrderedDict[str, tuple[tuple, ParsedAdapter]] = OrderedDict()
+        # name -> (file stamp, prepared read, its tensors' bytes) of parsed folders, and the
+        # reads under way
+        self._host: OrderedDict[str, tuple[tuple, Any, int]] = OrderedDict()
         self._host_bytes = 0
         self._reads: dict[str, cf.Future] = {}
         self._slots = threading.BoundedSemaphore(READ_WORKERS)
@@ -68,10 +77,11 @@ class AdapterReads:
                 ).start()  # fmt: skip
             return future
 
-    def parsed(self, name: str, path: Path) -> ParsedAdapter:
-        """``name``'s parsed folder: the host copy if its files are unchanged, else the read
-        under way or a new one, waited for and parsed here (a failed read is forgotten, so the
-        next call retries). Raises :class:`AdapterReadError`."""
+    def parsed(self, name: str, path: Path) -> Any:
+        """``name``'s parsed (and prepared) folder: the host copy if its files are unchanged,
+        else the read under way or a new one, waited for and parsed here (a failed read is
+        forgotten, so the next call retries). Raises :class:`AdapterReadError`, or what
+        ``prepare`` raised."""
         with self._lock:
             held = self._host.get(name)
         if held is not None:
@@ -99,7 +109,10 @@ class AdapterReads:
             raise AdapterReadError(
                 f"adapter {name!r} failed to load from {path.name}: {err}"
             ) from None
-        self._keep(name, stamp, parsed)
+        size = _size(parsed)
+        if self._prepare is not None:
+            parsed = self._prepare(name, parsed)
+        self._keep(name, stamp, parsed, size)
         return parsed
 
     def wait(self, names: list[str], timeout: float) -> None:
@@ -114,7 +127,7 @@ class AdapterReads:
         with self._lock:
             old = self._host.pop(name, None)
             if old is not None:
-                self._host_bytes -= _size(old[1])
+                self._host_bytes -= old[2]
 
     def close(self) -> None:
         """Start no more reads: those waiting for a slot are cancelled; those under way finish."""
@@ -147,19 +160,18 @@ class AdapterReads:
                 f"adapter {name!r} failed to load from {path.name}: {err}"
             ) from None
 
-    def _keep(self, name: str, stamp: tuple, parsed: ParsedAdapter) -> None:
-        size = _size(parsed)
+    def _keep(self, name: str, stamp: tuple, prepared: Any, size: int) -> None:
         if size > HOST_CACHE_BYTES:
             return
         with self._lock:
             old = self._host.pop(name, None)
             if old is not None:
-                self._host_bytes -= _size(old[1])
-            self._host[name] = (stamp, parsed)
+                self._host_bytes -= old[2]
+            self._host[name] = (stamp, prepared, size)
             self._host_bytes += size
             while self._host_bytes > HOST_CACHE_BYTES:
-                _, (_, dropped) = self._host.popitem(last=False)
-                self._host_bytes -= _size(dropped)
+                _, (_, _, dropped) = self._host.popitem(last=False)
+                self._host_bytes -= dropped
 
 
 def _size(parsed: ParsedAdapter) -> int:

@@ -39,7 +39,7 @@ from pathlib import Path, PurePosixPath
 
 from torch import nn
 
-from ..batching.pool import AdapterPool, PoolError
+from ..batching.pool import AdapterPool, PoolError, StagedFactors, stage_factors
 from ..batching.rows import validate_row_names
 from ..io.peft_factors import ParameterAdapterError, layer_factors
 from ..io.peft_format import is_adapter_folder, load_adapter
@@ -176,7 +176,7 @@ class AdapterRegistry:
         self._lock = threading.Lock()
         self._combinations: dict[tuple[tuple[str, float], ...], str] = {}  # sources -> name
         self._combination_count = 0
-        self._reads = AdapterReads()
+        self._reads = AdapterReads(prepare=_staged)
         #: the resident adapters, as slots the engine's mixed batches read (no modules)
         self.pool = AdapterPool(model, max_resident)
 
@@ -382,8 +382,9 @@ class AdapterRegistry:
         """Stop the reader threads (reads under way finish)."""
         self._reads.close()
 
-    def _parsed(self, name: str, entry: AdapterEntry) -> ParsedAdapter:
-        """``name``'s parsed folder (:meth:`AdapterReads.parsed`); a failed read is a 500."""
+    def _parsed(self, name: str, entry: AdapterEntry) -> StagedFactors:
+        """``name``'s folder, read, parsed and staged for the pool (:meth:`AdapterReads.parsed`,
+        the host copy where there is one); a failed read is a 500."""
         try:
             return self._reads.parsed(name, entry.path)
         except AdapterReadError as err:
@@ -403,19 +404,15 @@ class AdapterRegistry:
             self.metrics.adapter_evictions.inc()
         return True
 
-    def _load(self, name: str, entry: AdapterEntry, parsed: ParsedAdapter | None) -> None:
+    def _load(self, name: str, entry: AdapterEntry, parsed: StagedFactors | None) -> None:
         if entry.sources:
             self._combine(name, entry.sources)
             self._resident[name] = None
             return
         if parsed is None:  # added to the model's resident set meanwhile? read it now
             parsed = self._parsed(name, entry)
-        config, tensors, weights = parsed
         try:
-            self.pool.load(name, layer_factors(config, tensors, weights.name))
-        except ParameterAdapterError as err:
-            # the engine runs mixed-adapter batches, which adapters on parameters cannot join
-            raise ServeError(400, f"adapter {name!r}: {err}") from None
+            self.pool.load(name, parsed)
         except (PoolError, ValueError) as err:
             raise ServeError(
                 500, f"adapter {name!r} failed to load from {entry.path.name}: {err}"
@@ -503,6 +500,21 @@ class AdapterRegistry:
                 with self._lock:
                     self._entries.pop(name, None)
                 self._unload_from_model(name)
+
+
+def _staged(name: str, parsed: ParsedAdapter) -> StagedFactors:
+    """Adapter ``name``'s parsed folder as the pool loads it, made once per read (the host
+    keeps it): its factors grouped by module (:func:`layer_factors`) and staged."""
+    config, tensors, weights = parsed
+    try:
+        return stage_factors(layer_factors(config, tensors, weights.name))
+    except ParameterAdapterError as err:
+        # the engine runs mixed-adapter batches, which adapters on parameters cannot join
+        raise ServeError(400, f"adapter {name!r}: {err}") from None
+    except ValueError as err:
+        raise ServeError(
+            500, f"adapter {name!r} failed to load from {weights.parent.name}: {err}"
+        ) from None
 
 
 def short_repr(name: str, limit: int = 80) -> str:
