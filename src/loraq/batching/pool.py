@@ -92,12 +92,14 @@ def stage_factors(factors: dict[str, LayerFactors]) -> StagedFactors:
         if plain and factors
         else None
     )
-    nbytes = sum(
-        t.numel() * t.element_size()
-        for f in factors.values()
-        for t in (f.a, f.b, f.magnitude, f.base_weight)
-        if t is not None
-    )
+    nbytes = sum(f.a.nbytes + f.b.nbytes for f in factors.values())
+    if not plain:
+        nbytes += sum(
+            t.nbytes
+            for f in factors.values()
+            for t in (f.magnitude, f.base_weight)
+            if t is not None
+        )
     return StagedFactors(factors, layout, records, nbytes)
 
 

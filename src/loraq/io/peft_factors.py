@@ -23,6 +23,8 @@ a module with only one factor, and ranks that disagree with the config.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ..core.naming import split_disk_key
@@ -57,9 +59,7 @@ def layer_factors(
         )
     stores: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
     for key, tensor in tensors.items():
-        split = split_disk_key(key[len(PREFIX) :]) if key.startswith(PREFIX) else None
-        if split is None and key.endswith(_BASE_WEIGHT) and key.startswith(PREFIX):
-            split = (key[len(PREFIX) : -len(_BASE_WEIGHT)], _BASE_WEIGHT)
+        split = _module_and_store(key)
         if split is None:
             raise FormatError(
                 f"{source}: tensor {key!r} is not a LoRA factor or DoRA magnitude; only those "
@@ -68,6 +68,16 @@ def layer_factors(
         module, store = split
         stores.setdefault(module, {})[store] = (key, tensor)
     return {module: _one_layer(config, module, held, source) for module, held in stores.items()}
+
+
+@functools.lru_cache(maxsize=1 << 14)
+def _module_and_store(key: str) -> tuple[str, str] | None:
+    """``(module path, store)`` of an on-disk key, or None for any other tensor. Cached: a
+    server reads the same keys from every adapter of one target set."""
+    split = split_disk_key(key[len(PREFIX) :]) if key.startswith(PREFIX) else None
+    if split is None and key.endswith(_BASE_WEIGHT) and key.startswith(PREFIX):
+        split = (key[len(PREFIX) : -len(_BASE_WEIGHT)], _BASE_WEIGHT)
+    return split
 
 
 def _one_layer(

@@ -71,7 +71,8 @@ def available() -> bool:
 
 
 def _plain_f32(tensor: torch.Tensor) -> bool:
-    return tensor.dtype == torch.float32 and tensor.device.type == "cpu" and tensor.is_contiguous()
+    # is_cpu, not device.type: this runs per tensor of every adapter load
+    return tensor.dtype == torch.float32 and tensor.is_cpu and tensor.is_contiguous()
 
 
 def write_slots(writes: Sequence[SlotWrite]) -> bool:
@@ -134,13 +135,17 @@ def factor_records(
     if _library() is None:
         return None
     values: list[int] = []
+    bits: dict[float, int] = {}  # an adapter's layers share one or two scales
     for a, b, scale in factors:
         if not (_plain_f32(a) and _plain_f32(b) and a.ndim == 2 and b.ndim == 2):
             return None
         rank, n_in = a.shape
-        if tuple(b.shape) != (b.shape[0], rank) or rank < 1:
+        n_out, b_rank = b.shape
+        if b_rank != rank or rank < 1:
             return None
-        values += [a.data_ptr(), b.data_ptr(), rank, n_in, b.shape[0], _scale_bits(scale)]
+        if scale not in bits:
+            bits[scale] = _scale_bits(scale)
+        values += [a.data_ptr(), b.data_ptr(), rank, n_in, n_out, bits[scale]]
     return torch.tensor(values, dtype=torch.int64).view(-1, _FACTOR)
 
 
