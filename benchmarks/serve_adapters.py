@@ -2,7 +2,7 @@
 
     python benchmarks/serve_adapters.py [--adapters 1000] [--resident 64] [--requests 256]
         [--concurrency 32] [--tokens 16] [--runs 3] [--threads 2] [--distinct-prompts]
-        [--prefix-cache-mb MB] [--shape stories|smollm2]
+        [--prefix-cache-mb MB] [--shape stories|smollm2] [--warm]
 
 Starts ``loraq serve`` on 127.0.0.1 with a tiny base (stories260K from ``--stories``, default
 ../shared/models/stories260K beside the repository; else a random Llama of its shape), saved
@@ -11,7 +11,9 @@ under ``--adapter-dir`` (all linear layers, ranks drawn from 4, 8, 16, 32, 64; r
 and alternating, ``--requests`` completions with at most ``--concurrency`` in flight: all on one
 adapter, then each on an adapter drawn at random. Prints generated tokens/s of each load, their
 ratio (target >= 0.85x), the LRU's loads and evictions from ``/metrics``, the load average and the
-number of runs. Timings are wall time on whatever else the machine is running: read the ratio.
+number of runs. ``--warm``: one 1-token request per adapter before the timed runs, so the
+server's host copies (parsed and staged, up to its host cache's size) hold the adapters and the
+timed loads are from memory, not first reads from disk. Timings are wall time on whatever else the machine is running: read the ratio.
 """
 
 from __future__ import annotations
@@ -210,6 +212,12 @@ def main() -> None:
         "side's repeated prompts are answered from the cache, which random adapters cannot share",
     )
     p.add_argument(
+        "--warm",
+        action="store_true",
+        help="before timing, one 1-token request per adapter (loads from the host copies, not "
+        "from disk, as on a server that has run a while)",
+    )
+    p.add_argument(
         "--distinct-prompts",
         action="store_true",
         help="end every prompt with its own number: the prefix cache then helps neither side "
@@ -252,6 +260,10 @@ def main() -> None:
             print(f"server ready in {server.wait_ready():.1f} s")
             rng = random.Random(1)
             run_load(server.url, [names[0]] * args.concurrency, args.tokens, args.concurrency)
+            if args.warm:
+                t = time.perf_counter()
+                run_load(server.url, names, 1, args.concurrency)
+                print(f"warmed: one request per adapter in {time.perf_counter() - t:.1f} s")
             one_tps, mixed_tps = [], []
             for run in range(args.runs):
                 single = [names[0]] * args.requests
@@ -273,7 +285,7 @@ def main() -> None:
     print(json.dumps({
         "requests_per_load": args.requests, "concurrency": args.concurrency,
         "max_tokens": args.tokens, "runs": args.runs, "distinct_prompts": args.distinct_prompts,
-        "prefix_cache_mb": args.prefix_cache_mb,
+        "prefix_cache_mb": args.prefix_cache_mb, "warm": args.warm,
         "one_adapter_tokens_per_s": round(statistics.median(one_tps), 1),
         f"random_of_{args.adapters}_tokens_per_s": round(statistics.median(mixed_tps), 1),
         "ratio_random_vs_one": round(statistics.median(ratios), 3),
