@@ -150,6 +150,41 @@ def test_a_reload_gets_a_new_identity_and_the_prefix_cache_never_reuses_the_old_
     assert as_r16 == seq.generated != as_r2
 
 
+def test_a_staged_reload_keeps_its_identity_and_its_cached_prompts(saved):
+    """Loads of one staged object compute the same rows: after an eviction (and another adapter
+    in the slot) its reload answers a cached prompt from the cache, with the same tokens as
+    computed fresh; staging the files again is a new identity."""
+    model = tiny_causal_lm()
+    pool = AdapterPool(model, capacity=1)
+    cache = PrefixCache(1 << 20, min_tokens=2)
+    batch = DecodeBatch(model, 258, prefix_cache=cache, adapter_pool=pool)
+    prompt = list(range(70, 90))
+
+    def greedy(name: str) -> list[int]:
+        seq = SequenceState(prompt, name, SamplingParams(max_new_tokens=6))
+        batch.add([seq])
+        while not seq.finished:
+            batch.step()
+        batch.remove([seq])
+        return seq.generated
+
+    staged = pool_module.stage_factors(_factors(saved, "r8"))
+    pool.load("x", staged)
+    first = pool.identity("x")
+    fresh = greedy("x")
+    pool.evict("x")
+    pool.load("y", pool_module.stage_factors(_factors(saved, "r16")))
+    assert greedy("y") != fresh
+    pool.evict("y")
+    pool.load("x", staged)
+    assert pool.identity("x") == first
+    hits = cache.hits
+    assert greedy("x") == fresh and cache.hits == hits + 1
+    pool.evict("x")
+    pool.load("x", pool_module.stage_factors(_factors(saved, "r8")))
+    assert pool.identity("x") != first
+
+
 def _state(model, pool):
     return (
         [n for n, _ in model.named_modules()],

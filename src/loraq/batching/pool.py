@@ -63,6 +63,7 @@ POOL_KINDS = ("linear", "conv1d_gpt2", "embedding")
 FIRST_SLOTS = 4
 
 _LOADS = itertools.count(1)
+_STAGINGS = itertools.count(1)
 
 
 class StagedFactors(NamedTuple):
@@ -73,12 +74,15 @@ class StagedFactors(NamedTuple):
     records of the factors (:func:`loraq.native.slots.factor_records`), or None where that write
     cannot be used (no compiler, DoRA, a base weight carried, factors not float32 on the CPU):
     such adapters load through the checked path every time. ``nbytes``: the factors' bytes.
+    ``serial`` is unique to this staging: loads of the same staged factors compute the same
+    rows, so they share one :meth:`AdapterPool.identity` and cached prompts outlive evictions.
     """
 
     factors: dict[str, LayerFactors]
     layout: tuple[tuple[str, int, int, int], ...]
     records: torch.Tensor | None
     nbytes: int
+    serial: int
 
 
 def stage_factors(factors: dict[str, LayerFactors]) -> StagedFactors:
@@ -100,7 +104,7 @@ def stage_factors(factors: dict[str, LayerFactors]) -> StagedFactors:
             for t in (f.magnitude, f.base_weight)
             if t is not None
         )
-    return StagedFactors(factors, layout, records, nbytes)
+    return StagedFactors(factors, layout, records, nbytes, next(_STAGINGS))
 
 
 class PoolError(ValueError):
@@ -133,7 +137,8 @@ class AdapterPool:
         self.layout = 0
         self._by_path: dict[str, LoRALayer] = {}
         self._ranks: dict[LoRALayer, dict[str, int]] = {}  # per layer: resident adapter -> rank
-        self._loads: dict[str, int] = {}  # adapter -> its load's number (see identity)
+        # adapter -> what its rows compute from: its load's number, or its staging's
+        self._loads: dict[str, Hashable] = {}
         # per free slot: the layers an evicted adapter left rows in, and how many
         self._stale: dict[int, dict[LoRALayer, int]] = {}
         self._rows = min(FIRST_SLOTS, capacity + 1)  # every stack's slot count (slot 0 too)
@@ -166,7 +171,8 @@ class AdapterPool:
 
     def identity(self, name: str | None) -> Hashable:
         """What a cached result computed with adapter ``name`` depends on: the name and the
-        load it came from (a reload of the same name is another identity)."""
+        load it came from (a reload of the same name is another identity), or for staged
+        factors (:func:`stage_factors`) the staging: reloads of one staged object keep it."""
         return None if name is None else (name, self._loads.get(name))
 
     def refresh(
@@ -203,15 +209,20 @@ class AdapterPool:
             self._check_room(name)
             layers, rows = plan
             slot, slot_count, writes = self._prepare(dict(zip(layers, staged.factors.values())))
-            self._commit(name, slot, slot_count, writes, (staged.records, rows))
+            source = ("staged", staged.serial)
+            self._commit(name, slot, slot_count, writes, source, (staged.records, rows))
             return
-        self._load_checked(name, factors if staged is None else staged.factors)
+        source = None if staged is None else ("staged", staged.serial)
+        self._load_checked(name, factors if staged is None else staged.factors, source)
         if staged is not None and staged.records is not None:
             layers = tuple(self._by_path[path] for path in staged.factors)
             self._plans[staged.layout] = (layers, self._rows_of(layers))
 
-    def _load_checked(self, name: str, factors: dict[str, LayerFactors]) -> None:
-        """:meth:`load`, every factor checked against its module."""
+    def _load_checked(
+        self, name: str, factors: dict[str, LayerFactors], source: Hashable = None
+    ) -> None:
+        """:meth:`load`, every factor checked against its module (``source``: see
+        :meth:`_commit`)."""
         self._check_room(name)
         if not factors:
             raise PoolError(f"adapter {name!r} adapts no module")
@@ -231,7 +242,7 @@ class AdapterPool:
             self.layout += 1
             self._plans.clear()
         self._by_path.update(layers)
-        self._commit(name, slot, rows, writes)
+        self._commit(name, slot, rows, writes, source)
 
     def load_from_model(self, name: str) -> None:
         """Make adapter ``name`` of the model's own layers resident too (its factors as the
@@ -352,11 +363,13 @@ class AdapterPool:
         slot: int,
         rows: int,
         writes: list,
+        source: Hashable = None,
         staged: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> None:
-        """Take ``slot`` for ``name`` with ``writes`` (:meth:`_prepare`'s); ``staged``: the
-        staged adapter's records and their table rows, written in one compiled call (which also
-        zeroes what the slot's last adapter left on those layers) where it can be."""
+        """Take ``slot`` for ``name`` with ``writes`` (:meth:`_prepare`'s). ``source``: what
+        :meth:`identity` reports for it (None: this load's own number). ``staged``: the staged
+        adapter's records and their table rows, written in one compiled call (which also zeroes
+        what the slot's last adapter left on those layers) where it can be."""
         stale = self._stale.pop(slot, {})
         new_ranks = {w[0]: w[2].a.shape[0] for w in writes if w[2] is not None}
         with torch.no_grad():
@@ -393,7 +406,7 @@ class AdapterPool:
         slots = list(self.slots) + [None] * (slot + 1 - len(self.slots))
         slots[slot] = name
         self.slots = tuple(slots)
-        self._loads[name] = next(_LOADS)
+        self._loads[name] = next(_LOADS) if source is None else source
         self._rows = rows
         self.generation += 1
 

@@ -336,8 +336,9 @@ class DecodeBatch:
         ]
 
     def _prefix_key(self, adapter: str | None) -> Hashable:
-        # over a pool, cached keys belong to one load of an adapter: a reload is a new key, and
-        # other adapters coming and going leave them valid
+        # over a pool, cached keys belong to the adapter's weights as the pool loaded them
+        # (AdapterPool.identity: a reload of other weights is a new key), and other adapters
+        # coming and going leave them valid
         return adapter if self.adapter_pool is None else self.adapter_pool.identity(adapter)
 
     def _adapter_state(self) -> tuple:
