@@ -29,6 +29,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -166,20 +167,32 @@ def run_load(
     ``distinct`` every prompt ends with its own number (no prefix-cache hits on either side)."""
     import httpx
 
+    local = threading.local()
+    clients: list[httpx.Client] = []
+
     def one(i: int, model: str) -> int:
+        # a client per worker thread: one shared by all 32 failed twice with ReadError EBADF
+        # on a read; its own clients keep the client's shared pool out of the question
+        if not hasattr(local, "client"):
+            local.client = httpx.Client()
+            clients.append(local.client)
         prompt = PROMPTS[i % len(PROMPTS)] + (f" {i}." if distinct else "")
         body = {
             "model": model, "prompt": prompt, "max_tokens": tokens,
             "temperature": 1.0, "seed": i,
         }  # fmt: skip
-        reply = client.post(url + "/v1/completions", json=body, timeout=600)
+        reply = local.client.post(url + "/v1/completions", json=body, timeout=600)
         reply.raise_for_status()
         return reply.json()["usage"]["completion_tokens"]
 
-    with httpx.Client() as client, cf.ThreadPoolExecutor(concurrency) as pool:
-        start = time.perf_counter()
-        done = sum(pool.map(one, range(len(models)), models))
-        return time.perf_counter() - start, done
+    try:
+        with cf.ThreadPoolExecutor(concurrency) as pool:
+            start = time.perf_counter()
+            done = sum(pool.map(one, range(len(models)), models))
+            return time.perf_counter() - start, done
+    finally:
+        for client in clients:
+            client.close()
 
 
 def metric(text: str, name: str) -> float:
