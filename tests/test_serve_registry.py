@@ -110,10 +110,14 @@ def test_an_evicted_adapter_reloads_from_its_host_copy_until_its_file_changes(
     folder = tmp_path / "adapters"
     shutil.copytree(adapters, folder)
     registry = _registry(base, folder, max_resident=1)
+    identities = []
     for name in ["alpha", "beta", "alpha"]:
         assert registry.acquire(name)
+        identities.append(registry.pool.identity(name))
         registry.release(name)
     assert counted_reads == ["alpha", "beta"]  # alpha came back without the disk
+    # the same staged copy: cached prompts of alpha's first load stay valid for the second
+    assert identities[0] == identities[2] != identities[1]
     text = registry.metrics.render()
     assert "loraq_adapter_loads_total 3\n" in text
     assert "loraq_adapter_evictions_total 2\n" in text
@@ -128,6 +132,7 @@ def test_an_evicted_adapter_reloads_from_its_host_copy_until_its_file_changes(
     assert registry.acquire("alpha")
     assert counted_reads == ["alpha", "beta", "alpha"]
     assert set(registry.pool.ranks("alpha").values()) == {ADAPTERS["gamma"]}
+    assert registry.pool.identity("alpha") != identities[0]  # new weights: nothing reused
     registry.close()
 
 
