@@ -415,7 +415,11 @@ def test_staging_is_order_free_and_leaves_dora_to_the_checked_path(saved):
     factors = _factors(saved, "r8")
     forward = pool_module.stage_factors(factors)
     backward = pool_module.stage_factors(dict(reversed(list(factors.items()))))
-    assert forward.layout == backward.layout and torch.equal(forward.records, backward.records)
+    assert forward.layout == backward.layout
+    if pool_module.slot_kernels.available():
+        assert torch.equal(forward.records, backward.records)
+    else:  # no compiler: every load takes the checked path
+        assert forward.records is None and backward.records is None
     assert forward.nbytes == sum(f.a.nbytes + f.b.nbytes for f in factors.values())
     dora = pool_module.stage_factors(_factors(saved, "dora"))
     assert dora.records is None
