@@ -42,7 +42,7 @@ from ..model.surgery import adapter_names
 from .lean_step import lean_decode_step
 from .padding import pad_left
 from .prefix_cache import PrefixCache, keep_prompts, prefill_inputs
-from .sampling import sample_next
+from .sampling import sample_each
 from .text import ReplyText
 
 
@@ -230,14 +230,13 @@ class DecodeBatch:
         return out.logits[:, -1, :].float(), new_cache
 
     def _sample(self, logits: torch.Tensor, seqs: list[SequenceState]) -> list[int]:
-        tokens = logits.argmax(dim=-1).tolist()
-        for i, seq in enumerate(seqs):
-            p = seq.params
-            if p.temperature > 0 and not seq.finished:
-                pick = sample_next(
-                    logits[i : i + 1], p.temperature, p.top_k, p.top_p, seq.generator
-                )
-                tokens[i] = int(pick[0])
+        settings = [
+            (0.0, None, None)
+            if seq.finished
+            else (seq.params.temperature, seq.params.top_k, seq.params.top_p)
+            for seq in seqs
+        ]
+        tokens = sample_each(logits, settings, [seq.generator for seq in seqs])
         wanted = [i for i, s in enumerate(seqs) if s.params.logprobs is not None and not s.finished]
         scored = dict(zip(wanted, self._logprobs(logits, seqs, tokens, wanted)))
         for i, (seq, token) in enumerate(zip(seqs, tokens)):
