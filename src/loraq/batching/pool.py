@@ -69,11 +69,12 @@ _STAGINGS = itertools.count(1)
 class StagedFactors(NamedTuple):
     """An adapter's per-module factors made ready for repeated loads (:func:`stage_factors`).
 
-    ``layout`` is ``((path, rank, in, out), ...)`` in ``factors``' order (by path): adapters of one layout
-    pass the same checks, so the pool checks a layout once. ``records`` are the compiled write's
-    records of the factors (:func:`loraq.native.slots.factor_records`), or None where that write
-    cannot be used (no compiler, DoRA, a base weight carried, factors not float32 on the CPU):
-    such adapters load through the checked path every time. ``nbytes``: the factors' bytes.
+    ``layout`` is ``((path, rank, in, out), ...)`` in ``factors``' order (by path): adapters of
+    one layout pass the same checks, so the pool checks a layout once. ``records`` are the
+    compiled write's records of the factors (:func:`loraq.native.slots.factor_records`), or None
+    where that write cannot be used (no compiler, DoRA, a base weight carried, factors not
+    float32 on the CPU): such adapters load through the checked path every time. ``nbytes``:
+    the factors' bytes.
     ``serial`` is unique to this staging: loads of the same staged factors compute the same
     rows, so they share one :meth:`AdapterPool.identity` and cached prompts outlive evictions.
     """

@@ -41,8 +41,8 @@ class AdapterReads:
     """Reads of adapter folders on worker threads, and the host cache of their results.
 
     ``prepare(name, parsed)`` (default: none) turns a parsed folder into what :meth:`parsed`
-    returns and the host keeps; its exceptions reach the caller of :meth:`parsed` as they are, and nothing is
-    kept then."""
+    returns and the host keeps; its exceptions reach the caller of :meth:`parsed` as they are,
+    and nothing is kept then."""
 
     def __init__(self, prepare: Callable[[str, ParsedAdapter], Any] | None = None) -> None:
         self._prepare = prepare
