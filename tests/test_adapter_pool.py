@@ -113,6 +113,16 @@ def test_slots_reused_after_evictions_and_stacks_grow_and_shrink(saved):
         pool.evict("r2")
 
 
+def _greedy(batch: DecodeBatch, prompt: list[int], name: str) -> list[int]:
+    """Six greedy tokens after ``prompt`` on adapter ``name``, the row removed after."""
+    seq = SequenceState(prompt, name, SamplingParams(max_new_tokens=6))
+    batch.add([seq])
+    while not seq.finished:
+        batch.step()
+    batch.remove([seq])
+    return seq.generated
+
+
 def test_a_reload_gets_a_new_identity_and_the_prefix_cache_never_reuses_the_old_keys(saved):
     """A prompt cached under one load of a name must not be reused after the name is evicted
     and loaded again from other weights: the reloaded adapter's tokens are its own."""
@@ -122,32 +132,22 @@ def test_a_reload_gets_a_new_identity_and_the_prefix_cache_never_reuses_the_old_
     batch = DecodeBatch(model, 258, prefix_cache=cache, adapter_pool=pool)
     prompt = list(range(40, 60))
 
-    def greedy(name: str) -> list[int]:
-        seq = SequenceState(prompt, name, SamplingParams(max_new_tokens=6))
-        batch.add([seq])
-        while not seq.finished:
-            batch.step()
-        batch.remove([seq])
-        return seq.generated
-
     pool.load("x", _factors(saved, "r2"))
     first = pool.identity("x")
-    as_r2 = greedy("x")
-    assert greedy("x") == as_r2 and cache.hits >= 1  # the second run reused the prompt
+    as_r2 = _greedy(batch, prompt, "x")
+    assert (
+        _greedy(batch, prompt, "x") == as_r2 and cache.hits >= 1
+    )  # the second run reused the prompt
     pool.evict("x")
     pool.load("x", _factors(saved, "r16"))
     assert pool.identity("x") != first
     hits = cache.hits
-    as_r16 = greedy("x")
+    as_r16 = _greedy(batch, prompt, "x")
     assert cache.hits == hits  # nothing cached under the old load was reused
     other = tiny_causal_lm()
     fresh = DecodeBatch(other, 258, adapter_pool=AdapterPool(other, capacity=1))
     fresh.adapter_pool.load("x", _factors(saved, "r16"))
-    seq = SequenceState(prompt, "x", SamplingParams(max_new_tokens=6))
-    fresh.add([seq])
-    while not seq.finished:
-        fresh.step()
-    assert as_r16 == seq.generated != as_r2
+    assert as_r16 == _greedy(fresh, prompt, "x") != as_r2
 
 
 def test_a_staged_reload_keeps_its_identity_and_its_cached_prompts(saved):
@@ -160,26 +160,18 @@ def test_a_staged_reload_keeps_its_identity_and_its_cached_prompts(saved):
     batch = DecodeBatch(model, 258, prefix_cache=cache, adapter_pool=pool)
     prompt = list(range(70, 90))
 
-    def greedy(name: str) -> list[int]:
-        seq = SequenceState(prompt, name, SamplingParams(max_new_tokens=6))
-        batch.add([seq])
-        while not seq.finished:
-            batch.step()
-        batch.remove([seq])
-        return seq.generated
-
     staged = pool_module.stage_factors(_factors(saved, "r8"))
     pool.load("x", staged)
     first = pool.identity("x")
-    fresh = greedy("x")
+    fresh = _greedy(batch, prompt, "x")
     pool.evict("x")
     pool.load("y", pool_module.stage_factors(_factors(saved, "r16")))
-    assert greedy("y") != fresh
+    assert _greedy(batch, prompt, "y") != fresh
     pool.evict("y")
     pool.load("x", staged)
     assert pool.identity("x") == first
     hits = cache.hits
-    assert greedy("x") == fresh and cache.hits == hits + 1
+    assert _greedy(batch, prompt, "x") == fresh and cache.hits == hits + 1
     pool.evict("x")
     pool.load("x", pool_module.stage_factors(_factors(saved, "r8")))
     assert pool.identity("x") != first
