@@ -85,32 +85,19 @@ def write_slots(writes: Sequence[SlotWrite]) -> bool:
         return False
     values: list[int] = []
     for a, b, stack_a, stack_b, ranks, slot, scale in writes:
-        rank, n_in = a.shape
-        n_out = b.shape[0]
-        slots, r_max = stack_a.shape[:2]
-        if not (
-            _plain_f32(a)
-            and _plain_f32(b)
-            and _plain_f32(stack_a)
-            and _plain_f32(stack_b)
-            and tuple(b.shape) == (n_out, rank)
-            and tuple(stack_a.shape) == (slots, r_max, n_in)
-            and tuple(stack_b.shape) == (slots, r_max, n_out)
-            and ranks.dtype == torch.int64
-            and ranks.device.type == "cpu"
-            and ranks.is_contiguous()
-            and tuple(ranks.shape) == (slots,)
-            and 0 <= slot < slots
-            and rank <= r_max
-        ):
+        factor, stack = _factor_row(a, b, _scale_bits(scale)), stack_row(stack_a, stack_b, ranks)
+        if factor is None or stack is None:
             return False
-        bits = _scale_bits(scale)
+        a_at, b_at, rank, n_in, n_out, bits = factor
+        stack_a_at, stack_b_at, ranks_at, slots, r_max, stack_in, stack_out = stack
+        if (stack_in, stack_out) != (n_in, n_out) or not (0 <= slot < slots and rank <= r_max):
+            return False
         values += [
-            a.data_ptr(),
-            b.data_ptr(),
-            stack_a.data_ptr() + slot * r_max * n_in * 4,
-            stack_b.data_ptr() + slot * r_max * n_out * 4,
-            ranks.data_ptr() + slot * 8,
+            a_at,
+            b_at,
+            stack_a_at + slot * r_max * n_in * 4,
+            stack_b_at + slot * r_max * n_out * 4,
+            ranks_at + slot * 8,
             rank,
             n_in,
             n_out,
@@ -137,27 +124,36 @@ def factor_records(
     values: list[int] = []
     bits: dict[float, int] = {}  # an adapter's layers share one or two scales
     for a, b, scale in factors:
-        if not (_plain_f32(a) and _plain_f32(b) and a.ndim == 2 and b.ndim == 2):
-            return None
-        rank, n_in = a.shape
-        n_out, b_rank = b.shape
-        if b_rank != rank or rank < 1:
-            return None
         if scale not in bits:
             bits[scale] = _scale_bits(scale)
-        values += [a.data_ptr(), b.data_ptr(), rank, n_in, n_out, bits[scale]]
+        row = _factor_row(a, b, bits[scale])
+        if row is None or a.shape[0] < 1:
+            return None
+        values += row
     return torch.tensor(values, dtype=torch.int64).view(-1, _FACTOR)
+
+
+def _factor_row(a: torch.Tensor, b: torch.Tensor, scale_bits: int) -> list[int] | None:
+    """``[a, b, rank, in, out, scale bits]`` of ``a`` ``(rank, in)`` and ``b`` ``(out, rank)``,
+    contiguous float32 on the CPU; None for tensors of another kind or shape."""
+    if not (_plain_f32(a) and _plain_f32(b) and a.ndim == 2 and b.ndim == 2):
+        return None
+    (rank, n_in), (n_out, b_rank) = a.shape, b.shape
+    if b_rank != rank:
+        return None
+    return [a.data_ptr(), b.data_ptr(), rank, n_in, n_out, scale_bits]
 
 
 def stack_row(a: torch.Tensor, b: torch.Tensor, ranks: torch.Tensor) -> list[int] | None:
     """One layer's row of :func:`place_slot`'s table: its stacked ``a`` ``(slots, r_max, in)``,
     ``b`` ``(slots, r_max, out)`` (contiguous float32 on CPU) and int64 ``ranks``; None for
     stacks of another kind."""
+    if a.ndim != 3 or b.ndim != 3:
+        return None
     slots, r_max = a.shape[:2]
     if not (
         _plain_f32(a)
         and _plain_f32(b)
-        and a.ndim == 3
         and tuple(b.shape[:2]) == (slots, r_max)
         and ranks.dtype == torch.int64
         and ranks.device.type == "cpu"
