@@ -106,3 +106,4 @@ def test_bad_placements_are_refused_and_write_nothing():
     assert slots.factor_records([(a.double(), b, 1.0)]) is None
     assert slots.factor_records([(a, b.t(), 1.0)]) is None  # not contiguous
     assert slots.stack_row(stacks[0][:, :, :6], stacks[1], stacks[2]) is None
+    assert slots.stack_row(stacks[0], torch.zeros(5, 8), stacks[2]) is None  # B not 3-D
