@@ -412,7 +412,6 @@ def test_staging_is_order_free_and_leaves_dora_to_the_checked_path(saved):
         assert torch.equal(forward.records, backward.records)
     else:  # no compiler: every load takes the checked path
         assert forward.records is None and backward.records is None
-    assert forward.nbytes == sum(f.a.nbytes + f.b.nbytes for f in factors.values())
     dora = pool_module.stage_factors(_factors(saved, "dora"))
     assert dora.records is None
     model = tiny_causal_lm()

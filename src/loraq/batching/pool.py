@@ -73,16 +73,14 @@ class StagedFactors(NamedTuple):
     one layout pass the same checks, so the pool checks a layout once. ``records`` are the
     compiled write's records of the factors (:func:`loraq.native.slots.factor_records`), or None
     where that write cannot be used (no compiler, DoRA, a base weight carried, factors not
-    float32 on the CPU): such adapters load through the checked path every time. ``nbytes``:
-    the factors' bytes.
-    ``serial`` is unique to this staging: loads of the same staged factors compute the same
-    rows, so they share one :meth:`AdapterPool.identity` and cached prompts outlive evictions.
+    float32 on the CPU): such adapters load through the checked path every time. ``serial`` is
+    unique to this staging: loads of the same staged factors compute the same rows, so they
+    share one :meth:`AdapterPool.identity` and cached prompts outlive evictions.
     """
 
     factors: dict[str, LayerFactors]
     layout: tuple[tuple[str, int, int, int], ...]
     records: torch.Tensor | None
-    nbytes: int
     serial: int
 
 
@@ -97,15 +95,7 @@ def stage_factors(factors: dict[str, LayerFactors]) -> StagedFactors:
         if plain and factors
         else None
     )
-    nbytes = sum(f.a.nbytes + f.b.nbytes for f in factors.values())
-    if not plain:
-        nbytes += sum(
-            t.nbytes
-            for f in factors.values()
-            for t in (f.magnitude, f.base_weight)
-            if t is not None
-        )
-    return StagedFactors(factors, layout, records, nbytes, next(_STAGINGS))
+    return StagedFactors(factors, layout, records, next(_STAGINGS))
 
 
 class PoolError(ValueError):
@@ -205,15 +195,14 @@ class AdapterPool:
         :func:`stage_factors`, which reload faster). Raises :class:`PoolError` (nothing changed)
         for a name already resident, a full pool, or factors that do not fit their module."""
         staged = factors if isinstance(factors, StagedFactors) else None
+        source = None if staged is None else ("staged", staged.serial)
         plan = None if staged is None or staged.records is None else self._plans.get(staged.layout)
         if plan is not None:
             self._check_room(name)
             layers, rows = plan
             slot, slot_count, writes = self._prepare(dict(zip(layers, staged.factors.values())))
-            source = ("staged", staged.serial)
             self._commit(name, slot, slot_count, writes, source, (staged.records, rows))
             return
-        source = None if staged is None else ("staged", staged.serial)
         self._load_checked(name, factors if staged is None else staged.factors, source)
         if staged is not None and staged.records is not None:
             layers = tuple(self._by_path[path] for path in staged.factors)
