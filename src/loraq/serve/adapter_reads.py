@@ -33,6 +33,11 @@ READ_WORKERS = 2
 ParsedAdapter = tuple[LoraConfig, dict[str, torch.Tensor], Path]
 
 
+def load_failure(name: str, folder: Path, err: object) -> str:
+    """The message for adapter ``name`` whose ``folder`` failed to read, parse or load."""
+    return f"adapter {name!r} failed to load from {folder.name}: {err}"
+
+
 class AdapterReadError(Exception):
     """An adapter folder that could not be read or parsed (the message names it)."""
 
@@ -106,9 +111,7 @@ class AdapterReads:
         try:
             parsed = parse_adapter_bytes(read)
         except Exception as err:
-            raise AdapterReadError(
-                f"adapter {name!r} failed to load from {path.name}: {err}"
-            ) from None
+            raise AdapterReadError(load_failure(name, path, err)) from None
         size = _size(parsed)
         if self._prepare is not None:
             parsed = self._prepare(name, parsed)
@@ -156,9 +159,7 @@ class AdapterReads:
         try:
             return _stamp(path), read_adapter_bytes(path, adapter_name=name)
         except Exception as err:
-            raise AdapterReadError(
-                f"adapter {name!r} failed to load from {path.name}: {err}"
-            ) from None
+            raise AdapterReadError(load_failure(name, path, err)) from None
 
     def _keep(self, name: str, stamp: tuple, prepared: Any, size: int) -> None:
         if size > HOST_CACHE_BYTES:

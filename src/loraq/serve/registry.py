@@ -45,7 +45,7 @@ from ..io.peft_factors import ParameterAdapterError, layer_factors
 from ..io.peft_format import is_adapter_folder, load_adapter
 from ..model.combine import combine
 from ..model.surgery import adapter_names, delete_adapter
-from .adapter_reads import AdapterReadError, AdapterReads, ParsedAdapter
+from .adapter_reads import AdapterReadError, AdapterReads, ParsedAdapter, load_failure
 from .metrics import ServerMetrics
 
 #: Allowed adapter names: they become model ids in the API and module keys in the model.
@@ -414,9 +414,7 @@ class AdapterRegistry:
         try:
             self.pool.load(name, parsed)
         except (PoolError, ValueError) as err:
-            raise ServeError(
-                500, f"adapter {name!r} failed to load from {entry.path.name}: {err}"
-            ) from None
+            raise ServeError(500, load_failure(name, entry.path, err)) from None
         self._resident[name] = None
         self.metrics.adapter_loads.inc()
 
@@ -512,9 +510,7 @@ def _staged(name: str, parsed: ParsedAdapter) -> StagedFactors:
         # the engine runs mixed-adapter batches, which adapters on parameters cannot join
         raise ServeError(400, f"adapter {name!r}: {err}") from None
     except ValueError as err:
-        raise ServeError(
-            500, f"adapter {name!r} failed to load from {weights.parent.name}: {err}"
-        ) from None
+        raise ServeError(500, load_failure(name, weights.parent, err)) from None
 
 
 def short_repr(name: str, limit: int = 80) -> str:
